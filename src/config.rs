@@ -1,0 +1,171 @@
+//! Every tunable of the server in one documented [`Config`], settable by flag or `PUSHHUB_*`
+//! environment variable. Transports read their limits from here; none hard-codes one.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Args;
+
+use crate::store::Retention;
+
+/// Server configuration. `Config::default()` is what `pushhub serve` runs with when given no
+/// flags and no environment.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "PUSHHUB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Messages of history kept per topic.
+    #[arg(long, env = "PUSHHUB_HISTORY_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub history_size: u64,
+
+    /// Age after which history is dropped (e.g. `90s`, `1h`); `off` (or `0`) keeps it until
+    /// the count limit. An idle topic whose history is gone is forgotten, and its ids restart
+    /// at 1.
+    #[arg(long, env = "PUSHHUB_HISTORY_MAX_AGE", default_value = "1h", value_parser = parse_age_limit)]
+    pub history_max_age: Duration,
+
+    /// Largest accepted publish body, in bytes.
+    #[arg(long, env = "PUSHHUB_MAX_BODY", default_value_t = 64 * 1024)]
+    pub max_body: usize,
+
+    /// Long-poll hold time when the request names no `timeout`.
+    #[arg(long, env = "PUSHHUB_LONGPOLL_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub longpoll_timeout: Duration,
+
+    /// Largest `timeout` a long-poll request may ask for.
+    #[arg(long, env = "PUSHHUB_LONGPOLL_MAX_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub longpoll_max_timeout: Duration,
+
+    /// Interval of SSE comment heartbeats (`: keep-alive`).
+    #[arg(long, env = "PUSHHUB_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Reconnect delay suggested to SSE clients with the `retry:` field.
+    #[arg(long, env = "PUSHHUB_SSE_RETRY", default_value = "2s", value_parser = parse_duration)]
+    pub sse_retry: Duration,
+
+    /// Messages per poll or long-poll answer when the request names no `limit`.
+    #[arg(long, env = "PUSHHUB_POLL_LIMIT", default_value_t = 100)]
+    pub poll_limit: usize,
+
+    /// Largest `limit` a poll or long-poll request may ask for.
+    #[arg(long, env = "PUSHHUB_MAX_POLL_LIMIT", default_value_t = 1000)]
+    pub max_poll_limit: usize,
+
+    /// How many messages a live (SSE/WebSocket) subscriber may fall behind before it stops
+    /// being fed live and reads its backlog from history by cursor instead. This bounds the
+    /// memory a slow subscriber can pin, whatever the publish rate.
+    #[arg(long, env = "PUSHHUB_SUBSCRIBER_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub subscriber_queue: u64,
+
+    /// Messages read from history at once when a subscriber catches up.
+    #[arg(long, env = "PUSHHUB_CATCH_UP_BATCH", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub catch_up_batch: u64,
+
+    /// How often idle topics are looked for and dropped.
+    #[arg(long, env = "PUSHHUB_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// A short or long poller counts as a subscriber for this long after its last request.
+    #[arg(long, env = "PUSHHUB_POLLER_WINDOW", default_value = "30s", value_parser = parse_duration)]
+    pub poller_window: Duration,
+
+    /// Largest WebSocket message a client may send, in bytes (frames over it close with 1009).
+    #[arg(long, env = "PUSHHUB_WS_MAX_MESSAGE", default_value_t = 64 * 1024 + 1024)]
+    pub ws_max_message: usize,
+
+    /// WebSocket read buffer per connection, in bytes. Small by default: it is paid by every
+    /// idle connection.
+    #[arg(long, env = "PUSHHUB_WS_READ_BUFFER", default_value_t = 4 * 1024)]
+    pub ws_read_buffer: usize,
+
+    /// WebSocket write buffer per connection, in bytes, before frames are written out.
+    #[arg(long, env = "PUSHHUB_WS_WRITE_BUFFER", default_value_t = 8 * 1024)]
+    pub ws_write_buffer: usize,
+
+    /// How long open streams get to close after a shutdown signal before the process exits.
+    #[arg(long, env = "PUSHHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            history_size: 1000,
+            history_max_age: Duration::from_secs(3600),
+            max_body: 64 * 1024,
+            longpoll_timeout: Duration::from_secs(25),
+            longpoll_max_timeout: Duration::from_secs(120),
+            heartbeat: Duration::from_secs(15),
+            sse_retry: Duration::from_secs(2),
+            poll_limit: 100,
+            max_poll_limit: 1000,
+            subscriber_queue: 256,
+            catch_up_batch: 256,
+            sweep_interval: Duration::from_secs(10),
+            poller_window: Duration::from_secs(30),
+            ws_max_message: 64 * 1024 + 1024,
+            ws_read_buffer: 4 * 1024,
+            ws_write_buffer: 8 * 1024,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// The history policy of the store.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_messages: usize::try_from(self.history_size).unwrap_or(usize::MAX),
+            max_age: (!self.history_max_age.is_zero()).then_some(self.history_max_age),
+        }
+    }
+}
+
+/// Parses `15`, `15s`, `500ms`, `2m`, `1h 30m`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// Like [`parse_duration`], where `off` or `none` mean no limit, returned as zero.
+pub fn parse_age_limit(text: &str) -> Result<Duration, String> {
+    match text.trim() {
+        "off" | "none" => Ok(Duration::ZERO),
+        other => parse_duration(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn default_matches_the_flag_defaults() {
+        if std::env::vars().any(|(k, _)| k.starts_with("PUSHHUB_")) {
+            return; // the environment would override the flag defaults
+        }
+        assert_eq!(Cli::parse_from(["pushhub"]).config, Config::default());
+    }
+
+    #[test]
+    fn durations_accept_bare_seconds_and_units() {
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_age_limit("off"), Ok(Duration::ZERO));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! The one error type of the HTTP surface, answered as `{"error": "...", "code": "..."}`.
+//!
+//! Client faults map to 4xx and are logged at debug level only; server faults map to 5xx, are
+//! logged, and their details are not sent to the client.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A topic name outside 1-128 characters of `[A-Za-z0-9._:-]`.
+    #[error("invalid topic name {0:?}: use 1-128 characters of A-Z a-z 0-9 . _ : -")]
+    InvalidTopic(String),
+    /// An event name outside the same rule as topics.
+    #[error("invalid event name {0:?}: use 1-128 characters of A-Z a-z 0-9 . _ : -")]
+    InvalidEvent(String),
+    /// A query parameter that is not what the endpoint accepts.
+    #[error("invalid `{name}`: {reason}")]
+    InvalidParameter {
+        /// The parameter's name.
+        name: &'static str,
+        /// What was wrong, for a human.
+        reason: String,
+    },
+    /// A body sent as `application/json` that is not JSON.
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// A body that is not UTF-8 text.
+    #[error("body is not valid UTF-8")]
+    InvalidUtf8,
+    /// A WebSocket message that is not a well-formed command.
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+    /// A WebSocket command type the server does not know.
+    #[error("unknown message type {0:?}: use publish, subscribe, unsubscribe or ping")]
+    UnknownType(String),
+    /// A body that could not be read.
+    #[error("could not read the request body: {0}")]
+    InvalidBody(String),
+    /// A body over the configured limit.
+    #[error("body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A plain HTTP request to a WebSocket URL.
+    #[error("this URL speaks WebSocket: send an Upgrade: websocket request")]
+    UpgradeRequired,
+    /// No such route.
+    #[error("no such endpoint")]
+    NotFound,
+    /// The route exists but not with this method.
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    /// The server is stopping and takes no new work.
+    #[error("server is shutting down")]
+    ShuttingDown,
+    /// The message store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: String,
+    code: &'a str,
+}
+
+impl Error {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidTopic(_)
+            | Error::InvalidEvent(_)
+            | Error::InvalidParameter { .. }
+            | Error::InvalidJson(_)
+            | Error::InvalidUtf8
+            | Error::InvalidBody(_)
+            | Error::InvalidMessage(_)
+            | Error::UnknownType(_) => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Store(e) => e.status(),
+        }
+    }
+
+    /// The stable machine-readable code, also used in WebSocket `error` frames.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidTopic(_) => "invalid_topic",
+            Error::InvalidEvent(_) => "invalid_event",
+            Error::InvalidParameter { .. } => "invalid_parameter",
+            Error::InvalidJson(_) => "invalid_json",
+            Error::InvalidUtf8 => "invalid_utf8",
+            Error::InvalidBody(_) => "invalid_body",
+            Error::InvalidMessage(_) => "invalid_message",
+            Error::UnknownType(_) => "unknown_type",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::UpgradeRequired => "upgrade_required",
+            Error::NotFound => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::ShuttingDown => "shutting_down",
+            Error::Store(e) => e.code(),
+        }
+    }
+
+    /// The text shown to the client: server faults are not described.
+    pub fn public_message(&self) -> String {
+        if self.status().is_server_error() && !matches!(self, Error::ShuttingDown) {
+            match self {
+                Error::Store(StoreError::Unavailable(_)) => "message store unavailable".into(),
+                _ => "internal error".into(),
+            }
+        } else {
+            self.to_string()
+        }
+    }
+
+    /// Shorthand for an [`Error::InvalidParameter`].
+    pub fn param(name: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidParameter {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request rejected");
+        }
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                error: self.public_message(),
+                code: self.code(),
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UPGRADE_REQUIRED {
+            response
+                .headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,320 @@
+//! The hub: topics, publishing, and reading or following a topic from a cursor.
+//!
+//! The hub knows nothing of HTTP. Transports call [`Hub::publish`], [`Hub::poll`],
+//! [`Hub::wait`] (long polling) and [`Hub::subscribe`] (streams), and turn what they get
+//! into their wire format; the cursor rules live here once, for all of them.
+
+mod cursor;
+mod presence;
+mod subscription;
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+pub use cursor::{Batch, Signal};
+pub use presence::{Subscribers, Transport};
+pub use subscription::{Delivery, Subscription};
+
+use crate::{
+    config::Config,
+    error::Error,
+    message::{EventName, Message, MessageId, Payload, TopicName, now_millis},
+    store::{Store, TopicLog},
+};
+use presence::Presence;
+
+/// Registry shards: publishes and subscribes on different topics rarely contend.
+const SHARDS: usize = 64;
+
+/// The hub's tunables, taken from [`Config`].
+#[derive(Clone, Debug)]
+pub struct HubSettings {
+    /// Capacity of each topic's live channel: how far a subscriber may lag before it reads
+    /// from history instead.
+    pub subscriber_queue: usize,
+    /// Messages read from history per catch-up step.
+    pub catch_up_batch: usize,
+    /// How long a poller counts as subscribed after its last request.
+    pub poller_window: Duration,
+}
+
+impl From<&Config> for HubSettings {
+    fn from(config: &Config) -> Self {
+        Self {
+            subscriber_queue: usize::try_from(config.subscriber_queue).unwrap_or(usize::MAX),
+            catch_up_batch: usize::try_from(config.catch_up_batch).unwrap_or(usize::MAX),
+            poller_window: config.poller_window,
+        }
+    }
+}
+
+/// A snapshot of one topic, for `GET /topics/{topic}`.
+#[derive(Debug, Serialize)]
+pub struct TopicInfo {
+    /// The topic's name.
+    pub topic: TopicName,
+    /// Newest id (0 when nothing was published).
+    pub last_id: MessageId,
+    /// Oldest retained id, or `null` when nothing is retained.
+    pub oldest_id: Option<MessageId>,
+    /// Subscribers per transport.
+    pub subscribers: Subscribers,
+}
+
+/// Publishes messages and feeds subscribers. Cheap to share behind an `Arc`.
+pub struct Hub {
+    shards: Box<[Mutex<HashMap<TopicName, Arc<Topic>>>]>,
+    hasher: RandomState,
+    store: Arc<dyn Store>,
+    settings: HubSettings,
+}
+
+/// One active topic: its log and its live subscribers.
+pub(crate) struct Topic {
+    name: TopicName,
+    log: Arc<dyn TopicLog>,
+    /// Live fan-out, created with the first subscriber so that publish-only topics cost no
+    /// ring. A broadcast channel is a bounded ring shared by all receivers: a publisher never
+    /// waits, and a receiver that falls a full ring behind gets `Lagged` and catches up from
+    /// the log.
+    live: OnceLock<broadcast::Sender<Arc<Message>>>,
+    presence: Presence,
+}
+
+impl Topic {
+    fn receiver(&self, capacity: usize) -> broadcast::Receiver<Arc<Message>> {
+        self.live
+            .get_or_init(|| broadcast::channel(capacity).0)
+            .subscribe()
+    }
+
+    fn fan_out(&self, message: &Arc<Message>) {
+        if let Some(live) = self.live.get() {
+            // An error only means nobody listens right now.
+            let _ = live.send(message.clone());
+        }
+    }
+
+    /// Reads the messages after `after`, applying the cursor rules (reset, truncation).
+    async fn read_batch(&self, after: MessageId, limit: usize) -> Result<Batch, Error> {
+        let read = self.log.read(after, limit).await?;
+        Ok(match cursor::resolve(after, read.head) {
+            cursor::Resolution::Keep(signal) => cursor::batch(read, signal),
+            cursor::Resolution::ReadFromStart(signal) => {
+                cursor::batch(self.log.read(0, limit).await?, Some(signal))
+            }
+        })
+    }
+}
+
+impl Hub {
+    /// A hub over `store`.
+    pub fn new(store: Arc<dyn Store>, settings: HubSettings) -> Arc<Self> {
+        Arc::new(Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            store,
+            settings,
+        })
+    }
+
+    fn shard(&self, name: &TopicName) -> std::sync::MutexGuard<'_, HashMap<TopicName, Arc<Topic>>> {
+        let index = self.hasher.hash_one(name) as usize % SHARDS;
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The topic, created on first use. Holding the returned `Arc` keeps the sweeper from
+    /// dropping it (see [`Hub::sweep`]).
+    fn topic(&self, name: &TopicName) -> Arc<Topic> {
+        let mut shard = self.shard(name);
+        if let Some(topic) = shard.get(name) {
+            return topic.clone();
+        }
+        let topic = Arc::new(Topic {
+            name: name.clone(),
+            log: self.store.open(name),
+            live: OnceLock::new(),
+            presence: Presence::default(),
+        });
+        shard.insert(name.clone(), topic.clone());
+        topic
+    }
+
+    /// Appends a message and hands it to every live subscriber. Returns once the store has
+    /// accepted it.
+    pub async fn publish(
+        &self,
+        topic: &TopicName,
+        event: EventName,
+        data: &Payload,
+    ) -> Result<Arc<Message>, Error> {
+        let topic = self.topic(topic);
+        let message = topic.log.append(event, data, now_millis()).await?;
+        topic.fan_out(&message);
+        Ok(message)
+    }
+
+    /// A short poll: messages after `after` (none and just the newest id when `after` is
+    /// `None`), answered at once.
+    pub async fn poll(
+        &self,
+        topic: &TopicName,
+        after: Option<MessageId>,
+        limit: usize,
+        client: &str,
+    ) -> Result<Batch, Error> {
+        let topic = self.topic(topic);
+        topic
+            .presence
+            .touch(Transport::Poll, client, self.settings.poller_window);
+        match after {
+            Some(after) => topic.read_batch(after, limit).await,
+            None => Ok(Batch {
+                last_id: topic.log.head().await?.last_id,
+                ..Batch::default()
+            }),
+        }
+    }
+
+    /// A long poll: like [`Hub::poll`], but when nothing newer than the cursor exists, waits
+    /// until a message arrives, `timeout` passes or `shutdown` fires, then answers. Without a
+    /// cursor it waits for the next message. A parked call holds one broadcast receiver and
+    /// a timer: no CPU while it waits.
+    pub async fn wait(
+        &self,
+        topic: &TopicName,
+        after: Option<MessageId>,
+        limit: usize,
+        timeout: Duration,
+        client: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Batch, Error> {
+        let window = self.settings.poller_window;
+        let topic = self.topic(topic);
+        topic.presence.touch(Transport::Longpoll, client, window);
+        // Subscribe before reading, so a message published between the read and the wait
+        // is in the receiver: nothing falls between history and live.
+        let mut live = topic.receiver(self.settings.subscriber_queue);
+        let after = match after {
+            Some(after) => after,
+            None => topic.log.head().await?.last_id,
+        };
+        let batch = topic.read_batch(after, limit).await?;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+        let parked = topic.presence.stream(Transport::Longpoll);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let woken = loop {
+            tokio::select! {
+                received = live.recv() => match received {
+                    Ok(message) if message.id <= after => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break true,
+                    Err(broadcast::error::RecvError::Closed) => break false,
+                },
+                () = &mut deadline => break false,
+                () = shutdown.cancelled() => break false,
+            }
+        };
+        drop(parked);
+        topic.presence.touch(Transport::Longpoll, client, window);
+        if woken {
+            topic.read_batch(after, limit).await
+        } else {
+            Ok(batch)
+        }
+    }
+
+    /// Follows a topic from `after` (from now when `None`): history first, then live, with
+    /// no gap and no repeat. `transport` is what the subscriber is counted as.
+    pub async fn subscribe(
+        &self,
+        topic: &TopicName,
+        after: Option<MessageId>,
+        transport: Transport,
+    ) -> Result<Subscription, Error> {
+        let topic = self.topic(topic);
+        let live = topic.receiver(self.settings.subscriber_queue);
+        let cursor = match after {
+            Some(after) => after,
+            None => topic.log.head().await?.last_id,
+        };
+        let gauge = topic.presence.stream(transport);
+        Ok(Subscription::new(
+            topic,
+            live,
+            cursor,
+            self.settings.catch_up_batch,
+            gauge,
+        ))
+    }
+
+    /// The topic's ends and subscriber counts.
+    pub async fn info(&self, topic: &TopicName) -> Result<TopicInfo, Error> {
+        let topic = self.topic(topic);
+        let head = topic.log.head().await?;
+        Ok(TopicInfo {
+            topic: topic.name.clone(),
+            last_id: head.last_id,
+            oldest_id: head.oldest_id(),
+            subscribers: topic.presence.counts(self.settings.poller_window),
+        })
+    }
+
+    /// Number of topics active in this process.
+    pub fn topic_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Drops every topic nobody uses and whose log has nothing left to give; returns how many
+    /// were dropped.
+    ///
+    /// Every user of a topic holds a clone of its `Arc`, and clones are only made under the
+    /// shard lock held here, so a strong count of 1 proves nobody is publishing, reading or
+    /// subscribing, and nobody can start to until the lock is released.
+    pub fn sweep(&self) -> usize {
+        let now = now_millis();
+        let window = self.settings.poller_window;
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.retain(|_, topic| {
+                let idle = Arc::strong_count(topic) == 1
+                    && topic.presence.is_idle(window)
+                    && topic.log.release_if_idle(now);
+                dropped += usize::from(idle);
+                !idle
+            });
+        }
+        dropped
+    }
+
+    /// Sweeps every `interval` until `shutdown` fires.
+    pub async fn run_sweeper(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let dropped = self.sweep();
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "dropped idle topics");
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! pushhub: one hub, four ways to push each message to a browser.
+//!
+//! A publisher posts a message to a topic; the hub gives it the topic's next id and exposes it
+//! at once through short polling, long polling, Server-Sent Events and WebSocket. All four
+//! speak the same JSON envelope and resume from the same cursor (the message id), so a client
+//! can switch transport mid-stream and lose nothing.
+//!
+//! # How a message flows
+//!
+//! 1. A transport parses the request ([`transport`]) and calls [`hub::Hub::publish`].
+//! 2. The hub asks the topic's log ([`store::TopicLog`]) to append it. The log assigns the
+//!    id and keeps bounded history; [`message::Message`] encodes the envelope and the SSE
+//!    frame once, here.
+//! 3. The hub hands the shared `Arc<Message>` to the topic's live channel, a bounded ring
+//!    shared by all subscribers: the publisher never waits for a subscriber.
+//! 4. Each streaming subscriber ([`hub::Subscription`]) takes it from the ring and its
+//!    transport writes the pre-encoded bytes. A subscriber that falls a full ring behind, or
+//!    sees an id gap, reads what it missed from the log by cursor. Pollers read the log
+//!    directly ([`hub::Hub::poll`], [`hub::Hub::wait`]).
+//!
+//! # Layout
+//!
+//! - [`config`]: every tunable, with flags, environment variables and defaults.
+//! - [`message`]: envelope, names, ids, encodings.
+//! - [`hub`]: topics, publish, subscribe from a cursor, subscriber counts; no HTTP.
+//! - [`store`]: where history lives, behind the [`store::Store`] trait.
+//! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws`: thin adapters over the hub.
+//! - [`web`]: the embedded demo page.
+//! - [`error`]: the one error type, answered as `{"error", "code"}`.
+
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod message;
+pub mod store;
+pub mod transport;
+pub mod web;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path, State},
+    routing::get,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use config::Config;
+pub use error::Error;
+use hub::{Hub, HubSettings, TopicInfo};
+use store::MemoryStore;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The hub.
+    pub hub: Arc<Hub>,
+    /// The configuration the server runs with.
+    pub config: Arc<Config>,
+    /// Fired when the server stops: every long-lived response (long poll, SSE, WebSocket)
+    /// selects on it and ends.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// State for a server with an in-memory store.
+    pub fn new(config: Config) -> Self {
+        let store = Arc::new(MemoryStore::new(config.retention()));
+        Self {
+            hub: Hub::new(store, HubSettings::from(&config)),
+            config: Arc::new(config),
+            shutdown: CancellationToken::new(),
+        }
+    }
+}
+
+/// The HTTP API and the demo page.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body;
+    web::routes()
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/topics/{topic}",
+            get(topic_info).post(transport::publish::publish),
+        )
+        .route("/topics/{topic}/poll", get(transport::poll::poll))
+        .route("/topics/{topic}/longpoll", get(transport::longpoll::longpoll))
+        .route("/topics/{topic}/sse", get(transport::sse::sse))
+        .route("/topics/{topic}/ws", get(transport::ws::topic_ws))
+        .route("/ws", get(transport::ws::multiplexed_ws))
+        .fallback(|| async { Error::NotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn topic_info(
+    State(app): State<AppState>,
+    Path(topic): Path<String>,
+) -> Result<Json<TopicInfo>, Error> {
+    let topic = transport::topic(&topic)?;
+    Ok(Json(app.hub.info(&topic).await?))
+}
+
+/// Serves on `listener` until `shutdown` completes, then ends every stream and waits at most
+/// `config.shutdown_grace` for connections to finish.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState::new(config);
+    serve(listener, state, shutdown).await
+}
+
+/// Like [`run`], with state built by the caller (tests use it to reach the hub).
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stop = state.shutdown.clone();
+    let grace = state.config.shutdown_grace;
+    tokio::spawn(
+        state
+            .hub
+            .clone()
+            .run_sweeper(state.config.sweep_interval, stop.clone()),
+    );
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        () = shutdown => {}
+        () = stop.cancelled() => {}
+    }
+    stop.cancel();
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(?grace, "connections still open after the shutdown grace period");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The message envelope, validated names, and the wire encodings shared by every transport.
+//!
+//! A [`Message`] is encoded once, when it is published, into the two byte strings the
+//! transports send: the envelope JSON (WebSocket frames, poll answers) and the complete
+//! Server-Sent Events frame. Every subscriber then shares those `Bytes`, so fan-out never
+//! serializes per subscriber.
+
+use std::{fmt, sync::Arc};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+
+/// A message id. Ids are per topic, start at 1 and grow by exactly 1 per publish, so a gap
+/// between two ids a subscriber sees proves it missed something.
+pub type MessageId = u64;
+
+/// Longest accepted topic or event name, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $error:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Validates `name`: 1 to 128 characters of `[A-Za-z0-9._:-]`.
+            pub fn parse(name: &str) -> Result<Self, Error> {
+                if valid_name(name) {
+                    Ok(Self(Arc::from(name)))
+                } else {
+                    Err(Error::$error(truncate_for_error(name)))
+                }
+            }
+
+            /// The name as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A validated topic name.
+    TopicName,
+    InvalidTopic
+);
+name_type!(
+    /// A validated event name (the SSE `event:` field); `message` by default.
+    EventName,
+    InvalidEvent
+);
+
+impl EventName {
+    /// The event name used when a publisher names none.
+    pub fn default_event() -> Self {
+        Self(Arc::from("message"))
+    }
+}
+
+/// Keeps error messages short when a client sends a huge invalid name.
+fn truncate_for_error(name: &str) -> String {
+    const SHOWN: usize = 64;
+    if name.len() <= SHOWN {
+        return name.to_owned();
+    }
+    let mut end = SHOWN;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &name[..end])
+}
+
+/// The payload of a message: one line of compact, valid JSON.
+///
+/// Compactness matters: the SSE `data:` field ends at a newline, so the JSON must contain none.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload(Bytes);
+
+impl Payload {
+    /// Validates `text` as JSON and removes insignificant whitespace. Numbers, key order and
+    /// string escapes are kept byte for byte, unlike a parse into `serde_json::Value`.
+    pub fn from_json(text: &str) -> Result<Self, Error> {
+        let raw: &RawValue =
+            serde_json::from_str(text).map_err(|e| Error::InvalidJson(e.to_string()))?;
+        Ok(Self(Bytes::from(minify_json(raw.get()))))
+    }
+
+    /// Wraps arbitrary text as a JSON string.
+    pub fn from_text(text: &str) -> Self {
+        Self(Bytes::from(
+            serde_json::to_string(text).expect("a string always serializes"),
+        ))
+    }
+
+    /// The compact JSON text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("payload is built from UTF-8 text")
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Removes whitespace outside JSON strings. The input must be valid JSON.
+fn minify_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in json.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
+            if c == '"' {
+                in_string = true;
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A published message, with its wire encodings computed once.
+#[derive(Clone)]
+pub struct Message {
+    /// Per-topic id, the cursor every transport resumes from.
+    pub id: MessageId,
+    /// The topic it was published to.
+    pub topic: TopicName,
+    /// Its event name.
+    pub event: EventName,
+    /// Publish time, unix milliseconds.
+    pub time: u64,
+    envelope: Bytes,
+    sse_frame: Bytes,
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    id: MessageId,
+    topic: &'a TopicName,
+    event: &'a EventName,
+    data: &'a RawValue,
+    time: u64,
+}
+
+/// The envelope as stored outside this process (e.g. by an external log), parsed back.
+#[derive(Deserialize)]
+struct EnvelopeOwned<'a> {
+    id: MessageId,
+    topic: &'a str,
+    event: &'a str,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    time: u64,
+}
+
+impl Message {
+    /// Builds a message and encodes it for every transport.
+    pub fn new(
+        id: MessageId,
+        topic: TopicName,
+        event: EventName,
+        time: u64,
+        data: &Payload,
+    ) -> Self {
+        let raw: &RawValue = serde_json::from_str(data.as_str()).expect("payload is valid JSON");
+        let envelope = serde_json::to_vec(&EnvelopeRef {
+            id,
+            topic: &topic,
+            event: &event,
+            data: raw,
+            time,
+        })
+        .expect("envelope always serializes");
+        let sse_frame = encode_sse_frame(id, event.as_str(), &envelope);
+        Self {
+            id,
+            topic,
+            event,
+            time,
+            envelope: Bytes::from(envelope),
+            sse_frame,
+        }
+    }
+
+    /// Rebuilds a message from its envelope JSON, as written by [`Message::envelope`].
+    pub fn from_envelope(json: &[u8]) -> Result<Self, Error> {
+        let text = std::str::from_utf8(json).map_err(|_| Error::InvalidUtf8)?;
+        let parsed: EnvelopeOwned<'_> =
+            serde_json::from_str(text).map_err(|e| Error::InvalidJson(e.to_string()))?;
+        let payload = Payload(Bytes::from(minify_json(parsed.data.get())));
+        Ok(Self::new(
+            parsed.id,
+            TopicName::parse(parsed.topic)?,
+            EventName::parse(parsed.event)?,
+            parsed.time,
+            &payload,
+        ))
+    }
+
+    /// The envelope `{"id","topic","event","data","time"}` as compact JSON: the body of a
+    /// WebSocket frame and an element of a poll answer.
+    pub fn envelope(&self) -> &Bytes {
+        &self.envelope
+    }
+
+    /// The complete SSE frame (`id:`, `event:`, `data:` lines and the blank line).
+    pub fn sse_frame(&self) -> &Bytes {
+        &self.sse_frame
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(std::str::from_utf8(&self.envelope).unwrap_or("<envelope>"))
+    }
+}
+
+/// Encodes one SSE frame. The data is one line because envelopes are compact JSON.
+pub fn encode_sse_frame(id: MessageId, event: &str, data: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(data.len() + event.len() + 40);
+    frame.extend_from_slice(b"id: ");
+    frame.extend_from_slice(id.to_string().as_bytes());
+    frame.extend_from_slice(b"\nevent: ");
+    frame.extend_from_slice(event.as_bytes());
+    frame.extend_from_slice(b"\ndata: ");
+    frame.extend_from_slice(data);
+    frame.extend_from_slice(b"\n\n");
+    Bytes::from(frame)
+}
+
+/// Unix time in milliseconds.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_charset_and_length_rule() {
+        assert!(TopicName::parse("chat.room-1:a_b").is_ok());
+        assert!(TopicName::parse(&"a".repeat(128)).is_ok());
+        for bad in ["", "a b", "a/b", "é", &"a".repeat(129)] {
+            assert!(TopicName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn payload_json_is_minified_without_touching_strings_or_numbers() {
+        let p = Payload::from_json("{ \"a\" : [1, 2.50 ,1e3],\n \"s\": \"x y\\\" \\n z\" }").unwrap();
+        assert_eq!(p.as_str(), r#"{"a":[1,2.50,1e3],"s":"x y\" \n z"}"#);
+        assert!(Payload::from_json("{").is_err());
+        assert!(Payload::from_json("").is_err());
+        assert_eq!(Payload::from_text("a\n\"b").as_str(), r#""a\n\"b""#);
+    }
+
+    #[test]
+    fn message_encodings_round_trip() {
+        let topic = TopicName::parse("t").unwrap();
+        let event = EventName::parse("greet").unwrap();
+        let msg = Message::new(7, topic, event, 42, &Payload::from_json("{\"k\": 1}").unwrap());
+        assert_eq!(
+            &msg.envelope()[..],
+            br#"{"id":7,"topic":"t","event":"greet","data":{"k":1},"time":42}"#
+        );
+        assert_eq!(
+            &msg.sse_frame()[..],
+            &b"id: 7\nevent: greet\ndata: {\"id\":7,\"topic\":\"t\",\"event\":\"greet\",\"data\":{\"k\":1},\"time\":42}\n\n"[..]
+        );
+        let back = Message::from_envelope(msg.envelope()).unwrap();
+        assert_eq!(back.envelope(), msg.envelope());
+        assert_eq!(back.sse_frame(), msg.sse_frame());
+    }
+}

@@ -1,0 +1,121 @@
+//! Where messages live: the [`Store`] boundary, and the in-memory store.
+//!
+//! The hub asks a store for one [`TopicLog`] per active topic. A log assigns ids and keeps the
+//! retained history; the hub keeps everything live (subscribers, fan-out) and never looks
+//! inside a log. This split is what lets a durable log or a log shared by many nodes
+//! (where ids are assigned by the shared system) replace the in-memory one without touching the
+//! hub or any transport.
+//!
+//! Contract every log keeps:
+//! - ids of one topic are assigned `last_id + 1`, so they are contiguous and strictly
+//!   increasing; a subscriber that sees a gap knows it missed messages and reads them back;
+//! - a message returned by [`TopicLog::append`] is readable by [`TopicLog::read`] until
+//!   retention removes it;
+//! - [`TopicLog::read`] returns the messages and the [`LogHead`] of one consistent moment.
+
+mod memory;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use axum::http::StatusCode;
+
+use crate::message::{EventName, Message, MessageId, Payload, TopicName};
+
+pub use memory::MemoryStore;
+
+/// What a store failed with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing service cannot be reached; the request may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store failed in a way a retry will not fix.
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// The HTTP status this failure is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "store_unavailable",
+            StoreError::Internal(_) => "store_error",
+        }
+    }
+}
+
+/// How much history a topic keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// At most this many messages per topic (at least 1).
+    pub max_messages: usize,
+    /// Messages older than this are dropped; `None` keeps them until the count limit.
+    pub max_age: Option<Duration>,
+}
+
+/// The ends of a topic's log at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogHead {
+    /// The id of the newest message ever appended (0 when none was).
+    pub last_id: MessageId,
+    /// The id of the oldest retained message; `last_id + 1` when nothing is retained.
+    pub first_retained: MessageId,
+}
+
+impl LogHead {
+    /// The oldest retained id, if any message is retained.
+    pub fn oldest_id(&self) -> Option<MessageId> {
+        (self.first_retained <= self.last_id).then_some(self.first_retained)
+    }
+}
+
+/// The answer of a [`TopicLog::read`].
+#[derive(Debug, Default)]
+pub struct LogRead {
+    /// Retained messages with an id above the requested one, oldest first.
+    pub messages: Vec<Arc<Message>>,
+    /// The log's ends when it was read.
+    pub head: LogHead,
+}
+
+/// Opens topic logs. One store serves the whole hub.
+pub trait Store: Send + Sync + 'static {
+    /// The log of `topic`, created empty if the store has none. Cheap: called when a topic
+    /// becomes active in this process.
+    fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog>;
+}
+
+/// One topic's history and id counter.
+#[async_trait]
+pub trait TopicLog: Send + Sync + 'static {
+    /// Assigns the next id and appends the message; it is durable per the store's policy when
+    /// this returns.
+    async fn append(
+        &self,
+        event: EventName,
+        data: &Payload,
+        time: u64,
+    ) -> Result<Arc<Message>, StoreError>;
+
+    /// Retained messages with id greater than `after`, oldest first, at most `limit`.
+    async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError>;
+
+    /// The log's ends without reading messages.
+    async fn head(&self) -> Result<LogHead, StoreError> {
+        Ok(self.read(MessageId::MAX, 0).await?.head)
+    }
+
+    /// Applies age retention and says whether this handle can be discarded without losing
+    /// anything a later reader could ask for. Called by the hub's sweeper, under its registry
+    /// lock, so it must not block: a log whose state is elsewhere simply answers `true`.
+    fn release_if_idle(&self, now_ms: u64) -> bool;
+}

@@ -1,0 +1,28 @@
+//! `GET /topics/{topic}/longpoll`: the poll answer, held until there is something to say.
+
+use axum::{
+    extract::{Path, State},
+    response::Response,
+};
+
+use super::{Params, poll::batch_response};
+use crate::{AppState, error::Error};
+
+/// Answers at once when messages after `after` exist; otherwise parks until one arrives,
+/// `timeout` seconds pass (then `200` with an empty list) or the server shuts down.
+pub async fn longpoll(
+    State(app): State<AppState>,
+    Path(topic): Path<String>,
+    params: Params,
+) -> Result<Response, Error> {
+    let topic = super::topic(&topic)?;
+    let after = params.after()?;
+    let limit = params.limit(&app.config)?;
+    let timeout = params.timeout(&app.config)?;
+    let client = params.client()?;
+    let batch = app
+        .hub
+        .wait(&topic, after, limit, timeout, &client, &app.shutdown)
+        .await?;
+    Ok(batch_response(&batch))
+}

@@ -1,0 +1,83 @@
+//! `POST /topics/{topic}`: publishing over HTTP. WebSocket publishing reuses [`Published`].
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+use super::Params;
+use crate::{AppState, error::Error, message::{Message, MessageId, Payload}};
+
+/// What a publisher is told: where its message landed.
+#[derive(Debug, Serialize)]
+pub struct Published<'a> {
+    /// The id the message got.
+    pub id: MessageId,
+    /// Its topic.
+    pub topic: &'a str,
+    /// Its event name.
+    pub event: &'a str,
+    /// Its publish time, unix milliseconds.
+    pub time: u64,
+}
+
+impl<'a> From<&'a Message> for Published<'a> {
+    fn from(message: &'a Message) -> Self {
+        Self {
+            id: message.id,
+            topic: message.topic.as_str(),
+            event: message.event.as_str(),
+            time: message.time,
+        }
+    }
+}
+
+/// Publishes the body: JSON as is when sent as `application/json` (or `+json`), any other
+/// body as a JSON string of its UTF-8 text.
+pub async fn publish(
+    State(app): State<AppState>,
+    Path(topic): Path<String>,
+    params: Params,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let topic = super::topic(&topic)?;
+    let event = params.event()?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::PayloadTooLarge {
+                limit: app.config.max_body,
+            }
+        } else {
+            Error::InvalidBody(rejection.body_text())
+        }
+    })?;
+    let text = std::str::from_utf8(&body).map_err(|_| Error::InvalidUtf8)?;
+    let payload = if is_json(&headers) {
+        Payload::from_json(text)?
+    } else {
+        Payload::from_text(text)
+    };
+    let message = app.hub.publish(&topic, event, &payload).await?;
+    Ok((StatusCode::CREATED, Json(Published::from(&*message))).into_response())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}

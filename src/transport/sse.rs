@@ -1,0 +1,119 @@
+//! `GET /topics/{topic}/sse`: Server-Sent Events.
+//!
+//! A slow reader is handled by the hub's subscription policy (it reads its backlog from
+//! history by cursor); this adapter only writes frames, heartbeats, and ends the stream on
+//! shutdown so that clients reconnect elsewhere with `Last-Event-ID`.
+
+use std::time::Duration;
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, header},
+    response::{IntoResponse, Response},
+};
+use tokio::time::{Interval, MissedTickBehavior, interval_at};
+use tokio_util::sync::CancellationToken;
+
+use super::{Params, parse_cursor};
+use crate::{
+    AppState,
+    error::Error,
+    hub::{Delivery, Signal, Subscription, Transport},
+    message::{TopicName, encode_sse_frame},
+};
+
+const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+
+/// Streams the topic from `Last-Event-ID` (or `?after=`, or now), then live.
+pub async fn sse(
+    State(app): State<AppState>,
+    Path(topic): Path<String>,
+    params: Params,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let topic = super::topic(&topic)?;
+    // A browser reconnecting sends the URL it first used plus the id it last saw: the
+    // header is the newer of the two.
+    let after = match headers.get("last-event-id") {
+        Some(value) => Some(parse_cursor(
+            "Last-Event-ID",
+            value.to_str().map_err(|_| Error::param("Last-Event-ID", "must be ASCII digits"))?,
+        )?),
+        None => params.after()?,
+    };
+    let subscription = app.hub.subscribe(&topic, after, Transport::Sse).await?;
+    let hello = Bytes::from(format!(
+        "retry: {}\n\n",
+        app.config.sse_retry.as_millis()
+    ));
+    let stream = SseStream {
+        hello: Some(hello),
+        subscription,
+        heartbeat: heartbeat(app.config.heartbeat),
+        shutdown: app.shutdown.clone(),
+    };
+    let body = Body::from_stream(futures::stream::unfold(stream, |mut stream| async move {
+        let chunk = stream.next_chunk().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), stream))
+    }));
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn heartbeat(period: Duration) -> Interval {
+    let mut ticker = interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
+}
+
+/// A signal as an SSE event whose `id:` is the cursor after it, so a reconnect resumes right.
+fn signal_frame(topic: &TopicName, signal: &Signal) -> Bytes {
+    encode_sse_frame(
+        signal.resume_after(),
+        signal.event_name(),
+        signal.to_json(topic).as_bytes(),
+    )
+}
+
+struct SseStream {
+    /// The `retry:` hint, sent first so the client sees the stream open at once.
+    hello: Option<Bytes>,
+    subscription: Subscription,
+    heartbeat: Interval,
+    shutdown: CancellationToken,
+}
+
+impl SseStream {
+    /// The next chunk of the body, or `None` to end the stream.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(hello) = self.hello.take() {
+            return Some(hello);
+        }
+        tokio::select! {
+            delivery = self.subscription.next() => match delivery {
+                Ok(Some(Delivery::Message(message))) => Some(message.sse_frame().clone()),
+                Ok(Some(Delivery::Signal(signal))) => {
+                    Some(signal_frame(self.subscription.topic(), &signal))
+                }
+                Ok(None) => None,
+                Err(error) => {
+                    tracing::warn!(%error, topic = %self.subscription.topic(), "ending SSE stream");
+                    None
+                }
+            },
+            _ = self.heartbeat.tick() => Some(Bytes::from_static(HEARTBEAT)),
+            () = self.shutdown.cancelled() => None,
+        }
+    }
+}

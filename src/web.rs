@@ -1,0 +1,38 @@
+//! The demo page, embedded in the binary so that `cargo run --release` needs nothing else.
+
+use axum::{
+    Router,
+    http::{HeaderValue, header},
+    response::IntoResponse,
+    routing::get,
+};
+
+use crate::AppState;
+
+/// Each asset: URL path, content type, bytes.
+const ASSETS: &[(&str, &str, &[u8])] = &[
+    ("/", "text/html; charset=utf-8", include_bytes!("../web/index.html")),
+    ("/app.js", "text/javascript; charset=utf-8", include_bytes!("../web/app.js")),
+    ("/style.css", "text/css; charset=utf-8", include_bytes!("../web/style.css")),
+];
+
+/// Routes serving every embedded asset.
+pub fn routes() -> Router<AppState> {
+    ASSETS
+        .iter()
+        .fold(Router::new(), |router, &(path, content_type, bytes)| {
+            router.route(
+                path,
+                get(move || async move {
+                    (
+                        [
+                            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+                            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                        ],
+                        bytes,
+                    )
+                        .into_response()
+                }),
+            )
+        })
+}
