@@ -98,13 +98,16 @@ pub(crate) enum Resolution {
 
 /// Decides how a read at `after` relates to the log's `head`.
 ///
-/// `after = 0` means "from the oldest retained message" and is never truncated.
-pub(crate) fn resolve(after: MessageId, head: LogHead) -> Resolution {
+/// A client's own `after=0` means "from the oldest retained message" and is never truncated
+/// (`zero_means_oldest`). A cursor the server holds for a subscriber that has seen nothing
+/// yet is also 0, but there it means "everything from id 1", so losing any of it is
+/// signalled.
+pub(crate) fn resolve(after: MessageId, head: LogHead, zero_means_oldest: bool) -> Resolution {
     if after > head.last_id {
         Resolution::ReadFromStart(Signal::Reset {
             last_id: head.last_id,
         })
-    } else if after > 0 && after.saturating_add(1) < head.first_retained {
+    } else if (after > 0 || !zero_means_oldest) && after.saturating_add(1) < head.first_retained {
         Resolution::Keep(Some(Signal::Truncated {
             oldest_id: head.first_retained,
         }))
@@ -139,7 +142,7 @@ mod tests {
     }
 
     fn signal(after: MessageId, h: LogHead) -> Option<Signal> {
-        match resolve(after, h) {
+        match resolve(after, h, true) {
             Resolution::Keep(s) => s,
             Resolution::ReadFromStart(s) => Some(s),
         }
@@ -165,6 +168,10 @@ mod tests {
             Some(Signal::Truncated { oldest_id: 11 })
         );
         assert_eq!(signal(0, head(10, 5)), None, "after=0 asks for the oldest retained");
+        assert!(
+            matches!(resolve(0, head(10, 5), false), Resolution::Keep(Some(Signal::Truncated { oldest_id: 5 }))),
+            "a server-held cursor at 0 has missed 1..=4"
+        );
     }
 
     #[test]

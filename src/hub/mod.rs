@@ -103,10 +103,16 @@ impl Topic {
         }
     }
 
-    /// Reads the messages after `after`, applying the cursor rules (reset, truncation).
-    async fn read_batch(&self, after: MessageId, limit: usize) -> Result<Batch, Error> {
+    /// Reads the messages after `after`, applying the cursor rules (reset, truncation);
+    /// `from_client` says `after` is what a client sent, where 0 means "the oldest retained".
+    async fn read_batch(
+        &self,
+        after: MessageId,
+        limit: usize,
+        from_client: bool,
+    ) -> Result<Batch, Error> {
         let read = self.log.read(after, limit).await?;
-        Ok(match cursor::resolve(after, read.head) {
+        Ok(match cursor::resolve(after, read.head, from_client) {
             cursor::Resolution::Keep(signal) => cursor::batch(read, signal),
             cursor::Resolution::ReadFromStart(signal) => {
                 cursor::batch(self.log.read(0, limit).await?, Some(signal))
@@ -176,7 +182,7 @@ impl Hub {
             .presence
             .touch(Transport::Poll, client, self.settings.poller_window);
         match after {
-            Some(after) => topic.read_batch(after, limit).await,
+            Some(after) => topic.read_batch(after, limit, true).await,
             None => Ok(Batch {
                 last_id: topic.log.head().await?.last_id,
                 ..Batch::default()
@@ -203,11 +209,11 @@ impl Hub {
         // Subscribe before reading, so a message published between the read and the wait
         // is in the receiver: nothing falls between history and live.
         let mut live = topic.receiver(self.settings.subscriber_queue);
-        let after = match after {
-            Some(after) => after,
-            None => topic.log.head().await?.last_id,
+        let (after, from_client) = match after {
+            Some(after) => (after, true),
+            None => (topic.log.head().await?.last_id, false),
         };
-        let batch = topic.read_batch(after, limit).await?;
+        let batch = topic.read_batch(after, limit, from_client).await?;
         if !batch.is_empty() {
             return Ok(batch);
         }
@@ -228,7 +234,7 @@ impl Hub {
         drop(parked);
         topic.presence.touch(Transport::Longpoll, client, window);
         if woken {
-            topic.read_batch(after, limit).await
+            topic.read_batch(after, limit, from_client).await
         } else {
             Ok(batch)
         }
@@ -244,15 +250,16 @@ impl Hub {
     ) -> Result<Subscription, Error> {
         let topic = self.topic(topic);
         let live = topic.receiver(self.settings.subscriber_queue);
-        let cursor = match after {
-            Some(after) => after,
-            None => topic.log.head().await?.last_id,
+        let (cursor, from_client) = match after {
+            Some(after) => (after, true),
+            None => (topic.log.head().await?.last_id, false),
         };
         let gauge = topic.presence.stream(transport);
         Ok(Subscription::new(
             topic,
             live,
             cursor,
+            from_client,
             self.settings.catch_up_batch,
             gauge,
         ))
@@ -316,5 +323,110 @@ impl Hub {
                 () = shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, Retention};
+
+    fn hub(history: usize, queue: usize) -> Arc<Hub> {
+        let store = MemoryStore::new(Retention {
+            max_messages: history,
+            max_age: None,
+        });
+        Hub::new(
+            Arc::new(store),
+            HubSettings {
+                subscriber_queue: queue,
+                catch_up_batch: 3,
+                poller_window: Duration::from_secs(30),
+            },
+        )
+    }
+
+    fn name() -> TopicName {
+        TopicName::parse("t").unwrap()
+    }
+
+    async fn drain(subscription: &mut Subscription, count: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            let next = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+                .await
+                .expect("delivery")
+                .unwrap()
+                .unwrap();
+            seen.push(match next {
+                Delivery::Message(m) => m.id.to_string(),
+                Delivery::Signal(s) => s.event_name().to_string(),
+            });
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn out_of_order_fan_out_is_delivered_in_id_order() {
+        let hub = hub(100, 16);
+        let mut subscription = hub.subscribe(&name(), Some(0), Transport::Ws).await.unwrap();
+        let data = Payload::from_text("x");
+        hub.publish(&name(), EventName::default_event(), &data).await.unwrap();
+        // The subscriber is now past its initial history read, on the live path.
+        assert_eq!(drain(&mut subscription, 1).await, ["1"]);
+        let topic = hub.topic(&name());
+        let second = topic.log.append(EventName::default_event(), &data, 0).await.unwrap();
+        let third = topic.log.append(EventName::default_event(), &data, 0).await.unwrap();
+        // The later publisher fans out first: a gap the subscriber must fill from the log.
+        topic.fan_out(&third);
+        topic.fan_out(&second);
+        assert_eq!(drain(&mut subscription, 2).await, ["2", "3"]);
+        hub.publish(&name(), EventName::default_event(), &data).await.unwrap();
+        assert_eq!(drain(&mut subscription, 1).await, ["4"]);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_catches_up_from_history() {
+        let hub = hub(100, 4);
+        let mut subscription = hub.subscribe(&name(), None, Transport::Ws).await.unwrap();
+        for _ in 0..50 {
+            hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
+                .await
+                .unwrap();
+        }
+        let expected: Vec<String> = (1..=50).map(|i: u64| i.to_string()).collect();
+        assert_eq!(drain(&mut subscription, 50).await, expected);
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_behind_history_gets_truncated_once() {
+        let hub = hub(5, 2);
+        let mut subscription = hub.subscribe(&name(), None, Transport::Sse).await.unwrap();
+        for _ in 0..20 {
+            hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            drain(&mut subscription, 6).await,
+            ["truncated", "16", "17", "18", "19", "20"]
+        );
+        hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
+            .await
+            .unwrap();
+        assert_eq!(drain(&mut subscription, 1).await, ["21"]);
+    }
+
+    #[tokio::test]
+    async fn sweep_keeps_topics_in_use() {
+        let hub = hub(5, 2);
+        let subscription = hub.subscribe(&name(), None, Transport::Ws).await.unwrap();
+        assert_eq!(hub.sweep(), 0, "a subscribed topic is kept");
+        drop(subscription);
+        assert_eq!(hub.sweep(), 1);
+        hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
+            .await
+            .unwrap();
+        assert_eq!(hub.sweep(), 0, "a topic with retained history is kept");
     }
 }

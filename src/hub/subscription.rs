@@ -37,6 +37,8 @@ pub struct Subscription {
     cursor: MessageId,
     backlog: VecDeque<Delivery>,
     catching_up: bool,
+    /// The cursor is still the client's own, where 0 means "from the oldest retained".
+    from_client: bool,
     catch_up_batch: usize,
     _gauge: Gauge,
 }
@@ -46,6 +48,7 @@ impl Subscription {
         topic: Arc<Topic>,
         live: broadcast::Receiver<Arc<Message>>,
         cursor: MessageId,
+        from_client: bool,
         catch_up_batch: usize,
         gauge: Gauge,
     ) -> Self {
@@ -55,6 +58,7 @@ impl Subscription {
             cursor,
             backlog: VecDeque::new(),
             catching_up: true,
+            from_client,
             catch_up_batch,
             _gauge: gauge,
         }
@@ -101,8 +105,9 @@ impl Subscription {
     async fn catch_up(&mut self) -> Result<(), Error> {
         let batch = self
             .topic
-            .read_batch(self.cursor, self.catch_up_batch)
+            .read_batch(self.cursor, self.catch_up_batch, self.from_client)
             .await?;
+        self.from_client = false;
         if let Some(signal) = batch.signal {
             self.backlog.push_back(Delivery::Signal(signal));
         }

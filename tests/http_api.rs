@@ -1,0 +1,255 @@
+//! The HTTP endpoints: publish, poll, long poll, topic info, health, demo page, and every
+//! bad input answered with a JSON error.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{ids, start, start_with};
+
+#[tokio::test]
+async fn publish_answers_201_with_the_envelope_fields() {
+    let server = start().await;
+    let response = server
+        .http
+        .post(server.url("/topics/chat?event=greeting"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(r#"{ "text" : "hi", "big": 12345678901234567890 }"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let ack: Value = response.json().await.unwrap();
+    assert_eq!(ack["id"], 1);
+    assert_eq!(ack["topic"], "chat");
+    assert_eq!(ack["event"], "greeting");
+    assert!(ack["time"].as_u64().unwrap() > 1_700_000_000_000);
+
+    // Non-JSON content types publish the text as a JSON string.
+    let response = server
+        .http
+        .post(server.url("/topics/chat"))
+        .header("content-type", "text/plain")
+        .body("line 1\nline \"2\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    // The JSON body is kept exactly (big numbers included), minus insignificant whitespace.
+    let raw = server
+        .http
+        .get(server.url("/topics/chat/poll?after=0"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(raw.contains(r#""data":{"text":"hi","big":12345678901234567890}"#), "{raw}");
+    let (_, body) = server.get("/topics/chat/poll?after=0").await;
+    let messages = body["messages"].as_array().unwrap();
+    assert_eq!(ids(messages), [1, 2]);
+    assert_eq!(messages[0]["event"], "greeting");
+    assert_eq!(messages[1]["event"], "message");
+    assert_eq!(messages[1]["data"], "line 1\nline \"2\"");
+    assert_eq!(messages[1]["topic"], "chat");
+}
+
+#[tokio::test]
+async fn short_poll_pages_by_cursor_and_reports_now_without_one() {
+    let server = start().await;
+    server.publish_many("p", 5).await;
+
+    let (status, body) = server.get("/topics/p/poll").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"messages": [], "last_id": 5, "next_after": 5}));
+
+    let (_, body) = server.get("/topics/p/poll?after=1&limit=2").await;
+    assert_eq!(ids(body["messages"].as_array().unwrap()), [2, 3]);
+    assert_eq!(body["more"], true);
+    assert_eq!(body["next_after"], 3);
+    let (_, body) = server.get("/topics/p/poll?after=3&limit=2").await;
+    assert_eq!(ids(body["messages"].as_array().unwrap()), [4, 5]);
+    assert!(body.get("more").is_none());
+    let (_, body) = server.get("/topics/p/poll?after=5").await;
+    assert_eq!(body["messages"], json!([]));
+
+    // A topic never used answers like an empty one.
+    let (status, body) = server.get("/topics/fresh/poll?after=0").await;
+    assert_eq!((status, body["last_id"].clone()), (200, json!(0)));
+}
+
+#[tokio::test]
+async fn long_poll_answers_at_once_when_behind_and_waits_when_current() {
+    let server = start().await;
+    server.publish_many("lp", 2).await;
+    let (_, body) = server.get("/topics/lp/longpoll?after=0&timeout=5").await;
+    assert_eq!(ids(body["messages"].as_array().unwrap()), [1, 2]);
+
+    // Parked at the head: a publish wakes it with just the new message.
+    let url = server.url("/topics/lp/longpoll?after=2&timeout=30");
+    let http = server.http.clone();
+    let parked = tokio::spawn(async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap() });
+    support::eventually("the long poll to park", || async {
+        server.get("/topics/lp").await.1["subscribers"]["longpoll"] == 1
+    })
+    .await;
+    server.publish("lp", json!("wake")).await;
+    let body = tokio::time::timeout(support::PATIENCE, parked).await.unwrap().unwrap();
+    assert_eq!(ids(body["messages"].as_array().unwrap()), [3]);
+    assert_eq!(body["messages"][0]["data"], "wake");
+
+    // Without a cursor it waits for the next message after "now".
+    let url = server.url("/topics/lp/longpoll?timeout=30");
+    let http = server.http.clone();
+    let parked = tokio::spawn(async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap() });
+    support::eventually("the long poll to park", || async {
+        server.get("/topics/lp").await.1["subscribers"]["longpoll"] == 1
+    })
+    .await;
+    server.publish("lp", json!("next")).await;
+    let body = tokio::time::timeout(support::PATIENCE, parked).await.unwrap().unwrap();
+    assert_eq!(ids(body["messages"].as_array().unwrap()), [4]);
+}
+
+#[tokio::test]
+async fn long_poll_times_out_with_an_empty_200() {
+    let server = start().await;
+    server.publish_many("idle", 1).await;
+    let started = Instant::now();
+    let (status, body) = server.get("/topics/idle/longpoll?after=1&timeout=0.3").await;
+    assert!(started.elapsed() >= Duration::from_millis(300), "answered before the timeout");
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"messages": [], "last_id": 1, "next_after": 1}));
+}
+
+#[tokio::test]
+async fn topic_info_counts_subscribers_per_transport() {
+    let server = start().await;
+    server.publish_many("info", 3).await;
+    server.get("/topics/info/poll?client=a").await;
+    server.get("/topics/info/poll?client=b").await;
+    server.get("/topics/info/poll?client=a").await;
+    let _sse = server.sse("/topics/info/sse", None).await;
+    let _ws1 = server.ws("/topics/info/ws").await;
+    let mut mux = server.ws("/ws").await;
+    mux.send_json(json!({"type": "subscribe", "topic": "info"})).await;
+    assert_eq!(mux.next_json().await.unwrap()["type"], "subscribed");
+
+    let (status, body) = server.get("/topics/info").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({"topic": "info", "last_id": 3, "oldest_id": 1,
+               "subscribers": {"poll": 2, "longpoll": 0, "sse": 1, "ws": 2}})
+    );
+
+    drop(_sse);
+    support::eventually("the SSE subscriber to be uncounted", || async {
+        server.get("/topics/info").await.1["subscribers"]["sse"] == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_and_demo_page() {
+    let server = start().await;
+    assert_eq!(server.get("/healthz").await, (200, json!({"status": "ok"})));
+    let page = server.http.get(server.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let html = page.text().await.unwrap();
+    assert!(html.contains("app.js"));
+    for asset in ["/app.js", "/style.css"] {
+        let response = server.http.get(server.url(asset)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{asset}");
+    }
+}
+
+/// Every malformed request gets the right status and a JSON `{"error","code"}` body, and the
+/// server keeps serving: a subscriber connected throughout receives every message.
+#[tokio::test]
+async fn bad_input_is_rejected_with_json_errors_and_loses_nothing() {
+    let mut config = pushhub::Config::default();
+    config.max_body = 1024;
+    let server = start_with(config).await;
+    let mut watcher = server.sse("/topics/ok/sse?after=0", None).await;
+    server.publish("ok", json!(1)).await;
+
+    let long_topic = "a".repeat(129);
+    let cases: Vec<(&str, String, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        ("GET", "/topics/bad%20topic/poll".into(), None, vec![], 400, "invalid_topic"),
+        ("GET", "/topics/bad%2Ftopic/sse".into(), None, vec![], 400, "invalid_topic"),
+        ("GET", format!("/topics/{long_topic}/poll"), None, vec![], 400, "invalid_topic"),
+        ("POST", "/topics/caf%C3%A9".into(), None, b"x".to_vec(), 400, "invalid_topic"),
+        ("POST", "/topics/ok?event=bad%20event".into(), None, b"x".to_vec(), 400, "invalid_event"),
+        ("GET", "/topics/ok/poll?after=-1".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=abc".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=1e99".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=18446744073709551616".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=NaN".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=0&limit=0".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=0&limit=-1".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=0&limit=abc".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=0&limit=1e99".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?after=0&limit=1001".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/poll?client=bad%20id".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/longpoll?after=-1".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/longpoll?timeout=-1".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/longpoll?timeout=abc".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/longpoll?timeout=1e99".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/longpoll?timeout=121".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/sse?after=-1".into(), None, vec![], 400, "invalid_parameter"),
+        ("GET", "/topics/ok/ws?after=abc".into(), None, vec![], 400, "invalid_parameter"),
+        ("POST", "/topics/ok".into(), None, vec![b'x'; 1025], 413, "payload_too_large"),
+        ("POST", "/topics/ok".into(), Some("application/json"), b"{\"a\":".to_vec(), 400, "invalid_json"),
+        ("POST", "/topics/ok".into(), Some("application/json"), vec![], 400, "invalid_json"),
+        ("POST", "/topics/ok".into(), Some("application/json"), b"{} {}".to_vec(), 400, "invalid_json"),
+        ("POST", "/topics/ok".into(), Some("text/plain"), vec![0xff, 0xfe, b'a'], 400, "invalid_utf8"),
+        ("POST", "/topics/ok".into(), Some("application/json"), vec![b'"', 0xc3, b'"'], 400, "invalid_utf8"),
+        ("GET", "/topics/ok/ws".into(), None, vec![], 426, "upgrade_required"),
+        ("GET", "/ws".into(), None, vec![], 426, "upgrade_required"),
+        ("GET", "/no/such/path".into(), None, vec![], 404, "not_found"),
+        ("DELETE", "/topics/ok".into(), None, vec![], 405, "method_not_allowed"),
+    ];
+    for (method, path, content_type, body, status, code) in cases {
+        let mut request = server
+            .http
+            .request(method.parse().unwrap(), server.url(&path))
+            .body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        let what = format!("{method} {path}");
+        assert_eq!(response.status().as_u16(), status, "{what}");
+        assert!(
+            response.headers()["content-type"].to_str().unwrap().starts_with("application/json"),
+            "{what}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], code, "{what}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}");
+    }
+
+    // A Last-Event-ID that is not a message id is rejected like `after`.
+    let response = server
+        .http
+        .get(server.url("/topics/ok/sse"))
+        .header("Last-Event-ID", "x".repeat(10_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // Nothing was lost: the watcher got exactly the two good publishes.
+    server.publish("ok", json!(2)).await;
+    for expected in [1, 2] {
+        let event = watcher.next_event().await.unwrap();
+        assert_eq!(event.json()["id"], expected);
+    }
+    let (_, body) = server.get("/topics/ok/poll?after=0").await;
+    assert_eq!(ids(body["messages"].as_array().unwrap()), [1, 2]);
+}

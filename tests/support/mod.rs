@@ -1,0 +1,258 @@
+//! Shared test helpers: a real server on 127.0.0.1:0, and clients for every transport.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures::{SinkExt, StreamExt};
+use pushhub::{AppState, Config};
+use serde_json::Value;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message as WsMessage};
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for something that should happen promptly before failing.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub http: reqwest::Client,
+    stop: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+pub async fn start() -> TestServer {
+    start_with(Config::default()).await
+}
+
+pub async fn start_with(mut config: Config) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    config.listen = addr;
+    let state = AppState::new(config);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(pushhub::serve(
+        listener,
+        state.clone(),
+        stop.clone().cancelled_owned(),
+    ));
+    TestServer {
+        addr,
+        state,
+        http: reqwest::Client::new(),
+        stop,
+        task,
+    }
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Publishes `data` as JSON and returns the id.
+    pub async fn publish(&self, topic: &str, data: Value) -> u64 {
+        let response = self
+            .http
+            .post(self.url(&format!("/topics/{topic}")))
+            .json(&data)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "publish failed");
+        response.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+    }
+
+    /// Publishes `count` messages `{"n": i}` and returns their ids.
+    pub async fn publish_many(&self, topic: &str, count: usize) -> Vec<u64> {
+        let mut ids = Vec::with_capacity(count);
+        for i in 0..count {
+            ids.push(self.publish(topic, serde_json::json!({ "n": i })).await);
+        }
+        ids
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    pub async fn sse(&self, path: &str, last_event_id: Option<&str>) -> SseClient {
+        let mut request = self.http.get(self.url(path));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "SSE connect failed");
+        let mut client = SseClient {
+            headers: response.headers().clone(),
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+            retry: None,
+        };
+        client.read_hello().await;
+        client
+    }
+
+    pub async fn ws(&self, path: &str) -> WsClient {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{}", self.addr, path))
+            .await
+            .unwrap();
+        WsClient { ws }
+    }
+
+    /// Stops the server the way a signal would, and waits for it to finish.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("server did not stop in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// One SSE event as parsed from the raw stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap()
+    }
+}
+
+/// Reads `text/event-stream` byte by byte, the way a browser would (per the HTML spec's
+/// parsing rules for the fields we use).
+pub struct SseClient {
+    pub headers: reqwest::header::HeaderMap,
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+    pub retry: Option<u64>,
+}
+
+pub enum SseItem {
+    Event(SseEvent),
+    Comment(String),
+    Retry(u64),
+}
+
+impl SseClient {
+    async fn read_hello(&mut self) {
+        match self.next_item().await {
+            Some(SseItem::Retry(ms)) => self.retry = Some(ms),
+            _ => panic!("SSE stream must open with a retry: hint"),
+        }
+    }
+
+    /// The next block (event, comment or retry), or `None` when the stream ends.
+    pub async fn next_item(&mut self) -> Option<SseItem> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                return Some(parse_block(&block));
+            }
+            match tokio::time::timeout(PATIENCE, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Ok(Some(Err(_)) | None) => return None,
+                Err(_) => panic!("SSE stream silent for {PATIENCE:?}"),
+            }
+        }
+    }
+
+    /// The next event, skipping comments.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            match self.next_item().await? {
+                SseItem::Event(event) => return Some(event),
+                SseItem::Comment(_) | SseItem::Retry(_) => continue,
+            }
+        }
+    }
+}
+
+fn parse_block(block: &str) -> SseItem {
+    let mut event = SseEvent {
+        id: None,
+        event: "message".into(),
+        data: String::new(),
+    };
+    let mut data_lines = Vec::new();
+    for line in block.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix(':') {
+            return SseItem::Comment(comment.trim().to_owned());
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => event.id = Some(value.to_owned()),
+            "event" => event.event = value.to_owned(),
+            "data" => data_lines.push(value.to_owned()),
+            "retry" => return SseItem::Retry(value.parse().unwrap()),
+            other => panic!("unexpected SSE field {other:?}"),
+        }
+    }
+    event.data = data_lines.join("\n");
+    SseItem::Event(event)
+}
+
+pub struct WsClient {
+    pub ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl WsClient {
+    pub async fn send_json(&mut self, value: Value) {
+        self.ws.send(WsMessage::text(value.to_string())).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(WsMessage::text(text)).await.unwrap();
+    }
+
+    /// The next text frame as JSON; `None` when the server closes.
+    pub async fn next_json(&mut self) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.ws.next()).await {
+                Ok(Some(Ok(WsMessage::Text(text)))) => return Some(serde_json::from_str(&text).unwrap()),
+                Ok(Some(Ok(WsMessage::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("WebSocket silent for {PATIENCE:?}"),
+            }
+        }
+    }
+
+    /// The next frame that is a message envelope (has an `id`, no `type`), skipping others.
+    pub async fn next_envelope(&mut self) -> Value {
+        loop {
+            let frame = self.next_json().await.expect("connection closed");
+            if frame.get("type").is_none() {
+                return frame;
+            }
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every few milliseconds; panics after `PATIENCE`.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The ids of a list of envelopes.
+pub fn ids(messages: &[Value]) -> Vec<u64> {
+    messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
+}
