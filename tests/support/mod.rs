@@ -1,7 +1,12 @@
 //! Shared test helpers: a real server on 127.0.0.1:0, and clients for every transport.
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
 
 use futures::{SinkExt, StreamExt};
 use pushhub::{AppState, Config};
@@ -255,4 +260,44 @@ where
 /// The ids of a list of envelopes.
 pub fn ids(messages: &[Value]) -> Vec<u64> {
     messages.iter().map(|m| m["id"].as_u64().unwrap()).collect()
+}
+
+/// The real `pushhub` binary running as a child process on an ephemeral port.
+pub struct ServerProcess {
+    pub child: Child,
+    /// `127.0.0.1:PORT`, read from the startup log line.
+    pub addr: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary with `args` (plus `--listen 127.0.0.1:0`) and environment `envs`, and
+/// waits for its startup line.
+pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .envs(envs.iter().copied())
+        .env("PUSHHUB_LOG", "pushhub=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pushhub");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("pushhub exited before listening").unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split('/').next().unwrap().to_owned();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    ServerProcess { child, addr }
 }

@@ -1,0 +1,50 @@
+//! The `pushhub` binary: configuration from the environment, and a clean stop on Ctrl-C.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn environment_configures_and_sigint_stops_cleanly() {
+    let mut server = support::spawn_binary(&[], &[("PUSHHUB_MAX_BODY", "10")]);
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/topics/env", server.addr);
+    let small = http.post(&url).body("0123456789").send().await.unwrap();
+    assert_eq!(small.status(), 201);
+    let large = http.post(&url).body("0123456789a").send().await.unwrap();
+    assert_eq!(large.status(), 413);
+    // An open SSE stream must not hold the process up.
+    let sse = http
+        .get(format!("http://{}/topics/env/sse", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "pushhub did not stop on SIGINT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "pushhub exited with {exit}");
+}
+
+#[test]
+fn help_lists_the_serve_flags() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    for flag in ["--listen", "--history-size", "--history-max-age", "--max-body", "--longpoll-max-timeout", "--heartbeat"] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
