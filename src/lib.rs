@@ -80,13 +80,19 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body;
     web::routes()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route(
             "/topics/{topic}",
             get(topic_info).post(transport::publish::publish),
         )
         .route("/topics/{topic}/poll", get(transport::poll::poll))
-        .route("/topics/{topic}/longpoll", get(transport::longpoll::longpoll))
+        .route(
+            "/topics/{topic}/longpoll",
+            get(transport::longpoll::longpoll),
+        )
         .route("/topics/{topic}/sse", get(transport::sse::sse))
         .route("/topics/{topic}/ws", get(transport::ws::topic_ws))
         .route("/ws", get(transport::ws::multiplexed_ws))
@@ -144,7 +150,10 @@ pub async fn serve(
     match tokio::time::timeout(grace, server).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::warn!(?grace, "connections still open after the shutdown grace period");
+            tracing::warn!(
+                ?grace,
+                "connections still open after the shutdown grace period"
+            );
             Ok(())
         }
     }

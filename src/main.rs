@@ -6,7 +6,11 @@ use pushhub::Config;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "pushhub", version, about = "One hub, four push transports, one cursor")]
+#[command(
+    name = "pushhub",
+    version,
+    about = "One hub, four push transports, one cursor"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]

@@ -293,7 +293,8 @@ mod tests {
 
     #[test]
     fn payload_json_is_minified_without_touching_strings_or_numbers() {
-        let p = Payload::from_json("{ \"a\" : [1, 2.50 ,1e3],\n \"s\": \"x y\\\" \\n z\" }").unwrap();
+        let p =
+            Payload::from_json("{ \"a\" : [1, 2.50 ,1e3],\n \"s\": \"x y\\\" \\n z\" }").unwrap();
         assert_eq!(p.as_str(), r#"{"a":[1,2.50,1e3],"s":"x y\" \n z"}"#);
         assert!(Payload::from_json("{").is_err());
         assert!(Payload::from_json("").is_err());
@@ -304,7 +305,13 @@ mod tests {
     fn message_encodings_round_trip() {
         let topic = TopicName::parse("t").unwrap();
         let event = EventName::parse("greet").unwrap();
-        let msg = Message::new(7, topic, event, 42, &Payload::from_json("{\"k\": 1}").unwrap());
+        let msg = Message::new(
+            7,
+            topic,
+            event,
+            42,
+            &Payload::from_json("{\"k\": 1}").unwrap(),
+        );
         assert_eq!(
             &msg.envelope()[..],
             br#"{"id":7,"topic":"t","event":"greet","data":{"k":1},"time":42}"#

@@ -31,7 +31,10 @@ async fn environment_configures_and_sigint_stops_cleanly() {
         if let Some(exit) = server.child.try_wait().unwrap() {
             break exit;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "pushhub did not stop on SIGINT");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "pushhub did not stop on SIGINT"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(exit.success(), "pushhub exited with {exit}");
@@ -44,7 +47,14 @@ fn help_lists_the_serve_flags() {
         .output()
         .unwrap();
     let help = String::from_utf8(output.stdout).unwrap();
-    for flag in ["--listen", "--history-size", "--history-max-age", "--max-body", "--longpoll-max-timeout", "--heartbeat"] {
+    for flag in [
+        "--listen",
+        "--history-size",
+        "--history-max-age",
+        "--max-body",
+        "--longpoll-max-timeout",
+        "--heartbeat",
+    ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }

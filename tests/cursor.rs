@@ -17,7 +17,13 @@ enum Kind {
     Multiplexed,
 }
 
-const KINDS: [Kind; 5] = [Kind::Poll, Kind::LongPoll, Kind::Sse, Kind::Ws, Kind::Multiplexed];
+const KINDS: [Kind; 5] = [
+    Kind::Poll,
+    Kind::LongPoll,
+    Kind::Sse,
+    Kind::Ws,
+    Kind::Multiplexed,
+];
 
 /// What a reader saw: signal frames (`truncated`/`reset` JSON) and message envelopes.
 #[derive(Debug, Default)]
@@ -42,10 +48,12 @@ async fn read(server: &TestServer, kind: Kind, topic: &str, after: u64, count: u
                 assert_eq!(status, 200, "{body}");
                 for flag in ["truncated", "reset"] {
                     if body.get(flag).is_some() {
-                        seen.signals.push(json!({"type": flag, "body": body.clone()}));
+                        seen.signals
+                            .push(json!({"type": flag, "body": body.clone()}));
                     }
                 }
-                seen.messages.extend(body["messages"].as_array().unwrap().iter().cloned());
+                seen.messages
+                    .extend(body["messages"].as_array().unwrap().iter().cloned());
                 cursor = body["next_after"].as_u64().unwrap();
                 if body["messages"].as_array().unwrap().is_empty() && matches!(kind, Kind::Poll) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -72,10 +80,15 @@ async fn read(server: &TestServer, kind: Kind, topic: &str, after: u64, count: u
         }
         Kind::Ws | Kind::Multiplexed => {
             let mut ws = match kind {
-                Kind::Ws => server.ws(&format!("/topics/{topic}/ws?after={after}")).await,
+                Kind::Ws => {
+                    server
+                        .ws(&format!("/topics/{topic}/ws?after={after}"))
+                        .await
+                }
                 _ => {
                     let mut ws = server.ws("/ws").await;
-                    ws.send_json(json!({"type": "subscribe", "topic": topic, "after": after})).await;
+                    ws.send_json(json!({"type": "subscribe", "topic": topic, "after": after}))
+                        .await;
                     ws
                 }
             };
@@ -110,14 +123,26 @@ async fn every_pair_of_transports_resumes_without_loss_or_repeat() {
                 let (http, url) = (server.http.clone(), server.url(&format!("/topics/{topic}")));
                 tokio::spawn(async move {
                     for n in 0..4 {
-                        http.post(&url).json(&json!({"late": n})).send().await.unwrap();
+                        http.post(&url)
+                            .json(&json!({"late": n}))
+                            .send()
+                            .await
+                            .unwrap();
                     }
                 })
             };
             let tail = read(&server, second, &topic, 3, 7).await;
             publisher.await.unwrap();
-            assert!(tail.signals.is_empty(), "{first:?}->{second:?}: {:?}", tail.signals);
-            assert_eq!(ids(&tail.messages), (4..=10).collect::<Vec<_>>(), "{first:?}->{second:?}");
+            assert!(
+                tail.signals.is_empty(),
+                "{first:?}->{second:?}: {:?}",
+                tail.signals
+            );
+            assert_eq!(
+                ids(&tail.messages),
+                (4..=10).collect::<Vec<_>>(),
+                "{first:?}->{second:?}"
+            );
         }
     }
 }
@@ -128,8 +153,10 @@ async fn every_pair_of_transports_resumes_without_loss_or_repeat() {
 async fn joining_during_a_publish_storm_misses_and_repeats_nothing() {
     const PER_PUBLISHER: usize = 600;
     const TOTAL: usize = 2 * PER_PUBLISHER;
-    let mut config = pushhub::Config::default();
-    config.history_size = 10_000;
+    let config = pushhub::Config {
+        history_size: 10_000,
+        ..Default::default()
+    };
     let server = std::sync::Arc::new(start_with(config).await);
     let publishers: Vec<_> = (0..2)
         .map(|_| {
@@ -142,12 +169,21 @@ async fn joining_during_a_publish_storm_misses_and_repeats_nothing() {
         // Join at staggered points of the storm.
         let target = (i as u64 + 1) * 100;
         support::eventually("the storm to progress", || async {
-            server.state.hub.info(&pushhub::message::TopicName::parse("storm").unwrap()).await.unwrap().last_id >= target
+            server
+                .state
+                .hub
+                .info(&pushhub::message::TopicName::parse("storm").unwrap())
+                .await
+                .unwrap()
+                .last_id
+                >= target
                 || i == 0
         })
         .await;
         let server = server.clone();
-        readers.push(tokio::spawn(async move { (kind, read(&server, kind, "storm", 0, TOTAL).await) }));
+        readers.push(tokio::spawn(async move {
+            (kind, read(&server, kind, "storm", 0, TOTAL).await)
+        }));
     }
     for publisher in publishers {
         publisher.await.unwrap();
@@ -155,14 +191,20 @@ async fn joining_during_a_publish_storm_misses_and_repeats_nothing() {
     for reader in readers {
         let (kind, seen) = reader.await.unwrap();
         assert!(seen.signals.is_empty(), "{kind:?}");
-        assert_eq!(ids(&seen.messages), (1..=TOTAL as u64).collect::<Vec<_>>(), "{kind:?}");
+        assert_eq!(
+            ids(&seen.messages),
+            (1..=TOTAL as u64).collect::<Vec<_>>(),
+            "{kind:?}"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_cursor_older_than_history_is_told_truncated() {
-    let mut config = pushhub::Config::default();
-    config.history_size = 5;
+    let config = pushhub::Config {
+        history_size: 5,
+        ..Default::default()
+    };
     let server = start_with(config).await;
     server.publish_many("t", 20).await;
     for kind in KINDS {
@@ -175,7 +217,10 @@ async fn a_cursor_older_than_history_is_told_truncated() {
                 assert_eq!(signal["body"]["truncated"], true);
                 assert_eq!(signal["body"]["oldest_id"], 16);
             }
-            _ => assert_eq!(signal, &json!({"type": "truncated", "topic": "t", "oldest_id": 16})),
+            _ => assert_eq!(
+                signal,
+                &json!({"type": "truncated", "topic": "t", "oldest_id": 16})
+            ),
         }
         // after=0 means "from the oldest retained" and is not a truncation.
         let seen = read(&server, kind, "t", 0, 5).await;
@@ -185,7 +230,10 @@ async fn a_cursor_older_than_history_is_told_truncated() {
     // The SSE signal carries the cursor to reconnect from, so a reconnect does not repeat it.
     let mut sse = server.sse("/topics/t/sse?after=3", None).await;
     let signal = sse.next_event().await.unwrap();
-    assert_eq!((signal.event.as_str(), signal.id.as_deref()), ("truncated", Some("15")));
+    assert_eq!(
+        (signal.event.as_str(), signal.id.as_deref()),
+        ("truncated", Some("15"))
+    );
 }
 
 #[tokio::test]
@@ -198,20 +246,28 @@ async fn a_cursor_ahead_of_the_topic_is_told_reset_and_restarts() {
         assert_eq!(seen.signals.len(), 1, "{kind:?}");
         match kind {
             Kind::Poll | Kind::LongPoll => assert_eq!(seen.signals[0]["body"]["reset"], true),
-            _ => assert_eq!(seen.signals[0], json!({"type": "reset", "topic": "r", "last_id": 3})),
+            _ => assert_eq!(
+                seen.signals[0],
+                json!({"type": "reset", "topic": "r", "last_id": 3})
+            ),
         }
     }
     let mut sse = server.sse("/topics/r/sse", Some("99")).await;
     let signal = sse.next_event().await.unwrap();
-    assert_eq!((signal.event.as_str(), signal.id.as_deref()), ("reset", Some("0")));
+    assert_eq!(
+        (signal.event.as_str(), signal.id.as_deref()),
+        ("reset", Some("0"))
+    );
 }
 
 #[tokio::test]
 async fn idle_topics_are_dropped_and_restart_at_one_with_a_reset() {
-    let mut config = pushhub::Config::default();
-    config.history_max_age = Duration::from_millis(200);
-    config.sweep_interval = Duration::from_millis(20);
-    config.poller_window = Duration::from_millis(100);
+    let config = pushhub::Config {
+        history_max_age: Duration::from_millis(200),
+        sweep_interval: Duration::from_millis(20),
+        poller_window: Duration::from_millis(100),
+        ..Default::default()
+    };
     let server = start_with(config).await;
     server.publish_many("once", 3).await;
     // A topic with a live subscriber stays, even with its history expired.
@@ -220,10 +276,16 @@ async fn idle_topics_are_dropped_and_restart_at_one_with_a_reset() {
     assert_eq!(ws.next_envelope().await["id"], 1);
 
     let hub = server.state.hub.clone();
-    support::eventually("the idle topic to be dropped", || async { hub.topic_count() == 1 }).await;
+    support::eventually("the idle topic to be dropped", || async {
+        hub.topic_count() == 1
+    })
+    .await;
 
     let (_, body) = server.get("/topics/once/poll?after=3").await;
-    assert_eq!(body, json!({"messages": [], "last_id": 0, "next_after": 0, "reset": true}));
+    assert_eq!(
+        body,
+        json!({"messages": [], "last_id": 0, "next_after": 0, "reset": true})
+    );
     assert_eq!(server.publish("once", json!("again")).await, 1);
     // The topic with a subscriber kept its counter.
     assert_eq!(server.publish("kept", json!("y")).await, 2);

@@ -47,7 +47,10 @@ async fn publish_answers_201_with_the_envelope_fields() {
         .text()
         .await
         .unwrap();
-    assert!(raw.contains(r#""data":{"text":"hi","big":12345678901234567890}"#), "{raw}");
+    assert!(
+        raw.contains(r#""data":{"text":"hi","big":12345678901234567890}"#),
+        "{raw}"
+    );
     let (_, body) = server.get("/topics/chat/poll?after=0").await;
     let messages = body["messages"].as_array().unwrap();
     assert_eq!(ids(messages), [1, 2]);
@@ -91,26 +94,48 @@ async fn long_poll_answers_at_once_when_behind_and_waits_when_current() {
     // Parked at the head: a publish wakes it with just the new message.
     let url = server.url("/topics/lp/longpoll?after=2&timeout=30");
     let http = server.http.clone();
-    let parked = tokio::spawn(async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap() });
+    let parked = tokio::spawn(async move {
+        http.get(url)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
     support::eventually("the long poll to park", || async {
         server.get("/topics/lp").await.1["subscribers"]["longpoll"] == 1
     })
     .await;
     server.publish("lp", json!("wake")).await;
-    let body = tokio::time::timeout(support::PATIENCE, parked).await.unwrap().unwrap();
+    let body = tokio::time::timeout(support::PATIENCE, parked)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ids(body["messages"].as_array().unwrap()), [3]);
     assert_eq!(body["messages"][0]["data"], "wake");
 
     // Without a cursor it waits for the next message after "now".
     let url = server.url("/topics/lp/longpoll?timeout=30");
     let http = server.http.clone();
-    let parked = tokio::spawn(async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap() });
+    let parked = tokio::spawn(async move {
+        http.get(url)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
     support::eventually("the long poll to park", || async {
         server.get("/topics/lp").await.1["subscribers"]["longpoll"] == 1
     })
     .await;
     server.publish("lp", json!("next")).await;
-    let body = tokio::time::timeout(support::PATIENCE, parked).await.unwrap().unwrap();
+    let body = tokio::time::timeout(support::PATIENCE, parked)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ids(body["messages"].as_array().unwrap()), [4]);
 }
 
@@ -119,8 +144,13 @@ async fn long_poll_times_out_with_an_empty_200() {
     let server = start().await;
     server.publish_many("idle", 1).await;
     let started = Instant::now();
-    let (status, body) = server.get("/topics/idle/longpoll?after=1&timeout=0.3").await;
-    assert!(started.elapsed() >= Duration::from_millis(300), "answered before the timeout");
+    let (status, body) = server
+        .get("/topics/idle/longpoll?after=1&timeout=0.3")
+        .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "answered before the timeout"
+    );
     assert_eq!(status, 200);
     assert_eq!(body, json!({"messages": [], "last_id": 1, "next_after": 1}));
 }
@@ -135,7 +165,8 @@ async fn topic_info_counts_subscribers_per_transport() {
     let _sse = server.sse("/topics/info/sse", None).await;
     let _ws1 = server.ws("/topics/info/ws").await;
     let mut mux = server.ws("/ws").await;
-    mux.send_json(json!({"type": "subscribe", "topic": "info"})).await;
+    mux.send_json(json!({"type": "subscribe", "topic": "info"}))
+        .await;
     assert_eq!(mux.next_json().await.unwrap()["type"], "subscribed");
 
     let (status, body) = server.get("/topics/info").await;
@@ -159,7 +190,12 @@ async fn health_and_demo_page() {
     assert_eq!(server.get("/healthz").await, (200, json!({"status": "ok"})));
     let page = server.http.get(server.url("/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     let html = page.text().await.unwrap();
     assert!(html.contains("app.js"));
     for asset in ["/app.js", "/style.css"] {
@@ -168,51 +204,287 @@ async fn health_and_demo_page() {
     }
 }
 
+/// method, path, content type, body, expected status, expected code
+type BadRequest = (
+    &'static str,
+    String,
+    Option<&'static str>,
+    Vec<u8>,
+    u16,
+    &'static str,
+);
+
 /// Every malformed request gets the right status and a JSON `{"error","code"}` body, and the
 /// server keeps serving: a subscriber connected throughout receives every message.
 #[tokio::test]
 async fn bad_input_is_rejected_with_json_errors_and_loses_nothing() {
-    let mut config = pushhub::Config::default();
-    config.max_body = 1024;
+    let config = pushhub::Config {
+        max_body: 1024,
+        ..Default::default()
+    };
     let server = start_with(config).await;
     let mut watcher = server.sse("/topics/ok/sse?after=0", None).await;
     server.publish("ok", json!(1)).await;
 
     let long_topic = "a".repeat(129);
-    let cases: Vec<(&str, String, Option<&str>, Vec<u8>, u16, &str)> = vec![
-        ("GET", "/topics/bad%20topic/poll".into(), None, vec![], 400, "invalid_topic"),
-        ("GET", "/topics/bad%2Ftopic/sse".into(), None, vec![], 400, "invalid_topic"),
-        ("GET", format!("/topics/{long_topic}/poll"), None, vec![], 400, "invalid_topic"),
-        ("POST", "/topics/caf%C3%A9".into(), None, b"x".to_vec(), 400, "invalid_topic"),
-        ("POST", "/topics/ok?event=bad%20event".into(), None, b"x".to_vec(), 400, "invalid_event"),
-        ("GET", "/topics/ok/poll?after=-1".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=abc".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=1e99".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=18446744073709551616".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=NaN".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=0&limit=0".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=0&limit=-1".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=0&limit=abc".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=0&limit=1e99".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?after=0&limit=1001".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/poll?client=bad%20id".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/longpoll?after=-1".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/longpoll?timeout=-1".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/longpoll?timeout=abc".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/longpoll?timeout=1e99".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/longpoll?timeout=121".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/sse?after=-1".into(), None, vec![], 400, "invalid_parameter"),
-        ("GET", "/topics/ok/ws?after=abc".into(), None, vec![], 400, "invalid_parameter"),
-        ("POST", "/topics/ok".into(), None, vec![b'x'; 1025], 413, "payload_too_large"),
-        ("POST", "/topics/ok".into(), Some("application/json"), b"{\"a\":".to_vec(), 400, "invalid_json"),
-        ("POST", "/topics/ok".into(), Some("application/json"), vec![], 400, "invalid_json"),
-        ("POST", "/topics/ok".into(), Some("application/json"), b"{} {}".to_vec(), 400, "invalid_json"),
-        ("POST", "/topics/ok".into(), Some("text/plain"), vec![0xff, 0xfe, b'a'], 400, "invalid_utf8"),
-        ("POST", "/topics/ok".into(), Some("application/json"), vec![b'"', 0xc3, b'"'], 400, "invalid_utf8"),
-        ("GET", "/topics/ok/ws".into(), None, vec![], 426, "upgrade_required"),
+    let cases: Vec<BadRequest> = vec![
+        (
+            "GET",
+            "/topics/bad%20topic/poll".into(),
+            None,
+            vec![],
+            400,
+            "invalid_topic",
+        ),
+        (
+            "GET",
+            "/topics/bad%2Ftopic/sse".into(),
+            None,
+            vec![],
+            400,
+            "invalid_topic",
+        ),
+        (
+            "GET",
+            format!("/topics/{long_topic}/poll"),
+            None,
+            vec![],
+            400,
+            "invalid_topic",
+        ),
+        (
+            "POST",
+            "/topics/caf%C3%A9".into(),
+            None,
+            b"x".to_vec(),
+            400,
+            "invalid_topic",
+        ),
+        (
+            "POST",
+            "/topics/ok?event=bad%20event".into(),
+            None,
+            b"x".to_vec(),
+            400,
+            "invalid_event",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=-1".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=abc".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=1e99".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=18446744073709551616".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=NaN".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=0&limit=0".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=0&limit=-1".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=0&limit=abc".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=0&limit=1e99".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?after=0&limit=1001".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/poll?client=bad%20id".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/longpoll?after=-1".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/longpoll?timeout=-1".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/longpoll?timeout=abc".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/longpoll?timeout=1e99".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/longpoll?timeout=121".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/sse?after=-1".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "GET",
+            "/topics/ok/ws?after=abc".into(),
+            None,
+            vec![],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "POST",
+            "/topics/ok".into(),
+            None,
+            vec![b'x'; 1025],
+            413,
+            "payload_too_large",
+        ),
+        (
+            "POST",
+            "/topics/ok".into(),
+            Some("application/json"),
+            b"{\"a\":".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/topics/ok".into(),
+            Some("application/json"),
+            vec![],
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/topics/ok".into(),
+            Some("application/json"),
+            b"{} {}".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/topics/ok".into(),
+            Some("text/plain"),
+            vec![0xff, 0xfe, b'a'],
+            400,
+            "invalid_utf8",
+        ),
+        (
+            "POST",
+            "/topics/ok".into(),
+            Some("application/json"),
+            vec![b'"', 0xc3, b'"'],
+            400,
+            "invalid_utf8",
+        ),
+        (
+            "GET",
+            "/topics/ok/ws".into(),
+            None,
+            vec![],
+            426,
+            "upgrade_required",
+        ),
         ("GET", "/ws".into(), None, vec![], 426, "upgrade_required"),
-        ("GET", "/no/such/path".into(), None, vec![], 404, "not_found"),
-        ("DELETE", "/topics/ok".into(), None, vec![], 405, "method_not_allowed"),
+        (
+            "GET",
+            "/no/such/path".into(),
+            None,
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            "/topics/ok".into(),
+            None,
+            vec![],
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (method, path, content_type, body, status, code) in cases {
         let mut request = server
@@ -226,12 +498,18 @@ async fn bad_input_is_rejected_with_json_errors_and_loses_nothing() {
         let what = format!("{method} {path}");
         assert_eq!(response.status().as_u16(), status, "{what}");
         assert!(
-            response.headers()["content-type"].to_str().unwrap().starts_with("application/json"),
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
             "{what}"
         );
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], code, "{what}: {body}");
-        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}"
+        );
     }
 
     // A Last-Event-ID that is not a message id is rejected like `after`.

@@ -19,7 +19,10 @@ async fn shutdown_answers_long_polls_ends_streams_and_closes_sockets() {
     let http = server.http.clone();
     let parked = tokio::spawn(async move {
         let response = http.get(url).send().await.unwrap();
-        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        (
+            response.status().as_u16(),
+            response.json::<Value>().await.unwrap(),
+        )
     });
     support::eventually("the long poll to park", || async {
         server.get("/topics/s").await.1["subscribers"]["longpoll"] == 1
@@ -29,8 +32,14 @@ async fn shutdown_answers_long_polls_ends_streams_and_closes_sockets() {
     server.stop().await;
 
     let (status, body) = parked.await.unwrap();
-    assert_eq!((status, body), (200, json!({"messages": [], "last_id": 1, "next_after": 1})));
-    assert!(sse.next_item().await.is_none(), "SSE stream must end cleanly");
+    assert_eq!(
+        (status, body),
+        (200, json!({"messages": [], "last_id": 1, "next_after": 1}))
+    );
+    assert!(
+        sse.next_item().await.is_none(),
+        "SSE stream must end cleanly"
+    );
     match ws.ws.next().await {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
         other => panic!("expected close 1001, got {other:?}"),

@@ -32,7 +32,13 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_websocket_reader_neither_blocks_others_nor_grows_memory() {
     let server = support::spawn_binary(
-        &["serve", "--history-size", "1000", "--subscriber-queue", "128"],
+        &[
+            "serve",
+            "--history-size",
+            "1000",
+            "--subscriber-queue",
+            "128",
+        ],
         &[],
     );
     let url = format!("ws://{}/topics/flood/ws", server.addr);
@@ -47,7 +53,9 @@ async fn a_stalled_websocket_reader_neither_blocks_others_nor_grows_memory() {
         let mut fast = fast;
         let mut last = 0;
         while last < MESSAGES {
-            let Some(Ok(Message::Text(text))) = fast.next().await else { panic!("fast reader lost its socket") };
+            let Some(Ok(Message::Text(text))) = fast.next().await else {
+                panic!("fast reader lost its socket")
+            };
             let frame: Value = serde_json::from_str(&text).unwrap();
             if frame.get("type").is_some() {
                 panic!("fast reader got a control frame: {frame}");
@@ -93,15 +101,22 @@ async fn a_stalled_websocket_reader_neither_blocks_others_nor_grows_memory() {
     // ~100 MB of messages went through; buffering them for the stalled reader would show.
     let (rss_after, peak) = memory_kib(server.child.id());
     eprintln!("server RSS before {rss_before} KiB, after {rss_after} KiB, peak {peak} KiB");
-    assert!(peak < 64 * 1024, "server peak RSS {peak} KiB: a stalled reader is being buffered");
+    assert!(
+        peak < 64 * 1024,
+        "server peak RSS {peak} KiB: a stalled reader is being buffered"
+    );
 
     // The stalled reader finally reads: it gets what its socket held, then is told it was
     // truncated, then the retained tail, in order, ending at the last id.
     let mut last = 0;
     let mut truncated = 0;
     while last < MESSAGES {
-        let frame = tokio::time::timeout(Duration::from_secs(30), stalled.next()).await.unwrap();
-        let Some(Ok(Message::Text(text))) = frame else { panic!("stalled reader lost its socket") };
+        let frame = tokio::time::timeout(Duration::from_secs(30), stalled.next())
+            .await
+            .unwrap();
+        let Some(Ok(Message::Text(text))) = frame else {
+            panic!("stalled reader lost its socket")
+        };
         let frame: Value = serde_json::from_str(&text).unwrap();
         match frame["type"].as_str() {
             Some("truncated") => {
@@ -118,5 +133,8 @@ async fn a_stalled_websocket_reader_neither_blocks_others_nor_grows_memory() {
             }
         }
     }
-    assert!(truncated >= 1, "the stalled reader cannot have kept up with 100k messages");
+    assert!(
+        truncated >= 1,
+        "the stalled reader cannot have kept up with 100k messages"
+    );
 }

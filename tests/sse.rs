@@ -36,8 +36,10 @@ async fn sse_sends_proxy_safe_headers_a_retry_hint_and_framed_envelopes() {
 
 #[tokio::test]
 async fn sse_sends_comment_heartbeats() {
-    let mut config = pushhub::Config::default();
-    config.heartbeat = Duration::from_millis(50);
+    let config = pushhub::Config {
+        heartbeat: Duration::from_millis(50),
+        ..Default::default()
+    };
     let server = start_with(config).await;
     let mut sse = server.sse("/topics/quiet/sse", None).await;
     match sse.next_item().await.unwrap() {

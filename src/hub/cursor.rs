@@ -167,9 +167,16 @@ mod tests {
             signal(3, head(10, 11)),
             Some(Signal::Truncated { oldest_id: 11 })
         );
-        assert_eq!(signal(0, head(10, 5)), None, "after=0 asks for the oldest retained");
+        assert_eq!(
+            signal(0, head(10, 5)),
+            None,
+            "after=0 asks for the oldest retained"
+        );
         assert!(
-            matches!(resolve(0, head(10, 5), false), Resolution::Keep(Some(Signal::Truncated { oldest_id: 5 }))),
+            matches!(
+                resolve(0, head(10, 5), false),
+                Resolution::Keep(Some(Signal::Truncated { oldest_id: 5 }))
+            ),
             "a server-held cursor at 0 has missed 1..=4"
         );
     }

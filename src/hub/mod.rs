@@ -34,6 +34,9 @@ use presence::Presence;
 /// Registry shards: publishes and subscribes on different topics rarely contend.
 const SHARDS: usize = 64;
 
+/// One slice of the topic registry.
+type Shard = Mutex<HashMap<TopicName, Arc<Topic>>>;
+
 /// The hub's tunables, taken from [`Config`].
 #[derive(Clone, Debug)]
 pub struct HubSettings {
@@ -71,7 +74,7 @@ pub struct TopicInfo {
 
 /// Publishes messages and feeds subscribers. Cheap to share behind an `Arc`.
 pub struct Hub {
-    shards: Box<[Mutex<HashMap<TopicName, Arc<Topic>>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     store: Arc<dyn Store>,
     settings: HubSettings,
@@ -369,19 +372,34 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_fan_out_is_delivered_in_id_order() {
         let hub = hub(100, 16);
-        let mut subscription = hub.subscribe(&name(), Some(0), Transport::Ws).await.unwrap();
+        let mut subscription = hub
+            .subscribe(&name(), Some(0), Transport::Ws)
+            .await
+            .unwrap();
         let data = Payload::from_text("x");
-        hub.publish(&name(), EventName::default_event(), &data).await.unwrap();
+        hub.publish(&name(), EventName::default_event(), &data)
+            .await
+            .unwrap();
         // The subscriber is now past its initial history read, on the live path.
         assert_eq!(drain(&mut subscription, 1).await, ["1"]);
         let topic = hub.topic(&name());
-        let second = topic.log.append(EventName::default_event(), &data, 0).await.unwrap();
-        let third = topic.log.append(EventName::default_event(), &data, 0).await.unwrap();
+        let second = topic
+            .log
+            .append(EventName::default_event(), &data, 0)
+            .await
+            .unwrap();
+        let third = topic
+            .log
+            .append(EventName::default_event(), &data, 0)
+            .await
+            .unwrap();
         // The later publisher fans out first: a gap the subscriber must fill from the log.
         topic.fan_out(&third);
         topic.fan_out(&second);
         assert_eq!(drain(&mut subscription, 2).await, ["2", "3"]);
-        hub.publish(&name(), EventName::default_event(), &data).await.unwrap();
+        hub.publish(&name(), EventName::default_event(), &data)
+            .await
+            .unwrap();
         assert_eq!(drain(&mut subscription, 1).await, ["4"]);
     }
 
@@ -390,9 +408,13 @@ mod tests {
         let hub = hub(100, 4);
         let mut subscription = hub.subscribe(&name(), None, Transport::Ws).await.unwrap();
         for _ in 0..50 {
-            hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
-                .await
-                .unwrap();
+            hub.publish(
+                &name(),
+                EventName::default_event(),
+                &Payload::from_text("x"),
+            )
+            .await
+            .unwrap();
         }
         let expected: Vec<String> = (1..=50).map(|i: u64| i.to_string()).collect();
         assert_eq!(drain(&mut subscription, 50).await, expected);
@@ -403,17 +425,25 @@ mod tests {
         let hub = hub(5, 2);
         let mut subscription = hub.subscribe(&name(), None, Transport::Sse).await.unwrap();
         for _ in 0..20 {
-            hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
-                .await
-                .unwrap();
+            hub.publish(
+                &name(),
+                EventName::default_event(),
+                &Payload::from_text("x"),
+            )
+            .await
+            .unwrap();
         }
         assert_eq!(
             drain(&mut subscription, 6).await,
             ["truncated", "16", "17", "18", "19", "20"]
         );
-        hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
-            .await
-            .unwrap();
+        hub.publish(
+            &name(),
+            EventName::default_event(),
+            &Payload::from_text("x"),
+        )
+        .await
+        .unwrap();
         assert_eq!(drain(&mut subscription, 1).await, ["21"]);
     }
 
@@ -424,9 +454,13 @@ mod tests {
         assert_eq!(hub.sweep(), 0, "a subscribed topic is kept");
         drop(subscription);
         assert_eq!(hub.sweep(), 1);
-        hub.publish(&name(), EventName::default_event(), &Payload::from_text("x"))
-            .await
-            .unwrap();
+        hub.publish(
+            &name(),
+            EventName::default_event(),
+            &Payload::from_text("x"),
+        )
+        .await
+        .unwrap();
         assert_eq!(hub.sweep(), 0, "a topic with retained history is kept");
     }
 }

@@ -156,7 +156,14 @@ mod tests {
                 first_retained: 3
             }
         );
-        let ids: Vec<_> = log.read(3, 1).await.unwrap().messages.iter().map(|m| m.id).collect();
+        let ids: Vec<_> = log
+            .read(3, 1)
+            .await
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| m.id)
+            .collect();
         assert_eq!(ids, [4]);
         assert!(log.read(5, 10).await.unwrap().messages.is_empty());
         assert!(log.read(u64::MAX, 10).await.unwrap().messages.is_empty());

@@ -55,7 +55,9 @@ impl Params {
 
     /// `after`: a message id, as plain decimal digits.
     pub fn after(&self) -> Result<Option<MessageId>, Error> {
-        self.get("after").map(|v| parse_cursor("after", v)).transpose()
+        self.get("after")
+            .map(|v| parse_cursor("after", v))
+            .transpose()
     }
 
     /// `limit`: 1 to the configured maximum; the configured default when absent.
@@ -159,7 +161,17 @@ mod tests {
             parse_cursor("after", "18446744073709551615").unwrap(),
             u64::MAX
         );
-        for bad in ["", "-1", "abc", "1e99", "1.0", " 1", "+1", "18446744073709551616", "NaN"] {
+        for bad in [
+            "",
+            "-1",
+            "abc",
+            "1e99",
+            "1.0",
+            " 1",
+            "+1",
+            "18446744073709551616",
+            "NaN",
+        ] {
             assert!(parse_cursor("after", bad).is_err(), "{bad:?} accepted");
         }
     }

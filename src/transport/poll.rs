@@ -33,11 +33,12 @@ pub async fn poll(
 /// Written by hand from the envelopes encoded at publish time, so an answer to many pollers
 /// costs copies, not serializations.
 pub fn batch_response(batch: &Batch) -> Response {
-    let size = 96 + batch
-        .messages
-        .iter()
-        .map(|m| m.envelope().len() + 1)
-        .sum::<usize>();
+    let size = 96
+        + batch
+            .messages
+            .iter()
+            .map(|m| m.envelope().len() + 1)
+            .sum::<usize>();
     let mut body = Vec::with_capacity(size);
     body.extend_from_slice(b"{\"messages\":[");
     for (i, message) in batch.messages.iter().enumerate() {
@@ -46,13 +47,22 @@ pub fn batch_response(batch: &Batch) -> Response {
         }
         body.extend_from_slice(message.envelope());
     }
-    body.extend_from_slice(format!("],\"last_id\":{},\"next_after\":{}", batch.last_id, batch.next_after()).as_bytes());
+    body.extend_from_slice(
+        format!(
+            "],\"last_id\":{},\"next_after\":{}",
+            batch.last_id,
+            batch.next_after()
+        )
+        .as_bytes(),
+    );
     if batch.more {
         body.extend_from_slice(b",\"more\":true");
     }
     match batch.signal {
         Some(Signal::Truncated { oldest_id }) => {
-            body.extend_from_slice(format!(",\"truncated\":true,\"oldest_id\":{oldest_id}").as_bytes());
+            body.extend_from_slice(
+                format!(",\"truncated\":true,\"oldest_id\":{oldest_id}").as_bytes(),
+            );
         }
         Some(Signal::Reset { .. }) => body.extend_from_slice(b",\"reset\":true"),
         None => {}
@@ -60,7 +70,10 @@ pub fn batch_response(batch: &Batch) -> Response {
     body.push(b'}');
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
         ],
         body,

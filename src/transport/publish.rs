@@ -10,7 +10,11 @@ use axum::{
 use serde::Serialize;
 
 use super::Params;
-use crate::{AppState, error::Error, message::{Message, MessageId, Payload}};
+use crate::{
+    AppState,
+    error::Error,
+    message::{Message, MessageId, Payload},
+};
 
 /// What a publisher is told: where its message landed.
 #[derive(Debug, Serialize)]
@@ -79,5 +83,6 @@ fn is_json(headers: &HeaderMap) -> bool {
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }

@@ -38,15 +38,14 @@ pub async fn sse(
     let after = match headers.get("last-event-id") {
         Some(value) => Some(parse_cursor(
             "Last-Event-ID",
-            value.to_str().map_err(|_| Error::param("Last-Event-ID", "must be ASCII digits"))?,
+            value
+                .to_str()
+                .map_err(|_| Error::param("Last-Event-ID", "must be ASCII digits"))?,
         )?),
         None => params.after()?,
     };
     let subscription = app.hub.subscribe(&topic, after, Transport::Sse).await?;
-    let hello = Bytes::from(format!(
-        "retry: {}\n\n",
-        app.config.sse_retry.as_millis()
-    ));
+    let hello = Bytes::from(format!("retry: {}\n\n", app.config.sse_retry.as_millis()));
     let stream = SseStream {
         hello: Some(hello),
         subscription,
@@ -59,7 +58,10 @@ pub async fn sse(
     }));
     Ok((
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             (
                 header::HeaderName::from_static("x-accel-buffering"),

@@ -18,7 +18,10 @@ use std::{collections::HashMap, pin::Pin};
 use axum::{
     extract::{
         Path, State, WebSocketUpgrade,
-        ws::{CloseFrame, rejection::WebSocketUpgradeRejection, Message as WsMessage, Utf8Bytes, WebSocket, close_code},
+        ws::{
+            CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, close_code,
+            rejection::WebSocketUpgradeRejection,
+        },
     },
     response::Response,
 };
@@ -229,7 +232,8 @@ impl Session {
                     .ok_or_else(|| Error::InvalidMessage("publish needs \"data\"".into()))?;
                 let payload = Payload::from_json(data.get())?;
                 let message = self.app.hub.publish(&topic, event, &payload).await?;
-                let mut ack = serde_json::to_value(Published::from(&*message)).expect("ack serializes");
+                let mut ack =
+                    serde_json::to_value(Published::from(&*message)).expect("ack serializes");
                 ack["type"] = json!("ack");
                 Ok(ack)
             }
@@ -244,7 +248,9 @@ impl Session {
             "unsubscribe" => {
                 let topic = TopicName::parse(&command.required_string("topic")?)?;
                 let was_subscribed = self.feeds.remove(&topic).is_some();
-                Ok(json!({"type": "unsubscribed", "topic": topic, "was_subscribed": was_subscribed}))
+                Ok(
+                    json!({"type": "unsubscribed", "topic": topic, "was_subscribed": was_subscribed}),
+                )
             }
             "ping" => Ok(json!({"type": "pong"})),
             other => Err(Error::UnknownType(other.chars().take(64).collect())),
@@ -278,8 +284,12 @@ impl Command<'_> {
         self.fields
             .get(name)
             .map(|raw| {
-                serde_json::from_str::<MessageId>(raw.get())
-                    .map_err(|_| Error::param(name, "must be a message id: a whole number from 0 to 18446744073709551615"))
+                serde_json::from_str::<MessageId>(raw.get()).map_err(|_| {
+                    Error::param(
+                        name,
+                        "must be a message id: a whole number from 0 to 18446744073709551615",
+                    )
+                })
             })
             .transpose()
     }
@@ -302,7 +312,9 @@ fn close_for(error: axum::Error) -> Option<(u16, &'static str)> {
     let inner = error.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
         Some(tungstenite::Error::Capacity(_)) => Some((close_code::SIZE, "message too large")),
-        Some(tungstenite::Error::Utf8(_)) => Some((close_code::INVALID, "invalid UTF-8 in text frame")),
+        Some(tungstenite::Error::Utf8(_)) => {
+            Some((close_code::INVALID, "invalid UTF-8 in text frame"))
+        }
         Some(tungstenite::Error::Protocol(_)) => Some((close_code::PROTOCOL, "protocol error")),
         _ => None,
     }

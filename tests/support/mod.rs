@@ -65,7 +65,9 @@ impl TestServer {
             .await
             .unwrap();
         assert_eq!(response.status(), 201, "publish failed");
-        response.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+        response.json::<Value>().await.unwrap()["id"]
+            .as_u64()
+            .unwrap()
     }
 
     /// Publishes `count` messages `{"n": i}` and returns their ids.
@@ -214,7 +216,10 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn send_json(&mut self, value: Value) {
-        self.ws.send(WsMessage::text(value.to_string())).await.unwrap();
+        self.ws
+            .send(WsMessage::text(value.to_string()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -225,7 +230,9 @@ impl WsClient {
     pub async fn next_json(&mut self) -> Option<Value> {
         loop {
             match tokio::time::timeout(PATIENCE, self.ws.next()).await {
-                Ok(Some(Ok(WsMessage::Text(text)))) => return Some(serde_json::from_str(&text).unwrap()),
+                Ok(Some(Ok(WsMessage::Text(text)))) => {
+                    return Some(serde_json::from_str(&text).unwrap());
+                }
                 Ok(Some(Ok(WsMessage::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return None,
                 Ok(Some(Ok(_))) => continue,
                 Err(_) => panic!("WebSocket silent for {PATIENCE:?}"),
@@ -252,7 +259,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -292,7 +302,10 @@ pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {
-        let line = lines.next().expect("pushhub exited before listening").unwrap();
+        let line = lines
+            .next()
+            .expect("pushhub exited before listening")
+            .unwrap();
         if let Some(rest) = line.split("listening on http://").nth(1) {
             break rest.split('/').next().unwrap().to_owned();
         }
