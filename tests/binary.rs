@@ -1,5 +1,7 @@
 //! The `pushhub` binary: configuration from the environment, and a clean stop on Ctrl-C.
 
+#![allow(missing_docs)]
+
 mod support;
 
 use std::time::{Duration, Instant};

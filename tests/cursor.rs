@@ -1,6 +1,8 @@
 //! The shared cursor: resume across every pair of transports, the history/live race,
 //! truncation, reset, and idle topics being dropped.
 
+#![allow(missing_docs)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! The HTTP endpoints: publish, poll, long poll, topic info, health, demo page, and every
 //! bad input answered with a JSON error.
 
+#![allow(missing_docs)]
+
 mod support;
 
 use std::time::{Duration, Instant};

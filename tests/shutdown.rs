@@ -1,6 +1,8 @@
 //! Stopping the server answers parked long polls, ends SSE streams and closes WebSockets
 //! with 1001 (going away), then returns.
 
+#![allow(missing_docs)]
+
 mod support;
 
 use futures::StreamExt;

@@ -1,6 +1,8 @@
 //! A WebSocket client that stops reading must not slow anyone else nor make the server
 //! buffer without bound. The server runs as its own process so its memory is measured alone.
 
+#![allow(missing_docs)]
+
 mod support;
 
 use std::time::Duration;

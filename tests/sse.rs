@@ -1,5 +1,7 @@
 //! Server-Sent Events: headers, framing, heartbeats, resume.
 
+#![allow(missing_docs)]
+
 mod support;
 
 use std::time::Duration;

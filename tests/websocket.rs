@@ -1,5 +1,7 @@
 //! WebSocket: per-topic and multiplexed connections, publishing, and bad frames.
 
+#![allow(missing_docs)]
+
 mod support;
 
 use futures::{SinkExt, StreamExt};

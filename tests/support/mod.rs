@@ -1,5 +1,5 @@
 //! Shared test helpers: a real server on 127.0.0.1:0, and clients for every transport.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::{
     io::{BufRead, BufReader},
