@@ -94,51 +94,33 @@ async fn long_poll_answers_at_once_when_behind_and_waits_when_current() {
     assert_eq!(ids(body["messages"].as_array().unwrap()), [1, 2]);
 
     // Parked at the head: a publish wakes it with just the new message.
-    let url = server.url("/topics/lp/longpoll?after=2&timeout=30");
-    let http = server.http.clone();
-    let parked = tokio::spawn(async move {
-        http.get(url)
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    });
-    support::eventually("the long poll to park", || async {
-        server.get("/topics/lp").await.1["subscribers"]["longpoll"] == 1
-    })
-    .await;
-    server.publish("lp", json!("wake")).await;
-    let body = tokio::time::timeout(support::PATIENCE, parked)
-        .await
-        .unwrap()
-        .unwrap();
+    let body = park_then_publish(&server, "/topics/lp/longpoll?after=2&timeout=30", "wake").await;
     assert_eq!(ids(body["messages"].as_array().unwrap()), [3]);
     assert_eq!(body["messages"][0]["data"], "wake");
 
     // Without a cursor it waits for the next message after "now".
-    let url = server.url("/topics/lp/longpoll?timeout=30");
+    let body = park_then_publish(&server, "/topics/lp/longpoll?timeout=30", "next").await;
+    assert_eq!(ids(body["messages"].as_array().unwrap()), [4]);
+}
+
+/// Starts a long poll on topic `lp`, waits until the server counts it as parked, publishes
+/// `data`, and returns the long poll's answer.
+async fn park_then_publish(server: &support::TestServer, path: &str, data: &str) -> Value {
+    let url = server.url(path);
     let http = server.http.clone();
     let parked = tokio::spawn(async move {
-        http.get(url)
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
+        let response = http.get(url).send().await.unwrap();
+        response.json::<Value>().await.unwrap()
     });
     support::eventually("the long poll to park", || async {
         server.get("/topics/lp").await.1["subscribers"]["longpoll"] == 1
     })
     .await;
-    server.publish("lp", json!("next")).await;
-    let body = tokio::time::timeout(support::PATIENCE, parked)
+    server.publish("lp", json!(data)).await;
+    tokio::time::timeout(support::PATIENCE, parked)
         .await
         .unwrap()
-        .unwrap();
-    assert_eq!(ids(body["messages"].as_array().unwrap()), [4]);
+        .unwrap()
 }
 
 #[tokio::test]

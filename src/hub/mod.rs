@@ -353,6 +353,15 @@ mod tests {
         TopicName::parse("t").unwrap()
     }
 
+    async fn publish(hub: &Hub, count: usize) {
+        for _ in 0..count {
+            let data = Payload::from_text("x");
+            hub.publish(&name(), EventName::default_event(), &data)
+                .await
+                .unwrap();
+        }
+    }
+
     async fn drain(subscription: &mut Subscription, count: usize) -> Vec<String> {
         let mut seen = Vec::new();
         while seen.len() < count {
@@ -397,9 +406,7 @@ mod tests {
         topic.fan_out(&third);
         topic.fan_out(&second);
         assert_eq!(drain(&mut subscription, 2).await, ["2", "3"]);
-        hub.publish(&name(), EventName::default_event(), &data)
-            .await
-            .unwrap();
+        publish(&hub, 1).await;
         assert_eq!(drain(&mut subscription, 1).await, ["4"]);
     }
 
@@ -407,15 +414,7 @@ mod tests {
     async fn a_lagging_subscriber_catches_up_from_history() {
         let hub = hub(100, 4);
         let mut subscription = hub.subscribe(&name(), None, Transport::Ws).await.unwrap();
-        for _ in 0..50 {
-            hub.publish(
-                &name(),
-                EventName::default_event(),
-                &Payload::from_text("x"),
-            )
-            .await
-            .unwrap();
-        }
+        publish(&hub, 50).await;
         let expected: Vec<String> = (1..=50).map(|i: u64| i.to_string()).collect();
         assert_eq!(drain(&mut subscription, 50).await, expected);
     }
@@ -424,26 +423,12 @@ mod tests {
     async fn a_subscriber_behind_history_gets_truncated_once() {
         let hub = hub(5, 2);
         let mut subscription = hub.subscribe(&name(), None, Transport::Sse).await.unwrap();
-        for _ in 0..20 {
-            hub.publish(
-                &name(),
-                EventName::default_event(),
-                &Payload::from_text("x"),
-            )
-            .await
-            .unwrap();
-        }
+        publish(&hub, 20).await;
         assert_eq!(
             drain(&mut subscription, 6).await,
             ["truncated", "16", "17", "18", "19", "20"]
         );
-        hub.publish(
-            &name(),
-            EventName::default_event(),
-            &Payload::from_text("x"),
-        )
-        .await
-        .unwrap();
+        publish(&hub, 1).await;
         assert_eq!(drain(&mut subscription, 1).await, ["21"]);
     }
 
@@ -454,13 +439,7 @@ mod tests {
         assert_eq!(hub.sweep(), 0, "a subscribed topic is kept");
         drop(subscription);
         assert_eq!(hub.sweep(), 1);
-        hub.publish(
-            &name(),
-            EventName::default_event(),
-            &Payload::from_text("x"),
-        )
-        .await
-        .unwrap();
+        publish(&hub, 1).await;
         assert_eq!(hub.sweep(), 0, "a topic with retained history is kept");
     }
 }

@@ -5,7 +5,10 @@ use axum::{
     response::Response,
 };
 
-use super::{Params, poll::batch_response};
+use super::{
+    Params,
+    poll::{PollRequest, batch_response},
+};
 use crate::{AppState, error::Error};
 
 /// Answers at once when messages after `after` exist; otherwise parks until one arrives,
@@ -15,14 +18,18 @@ pub async fn longpoll(
     Path(topic): Path<String>,
     params: Params,
 ) -> Result<Response, Error> {
-    let topic = super::topic(&topic)?;
-    let after = params.after()?;
-    let limit = params.limit(&app.config)?;
+    let request = PollRequest::parse(&topic, &params, &app.config)?;
     let timeout = params.timeout(&app.config)?;
-    let client = params.client()?;
     let batch = app
         .hub
-        .wait(&topic, after, limit, timeout, &client, &app.shutdown)
+        .wait(
+            &request.topic,
+            request.after,
+            request.limit,
+            timeout,
+            &request.client,
+            &app.shutdown,
+        )
         .await?;
     Ok(batch_response(&batch))
 }

@@ -10,9 +10,35 @@ use axum::{
 use super::Params;
 use crate::{
     AppState,
+    config::Config,
     error::Error,
     hub::{Batch, Signal},
+    message::{MessageId, TopicName},
 };
+
+/// What short and long polls both ask: a topic, a cursor, a page size, and who asks.
+pub struct PollRequest {
+    /// The topic read.
+    pub topic: TopicName,
+    /// The client's cursor, if it sent one.
+    pub after: Option<MessageId>,
+    /// Messages per answer at most.
+    pub limit: usize,
+    /// Who is polling, for subscriber counts.
+    pub client: String,
+}
+
+impl PollRequest {
+    /// Validates the path and the shared query parameters.
+    pub fn parse(topic: &str, params: &Params, config: &Config) -> Result<Self, Error> {
+        Ok(Self {
+            topic: super::topic(topic)?,
+            after: params.after()?,
+            limit: params.limit(config)?,
+            client: params.client()?,
+        })
+    }
+}
 
 /// Answers with the messages after `after` (none without `after`, just `last_id`).
 pub async fn poll(
@@ -20,11 +46,16 @@ pub async fn poll(
     Path(topic): Path<String>,
     params: Params,
 ) -> Result<Response, Error> {
-    let topic = super::topic(&topic)?;
-    let after = params.after()?;
-    let limit = params.limit(&app.config)?;
-    let client = params.client()?;
-    let batch = app.hub.poll(&topic, after, limit, &client).await?;
+    let request = PollRequest::parse(&topic, &params, &app.config)?;
+    let batch = app
+        .hub
+        .poll(
+            &request.topic,
+            request.after,
+            request.limit,
+            &request.client,
+        )
+        .await?;
     Ok(batch_response(&batch))
 }
 
