@@ -15,6 +15,12 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Transports served, comma-separated: any of `poll,longpoll,sse,ws`. The others answer
+    /// 404, e.g. to run behind a proxy that cannot carry WebSocket.
+    #[arg(long, env = "PUSHHUB_TRANSPORTS", value_delimiter = ',', default_value = "poll,longpoll,sse,ws",
+          value_parser = clap::builder::PossibleValuesParser::new(["poll", "longpoll", "sse", "ws"]))]
+    pub transports: Vec<String>,
+
     /// Messages of history kept per topic.
     #[arg(long, env = "PUSHHUB_HISTORY_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub history_size: u64,
@@ -93,6 +99,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            transports: ["poll", "longpoll", "sse", "ws"].map(String::from).to_vec(),
             history_size: 1000,
             history_max_age: Duration::from_secs(3600),
             max_body: 64 * 1024,
@@ -115,6 +122,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Whether `transport` (`poll`, `longpoll`, `sse`, `ws`) is served.
+    pub fn serves(&self, transport: &str) -> bool {
+        self.transports.iter().any(|t| t == transport)
+    }
+
     /// The history policy of the store.
     pub fn retention(&self) -> Retention {
         Retention {

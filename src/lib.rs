@@ -79,28 +79,46 @@ impl AppState {
 /// The HTTP API and the demo page.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body;
-    web::routes()
+    let config = state.config.clone();
+    let mut router = web::routes()
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
+        .route("/stats", get(stats))
         .route(
             "/topics/{topic}",
             get(topic_info).post(transport::publish::publish),
-        )
-        .route("/topics/{topic}/poll", get(transport::poll::poll))
-        .route(
+        );
+    // A transport switched off is simply not routed: its URLs answer 404 like any unknown
+    // path, and a client library falls back to the next transport.
+    if config.serves("poll") {
+        router = router.route("/topics/{topic}/poll", get(transport::poll::poll));
+    }
+    if config.serves("longpoll") {
+        router = router.route(
             "/topics/{topic}/longpoll",
             get(transport::longpoll::longpoll),
-        )
-        .route("/topics/{topic}/sse", get(transport::sse::sse))
-        .route("/topics/{topic}/ws", get(transport::ws::topic_ws))
-        .route("/ws", get(transport::ws::multiplexed_ws))
+        );
+    }
+    if config.serves("sse") {
+        router = router.route("/topics/{topic}/sse", get(transport::sse::sse));
+    }
+    if config.serves("ws") {
+        router = router
+            .route("/topics/{topic}/ws", get(transport::ws::topic_ws))
+            .route("/ws", get(transport::ws::multiplexed_ws));
+    }
+    router
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {
+    Json(app.hub.stats())
 }
 
 async fn topic_info(

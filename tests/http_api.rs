@@ -515,3 +515,63 @@ async fn bad_input_is_rejected_with_json_errors_and_loses_nothing() {
     let (_, body) = server.get("/topics/ok/poll?after=0").await;
     assert_eq!(ids(body["messages"].as_array().unwrap()), [1, 2]);
 }
+
+#[tokio::test]
+async fn stats_count_subscribers_deliveries_requests_and_bytes_per_transport() {
+    let server = start().await;
+    let mut sse = server.sse("/topics/st/sse", None).await;
+    let mut ws = server.ws("/topics/st/ws").await;
+    server.publish("st", json!("a")).await;
+    server.publish("st", json!("b")).await;
+    sse.next_event().await.unwrap();
+    sse.next_event().await.unwrap();
+    ws.next_envelope().await;
+    ws.next_envelope().await;
+    let (_, poll) = server.get("/topics/st/poll?after=0&client=p").await;
+    assert_eq!(ids(poll["messages"].as_array().unwrap()), [1, 2]);
+    server.get("/topics/st/poll?after=2&client=p").await;
+    let (_, long) = server.get("/topics/st/longpoll?after=1").await;
+    assert_eq!(ids(long["messages"].as_array().unwrap()), [2]);
+
+    let (status, stats) = server.get("/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(stats["publishes"], 2);
+    assert_eq!(stats["topics"], 1);
+    assert_eq!(stats["subscribers"]["sse"], 1);
+    assert_eq!(stats["subscribers"]["ws"], 1);
+    assert_eq!(stats["subscribers"]["poll"], 1);
+    assert_eq!(
+        stats["deliveries"],
+        json!({"poll": 2, "longpoll": 1, "sse": 2, "ws": 2})
+    );
+    assert_eq!(
+        stats["requests"],
+        json!({"poll": 2, "longpoll": 1, "sse": 1, "ws": 1})
+    );
+    for transport in ["poll", "longpoll", "sse", "ws"] {
+        assert!(
+            stats["bytes"][transport].as_u64().unwrap() > 100,
+            "{transport}: {stats}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn switched_off_transports_answer_404() {
+    let config = pushhub::Config {
+        transports: vec!["poll".into(), "sse".into()],
+        ..Default::default()
+    };
+    let server = start_with(config).await;
+    for path in ["/topics/t/ws", "/ws", "/topics/t/longpoll"] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (404, json!("not_found")),
+            "{path}"
+        );
+    }
+    assert_eq!(server.get("/topics/t/poll").await.0, 200);
+    let ws = tokio_tungstenite::connect_async(format!("ws://{}/topics/t/ws", server.addr)).await;
+    assert!(ws.is_err(), "a WebSocket upgrade must be refused");
+}

@@ -6,6 +6,7 @@
 
 mod cursor;
 mod presence;
+mod stats;
 mod subscription;
 
 use std::{
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use cursor::{Batch, Signal};
 pub use presence::{Subscribers, Transport};
+pub use stats::{HubStats, TransportCounts};
 pub use subscription::{Delivery, Subscription};
 
 use crate::{
@@ -30,6 +32,7 @@ use crate::{
     store::{Store, TopicLog},
 };
 use presence::Presence;
+use stats::Counters;
 
 /// Registry shards: publishes and subscribes on different topics rarely contend.
 const SHARDS: usize = 64;
@@ -78,6 +81,7 @@ pub struct Hub {
     hasher: RandomState,
     store: Arc<dyn Store>,
     settings: HubSettings,
+    counters: Counters,
 }
 
 /// One active topic: its log and its live subscribers.
@@ -132,6 +136,7 @@ impl Hub {
             hasher: RandomState::new(),
             store,
             settings,
+            counters: Counters::default(),
         })
     }
 
@@ -168,6 +173,9 @@ impl Hub {
         let topic = self.topic(topic);
         let message = topic.log.append(event, data, now_millis()).await?;
         topic.fan_out(&message);
+        self.counters
+            .publishes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(message)
     }
 
@@ -278,6 +286,35 @@ impl Hub {
             oldest_id: head.oldest_id(),
             subscribers: topic.presence.counts(self.settings.poller_window),
         })
+    }
+
+    /// Counts `messages` delivered in `bytes` over `transport` (fed by the transports).
+    pub fn record_delivery(&self, transport: Transport, messages: u64, bytes: u64) {
+        self.counters.delivered(transport, messages, bytes);
+    }
+
+    /// Counts one poll request or one stream connection over `transport`.
+    pub fn record_request(&self, transport: Transport) {
+        self.counters.request(transport);
+    }
+
+    /// Counters and subscriber totals over every topic.
+    pub fn stats(&self) -> HubStats {
+        let window = self.settings.poller_window;
+        let mut topics = 0;
+        let mut subscribers = Subscribers::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            topics += shard.len();
+            for topic in shard.values() {
+                let counts = topic.presence.counts(window);
+                subscribers.poll += counts.poll;
+                subscribers.longpoll += counts.longpoll;
+                subscribers.sse += counts.sse;
+                subscribers.ws += counts.ws;
+            }
+        }
+        self.counters.snapshot(topics, subscribers)
     }
 
     /// Number of topics active in this process.

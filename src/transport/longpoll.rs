@@ -9,7 +9,7 @@ use super::{
     Params,
     poll::{PollRequest, batch_response},
 };
-use crate::{AppState, error::Error};
+use crate::{AppState, error::Error, hub::Transport};
 
 /// Answers at once when messages after `after` exist; otherwise parks until one arrives,
 /// `timeout` seconds pass (then `200` with an empty list) or the server shuts down.
@@ -31,5 +31,5 @@ pub async fn longpoll(
             &app.shutdown,
         )
         .await?;
-    Ok(batch_response(&batch))
+    Ok(batch_response(&app, Transport::Longpoll, &batch))
 }

@@ -12,7 +12,7 @@ use crate::{
     AppState,
     config::Config,
     error::Error,
-    hub::{Batch, Signal},
+    hub::{Batch, Signal, Transport},
     message::{MessageId, TopicName},
 };
 
@@ -56,14 +56,14 @@ pub async fn poll(
             &request.client,
         )
         .await?;
-    Ok(batch_response(&batch))
+    Ok(batch_response(&app, Transport::Poll, &batch))
 }
 
-/// Encodes a batch as `{"messages":[...],"last_id":M,"next_after":C,...}`.
+/// Encodes a batch as `{"messages":[...],"last_id":M,"next_after":C,...}` and counts it.
 ///
 /// Written by hand from the envelopes encoded at publish time, so an answer to many pollers
 /// costs copies, not serializations.
-pub fn batch_response(batch: &Batch) -> Response {
+pub fn batch_response(app: &AppState, transport: Transport, batch: &Batch) -> Response {
     let size = 96
         + batch
             .messages
@@ -99,6 +99,9 @@ pub fn batch_response(batch: &Batch) -> Response {
         None => {}
     }
     body.push(b'}');
+    app.hub.record_request(transport);
+    app.hub
+        .record_delivery(transport, batch.messages.len() as u64, body.len() as u64);
     (
         [
             (

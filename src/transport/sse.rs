@@ -4,7 +4,7 @@
 //! history by cursor); this adapter only writes frames, heartbeats, and ends the stream on
 //! shutdown so that clients reconnect elsewhere with `Last-Event-ID`.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::{Body, Bytes},
@@ -19,7 +19,7 @@ use super::{Params, parse_cursor};
 use crate::{
     AppState,
     error::Error,
-    hub::{Delivery, Signal, Subscription, Transport},
+    hub::{Delivery, Hub, Signal, Subscription, Transport},
     message::{TopicName, encode_sse_frame},
 };
 
@@ -45,8 +45,10 @@ pub async fn sse(
         None => params.after()?,
     };
     let subscription = app.hub.subscribe(&topic, after, Transport::Sse).await?;
+    app.hub.record_request(Transport::Sse);
     let hello = Bytes::from(format!("retry: {}\n\n", app.config.sse_retry.as_millis()));
     let stream = SseStream {
+        hub: app.hub.clone(),
         hello: Some(hello),
         subscription,
         heartbeat: heartbeat(app.config.heartbeat),
@@ -89,6 +91,7 @@ fn signal_frame(topic: &TopicName, signal: &Signal) -> Bytes {
 }
 
 struct SseStream {
+    hub: Arc<Hub>,
     /// The `retry:` hint, sent first so the client sees the stream open at once.
     hello: Option<Bytes>,
     subscription: Subscription,
@@ -99,14 +102,22 @@ struct SseStream {
 impl SseStream {
     /// The next chunk of the body, or `None` to end the stream.
     async fn next_chunk(&mut self) -> Option<Bytes> {
+        let (chunk, messages) = self.next_frame().await?;
+        self.hub
+            .record_delivery(Transport::Sse, messages, chunk.len() as u64);
+        Some(chunk)
+    }
+
+    /// The next frame and how many messages it carries.
+    async fn next_frame(&mut self) -> Option<(Bytes, u64)> {
         if let Some(hello) = self.hello.take() {
-            return Some(hello);
+            return Some((hello, 0));
         }
         tokio::select! {
             delivery = self.subscription.next() => match delivery {
-                Ok(Some(Delivery::Message(message))) => Some(message.sse_frame().clone()),
+                Ok(Some(Delivery::Message(message))) => Some((message.sse_frame().clone(), 1)),
                 Ok(Some(Delivery::Signal(signal))) => {
-                    Some(signal_frame(self.subscription.topic(), &signal))
+                    Some((signal_frame(self.subscription.topic(), &signal), 0))
                 }
                 Ok(None) => None,
                 Err(error) => {
@@ -114,7 +125,7 @@ impl SseStream {
                     None
                 }
             },
-            _ = self.heartbeat.tick() => Some(Bytes::from_static(HEARTBEAT)),
+            _ = self.heartbeat.tick() => Some((Bytes::from_static(HEARTBEAT), 0)),
             () = self.shutdown.cancelled() => None,
         }
     }

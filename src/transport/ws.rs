@@ -118,6 +118,7 @@ impl Session {
     }
 
     async fn run(mut self, socket: WebSocket) {
+        self.app.hub.record_request(Transport::Ws);
         let shutdown = self.app.shutdown.clone();
         let (mut sink, mut incoming) = socket.split();
         let close = loop {
@@ -162,12 +163,17 @@ impl Session {
     ) -> Result<(), axum::Error> {
         let mut next = Some((topic, delivery));
         let mut written = 0;
+        let (mut messages, mut bytes) = (0, 0);
         while let Some((topic, delivery)) = next {
             let frame = match delivery {
-                Ok(Delivery::Message(message)) => WsMessage::Text(
-                    Utf8Bytes::try_from(message.envelope().clone())
-                        .expect("envelopes are UTF-8 JSON"),
-                ),
+                Ok(Delivery::Message(message)) => {
+                    messages += 1;
+                    bytes += message.envelope().len() as u64;
+                    WsMessage::Text(
+                        Utf8Bytes::try_from(message.envelope().clone())
+                            .expect("envelopes are UTF-8 JSON"),
+                    )
+                }
                 Ok(Delivery::Signal(signal)) => text_frame(signal.to_json(&topic)),
                 Err(error) => {
                     tracing::warn!(%error, %topic, "WebSocket subscription failed");
@@ -185,6 +191,7 @@ impl Session {
                 None
             };
         }
+        self.app.hub.record_delivery(Transport::Ws, messages, bytes);
         sink.flush().await
     }
 

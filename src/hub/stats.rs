@@ -1,0 +1,110 @@
+//! Server-side counters per transport, for `GET /stats` and the lab page.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use super::{Subscribers, Transport};
+
+/// One counter per transport. Relaxed atomics: these are statistics, read once a second,
+/// and must cost the delivery path no more than an uncontended add.
+#[derive(Default)]
+pub(crate) struct PerTransport([AtomicU64; 4]);
+
+impl PerTransport {
+    fn add(&self, transport: Transport, amount: u64) {
+        self.0[transport as usize].fetch_add(amount, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> TransportCounts {
+        let get = |t: Transport| self.0[t as usize].load(Ordering::Relaxed);
+        TransportCounts {
+            poll: get(Transport::Poll),
+            longpoll: get(Transport::Longpoll),
+            sse: get(Transport::Sse),
+            ws: get(Transport::Ws),
+        }
+    }
+}
+
+/// A number per transport.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TransportCounts {
+    /// Short polling.
+    pub poll: u64,
+    /// Long polling.
+    pub longpoll: u64,
+    /// Server-Sent Events.
+    pub sse: u64,
+    /// WebSocket.
+    pub ws: u64,
+}
+
+/// Counters the transports feed.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) publishes: AtomicU64,
+    deliveries: PerTransport,
+    bytes: PerTransport,
+    requests: PerTransport,
+}
+
+impl Counters {
+    pub(crate) fn delivered(&self, transport: Transport, messages: u64, bytes: u64) {
+        if messages > 0 {
+            self.deliveries.add(transport, messages);
+        }
+        self.bytes.add(transport, bytes);
+    }
+
+    pub(crate) fn request(&self, transport: Transport) {
+        self.requests.add(transport, 1);
+    }
+}
+
+/// What `GET /stats` answers.
+#[derive(Debug, Serialize)]
+pub struct HubStats {
+    /// Topics active in this process.
+    pub topics: usize,
+    /// Messages published since start.
+    pub publishes: u64,
+    /// Subscribers now, summed over topics.
+    pub subscribers: Subscribers,
+    /// Messages delivered since start.
+    pub deliveries: TransportCounts,
+    /// Body bytes sent since start (messages, signals, heartbeats, poll envelopes).
+    pub bytes: TransportCounts,
+    /// Requests (polls) or connections (streams) accepted since start.
+    pub requests: TransportCounts,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, topics: usize, subscribers: Subscribers) -> HubStats {
+        HubStats {
+            topics,
+            publishes: self.publishes.load(Ordering::Relaxed),
+            subscribers,
+            deliveries: self.deliveries.snapshot(),
+            bytes: self.bytes.snapshot(),
+            requests: self.requests.snapshot(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_add_per_transport() {
+        let counters = Counters::default();
+        counters.delivered(Transport::Sse, 2, 300);
+        counters.delivered(Transport::Sse, 0, 14);
+        counters.request(Transport::Poll);
+        let stats = counters.snapshot(1, Subscribers::default());
+        assert_eq!(stats.deliveries.sse, 2);
+        assert_eq!(stats.bytes.sse, 314);
+        assert_eq!(stats.requests.poll, 1);
+    }
+}
