@@ -1,0 +1,316 @@
+// pushhub.js: a dependency-free browser client for pushhub.
+//
+//   import { connect } from "/pushhub.js";
+//   const sub = connect({ topic: "chat", transport: "auto" });
+//   sub.on("message", (envelope) => console.log(envelope.id, envelope.data));
+//   sub.on("status", (s) => console.log(s.state, s.transport));
+//   sub.switchTo("sse");   // resumes from the last id delivered: nothing lost or repeated
+//   sub.close();
+//
+// Every transport resumes from `cursor`, the id of the last message delivered, so switching
+// transport and reconnecting never lose or repeat a message. See docs/client.md.
+
+/** Fallback order of `transport: "auto"`. */
+export const TRANSPORTS = ["ws", "sse", "longpoll", "poll"];
+
+/** Latency samples kept per subscription (a ring). */
+const LATENCY_SAMPLES = 10000;
+
+/** UTF-8 byte length of a string, without allocating. */
+export function utf8Length(text) {
+  let bytes = 0;
+  for (let i = 0; i < text.length; i++) {
+    const code = text.charCodeAt(i);
+    if (code < 0x80) bytes += 1;
+    else if (code < 0x800) bytes += 2;
+    else if (code >= 0xd800 && code <= 0xdbff) { bytes += 4; i++; } // surrogate pair
+    else bytes += 3;
+  }
+  return bytes;
+}
+
+/** Exponential backoff with jitter: attempt 1 waits initial/2..initial, doubling, capped. */
+export function backoffDelay(attempt, { initial = 500, max = 10000 } = {}, random = Math.random) {
+  const ceiling = Math.min(max, initial * 2 ** Math.max(0, attempt - 1));
+  return Math.round(ceiling * (0.5 + random() / 2));
+}
+
+/** Opens a subscription; see {@link Subscription}. */
+export function connect(options) {
+  return new Subscription(options);
+}
+
+export class Subscription {
+  /**
+   * @param {object} o
+   * @param {string} [o.base]  server origin, e.g. "http://127.0.0.1:8080"; "" = this page's
+   * @param {string} o.topic
+   * @param {"ws"|"sse"|"longpoll"|"poll"|"auto"} [o.transport="auto"]
+   * @param {number} [o.after]  resume after this id; default: from now
+   * @param {number} [o.pollInterval=1000]  ms between short polls
+   * @param {number} [o.longPollTimeout=25]  seconds a long poll may be held
+   * @param {string[]} [o.events=["message"]]  SSE event names to listen for
+   * @param {{initial:number,max:number}} [o.backoff]  reconnect delays in ms
+   * @param {object} [o.env]  fetch, WebSocket, EventSource, setTimeout, clearTimeout, now, random
+   */
+  constructor({
+    base = "", topic, transport = "auto", after, pollInterval = 1000, longPollTimeout = 25,
+    events = ["message"], backoff = { initial: 500, max: 10000 }, client, env = {},
+  }) {
+    if (!topic) throw new Error("pushhub: topic is required");
+    const g = globalThis;
+    this.env = {
+      fetch: env.fetch ?? ((...a) => g.fetch(...a)),
+      WebSocket: env.WebSocket ?? g.WebSocket,
+      EventSource: env.EventSource ?? g.EventSource,
+      setTimeout: env.setTimeout ?? ((f, ms) => g.setTimeout(f, ms)),
+      clearTimeout: env.clearTimeout ?? ((t) => g.clearTimeout(t)),
+      now: env.now ?? (() => Date.now()),
+      random: env.random ?? Math.random,
+      location: env.location ?? g.location,
+    };
+    this.base = base.replace(/\/$/, "");
+    this.topic = topic;
+    this.pollInterval = pollInterval;
+    this.longPollTimeout = longPollTimeout;
+    this.events = events;
+    this.backoff = backoff;
+    this.client = client ?? `c${Math.floor(this.env.random() * 1e12).toString(36)}`;
+    /** Id of the last message delivered; null until known. */
+    this.cursor = after ?? null;
+    this.auto = transport === "auto";
+    /** The transport in use. */
+    this.transport = this.auto ? TRANSPORTS[0] : transport;
+    /** Counters: messages, duplicates dropped, requests, bytes received, latency samples. */
+    this.stats = { messages: 0, duplicates: 0, requests: 0, bytes: 0, signals: 0, latencies: [] };
+    this.listeners = { message: [], status: [], signal: [] };
+    this.attempt = 0;
+    this.generation = 0;
+    this.closed = false;
+    this.stopActive = null;
+    this.retryTimer = null;
+    // Start after the caller has had a chance to add listeners.
+    Promise.resolve().then(() => this.start());
+  }
+
+  /** Adds a listener for "message" (envelope), "status" ({state, transport, ...}) or "signal". */
+  on(event, listener) {
+    if (!this.listeners[event]) throw new Error(`pushhub: unknown event ${event}`);
+    this.listeners[event].push(listener);
+    return this;
+  }
+
+  /** Moves to another transport, resuming from the cursor. */
+  switchTo(transport) {
+    this.auto = transport === "auto";
+    this.transport = this.auto ? TRANSPORTS[0] : transport;
+    this.attempt = 0;
+    this.stop();
+    this.start();
+  }
+
+  /** Stops for good. */
+  close() {
+    this.closed = true;
+    this.stop();
+    this.emit("status", { state: "closed", transport: this.transport });
+  }
+
+  emit(event, value) {
+    for (const listener of this.listeners[event]) listener(value);
+  }
+
+  stop() {
+    this.generation++;
+    if (this.retryTimer !== null) this.env.clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    const stopActive = this.stopActive;
+    this.stopActive = null;
+    if (stopActive) stopActive();
+  }
+
+  async start() {
+    if (this.closed) return;
+    const generation = ++this.generation;
+    this.emit("status", { state: "connecting", transport: this.transport, attempt: this.attempt });
+    if (this.cursor === null) {
+      // Learn where "now" is first, so that every transport, and every later switch, starts
+      // from a known id.
+      try {
+        this.stats.requests++;
+        const response = await this.env.fetch(this.url(`/topics/${this.topic}`), { cache: "no-store" });
+        const text = await response.text();
+        this.stats.bytes += utf8Length(text);
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        if (generation !== this.generation) return;
+        this.cursor = JSON.parse(text).last_id;
+      } catch (error) {
+        if (generation === this.generation) this.failed(generation, error.message, false);
+        return;
+      }
+    }
+    const open = { ws: openWebSocket, sse: openEventSource, longpoll: openPolling, poll: openPolling }[this.transport];
+    if (!open) throw new Error(`pushhub: unknown transport ${this.transport}`);
+    this.stopActive = open(this, generation);
+  }
+
+  url(path) {
+    return `${this.base}${path}`;
+  }
+
+  // Called by the transports; `generation` drops callbacks of a transport already stopped.
+
+  deliver(envelope, generation) {
+    if (generation !== this.generation) return;
+    if (this.cursor !== null && envelope.id <= this.cursor) {
+      this.stats.duplicates++;
+      return;
+    }
+    this.cursor = envelope.id;
+    this.stats.messages++;
+    const latencies = this.stats.latencies;
+    if (latencies.length >= LATENCY_SAMPLES) latencies.shift();
+    latencies.push(this.env.now() - envelope.time);
+    this.emit("message", envelope);
+  }
+
+  signal(signal, generation) {
+    if (generation !== this.generation) return;
+    this.stats.signals++;
+    this.cursor = signal.type === "reset" ? 0 : signal.oldest_id - 1;
+    this.emit("signal", signal);
+  }
+
+  opened(generation) {
+    if (generation !== this.generation) return;
+    this.attempt = 0;
+    this.emit("status", { state: "open", transport: this.transport, after: this.cursor });
+  }
+
+  failed(generation, reason, wasOpen) {
+    if (generation !== this.generation || this.closed) return;
+    this.stop();
+    const next = TRANSPORTS[TRANSPORTS.indexOf(this.transport) + 1];
+    if (this.auto && !wasOpen && next) {
+      // This transport never worked here (refused, blocked by a proxy): try the next one.
+      const from = this.transport;
+      this.transport = next;
+      this.attempt = 0;
+      this.emit("status", { state: "fallback", from, transport: next, reason });
+      this.start();
+      return;
+    }
+    this.attempt++;
+    const delay = backoffDelay(this.attempt, this.backoff, this.env.random);
+    this.emit("status", { state: "reconnecting", transport: this.transport, attempt: this.attempt, delay, reason });
+    this.retryTimer = this.env.setTimeout(() => {
+      this.retryTimer = null;
+      this.start();
+    }, delay);
+  }
+}
+
+function webSocketUrl(sub, path) {
+  if (sub.base) return sub.base.replace(/^http/, "ws") + path;
+  const location = sub.env.location;
+  return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${path}`;
+}
+
+function isSignal(frame) {
+  return frame.type === "truncated" || frame.type === "reset";
+}
+
+function openWebSocket(sub, generation) {
+  const socket = new sub.env.WebSocket(webSocketUrl(sub, `/topics/${sub.topic}/ws?after=${sub.cursor}`));
+  sub.stats.requests++;
+  let open = false;
+  socket.onopen = () => { open = true; sub.opened(generation); };
+  socket.onmessage = (event) => {
+    const text = typeof event.data === "string" ? event.data : "";
+    sub.stats.bytes += utf8Length(text);
+    const frame = JSON.parse(text);
+    if (frame.type === undefined) sub.deliver(frame, generation);
+    else if (isSignal(frame)) sub.signal(frame, generation);
+  };
+  socket.onclose = (event) => sub.failed(generation, `closed (${event?.code ?? "?"})`, open);
+  return () => {
+    socket.onclose = null;
+    socket.onmessage = null;
+    socket.close();
+  };
+}
+
+function openEventSource(sub, generation) {
+  const source = new sub.env.EventSource(sub.url(`/topics/${sub.topic}/sse?after=${sub.cursor}`));
+  sub.stats.requests++;
+  let open = false;
+  const frameBytes = (event) => utf8Length(`id: ${event.lastEventId}\nevent: ${event.type}\ndata: ${event.data}\n\n`);
+  const onMessage = (event) => {
+    sub.stats.bytes += frameBytes(event);
+    sub.deliver(JSON.parse(event.data), generation);
+  };
+  const onSignal = (event) => {
+    sub.stats.bytes += frameBytes(event);
+    sub.signal(JSON.parse(event.data), generation);
+  };
+  for (const name of sub.events) source.addEventListener(name, onMessage);
+  source.addEventListener("truncated", onSignal);
+  source.addEventListener("reset", onSignal);
+  source.onopen = () => { open = true; sub.opened(generation); };
+  // EventSource would reconnect by itself with Last-Event-ID; we close it and reconnect with
+  // ?after=cursor instead, so that backoff, fallback and switchTo all follow one cursor.
+  source.onerror = () => {
+    source.close();
+    sub.failed(generation, "stream error", open);
+  };
+  return () => source.close();
+}
+
+function openPolling(sub, generation) {
+  const kind = sub.transport;
+  const controller = typeof AbortController === "undefined" ? null : new AbortController();
+  let stopped = false;
+  let timer = null;
+  const live = () => !stopped && generation === sub.generation;
+  const wait = (ms) => new Promise((resolve) => { timer = sub.env.setTimeout(resolve, ms); });
+  (async () => {
+    let open = false;
+    while (live()) {
+      const query = kind === "longpoll"
+        ? `after=${sub.cursor}&timeout=${sub.longPollTimeout}&client=${sub.client}`
+        : `after=${sub.cursor}&client=${sub.client}`;
+      let response;
+      let text;
+      try {
+        sub.stats.requests++;
+        response = await sub.env.fetch(sub.url(`/topics/${sub.topic}/${kind}?${query}`), {
+          cache: "no-store", signal: controller?.signal,
+        });
+        text = await response.text();
+      } catch (error) {
+        if (live()) sub.failed(generation, error.message, open);
+        return;
+      }
+      if (!live()) return;
+      sub.stats.bytes += Number(response.headers?.get?.("content-length")) || utf8Length(text);
+      if (!response.ok) {
+        sub.failed(generation, `HTTP ${response.status}`, open);
+        return;
+      }
+      if (!open) { open = true; sub.opened(generation); }
+      const body = JSON.parse(text);
+      if (body.reset) sub.signal({ type: "reset", topic: sub.topic, last_id: body.last_id }, generation);
+      if (body.truncated) sub.signal({ type: "truncated", topic: sub.topic, oldest_id: body.oldest_id }, generation);
+      for (const message of body.messages) sub.deliver(message, generation);
+      if (!live()) return;
+      sub.cursor = body.next_after;
+      // A full page means more is waiting: ask again at once, whatever the interval.
+      if (kind === "poll" && !body.more) await wait(sub.pollInterval);
+    }
+  })();
+  return () => {
+    stopped = true;
+    if (timer !== null) sub.env.clearTimeout(timer);
+    controller?.abort();
+  };
+}

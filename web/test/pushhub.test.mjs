@@ -1,0 +1,196 @@
+// Unit tests of pushhub.js's cursor and reconnect logic, with fake transports and timers.
+// Run: node --test web/test/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { connect, backoffDelay, utf8Length, TRANSPORTS } from "../pushhub.js";
+
+/** A controllable world: fake WebSocket, EventSource, fetch and timers. */
+function world({ topicLastId = 0, pollAnswers = [] } = {}) {
+  const w = { sockets: [], sources: [], requests: [], timers: [], now: 1_000_000 };
+  class FakeWebSocket {
+    constructor(url) { this.url = url; this.closed = false; w.sockets.push(this); }
+    close() { this.closed = true; }
+    open() { this.onopen?.(); }
+    frame(value) { this.onmessage?.({ data: JSON.stringify(value) }); }
+    drop(code = 1006) { this.onclose?.({ code }); }
+  }
+  class FakeEventSource {
+    constructor(url) { this.url = url; this.listeners = {}; this.closed = false; w.sources.push(this); }
+    addEventListener(name, fn) { (this.listeners[name] ??= []).push(fn); }
+    close() { this.closed = true; }
+    emit(type, data, lastEventId = "") {
+      for (const fn of this.listeners[type] ?? []) fn({ type, data: JSON.stringify(data), lastEventId });
+    }
+  }
+  w.fetch = async (url) => {
+    w.requests.push(url);
+    let body;
+    // A long poll with nothing to say is parked by the server: it never answers here.
+    if (url.includes("/longpoll") && pollAnswers.length === 0) return new Promise(() => {});
+    if (/\/topics\/[^/]+$/.test(url)) body = { last_id: topicLastId };
+    else body = pollAnswers.shift() ?? { messages: [], last_id: 0, next_after: Number(/after=(\d+)/.exec(url)[1]) };
+    if (body instanceof Error) throw body;
+    const text = JSON.stringify(body);
+    return { ok: true, status: 200, text: async () => text, headers: { get: () => null } };
+  };
+  w.env = {
+    fetch: w.fetch, WebSocket: FakeWebSocket, EventSource: FakeEventSource,
+    setTimeout: (fn, ms) => { w.timers.push({ fn, ms }); return w.timers.length; },
+    clearTimeout: (id) => { if (w.timers[id - 1]) w.timers[id - 1].fn = () => {}; },
+    now: () => w.now, random: () => 0.5, location: { protocol: "http:", host: "h:1" },
+  };
+  w.runTimers = async () => { const due = w.timers.splice(0); for (const t of due) t.fn(); await settle(); };
+  return w;
+}
+
+const settle = () => new Promise((resolve) => setImmediate(resolve));
+const envelope = (id, time = 999_990) => ({ id, topic: "t", event: "message", data: id, time });
+
+test("delivers in order, drops duplicates, tracks the cursor and latency", async () => {
+  const w = world();
+  const sub = connect({ topic: "t", transport: "ws", after: 0, env: w.env });
+  const got = [];
+  sub.on("message", (m) => got.push(m.id));
+  await settle();
+  const socket = w.sockets[0];
+  assert.equal(socket.url, "ws://h:1/topics/t/ws?after=0");
+  socket.open();
+  for (const id of [1, 2, 2, 3, 1]) socket.frame(envelope(id));
+  assert.deepEqual(got, [1, 2, 3]);
+  assert.equal(sub.cursor, 3);
+  assert.equal(sub.stats.messages, 3);
+  assert.equal(sub.stats.duplicates, 2);
+  assert.deepEqual(sub.stats.latencies, [10, 10, 10]);
+  assert.equal(sub.stats.requests, 1);
+  assert.ok(sub.stats.bytes > 0);
+});
+
+test("starts from now: learns the topic's last id before opening a transport", async () => {
+  const w = world({ topicLastId: 41 });
+  const sub = connect({ topic: "t", transport: "sse", env: w.env });
+  await settle();
+  assert.equal(w.requests[0], "/topics/t");
+  assert.equal(w.sources[0].url, "/topics/t/sse?after=41");
+  assert.equal(sub.stats.requests, 2);
+});
+
+test("switchTo resumes the new transport from the cursor and ignores the old one", async () => {
+  const w = world();
+  const sub = connect({ topic: "t", transport: "ws", after: 5, env: w.env });
+  const got = [];
+  sub.on("message", (m) => got.push(m.id));
+  await settle();
+  const socket = w.sockets[0];
+  socket.open();
+  socket.frame(envelope(6));
+  sub.switchTo("longpoll");
+  assert.ok(socket.closed);
+  socket.frame(envelope(7)); // a late frame from the old transport is not delivered
+  await settle();
+  assert.match(w.requests.at(-1), /\/topics\/t\/longpoll\?after=6&timeout=25/);
+  sub.switchTo("sse");
+  assert.equal(w.sources[0].url, "/topics/t/sse?after=6");
+  w.sources[0].emit("message", envelope(7), "7");
+  assert.deepEqual(got, [6, 7]);
+});
+
+test("truncated and reset signals move the cursor", async () => {
+  const w = world();
+  const sub = connect({ topic: "t", transport: "ws", after: 3, env: w.env });
+  const signals = [];
+  sub.on("signal", (s) => signals.push(s.type));
+  await settle();
+  const socket = w.sockets[0];
+  socket.frame({ type: "truncated", topic: "t", oldest_id: 10 });
+  assert.equal(sub.cursor, 9);
+  socket.frame(envelope(10));
+  socket.frame({ type: "reset", topic: "t", last_id: 2 });
+  assert.equal(sub.cursor, 0);
+  socket.frame(envelope(1));
+  assert.equal(sub.cursor, 1);
+  assert.deepEqual(signals, ["truncated", "reset"]);
+});
+
+test("reconnects with capped exponential backoff and jitter, resetting after success", async () => {
+  const w = world();
+  const sub = connect({ topic: "t", transport: "ws", after: 0, backoff: { initial: 100, max: 400 }, env: w.env });
+  const statuses = [];
+  sub.on("status", (s) => statuses.push(s));
+  await settle();
+  w.sockets[0].open();
+  w.sockets[0].drop();
+  const delays = [];
+  for (let i = 0; i < 4; i++) {
+    delays.push(statuses.at(-1).delay);
+    await w.runTimers();
+    w.sockets.at(-1).drop(); // fails again before opening
+  }
+  // random() = 0.5 gives 75% of the ceiling: 100, 200, 400, 400 (capped).
+  assert.deepEqual(delays, [75, 150, 300, 300]);
+  assert.equal(statuses.at(-1).state, "reconnecting");
+  await w.runTimers();
+  w.sockets.at(-1).open();
+  assert.equal(sub.attempt, 0);
+  assert.equal(statuses.at(-1).state, "open");
+  assert.equal(w.sockets.at(-1).url, "ws://h:1/topics/t/ws?after=0");
+});
+
+test("jitter stays within half to all of the ceiling", () => {
+  assert.equal(backoffDelay(1, { initial: 1000, max: 8000 }, () => 0), 500);
+  assert.equal(backoffDelay(1, { initial: 1000, max: 8000 }, () => 1), 1000);
+  assert.equal(backoffDelay(10, { initial: 1000, max: 8000 }, () => 1), 8000);
+});
+
+test("auto falls back ws -> sse -> longpoll -> poll when a transport never opens", async () => {
+  const w = world({ pollAnswers: [new Error("refused")] });
+  const sub = connect({ topic: "t", transport: "auto", after: 0, env: w.env });
+  const states = [];
+  sub.on("status", (s) => states.push(`${s.state}:${s.transport}`));
+  await settle();
+  assert.deepEqual(TRANSPORTS, ["ws", "sse", "longpoll", "poll"]);
+  w.sockets[0].drop(1006); // upgrade refused
+  await settle();
+  assert.equal(sub.transport, "sse");
+  w.sources[0].onerror();
+  await settle();
+  assert.equal(sub.transport, "poll", "the long poll was refused too");
+  assert.ok(states.includes("fallback:sse") && states.includes("fallback:longpoll") && states.includes("fallback:poll"));
+  assert.match(w.requests.at(-1), /\/topics\/t\/poll\?after=0/);
+});
+
+test("auto keeps a transport that once worked and reconnects it", async () => {
+  const w = world();
+  const sub = connect({ topic: "t", transport: "auto", after: 0, env: w.env });
+  await settle();
+  w.sockets[0].open();
+  w.sockets[0].drop();
+  assert.equal(sub.transport, "ws");
+  await w.runTimers();
+  assert.equal(w.sockets.length, 2);
+});
+
+test("polls again at once when the answer was full, then waits the interval", async () => {
+  const w = world({
+    pollAnswers: [
+      { messages: [envelope(1), envelope(2)], last_id: 3, next_after: 2, more: true },
+      { messages: [envelope(3)], last_id: 3, next_after: 3 },
+    ],
+  });
+  const sub = connect({ topic: "t", transport: "poll", after: 0, pollInterval: 1000, env: w.env });
+  const got = [];
+  sub.on("message", (m) => got.push(m.id));
+  await settle(); await settle();
+  assert.deepEqual(got, [1, 2, 3]);
+  assert.equal(w.requests.length, 2);
+  assert.equal(w.timers.at(-1).ms, 1000);
+  sub.close();
+  await w.runTimers();
+  assert.equal(w.requests.length, 2, "no poll after close");
+});
+
+test("utf8Length counts bytes", () => {
+  assert.equal(utf8Length("abc"), 3);
+  assert.equal(utf8Length("é"), 2);
+  assert.equal(utf8Length("€"), 3);
+  assert.equal(utf8Length("😀"), 4);
+});
