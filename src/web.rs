@@ -1,4 +1,4 @@
-//! The demo page, embedded in the binary so that `cargo run --release` needs nothing else.
+//! The lab page and the pushhub.js client library, embedded in the binary so that `cargo run --release` needs nothing else.
 
 use axum::{
     Router,
@@ -17,9 +17,14 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../web/index.html"),
     ),
     (
-        "/app.js",
+        "/lab.js",
         "text/javascript; charset=utf-8",
-        include_bytes!("../web/app.js"),
+        include_bytes!("../web/lab.js"),
+    ),
+    (
+        "/pushhub.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../web/pushhub.js"),
     ),
     (
         "/style.css",

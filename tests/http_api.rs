@@ -181,8 +181,8 @@ async fn health_and_demo_page() {
             .starts_with("text/html")
     );
     let html = page.text().await.unwrap();
-    assert!(html.contains("app.js"));
-    for asset in ["/app.js", "/style.css"] {
+    assert!(html.contains("lab.js"));
+    for asset in ["/lab.js", "/pushhub.js", "/style.css"] {
         let response = server.http.get(server.url(asset)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{asset}");
     }

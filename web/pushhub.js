@@ -276,8 +276,10 @@ function openPolling(sub, generation) {
   (async () => {
     let open = false;
     while (live()) {
+      // The first long poll of a connection is answered at once (timeout=0): it proves the
+      // transport works, so "open" is reported now and not after the first hold.
       const query = kind === "longpoll"
-        ? `after=${sub.cursor}&timeout=${sub.longPollTimeout}&client=${sub.client}`
+        ? `after=${sub.cursor}&timeout=${open ? sub.longPollTimeout : 0}&client=${sub.client}`
         : `after=${sub.cursor}&client=${sub.client}`;
       let response;
       let text;

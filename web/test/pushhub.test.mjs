@@ -26,7 +26,7 @@ function world({ topicLastId = 0, pollAnswers = [] } = {}) {
     w.requests.push(url);
     let body;
     // A long poll with nothing to say is parked by the server: it never answers here.
-    if (url.includes("/longpoll") && pollAnswers.length === 0) return new Promise(() => {});
+    if (url.includes("/longpoll") && !url.includes("timeout=0") && pollAnswers.length === 0) return new Promise(() => {});
     if (/\/topics\/[^/]+$/.test(url)) body = { last_id: topicLastId };
     else body = pollAnswers.shift() ?? { messages: [], last_id: 0, next_after: Number(/after=(\d+)/.exec(url)[1]) };
     if (body instanceof Error) throw body;
@@ -87,7 +87,9 @@ test("switchTo resumes the new transport from the cursor and ignores the old one
   assert.ok(socket.closed);
   socket.frame(envelope(7)); // a late frame from the old transport is not delivered
   await settle();
-  assert.match(w.requests.at(-1), /\/topics\/t\/longpoll\?after=6&timeout=25/);
+  const longPolls = w.requests.filter((u) => u.includes("/longpoll"));
+  assert.match(longPolls[0], /\/topics\/t\/longpoll\?after=6&timeout=0&/, "the first long poll checks the way");
+  assert.match(longPolls[1], /\/topics\/t\/longpoll\?after=6&timeout=25&/, "then it parks");
   sub.switchTo("sse");
   assert.equal(w.sources[0].url, "/topics/t/sse?after=6");
   w.sources[0].emit("message", envelope(7), "7");
@@ -154,6 +156,7 @@ test("auto falls back ws -> sse -> longpoll -> poll when a transport never opens
   w.sources[0].onerror();
   await settle();
   assert.equal(sub.transport, "poll", "the long poll was refused too");
+  assert.match(w.requests.find((u) => u.includes("/longpoll")), /timeout=0/);
   assert.ok(states.includes("fallback:sse") && states.includes("fallback:longpoll") && states.includes("fallback:poll"));
   assert.match(w.requests.at(-1), /\/topics\/t\/poll\?after=0/);
 });

@@ -1,0 +1,185 @@
+// The lab page in real headless Chromium, against the real pushhub binary.
+// Run: npm ci && npm test   (needs Debian's chromium at /usr/bin/chromium and a built binary)
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { createInterface } from "node:readline";
+import { mkdirSync } from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const BIN = process.env.PUSHHUB_BIN ?? path.join(root, "target/debug/pushhub");
+const CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+// Chrome reports refused connections as console errors; they are expected while the server
+// is down, and only then.
+const NETWORK_NOISE = /ERR_CONNECTION_REFUSED|WebSocket connection|Failed to load resource|net::ERR/;
+
+const servers = new Set();
+after(() => { for (const s of servers) s.proc.kill("SIGKILL"); });
+
+function startServer(listen = "127.0.0.1:0", extra = []) {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(BIN, ["--listen", listen, ...extra], {
+      env: { ...process.env, PUSHHUB_LOG: "pushhub=info", NO_COLOR: "1" },
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const server = { proc, addr: null };
+    servers.add(server);
+    createInterface({ input: proc.stdout }).on("line", (line) => {
+      const match = /listening on http:\/\/([^/]+)\//.exec(line);
+      if (match && !server.addr) { server.addr = match[1]; resolve(server); }
+    });
+    proc.on("exit", (code) => { servers.delete(server); if (!server.addr) reject(new Error(`pushhub exited: ${code}`)); });
+  });
+}
+
+async function stopServer(server) {
+  server.proc.kill("SIGTERM");
+  await once(server.proc, "exit");
+}
+
+async function openBrowser() {
+  const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: CHROMIUM_ARGS });
+  const page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
+  const errors = [];
+  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+  page.on("pageerror", (e) => errors.push(e.message));
+  return { browser, page, errors };
+}
+
+/** The figures as the page shows them. */
+const lanes = (page) => page.evaluate(() => [...document.querySelectorAll(".lane")].map((el) => {
+  const field = (name) => el.querySelector(`[data-field="${name}"]`).textContent;
+  return {
+    state: el.dataset.state,
+    transport: el.querySelector("select").value,
+    received: Number(field("received")),
+    missing: Number(field("missing")),
+    duplicates: Number(field("duplicates")),
+    requests: Number(field("requests")),
+    requestsPerMessage: parseFloat(field("requests-per-message")),
+    signals: field("signals"),
+  };
+}));
+
+const allOpen = (page) => page.waitForFunction(
+  () => [...document.querySelectorAll(".lane")].every((el) => el.dataset.state === "open"),
+  null, { timeout: 20000 });
+
+async function generate(page, rate, seconds) {
+  await page.selectOption("#rate", String(rate));
+  await page.fill("#duration", String(seconds));
+  await page.click("#generate");
+  await page.waitForFunction(() => document.querySelector("#generator").dataset.running === "true");
+}
+
+async function generatorDoneAndLanesCaughtUp(page) {
+  await page.waitForFunction(() => document.querySelector("#generator").dataset.running === "false",
+    null, { timeout: 60000 });
+  // Every lane has every message the server acknowledged (the short-poll lane may need an interval).
+  await page.waitForFunction(() => {
+    const { lanes, acked } = window.lab;
+    return lanes.every((lane) => [...acked.keys()].every((seq) => lane.seen.has(seq)));
+  }, null, { timeout: 30000, polling: 100 });
+  await page.waitForTimeout(400); // two renders, so the figures on the page are current
+}
+
+async function assertExactlyOnce(page, label) {
+  const acked = Number(await page.textContent("#acked"));
+  assert.ok(acked > 0, `${label}: nothing was published`);
+  assert.equal(Number(await page.textContent("#failed")), 0, `${label}: publishes failed`);
+  for (const [i, lane] of (await lanes(page)).entries()) {
+    assert.equal(lane.received, acked, `${label}: lane ${i} (${lane.transport}) received ${lane.received} of ${acked}`);
+    assert.equal(lane.missing, 0, `${label}: lane ${i} missing`);
+    assert.equal(lane.duplicates, 0, `${label}: lane ${i} duplicates`);
+  }
+  return acked;
+}
+
+test("four lanes receive every message exactly once, across switches, toggles and a restart", async () => {
+  let server = await startServer();
+  const { browser, page, errors } = await openBrowser();
+  try {
+    await page.goto(`http://${server.addr}/?topic=e2e`);
+    await allOpen(page);
+
+    // Generator at 100 msg/s for 4 s; mid-run, two lanes change transport and one is toggled.
+    await generate(page, 100, 4);
+    await page.waitForTimeout(1200);
+    await page.selectOption('.lane[data-lane="1"] select', "ws");
+    await page.selectOption('.lane[data-lane="2"] select', "sse");
+    await page.waitForTimeout(600);
+    await page.uncheck('.lane[data-lane="1"] input[type=checkbox]');
+    await page.waitForTimeout(500);
+    await page.check('.lane[data-lane="1"] input[type=checkbox]');
+    await generatorDoneAndLanesCaughtUp(page);
+    const firstRun = await assertExactlyOnce(page, "first run");
+    assert.ok(firstRun >= 350, `generator published only ${firstRun} of 400`);
+
+    // Consistent figures: short polling pays requests per message, WebSocket does not.
+    const figures = await lanes(page);
+    assert.equal(figures[0].transport, "ws");
+    assert.equal(figures[3].transport, "poll");
+    assert.ok(figures[3].requests > figures[0].requests,
+      `poll lane made ${figures[3].requests} requests, ws lane ${figures[0].requests}`);
+    assert.ok(figures[3].requestsPerMessage > figures[0].requestsPerMessage);
+    // The server's own view counted deliveries on every transport.
+    await page.waitForTimeout(1100);
+    const delivered = await page.$$eval('#server tr[data-row="deliveries"] td', (tds) => tds.map((td) => Number(td.textContent)));
+    assert.ok(delivered.every((n) => n > 0), `server deliveries per transport: ${delivered}`);
+    assert.deepEqual(errors, [], "console errors before the restart");
+
+    // Stop and restart the server on the same address. The in-memory topic starts again at
+    // id 1: every lane must be told (reset), reconnect, and take everything published after.
+    const addr = server.addr;
+    await stopServer(server);
+    await page.waitForFunction(() => [...document.querySelectorAll(".lane")].some((el) => el.dataset.state !== "open"),
+      null, { timeout: 10000 });
+    server = await startServer(addr);
+    await allOpen(page);
+    await page.waitForFunction(() => window.lab.lanes.every((lane) => lane.resets >= 1), null, { timeout: 20000 });
+    await generate(page, 100, 2);
+    await page.waitForTimeout(700);
+    await page.selectOption('.lane[data-lane="1"] select', "longpoll");
+    await generatorDoneAndLanesCaughtUp(page);
+    const total = await assertExactlyOnce(page, "after restart");
+    assert.ok(total > firstRun);
+
+    mkdirSync(path.join(root, "docs/img"), { recursive: true });
+    await page.screenshot({ path: path.join(root, "docs/img/lab.png"), fullPage: true });
+    assert.deepEqual(errors.filter((e) => !NETWORK_NOISE.test(e)), [], "console errors");
+  } finally {
+    await browser.close();
+    await stopServer(server);
+  }
+});
+
+test("auto falls back to SSE when the server refuses WebSocket", async () => {
+  const server = await startServer("127.0.0.1:0", ["--transports", "sse,longpoll,poll"]);
+  const { browser, page } = await openBrowser();
+  try {
+    await page.goto(`http://${server.addr}/healthz`);
+    const result = await page.evaluate(async () => {
+      const { connect } = await import("/pushhub.js");
+      const states = [];
+      const sub = connect({ topic: "fallback", transport: "auto" });
+      sub.on("status", (s) => states.push(`${s.state}:${s.transport}`));
+      const message = new Promise((resolve) => sub.on("message", resolve));
+      await new Promise((resolve) => sub.on("status", (s) => s.state === "open" && resolve()));
+      await fetch("/topics/fallback", { method: "POST", body: "over sse" });
+      const envelope = await message;
+      sub.close();
+      return { states, transport: sub.transport, data: envelope.data };
+    });
+    assert.equal(result.transport, "sse");
+    assert.ok(result.states.includes("fallback:sse"), result.states.join(", "));
+    assert.equal(result.data, "over sse");
+  } finally {
+    await browser.close();
+    await stopServer(server);
+  }
+});
