@@ -223,10 +223,14 @@ function drawChart() {
     ctx.beginPath();
     let pen = false;
     const offset = CHART_POINTS - lane.points.length;
+    ctx.fillStyle = COLORS[lane.transport];
     lane.points.forEach((v, i) => {
       if (v === null) { pen = false; return; }
       const x = left + (offset + i) * step;
       if (pen) ctx.lineTo(x, y(v)); else ctx.moveTo(x, y(v));
+      // A dot too: short polls deliver in bursts, so their points often stand alone.
+      const r = 2.5 * devicePixelRatio;
+      ctx.fillRect(x - r, y(v) - r, 2 * r, 2 * r);
       pen = true;
     });
     ctx.stroke();
