@@ -100,7 +100,7 @@ async function assertExactlyOnce(page, label) {
   return acked;
 }
 
-test("four lanes receive every message exactly once, across switches, toggles and a restart", async () => {
+test("four lanes receive every message exactly once, across switches, toggles and a restart mid-run", async () => {
   let server = await startServer();
   const { browser, page, errors } = await openBrowser();
   try {
@@ -110,7 +110,8 @@ test("four lanes receive every message exactly once, across switches, toggles an
     // Generator at 100 msg/s for 4 s; mid-run, two lanes change transport and one is toggled.
     await generate(page, 100, 4);
     await page.waitForTimeout(1200);
-    await page.selectOption('.lane[data-lane="1"] select', "ws");
+    // Lanes 1 and 2 swap transports: SSE -> long poll, long poll -> SSE.
+    await page.selectOption('.lane[data-lane="1"] select', "longpoll");
     await page.selectOption('.lane[data-lane="2"] select', "sse");
     await page.waitForTimeout(600);
     await page.uncheck('.lane[data-lane="1"] input[type=checkbox]');
@@ -133,24 +134,56 @@ test("four lanes receive every message exactly once, across switches, toggles an
     assert.ok(delivered.every((n) => n > 0), `server deliveries per transport: ${delivered}`);
     assert.deepEqual(errors, [], "console errors before the restart");
 
-    // Stop and restart the server on the same address. The in-memory topic starts again at
-    // id 1: every lane must be told (reset), reconnect, and take everything published after.
-    const addr = server.addr;
-    await stopServer(server);
-    await page.waitForFunction(() => [...document.querySelectorAll(".lane")].some((el) => el.dataset.state !== "open"),
-      null, { timeout: 10000 });
-    server = await startServer(addr);
-    await allOpen(page);
-    await page.waitForFunction(() => window.lab.lanes.every((lane) => lane.resets >= 1), null, { timeout: 20000 });
-    await generate(page, 100, 2);
-    await page.waitForTimeout(700);
-    await page.selectOption('.lane[data-lane="1"] select', "longpoll");
-    await generatorDoneAndLanesCaughtUp(page);
-    const total = await assertExactlyOnce(page, "after restart");
-    assert.ok(total > firstRun);
-
     mkdirSync(path.join(root, "docs/img"), { recursive: true });
     await page.screenshot({ path: path.join(root, "docs/img/lab.png"), fullPage: true });
+
+    // A narrow screen: the page reflows without horizontal scrolling.
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.waitForTimeout(300);
+    assert.equal(await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth), 0);
+    await page.setViewportSize({ width: 1200, height: 900 });
+
+    // Stop and restart the server on the same address while the generator runs. The
+    // in-memory topic starts again at id 1: every lane must be told (reset), reconnect, and
+    // receive every message acknowledged after the restart exactly once.
+    const addr = server.addr;
+    await generate(page, 100, 6);
+    await page.waitForTimeout(3000);
+    const beforeStop = await page.evaluate(() => window.lab.acked.size);
+    await stopServer(server);
+    server = await startServer(addr);
+    const restartedAt = await page.evaluate(() => Date.now());
+    await page.waitForTimeout(700);
+    await page.selectOption('.lane[data-lane="1"] select', "ws");
+    await page.waitForFunction(() => document.querySelector("#generator").dataset.running === "false",
+      null, { timeout: 60000 });
+    await page.waitForFunction((since) => {
+      const { lanes, acked } = window.lab;
+      const after = [...acked].filter(([, at]) => at > since).map(([seq]) => seq);
+      return after.length > 0 && lanes.every((lane) => lane.resets >= 1 && after.every((seq) => lane.seen.has(seq)));
+    }, restartedAt, { timeout: 30000, polling: 100 });
+    await page.waitForTimeout(400);
+    const report = await page.evaluate(({ firstRun, beforeStop }) => {
+      const { lanes, acked } = window.lab;
+      return lanes.map((lane) => ({
+        transport: lane.transport,
+        repeated: lane.repeated,
+        // Acknowledged between the first run and the stop, never delivered: lost with the
+        // in-memory history when the process stopped.
+        lostInRestart: [...acked.keys()].filter((seq) => seq > firstRun && seq <= beforeStop && !lane.seen.has(seq)).length,
+      }));
+    }, { firstRun, beforeStop });
+    const failedWhileDown = Number(await page.textContent("#failed"));
+    console.log("restart mid-run:", JSON.stringify(report), "publishes refused while down:", failedWhileDown);
+    for (const [i, lane] of (await lanes(page)).entries()) {
+      assert.equal(lane.duplicates, 0, `lane ${i} duplicates after restart`);
+      assert.equal(lane.state, "open", `lane ${i} recovered`);
+    }
+    for (const lane of report) {
+      // Push lanes lose at most what was in flight at the stop; the short-poll lane at most one
+      // interval of traffic (1 s at 100 msg/s) plus that.
+      assert.ok(lane.lostInRestart <= 150, `${lane.transport} lost ${lane.lostInRestart} in the restart`);
+    }
     assert.deepEqual(errors.filter((e) => !NETWORK_NOISE.test(e)), [], "console errors");
   } finally {
     await browser.close();
