@@ -27,7 +27,9 @@
 //! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws`: thin adapters over the hub.
 //! - [`web`]: the embedded demo page.
 //! - [`error`]: the one error type, answered as `{"error", "code"}`.
+//! - [`bench`]: `pushhub bench`, the load benchmark of each transport.
 
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod hub;

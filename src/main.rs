@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve(Config),
+    /// Load-benchmark each transport and write a report.
+    Bench(pushhub::bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -37,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = match cli.command {
         Some(Command::Serve(config)) => config,
+        Some(Command::Bench(args)) => return bench(args).await,
         None => cli.serve,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -46,6 +49,23 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("pushhub listening on http://{addr}/ (demo page at http://{addr}/)");
     pushhub::run(listener, config, shutdown_signal()).await?;
     tracing::info!("pushhub stopped");
+    Ok(())
+}
+
+async fn bench(args: pushhub::bench::BenchArgs) -> anyhow::Result<()> {
+    use pushhub::bench::report;
+    let results = pushhub::bench::run(&args).await?;
+    report::write_all(&args, &results)
+        .with_context(|| format!("cannot write the report to {}", args.out.display()))?;
+    if args.json {
+        println!("{}", report::json(&args, &results));
+    } else {
+        println!("{}", report::table(&results));
+        for line in report::reading(&results) {
+            println!("- {line}");
+        }
+        println!("\nreport: {}", args.out.join("report.md").display());
+    }
     Ok(())
 }
 

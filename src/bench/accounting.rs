@@ -1,0 +1,147 @@
+//! Per-subscriber delivery accounting: latency histogram, loss and duplicates by id.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// What one subscriber saw. Ids of a topic are contiguous, so a jump means messages were
+/// missed and a repeat means a duplicate.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    /// Delivery latency in µs (receive time minus the publish time carried in the payload).
+    pub latency: Histogram<u64>,
+    /// Distinct messages received.
+    pub received: u64,
+    /// Messages received again (id not above the last one).
+    pub duplicates: u64,
+    /// Ids skipped between two deliveries.
+    pub missing: u64,
+    /// Highest id received.
+    pub last_id: u64,
+    /// HTTP requests (polls) or connections (streams) made.
+    pub requests: u64,
+    /// Body bytes received.
+    pub bytes: u64,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            latency: latency_histogram(),
+            received: 0,
+            duplicates: 0,
+            missing: 0,
+            last_id: 0,
+            requests: 0,
+            bytes: 0,
+        }
+    }
+}
+
+impl Tracker {
+    /// Records message `id` published at `sent_us` and received at `now_us` (µs since epoch).
+    pub fn on_message(&mut self, id: u64, sent_us: u64, now_us: u64) {
+        if id <= self.last_id {
+            self.duplicates += 1;
+            return;
+        }
+        self.missing += id - self.last_id - 1;
+        self.last_id = id;
+        self.received += 1;
+        self.latency
+            .saturating_record(now_us.saturating_sub(sent_us).max(1));
+    }
+
+    /// Counts what never arrived up to `last_published`.
+    pub fn finish(&mut self, last_published: u64) {
+        if last_published > self.last_id {
+            self.missing += last_published - self.last_id;
+            self.last_id = last_published;
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// Reads the percentiles of a µs histogram, in ms.
+    pub fn of(histogram: &Histogram<u64>) -> Self {
+        if histogram.is_empty() {
+            return Self::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            p50: ms(histogram.value_at_quantile(0.5)),
+            p90: ms(histogram.value_at_quantile(0.9)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            p999: ms(histogram.value_at_quantile(0.999)),
+            max: ms(histogram.max()),
+            mean: histogram.mean() / 1000.0,
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch: the clock publish times are written with.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_gaps_duplicates_and_the_unreceived_tail() {
+        let mut t = Tracker::default();
+        for id in [1, 2, 2, 5, 4, 6] {
+            t.on_message(id, 1_000, 3_000);
+        }
+        assert_eq!(
+            (t.received, t.duplicates, t.missing, t.last_id),
+            (4, 2, 2, 6)
+        );
+        t.finish(10);
+        assert_eq!((t.missing, t.last_id), (6, 10));
+        t.finish(3);
+        assert_eq!(t.missing, 6, "finishing below what was seen adds nothing");
+    }
+
+    #[test]
+    fn percentiles_are_read_in_milliseconds() {
+        let mut t = Tracker::default();
+        for (id, latency_us) in (1..=1000).zip(1..=1000u64) {
+            t.on_message(id, 0, latency_us * 100); // 0.1 ms .. 100 ms
+        }
+        let p = Percentiles::of(&t.latency);
+        assert!((p.p50 - 50.0).abs() < 0.1, "{p:?}");
+        assert!((p.p99 - 99.0).abs() < 0.1, "{p:?}");
+        assert!((p.max - 100.0).abs() < 0.1, "{p:?}");
+        assert!((p.mean - 50.05).abs() < 0.1, "{p:?}");
+        assert_eq!(
+            Percentiles::of(&latency_histogram()),
+            Percentiles::default()
+        );
+    }
+}

@@ -1,0 +1,482 @@
+//! `pushhub bench`: a load benchmark of each push transport against a real server.
+//!
+//! For each transport in turn: open N subscribers (in batches, not a connect storm), wait
+//! until the server counts them all, publish at a fixed rate for a duration, wait for every
+//! subscriber to drain, then close them. Subscribers and publisher run in this process; the
+//! server runs in its own (a child started on an ephemeral port, or `--url`), so its CPU and
+//! memory are read apart from `/proc/PID`.
+//!
+//! Every message carries its publish time in µs; each subscriber records latency in an HDR
+//! histogram and accounts loss and duplicates by id ([`accounting::Tracker`]).
+
+pub mod accounting;
+pub mod procfs;
+pub mod report;
+mod subscriber;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::parse_duration;
+use accounting::{Percentiles, Tracker, latency_histogram, now_micros};
+use subscriber::Phase;
+
+/// Subscribers connected at once while ramping up.
+const RAMP_BATCH: usize = 100;
+/// Publishes in flight at once.
+const PUBLISH_CONCURRENCY: usize = 16;
+
+/// Flags of `pushhub bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Server to measure; without it a pushhub server is started as a child process on
+    /// 127.0.0.1 with an ephemeral port.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// PID of the `--url` server, to read its CPU and memory (a child's is known).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Allow a `--url` that is not a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Transports to measure, in order.
+    #[arg(long, value_delimiter = ',', default_value = "ws,sse,longpoll,poll",
+          value_parser = clap::builder::PossibleValuesParser::new(["ws", "sse", "longpoll", "poll"]))]
+    pub transports: Vec<String>,
+    /// Subscribers per transport.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Messages published per second.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// How long to publish, per transport.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Size of each message's payload.
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
+    /// Interval of the short-poll subscribers.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// How long to wait after the last publish for subscribers to catch up.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Where report.md, results.json and latency.svg are written.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The pushhub binary to start as the server (default: this executable).
+    #[arg(long, hide = true)]
+    pub server_bin: Option<PathBuf>,
+}
+
+/// What can stop a benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The server could not be started or reached.
+    #[error("server: {0}")]
+    Server(String),
+    /// A bench client failed.
+    #[error("client: {0}")]
+    Client(String),
+    /// The run was set up wrongly.
+    #[error("{0}")]
+    Setup(String),
+    /// Writing the report failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Server resources used during a phase (known when the server's PID is).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerUsage {
+    /// CPU seconds used from the first publish to the end of the drain.
+    pub cpu_seconds: f64,
+    /// CPU microseconds per delivered message.
+    pub cpu_us_per_delivery: f64,
+    /// Highest RSS seen during the phase, KiB.
+    pub peak_rss_kib: u64,
+    /// RSS added by connecting the subscribers, per subscriber, KiB.
+    pub rss_per_subscriber_kib: f64,
+}
+
+/// The measurements of one transport.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseResult {
+    /// Transport measured.
+    pub transport: String,
+    /// Subscribers connected.
+    pub subscribers: usize,
+    /// Messages the server acknowledged.
+    pub published: u64,
+    /// Distinct deliveries received, all subscribers together.
+    pub deliveries: u64,
+    /// `published × subscribers`.
+    pub expected_deliveries: u64,
+    /// Messages never received, all subscribers together.
+    pub lost: u64,
+    /// Messages received more than once.
+    pub duplicates: u64,
+    /// Publishes the server refused or failed.
+    pub publish_errors: u64,
+    /// Delivery latency, ms.
+    pub latency_ms: Percentiles,
+    /// Deliveries per second over the publish and drain window.
+    pub deliveries_per_second: f64,
+    /// Requests (polls) or connections (streams) per delivery.
+    pub requests_per_delivery: f64,
+    /// Body bytes received per delivery.
+    pub bytes_per_delivery: f64,
+    /// Whether every subscriber caught up before the drain timeout.
+    pub drained: bool,
+    /// Server CPU and memory, when measurable.
+    pub server: Option<ServerUsage>,
+}
+
+impl PhaseResult {
+    /// Loss, duplicates or an incomplete drain mean the run overloaded the server (or the
+    /// bench host): the report says so instead of presenting the figures as clean.
+    pub fn overloaded(&self) -> bool {
+        self.lost > 0 || self.duplicates > 0 || !self.drained || self.publish_errors > 0
+    }
+}
+
+struct Server {
+    base: String,
+    pid: Option<u32>,
+    child: Option<Child>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
+    if let Some(url) = &args.url {
+        let base = url.trim_end_matches('/').to_owned();
+        let host = base
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default();
+        let loopback =
+            host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]");
+        if !loopback && !args.allow_remote {
+            return Err(BenchError::Setup(format!(
+                "{url} is not a loopback address: pass --allow-remote to load a remote server"
+            )));
+        }
+        return Ok(Server {
+            base,
+            pid: args.server_pid,
+            child: None,
+        });
+    }
+    let binary = match &args.server_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?,
+    };
+    let mut child = Command::new(binary)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-poll-limit",
+            "1000",
+        ])
+        .env("PUSHHUB_LOG", "pushhub=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .ok_or_else(|| BenchError::Server("server exited before listening".into()))??;
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split('/').next().unwrap_or_default().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(Server {
+        base: format!("http://{addr}"),
+        pid: Some(child.id()),
+        child: Some(child),
+    })
+}
+
+/// Runs every phase and returns their results (the report is written by the caller).
+pub async fn run(args: &BenchArgs) -> Result<Vec<PhaseResult>, BenchError> {
+    if args.subscribers == 0 || args.rate <= 0.0 {
+        return Err(BenchError::Setup(
+            "--subscribers and --rate must be positive".into(),
+        ));
+    }
+    // Each subscriber holds a socket; raise the soft open-file limit to the hard one.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let server = start_server(args)?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::MAX)
+        .build()
+        .map_err(|e| BenchError::Client(e.to_string()))?;
+    let mut results = Vec::new();
+    for transport in &args.transports {
+        eprintln!(
+            "bench: {transport}: {} subscribers, {} msg/s for {:?}",
+            args.subscribers, args.rate, args.duration
+        );
+        results.push(run_phase(args, &server, &http, transport).await?);
+    }
+    Ok(results)
+}
+
+async fn run_phase(
+    args: &BenchArgs,
+    server: &Server,
+    http: &reqwest::Client,
+    transport: &str,
+) -> Result<PhaseResult, BenchError> {
+    let topic = format!("bench-{transport}-{:x}", now_micros());
+    let phase = Arc::new(Phase {
+        base: server.base.clone(),
+        topic: topic.clone(),
+        http: http.clone(),
+        poll_interval: args.poll_interval,
+        progress: (0..args.subscribers).map(|_| Default::default()).collect(),
+        stop: CancellationToken::new(),
+    });
+    let rss_before = server.pid.and_then(procfs::rss_kib);
+
+    let mut subscribers = JoinSet::new();
+    for index in 0..args.subscribers {
+        let (phase, transport) = (phase.clone(), transport.to_owned());
+        subscribers.spawn(async move { subscriber::run(&transport, phase, index).await });
+        if (index + 1) % RAMP_BATCH == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    wait_subscribed(
+        http,
+        &server.base,
+        &topic,
+        transport,
+        args.subscribers,
+        &mut subscribers,
+    )
+    .await?;
+    let rss_connected = server.pid.and_then(procfs::rss_kib);
+
+    // Sample the server's RSS while the phase runs.
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(
+        rss_connected.unwrap_or(0),
+    ));
+    let sampler = server.pid.map(|pid| {
+        let (peak, stop) = (peak.clone(), phase.stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Some(rss) = procfs::rss_kib(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+
+    let cpu_start = server.pid.and_then(procfs::cpu_time);
+    let started = Instant::now();
+    let (last_id, published, publish_errors) = publish(args, http, &server.base, &topic).await;
+    let drained = wait_drained(&phase, last_id, args.drain_timeout).await;
+    let elapsed = started.elapsed();
+    let cpu_end = server.pid.and_then(procfs::cpu_time);
+    phase.stop.cancel();
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
+    }
+
+    let mut total = Tracker::default();
+    let mut latency = latency_histogram();
+    while let Some(joined) = subscribers.join_next().await {
+        let mut tracker = joined.map_err(|e| BenchError::Client(e.to_string()))??;
+        tracker.finish(last_id);
+        latency
+            .add(&tracker.latency)
+            .expect("same histogram bounds");
+        total.received += tracker.received;
+        total.duplicates += tracker.duplicates;
+        total.missing += tracker.missing;
+        total.requests += tracker.requests;
+        total.bytes += tracker.bytes;
+    }
+    let deliveries = total.received;
+    let per_delivery = |v: u64| {
+        if deliveries == 0 {
+            0.0
+        } else {
+            v as f64 / deliveries as f64
+        }
+    };
+    let server_usage = match (cpu_start, cpu_end, rss_before, rss_connected) {
+        (Some(start), Some(end), Some(before), Some(connected)) => {
+            let cpu = (end - start).as_secs_f64();
+            Some(ServerUsage {
+                cpu_seconds: cpu,
+                cpu_us_per_delivery: if deliveries == 0 {
+                    0.0
+                } else {
+                    cpu * 1e6 / deliveries as f64
+                },
+                peak_rss_kib: peak.load(Ordering::Relaxed),
+                rss_per_subscriber_kib: connected.saturating_sub(before) as f64
+                    / args.subscribers as f64,
+            })
+        }
+        _ => None,
+    };
+    Ok(PhaseResult {
+        transport: transport.to_owned(),
+        subscribers: args.subscribers,
+        published,
+        deliveries,
+        expected_deliveries: published * args.subscribers as u64,
+        lost: total.missing,
+        duplicates: total.duplicates,
+        publish_errors,
+        latency_ms: Percentiles::of(&latency),
+        deliveries_per_second: deliveries as f64 / elapsed.as_secs_f64(),
+        requests_per_delivery: per_delivery(total.requests),
+        bytes_per_delivery: per_delivery(total.bytes),
+        drained,
+        server: server_usage,
+    })
+}
+
+/// Waits until the server counts every subscriber of the phase.
+async fn wait_subscribed(
+    http: &reqwest::Client,
+    base: &str,
+    topic: &str,
+    transport: &str,
+    expected: usize,
+    subscribers: &mut JoinSet<Result<Tracker, BenchError>>,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // A subscriber that ended already could not connect.
+        if let Some(joined) = subscribers.try_join_next() {
+            return Err(match joined {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => {
+                    BenchError::Client("a subscriber ended before publishing began".into())
+                }
+                Err(e) => BenchError::Client(e.to_string()),
+            });
+        }
+        let info: serde_json::Value = http
+            .get(format!("{base}/topics/{topic}"))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| BenchError::Server(e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| BenchError::Server(e.to_string()))?;
+        let counted = info["subscribers"][transport].as_u64().unwrap_or(0) as usize;
+        if counted >= expected {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Server(format!(
+                "only {counted} of {expected} {transport} subscribers connected"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `rate × duration` messages at a steady pace; returns the highest id, how many
+/// were acknowledged, and how many failed.
+async fn publish(
+    args: &BenchArgs,
+    http: &reqwest::Client,
+    base: &str,
+    topic: &str,
+) -> (u64, u64, u64) {
+    let count = (args.rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
+    let padding = "x".repeat(args.payload_bytes.saturating_sub(30));
+    let url = format!("{base}/topics/{topic}");
+    let permits = Arc::new(tokio::sync::Semaphore::new(PUBLISH_CONCURRENCY));
+    let mut posts = JoinSet::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..count {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / args.rate)).await;
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let (http, url) = (http.clone(), url.clone());
+        let body = format!(r#"{{"t":{},"p":"{padding}"}}"#, now_micros());
+        posts.spawn(async move {
+            let _permit = permit;
+            let response = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            response.json::<serde_json::Value>().await.ok()?["id"].as_u64()
+        });
+    }
+    let (mut last_id, mut ok, mut failed) = (0, 0, 0);
+    while let Some(joined) = posts.join_next().await {
+        match joined.ok().flatten() {
+            Some(id) => {
+                ok += 1;
+                last_id = last_id.max(id);
+            }
+            None => failed += 1,
+        }
+    }
+    (last_id, ok, failed)
+}
+
+/// Waits until every subscriber has received `last_id`, or the timeout passes.
+async fn wait_drained(phase: &Phase, last_id: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if phase
+            .progress
+            .iter()
+            .all(|p| p.load(Ordering::Relaxed) >= last_id)
+        {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,368 @@
+//! The benchmark's outputs: a terminal table, `results.json`, `report.md` with a
+//! plain-language reading, and `latency.svg`.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{BenchArgs, PhaseResult};
+
+#[derive(Serialize)]
+struct Document<'a> {
+    command: String,
+    subscribers: usize,
+    rate: f64,
+    duration_s: f64,
+    payload_bytes: usize,
+    poll_interval_ms: u128,
+    results: &'a [PhaseResult],
+}
+
+/// The command line that reproduces a run.
+pub fn command_line(args: &BenchArgs) -> String {
+    format!(
+        "pushhub bench --transports {} --subscribers {} --rate {} --duration {}s --payload-bytes {} --poll-interval {}ms",
+        args.transports.join(","),
+        args.subscribers,
+        args.rate,
+        args.duration.as_secs_f64(),
+        args.payload_bytes,
+        args.poll_interval.as_millis()
+    )
+}
+
+/// Writes `results.json`, `report.md` and `latency.svg` into `args.out`.
+pub fn write_all(args: &BenchArgs, results: &[PhaseResult]) -> std::io::Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("results.json"), json(args, results))?;
+    std::fs::write(args.out.join("report.md"), markdown(args, results))?;
+    std::fs::write(args.out.join("latency.svg"), svg(results))?;
+    Ok(())
+}
+
+/// The machine-readable results.
+pub fn json(args: &BenchArgs, results: &[PhaseResult]) -> String {
+    serde_json::to_string_pretty(&Document {
+        command: command_line(args),
+        subscribers: args.subscribers,
+        rate: args.rate,
+        duration_s: args.duration.as_secs_f64(),
+        payload_bytes: args.payload_bytes,
+        poll_interval_ms: args.poll_interval.as_millis(),
+        results,
+    })
+    .expect("results serialize")
+}
+
+fn server_cell(result: &PhaseResult, f: impl Fn(&super::ServerUsage) -> String) -> String {
+    result.server.as_ref().map_or_else(|| "n/a".into(), f)
+}
+
+/// The results as a Markdown table (also printed on the terminal).
+pub fn table(results: &[PhaseResult]) -> String {
+    let mut out = String::from(
+        "| transport | subs | published | deliveries | lost | dup | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | deliv/s | req/deliv | bytes/deliv | server CPU s | CPU µs/deliv | peak RSS MiB | RSS/sub KiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        let l = &r.latency_ms;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.4} | {:.1} | {} | {} | {} | {} |",
+            r.transport,
+            r.subscribers,
+            r.published,
+            r.deliveries,
+            r.lost,
+            r.duplicates,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            r.deliveries_per_second,
+            r.requests_per_delivery,
+            r.bytes_per_delivery,
+            server_cell(r, |s| format!("{:.2}", s.cpu_seconds)),
+            server_cell(r, |s| format!("{:.2}", s.cpu_us_per_delivery)),
+            server_cell(r, |s| format!("{:.1}", s.peak_rss_kib as f64 / 1024.0)),
+            server_cell(r, |s| format!("{:.1}", s.rss_per_subscriber_kib)),
+        );
+    }
+    out
+}
+
+/// A short reading of the table: who won on what, and by how much.
+pub fn reading(results: &[PhaseResult]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let overloaded: Vec<&str> = results
+        .iter()
+        .filter(|r| r.overloaded())
+        .map(|r| r.transport.as_str())
+        .collect();
+    if overloaded.is_empty() {
+        lines.push("Every transport delivered every message to every subscriber exactly once (0 lost, 0 duplicated).".into());
+    } else {
+        for r in results.iter().filter(|r| r.overloaded()) {
+            lines.push(format!(
+                "**{} was overloaded**: {} lost, {} duplicated, {} publishes failed, drained: {}. Its other figures describe an overloaded run.",
+                r.transport, r.lost, r.duplicates, r.publish_errors, r.drained
+            ));
+        }
+    }
+    let compare = |label: &str,
+                   unit: &str,
+                   value: &dyn Fn(&PhaseResult) -> Option<f64>|
+     -> Option<String> {
+        let mut ranked: Vec<(&str, f64)> = results
+            .iter()
+            .filter_map(|r| value(r).map(|v| (r.transport.as_str(), v)))
+            .collect();
+        if ranked.len() < 2 {
+            return None;
+        }
+        ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let (best, best_value) = ranked[0];
+        let (worst, worst_value) = ranked[ranked.len() - 1];
+        let ratio = if best_value > 0.0 {
+            format!("{:.1}×", worst_value / best_value)
+        } else {
+            "far".into()
+        };
+        Some(format!(
+            "Lowest {label}: **{best}** ({best_value:.2} {unit}); highest: {worst} ({worst_value:.2} {unit}), {ratio} more."
+        ))
+    };
+    lines.extend(compare("p99 latency", "ms", &|r| Some(r.latency_ms.p99)));
+    lines.extend(compare("server CPU per delivery", "µs", &|r| {
+        r.server.as_ref().map(|s| s.cpu_us_per_delivery)
+    }));
+    lines.extend(compare("bytes per delivery", "B", &|r| {
+        Some(r.bytes_per_delivery)
+    }));
+    lines.extend(compare("requests per delivery", "requests", &|r| {
+        Some(r.requests_per_delivery)
+    }));
+    lines.extend(compare("server memory per subscriber", "KiB", &|r| {
+        r.server.as_ref().map(|s| s.rss_per_subscriber_kib)
+    }));
+    lines
+}
+
+/// The Markdown report.
+pub fn markdown(args: &BenchArgs, results: &[PhaseResult]) -> String {
+    let mut out = String::from("# pushhub benchmark\n\n");
+    let _ = writeln!(out, "Command: `{}`\n", command_line(args));
+    let _ = writeln!(
+        out,
+        "{} subscribers per transport, {} msg/s for {:.1} s, {}-byte payloads. Latency is publish to receipt, measured by the subscribers (same host clock). Server CPU and memory are read from /proc for the server process only.\n",
+        args.subscribers,
+        args.rate,
+        args.duration.as_secs_f64(),
+        args.payload_bytes
+    );
+    out.push_str(&table(results));
+    out.push_str("\n## Reading\n\n");
+    for line in reading(results) {
+        let _ = writeln!(out, "- {line}");
+    }
+    out.push_str("\n![latency and CPU per transport](latency.svg)\n");
+    out
+}
+
+/// A bar chart: latency p50/p99 (log scale) and server CPU µs per delivery, per transport.
+pub fn svg(results: &[PhaseResult]) -> String {
+    let (width, height) = (720.0, 320.0);
+    let panel = (width - 80.0) / 2.0;
+    let base = height - 50.0;
+    let plot = base - 40.0;
+    let mut out = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="#fff"/>
+<text x="40" y="20" font-weight="bold">latency p50 / p99 (ms, log scale)</text>
+<text x="{x2}" y="20" font-weight="bold">server CPU per delivery (µs)</text>
+"##,
+        x2 = 60.0 + panel
+    );
+    let colour = |t: &str| match t {
+        "ws" => "#2f6fdb",
+        "sse" => "#2e9d5b",
+        "longpoll" => "#b7791f",
+        _ => "#9b2c2c",
+    };
+    let n = results.len().max(1) as f64;
+    let slot = panel / n;
+    // Latency panel: log10 from 0.01 ms to 10 s.
+    let log_y = |ms: f64| base - ((ms.max(0.01).log10() + 2.0) / 6.0).clamp(0.0, 1.0) * plot;
+    for (i, r) in results.iter().enumerate() {
+        let x = 40.0 + i as f64 * slot;
+        let (p50, p99) = (r.latency_ms.p50, r.latency_ms.p99);
+        let _ = writeln!(
+            out,
+            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}" opacity="0.45"/>"#,
+            x + 4.0,
+            log_y(p99),
+            slot - 8.0,
+            base - log_y(p99),
+            colour(&r.transport)
+        );
+        let _ = writeln!(
+            out,
+            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/>"#,
+            x + 4.0,
+            log_y(p50),
+            slot - 8.0,
+            base - log_y(p50),
+            colour(&r.transport)
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x + slot / 2.0,
+            base + 16.0,
+            r.transport
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.2}/{:.2}</text>"#,
+            x + slot / 2.0,
+            base + 30.0,
+            p50,
+            p99
+        );
+    }
+    // CPU panel: linear from 0 to the largest value.
+    let max_cpu = results
+        .iter()
+        .filter_map(|r| r.server.as_ref().map(|s| s.cpu_us_per_delivery))
+        .fold(0.0, f64::max);
+    for (i, r) in results.iter().enumerate() {
+        let x = 60.0 + panel + i as f64 * slot;
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x + slot / 2.0,
+            base + 16.0,
+            r.transport
+        );
+        let Some(server) = &r.server else { continue };
+        let h = if max_cpu > 0.0 {
+            server.cpu_us_per_delivery / max_cpu * plot
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/>"#,
+            x + 4.0,
+            base - h,
+            slot - 8.0,
+            h,
+            colour(&r.transport)
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.2}</text>"#,
+            x + slot / 2.0,
+            base + 30.0,
+            server.cpu_us_per_delivery
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{ServerUsage, accounting::Percentiles};
+
+    fn result(transport: &str, p99: f64, cpu: f64, lost: u64) -> PhaseResult {
+        PhaseResult {
+            transport: transport.into(),
+            subscribers: 10,
+            published: 100,
+            deliveries: 1000 - lost,
+            expected_deliveries: 1000,
+            lost,
+            duplicates: 0,
+            publish_errors: 0,
+            latency_ms: Percentiles {
+                p50: p99 / 2.0,
+                p90: p99,
+                p99,
+                p999: p99,
+                max: p99,
+                mean: p99 / 2.0,
+            },
+            deliveries_per_second: 500.0,
+            requests_per_delivery: 0.01,
+            bytes_per_delivery: 120.0,
+            drained: lost == 0,
+            server: Some(ServerUsage {
+                cpu_seconds: 0.1,
+                cpu_us_per_delivery: cpu,
+                peak_rss_kib: 9000,
+                rss_per_subscriber_kib: 8.0,
+            }),
+        }
+    }
+
+    #[test]
+    fn reading_names_winners_ratios_and_overload() {
+        let results = [result("ws", 2.0, 3.0, 0), result("poll", 900.0, 12.0, 0)];
+        let lines = reading(&results);
+        assert!(lines[0].contains("exactly once"), "{lines:?}");
+        assert!(lines.iter().any(|l| l.contains("Lowest p99 latency: **ws** (2.00 ms)") && l.contains("450.0×")), "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("server CPU per delivery: **ws** (3.00 µs)")
+                    && l.contains("4.0×")),
+            "{lines:?}"
+        );
+
+        let lines = reading(&[result("ws", 2.0, 3.0, 5), result("sse", 2.5, 3.5, 0)]);
+        assert!(
+            lines[0].contains("**ws was overloaded**: 5 lost"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn report_files_hold_every_transport() {
+        let dir = std::env::temp_dir().join(format!("pushhub-report-{}", std::process::id()));
+        let args = BenchArgs {
+            url: None,
+            server_pid: None,
+            allow_remote: false,
+            transports: vec!["ws".into(), "poll".into()],
+            subscribers: 10,
+            rate: 50.0,
+            duration: std::time::Duration::from_secs(2),
+            payload_bytes: 100,
+            poll_interval: std::time::Duration::from_secs(1),
+            drain_timeout: std::time::Duration::from_secs(5),
+            out: dir.clone(),
+            json: false,
+            server_bin: None,
+        };
+        let results = [result("ws", 2.0, 3.0, 0), result("poll", 900.0, 12.0, 0)];
+        write_all(&args, &results).unwrap();
+        let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(
+            md.contains("| ws | 10 | 100 | 1000 | 0 | 0 | 1.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("| poll |") && md.contains("## Reading"));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(json["results"].as_array().unwrap().len(), 2);
+        assert_eq!(json["results"][1]["server"]["cpu_us_per_delivery"], 12.0);
+        let svg = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains(">poll<") && svg.trim_end().ends_with("</svg>")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,109 @@
+//! `pushhub bench` end to end: a small run of every transport against a child server,
+//! asserting zero loss and a complete report. Timings are not asserted.
+
+use std::process::Command;
+
+#[test]
+fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
+    let out = std::env::temp_dir().join(format!("pushhub-bench-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .args([
+            "bench",
+            "--subscribers",
+            "20",
+            "--rate",
+            "100",
+            "--duration",
+            "500ms",
+        ])
+        .args([
+            "--poll-interval",
+            "200ms",
+            "--payload-bytes",
+            "100",
+            "--json",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run pushhub bench");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    let results = printed["results"].as_array().unwrap();
+    let transports: Vec<&str> = results
+        .iter()
+        .map(|r| r["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(transports, ["ws", "sse", "longpoll", "poll"]);
+    for r in results {
+        let t = r["transport"].as_str().unwrap();
+        assert_eq!(r["published"], 50, "{t}");
+        assert_eq!(r["deliveries"], 1000, "{t}: 20 subscribers x 50 messages");
+        assert_eq!(r["expected_deliveries"], 1000, "{t}");
+        assert_eq!(r["lost"], 0, "{t}");
+        assert_eq!(r["duplicates"], 0, "{t}");
+        assert_eq!(r["drained"], true, "{t}");
+        assert!(r["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(
+            r["bytes_per_delivery"].as_f64().unwrap() > 100.0,
+            "{t}: payload plus envelope"
+        );
+        let server = &r["server"];
+        assert!(
+            server["cpu_us_per_delivery"].as_f64().is_some(),
+            "{t}: server usage measured"
+        );
+        assert!(server["peak_rss_kib"].as_u64().unwrap() > 0, "{t}");
+    }
+    // Streams use one request per subscriber; polls at least one per answer.
+    assert!(results[0]["requests_per_delivery"].as_f64().unwrap() <= 0.05);
+    assert!(
+        results[2]["requests_per_delivery"].as_f64().unwrap() <= 1.0 + 1e-9,
+        "long poll: never more than one request per delivery"
+    );
+
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "# pushhub benchmark",
+        "pushhub bench --transports ws,sse,longpoll,poll",
+        "| ws |",
+        "| poll |",
+        "## Reading",
+        "exactly once",
+    ] {
+        assert!(
+            report.contains(needle),
+            "report lacks {needle:?}:\n{report}"
+        );
+    }
+    let on_disk: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["results"], printed["results"]);
+    assert!(
+        std::fs::read_to_string(out.join("latency.svg"))
+            .unwrap()
+            .contains("</svg>")
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn bench_refuses_a_remote_url_without_allow_remote() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .args([
+            "bench",
+            "--url",
+            "http://192.0.2.1:8080",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--allow-remote"));
+}
