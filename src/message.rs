@@ -136,28 +136,36 @@ impl fmt::Debug for Payload {
 }
 
 /// Removes whitespace outside JSON strings. The input must be valid JSON.
+///
+/// Works on bytes: JSON whitespace, quotes and backslashes are ASCII, and UTF-8 never uses
+/// ASCII bytes inside a multi-byte character, so no character is split.
 fn minify_json(json: &str) -> String {
-    let mut out = String::with_capacity(json.len());
+    let bytes = json.as_bytes();
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+    {
+        return json.to_owned();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
     let mut in_string = false;
     let mut escaped = false;
-    for c in json.chars() {
+    for &b in bytes {
         if in_string {
-            out.push(c);
+            out.push(b);
             if escaped {
                 escaped = false;
-            } else if c == '\\' {
+            } else if b == b'\\' {
                 escaped = true;
-            } else if c == '"' {
+            } else if b == b'"' {
                 in_string = false;
             }
-        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
-            if c == '"' {
-                in_string = true;
-            }
-            out.push(c);
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            in_string = b == b'"';
+            out.push(b);
         }
     }
-    out
+    String::from_utf8(out).expect("only ASCII whitespace was removed from valid UTF-8")
 }
 
 /// A published message, with its wire encodings computed once.
@@ -173,15 +181,6 @@ pub struct Message {
     pub time: u64,
     envelope: Bytes,
     sse_frame: Bytes,
-}
-
-#[derive(Serialize)]
-struct EnvelopeRef<'a> {
-    id: MessageId,
-    topic: &'a TopicName,
-    event: &'a EventName,
-    data: &'a RawValue,
-    time: u64,
 }
 
 /// The envelope as stored outside this process (e.g. by an external log), parsed back.
@@ -204,15 +203,22 @@ impl Message {
         time: u64,
         data: &Payload,
     ) -> Self {
-        let raw: &RawValue = serde_json::from_str(data.as_str()).expect("payload is valid JSON");
-        let envelope = serde_json::to_vec(&EnvelopeRef {
-            id,
-            topic: &topic,
-            event: &event,
-            data: raw,
-            time,
-        })
-        .expect("envelope always serializes");
+        // Written by hand: names are restricted to [A-Za-z0-9._:-], which JSON never escapes,
+        // and the payload is already compact, validated JSON, so nothing needs re-parsing.
+        let data = data.as_str();
+        let mut envelope =
+            Vec::with_capacity(64 + topic.as_str().len() + event.as_str().len() + data.len());
+        envelope.extend_from_slice(b"{\"id\":");
+        envelope.extend_from_slice(id.to_string().as_bytes());
+        envelope.extend_from_slice(b",\"topic\":\"");
+        envelope.extend_from_slice(topic.as_str().as_bytes());
+        envelope.extend_from_slice(b"\",\"event\":\"");
+        envelope.extend_from_slice(event.as_str().as_bytes());
+        envelope.extend_from_slice(b"\",\"data\":");
+        envelope.extend_from_slice(data.as_bytes());
+        envelope.extend_from_slice(b",\"time\":");
+        envelope.extend_from_slice(time.to_string().as_bytes());
+        envelope.push(b'}');
         let sse_frame = encode_sse_frame(id, event.as_str(), &envelope);
         Self {
             id,
@@ -299,6 +305,12 @@ mod tests {
         assert!(Payload::from_json("{").is_err());
         assert!(Payload::from_json("").is_err());
         assert_eq!(Payload::from_text("a\n\"b").as_str(), r#""a\n\"b""#);
+        assert_eq!(
+            Payload::from_json("{ \"é\" : \"ü ß\\\\\", \"n\": [ ] }")
+                .unwrap()
+                .as_str(),
+            r#"{"é":"ü ß\\","n":[]}"#
+        );
     }
 
     #[test]

@@ -44,7 +44,10 @@ mod tests {
             for i in 0..100_000u64 {
                 spin = std::hint::black_box(spin.wrapping_add(i * i));
             }
-            assert!(started.elapsed() < Duration::from_secs(10), "no CPU time ever accounted");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no CPU time ever accounted"
+            );
         }
         assert!(rss_kib(pid).unwrap() > 100);
         assert!(cpu_time(u32::MAX).is_none());
