@@ -42,6 +42,12 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Bench(args)) => return bench(args).await,
         None => cli.serve,
     };
+    // Every subscriber holds a socket: raise the soft open-file limit to the hard limit, as
+    // nginx's worker_rlimit_nofile does, so the default 1024 does not cap connections.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

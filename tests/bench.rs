@@ -70,7 +70,7 @@ fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
         "# pushhub benchmark",
-        "pushhub bench --transports ws,sse,longpoll,poll",
+        "pushhub bench --scenario fanout --transports ws,sse,longpoll,poll",
         "| ws |",
         "| poll |",
         "## Reading",
@@ -106,4 +106,42 @@ fn bench_refuses_a_remote_url_without_allow_remote() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--allow-remote"));
+}
+
+#[test]
+fn the_idle_scenario_holds_connections_without_publishing() {
+    let out = std::env::temp_dir().join(format!("pushhub-idle-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .args([
+            "bench",
+            "--scenario",
+            "idle",
+            "--transports",
+            "ws,sse",
+            "--subscribers",
+            "50",
+        ])
+        .args(["--duration", "300ms", "--json", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for r in printed["results"].as_array().unwrap() {
+        assert_eq!(r["published"], 0);
+        assert_eq!(r["deliveries"], 0);
+        assert_eq!(r["subscribers"], 50);
+        assert!(r["server"]["rss_per_subscriber_kib"].as_f64().is_some());
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("Idle run"), "{report}");
+    assert!(
+        !report.contains("p99 latency"),
+        "an idle run compares no latency: {report}"
+    );
+    std::fs::remove_dir_all(out).unwrap();
 }

@@ -36,6 +36,16 @@ const RAMP_BATCH: usize = 100;
 /// Publishes in flight at once.
 const PUBLISH_CONCURRENCY: usize = 16;
 
+/// What a phase does once its subscribers are connected.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Publish at `--rate` for `--duration` to every subscriber of one topic.
+    Fanout,
+    /// Publish nothing for `--duration`: server memory and CPU per idle connection.
+    Idle,
+}
+
 /// Flags of `pushhub bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -49,6 +59,10 @@ pub struct BenchArgs {
     /// Allow a `--url` that is not a loopback address.
     #[arg(long)]
     pub allow_remote: bool,
+    /// What to measure: `fanout` (many subscribers, steady rate) or `idle` (connected
+    /// subscribers, no traffic).
+    #[arg(long, value_enum, default_value = "fanout")]
+    pub scenario: Scenario,
     /// Transports to measure, in order.
     #[arg(long, value_delimiter = ',', default_value = "ws,sse,longpoll,poll",
           value_parser = clap::builder::PossibleValuesParser::new(["ws", "sse", "longpoll", "poll"]))]
@@ -303,8 +317,17 @@ async fn run_phase(
 
     let cpu_start = server.pid.and_then(procfs::cpu_time);
     let started = Instant::now();
-    let (last_id, published, publish_errors) = publish(args, http, &server.base, &topic).await;
-    let drained = wait_drained(&phase, last_id, args.drain_timeout).await;
+    let (last_id, published, publish_errors, drained) = match args.scenario {
+        Scenario::Fanout => {
+            let (last_id, published, errors) = publish(args, http, &server.base, &topic).await;
+            let drained = wait_drained(&phase, last_id, args.drain_timeout).await;
+            (last_id, published, errors, drained)
+        }
+        Scenario::Idle => {
+            tokio::time::sleep(args.duration).await;
+            (0, 0, 0, true)
+        }
+    };
     let elapsed = started.elapsed();
     let cpu_end = server.pid.and_then(procfs::cpu_time);
     phase.stop.cancel();

@@ -21,7 +21,11 @@ struct Document<'a> {
 /// The command line that reproduces a run.
 pub fn command_line(args: &BenchArgs) -> String {
     format!(
-        "pushhub bench --transports {} --subscribers {} --rate {} --duration {}s --payload-bytes {} --poll-interval {}ms",
+        "pushhub bench --scenario {} --transports {} --subscribers {} --rate {} --duration {}s --payload-bytes {} --poll-interval {}ms",
+        match args.scenario {
+            super::Scenario::Fanout => "fanout",
+            super::Scenario::Idle => "idle",
+        },
         args.transports.join(","),
         args.subscribers,
         args.rate,
@@ -99,7 +103,9 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
         .filter(|r| r.overloaded())
         .map(|r| r.transport.as_str())
         .collect();
-    if overloaded.is_empty() {
+    if results.iter().all(|r| r.published == 0) {
+        lines.push("Idle run: subscribers connected, nothing published; the figures are the cost of holding connections.".into());
+    } else if overloaded.is_empty() {
         lines.push("Every transport delivered every message to every subscriber exactly once (0 lost, 0 duplicated).".into());
     } else {
         for r in results.iter().filter(|r| r.overloaded()) {
@@ -132,16 +138,22 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
             "Lowest {label}: **{best}** ({best_value:.2} {unit}); highest: {worst} ({worst_value:.2} {unit}), {ratio} more."
         ))
     };
-    lines.extend(compare("p99 latency", "ms", &|r| Some(r.latency_ms.p99)));
-    lines.extend(compare("server CPU per delivery", "µs", &|r| {
-        r.server.as_ref().map(|s| s.cpu_us_per_delivery)
-    }));
-    lines.extend(compare("bytes per delivery", "B", &|r| {
-        Some(r.bytes_per_delivery)
-    }));
-    lines.extend(compare("requests per delivery", "requests", &|r| {
-        Some(r.requests_per_delivery)
-    }));
+    if results.iter().any(|r| r.deliveries > 0) {
+        lines.extend(compare("p99 latency", "ms", &|r| Some(r.latency_ms.p99)));
+        lines.extend(compare("server CPU per delivery", "µs", &|r| {
+            r.server.as_ref().map(|s| s.cpu_us_per_delivery)
+        }));
+        lines.extend(compare("bytes per delivery", "B", &|r| {
+            Some(r.bytes_per_delivery)
+        }));
+        lines.extend(compare("requests per delivery", "requests", &|r| {
+            Some(r.requests_per_delivery)
+        }));
+    } else {
+        lines.extend(compare("server CPU while idle", "s", &|r| {
+            r.server.as_ref().map(|s| s.cpu_seconds)
+        }));
+    }
     lines.extend(compare("server memory per subscriber", "KiB", &|r| {
         r.server.as_ref().map(|s| s.rss_per_subscriber_kib)
     }));
@@ -335,6 +347,7 @@ mod tests {
             url: None,
             server_pid: None,
             allow_remote: false,
+            scenario: crate::bench::Scenario::Fanout,
             transports: vec!["ws".into(), "poll".into()],
             subscribers: 10,
             rate: 50.0,
