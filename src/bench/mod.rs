@@ -280,8 +280,16 @@ async fn run_phase(
     });
     let rss_before = server.pid.and_then(procfs::rss_kib);
 
+    let progress = indicatif::ProgressBar::new(args.subscribers as u64).with_style(
+        indicatif::ProgressStyle::with_template("{prefix:>9} {msg:<12} [{bar:30}] {pos}/{len}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix(transport.to_owned());
+    progress.set_message("connecting");
     let mut subscribers = JoinSet::new();
     for index in 0..args.subscribers {
+        progress.inc(1);
         let (phase, transport) = (phase.clone(), transport.to_owned());
         subscribers.spawn(async move { subscriber::run(&transport, phase, index).await });
         if (index + 1) % RAMP_BATCH == 0 {
@@ -316,6 +324,22 @@ async fn run_phase(
     });
 
     let cpu_start = server.pid.and_then(procfs::cpu_time);
+    progress.set_message(match args.scenario {
+        Scenario::Fanout => "publishing",
+        Scenario::Idle => "idle",
+    });
+    progress.set_length(args.duration.as_millis() as u64);
+    progress.set_position(0);
+    let ticker = {
+        let (progress, stop) = (progress.clone(), phase.stop.clone());
+        let started = Instant::now();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                progress.set_position(started.elapsed().as_millis() as u64);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let started = Instant::now();
     let (last_id, published, publish_errors, drained) = match args.scenario {
         Scenario::Fanout => {
@@ -334,6 +358,8 @@ async fn run_phase(
     if let Some(sampler) = sampler {
         let _ = sampler.await;
     }
+    let _ = ticker.await;
+    progress.finish_with_message(if drained { "done" } else { "not drained" });
 
     let mut total = Tracker::default();
     let mut latency = latency_histogram();
