@@ -44,6 +44,9 @@ pub enum Scenario {
     Fanout,
     /// Publish nothing for `--duration`: server memory and CPU per idle connection.
     Idle,
+    /// Search for the highest rate delivered with no loss: start at `--rate`, double while
+    /// it holds, then bisect (within 15%) once it does not.
+    Throughput,
 }
 
 /// Flags of `pushhub bench`.
@@ -131,6 +134,10 @@ pub struct ServerUsage {
 pub struct PhaseResult {
     /// Transport measured.
     pub transport: String,
+    /// Publish rate asked for, msg/s.
+    pub rate: f64,
+    /// Publish rate the bench achieved, msg/s.
+    pub publish_rate: f64,
     /// Subscribers connected.
     pub subscribers: usize,
     /// Messages the server acknowledged.
@@ -164,6 +171,12 @@ impl PhaseResult {
     /// bench host): the report says so instead of presenting the figures as clean.
     pub fn overloaded(&self) -> bool {
         self.lost > 0 || self.duplicates > 0 || !self.drained || self.publish_errors > 0
+    }
+
+    /// The bench's own publisher fell more than 10% short of the asked rate: past this point
+    /// a search measures the bench, not the server.
+    pub fn publisher_limited(&self) -> bool {
+        self.published > 0 && self.publish_rate < 0.9 * self.rate
     }
 }
 
@@ -258,9 +271,68 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<PhaseResult>, BenchError> {
             "bench: {transport}: {} subscribers, {} msg/s for {:?}",
             args.subscribers, args.rate, args.duration
         );
-        results.push(run_phase(args, &server, &http, transport).await?);
+        results.push(match args.scenario {
+            Scenario::Throughput => search_throughput(args, &server, &http, transport).await?,
+            _ => run_phase(args, &server, &http, transport, args.rate).await?,
+        });
     }
     Ok(results)
+}
+
+/// Doubles the rate while every message reaches every subscriber, then bisects between the
+/// last rate that held and the first that did not. Returns the result at the highest rate
+/// that held (or the last attempt, marked overloaded, if none did).
+async fn search_throughput(
+    args: &BenchArgs,
+    server: &Server,
+    http: &reqwest::Client,
+    transport: &str,
+) -> Result<PhaseResult, BenchError> {
+    let mut rate = args.rate;
+    let mut held: Option<PhaseResult> = None;
+    let mut failed_at: Option<f64> = None;
+    let mut last = None;
+    for _ in 0..12 {
+        let result = run_phase(args, server, http, transport, rate).await?;
+        eprintln!(
+            "bench: {transport} at {rate:.0} msg/s: {}",
+            if result.overloaded() {
+                "lost messages"
+            } else if result.publisher_limited() {
+                "publisher-limited"
+            } else {
+                "held"
+            }
+        );
+        if result.overloaded() {
+            failed_at = Some(rate);
+            last = Some(result);
+        } else if result.publisher_limited() {
+            // Faster is not measurable from this bench host.
+            return Ok(result);
+        } else {
+            held = Some(result);
+        }
+        match next_rate(rate, held.as_ref().map(|r| r.rate), failed_at) {
+            Some(next) => rate = next,
+            None => break,
+        }
+    }
+    held.or(last)
+        .ok_or_else(|| BenchError::Setup("throughput search ran no phase".into()))
+}
+
+/// The next rate of a throughput search, or `None` when it has converged: double until a
+/// rate fails, then bisect between the best rate that held and the lowest that failed, until
+/// they are within 15%.
+fn next_rate(rate: f64, held: Option<f64>, failed_at: Option<f64>) -> Option<f64> {
+    let next = match (held, failed_at) {
+        (_, None) => rate * 2.0,
+        (Some(good), Some(bad)) if bad / good <= 1.15 => return None,
+        (Some(good), Some(bad)) => (good + bad) / 2.0,
+        (None, Some(bad)) => bad / 2.0,
+    };
+    (next >= 1.0).then_some(next)
 }
 
 async fn run_phase(
@@ -268,6 +340,7 @@ async fn run_phase(
     server: &Server,
     http: &reqwest::Client,
     transport: &str,
+    rate: f64,
 ) -> Result<PhaseResult, BenchError> {
     let topic = format!("bench-{transport}-{:x}", now_micros());
     let phase = Arc::new(Phase {
@@ -325,7 +398,7 @@ async fn run_phase(
 
     let cpu_start = server.pid.and_then(procfs::cpu_time);
     progress.set_message(match args.scenario {
-        Scenario::Fanout => "publishing",
+        Scenario::Fanout | Scenario::Throughput => "publishing",
         Scenario::Idle => "idle",
     });
     progress.set_length(args.duration.as_millis() as u64);
@@ -341,15 +414,17 @@ async fn run_phase(
         })
     };
     let started = Instant::now();
-    let (last_id, published, publish_errors, drained) = match args.scenario {
-        Scenario::Fanout => {
-            let (last_id, published, errors) = publish(args, http, &server.base, &topic).await;
+    let (last_id, published, publish_errors, publish_rate, drained) = match args.scenario {
+        Scenario::Fanout | Scenario::Throughput => {
+            let (last_id, published, errors) =
+                publish(args, rate, http, &server.base, &topic).await;
+            let publish_rate = published as f64 / started.elapsed().as_secs_f64();
             let drained = wait_drained(&phase, last_id, args.drain_timeout).await;
-            (last_id, published, errors, drained)
+            (last_id, published, errors, publish_rate, drained)
         }
         Scenario::Idle => {
             tokio::time::sleep(args.duration).await;
-            (0, 0, 0, true)
+            (0, 0, 0, 0.0, true)
         }
     };
     let elapsed = started.elapsed();
@@ -402,6 +477,8 @@ async fn run_phase(
     };
     Ok(PhaseResult {
         transport: transport.to_owned(),
+        rate,
+        publish_rate,
         subscribers: args.subscribers,
         published,
         deliveries,
@@ -465,18 +542,19 @@ async fn wait_subscribed(
 /// were acknowledged, and how many failed.
 async fn publish(
     args: &BenchArgs,
+    rate: f64,
     http: &reqwest::Client,
     base: &str,
     topic: &str,
 ) -> (u64, u64, u64) {
-    let count = (args.rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
+    let count = (rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
     let padding = "x".repeat(args.payload_bytes.saturating_sub(30));
     let url = format!("{base}/topics/{topic}");
     let permits = Arc::new(tokio::sync::Semaphore::new(PUBLISH_CONCURRENCY));
     let mut posts = JoinSet::new();
     let start = tokio::time::Instant::now();
     for i in 0..count {
-        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / args.rate)).await;
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
         let permit = permits
             .clone()
             .acquire_owned()
@@ -527,5 +605,22 @@ async fn wait_drained(phase: &Phase, last_id: u64, timeout: Duration) -> bool {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_rate;
+
+    #[test]
+    fn throughput_search_doubles_then_bisects_to_within_fifteen_percent() {
+        assert_eq!(next_rate(1000.0, Some(1000.0), None), Some(2000.0));
+        // 8000 failed after 4000 held: try 6000, then 7000, and stop within 15%.
+        assert_eq!(next_rate(8000.0, Some(4000.0), Some(8000.0)), Some(6000.0));
+        assert_eq!(next_rate(6000.0, Some(6000.0), Some(8000.0)), Some(7000.0));
+        assert_eq!(next_rate(7000.0, Some(7000.0), Some(8000.0)), None);
+        // Nothing held yet: halve.
+        assert_eq!(next_rate(1000.0, None, Some(1000.0)), Some(500.0));
+        assert_eq!(next_rate(1.5, None, Some(1.5)), None);
     }
 }

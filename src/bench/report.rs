@@ -25,6 +25,7 @@ pub fn command_line(args: &BenchArgs) -> String {
         match args.scenario {
             super::Scenario::Fanout => "fanout",
             super::Scenario::Idle => "idle",
+            super::Scenario::Throughput => "throughput",
         },
         args.transports.join(","),
         args.subscribers,
@@ -65,14 +66,15 @@ fn server_cell(result: &PhaseResult, f: impl Fn(&super::ServerUsage) -> String) 
 /// The results as a Markdown table (also printed on the terminal).
 pub fn table(results: &[PhaseResult]) -> String {
     let mut out = String::from(
-        "| transport | subs | published | deliveries | lost | dup | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | deliv/s | req/deliv | bytes/deliv | server CPU s | CPU µs/deliv | peak RSS MiB | RSS/sub KiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| transport | msg/s | subs | published | deliveries | lost | dup | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | deliv/s | req/deliv | bytes/deliv | server CPU s | CPU µs/deliv | peak RSS MiB | RSS/sub KiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let l = &r.latency_ms;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.4} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.4} | {:.1} | {} | {} | {} | {} |",
             r.transport,
+            r.rate,
             r.subscribers,
             r.published,
             r.deliveries,
@@ -103,6 +105,12 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
         .filter(|r| r.overloaded())
         .map(|r| r.transport.as_str())
         .collect();
+    for r in results.iter().filter(|r| r.publisher_limited()) {
+        lines.push(format!(
+            "{}: the bench publisher reached only {:.0} of {:.0} msg/s, so the server's limit for it lies above what this host can drive.",
+            r.transport, r.publish_rate, r.rate
+        ));
+    }
     if results.iter().all(|r| r.published == 0) {
         lines.push("Idle run: subscribers connected, nothing published; the figures are the cost of holding connections.".into());
     } else if overloaded.is_empty() {
@@ -291,6 +299,8 @@ mod tests {
     fn result(transport: &str, p99: f64, cpu: f64, lost: u64) -> PhaseResult {
         PhaseResult {
             transport: transport.into(),
+            rate: 100.0,
+            publish_rate: 100.0,
             subscribers: 10,
             published: 100,
             deliveries: 1000 - lost,
@@ -363,7 +373,7 @@ mod tests {
         write_all(&args, &results).unwrap();
         let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
         assert!(
-            md.contains("| ws | 10 | 100 | 1000 | 0 | 0 | 1.00 |"),
+            md.contains("| ws | 100 | 10 | 100 | 1000 | 0 | 0 | 1.00 |"),
             "{md}"
         );
         assert!(md.contains("| poll |") && md.contains("## Reading"));
