@@ -189,6 +189,22 @@ pub fn markdown(args: &BenchArgs, results: &[PhaseResult]) -> String {
     out
 }
 
+/// One bar of the chart.
+fn bar(out: &mut String, x: f64, top: f64, width: f64, height: f64, fill: &str, opacity: f64) {
+    let _ = writeln!(
+        out,
+        r#"<rect x="{x:.1}" y="{top:.1}" width="{width:.1}" height="{height:.1}" fill="{fill}" opacity="{opacity}"/>"#
+    );
+}
+
+/// One centred label of the chart.
+fn label(out: &mut String, x: f64, y: f64, size: u32, text: &str) {
+    let _ = writeln!(
+        out,
+        r#"<text x="{x:.1}" y="{y:.1}" text-anchor="middle" font-size="{size}">{text}</text>"#
+    );
+}
+
 /// A bar chart: latency p50/p99 (log scale) and server CPU µs per delivery, per transport.
 pub fn svg(results: &[PhaseResult]) -> String {
     let (width, height) = (720.0, 320.0);
@@ -209,83 +225,61 @@ pub fn svg(results: &[PhaseResult]) -> String {
         "longpoll" => "#b7791f",
         _ => "#9b2c2c",
     };
-    let n = results.len().max(1) as f64;
-    let slot = panel / n;
+    let slot = panel / results.len().max(1) as f64;
     // Latency panel: log10 from 0.01 ms to 10 s.
     let log_y = |ms: f64| base - ((ms.max(0.01).log10() + 2.0) / 6.0).clamp(0.0, 1.0) * plot;
-    for (i, r) in results.iter().enumerate() {
-        let x = 40.0 + i as f64 * slot;
-        let (p50, p99) = (r.latency_ms.p50, r.latency_ms.p99);
-        let _ = writeln!(
-            out,
-            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}" opacity="0.45"/>"#,
-            x + 4.0,
-            log_y(p99),
-            slot - 8.0,
-            base - log_y(p99),
-            colour(&r.transport)
-        );
-        let _ = writeln!(
-            out,
-            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/>"#,
-            x + 4.0,
-            log_y(p50),
-            slot - 8.0,
-            base - log_y(p50),
-            colour(&r.transport)
-        );
-        let _ = writeln!(
-            out,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            x + slot / 2.0,
-            base + 16.0,
-            r.transport
-        );
-        let _ = writeln!(
-            out,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.2}/{:.2}</text>"#,
-            x + slot / 2.0,
-            base + 30.0,
-            p50,
-            p99
-        );
-    }
-    // CPU panel: linear from 0 to the largest value.
     let max_cpu = results
         .iter()
         .filter_map(|r| r.server.as_ref().map(|s| s.cpu_us_per_delivery))
         .fold(0.0, f64::max);
     for (i, r) in results.iter().enumerate() {
-        let x = 60.0 + panel + i as f64 * slot;
-        let _ = writeln!(
-            out,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            x + slot / 2.0,
-            base + 16.0,
-            r.transport
-        );
-        let Some(server) = &r.server else { continue };
-        let h = if max_cpu > 0.0 {
-            server.cpu_us_per_delivery / max_cpu * plot
-        } else {
-            0.0
-        };
-        let _ = writeln!(
-            out,
-            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/>"#,
+        let fill = colour(&r.transport);
+        let x = 40.0 + i as f64 * slot;
+        let (p50, p99) = (r.latency_ms.p50, r.latency_ms.p99);
+        bar(
+            &mut out,
             x + 4.0,
-            base - h,
+            log_y(p99),
             slot - 8.0,
-            h,
-            colour(&r.transport)
+            base - log_y(p99),
+            fill,
+            0.45,
         );
-        let _ = writeln!(
-            out,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.2}</text>"#,
+        bar(
+            &mut out,
+            x + 4.0,
+            log_y(p50),
+            slot - 8.0,
+            base - log_y(p50),
+            fill,
+            1.0,
+        );
+        label(&mut out, x + slot / 2.0, base + 16.0, 12, &r.transport);
+        label(
+            &mut out,
             x + slot / 2.0,
             base + 30.0,
-            server.cpu_us_per_delivery
+            10,
+            &format!("{p50:.2}/{p99:.2}"),
         );
+        // CPU panel: linear from 0 to the largest value.
+        let x = 60.0 + panel + i as f64 * slot;
+        label(&mut out, x + slot / 2.0, base + 16.0, 12, &r.transport);
+        if let Some(server) = &r.server {
+            let h = if max_cpu > 0.0 {
+                server.cpu_us_per_delivery / max_cpu * plot
+            } else {
+                0.0
+            };
+            bar(&mut out, x + 4.0, base - h, slot - 8.0, h, fill, 1.0);
+            label(
+                &mut out,
+                x + slot / 2.0,
+                base + 30.0,
+                10,
+                &format!("{:.2}", server.cpu_us_per_delivery),
+            );
+        }
     }
     out.push_str("</svg>\n");
     out
