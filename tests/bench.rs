@@ -145,3 +145,47 @@ fn the_idle_scenario_holds_connections_without_publishing() {
     );
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn the_chat_scenario_spreads_messages_over_topics_and_loses_none() {
+    let out = std::env::temp_dir().join(format!("pushhub-chat-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .args([
+            "bench",
+            "--scenario",
+            "chat",
+            "--topics",
+            "5",
+            "--subscribers",
+            "20",
+        ])
+        .args([
+            "--rate",
+            "100",
+            "--duration",
+            "500ms",
+            "--transports",
+            "ws,longpoll",
+            "--json",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for r in printed["results"].as_array().unwrap() {
+        let t = r["transport"].as_str().unwrap();
+        // 50 messages over 5 topics = 10 each; 4 subscribers per topic receive their topic's 10.
+        assert_eq!(r["published"], 50, "{t}");
+        assert_eq!(r["expected_deliveries"], 200, "{t}");
+        assert_eq!(r["deliveries"], 200, "{t}");
+        assert_eq!(r["lost"], 0, "{t}");
+        assert_eq!(r["duplicates"], 0, "{t}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -44,6 +44,9 @@ pub enum Scenario {
     Fanout,
     /// Publish nothing for `--duration`: server memory and CPU per idle connection.
     Idle,
+    /// Many topics (`--topics`), each with a few of the subscribers; the publish rate is spread
+    /// over them, as in a chat service with many rooms.
+    Chat,
     /// Search for the highest rate delivered with no loss: start at `--rate`, double while
     /// it holds, then bisect (within 15%) once it does not.
     Throughput,
@@ -70,6 +73,9 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "ws,sse,longpoll,poll",
           value_parser = clap::builder::PossibleValuesParser::new(["ws", "sse", "longpoll", "poll"]))]
     pub transports: Vec<String>,
+    /// Topics of the `chat` scenario (the others use one topic).
+    #[arg(long, default_value_t = 100)]
+    pub topics: usize,
     /// Subscribers per transport.
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
@@ -342,10 +348,16 @@ async fn run_phase(
     transport: &str,
     rate: f64,
 ) -> Result<PhaseResult, BenchError> {
-    let topic = format!("bench-{transport}-{:x}", now_micros());
+    let prefix = format!("bench-{transport}-{:x}", now_micros());
+    let topics: Vec<String> = match args.scenario {
+        Scenario::Chat => (0..args.topics.clamp(1, args.subscribers))
+            .map(|k| format!("{prefix}-{k}"))
+            .collect(),
+        _ => vec![prefix],
+    };
     let phase = Arc::new(Phase {
         base: server.base.clone(),
-        topic: topic.clone(),
+        topics: topics.clone(),
         http: http.clone(),
         poll_interval: args.poll_interval,
         progress: (0..args.subscribers).map(|_| Default::default()).collect(),
@@ -372,7 +384,7 @@ async fn run_phase(
     wait_subscribed(
         http,
         &server.base,
-        &topic,
+        &topics,
         transport,
         args.subscribers,
         &mut subscribers,
@@ -398,7 +410,7 @@ async fn run_phase(
 
     let cpu_start = server.pid.and_then(procfs::cpu_time);
     progress.set_message(match args.scenario {
-        Scenario::Fanout | Scenario::Throughput => "publishing",
+        Scenario::Fanout | Scenario::Throughput | Scenario::Chat => "publishing",
         Scenario::Idle => "idle",
     });
     progress.set_length(args.duration.as_millis() as u64);
@@ -414,17 +426,17 @@ async fn run_phase(
         })
     };
     let started = Instant::now();
-    let (last_id, published, publish_errors, publish_rate, drained) = match args.scenario {
-        Scenario::Fanout | Scenario::Throughput => {
-            let (last_id, published, errors) =
-                publish(args, rate, http, &server.base, &topic).await;
+    let (last_ids, published, publish_errors, publish_rate, drained) = match args.scenario {
+        Scenario::Fanout | Scenario::Throughput | Scenario::Chat => {
+            let (last_ids, published, errors) =
+                publish(args, rate, http, &server.base, &topics).await;
             let publish_rate = published as f64 / started.elapsed().as_secs_f64();
-            let drained = wait_drained(&phase, last_id, args.drain_timeout).await;
-            (last_id, published, errors, publish_rate, drained)
+            let drained = wait_drained(&phase, &last_ids, args.drain_timeout).await;
+            (last_ids, published, errors, publish_rate, drained)
         }
         Scenario::Idle => {
             tokio::time::sleep(args.duration).await;
-            (0, 0, 0, 0.0, true)
+            (vec![0; topics.len()], 0, 0, 0.0, true)
         }
     };
     let elapsed = started.elapsed();
@@ -439,8 +451,8 @@ async fn run_phase(
     let mut total = Tracker::default();
     let mut latency = latency_histogram();
     while let Some(joined) = subscribers.join_next().await {
-        let mut tracker = joined.map_err(|e| BenchError::Client(e.to_string()))??;
-        tracker.finish(last_id);
+        let (index, mut tracker) = joined.map_err(|e| BenchError::Client(e.to_string()))??;
+        tracker.finish(last_ids[index % last_ids.len()]);
         latency
             .add(&tracker.latency)
             .expect("same histogram bounds");
@@ -482,7 +494,10 @@ async fn run_phase(
         subscribers: args.subscribers,
         published,
         deliveries,
-        expected_deliveries: published * args.subscribers as u64,
+        // Fresh topics: a topic's last id is how many messages it got.
+        expected_deliveries: (0..args.subscribers)
+            .map(|i| last_ids[i % last_ids.len()])
+            .sum(),
         lost: total.missing,
         duplicates: total.duplicates,
         publish_errors,
@@ -499,10 +514,10 @@ async fn run_phase(
 async fn wait_subscribed(
     http: &reqwest::Client,
     base: &str,
-    topic: &str,
+    topics: &[String],
     transport: &str,
     expected: usize,
-    subscribers: &mut JoinSet<Result<Tracker, BenchError>>,
+    subscribers: &mut JoinSet<Result<(usize, Tracker), BenchError>>,
 ) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -516,16 +531,19 @@ async fn wait_subscribed(
                 Err(e) => BenchError::Client(e.to_string()),
             });
         }
-        let info: serde_json::Value = http
-            .get(format!("{base}/topics/{topic}"))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| BenchError::Server(e.to_string()))?
-            .json()
-            .await
-            .map_err(|e| BenchError::Server(e.to_string()))?;
-        let counted = info["subscribers"][transport].as_u64().unwrap_or(0) as usize;
+        let mut counted = 0;
+        for topic in topics {
+            let info: serde_json::Value = http
+                .get(format!("{base}/topics/{topic}"))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| BenchError::Server(e.to_string()))?
+                .json()
+                .await
+                .map_err(|e| BenchError::Server(e.to_string()))?;
+            counted += info["subscribers"][transport].as_u64().unwrap_or(0) as usize;
+        }
         if counted >= expected {
             return Ok(());
         }
@@ -545,11 +563,10 @@ async fn publish(
     rate: f64,
     http: &reqwest::Client,
     base: &str,
-    topic: &str,
-) -> (u64, u64, u64) {
+    topics: &[String],
+) -> (Vec<u64>, u64, u64) {
     let count = (rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
     let padding = "x".repeat(args.payload_bytes.saturating_sub(30));
-    let url = format!("{base}/topics/{topic}");
     let permits = Arc::new(tokio::sync::Semaphore::new(PUBLISH_CONCURRENCY));
     let mut posts = JoinSet::new();
     let start = tokio::time::Instant::now();
@@ -560,7 +577,8 @@ async fn publish(
             .acquire_owned()
             .await
             .expect("semaphore open");
-        let (http, url) = (http.clone(), url.clone());
+        let slot = i as usize % topics.len();
+        let (http, url) = (http.clone(), format!("{base}/topics/{}", topics[slot]));
         let body = format!(r#"{{"t":{},"p":"{padding}"}}"#, now_micros());
         posts.spawn(async move {
             let _permit = permit;
@@ -574,31 +592,33 @@ async fn publish(
             if !response.status().is_success() {
                 return None;
             }
-            response.json::<serde_json::Value>().await.ok()?["id"].as_u64()
+            let id = response.json::<serde_json::Value>().await.ok()?["id"].as_u64()?;
+            Some((slot, id))
         });
     }
-    let (mut last_id, mut ok, mut failed) = (0, 0, 0);
+    let (mut last_ids, mut ok, mut failed) = (vec![0; topics.len()], 0, 0);
     while let Some(joined) = posts.join_next().await {
         match joined.ok().flatten() {
-            Some(id) => {
+            Some((slot, id)) => {
                 ok += 1;
-                last_id = last_id.max(id);
+                last_ids[slot] = last_ids[slot].max(id);
             }
             None => failed += 1,
         }
     }
-    (last_id, ok, failed)
+    (last_ids, ok, failed)
 }
 
-/// Waits until every subscriber has received `last_id`, or the timeout passes.
-async fn wait_drained(phase: &Phase, last_id: u64, timeout: Duration) -> bool {
+/// Waits until every subscriber has received its topic's last id, or the timeout passes.
+async fn wait_drained(phase: &Phase, last_ids: &[u64], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if phase
+        let caught_up = phase
             .progress
             .iter()
-            .all(|p| p.load(Ordering::Relaxed) >= last_id)
-        {
+            .enumerate()
+            .all(|(i, p)| p.load(Ordering::Relaxed) >= last_ids[i % last_ids.len()]);
+        if caught_up {
             return true;
         }
         if Instant::now() > deadline {

@@ -19,7 +19,8 @@ use super::{
 /// What every subscriber of a phase shares.
 pub(crate) struct Phase {
     pub(crate) base: String,
-    pub(crate) topic: String,
+    /// Topics of the phase; subscriber `i` follows `topics[i % topics.len()]`.
+    pub(crate) topics: Vec<String>,
     pub(crate) http: reqwest::Client,
     pub(crate) poll_interval: Duration,
     /// Highest id each subscriber has received, for the drain wait.
@@ -48,6 +49,11 @@ struct PollAnswer {
 }
 
 impl Phase {
+    /// The topic subscriber `index` follows.
+    pub(crate) fn topic_of(&self, index: usize) -> &str {
+        &self.topics[index % self.topics.len()]
+    }
+
     fn record(&self, index: usize, tracker: &mut Tracker, envelope: &Envelope) {
         tracker.on_message(envelope.id, envelope.data.t, now_micros());
         self.progress[index].store(tracker.last_id, Ordering::Relaxed);
@@ -59,7 +65,7 @@ pub(crate) async fn run(
     transport: &str,
     phase: Arc<Phase>,
     index: usize,
-) -> Result<Tracker, BenchError> {
+) -> Result<(usize, Tracker), BenchError> {
     let mut tracker = Tracker::default();
     match transport {
         "ws" => websocket(&phase, index, &mut tracker).await?,
@@ -67,14 +73,14 @@ pub(crate) async fn run(
         "longpoll" | "poll" => polling(transport, &phase, index, &mut tracker).await?,
         other => return Err(BenchError::Setup(format!("unknown transport {other}"))),
     }
-    Ok(tracker)
+    Ok((index, tracker))
 }
 
 async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
     let url = format!(
         "{}/topics/{}/ws?after=0",
         phase.base.replacen("http", "ws", 1),
-        phase.topic
+        phase.topic_of(index)
     );
     let (mut socket, _) = tokio_tungstenite::connect_async(&url)
         .await
@@ -102,7 +108,11 @@ async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result
 }
 
 async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
-    let url = format!("{}/topics/{}/sse?after=0", phase.base, phase.topic);
+    let url = format!(
+        "{}/topics/{}/sse?after=0",
+        phase.base,
+        phase.topic_of(index)
+    );
     let response = phase.http.get(&url).send().await.map_err(client_error)?;
     tracker.requests += 1;
     let mut body = response.bytes_stream();
@@ -144,11 +154,13 @@ async fn polling(
         let url = match kind {
             "longpoll" => format!(
                 "{}/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
-                phase.base, phase.topic
+                phase.base,
+                phase.topic_of(index)
             ),
             _ => format!(
                 "{}/topics/{}/poll?after={after}&limit=1000&client=bench-{index}",
-                phase.base, phase.topic
+                phase.base,
+                phase.topic_of(index)
             ),
         };
         let request = async {
