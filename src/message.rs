@@ -276,11 +276,16 @@ pub fn encode_sse_frame(id: MessageId, event: &str, data: &[u8]) -> Bytes {
     Bytes::from(frame)
 }
 
-/// Unix time in milliseconds.
+/// Unix time in milliseconds: the envelope's `time`.
 pub fn now_millis() -> u64 {
+    now_micros() / 1000
+}
+
+/// Unix time in microseconds.
+pub fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 

@@ -1,29 +1,17 @@
-//! `pushhub bench` end to end: a small run of every transport against a child server,
+//! `pushhub bench` end to end: small runs of every scenario against a child server,
 //! asserting zero loss and a complete report. Timings are not asserted.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
-#[test]
-fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
-    let out = std::env::temp_dir().join(format!("pushhub-bench-{}", std::process::id()));
+use serde_json::Value;
+
+/// Runs `pushhub bench ARGS --json --out DIR` and returns what it printed and the directory.
+fn bench(name: &str, args: &[&str]) -> (Value, PathBuf) {
+    let out = std::env::temp_dir().join(format!("pushhub-{name}-{}", std::process::id()));
     let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
-        .args([
-            "bench",
-            "--subscribers",
-            "20",
-            "--rate",
-            "100",
-            "--duration",
-            "500ms",
-        ])
-        .args([
-            "--poll-interval",
-            "200ms",
-            "--payload-bytes",
-            "100",
-            "--json",
-            "--out",
-        ])
+        .arg("bench")
+        .args(args)
+        .args(["--json", "--out"])
         .arg(&out)
         .output()
         .expect("run pushhub bench");
@@ -32,8 +20,23 @@ fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
         "bench failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let printed: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    let printed = serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    (printed, out)
+}
+
+#[test]
+fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
+    let (printed, out) = bench(
+        "fanout",
+        &[
+            "--subscribers",
+            "20",
+            "--rate",
+            "100",
+            "--duration",
+            "500ms",
+        ],
+    );
     let results = printed["results"].as_array().unwrap();
     let transports: Vec<&str> = results
         .iter()
@@ -81,7 +84,7 @@ fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
             "report lacks {needle:?}:\n{report}"
         );
     }
-    let on_disk: serde_json::Value =
+    let on_disk: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(on_disk["results"], printed["results"]);
     assert!(
@@ -110,27 +113,19 @@ fn bench_refuses_a_remote_url_without_allow_remote() {
 
 #[test]
 fn the_idle_scenario_holds_connections_without_publishing() {
-    let out = std::env::temp_dir().join(format!("pushhub-idle-{}", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
-        .args([
-            "bench",
+    let (printed, out) = bench(
+        "idle",
+        &[
             "--scenario",
             "idle",
             "--transports",
             "ws,sse",
             "--subscribers",
             "50",
-        ])
-        .args(["--duration", "300ms", "--json", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+            "--duration",
+            "300ms",
+        ],
     );
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     for r in printed["results"].as_array().unwrap() {
         assert_eq!(r["published"], 0);
         assert_eq!(r["deliveries"], 0);
@@ -148,36 +143,23 @@ fn the_idle_scenario_holds_connections_without_publishing() {
 
 #[test]
 fn the_chat_scenario_spreads_messages_over_topics_and_loses_none() {
-    let out = std::env::temp_dir().join(format!("pushhub-chat-{}", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
-        .args([
-            "bench",
+    let (printed, out) = bench(
+        "chat",
+        &[
             "--scenario",
             "chat",
             "--topics",
             "5",
             "--subscribers",
             "20",
-        ])
-        .args([
             "--rate",
             "100",
             "--duration",
             "500ms",
             "--transports",
             "ws,longpoll",
-            "--json",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
     );
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     for r in printed["results"].as_array().unwrap() {
         let t = r["transport"].as_str().unwrap();
         // 50 messages over 5 topics = 10 each; 4 subscribers per topic receive their topic's 10.

@@ -3,6 +3,8 @@
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+pub use crate::message::now_micros;
+
 /// Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
@@ -98,14 +100,6 @@ impl Percentiles {
             mean: histogram.mean() / 1000.0,
         }
     }
-}
-
-/// Microseconds since the Unix epoch: the clock publish times are written with.
-pub fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
