@@ -60,3 +60,46 @@ async fn last_event_id_wins_over_the_after_parameter() {
     let mut sse = server.sse("/topics/resume/sse?after=3", None).await;
     assert_eq!(sse.next_event().await.unwrap().id.as_deref(), Some("4"));
 }
+
+#[tokio::test]
+async fn a_write_delay_gathers_messages_into_fewer_writes_in_order() {
+    let config = pushhub::Config {
+        write_delay: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server = start_with(config).await;
+    let mut sse = server.sse("/topics/batched/sse", None).await;
+    let mut ws = server.ws("/topics/batched/ws").await;
+    // 150 messages: more than one write's worth (64), published well inside the window.
+    let published =
+        futures::future::join_all((0..150).map(|n| server.publish("batched", json!(n)))).await;
+    assert_eq!(published.len(), 150);
+    let mut sse_ids = Vec::new();
+    let mut ws_ids = Vec::new();
+    for _ in 0..150 {
+        sse_ids.push(
+            sse.next_event().await.unwrap().json()["id"]
+                .as_u64()
+                .unwrap(),
+        );
+        ws_ids.push(ws.next_envelope().await["id"].as_u64().unwrap());
+    }
+    let expected: Vec<u64> = (1..=150).collect();
+    assert_eq!(sse_ids, expected);
+    assert_eq!(ws_ids, expected);
+
+    // Ten messages 10 ms apart: without a delay, ten writes; with one, they share a write.
+    let before = sse.chunks;
+    for n in 0..10 {
+        server.publish("batched", json!(n)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..10 {
+        sse.next_event().await.unwrap();
+    }
+    let writes = sse.chunks - before;
+    assert!(
+        writes <= 3,
+        "10 messages inside one window came in {writes} SSE chunks"
+    );
+}

@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// An argument for the server started as a child, e.g. `--server-arg=--write-delay=5ms`;
+    /// repeat for several.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
     /// The pushhub binary to start as the server (default: this executable).
     #[arg(long, hide = true)]
     pub server_bin: Option<PathBuf>,
@@ -127,12 +131,23 @@ pub enum BenchError {
 pub struct ServerUsage {
     /// CPU seconds used from the first publish to the end of the drain.
     pub cpu_seconds: f64,
+    /// The kernel's share of those CPU seconds (system time / total), 0 to 1.
+    pub cpu_system_share: f64,
     /// CPU microseconds per delivered message.
     pub cpu_us_per_delivery: f64,
+    /// Requests the server counted for this transport in the same window (polls, or stream
+    /// connections), when its `/stats` could be read.
+    pub requests: Option<u64>,
+    /// CPU microseconds per request: for pollers that get nothing (the `idle` scenario), the
+    /// cost of an empty poll.
+    pub cpu_us_per_request: Option<f64>,
     /// Highest RSS seen during the phase, KiB.
     pub peak_rss_kib: u64,
     /// RSS added by connecting the subscribers, per subscriber, KiB.
     pub rss_per_subscriber_kib: f64,
+    /// RSS at the end of the drain minus RSS once the subscribers were connected, KiB: what
+    /// publishing added (history fills up to its bound, then this stays flat).
+    pub rss_growth_kib: i64,
 }
 
 /// The measurements of one transport.
@@ -234,6 +249,7 @@ fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
             "--max-poll-limit",
             "1000",
         ])
+        .args(&args.server_args)
         .env("PUSHHUB_LOG", "pushhub=info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -408,7 +424,8 @@ async fn run_phase(
         })
     });
 
-    let cpu_start = server.pid.and_then(procfs::cpu_time);
+    let requests_start = server_requests(http, &server.base, transport).await;
+    let cpu_start = server.pid.and_then(procfs::cpu_times);
     progress.set_message(match args.scenario {
         Scenario::Fanout | Scenario::Throughput | Scenario::Chat => "publishing",
         Scenario::Idle => "idle",
@@ -440,7 +457,9 @@ async fn run_phase(
         }
     };
     let elapsed = started.elapsed();
-    let cpu_end = server.pid.and_then(procfs::cpu_time);
+    let cpu_end = server.pid.and_then(procfs::cpu_times);
+    let rss_end = server.pid.and_then(procfs::rss_kib);
+    let requests_end = server_requests(http, &server.base, transport).await;
     phase.stop.cancel();
     if let Some(sampler) = sampler {
         let _ = sampler.await;
@@ -470,19 +489,31 @@ async fn run_phase(
             v as f64 / deliveries as f64
         }
     };
-    let server_usage = match (cpu_start, cpu_end, rss_before, rss_connected) {
-        (Some(start), Some(end), Some(before), Some(connected)) => {
-            let cpu = (end - start).as_secs_f64();
+    let server_usage = match (cpu_start, cpu_end, rss_before, rss_connected, rss_end) {
+        (Some(start), Some(end), Some(before), Some(connected), Some(rss_end)) => {
+            let used = end.since(start);
+            let cpu = used.total().as_secs_f64();
+            let requests = requests_start
+                .zip(requests_end)
+                .map(|(start, end)| end.saturating_sub(start));
             Some(ServerUsage {
                 cpu_seconds: cpu,
+                cpu_system_share: if cpu > 0.0 {
+                    used.system.as_secs_f64() / cpu
+                } else {
+                    0.0
+                },
                 cpu_us_per_delivery: if deliveries == 0 {
                     0.0
                 } else {
                     cpu * 1e6 / deliveries as f64
                 },
+                requests,
+                cpu_us_per_request: requests.filter(|&n| n > 0).map(|n| cpu * 1e6 / n as f64),
                 peak_rss_kib: peak.load(Ordering::Relaxed),
                 rss_per_subscriber_kib: connected.saturating_sub(before) as f64
                     / args.subscribers as f64,
+                rss_growth_kib: rss_end as i64 - connected as i64,
             })
         }
         _ => None,
@@ -508,6 +539,19 @@ async fn run_phase(
         drained,
         server: server_usage,
     })
+}
+
+/// The requests the server has counted for `transport` since it started (`GET /stats`).
+async fn server_requests(http: &reqwest::Client, base: &str, transport: &str) -> Option<u64> {
+    let stats: serde_json::Value = http
+        .get(format!("{base}/stats"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    stats["requests"][transport].as_u64()
 }
 
 /// Waits until the server counts every subscriber of the phase.

@@ -2,16 +2,43 @@
 
 use std::time::Duration;
 
-/// CPU time (user + system) the process has used so far.
-pub fn cpu_time(pid: u32) -> Option<Duration> {
+/// CPU time a process has used so far, split into its own code and the kernel's on its behalf.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    /// In the process's own code.
+    pub user: Duration,
+    /// In the kernel on its behalf (system calls: for a push server, mostly socket writes).
+    pub system: Duration,
+}
+
+impl CpuTimes {
+    /// User plus system time.
+    pub fn total(&self) -> Duration {
+        self.user + self.system
+    }
+
+    /// The time used between `earlier` and `self`.
+    pub fn since(&self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+/// CPU time the process has used so far.
+pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may contain spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(Duration::from_secs_f64(
-        (utime + stime) as f64 / CLOCK_TICKS,
-    ))
+    let ticks = |index: usize| -> Option<Duration> {
+        let ticks: u64 = fields.get(index)?.parse().ok()?;
+        Some(Duration::from_secs_f64(ticks as f64 / CLOCK_TICKS))
+    };
+    Some(CpuTimes {
+        user: ticks(11)?,
+        system: ticks(12)?,
+    })
 }
 
 /// Resident memory now, in KiB.
@@ -40,7 +67,7 @@ mod tests {
         // Burn CPU until the kernel has accounted at least one clock tick to us.
         let started = std::time::Instant::now();
         let mut spin = 0u64;
-        while cpu_time(pid).unwrap() == Duration::ZERO {
+        while cpu_times(pid).unwrap().total() == Duration::ZERO {
             for i in 0..100_000u64 {
                 spin = std::hint::black_box(spin.wrapping_add(i * i));
             }
@@ -50,6 +77,9 @@ mod tests {
             );
         }
         assert!(rss_kib(pid).unwrap() > 100);
-        assert!(cpu_time(u32::MAX).is_none());
+        assert!(cpu_times(u32::MAX).is_none());
+        let later = cpu_times(pid).unwrap();
+        assert_eq!(later.since(later).total(), Duration::ZERO);
+        assert!(later.since(CpuTimes::default()).total() > Duration::ZERO);
     }
 }

@@ -20,7 +20,7 @@ struct Document<'a> {
 
 /// The command line that reproduces a run.
 pub fn command_line(args: &BenchArgs) -> String {
-    format!(
+    let mut line = format!(
         "pushhub bench --scenario {} --transports {} --subscribers {} --rate {} --duration {}s --payload-bytes {} --poll-interval {}ms",
         match args.scenario {
             super::Scenario::Fanout => "fanout",
@@ -34,7 +34,11 @@ pub fn command_line(args: &BenchArgs) -> String {
         args.duration.as_secs_f64(),
         args.payload_bytes,
         args.poll_interval.as_millis()
-    )
+    );
+    for arg in &args.server_args {
+        let _ = write!(line, " --server-arg={arg}");
+    }
+    line
 }
 
 /// Writes `results.json`, `report.md` and `latency.svg` into `args.out`.
@@ -67,13 +71,13 @@ fn server_cell(result: &PhaseResult, f: impl Fn(&super::ServerUsage) -> String) 
 /// The results as a Markdown table (also printed on the terminal).
 pub fn table(results: &[PhaseResult]) -> String {
     let mut out = String::from(
-        "| transport | msg/s | subs | published | deliveries | lost | dup | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | deliv/s | req/deliv | bytes/deliv | server CPU s | CPU µs/deliv | peak RSS MiB | RSS/sub KiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| transport | msg/s | subs | published | deliveries | lost | dup | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | deliv/s | req/deliv | bytes/deliv | server CPU s | sys % | CPU µs/deliv | peak RSS MiB | RSS/sub KiB | RSS growth MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let l = &r.latency_ms;
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.4} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.4} | {:.1} | {} | {} | {} | {} | {} | {} |",
             r.transport,
             r.rate,
             r.subscribers,
@@ -90,9 +94,11 @@ pub fn table(results: &[PhaseResult]) -> String {
             r.requests_per_delivery,
             r.bytes_per_delivery,
             server_cell(r, |s| format!("{:.2}", s.cpu_seconds)),
+            server_cell(r, |s| format!("{:.0}", s.cpu_system_share * 100.0)),
             server_cell(r, |s| format!("{:.2}", s.cpu_us_per_delivery)),
             server_cell(r, |s| format!("{:.1}", s.peak_rss_kib as f64 / 1024.0)),
             server_cell(r, |s| format!("{:.1}", s.rss_per_subscriber_kib)),
+            server_cell(r, |s| format!("{:+.1}", s.rss_growth_kib as f64 / 1024.0)),
         );
     }
     out
@@ -166,6 +172,26 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
     lines.extend(compare("server memory per subscriber", "KiB", &|r| {
         r.server.as_ref().map(|s| s.rss_per_subscriber_kib)
     }));
+    for r in results {
+        let Some(server) = &r.server else { continue };
+        if let (0, Some(requests), Some(cost)) =
+            (r.deliveries, server.requests, server.cpu_us_per_request)
+        {
+            lines.push(format!(
+                "{}: {requests} requests answered with nothing new, {cost:.1} µs of server CPU each.",
+                r.transport
+            ));
+        }
+        if r.published > 0 {
+            lines.push(format!(
+                "{}: server RSS changed by {:+.1} MiB while {} messages were published ({:.0}% of its CPU in the kernel).",
+                r.transport,
+                server.rss_growth_kib as f64 / 1024.0,
+                r.published,
+                server.cpu_system_share * 100.0
+            ));
+        }
+    }
     lines
 }
 
@@ -317,9 +343,13 @@ mod tests {
             drained: lost == 0,
             server: Some(ServerUsage {
                 cpu_seconds: 0.1,
+                cpu_system_share: 0.6,
                 cpu_us_per_delivery: cpu,
+                requests: Some(10),
+                cpu_us_per_request: Some(10_000.0),
                 peak_rss_kib: 9000,
                 rss_per_subscriber_kib: 8.0,
+                rss_growth_kib: 512,
             }),
         }
     }
@@ -335,6 +365,16 @@ mod tests {
                 .iter()
                 .any(|l| l.contains("server CPU per delivery: **ws** (3.00 µs)")
                     && l.contains("4.0×")),
+            "{lines:?}"
+        );
+
+        let mut idle = result("poll", 0.0, 0.0, 0);
+        idle.published = 0;
+        idle.deliveries = 0;
+        let lines = reading(&[idle]);
+        assert!(
+            lines.iter().any(|l| l
+                == "poll: 10 requests answered with nothing new, 10000.0 µs of server CPU each."),
             "{lines:?}"
         );
 
@@ -363,6 +403,7 @@ mod tests {
             drain_timeout: std::time::Duration::from_secs(5),
             out: dir.clone(),
             json: false,
+            server_args: vec!["--write-delay=5ms".into()],
             server_bin: None,
         };
         let results = [result("ws", 2.0, 3.0, 0), result("poll", 900.0, 12.0, 0)];
@@ -373,6 +414,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| poll |") && md.contains("## Reading"));
+        assert!(md.contains("--server-arg=--write-delay=5ms`"), "{md}");
+        assert!(
+            md.contains("ws: server RSS changed by +0.5 MiB while 100 messages were published (60% of its CPU in the kernel)"),
+            "{md}"
+        );
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
                 .unwrap();

@@ -12,10 +12,11 @@ use axum::{
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
+use bytes::BytesMut;
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
 use tokio_util::sync::CancellationToken;
 
-use super::{Params, parse_cursor};
+use super::{Params, WriteWindow, parse_cursor};
 use crate::{
     AppState,
     error::Error,
@@ -53,6 +54,8 @@ pub async fn sse(
         subscription,
         heartbeat: heartbeat(app.config.heartbeat),
         shutdown: app.shutdown.clone(),
+        write_delay: app.config.write_delay,
+        ended: false,
     };
     let body = Body::from_stream(futures::stream::unfold(stream, |mut stream| async move {
         let chunk = stream.next_chunk().await?;
@@ -97,36 +100,75 @@ struct SseStream {
     subscription: Subscription,
     heartbeat: Interval,
     shutdown: CancellationToken,
+    write_delay: Duration,
+    /// The subscription ended while a write was being gathered: end after that write.
+    ended: bool,
 }
 
 impl SseStream {
     /// The next chunk of the body, or `None` to end the stream.
     async fn next_chunk(&mut self) -> Option<Bytes> {
-        let (chunk, messages) = self.next_frame().await?;
+        if self.ended {
+            return None;
+        }
+        if let Some(hello) = self.hello.take() {
+            return Some(hello);
+        }
+        let first = tokio::select! {
+            delivery = next_delivery(&mut self.subscription, &mut self.ended) => delivery?,
+            _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
+            () = self.shutdown.cancelled() => return None,
+        };
+        let (chunk, messages) = self.gather(first).await;
         self.hub
             .record_delivery(Transport::Sse, messages, chunk.len() as u64);
         Some(chunk)
     }
 
-    /// The next frame and how many messages it carries.
-    async fn next_frame(&mut self) -> Option<(Bytes, u64)> {
-        if let Some(hello) = self.hello.take() {
-            return Some((hello, 0));
+    /// The frame of `first` followed by those of the deliveries that join it in one write,
+    /// and how many messages they carry.
+    async fn gather(&mut self, first: Delivery) -> (Bytes, u64) {
+        let mut window = WriteWindow::open(self.write_delay);
+        let (frame, mut messages) = self.frame(&first);
+        let Some(second) = window
+            .next(next_delivery(&mut self.subscription, &mut self.ended))
+            .await
+        else {
+            return (frame, messages);
+        };
+        let mut chunk = BytesMut::from(&frame[..]);
+        let mut next = Some(second);
+        while let Some(delivery) = next {
+            let (frame, count) = self.frame(&delivery);
+            chunk.extend_from_slice(&frame);
+            messages += count;
+            next = window
+                .next(next_delivery(&mut self.subscription, &mut self.ended))
+                .await;
         }
-        tokio::select! {
-            delivery = self.subscription.next() => match delivery {
-                Ok(Some(Delivery::Message(message))) => Some((message.sse_frame().clone(), 1)),
-                Ok(Some(Delivery::Signal(signal))) => {
-                    Some((signal_frame(self.subscription.topic(), &signal), 0))
-                }
-                Ok(None) => None,
-                Err(error) => {
-                    tracing::warn!(%error, topic = %self.subscription.topic(), "ending SSE stream");
-                    None
-                }
-            },
-            _ = self.heartbeat.tick() => Some((Bytes::from_static(HEARTBEAT), 0)),
-            () = self.shutdown.cancelled() => None,
+        (chunk.freeze(), messages)
+    }
+
+    fn frame(&self, delivery: &Delivery) -> (Bytes, u64) {
+        match delivery {
+            Delivery::Message(message) => (message.sse_frame().clone(), 1),
+            Delivery::Signal(signal) => (signal_frame(self.subscription.topic(), signal), 0),
+        }
+    }
+}
+
+/// The next delivery; `None` (remembered in `ended`) once the stream must end.
+async fn next_delivery(subscription: &mut Subscription, ended: &mut bool) -> Option<Delivery> {
+    match subscription.next().await {
+        Ok(Some(delivery)) => Some(delivery),
+        Ok(None) => {
+            *ended = true;
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, topic = %subscription.topic(), "ending SSE stream");
+            *ended = true;
+            None
         }
     }
 }

@@ -25,11 +25,15 @@ use axum::{
     },
     response::Response,
 };
-use futures::{FutureExt, SinkExt, Stream, StreamExt, stream::SplitSink};
+use futures::{
+    SinkExt, Stream, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
 use serde_json::{Value, json, value::RawValue};
+use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
 
-use super::{Params, publish::Published};
+use super::{Params, WriteWindow, publish::Published};
 use crate::{
     AppState,
     config::Config,
@@ -37,9 +41,6 @@ use crate::{
     hub::{Delivery, Subscription, Transport},
     message::{EventName, MessageId, Payload, TopicName},
 };
-
-/// Frames written before one flush when several deliveries are ready at once.
-const WRITE_BATCH: usize = 64;
 
 /// Follows one topic from `?after=` (or from now).
 pub async fn topic_ws(
@@ -120,10 +121,14 @@ impl Session {
     async fn run(mut self, socket: WebSocket) {
         self.app.hub.record_request(Transport::Ws);
         let shutdown = self.app.shutdown.clone();
-        let (mut sink, mut incoming) = socket.split();
+        let (mut sink, incoming) = socket.split();
+        // Frames are read by a task of their own, so that a wake-up for a delivery does not
+        // also poll the socket for input (tungstenite clears its read buffer on every poll).
+        let (frames_tx, mut frames) = mpsc::channel(1);
+        let reader = tokio::spawn(read_frames(incoming, frames_tx));
         let close = loop {
             let written = tokio::select! {
-                frame = incoming.next() => match frame {
+                frame = frames.recv() => match frame {
                     Some(Ok(WsMessage::Text(text))) => {
                         let reply = self.handle(text.as_str()).await;
                         sink.send(text_frame(reply.to_string())).await
@@ -152,6 +157,7 @@ impl Session {
             };
             let _ = sink.send(WsMessage::Close(Some(frame))).await;
         }
+        reader.abort();
     }
 
     /// Writes a delivery and any others already waiting, then flushes once.
@@ -162,7 +168,7 @@ impl Session {
         delivery: Result<Delivery, Error>,
     ) -> Result<(), axum::Error> {
         let mut next = Some((topic, delivery));
-        let mut written = 0;
+        let mut window = WriteWindow::open(self.app.config.write_delay);
         let (mut messages, mut bytes) = (0, 0);
         while let Some((topic, delivery)) = next {
             let frame = match delivery {
@@ -184,11 +190,10 @@ impl Session {
                 }
             };
             sink.feed(frame).await?;
-            written += 1;
-            next = if written < WRITE_BATCH {
-                self.feeds.next().now_or_never().flatten()
-            } else {
+            next = if self.feeds.is_empty() {
                 None
+            } else {
+                window.next(self.feeds.next()).await
             };
         }
         self.app.hub.record_delivery(Transport::Ws, messages, bytes);
@@ -261,6 +266,19 @@ impl Session {
             }
             "ping" => Ok(json!({"type": "pong"})),
             other => Err(Error::UnknownType(other.chars().take(64).collect())),
+        }
+    }
+}
+
+/// Passes the client's frames to its session until the connection ends or the session does.
+async fn read_frames(
+    mut incoming: SplitStream<WebSocket>,
+    frames: mpsc::Sender<Result<WsMessage, axum::Error>>,
+) {
+    while let Some(frame) = incoming.next().await {
+        let last = matches!(frame, Err(_) | Ok(WsMessage::Close(_)));
+        if frames.send(frame).await.is_err() || last {
+            break;
         }
     }
 }

@@ -99,6 +99,7 @@ impl TestServer {
             body: Box::pin(response.bytes_stream()),
             buffer: String::new(),
             retry: None,
+            chunks: 0,
         };
         client.read_hello().await;
         client
@@ -143,6 +144,8 @@ pub struct SseClient {
     body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buffer: String,
     pub retry: Option<u64>,
+    /// Body chunks read so far: how many writes the server's frames came in, give or take TCP.
+    pub chunks: usize,
 }
 
 pub enum SseItem {
@@ -167,7 +170,10 @@ impl SseClient {
                 return Some(parse_block(&block));
             }
             match tokio::time::timeout(PATIENCE, self.body.next()).await {
-                Ok(Some(Ok(chunk))) => self.buffer.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Ok(Some(Ok(chunk))) => {
+                    self.chunks += 1;
+                    self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+                }
                 Ok(Some(Err(_)) | None) => return None,
                 Err(_) => panic!("SSE stream silent for {PATIENCE:?}"),
             }
