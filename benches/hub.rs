@@ -26,6 +26,7 @@ fn hub() -> Arc<Hub> {
             subscriber_queue: 256,
             catch_up_batch: 256,
             poller_window: Duration::from_secs(30),
+            disconnect_slow: false,
         },
     )
 }

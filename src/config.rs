@@ -1,7 +1,7 @@
 //! Every tunable of the server in one documented [`Config`], settable by flag or `PUSHHUB_*`
 //! environment variable. Transports read their limits from here; none hard-codes one.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
@@ -96,6 +96,89 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_WRITE_DELAY", default_value = "0", value_parser = parse_write_delay)]
     pub write_delay: Duration,
 
+    /// HS256 secret that signs client tokens. With it (or `--jwt-public-key`), publishing
+    /// needs a token, and so does subscribing outside `--public-topics`.
+    #[arg(long, env = "PUSHHUB_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key (RSA for RS256, P-256 EC for ES256) that verifies client tokens.
+    #[arg(long, env = "PUSHHUB_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Topic patterns anyone may subscribe to without a token, comma-separated (`news.*`,
+    /// `lobby`, `*`).
+    #[arg(long, env = "PUSHHUB_PUBLIC_TOPICS", value_delimiter = ',')]
+    pub public_topics: Vec<String>,
+
+    /// Origins allowed for CORS and for WebSocket handshakes, comma-separated
+    /// (`https://app.example.com`), or `*`. Empty: any origin while listening on a loopback
+    /// address (the local demo), only same-origin pages otherwise.
+    #[arg(long, env = "PUSHHUB_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Open connections at most (all transports); past it new connections get 503.
+    #[arg(long, env = "PUSHHUB_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Open connections per client IP at most (429); `0`: no per-IP limit. Behind a proxy
+    /// every client shares its IP: leave it off there and limit at the proxy.
+    #[arg(long, env = "PUSHHUB_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Publishes per second per token subject (or per IP without a token), with bursts of
+    /// as many; `0`: unlimited.
+    #[arg(long, env = "PUSHHUB_PUBLISH_RATE", default_value_t = 0)]
+    pub publish_rate: u32,
+
+    /// Long polls parked at once at most; past it a long poll gets 503 with `Retry-After`.
+    #[arg(long, env = "PUSHHUB_MAX_PARKED_LONGPOLLS", default_value_t = 50_000)]
+    pub max_parked_longpolls: usize,
+
+    /// Topics one multiplexed WebSocket connection may follow at once.
+    #[arg(
+        long,
+        env = "PUSHHUB_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_subscriptions_per_connection: usize,
+
+    /// Largest request head (request line and headers), in bytes; larger gets 431.
+    #[arg(long, env = "PUSHHUB_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Time a client gets to send a complete request head (slow-header attacks); also how
+    /// long an idle keep-alive connection is held waiting for its next request.
+    #[arg(long, env = "PUSHHUB_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Interval of WebSocket pings.
+    #[arg(long, env = "PUSHHUB_WS_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    pub ws_ping_interval: Duration,
+
+    /// A WebSocket peer that sends nothing (not even a pong) for this long after a ping is
+    /// closed and its resources freed.
+    #[arg(long, env = "PUSHHUB_WS_PONG_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ws_pong_timeout: Duration,
+
+    /// What happens to an SSE/WebSocket subscriber that falls `--subscriber-queue` messages
+    /// behind: `resync` (read the backlog from history by cursor) or `disconnect` (WS close
+    /// 1013, SSE stream ended; the client reconnects with its cursor).
+    #[arg(
+        long,
+        env = "PUSHHUB_SLOW_CONSUMER",
+        default_value = "resync",
+        value_enum
+    )]
+    pub slow_consumer: SlowConsumerPolicy,
+
+    /// PEM certificate chain: with `--tls-key`, serve HTTPS and WSS.
+    #[arg(long, env = "PUSHHUB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "PUSHHUB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// How long open streams get to close after a shutdown signal before the process exits.
     #[arg(long, env = "PUSHHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -123,9 +206,34 @@ impl Default for Config {
             ws_read_buffer: 4 * 1024,
             ws_write_buffer: 8 * 1024,
             write_delay: Duration::ZERO,
+            jwt_secret: None,
+            jwt_public_key: None,
+            public_topics: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_connections: 100_000,
+            max_connections_per_ip: 0,
+            publish_rate: 0,
+            max_parked_longpolls: 50_000,
+            max_subscriptions_per_connection: 100,
+            max_header_bytes: 16 * 1024,
+            header_timeout: Duration::from_secs(10),
+            ws_ping_interval: Duration::from_secs(25),
+            ws_pong_timeout: Duration::from_secs(10),
+            slow_consumer: SlowConsumerPolicy::Resync,
+            tls_cert: None,
+            tls_key: None,
             shutdown_grace: Duration::from_secs(5),
         }
     }
+}
+
+/// What happens to a streaming subscriber that falls too far behind.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumerPolicy {
+    /// Read the backlog from history by cursor (nothing lost while history holds it).
+    Resync,
+    /// Close the connection; the client reconnects with its cursor.
+    Disconnect,
 }
 
 impl Config {

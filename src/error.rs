@@ -62,6 +62,41 @@ pub enum Error {
     /// The server is stopping and takes no new work.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// No token was presented where one is needed.
+    #[error("a bearer token is required: send Authorization: Bearer <token> or ?token=")]
+    Unauthorized,
+    /// The token is malformed, badly signed, or lacks `exp`.
+    #[error("the token is not valid")]
+    InvalidToken,
+    /// The token's `exp` has passed.
+    #[error("the token has expired")]
+    TokenExpired,
+    /// The token does not grant this action on this topic.
+    #[error("the token does not allow this on this topic")]
+    Forbidden,
+    /// A WebSocket `Origin` outside the allowlist (cross-site WebSocket hijacking).
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    /// A per-client rate or count limit was hit.
+    #[error("too many requests: {what}")]
+    TooManyRequests {
+        /// Which limit, for a human.
+        what: &'static str,
+        /// Seconds after which a retry may succeed.
+        retry_after: u64,
+    },
+    /// A server-wide capacity limit was hit.
+    #[error("server at capacity: {0}")]
+    AtCapacity(&'static str),
+    /// A multiplexed WebSocket asked for more topics than `--max-subscriptions-per-connection`.
+    #[error("this connection already follows {limit} topics, the most allowed")]
+    TooManySubscriptions {
+        /// The limit.
+        limit: usize,
+    },
+    /// A streaming subscriber fell too far behind under `--slow-consumer disconnect`.
+    #[error("subscriber fell too far behind")]
+    SlowConsumer,
     /// The message store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -89,7 +124,15 @@ impl Error {
             Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ShuttingDown | Error::AtCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unauthorized | Error::InvalidToken | Error::TokenExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            Error::Forbidden | Error::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Error::TooManyRequests { .. } | Error::TooManySubscriptions { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Error::SlowConsumer => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(e) => e.status(),
         }
     }
@@ -110,13 +153,27 @@ impl Error {
             Error::NotFound => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::ShuttingDown => "shutting_down",
+            Error::Unauthorized => "unauthorized",
+            Error::InvalidToken => "invalid_token",
+            Error::TokenExpired => "token_expired",
+            Error::Forbidden => "forbidden",
+            Error::OriginNotAllowed => "origin_not_allowed",
+            Error::TooManyRequests { .. } => "rate_limited",
+            Error::AtCapacity(_) => "at_capacity",
+            Error::SlowConsumer => "slow_consumer",
+            Error::TooManySubscriptions { .. } => "too_many_subscriptions",
             Error::Store(e) => e.code(),
         }
     }
 
     /// The text shown to the client: server faults are not described.
     pub fn public_message(&self) -> String {
-        if self.status().is_server_error() && !matches!(self, Error::ShuttingDown) {
+        if self.status().is_server_error()
+            && !matches!(
+                self,
+                Error::ShuttingDown | Error::AtCapacity(_) | Error::SlowConsumer
+            )
+        {
             match self {
                 Error::Store(StoreError::Unavailable(_)) => "message store unavailable".into(),
                 _ => "internal error".into(),
@@ -138,7 +195,7 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if status.is_server_error() && matches!(self, Error::Store(_)) {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::debug!(error = %self, "request rejected");
@@ -156,10 +213,21 @@ impl IntoResponse for Error {
                 .headers_mut()
                 .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = match &self {
+            Error::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"pushhub\""),
+            );
         }
         response
     }

@@ -29,16 +29,20 @@
 //! - [`error`]: the one error type, answered as `{"error", "code"}`.
 //! - [`bench`]: `pushhub bench`, the load benchmark of each transport.
 
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod message;
+pub mod origin;
+pub mod server;
 pub mod store;
 pub mod transport;
 pub mod web;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use axum::{
     Json, Router,
@@ -49,9 +53,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
+use auth::{Access, Auth};
 pub use config::Config;
 pub use error::Error;
 use hub::{Hub, HubSettings, TopicInfo};
+use limits::{ConnectionLimits, RateLimiter};
+use origin::OriginPolicy;
+use server::StartError;
 use store::MemoryStore;
 
 /// What every handler shares.
@@ -64,17 +72,40 @@ pub struct AppState {
     /// Fired when the server stops: every long-lived response (long poll, SSE, WebSocket)
     /// selects on it and ends.
     pub shutdown: CancellationToken,
+    /// Who may publish and subscribe where.
+    pub auth: Arc<Auth>,
+    /// Which browser origins may call the API and open WebSockets.
+    pub origins: Arc<OriginPolicy>,
+    /// Open connections, in total and per IP.
+    pub connections: Arc<ConnectionLimits>,
+    /// Publishes per second per client.
+    pub publish_limiter: Arc<RateLimiter>,
+    /// Places for parked long polls.
+    pub parked_longpolls: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
-    /// State for a server with an in-memory store.
-    pub fn new(config: Config) -> Self {
+    /// State for a server with an in-memory store. Fails on unusable auth settings.
+    pub fn new(config: Config) -> Result<Self, auth::AuthConfigError> {
         let store = Arc::new(MemoryStore::new(config.retention()));
-        Self {
+        let auth = Auth::new(
+            config.jwt_secret.as_deref(),
+            config.jwt_public_key.as_deref(),
+            &config.public_topics,
+        )?;
+        Ok(Self {
             hub: Hub::new(store, HubSettings::from(&config)),
+            auth: Arc::new(auth),
+            origins: Arc::new(OriginPolicy::new(&config.allowed_origins, config.listen)),
+            connections: ConnectionLimits::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+            ),
+            publish_limiter: Arc::new(RateLimiter::new(config.publish_rate)),
+            parked_longpolls: Arc::new(tokio::sync::Semaphore::new(config.max_parked_longpolls)),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
-        }
+        })
     }
 }
 
@@ -115,8 +146,14 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(TraceLayer::new_for_http())
+        .layer(state.origins.cors_layer())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// The span of one request: method and path, never the query (it may hold `?token=`).
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
 }
 
 async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {
@@ -125,9 +162,11 @@ async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {
 
 async fn topic_info(
     State(app): State<AppState>,
+    access: Access,
     Path(topic): Path<String>,
 ) -> Result<Json<TopicInfo>, Error> {
     let topic = transport::topic(&topic)?;
+    access.check_subscribe(&topic)?;
     Ok(Json(app.hub.info(&topic).await?))
 }
 
@@ -137,8 +176,8 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let state = AppState::new(config);
+) -> Result<(), StartError> {
+    let state = AppState::new(config)?;
     serve(listener, state, shutdown).await
 }
 
@@ -147,34 +186,31 @@ pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> Result<(), StartError> {
+    let tls = match (&state.config.tls_cert, &state.config.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let stop = state.shutdown.clone();
-    let grace = state.config.shutdown_grace;
     tokio::spawn(
         state
             .hub
             .clone()
             .run_sweeper(state.config.sweep_interval, stop.clone()),
     );
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result,
-        () = shutdown => {}
-        () = stop.cancelled() => {}
-    }
-    stop.cancel();
-    match tokio::time::timeout(grace, server).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!(
-                ?grace,
-                "connections still open after the shutdown grace period"
-            );
-            Ok(())
+    let app = router(state.clone());
+    let stopping = {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop.cancelled() => {}
+            }
+            // Long polls, SSE streams and WebSockets end on this; the accept loop then
+            // waits for them.
+            stop.cancel();
         }
-    }
+    };
+    server::accept_loop(listener, app, &state, tls, stopping).await;
+    Ok(())
 }

@@ -23,9 +23,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Load-benchmark each transport and write a report.
-    Bench(pushhub::bench::BenchArgs),
+    Bench(Box<pushhub::bench::BenchArgs>),
 }
 
 #[tokio::main]
@@ -38,8 +38,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = match cli.command {
-        Some(Command::Serve(config)) => config,
-        Some(Command::Bench(args)) => return bench(args).await,
+        Some(Command::Serve(config)) => *config,
+        Some(Command::Bench(args)) => return bench(*args).await,
         None => cli.serve,
     };
     // Every subscriber holds a socket: raise the soft open-file limit to the hard limit, as
@@ -52,7 +52,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!("pushhub listening on http://{addr}/ (demo page at http://{addr}/)");
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!("pushhub listening on {scheme}://{addr}/ (demo page at {scheme}://{addr}/)");
     pushhub::run(listener, config, shutdown_signal()).await?;
     tracing::info!("pushhub stopped");
     Ok(())

@@ -50,6 +50,8 @@ pub struct HubSettings {
     pub catch_up_batch: usize,
     /// How long a poller counts as subscribed after its last request.
     pub poller_window: Duration,
+    /// End a subscription that falls `subscriber_queue` behind instead of resyncing it.
+    pub disconnect_slow: bool,
 }
 
 impl From<&Config> for HubSettings {
@@ -58,6 +60,7 @@ impl From<&Config> for HubSettings {
             subscriber_queue: usize::try_from(config.subscriber_queue).unwrap_or(usize::MAX),
             catch_up_batch: usize::try_from(config.catch_up_batch).unwrap_or(usize::MAX),
             poller_window: config.poller_window,
+            disconnect_slow: config.slow_consumer == crate::config::SlowConsumerPolicy::Disconnect,
         }
     }
 }
@@ -272,6 +275,7 @@ impl Hub {
             cursor,
             from_client,
             self.settings.catch_up_batch,
+            self.settings.disconnect_slow,
             gauge,
         ))
     }
@@ -382,6 +386,7 @@ mod tests {
                 subscriber_queue: queue,
                 catch_up_batch: 3,
                 poller_window: Duration::from_secs(30),
+                disconnect_slow: false,
             },
         )
     }

@@ -40,6 +40,8 @@ pub struct Subscription {
     /// The cursor is still the client's own, where 0 means "from the oldest retained".
     from_client: bool,
     catch_up_batch: usize,
+    /// End instead of resyncing when the live channel drops this subscriber's position.
+    disconnect_slow: bool,
     _gauge: Gauge,
 }
 
@@ -50,6 +52,7 @@ impl Subscription {
         cursor: MessageId,
         from_client: bool,
         catch_up_batch: usize,
+        disconnect_slow: bool,
         gauge: Gauge,
     ) -> Self {
         Self {
@@ -60,6 +63,7 @@ impl Subscription {
             catching_up: true,
             from_client,
             catch_up_batch,
+            disconnect_slow,
             _gauge: gauge,
         }
     }
@@ -95,6 +99,9 @@ impl Subscription {
                 Ok(message) if message.id == self.cursor + 1 => {
                     self.cursor = message.id;
                     return Ok(Some(Delivery::Message(message)));
+                }
+                Err(RecvError::Lagged(_)) if self.disconnect_slow => {
+                    return Err(Error::SlowConsumer);
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => self.catching_up = true,
                 Err(RecvError::Closed) => return Ok(None),

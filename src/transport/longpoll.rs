@@ -9,17 +9,25 @@ use super::{
     Params,
     poll::{PollRequest, batch_response},
 };
-use crate::{AppState, error::Error, hub::Transport};
+use crate::{AppState, auth::Access, error::Error, hub::Transport};
 
 /// Answers at once when messages after `after` exist; otherwise parks until one arrives,
 /// `timeout` seconds pass (then `200` with an empty list) or the server shuts down.
 pub async fn longpoll(
     State(app): State<AppState>,
+    access: Access,
     Path(topic): Path<String>,
     params: Params,
 ) -> Result<Response, Error> {
     let request = PollRequest::parse(&topic, &params, &app.config)?;
+    access.check_subscribe(&request.topic)?;
     let timeout = params.timeout(&app.config)?;
+    // Held for as long as the request is parked: bounds the parked long polls.
+    let _place = app
+        .parked_longpolls
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::AtCapacity("too many parked long polls"))?;
     let batch = app
         .hub
         .wait(

@@ -49,6 +49,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 }
 
 impl Params {
+    /// The peer's IP address, when known.
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.peer.map(|p| p.ip())
+    }
+
     fn get(&self, name: &str) -> Option<&str> {
         self.values.get(name).map(String::as_str)
     }
@@ -148,6 +153,14 @@ fn parse_seconds(text: &str) -> Option<Duration> {
 /// Validates the `{topic}` path segment.
 pub fn topic(path: &str) -> Result<TopicName, Error> {
     TopicName::parse(path)
+}
+
+/// Completes at `deadline` (a token's expiry), never without one.
+pub(crate) async fn expiry(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Deliveries written to a streaming subscriber at once, before one flush.

@@ -10,6 +10,7 @@ use axum::{
 use super::Params;
 use crate::{
     AppState,
+    auth::Access,
     config::Config,
     error::Error,
     hub::{Batch, Signal, Transport},
@@ -43,10 +44,12 @@ impl PollRequest {
 /// Answers with the messages after `after` (none without `after`, just `last_id`).
 pub async fn poll(
     State(app): State<AppState>,
+    access: Access,
     Path(topic): Path<String>,
     params: Params,
 ) -> Result<Response, Error> {
     let request = PollRequest::parse(&topic, &params, &app.config)?;
+    access.check_subscribe(&request.topic)?;
     let batch = app
         .hub
         .poll(

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::Params;
 use crate::{
     AppState,
+    auth::Access,
     error::Error,
     message::{Message, MessageId, Payload},
 };
@@ -44,12 +45,16 @@ impl<'a> From<&'a Message> for Published<'a> {
 /// body as a JSON string of its UTF-8 text.
 pub async fn publish(
     State(app): State<AppState>,
+    access: Access,
     Path(topic): Path<String>,
     params: Params,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     let topic = super::topic(&topic)?;
+    access.check_publish(&topic)?;
+    app.publish_limiter
+        .check(&access.client_key(params.peer_ip()))?;
     let event = params.event()?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {

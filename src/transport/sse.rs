@@ -16,24 +16,31 @@ use bytes::BytesMut;
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
 use tokio_util::sync::CancellationToken;
 
-use super::{Params, WriteWindow, parse_cursor};
+use super::{Params, WriteWindow, expiry, parse_cursor};
 use crate::{
     AppState,
+    auth::Access,
     error::Error,
     hub::{Delivery, Hub, Signal, Subscription, Transport},
     message::{TopicName, encode_sse_frame},
 };
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+/// Sent when the token expires, just before the stream ends. It has no `id:`, so the
+/// client's `Last-Event-ID` stays on the last message.
+const EXPIRED: &[u8] =
+    b"event: expired\ndata: {\"type\":\"expired\",\"code\":\"token_expired\"}\n\n";
 
 /// Streams the topic from `Last-Event-ID` (or `?after=`, or now), then live.
 pub async fn sse(
     State(app): State<AppState>,
+    access: Access,
     Path(topic): Path<String>,
     params: Params,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let topic = super::topic(&topic)?;
+    access.check_subscribe(&topic)?;
     // A browser reconnecting sends the URL it first used plus the id it last saw: the
     // header is the newer of the two.
     let after = match headers.get("last-event-id") {
@@ -56,6 +63,7 @@ pub async fn sse(
         shutdown: app.shutdown.clone(),
         write_delay: app.config.write_delay,
         ended: false,
+        expires: access.expires_at(),
     };
     let body = Body::from_stream(futures::stream::unfold(stream, |mut stream| async move {
         let chunk = stream.next_chunk().await?;
@@ -103,6 +111,8 @@ struct SseStream {
     write_delay: Duration,
     /// The subscription ended while a write was being gathered: end after that write.
     ended: bool,
+    /// When the client's token expires: the stream ends then, with an `expired` event.
+    expires: Option<tokio::time::Instant>,
 }
 
 impl SseStream {
@@ -118,6 +128,10 @@ impl SseStream {
             delivery = next_delivery(&mut self.subscription, &mut self.ended) => delivery?,
             _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
             () = self.shutdown.cancelled() => return None,
+            () = expiry(self.expires) => {
+                self.ended = true;
+                return Some(Bytes::from_static(EXPIRED));
+            }
         };
         let (chunk, messages) = self.gather(first).await;
         self.hub
@@ -162,6 +176,11 @@ async fn next_delivery(subscription: &mut Subscription, ended: &mut bool) -> Opt
     match subscription.next().await {
         Ok(Some(delivery)) => Some(delivery),
         Ok(None) => {
+            *ended = true;
+            None
+        }
+        Err(Error::SlowConsumer) => {
+            tracing::debug!(topic = %subscription.topic(), "ending SSE stream of a slow consumer");
             *ended = true;
             None
         }

@@ -15,6 +15,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -24,6 +25,7 @@ use std::{
 };
 
 use axum::{
+    body::Bytes,
     extract::{
         Path, State, WebSocketUpgrade,
         ws::{
@@ -31,15 +33,18 @@ use axum::{
             rejection::WebSocketUpgradeRejection,
         },
     },
+    http::HeaderMap,
     response::Response,
 };
 use futures::{SinkExt, Stream, StreamExt, stream::SplitSink, task::AtomicWaker};
 use serde_json::{Value, json, value::RawValue};
+use tokio::time::MissedTickBehavior;
 use tokio_stream::StreamMap;
 
-use super::{Params, WriteWindow, publish::Published};
+use super::{Params, WriteWindow, expiry, publish::Published};
 use crate::{
     AppState,
+    auth::Access,
     config::Config,
     error::Error,
     hub::{Delivery, Subscription, Transport},
@@ -49,18 +54,22 @@ use crate::{
 /// Follows one topic from `?after=` (or from now).
 pub async fn topic_ws(
     State(app): State<AppState>,
+    access: Access,
     Path(topic): Path<String>,
     params: Params,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
+    app.origins.check_websocket(&headers)?;
     let topic = super::topic(&topic)?;
+    access.check_subscribe(&topic)?;
     let after = params.after()?;
     let upgrade = upgrade.map_err(|_| Error::UpgradeRequired)?;
     // Subscribe before answering 101: whatever is published once the client sees the
     // handshake complete reaches it.
     let subscription = app.hub.subscribe(&topic, after, Transport::Ws).await?;
     let config = app.config.clone();
-    let mut session = Session::new(app, Some(topic));
+    let mut session = Session::new(app, access, params.peer_ip(), Some(topic));
     session.add(subscription);
     Ok(configure(upgrade, &config).on_upgrade(move |socket| session.run(socket)))
 }
@@ -68,11 +77,15 @@ pub async fn topic_ws(
 /// A connection that follows any number of topics, chosen by `subscribe` frames.
 pub async fn multiplexed_ws(
     State(app): State<AppState>,
+    access: Access,
+    params: Params,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
+    app.origins.check_websocket(&headers)?;
     let upgrade = upgrade.map_err(|_| Error::UpgradeRequired)?;
     let config = app.config.clone();
-    let session = Session::new(app, None);
+    let session = Session::new(app, access, params.peer_ip(), None);
     Ok(configure(upgrade, &config).on_upgrade(move |socket| session.run(socket)))
 }
 
@@ -101,19 +114,37 @@ fn feed(subscription: Subscription) -> Feed {
 
 struct Session {
     app: AppState,
+    /// The token the connection opened with: checked again by every command.
+    access: Access,
+    peer: Option<IpAddr>,
     /// The topic of a per-topic connection: where `publish` goes when it names none.
     home: Option<TopicName>,
     feeds: StreamMap<TopicName, Feed>,
+    /// Set when a subscription must end the connection (a slow consumer under `disconnect`).
+    close: Option<(u16, &'static str)>,
 }
+
+/// What the session does after one turn of its loop.
+enum Step {
+    Nothing,
+    Write(WsMessage),
+    Deliver(TopicName, Result<Delivery, Error>),
+}
+
+/// Close code for an expired token (application range 4000-4999).
+const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 type Sink = SplitSink<WebSocket, WsMessage>;
 
 impl Session {
-    fn new(app: AppState, home: Option<TopicName>) -> Self {
+    fn new(app: AppState, access: Access, peer: Option<IpAddr>, home: Option<TopicName>) -> Self {
         Self {
             app,
+            access,
+            peer,
             home,
             feeds: StreamMap::new(),
+            close: None,
         }
     }
 
@@ -124,33 +155,70 @@ impl Session {
 
     async fn run(mut self, socket: WebSocket) {
         self.app.hub.record_request(Transport::Ws);
+        let config = self.app.config.clone();
         let shutdown = self.app.shutdown.clone();
+        let expires = self.access.expires_at();
+        // A peer that stops reading stalls our writes; one that vanished answers no ping.
+        // Either is cut off after this long, and its resources freed.
+        let stall_limit = config.ws_pong_timeout;
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + config.ws_ping_interval,
+            config.ws_ping_interval,
+        );
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pong_deadline = None;
         let (mut sink, incoming) = socket.split();
         // A wake-up for a delivery must not also poll the socket for input: tungstenite
         // clears its read buffer on every poll, which cost ~5% of delivery CPU.
         let mut incoming = WakeGated::new(incoming);
         let close = loop {
-            let written = tokio::select! {
-                frame = incoming.next() => match frame {
-                    Some(Ok(WsMessage::Text(text))) => {
-                        let reply = self.handle(text.as_str()).await;
-                        sink.send(text_frame(reply.to_string())).await
+            let step = tokio::select! {
+                frame = incoming.next() => {
+                    pong_deadline = None;
+                    match frame {
+                        Some(Ok(WsMessage::Text(text))) => {
+                            Step::Write(text_frame(self.handle(text.as_str()).await.to_string()))
+                        }
+                        Some(Ok(WsMessage::Binary(_))) => {
+                            let error = Error::InvalidMessage("binary frames are not accepted: send JSON text".into());
+                            Step::Write(text_frame(error_reply(&error, None).to_string()))
+                        }
+                        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Step::Nothing,
+                        Some(Ok(WsMessage::Close(_))) | None => break None,
+                        Some(Err(error)) => break close_for(error),
                     }
-                    Some(Ok(WsMessage::Binary(_))) => {
-                        let error = Error::InvalidMessage("binary frames are not accepted: send JSON text".into());
-                        sink.send(text_frame(error_reply(&error, None).to_string())).await
-                    }
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Ok(()),
-                    Some(Ok(WsMessage::Close(_))) | None => break None,
-                    Some(Err(error)) => break close_for(error),
-                },
-                Some((topic, delivery)) = self.feeds.next(), if !self.feeds.is_empty() => {
-                    self.write_deliveries(&mut sink, topic, delivery).await
                 }
+                Some((topic, delivery)) = self.feeds.next(), if !self.feeds.is_empty() => {
+                    Step::Deliver(topic, delivery)
+                }
+                _ = ping.tick() => {
+                    pong_deadline.get_or_insert(tokio::time::Instant::now() + stall_limit);
+                    Step::Write(WsMessage::Ping(Bytes::new()))
+                }
+                () = expiry(pong_deadline) => {
+                    tracing::debug!("WebSocket peer did not answer a ping: closing");
+                    break None;
+                }
+                () = expiry(expires) => break Some((CLOSE_TOKEN_EXPIRED, "token expired")),
                 () = shutdown.cancelled() => break Some((close_code::AWAY, "server shutting down")),
             };
-            if written.is_err() {
+            let written = match step {
+                Step::Nothing => Ok(Ok(())),
+                Step::Write(frame) => tokio::time::timeout(stall_limit, sink.send(frame)).await,
+                Step::Deliver(topic, delivery) => {
+                    tokio::time::timeout(
+                        stall_limit,
+                        self.write_deliveries(&mut sink, topic, delivery),
+                    )
+                    .await
+                }
+            };
+            if !matches!(written, Ok(Ok(()))) {
+                // The peer is gone or has stopped reading: nothing more can reach it.
                 break None;
+            }
+            if let Some(close) = self.close.take() {
+                break Some(close);
             }
         };
         if let Some((code, reason)) = close {
@@ -158,7 +226,8 @@ impl Session {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = sink.send(WsMessage::Close(Some(frame))).await;
+            let _ =
+                tokio::time::timeout(stall_limit, sink.send(WsMessage::Close(Some(frame)))).await;
         }
     }
 
@@ -183,6 +252,10 @@ impl Session {
                     )
                 }
                 Ok(Delivery::Signal(signal)) => text_frame(signal.to_json(&topic)),
+                Err(Error::SlowConsumer) => {
+                    self.close = Some((close_code::AGAIN, "subscriber fell too far behind"));
+                    break;
+                }
                 Err(error) => {
                     tracing::warn!(%error, %topic, "WebSocket subscription failed");
                     self.feeds.remove(&topic);
@@ -236,6 +309,10 @@ impl Session {
                         Error::InvalidMessage("publish on /ws needs a \"topic\"".into())
                     })?,
                 };
+                self.access.check_publish(&topic)?;
+                self.app
+                    .publish_limiter
+                    .check(&self.access.client_key(self.peer))?;
                 let event = match command.string("event")? {
                     Some(event) => EventName::parse(&event)?,
                     None => EventName::default_event(),
@@ -253,6 +330,11 @@ impl Session {
             }
             "subscribe" => {
                 let topic = TopicName::parse(&command.required_string("topic")?)?;
+                self.access.check_subscribe(&topic)?;
+                let limit = self.app.config.max_subscriptions_per_connection;
+                if !self.feeds.contains_key(&topic) && self.feeds.len() >= limit {
+                    return Err(Error::TooManySubscriptions { limit });
+                }
                 let after = command.cursor("after")?;
                 let subscription = self.app.hub.subscribe(&topic, after, Transport::Ws).await?;
                 let cursor = subscription.cursor();

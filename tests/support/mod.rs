@@ -23,7 +23,7 @@ pub struct TestServer {
     pub state: AppState,
     pub http: reqwest::Client,
     stop: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
+    task: JoinHandle<Result<(), pushhub::server::StartError>>,
 }
 
 pub async fn start() -> TestServer {
@@ -34,7 +34,7 @@ pub async fn start_with(mut config: Config) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     config.listen = addr;
-    let state = AppState::new(config);
+    let state = AppState::new(config).unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn(pushhub::serve(
         listener,

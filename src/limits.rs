@@ -1,0 +1,185 @@
+//! Limits that protect the server from any one client: open connections (in total and per
+//! IP) and publish rate (per token subject, or per IP without a token).
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::error::Error;
+
+/// Counts open connections, in total and per client IP.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; dropping it frees its place.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimits {
+    /// Limits of `max_total` connections, and `max_per_ip` per IP (`0`: no per-IP limit).
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            max_per_ip,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// Admits a connection from `ip`, or names the limit it hits.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Error> {
+        let mut open = self.open.lock().expect("limits lock");
+        let (total, per_ip) = &mut *open;
+        if *total >= self.max_total {
+            return Err(Error::AtCapacity("too many open connections"));
+        }
+        let from_ip = per_ip.entry(ip).or_default();
+        if self.max_per_ip > 0 && *from_ip >= self.max_per_ip {
+            return Err(Error::TooManyRequests {
+                what: "too many open connections from this address",
+                retry_after: 5,
+            });
+        }
+        *from_ip += 1;
+        *total += 1;
+        Ok(ConnectionPermit {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().expect("limits lock").0
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().expect("limits lock");
+        let (total, per_ip) = &mut *open;
+        *total -= 1;
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A token bucket per key: `rate` publishes per second, in bursts of up to `rate`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// Keys tracked before full buckets are forgotten (a full bucket is the same as no bucket).
+const BUCKETS_BEFORE_SWEEP: usize = 10_000;
+
+impl RateLimiter {
+    /// `rate` actions per second per key; `0` allows everything.
+    pub fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one action for `key`, or says when to retry.
+    pub fn check(&self, key: &str) -> Result<(), Error> {
+        self.check_at(key, Instant::now())
+    }
+
+    fn check_at(&self, key: &str, now: Instant) -> Result<(), Error> {
+        if self.rate == 0.0 {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        if buckets.len() >= BUCKETS_BEFORE_SWEEP && !buckets.contains_key(key) {
+            let rate = self.rate;
+            buckets.retain(|_, b| refill(b, rate, now) < rate);
+        }
+        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+            tokens: self.rate,
+            updated: now,
+        });
+        let tokens = refill(bucket, self.rate, now);
+        if tokens >= 1.0 {
+            bucket.tokens = tokens - 1.0;
+            bucket.updated = now;
+            Ok(())
+        } else {
+            let wait = Duration::from_secs_f64((1.0 - tokens) / self.rate);
+            Err(Error::TooManyRequests {
+                what: "publish rate limit",
+                retry_after: wait.as_secs().max(1),
+            })
+        }
+    }
+}
+
+fn refill(bucket: &Bucket, rate: f64, now: Instant) -> f64 {
+    let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+    (bucket.tokens + elapsed * rate).min(rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_bursts_then_refills() {
+        let limiter = RateLimiter::new(5);
+        let start = Instant::now();
+        for _ in 0..5 {
+            limiter.check_at("ana", start).unwrap();
+        }
+        assert!(matches!(
+            limiter.check_at("ana", start),
+            Err(Error::TooManyRequests { retry_after: 1, .. })
+        ));
+        limiter.check_at("bob", start).unwrap();
+        let later = start + Duration::from_millis(400);
+        limiter.check_at("ana", later).unwrap();
+        limiter.check_at("ana", later).unwrap();
+        assert!(limiter.check_at("ana", later).is_err());
+        assert!(RateLimiter::new(0).check("x").is_ok());
+    }
+
+    #[test]
+    fn limits_count_in_total_and_per_ip_and_free_on_drop() {
+        let limits = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = limits.admit(a).unwrap();
+        let _second = limits.admit(a).unwrap();
+        assert!(matches!(
+            limits.admit(a),
+            Err(Error::TooManyRequests { .. })
+        ));
+        let _third = limits.admit(b).unwrap();
+        assert!(matches!(limits.admit(b), Err(Error::AtCapacity(_))));
+        assert_eq!(limits.open(), 3);
+        drop(first);
+        assert_eq!(limits.open(), 2);
+        assert!(limits.admit(a).is_ok(), "a place freed by a dropped permit");
+        assert_eq!(limits.open(), 2, "the temporary permit was dropped again");
+    }
+}

@@ -1,0 +1,134 @@
+//! Which browser origins may use the API: CORS for HTTP, and the `Origin` check of WebSocket
+//! handshakes (browsers do not apply CORS to WebSocket, so without this check any site a
+//! user visits could open a WebSocket to the gateway with the user's cookies or network
+//! position: cross-site WebSocket hijacking).
+
+use std::net::SocketAddr;
+
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::error::Error;
+
+/// The origin allowlist of `--allowed-origins`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPolicy {
+    /// Any origin (`*`, or the default while listening on loopback: the local demo).
+    Any,
+    /// These origins, plus pages served by the gateway itself.
+    List(Vec<String>),
+}
+
+impl OriginPolicy {
+    /// The policy of `--allowed-origins` for a server listening on `listen`.
+    pub fn new(allowed: &[String], listen: SocketAddr) -> Self {
+        let allowed: Vec<String> = allowed
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if allowed.iter().any(|o| o == "*") || (allowed.is_empty() && listen.ip().is_loopback()) {
+            OriginPolicy::Any
+        } else {
+            OriginPolicy::List(allowed)
+        }
+    }
+
+    fn allows(&self, origin: &str) -> bool {
+        match self {
+            OriginPolicy::Any => true,
+            OriginPolicy::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
+
+    /// Checks a WebSocket handshake: no `Origin` (not a browser), the gateway's own pages
+    /// (`Origin` host equals `Host`), or an allowed origin.
+    pub fn check_websocket(&self, headers: &HeaderMap) -> Result<(), Error> {
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin.to_str().map_err(|_| Error::OriginNotAllowed)?;
+        let same_origin = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|host| {
+                origin
+                    .split_once("://")
+                    .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host))
+            });
+        if same_origin || self.allows(origin) {
+            Ok(())
+        } else {
+            Err(Error::OriginNotAllowed)
+        }
+    }
+
+    /// The CORS layer: preflights and `Access-Control-Allow-Origin` for allowed origins only.
+    pub fn cors_layer(&self) -> CorsLayer {
+        let allow_origin = match self {
+            OriginPolicy::Any => AllowOrigin::any(),
+            OriginPolicy::List(list) => AllowOrigin::list(
+                list.iter()
+                    .filter_map(|o| HeaderValue::from_str(o).ok())
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("last-event-id"),
+            ])
+            .max_age(std::time::Duration::from_secs(3600))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: &str, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ORIGIN, origin.parse().unwrap());
+        headers.insert(header::HOST, host.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn loopback_is_open_and_public_addresses_need_a_list() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(OriginPolicy::new(&[], loopback), OriginPolicy::Any);
+        assert_eq!(OriginPolicy::new(&[], public), OriginPolicy::List(vec![]));
+        assert_eq!(OriginPolicy::new(&["*".into()], public), OriginPolicy::Any);
+    }
+
+    #[test]
+    fn websocket_origins_are_checked_against_the_list_and_the_host() {
+        let policy = OriginPolicy::new(
+            &["https://app.example.com/".into()],
+            "0.0.0.0:443".parse().unwrap(),
+        );
+        assert!(
+            policy
+                .check_websocket(&headers("https://app.example.com", "push.example.com"))
+                .is_ok()
+        );
+        assert!(
+            policy
+                .check_websocket(&headers("https://push.example.com", "push.example.com"))
+                .is_ok(),
+            "the gateway's own demo page"
+        );
+        assert!(matches!(
+            policy.check_websocket(&headers("https://evil.example", "push.example.com")),
+            Err(Error::OriginNotAllowed)
+        ));
+        assert!(
+            policy.check_websocket(&HeaderMap::new()).is_ok(),
+            "not a browser"
+        );
+    }
+}
