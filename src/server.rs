@@ -6,19 +6,20 @@
 //! with a JSON 503/429 before any work is done; a deadline for the request head (slow-header
 //! attacks) and a bound on its size; and TLS on the same loop.
 
-use std::{future::Future, io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{future::Future, io, net::SocketAddr, path::Path, pin::Pin, sync::Arc, time::Duration};
 
 use axum::{Router, extract::ConnectInfo, http::Request};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
 };
 use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use crate::{AppState, error::Error, limits::ConnectionPermit};
@@ -68,18 +69,9 @@ pub(crate) async fn accept_loop(
 ) {
     let config = &state.config;
     let limits = state.connections.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(Protocols::new(config));
+    let connections = TaskTracker::new();
+    let stopped = state.shutdown.clone();
     let handshake_timeout = config.header_timeout;
     tokio::pin!(stop);
     loop {
@@ -99,12 +91,14 @@ pub(crate) async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let admitted = limits.admit(peer.ip());
         let (builder, router, tls) = (builder.clone(), router.clone(), tls.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let watcher = stopped.clone();
+        connections.spawn(async move {
             let Some(tls) = tls else {
                 match admitted {
                     Ok(permit) => {
-                        serve_connection(stream, peer, &builder, router, watcher, permit).await
+                        builder
+                            .serve(stream, false, peer, router, watcher, permit)
+                            .await
                     }
                     Err(refusal) => refuse(stream, refusal).await,
                 }
@@ -120,15 +114,18 @@ pub(crate) async fn accept_loop(
             };
             match admitted {
                 Ok(permit) => {
-                    serve_connection(stream, peer, &builder, router, watcher, permit).await
+                    builder
+                        .serve(stream, true, peer, router, watcher, permit)
+                        .await
                 }
                 Err(refusal) => refuse(stream, refusal).await,
             }
         });
     }
     drop(listener);
+    connections.close();
     let grace = config.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -139,25 +136,86 @@ pub(crate) async fn accept_loop(
     }
 }
 
-async fn serve_connection<I>(
-    io: I,
-    peer: SocketAddr,
-    builder: &auto::Builder<TokioExecutor>,
-    router: Router,
-    watcher: hyper_util::server::graceful::Watcher,
-    permit: ConnectionPermit,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
-        router.clone().oneshot(request)
-    });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(error) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(error = %error, %peer, "connection ended with an error");
+/// The HTTP protocols a connection may speak: HTTP/1.1 on plain TCP (an HTTP/2-capable
+/// connection state costs a few KiB more per idle connection, and browsers use HTTP/2 only
+/// over TLS), HTTP/1.1 or HTTP/2 by ALPN over TLS.
+struct Protocols {
+    http1: http1::Builder,
+    any: auto::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(config: &crate::Config) -> Self {
+        let max_buf = config.max_header_bytes.max(8192);
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_timeout)
+            .max_buf_size(max_buf);
+        let mut any = auto::Builder::new(TokioExecutor::new());
+        any.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_timeout)
+            .max_buf_size(max_buf);
+        any.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        Self { http1, any }
     }
-    drop(permit);
+
+    async fn serve<I>(
+        &self,
+        io: I,
+        tls: bool,
+        peer: SocketAddr,
+        router: Router,
+        stop: CancellationToken,
+        permit: ConnectionPermit,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        let io = TokioIo::new(io);
+        let ended = if tls {
+            let connection = self.any.serve_connection_with_upgrades(io, service);
+            let connection = std::pin::pin!(connection);
+            until_done(connection, &stop, |c| c.graceful_shutdown())
+                .await
+                .err()
+                .map(|e| e.to_string())
+        } else {
+            let connection = self.http1.serve_connection(io, service).with_upgrades();
+            let connection = std::pin::pin!(connection);
+            until_done(connection, &stop, |c| c.graceful_shutdown())
+                .await
+                .err()
+                .map(|e| e.to_string())
+        };
+        if let Some(error) = ended {
+            tracing::debug!(%error, %peer, "connection ended with an error");
+        }
+        drop(permit);
+    }
+}
+
+/// Drives a connection; once `stop` fires, asks it to finish its current request and close.
+async fn until_done<C, E>(
+    mut connection: Pin<&mut C>,
+    stop: &CancellationToken,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::select! {
+        ended = connection.as_mut() => return ended,
+        () = stop.cancelled() => {}
+    }
+    graceful_shutdown(connection.as_mut());
+    connection.await
 }
 
 /// Answers a connection over a limit with the error as JSON, then closes it.
