@@ -195,6 +195,7 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
+        crate::telemetry::rejected(self.code());
         if status.is_server_error() && matches!(self, Error::Store(_)) {
             tracing::error!(error = %self, "request failed");
         } else {

@@ -39,6 +39,7 @@ pub mod message;
 pub mod origin;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod transport;
 pub mod web;
 
@@ -51,7 +52,10 @@ use axum::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::trace::TraceLayer;
+use tower_http::{
+    request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 
 use auth::{Access, Auth};
 pub use config::Config;
@@ -93,6 +97,7 @@ impl AppState {
             config.jwt_public_key.as_deref(),
             &config.public_topics,
         )?;
+        telemetry::install();
         Ok(Self {
             hub: Hub::new(store, HubSettings::from(&config)),
             auth: Arc::new(auth),
@@ -119,6 +124,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics_text))
         .route(
             "/topics/{topic}",
             get(topic_info).post(transport::publish::publish),
@@ -148,12 +154,46 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(state.origins.cors_layer())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(RequestIds::default()))
         .with_state(state)
 }
 
-/// The span of one request: method and path, never the query (it may hold `?token=`).
+/// The span of one request: its id, method and path, never the query (it may hold
+/// `?token=`) nor the body.
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
+}
+
+/// Request ids for `x-request-id` (kept when the client or a proxy sent one): the process
+/// start time and a counter, unique per process without a random source.
+#[derive(Clone, Default)]
+struct RequestIds(Arc<std::sync::atomic::AtomicU64>);
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let boot = *BOOT.get_or_init(message::now_micros);
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        axum::http::HeaderValue::from_str(&format!("{boot:x}-{n:x}"))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        telemetry::render(&app),
+    )
 }
 
 async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {

@@ -31,12 +31,18 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("PUSHHUB_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("pushhub=info,tower_http=warn")),
-        )
-        .init();
+    let filter = EnvFilter::try_from_env("PUSHHUB_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("pushhub=info,tower_http=warn"));
+    // One JSON object per line for log collectors; plain text for people.
+    if std::env::var("PUSHHUB_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let config = match cli.command {
         Some(Command::Serve(config)) => *config,
         Some(Command::Bench(args)) => return bench(*args).await,

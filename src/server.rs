@@ -224,6 +224,7 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, refusal: Error) {
     // the client would see a reset instead of the answer.
     let mut head = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_millis(500), io.read(&mut head)).await;
+    crate::telemetry::rejected(refusal.code());
     let status = refusal.status();
     let body =
         serde_json::json!({"error": refusal.public_message(), "code": refusal.code()}).to_string();

@@ -60,3 +60,57 @@ fn help_lists_the_serve_flags() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[tokio::test]
+async fn json_logs_carry_request_ids_and_never_tokens() {
+    let secret_token = "eyJhbGciOiJIUzI1NiJ9.e30.not-a-real-signature";
+    let server = support::spawn_binary(
+        &["--jwt-secret", "s3cret"],
+        &[
+            ("PUSHHUB_LOG", "pushhub=debug,tower_http=debug"),
+            ("PUSHHUB_LOG_FORMAT", "json"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let response = http
+        .get(format!(
+            "http://{}/topics/t/poll?token={secret_token}",
+            server.addr
+        ))
+        .header("x-request-id", "req-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["x-request-id"], "req-42");
+    let fresh = http
+        .post(format!("http://{}/topics/t", server.addr))
+        .bearer_auth(secret_token)
+        .body("secret body")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !fresh.headers()["x-request-id"].is_empty(),
+        "an id is made when none is sent"
+    );
+    support::eventually("the request is logged", || async {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("req-42"))
+    })
+    .await;
+    let log = server.log.lock().unwrap().join("\n");
+    for line in log.lines() {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "not a JSON log line: {line}");
+    }
+    assert!(
+        !log.contains("not-a-real-signature"),
+        "a token reached the log:\n{log}"
+    );
+    assert!(!log.contains("secret body"), "a body reached the log");
+}

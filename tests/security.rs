@@ -478,3 +478,43 @@ async fn slow_consumers_are_disconnected_under_the_disconnect_policy() {
         "the SSE stream ended early ({events} events)"
     );
 }
+
+#[tokio::test]
+async fn metrics_are_served_in_prometheus_text_format() {
+    let server = start_with(secured()).await;
+    let reader = reader_token(&["m"], 60);
+    let mut sse = server
+        .sse(&format!("/topics/m/sse?token={reader}"), None)
+        .await;
+    let writer = token(json!({"exp": unix_now() + 60, "pushhub": {"publish": ["m"]}}));
+    assert_eq!(post(&server, "m", Some(&writer)).await.status(), 201);
+    assert_eq!(post(&server, "m", None).await.status(), 401);
+    sse.next_event().await.unwrap();
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    };
+    assert!(value("pushhub_deliveries_total{transport=\"sse\"}") >= 1.0);
+    assert!(value("pushhub_subscribers{transport=\"sse\"}") >= 1.0);
+    assert!(value("pushhub_publishes_total") >= 1.0);
+    assert!(value("pushhub_rejected_total{code=\"unauthorized\"}") >= 1.0);
+    assert!(value("pushhub_stream_subscriptions_total{transport=\"sse\",event=\"opened\"}") >= 1.0);
+    assert!(value("pushhub_delivery_lag_seconds_count{transport=\"sse\"}") >= 1.0);
+    assert!(text.contains("pushhub_delivery_lag_seconds_bucket{transport=\"sse\",le=\"0.005\"}"));
+    assert!(value("pushhub_open_connections") >= 1.0);
+}

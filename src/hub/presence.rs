@@ -84,18 +84,20 @@ impl PollerSet {
 
 /// Decrements a gauge when dropped, so a subscriber is uncounted however its task ends.
 #[derive(Debug)]
-pub(crate) struct Gauge(Arc<AtomicUsize>);
+pub(crate) struct Gauge(Arc<AtomicUsize>, Transport);
 
 impl Gauge {
-    fn hold(counter: &Arc<AtomicUsize>) -> Self {
+    fn hold(counter: &Arc<AtomicUsize>, transport: Transport) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter.clone())
+        crate::telemetry::stream(transport, true);
+        Self(counter.clone(), transport)
     }
 }
 
 impl Drop for Gauge {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        crate::telemetry::stream(self.1, false);
     }
 }
 
@@ -103,9 +105,9 @@ impl Presence {
     /// Counts a streaming subscriber until the returned gauge is dropped.
     pub(crate) fn stream(&self, transport: Transport) -> Gauge {
         match transport {
-            Transport::Sse => Gauge::hold(&self.sse),
-            Transport::Ws => Gauge::hold(&self.ws),
-            Transport::Longpoll => Gauge::hold(&self.parked),
+            Transport::Sse => Gauge::hold(&self.sse, transport),
+            Transport::Ws => Gauge::hold(&self.ws, transport),
+            Transport::Longpoll => Gauge::hold(&self.parked, transport),
             Transport::Poll => unreachable!("short polls are never held open"),
         }
     }

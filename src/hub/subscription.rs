@@ -103,7 +103,11 @@ impl Subscription {
                 Err(RecvError::Lagged(_)) if self.disconnect_slow => {
                     return Err(Error::SlowConsumer);
                 }
-                Ok(_) | Err(RecvError::Lagged(_)) => self.catching_up = true,
+                Err(RecvError::Lagged(_)) => {
+                    crate::telemetry::slow_consumer("resync");
+                    self.catching_up = true;
+                }
+                Ok(_) => self.catching_up = true,
                 Err(RecvError::Closed) => return Ok(None),
             }
         }

@@ -103,6 +103,9 @@ pub fn batch_response(app: &AppState, transport: Transport, batch: &Batch) -> Re
     }
     body.push(b'}');
     app.hub.record_request(transport);
+    if let (Transport::Longpoll, Some(first)) = (transport, batch.messages.first()) {
+        crate::telemetry::delivery_lag(transport, first.time);
+    }
     app.hub
         .record_delivery(transport, batch.messages.len() as u64, body.len() as u64);
     (

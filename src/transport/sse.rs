@@ -143,6 +143,9 @@ impl SseStream {
     /// and how many messages they carry.
     async fn gather(&mut self, first: Delivery) -> (Bytes, u64) {
         let mut window = WriteWindow::open(self.write_delay);
+        if let Delivery::Message(message) = &first {
+            crate::telemetry::delivery_lag(Transport::Sse, message.time);
+        }
         let (frame, mut messages) = self.frame(&first);
         let Some(second) = window
             .next(next_delivery(&mut self.subscription, &mut self.ended))
@@ -180,6 +183,7 @@ async fn next_delivery(subscription: &mut Subscription, ended: &mut bool) -> Opt
             None
         }
         Err(Error::SlowConsumer) => {
+            crate::telemetry::slow_consumer("disconnect");
             tracing::debug!(topic = %subscription.topic(), "ending SSE stream of a slow consumer");
             *ended = true;
             None

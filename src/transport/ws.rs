@@ -241,6 +241,9 @@ impl Session {
         let mut next = Some((topic, delivery));
         let mut window = WriteWindow::open(self.app.config.write_delay);
         let (mut messages, mut bytes) = (0, 0);
+        if let Some((_, Ok(Delivery::Message(message)))) = &next {
+            crate::telemetry::delivery_lag(Transport::Ws, message.time);
+        }
         while let Some((topic, delivery)) = next {
             let frame = match delivery {
                 Ok(Delivery::Message(message)) => {
@@ -253,6 +256,7 @@ impl Session {
                 }
                 Ok(Delivery::Signal(signal)) => text_frame(signal.to_json(&topic)),
                 Err(Error::SlowConsumer) => {
+                    crate::telemetry::slow_consumer("disconnect");
                     self.close = Some((close_code::AGAIN, "subscriber fell too far behind"));
                     break;
                 }
@@ -447,6 +451,7 @@ impl Command<'_> {
 }
 
 fn error_reply(error: &Error, reference: Option<&RawValue>) -> Value {
+    crate::telemetry::rejected(error.code());
     let mut reply = json!({"type": "error", "code": error.code(), "error": error.public_message()});
     if let Some(reference) = reference {
         reply["ref"] = serde_json::from_str(reference.get()).unwrap_or(Value::Null);

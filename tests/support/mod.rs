@@ -283,6 +283,8 @@ pub struct ServerProcess {
     pub child: Child,
     /// `127.0.0.1:PORT`, read from the startup log line.
     pub addr: String,
+    /// Every log line the process has written so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for ServerProcess {
@@ -298,25 +300,39 @@ pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pushhub"))
         .args(args)
         .args(["--listen", "127.0.0.1:0"])
-        .envs(envs.iter().copied())
         .env("PUSHHUB_LOG", "pushhub=info")
         .env("NO_COLOR", "1")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("start pushhub");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let addr = loop {
         let line = lines
             .next()
             .expect("pushhub exited before listening")
             .unwrap();
+        log.lock().unwrap().push(line.clone());
         if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split('/').next().unwrap().to_owned();
+            break rest
+                .split('/')
+                .next()
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_owned();
         }
     };
     // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    ServerProcess { child, addr }
+    let collected = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            collected.lock().unwrap().push(line);
+        }
+    });
+    ServerProcess { child, addr, log }
 }
