@@ -238,6 +238,7 @@ pub async fn serve(
             .clone()
             .run_sweeper(state.config.sweep_interval, stop.clone()),
     );
+    tokio::spawn(telemetry::run_upkeep(stop.clone()));
     let app = router(state.clone());
     let stopping = {
         let stop = stop.clone();

@@ -41,6 +41,18 @@ pub fn install() {
     handle();
 }
 
+/// Folds recorded histogram samples into their buckets every second until `stop`: the
+/// exporter keeps raw samples until then, which without scrapes would grow with every write.
+pub async fn run_upkeep(stop: tokio_util::sync::CancellationToken) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => handle().run_upkeep(),
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
 fn label(transport: Transport) -> &'static str {
     match transport {
         Transport::Poll => "poll",
@@ -108,8 +120,16 @@ pub(crate) fn slow_consumer(action: &'static str) {
 }
 
 /// One write to a subscriber, whose oldest message was published at `published_ms`.
+///
+/// The histogram handles are looked up once: building a labelled key per write cost more
+/// than the write's own user-space work.
 pub(crate) fn delivery_lag(transport: Transport, published_ms: u64) {
-    let lag = now_millis().saturating_sub(published_ms) as f64 / 1000.0;
-    metrics::histogram!("pushhub_delivery_lag_seconds", "transport" => label(transport))
-        .record(lag);
+    static LAG: OnceLock<[metrics::Histogram; 4]> = OnceLock::new();
+    let lag = LAG.get_or_init(|| {
+        TRANSPORTS.map(|t| {
+            metrics::histogram!("pushhub_delivery_lag_seconds", "transport" => label(t))
+        })
+    });
+    let seconds = now_millis().saturating_sub(published_ms) as f64 / 1000.0;
+    lag[transport as usize].record(seconds);
 }
