@@ -94,31 +94,19 @@ pub(crate) async fn accept_loop(
         let watcher = stopped.clone();
         connections.spawn(async move {
             let Some(tls) = tls else {
-                match admitted {
-                    Ok(permit) => {
-                        builder
-                            .serve(stream, false, peer, router, watcher, permit)
-                            .await
-                    }
-                    Err(refusal) => refuse(stream, refusal).await,
-                }
+                builder
+                    .serve_or_refuse(stream, false, peer, router, watcher, admitted)
+                    .await;
                 return;
             };
-            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, %peer, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            match admitted {
-                Ok(permit) => {
+            match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
                     builder
-                        .serve(stream, true, peer, router, watcher, permit)
+                        .serve_or_refuse(stream, true, peer, router, watcher, admitted)
                         .await
                 }
-                Err(refusal) => refuse(stream, refusal).await,
+                Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
@@ -163,17 +151,22 @@ impl Protocols {
         Self { http1, any }
     }
 
-    async fn serve<I>(
+    /// Serves an admitted connection, or answers a refused one with its error.
+    async fn serve_or_refuse<I>(
         &self,
         io: I,
         tls: bool,
         peer: SocketAddr,
         router: Router,
         stop: CancellationToken,
-        permit: ConnectionPermit,
+        admitted: Result<ConnectionPermit, Error>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let permit = match admitted {
+            Ok(permit) => permit,
+            Err(refusal) => return refuse(io, refusal).await,
+        };
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().oneshot(request)

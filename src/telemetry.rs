@@ -126,9 +126,8 @@ pub(crate) fn slow_consumer(action: &'static str) {
 pub(crate) fn delivery_lag(transport: Transport, published_ms: u64) {
     static LAG: OnceLock<[metrics::Histogram; 4]> = OnceLock::new();
     let lag = LAG.get_or_init(|| {
-        TRANSPORTS.map(|t| {
-            metrics::histogram!("pushhub_delivery_lag_seconds", "transport" => label(t))
-        })
+        TRANSPORTS
+            .map(|t| metrics::histogram!("pushhub_delivery_lag_seconds", "transport" => label(t)))
     });
     let seconds = now_millis().saturating_sub(published_ms) as f64 / 1000.0;
     lag[transport as usize].record(seconds);

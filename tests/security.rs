@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use support::{PATIENCE, SseItem, TestServer, eventually, start_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{
-    Message as WsMessage, client::IntoClientRequest, protocol::frame::coding::CloseCode,
+    client::IntoClientRequest, protocol::frame::coding::CloseCode,
 };
 
 const SECRET: &str = "test-secret";
@@ -186,18 +186,7 @@ async fn an_expiring_token_ends_sse_with_an_event_and_closes_websockets_with_400
     assert_eq!(event.event, "expired");
     assert_eq!(event.json()["code"], "token_expired");
     assert!(sse.next_item().await.is_none(), "the stream ends after it");
-    let close = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match ws.ws.next().await {
-                Some(Ok(WsMessage::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let close = ws.next_close().await;
     assert_eq!(close.code, CloseCode::Library(4001));
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -357,15 +346,7 @@ async fn parked_long_polls_and_subscriptions_per_socket_are_bounded() {
         tokio::spawn(async move { reqwest::get(url).await.unwrap().status() })
     };
     eventually("the first long poll is parked", || async {
-        server
-            .state
-            .hub
-            .info(&pushhub::message::TopicName::parse("t").unwrap())
-            .await
-            .unwrap()
-            .subscribers
-            .longpoll
-            == 1
+        server.subscribers("t").await.longpoll == 1
     })
     .await;
     let refused = server
@@ -408,16 +389,7 @@ async fn a_websocket_peer_that_stops_answering_is_dropped() {
         tokio_tungstenite::connect_async(format!("ws://{}/topics/beat/ws", server.addr))
             .await
             .unwrap();
-    let ws_count = || async {
-        server
-            .state
-            .hub
-            .info(&pushhub::message::TopicName::parse("beat").unwrap())
-            .await
-            .unwrap()
-            .subscribers
-            .ws
-    };
+    let ws_count = || async { server.subscribers("beat").await.ws };
     eventually("both subscribed", || async { ws_count().await == 2 }).await;
     let reader = tokio::spawn(async move {
         let mut pings = 0;
@@ -454,18 +426,7 @@ async fn slow_consumers_are_disconnected_under_the_disconnect_policy() {
     for _ in 0..2000 {
         server.publish("flood", json!(big)).await;
     }
-    let close = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match ws.ws.next().await {
-                Some(Ok(WsMessage::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let close = ws.next_close().await;
     assert_eq!(close.code, CloseCode::Again, "1013: try again later");
     let mut events = 0;
     while let Some(item) = sse.next_item().await {

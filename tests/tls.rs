@@ -39,6 +39,19 @@ async fn tls_connect(
         .expect("TLS handshake with the server's certificate")
 }
 
+/// Appends what `stream` sends to `seen` until it contains `needle`.
+async fn read_until(stream: &mut TlsStream<TcpStream>, seen: &mut String, needle: &str) {
+    let mut buffer = [0u8; 4096];
+    while !seen.contains(needle) {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buffer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "SSE over TLS closed early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+}
+
 #[tokio::test]
 async fn sse_and_websocket_work_over_tls() {
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -70,15 +83,7 @@ async fn sse_and_websocket_work_over_tls() {
         .await
         .unwrap();
     let mut seen = String::new();
-    let mut buffer = [0u8; 4096];
-    while !seen.contains("retry:") {
-        let n = tokio::time::timeout(PATIENCE, sse.read(&mut buffer))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "SSE over TLS closed early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
-    }
+    read_until(&mut sse, &mut seen, "retry:").await;
     assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
     assert!(
         seen.to_ascii_lowercase()
@@ -110,14 +115,7 @@ async fn sse_and_websocket_work_over_tls() {
     };
     assert_eq!(ack["id"], 1);
 
-    while !seen.contains("\"over\":\"wss\"") {
-        let n = tokio::time::timeout(PATIENCE, sse.read(&mut buffer))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "SSE over TLS closed early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
-    }
+    read_until(&mut sse, &mut seen, "\"over\":\"wss\"").await;
     assert!(seen.contains("id: 1\n"), "{seen}");
     std::fs::remove_dir_all(dir).unwrap();
 }

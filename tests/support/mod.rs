@@ -79,6 +79,12 @@ impl TestServer {
         ids
     }
 
+    /// The hub's subscriber counts of `topic`.
+    pub async fn subscribers(&self, topic: &str) -> pushhub::hub::Subscribers {
+        let topic = pushhub::message::TopicName::parse(topic).unwrap();
+        self.state.hub.info(&topic).await.unwrap().subscribers
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self.http.get(self.url(path)).send().await.unwrap();
         let status = response.status().as_u16();
@@ -244,6 +250,21 @@ impl WsClient {
                 Err(_) => panic!("WebSocket silent for {PATIENCE:?}"),
             }
         }
+    }
+
+    /// Reads until the server's close frame, skipping other frames, and returns it.
+    pub async fn next_close(&mut self) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(WsMessage::Close(Some(frame)))) => return frame,
+                    Some(Ok(_)) => continue,
+                    other => panic!("expected a close frame, got {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("no close frame in time")
     }
 
     /// The next frame that is a message envelope (has an `id`, no `type`), skipping others.
