@@ -160,6 +160,11 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_WS_PONG_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub ws_pong_timeout: Duration,
 
+    /// A connection whose writes make no progress for this long is closed: a peer that
+    /// stopped reading, or vanished without closing (SSE streams, long polls, WebSockets).
+    #[arg(long, env = "PUSHHUB_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
     /// What happens to an SSE/WebSocket subscriber that falls `--subscriber-queue` messages
     /// behind: `resync` (read the backlog from history by cursor) or `disconnect` (WS close
     /// 1013, SSE stream ended; the client reconnects with its cursor).
@@ -220,6 +225,7 @@ impl Default for Config {
             ws_ping_interval: Duration::from_secs(25),
             ws_pong_timeout: Duration::from_secs(10),
             slow_consumer: SlowConsumerPolicy::Resync,
+            stall_timeout: Duration::from_secs(30),
             tls_cert: None,
             tls_key: None,
             shutdown_grace: Duration::from_secs(5),

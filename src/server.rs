@@ -128,6 +128,7 @@ pub(crate) async fn accept_loop(
 /// connection state costs a few KiB more per idle connection, and browsers use HTTP/2 only
 /// over TLS), HTTP/1.1 or HTTP/2 by ALPN over TLS.
 struct Protocols {
+    stall_timeout: Duration,
     http1: http1::Builder,
     any: auto::Builder<TokioExecutor>,
 }
@@ -148,7 +149,11 @@ impl Protocols {
         any.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-        Self { http1, any }
+        Self {
+            stall_timeout: config.stall_timeout,
+            http1,
+            any,
+        }
     }
 
     /// Serves an admitted connection, or answers a refused one with its error.
@@ -171,7 +176,7 @@ impl Protocols {
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().oneshot(request)
         });
-        let io = TokioIo::new(io);
+        let io = TokioIo::new(StallGuard::new(io, self.stall_timeout));
         let ended = if tls {
             let connection = self.any.serve_connection_with_upgrades(io, service);
             let connection = std::pin::pin!(connection);
@@ -233,4 +238,96 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, refusal: Error) {
     );
     let _ = io.write_all(response.as_bytes()).await;
     let _ = io.shutdown().await;
+}
+
+/// Fails a connection's writes once they have made no progress for `limit`: a peer that
+/// stopped reading (or vanished without a FIN) otherwise holds its connection, its
+/// subscription and its buffers until TCP gives up, which can take many minutes.
+struct StallGuard<I> {
+    io: I,
+    limit: Duration,
+    stalled_since: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> StallGuard<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            stalled_since: None,
+        }
+    }
+
+    /// Turns a pending write into an error once the stall has lasted `limit`.
+    fn check<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<io::Result<T>>,
+    ) -> std::task::Poll<io::Result<T>> {
+        use std::{future::Future as _, task::Poll};
+        if polled.is_ready() {
+            self.stalled_since = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let deadline = self
+            .stalled_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for StallGuard<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for StallGuard<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, polled)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

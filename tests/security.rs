@@ -479,3 +479,40 @@ async fn metrics_are_served_in_prometheus_text_format() {
     assert!(text.contains("pushhub_delivery_lag_seconds_bucket{transport=\"sse\",le=\"0.005\"}"));
     assert!(value("pushhub_open_connections") >= 1.0);
 }
+
+#[tokio::test]
+async fn an_sse_reader_that_stops_reading_is_cut_off_and_others_keep_receiving() {
+    let server = start_with(Config {
+        stall_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let mut live = server.sse("/topics/stall/sse", None).await;
+    // The stalled reader: a raw socket that sends the request and never reads again.
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /topics/stall/sse HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("both streams open", || async {
+        server.subscribers("stall").await.sse == 2
+    })
+    .await;
+    let big = "y".repeat(32 * 1024);
+    let publisher = async {
+        for _ in 0..400 {
+            server.publish("stall", json!(big)).await;
+        }
+    };
+    let reader = async {
+        for _ in 0..400 {
+            live.next_event().await.unwrap();
+        }
+    };
+    tokio::join!(publisher, reader);
+    eventually("the stalled stream is dropped", || async {
+        server.subscribers("stall").await.sse == 1
+    })
+    .await;
+    drop(stalled);
+}
