@@ -86,6 +86,9 @@ pub struct AppState {
     pub publish_limiter: Arc<RateLimiter>,
     /// Places for parked long polls.
     pub parked_longpolls: Arc<tokio::sync::Semaphore>,
+    /// Held (shared) by each publish while it appends; taken exclusively by a stream that is
+    /// stopping, so that it drains only once every acknowledged publish is appended.
+    publishing: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl AppState {
@@ -110,7 +113,29 @@ impl AppState {
             parked_longpolls: Arc::new(tokio::sync::Semaphore::new(config.max_parked_longpolls)),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
+            publishing: Arc::default(),
         })
+    }
+
+    /// Publishes, unless the server is stopping (503 `shutting_down`): a publish is either
+    /// refused or appended before any stream drains for the stop, so an acknowledged message
+    /// reaches every subscriber still connected.
+    pub async fn publish(
+        &self,
+        topic: &message::TopicName,
+        event: message::EventName,
+        payload: &message::Payload,
+    ) -> Result<Arc<message::Message>, Error> {
+        let _appending = self.publishing.read().await;
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        self.hub.publish(topic, event, payload).await
+    }
+
+    /// Waits until every publish admitted before the stop has been appended.
+    pub async fn publishes_settled(&self) {
+        drop(self.publishing.write().await);
     }
 }
 

@@ -47,3 +47,95 @@ async fn shutdown_answers_long_polls_ends_streams_and_closes_sockets() {
         other => panic!("expected close 1001, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn every_publish_acknowledged_before_a_stop_reaches_connected_subscribers_whole() {
+    let server = support::start_with(pushhub::Config {
+        history_size: 1_000_000,
+        shutdown_grace: std::time::Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let mut sse = server.sse("/topics/race/sse", None).await;
+    let mut ws = server.ws("/topics/race/ws").await;
+    // Slow readers: at the stop, deliveries are still queued for them on the server.
+    let sse_reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while let Some(event) = sse.next_event().await {
+            ids.push(event.id.unwrap().parse::<u64>().unwrap());
+            if ids.len() % 4 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(sse.leftover(), "", "the SSE stream ended inside a frame");
+        ids
+    });
+    let ws_reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        loop {
+            match ws.ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Value = serde_json::from_str(&text).expect("whole JSON frames");
+                    ids.push(frame["id"].as_u64().unwrap());
+                    if ids.len() % 4 == 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    assert_eq!(frame.code, CloseCode::Away);
+                    return ids;
+                }
+                other => panic!("expected frames then close 1001, got {other:?}"),
+            }
+        }
+    });
+    // Publishers keep going through the stop; whatever got a 201 must be delivered.
+    let publishers: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url) = (server.http.clone(), server.url("/topics/race"));
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                loop {
+                    let body = json!({"pad": "x".repeat(4096)});
+                    match http.post(&url).json(&body).send().await {
+                        Ok(response) if response.status() == 201 => {
+                            let body: Value = response.json().await.unwrap();
+                            acknowledged.push(body["id"].as_u64().unwrap());
+                        }
+                        Ok(response) => {
+                            assert_eq!(response.status(), 503, "refused while stopping");
+                            return acknowledged;
+                        }
+                        Err(_) => return acknowledged,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    server.stop().await;
+    let mut acknowledged: Vec<u64> = Vec::new();
+    for publisher in publishers {
+        acknowledged.extend(publisher.await.unwrap());
+    }
+    acknowledged.sort_unstable();
+    assert!(
+        acknowledged.len() > 10,
+        "the stop raced a real publish stream"
+    );
+    let over_sse = sse_reader.await.unwrap();
+    let over_ws = ws_reader.await.unwrap();
+    for (transport, received) in [("sse", &over_sse), ("ws", &over_ws)] {
+        let missing: Vec<_> = acknowledged
+            .iter()
+            .filter(|id| received.binary_search(id).is_err())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{transport} lost {} of {} acknowledged ids, first {:?}",
+            missing.len(),
+            acknowledged.len(),
+            missing.first()
+        );
+    }
+}

@@ -71,7 +71,7 @@ pub async fn publish(
     } else {
         Payload::from_text(text)
     };
-    let message = app.hub.publish(&topic, event, &payload).await?;
+    let message = app.publish(&topic, event, &payload).await?;
     Ok((StatusCode::CREATED, Json(Published::from(&*message))).into_response())
 }
 

@@ -63,6 +63,8 @@ pub async fn sse(
         shutdown: app.shutdown.clone(),
         write_delay: app.config.write_delay,
         ended: false,
+        draining: false,
+        app: app.clone(),
         expires: access.expires_at(),
     };
     let body = Body::from_stream(futures::stream::unfold(stream, |mut stream| async move {
@@ -111,6 +113,9 @@ struct SseStream {
     write_delay: Duration,
     /// The subscription ended while a write was being gathered: end after that write.
     ended: bool,
+    /// The server is stopping: write what is ready, then end.
+    draining: bool,
+    app: AppState,
     /// When the client's token expires: the stream ends then, with an `expired` event.
     expires: Option<tokio::time::Instant>,
 }
@@ -124,15 +129,35 @@ impl SseStream {
         if let Some(hello) = self.hello.take() {
             return Some(hello);
         }
+        if self.draining {
+            return self.drain().await;
+        }
         let first = tokio::select! {
             delivery = next_delivery(&mut self.subscription, &mut self.ended) => delivery?,
             _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
-            () = self.shutdown.cancelled() => return None,
+            () = self.shutdown.cancelled() => {
+                // Deliver what was acknowledged before the stop, then end.
+                self.app.publishes_settled().await;
+                self.draining = true;
+                return self.drain().await;
+            }
             () = expiry(self.expires) => {
                 self.ended = true;
                 return Some(Bytes::from_static(EXPIRED));
             }
         };
+        let (chunk, messages) = self.gather(first).await;
+        self.hub
+            .record_delivery(Transport::Sse, messages, chunk.len() as u64);
+        Some(chunk)
+    }
+
+    /// The next chunk of deliveries ready now, or `None` once there are none.
+    async fn drain(&mut self) -> Option<Bytes> {
+        use futures::FutureExt;
+        let first = next_delivery(&mut self.subscription, &mut self.ended)
+            .now_or_never()
+            .flatten()?;
         let (chunk, messages) = self.gather(first).await;
         self.hub
             .record_delivery(Transport::Sse, messages, chunk.len() as u64);

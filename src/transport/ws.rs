@@ -200,7 +200,15 @@ impl Session {
                     break None;
                 }
                 () = expiry(expires) => break Some((CLOSE_TOKEN_EXPIRED, "token expired")),
-                () = shutdown.cancelled() => break Some((close_code::AWAY, "server shutting down")),
+                () = shutdown.cancelled() => {
+                    // Deliver what was acknowledged before the stop, then close.
+                    self.app.publishes_settled().await;
+                    let drained = tokio::time::timeout(stall_limit, self.drain(&mut sink)).await;
+                    if !matches!(drained, Ok(Ok(()))) {
+                        break None;
+                    }
+                    break Some((close_code::AWAY, "server shutting down"));
+                }
             };
             let written = match step {
                 Step::Nothing => Ok(Ok(())),
@@ -229,6 +237,15 @@ impl Session {
             let _ =
                 tokio::time::timeout(stall_limit, sink.send(WsMessage::Close(Some(frame)))).await;
         }
+    }
+
+    /// Writes every delivery that is ready now, without waiting for more.
+    async fn drain(&mut self, sink: &mut Sink) -> Result<(), axum::Error> {
+        use futures::FutureExt;
+        while let Some(Some((topic, delivery))) = self.feeds.next().now_or_never() {
+            self.write_deliveries(sink, topic, delivery).await?;
+        }
+        Ok(())
     }
 
     /// Writes a delivery and any others already waiting, then flushes once.
@@ -326,7 +343,7 @@ impl Session {
                     .get("data")
                     .ok_or_else(|| Error::InvalidMessage("publish needs \"data\"".into()))?;
                 let payload = Payload::from_json(data.get())?;
-                let message = self.app.hub.publish(&topic, event, &payload).await?;
+                let message = self.app.publish(&topic, event, &payload).await?;
                 let mut ack =
                     serde_json::to_value(Published::from(&*message)).expect("ack serializes");
                 ack["type"] = json!("ack");

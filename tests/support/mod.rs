@@ -186,6 +186,11 @@ impl SseClient {
         }
     }
 
+    /// Bytes received after the last complete block: a broken frame if not empty at the end.
+    pub fn leftover(&self) -> &str {
+        &self.buffer
+    }
+
     /// The next event, skipping comments.
     pub async fn next_event(&mut self) -> Option<SseEvent> {
         loop {
