@@ -6,14 +6,14 @@ mod support;
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header, encode};
 use pushhub::{Config, auth::unix_now, config::SlowConsumerPolicy};
 use serde_json::{Value, json};
 use support::{PATIENCE, SseItem, TestServer, eventually, start_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest, protocol::frame::coding::CloseCode,
+    Message as WsMessage, client::IntoClientRequest, protocol::frame::coding::CloseCode,
 };
 
 const SECRET: &str = "test-secret";
@@ -515,4 +515,110 @@ async fn an_sse_reader_that_stops_reading_is_cut_off_and_others_keep_receiving()
     })
     .await;
     drop(stalled);
+}
+
+#[tokio::test]
+async fn fragmented_frames_are_reassembled_and_stray_continuations_close_1002() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    let server = start_with(Config::default()).await;
+    let mut ws = server.ws("/topics/frag/ws").await;
+    let command = json!({"type": "publish", "data": {"split": true}}).to_string();
+    let (head, tail) = command.split_at(10);
+    ws.ws
+        .send(WsMessage::Frame(Frame::message(
+            head.as_bytes().to_vec(),
+            OpCode::Data(Data::Text),
+            false,
+        )))
+        .await
+        .unwrap();
+    ws.ws
+        .send(WsMessage::Frame(Frame::message(
+            tail.as_bytes().to_vec(),
+            OpCode::Data(Data::Continue),
+            true,
+        )))
+        .await
+        .unwrap();
+    let ack = loop {
+        let frame = ws.next_json().await.unwrap();
+        if frame["type"] == "ack" {
+            break frame;
+        }
+    };
+    assert_eq!(ack["id"], 1);
+
+    let mut stray = server.ws("/topics/frag/ws").await;
+    stray
+        .ws
+        .send(WsMessage::Frame(Frame::message(
+            b"orphan".to_vec(),
+            OpCode::Data(Data::Continue),
+            true,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(stray.next_close().await.code, CloseCode::Protocol);
+    // The first connection is unaffected: it gets its own message, then the next.
+    assert_eq!(ws.next_envelope().await["id"], 1);
+    server.publish("frag", json!(2)).await;
+    assert_eq!(ws.next_envelope().await["id"], 2);
+}
+
+#[tokio::test]
+async fn ten_thousand_topics_from_one_client_are_forgotten_and_hurt_no_one() {
+    let server = start_with(Config {
+        sweep_interval: Duration::from_millis(200),
+        // A poller counts as a subscriber for this long, which keeps its topic.
+        poller_window: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let mut watcher = server.sse("/topics/watched/sse", None).await;
+    let http = server.http.clone();
+    let statuses: Vec<u16> = futures::stream::iter(0..10_000)
+        .map(|n| {
+            let (http, url) = (http.clone(), server.url(&format!("/topics/junk-{n}/poll")));
+            async move { http.get(url).send().await.unwrap().status().as_u16() }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&s| s == 200));
+    server.publish("watched", json!("still served")).await;
+    assert_eq!(
+        watcher.next_event().await.unwrap().json()["data"],
+        "still served"
+    );
+    // Topics with no history and no subscriber are dropped by the sweeper.
+    eventually("the junk topics are swept", || async {
+        server.get("/stats").await.1["topics"].as_u64().unwrap() <= 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_line_is_refused() {
+    let server = start_with(Config {
+        max_header_bytes: 8 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let long = "9".repeat(20 * 1024);
+    let response = server
+        .http
+        .get(server.url(&format!("/topics/t/poll?after={long}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        [414, 431].contains(&response.status().as_u16()),
+        "{}",
+        response.status()
+    );
+    let (status, _) = server.get("/topics/t/poll").await;
+    assert_eq!(status, 200);
 }
