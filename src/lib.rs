@@ -27,7 +27,19 @@
 //! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws`: thin adapters over the hub.
 //! - [`web`]: the embedded demo page.
 //! - [`error`]: the one error type, answered as `{"error", "code"}`.
+//! - [`server`]: the accept loop: connection limits, TLS, stalled peers, graceful stop.
+//! - [`auth`], [`origin`], [`limits`]: who may do what, from where, how often.
+//! - [`telemetry`]: `GET /metrics` in the Prometheus format.
 //! - [`bench`]: `pushhub bench`, the load benchmark of each transport.
+//!
+//! # Production concerns, and where they sit
+//!
+//! Everything a public deployment needs is in front of the hub, never inside it: the accept
+//! loop refuses connections over the limits before parsing anything; a token is verified once
+//! per request and checked per topic by the transports before they call the hub; long-lived
+//! streams carry their token's expiry and the stop signal in their `select!`. The hub stays
+//! free of HTTP and of policy, so its hot path (publish, fan-out) is what the benchmarks
+//! measure.
 
 pub mod auth;
 pub mod bench;
