@@ -622,3 +622,45 @@ async fn an_oversized_request_line_is_refused() {
     let (status, _) = server.get("/topics/t/poll").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_idle_keep_alive_connections_are_closed() {
+    let server = start_with(Config {
+        header_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let mut watcher = server.sse("/topics/calm/sse", None).await;
+    for garbage in [
+        &b"NOT HTTP AT ALL\r\n\r\n"[..],
+        b"GET /topics/calm/poll HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        b"GET /topics/calm/poll HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+        b"GET /\x00\x01 HTTP/1.1\r\n\r\n",
+    ] {
+        let mut raw = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        raw.write_all(garbage).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, raw.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{garbage:?} got {answer:?}");
+    }
+    // A keep-alive connection that goes quiet after one request is closed.
+    let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, idle.read_to_end(&mut answer))
+        .await
+        .expect("an idle keep-alive connection is closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    server.publish("calm", json!("still here")).await;
+    assert_eq!(
+        watcher.next_event().await.unwrap().json()["data"],
+        "still here"
+    );
+}
