@@ -664,3 +664,59 @@ async fn malformed_http_gets_400_and_idle_keep_alive_connections_are_closed() {
         "still here"
     );
 }
+
+#[tokio::test]
+async fn rs256_and_es256_tokens_are_verified_with_a_public_key_file() {
+    use jsonwebtoken::Algorithm;
+    let dir = std::env::temp_dir().join(format!("pushhub-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ec = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cases = [
+        (
+            Algorithm::RS256,
+            fixtures.join("rs256-public.pem"),
+            EncodingKey::from_rsa_pem(&std::fs::read(fixtures.join("rs256-private.pem")).unwrap())
+                .unwrap(),
+        ),
+        (
+            Algorithm::ES256,
+            {
+                let path = dir.join("es256-public.pem");
+                std::fs::write(&path, ec.public_key_pem()).unwrap();
+                path
+            },
+            EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap(),
+        ),
+    ];
+    for (algorithm, public_key, signing_key) in cases {
+        let public_pem = std::fs::read(&public_key).unwrap();
+        let server = start_with(Config {
+            jwt_public_key: Some(public_key),
+            ..Default::default()
+        })
+        .await;
+        let claims = json!({"exp": unix_now() + 60, "pushhub": {"publish": ["k"]}});
+        let good = encode(&Header::new(algorithm), &claims, &signing_key).unwrap();
+        assert_eq!(
+            post(&server, "k", Some(&good)).await.status(),
+            201,
+            "{algorithm:?}"
+        );
+        // The HS256-with-the-public-key confusion, and a plain HS256 token, are refused.
+        let confused = encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(&public_pem),
+        )
+        .unwrap();
+        for refused in [confused, token(claims.clone())] {
+            assert_eq!(
+                status_and_code(post(&server, "k", Some(&refused)).await).await,
+                (401, "invalid_token".into()),
+                "{algorithm:?}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
