@@ -4,7 +4,7 @@
 //! history by cursor); this adapter only writes frames, heartbeats, and ends the stream on
 //! shutdown so that clients reconnect elsewhere with `Last-Event-ID`.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use axum::{
     body::{Body, Bytes},
@@ -14,14 +14,13 @@ use axum::{
 };
 use bytes::BytesMut;
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
-use tokio_util::sync::CancellationToken;
 
 use super::{Params, WriteWindow, expiry, parse_cursor};
 use crate::{
     AppState,
     auth::Access,
     error::Error,
-    hub::{Delivery, Hub, Signal, Subscription, Transport},
+    hub::{Delivery, Signal, Subscription, Transport},
     message::{TopicName, encode_sse_frame},
 };
 
@@ -56,11 +55,9 @@ pub async fn sse(
     app.hub.record_request(Transport::Sse);
     let hello = Bytes::from(format!("retry: {}\n\n", app.config.sse_retry.as_millis()));
     let stream = SseStream {
-        hub: app.hub.clone(),
         hello: Some(hello),
         subscription,
         heartbeat: heartbeat(app.config.heartbeat),
-        shutdown: app.shutdown.clone(),
         write_delay: app.config.write_delay,
         ended: false,
         draining: false,
@@ -104,17 +101,16 @@ fn signal_frame(topic: &TopicName, signal: &Signal) -> Bytes {
 }
 
 struct SseStream {
-    hub: Arc<Hub>,
     /// The `retry:` hint, sent first so the client sees the stream open at once.
     hello: Option<Bytes>,
     subscription: Subscription,
     heartbeat: Interval,
-    shutdown: CancellationToken,
     write_delay: Duration,
     /// The subscription ended while a write was being gathered: end after that write.
     ended: bool,
     /// The server is stopping: write what is ready, then end.
     draining: bool,
+    /// The hub (for counters), the stop signal, and the publish gate the drain waits on.
     app: AppState,
     /// When the client's token expires: the stream ends then, with an `expired` event.
     expires: Option<tokio::time::Instant>,
@@ -135,7 +131,7 @@ impl SseStream {
         let first = tokio::select! {
             delivery = next_delivery(&mut self.subscription, &mut self.ended) => delivery?,
             _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
-            () = self.shutdown.cancelled() => {
+            () = self.app.shutdown.cancelled() => {
                 // Deliver what was acknowledged before the stop, then end.
                 self.app.publishes_settled().await;
                 self.draining = true;
@@ -147,7 +143,8 @@ impl SseStream {
             }
         };
         let (chunk, messages) = self.gather(first).await;
-        self.hub
+        self.app
+            .hub
             .record_delivery(Transport::Sse, messages, chunk.len() as u64);
         Some(chunk)
     }
@@ -159,7 +156,8 @@ impl SseStream {
             .now_or_never()
             .flatten()?;
         let (chunk, messages) = self.gather(first).await;
-        self.hub
+        self.app
+            .hub
             .record_delivery(Transport::Sse, messages, chunk.len() as u64);
         Some(chunk)
     }
