@@ -289,11 +289,11 @@ impl FromRequestParts<AppState> for Access {
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Error> {
         let auth = app.auth.clone();
+        if !auth.enabled() {
+            return Ok(Self { auth, grant: None });
+        }
         let token = bearer_token(parts)?.or_else(|| query_token(parts));
-        let grant = match token {
-            Some(token) if auth.enabled() => Some(auth.verify(&token)?),
-            _ => None,
-        };
+        let grant = token.map(|token| auth.verify(&token)).transpose()?;
         Ok(Self { auth, grant })
     }
 }
