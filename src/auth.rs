@@ -54,6 +54,10 @@ impl TopicPattern {
     }
 }
 
+fn parse_patterns(list: &[String]) -> Vec<TopicPattern> {
+    list.iter().map(|p| TopicPattern::parse(p)).collect()
+}
+
 fn any_matches(patterns: &[TopicPattern], topic: &str) -> bool {
     patterns.iter().any(|p| p.matches(topic))
 }
@@ -136,10 +140,7 @@ impl Auth {
         };
         Ok(Self {
             verifier,
-            public: public_topics
-                .iter()
-                .map(|p| TopicPattern::parse(p))
-                .collect(),
+            public: parse_patterns(public_topics),
         })
     }
 
@@ -162,18 +163,8 @@ impl Auth {
             .claims;
         Ok(Grant {
             subject: claims.sub,
-            publish: claims
-                .pushhub
-                .publish
-                .iter()
-                .map(|p| TopicPattern::parse(p))
-                .collect(),
-            subscribe: claims
-                .pushhub
-                .subscribe
-                .iter()
-                .map(|p| TopicPattern::parse(p))
-                .collect(),
+            publish: parse_patterns(&claims.pushhub.publish),
+            subscribe: parse_patterns(&claims.pushhub.subscribe),
             expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
         })
     }

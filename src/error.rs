@@ -183,6 +183,27 @@ impl Error {
         }
     }
 
+    /// Seconds for `Retry-After`: when a retry may succeed, for refusals that are temporary.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Error::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The JSON body `{"error": "...", "code": "..."}`.
+    pub fn body_json(&self) -> String {
+        serde_json::to_string(&self.body()).expect("error bodies serialize")
+    }
+
+    fn body(&self) -> ErrorBody<'static> {
+        ErrorBody {
+            error: self.public_message(),
+            code: self.code(),
+        }
+    }
+
     /// Shorthand for an [`Error::InvalidParameter`].
     pub fn param(name: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidParameter {
@@ -201,25 +222,13 @@ impl IntoResponse for Error {
         } else {
             tracing::debug!(error = %self, "request rejected");
         }
-        let mut response = (
-            status,
-            Json(ErrorBody {
-                error: self.public_message(),
-                code: self.code(),
-            }),
-        )
-            .into_response();
+        let mut response = (status, Json(self.body())).into_response();
         if status == StatusCode::UPGRADE_REQUIRED {
             response
                 .headers_mut()
                 .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
-        let retry_after = match &self {
-            Error::TooManyRequests { retry_after, .. } => Some(*retry_after),
-            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
-            _ => None,
-        };
-        if let Some(seconds) = retry_after {
+        if let Some(seconds) = self.retry_after() {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));

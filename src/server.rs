@@ -224,12 +224,8 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, refusal: Error) {
     let _ = tokio::time::timeout(Duration::from_millis(500), io.read(&mut head)).await;
     crate::telemetry::rejected(refusal.code());
     let status = refusal.status();
-    let body =
-        serde_json::json!({"error": refusal.public_message(), "code": refusal.code()}).to_string();
-    let retry_after = match &refusal {
-        Error::TooManyRequests { retry_after, .. } => *retry_after,
-        _ => 1,
-    };
+    let body = refusal.body_json();
+    let retry_after = refusal.retry_after().unwrap_or(1);
     let response = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nretry-after: {retry_after}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         status.as_u16(),

@@ -142,11 +142,7 @@ impl SseStream {
                 return Some(Bytes::from_static(EXPIRED));
             }
         };
-        let (chunk, messages) = self.gather(first).await;
-        self.app
-            .hub
-            .record_delivery(Transport::Sse, messages, chunk.len() as u64);
-        Some(chunk)
+        Some(self.gather(first).await)
     }
 
     /// The next chunk of deliveries ready now, or `None` once there are none.
@@ -155,16 +151,21 @@ impl SseStream {
         let first = next_delivery(&mut self.subscription, &mut self.ended)
             .now_or_never()
             .flatten()?;
-        let (chunk, messages) = self.gather(first).await;
-        self.app
-            .hub
-            .record_delivery(Transport::Sse, messages, chunk.len() as u64);
-        Some(chunk)
+        Some(self.gather(first).await)
     }
 
     /// The frame of `first` followed by those of the deliveries that join it in one write,
-    /// and how many messages they carry.
-    async fn gather(&mut self, first: Delivery) -> (Bytes, u64) {
+    /// counted as delivered.
+    async fn gather(&mut self, first: Delivery) -> Bytes {
+        let (chunk, messages) = self.gather_frames(first).await;
+        self.app
+            .hub
+            .record_delivery(Transport::Sse, messages, chunk.len() as u64);
+        chunk
+    }
+
+    /// The frames of one write and how many messages they carry.
+    async fn gather_frames(&mut self, first: Delivery) -> (Bytes, u64) {
         let mut window = WriteWindow::open(self.write_delay);
         if let Delivery::Message(message) = &first {
             crate::telemetry::delivery_lag(Transport::Sse, message.time);
