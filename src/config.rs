@@ -26,8 +26,8 @@ pub struct Config {
     pub history_size: u64,
 
     /// Age after which history is dropped (e.g. `90s`, `1h`); `off` (or `0`) keeps it until
-    /// the count limit. An idle topic whose history is gone is forgotten, and its ids restart
-    /// at 1.
+    /// the count limit. In memory, an idle topic whose history is gone is forgotten and its ids
+    /// restart at 1; with `--data-dir` or `--redis` the id counter is kept.
     #[arg(long, env = "PUSHHUB_HISTORY_MAX_AGE", default_value = "1h", value_parser = parse_age_limit)]
     pub history_max_age: Duration,
 
@@ -184,6 +184,27 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Keep history and id counters on disk in this directory (an embedded fjall database),
+    /// so they survive restarts and crashes. Without it (and without `--redis`) history lives
+    /// in memory.
+    #[arg(long, env = "PUSHHUB_DATA_DIR", conflicts_with = "redis")]
+    pub data_dir: Option<PathBuf>,
+
+    /// With `--data-dir`: `batch` lets publishes that queue together share one `fdatasync`,
+    /// `always` syncs each one alone. Either way `201` is sent only after the sync.
+    #[arg(long, env = "PUSHHUB_FSYNC", value_enum, default_value = "batch")]
+    pub fsync: crate::store::FsyncPolicy,
+
+    /// With `--fsync batch`: how long the writer waits after a group's first publish for more
+    /// to join it (at most 100ms; `0` takes only what already queued).
+    #[arg(long, env = "PUSHHUB_FSYNC_WINDOW", default_value = "0", value_parser = parse_fsync_window)]
+    pub fsync_window: Duration,
+
+    /// Share topics with every node on this Redis (`redis://host:port/db`): ids are assigned
+    /// in Redis, history is kept there, and each node fans out what any node publishes.
+    #[arg(long, env = "PUSHHUB_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
+
     /// How long open streams get to close after a shutdown signal before the process exits.
     #[arg(long, env = "PUSHHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -229,6 +250,10 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             shutdown_grace: Duration::from_secs(5),
+            data_dir: None,
+            fsync: crate::store::FsyncPolicy::Batch,
+            fsync_window: Duration::ZERO,
+            redis: None,
         }
     }
 }
@@ -274,6 +299,15 @@ fn parse_write_delay(text: &str) -> Result<Duration, String> {
         return Err("at most 1s".into());
     }
     Ok(delay)
+}
+
+/// A [`parse_duration`] of at most 100ms: every publish of a group waits that long.
+fn parse_fsync_window(text: &str) -> Result<Duration, String> {
+    let window = parse_duration(text)?;
+    if window > Duration::from_millis(100) {
+        return Err("at most 100ms".into());
+    }
+    Ok(window)
 }
 
 /// Like [`parse_duration`], where `off` or `none` mean no limit, returned as zero.

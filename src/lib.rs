@@ -76,7 +76,7 @@ use hub::{Hub, HubSettings, TopicInfo};
 use limits::{ConnectionLimits, RateLimiter};
 use origin::OriginPolicy;
 use server::StartError;
-use store::MemoryStore;
+use store::{DiskStore, MemoryStore};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -104,9 +104,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for a server with an in-memory store. Fails on unusable auth settings.
-    pub fn new(config: Config) -> Result<Self, auth::AuthConfigError> {
-        let store = Arc::new(MemoryStore::new(config.retention()));
+    /// State for a server with the store its configuration names (memory, `--data-dir` or
+    /// `--redis`). Fails on unusable auth settings or a store that cannot be opened.
+    pub fn new(config: Config) -> Result<Self, StartError> {
+        let store: Arc<dyn store::Store> = match &config.data_dir {
+            Some(dir) => Arc::new(DiskStore::open(
+                dir,
+                config.retention(),
+                config.fsync,
+                config.fsync_window,
+            )?),
+            None => Arc::new(MemoryStore::new(config.retention())),
+        };
         let auth = Auth::new(
             config.jwt_secret.as_deref(),
             config.jwt_public_key.as_deref(),

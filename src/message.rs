@@ -123,6 +123,12 @@ impl Payload {
         ))
     }
 
+    /// Rebuilds a payload this server validated before it was stored. Checks only what the
+    /// wire encodings rely on (UTF-8, one line), so a corrupted record is refused, not sent.
+    pub(crate) fn from_stored(bytes: Bytes) -> Option<Self> {
+        (std::str::from_utf8(&bytes).is_ok() && !bytes.contains(&b'\n')).then_some(Self(bytes))
+    }
+
     /// The compact JSON text.
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("payload is built from UTF-8 text")

@@ -33,6 +33,9 @@ pub enum StartError {
     /// The auth settings are unusable.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthConfigError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// Listening failed.
     #[error(transparent)]
     Io(#[from] io::Error),

@@ -13,7 +13,9 @@
 //!   retention removes it;
 //! - [`TopicLog::read`] returns the messages and the [`LogHead`] of one consistent moment.
 
+mod disk;
 mod memory;
+mod record;
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,6 +24,7 @@ use axum::http::StatusCode;
 
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
+pub use disk::{DiskStore, FsyncPolicy};
 pub use memory::MemoryStore;
 
 /// What a store failed with.

@@ -1,0 +1,543 @@
+//! The durable store: each topic's history and id counter on disk, in an embedded
+//! [fjall](https://docs.rs/fjall) database (an LSM tree with a write-ahead journal).
+//!
+//! Layout: keyspace `messages` maps `topic \0 id` (id big-endian, so a topic's messages are
+//! one ordered key range) to the [record](super::record); keyspace `heads` maps `topic` to
+//! its last id and oldest retained id. Both change in one atomic batch, so after a crash the
+//! counter never lags a stored message and ids never repeat.
+//!
+//! One writer thread owns every write. Publishes queue to it; it takes what has queued
+//! (with `--fsync batch`, also what arrives within `--fsync-window`), assigns ids, writes one
+//! batch to the journal, `fdatasync`s it, and only then answers the publishes, which is when
+//! the server sends `201`. Count retention deletes the message that falls out of the window in
+//! the same batch; age retention runs in the writer every second. Readers never wait for the
+//! writer: each read takes a snapshot and reads the exact key range the head names, so it
+//! never walks over deleted keys that compaction has not yet removed.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use tokio::sync::oneshot;
+
+use super::{LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
+use crate::message::{EventName, Message, MessageId, Payload, TopicName};
+
+/// Publishes written with one journal write and one `fdatasync`, at most.
+const MAX_GROUP: usize = 1024;
+/// How often age retention runs.
+const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
+/// Journal size after which fjall flushes memtables and drops old journal files; bounds the
+/// replay work after a crash and the journal's share of the data dir.
+const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// When a publish counts as durable.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every publish is written and `fdatasync`ed on its own before it is acknowledged.
+    Always,
+    /// Publishes that queue together (within `--fsync-window`) share one write and one
+    /// `fdatasync`; each is still acknowledged only after that sync.
+    Batch,
+}
+
+/// Stores history in a fjall database under one directory.
+pub struct DiskStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Database,
+    messages: Keyspace,
+    heads: Keyspace,
+    appends: mpsc::Sender<Append>,
+}
+
+/// A publish waiting for the writer.
+struct Append {
+    topic: TopicName,
+    event: EventName,
+    data: Payload,
+    time: u64,
+    done: oneshot::Sender<Result<Arc<Message>, StoreError>>,
+}
+
+/// A topic's ends, as stored in `heads`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Head {
+    last_id: MessageId,
+    first_retained: MessageId,
+}
+
+impl Default for Head {
+    fn default() -> Self {
+        Self {
+            last_id: 0,
+            first_retained: 1,
+        }
+    }
+}
+
+impl Head {
+    fn encode(self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.last_id.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.first_retained.to_be_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; 16] = bytes.try_into().ok()?;
+        Some(Self {
+            last_id: u64::from_be_bytes(bytes[..8].try_into().ok()?),
+            first_retained: u64::from_be_bytes(bytes[8..].try_into().ok()?),
+        })
+    }
+
+    fn log_head(self) -> LogHead {
+        LogHead {
+            last_id: self.last_id,
+            first_retained: self.first_retained,
+        }
+    }
+}
+
+fn message_key(topic: &TopicName, id: MessageId) -> Vec<u8> {
+    let topic = topic.as_str().as_bytes();
+    let mut key = Vec::with_capacity(topic.len() + 9);
+    key.extend_from_slice(topic);
+    // Topic names never contain NUL, so "a" and "ab" have disjoint key ranges.
+    key.push(0);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn io_error(error: fjall::Error) -> StoreError {
+    StoreError::Internal(format!("disk store: {error}"))
+}
+
+impl DiskStore {
+    /// Opens (or creates) the database in `dir`, recovering its journal after a crash, and
+    /// starts the writer thread.
+    pub fn open(
+        dir: &Path,
+        retention: Retention,
+        fsync: FsyncPolicy,
+        window: Duration,
+    ) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Internal(format!("{}: {e}", dir.display())))?;
+        let db = Database::builder(dir)
+            .max_journaling_size(MAX_JOURNAL_BYTES)
+            .open()
+            .map_err(io_error)?;
+        let messages = db
+            .keyspace("messages", KeyspaceCreateOptions::default)
+            .map_err(io_error)?;
+        let heads = db
+            .keyspace("heads", KeyspaceCreateOptions::default)
+            .map_err(io_error)?;
+        let mut topics = HashMap::new();
+        for entry in heads.iter() {
+            let (key, value) = entry.into_inner().map_err(io_error)?;
+            let name = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|name| TopicName::parse(name).ok());
+            match (name, Head::decode(&value)) {
+                (Some(name), Some(head)) => topics.insert(name, head),
+                _ => return Err(StoreError::Internal("corrupt topic head".into())),
+            };
+        }
+        let (appends, queue) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            messages: messages.clone(),
+            heads: heads.clone(),
+            retention,
+            fsync,
+            window,
+            topics,
+        };
+        thread::Builder::new()
+            .name("pushhub-store-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| StoreError::Internal(format!("writer thread: {e}")))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                db,
+                messages,
+                heads,
+                appends,
+            }),
+        })
+    }
+
+    /// Bytes the database takes on disk (journal and tables).
+    pub fn disk_space(&self) -> u64 {
+        self.shared.db.disk_space().unwrap_or(0)
+    }
+}
+
+impl Store for DiskStore {
+    fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog> {
+        Arc::new(DiskLog {
+            topic: topic.clone(),
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+struct DiskLog {
+    topic: TopicName,
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl TopicLog for DiskLog {
+    async fn append(
+        &self,
+        event: EventName,
+        data: &Payload,
+        time: u64,
+    ) -> Result<Arc<Message>, StoreError> {
+        let (done, written) = oneshot::channel();
+        let gone = || StoreError::Unavailable("the store writer has stopped".into());
+        self.shared
+            .appends
+            .send(Append {
+                topic: self.topic.clone(),
+                event,
+                data: data.clone(),
+                time,
+                done,
+            })
+            .map_err(|_| gone())?;
+        written.await.map_err(|_| gone())?
+    }
+
+    async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
+        // Recent messages are in the memtable or block cache; a read is a few microseconds
+        // and not worth a trip to a blocking thread.
+        let snapshot = self.shared.db.snapshot();
+        let head = match snapshot
+            .get(&self.shared.heads, self.topic.as_str())
+            .map_err(io_error)?
+        {
+            Some(bytes) => {
+                Head::decode(&bytes).ok_or_else(|| StoreError::Internal("corrupt head".into()))?
+            }
+            None => Head::default(),
+        };
+        let from = after.saturating_add(1).max(head.first_retained);
+        let mut messages = Vec::new();
+        if limit > 0 && from <= head.last_id {
+            let to = from.saturating_add(limit as u64 - 1).min(head.last_id);
+            let range = message_key(&self.topic, from)..=message_key(&self.topic, to);
+            for entry in snapshot.range(&self.shared.messages, range) {
+                let (key, value) = entry.into_inner().map_err(io_error)?;
+                let id = key
+                    .get(key.len().saturating_sub(8)..)
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Internal("corrupt key".into()))?;
+                let record = Bytes::copy_from_slice(&value);
+                messages.push(Arc::new(record::decode(id, &self.topic, record)?));
+            }
+        }
+        Ok(LogRead {
+            messages,
+            head: head.log_head(),
+        })
+    }
+
+    fn release_if_idle(&self, _now_ms: u64) -> bool {
+        // Everything lives on disk: the handle can go, and retention runs in the writer.
+        true
+    }
+}
+
+/// The only thread that writes to the database.
+struct Writer {
+    db: Database,
+    messages: Keyspace,
+    heads: Keyspace,
+    retention: Retention,
+    fsync: FsyncPolicy,
+    window: Duration,
+    /// Every topic's head, as last committed.
+    topics: HashMap<TopicName, Head>,
+}
+
+impl Writer {
+    fn run(mut self, queue: mpsc::Receiver<Append>) {
+        let mut next_expiry = Instant::now() + EXPIRE_INTERVAL;
+        loop {
+            let wait = next_expiry.saturating_duration_since(Instant::now());
+            let first = match queue.recv_timeout(wait) {
+                Ok(append) => append,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.expire();
+                    next_expiry = Instant::now() + EXPIRE_INTERVAL;
+                    continue;
+                }
+                // The store was dropped: every acknowledged publish is already synced.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut group = vec![first];
+            if self.fsync == FsyncPolicy::Batch {
+                if !self.window.is_zero() {
+                    thread::sleep(self.window);
+                }
+                while group.len() < MAX_GROUP {
+                    match queue.try_recv() {
+                        Ok(append) => group.push(append),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.write(group);
+            if Instant::now() >= next_expiry {
+                self.expire();
+                next_expiry = Instant::now() + EXPIRE_INTERVAL;
+            }
+        }
+    }
+
+    /// Assigns ids to `group`, writes and syncs it as one batch, then answers each publish.
+    fn write(&mut self, group: Vec<Append>) {
+        let mut heads: HashMap<TopicName, (Head, Head)> = HashMap::new();
+        let mut written = Vec::with_capacity(group.len());
+        for append in group {
+            let (_, head) = heads.entry(append.topic.clone()).or_insert_with(|| {
+                let head = self.topics.get(&append.topic).copied().unwrap_or_default();
+                (head, head)
+            });
+            head.last_id += 1;
+            let record = record::encode(append.time, &append.event, &append.data);
+            let message = Message::new(
+                head.last_id,
+                append.topic,
+                append.event,
+                append.time,
+                &append.data,
+            );
+            written.push((Arc::new(message), record, append.done));
+        }
+        let max = self.retention.max_messages.max(1) as u64;
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        for (topic, (before, after)) in heads.iter_mut() {
+            after.first_retained = after
+                .first_retained
+                .max(after.last_id.saturating_sub(max) + 1);
+            // Stored messages now outside the count window. Messages of this group that fall
+            // outside it are simply never written, so no key is inserted and removed in one
+            // batch.
+            let stale_end = after.first_retained.min(before.last_id + 1);
+            for id in before.first_retained..stale_end {
+                batch.remove(&self.messages, message_key(topic, id));
+            }
+        }
+        for (message, record, _) in &written {
+            let (_, head) = &heads[&message.topic];
+            if message.id >= head.first_retained {
+                batch.insert(
+                    &self.messages,
+                    message_key(&message.topic, message.id),
+                    record.as_slice(),
+                );
+            }
+        }
+        for (topic, (_, head)) in &heads {
+            batch.insert(&self.heads, topic.as_str(), head.encode());
+        }
+        let outcome = batch.commit().map_err(io_error);
+        if outcome.is_ok() {
+            self.topics
+                .extend(heads.into_iter().map(|(topic, (_, head))| (topic, head)));
+        }
+        for (message, _, done) in written {
+            let answer = match &outcome {
+                Ok(()) => Ok(message),
+                Err(error) => Err(StoreError::Internal(error.to_string())),
+            };
+            // A publisher that went away no longer needs the answer; the message is stored.
+            let _ = done.send(answer);
+        }
+    }
+
+    /// Deletes what age retention (and a count limit lowered since the last run) no longer
+    /// keeps.
+    fn expire(&mut self) {
+        let max = self.retention.max_messages.max(1) as u64;
+        let cutoff = self
+            .retention
+            .max_age
+            .map(|age| crate::message::now_millis().saturating_sub(age.as_millis() as u64));
+        let mut batch = self.db.batch();
+        let mut changed = Vec::new();
+        for (topic, head) in &self.topics {
+            let mut first = head.first_retained;
+            let floor = head.last_id.saturating_sub(max) + 1;
+            while first <= head.last_id {
+                let expired = first < floor
+                    || cutoff.is_some_and(|cutoff| {
+                        self.messages
+                            .get(message_key(topic, first))
+                            .ok()
+                            .flatten()
+                            .and_then(|value| record::time(&value))
+                            .is_none_or(|time| time < cutoff)
+                    });
+                if !expired {
+                    break;
+                }
+                batch.remove(&self.messages, message_key(topic, first));
+                first += 1;
+            }
+            if first != head.first_retained {
+                let head = Head {
+                    last_id: head.last_id,
+                    first_retained: first,
+                };
+                batch.insert(&self.heads, topic.as_str(), head.encode());
+                changed.push((topic.clone(), head));
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        // Not synced: if a crash undoes an expiry, the next run repeats it.
+        match batch.commit() {
+            Ok(()) => self.topics.extend(changed),
+            Err(error) => tracing::warn!(%error, "disk store: expiring history failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, max_messages: usize, max_age: Option<Duration>) -> DiskStore {
+        let retention = Retention {
+            max_messages,
+            max_age,
+        };
+        // A reopen may race the previous writer thread's exit (it holds the database lock).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match DiskStore::open(dir, retention, FsyncPolicy::Batch, Duration::ZERO) {
+                Ok(store) => return store,
+                Err(error) if Instant::now() > deadline => panic!("{error}"),
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn topic(name: &str) -> TopicName {
+        TopicName::parse(name).unwrap()
+    }
+
+    async fn ids(log: &Arc<dyn TopicLog>, after: MessageId) -> Vec<MessageId> {
+        let read = log.read(after, 1000).await.unwrap();
+        read.messages.iter().map(|m| m.id).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn history_and_counters_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 3, None);
+        let (a, ab) = (store.open(&topic("a")), store.open(&topic("ab")));
+        let data = Payload::from_json(r#"{"n":1}"#).unwrap();
+        let appends = (0..5).map(|_| a.append(EventName::default_event(), &data, 1));
+        let assigned: Vec<_> = futures::future::join_all(appends)
+            .await
+            .into_iter()
+            .map(|m| m.unwrap().id)
+            .collect();
+        let mut sorted = assigned.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            [1, 2, 3, 4, 5],
+            "concurrent appends get distinct ids"
+        );
+        ab.append(EventName::default_event(), &data, 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            ids(&a, 0).await,
+            [3, 4, 5],
+            "the count limit applies on disk"
+        );
+        assert_eq!(ids(&a, 3).await, [4, 5]);
+        assert_eq!(
+            ids(&ab, 0).await,
+            [1],
+            "a topic prefixing another is separate"
+        );
+        drop((a, ab));
+        drop(store);
+
+        let store = open(dir.path(), 3, None);
+        let a = store.open(&topic("a"));
+        assert_eq!(ids(&a, 0).await, [3, 4, 5]);
+        let head = a.head().await.unwrap();
+        assert_eq!((head.last_id, head.oldest_id()), (5, Some(3)));
+        let next = a
+            .append(EventName::default_event(), &data, 1)
+            .await
+            .unwrap();
+        assert_eq!(next.id, 6, "ids go on from the stored counter");
+        assert!(next.envelope().ends_with(b"\"data\":{\"n\":1},\"time\":1}"));
+        assert_eq!(ids(&a, 0).await, [4, 5, 6]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn age_retention_empties_a_topic_but_keeps_its_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 100, Some(Duration::from_secs(60)));
+        let log = store.open(&topic("t"));
+        let data = Payload::from_text("x");
+        let now = crate::message::now_millis();
+        for time in [now - 120_000, now - 90_000, now] {
+            log.append(EventName::default_event(), &data, time)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(EXPIRE_INTERVAL + Duration::from_millis(500)).await;
+        assert_eq!(
+            ids(&log, 0).await,
+            [3],
+            "messages older than the age limit are gone"
+        );
+        let head = log.head().await.unwrap();
+        assert_eq!((head.last_id, head.oldest_id()), (3, Some(3)));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_lower_count_limit_after_a_restart_trims_the_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 100, None);
+        let log = store.open(&topic("t"));
+        let data = Payload::from_text("x");
+        for _ in 0..10 {
+            log.append(EventName::default_event(), &data, 1)
+                .await
+                .unwrap();
+        }
+        drop(log);
+        drop(store);
+        let store = open(dir.path(), 4, None);
+        let log = store.open(&topic("t"));
+        tokio::time::sleep(EXPIRE_INTERVAL + Duration::from_millis(500)).await;
+        assert_eq!(ids(&log, 0).await, [7, 8, 9, 10]);
+    }
+}
