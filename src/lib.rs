@@ -76,7 +76,7 @@ use hub::{Hub, HubSettings, TopicInfo};
 use limits::{ConnectionLimits, RateLimiter};
 use origin::OriginPolicy;
 use server::StartError;
-use store::{DiskStore, MemoryStore};
+use store::{DiskStore, MemoryStore, RedisStore};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -114,7 +114,10 @@ impl AppState {
                 config.fsync,
                 config.fsync_window,
             )?),
-            None => Arc::new(MemoryStore::new(config.retention())),
+            None => match &config.redis {
+                Some(url) => Arc::new(RedisStore::open(url, config.retention())?),
+                None => Arc::new(MemoryStore::new(config.retention())),
+            },
         };
         let auth = Auth::new(
             config.jwt_secret.as_deref(),

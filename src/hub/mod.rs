@@ -12,7 +12,7 @@ mod subscription;
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -95,18 +95,30 @@ pub(crate) struct Topic {
     /// ring. A broadcast channel is a bounded ring shared by all receivers: a publisher never
     /// waits, and a receiver that falls a full ring behind gets `Lagged` and catches up from
     /// the log.
-    live: OnceLock<broadcast::Sender<Arc<Message>>>,
+    live: tokio::sync::OnceCell<broadcast::Sender<Arc<Message>>>,
     presence: Presence,
 }
 
 impl Topic {
-    fn receiver(&self, capacity: usize) -> broadcast::Receiver<Arc<Message>> {
+    /// A receiver of the topic's live messages. The first one also asks the log to follow
+    /// the topic (a shared log delivers every node's messages into the channel).
+    async fn receiver(&self, capacity: usize) -> broadcast::Receiver<Arc<Message>> {
         self.live
-            .get_or_init(|| broadcast::channel(capacity).0)
+            .get_or_init(|| async {
+                let live = broadcast::channel(capacity).0;
+                self.log.follow(&live).await;
+                live
+            })
+            .await
             .subscribe()
     }
 
+    /// Hands a message this process appended to its live subscribers, unless the log
+    /// delivers it itself.
     fn fan_out(&self, message: &Arc<Message>) {
+        if self.log.fans_out_itself() {
+            return;
+        }
         if let Some(live) = self.live.get() {
             // An error only means nobody listens right now.
             let _ = live.send(message.clone());
@@ -158,7 +170,7 @@ impl Hub {
         let topic = Arc::new(Topic {
             name: name.clone(),
             log: self.store.open(name),
-            live: OnceLock::new(),
+            live: tokio::sync::OnceCell::new(),
             presence: Presence::default(),
         });
         shard.insert(name.clone(), topic.clone());
@@ -222,7 +234,7 @@ impl Hub {
         topic.presence.touch(Transport::Longpoll, client, window);
         // Subscribe before reading, so a message published between the read and the wait
         // is in the receiver: nothing falls between history and live.
-        let mut live = topic.receiver(self.settings.subscriber_queue);
+        let mut live = topic.receiver(self.settings.subscriber_queue).await;
         let (after, from_client) = match after {
             Some(after) => (after, true),
             None => (topic.log.head().await?.last_id, false),
@@ -263,7 +275,7 @@ impl Hub {
         transport: Transport,
     ) -> Result<Subscription, Error> {
         let topic = self.topic(topic);
-        let live = topic.receiver(self.settings.subscriber_queue);
+        let live = topic.receiver(self.settings.subscriber_queue).await;
         let (cursor, from_client) = match after {
             Some(after) => (after, true),
             None => (topic.log.head().await?.last_id, false),

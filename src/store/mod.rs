@@ -16,16 +16,19 @@
 mod disk;
 mod memory;
 mod record;
+mod redis;
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use axum::http::StatusCode;
+use tokio::sync::broadcast;
 
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
 pub use disk::{DiskStore, FsyncPolicy};
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// What a store failed with.
 #[derive(Debug, thiserror::Error)]
@@ -121,4 +124,18 @@ pub trait TopicLog: Send + Sync + 'static {
     /// anything a later reader could ask for. Called by the hub's sweeper, under its registry
     /// lock, so it must not block: a log whose state is elsewhere simply answers `true`.
     fn release_if_idle(&self, now_ms: u64) -> bool;
+
+    /// Called once, when the topic gets its first live subscriber in this process. A log
+    /// shared by several nodes starts delivering every appended message (from any node) into
+    /// `live`, and returns once that delivery is in place, so a subscriber that reads history
+    /// next misses nothing. A local log has nothing to do: the hub fans out its appends.
+    async fn follow(&self, live: &broadcast::Sender<Arc<Message>>) {
+        let _ = live;
+    }
+
+    /// Whether this log delivers appended messages to `live` itself (see
+    /// [`TopicLog::follow`]), so that the hub must not fan out its own appends too.
+    fn fans_out_itself(&self) -> bool {
+        false
+    }
 }

@@ -21,9 +21,26 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub state: AppState,
-    pub http: reqwest::Client,
+    /// A client of this server (the request helpers are on it, reached through `Deref`).
+    pub endpoint: Endpoint,
     stop: CancellationToken,
     task: JoinHandle<Result<(), pushhub::server::StartError>>,
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Endpoint;
+
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+/// A client of one server (in this process or a child process), by address.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+    pub http: reqwest::Client,
 }
 
 pub async fn start() -> TestServer {
@@ -44,15 +61,40 @@ pub async fn start_with(mut config: Config) -> TestServer {
     TestServer {
         addr,
         state,
-        http: reqwest::Client::new(),
+        endpoint: Endpoint::new(&addr.to_string()),
         stop,
         task,
     }
 }
 
 impl TestServer {
+    /// The hub's subscriber counts of `topic`.
+    pub async fn subscribers(&self, topic: &str) -> pushhub::hub::Subscribers {
+        let topic = pushhub::message::TopicName::parse(topic).unwrap();
+        self.state.hub.info(&topic).await.unwrap().subscribers
+    }
+
+    /// Stops the server the way a signal would, and waits for it to finish.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("server did not stop in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Endpoint {
+    pub fn new(host: &str) -> Self {
+        Self {
+            host: host.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("http://{}{}", self.host, path)
     }
 
     /// Publishes `data` as JSON and returns the id.
@@ -77,12 +119,6 @@ impl TestServer {
             ids.push(self.publish(topic, serde_json::json!({ "n": i })).await);
         }
         ids
-    }
-
-    /// The hub's subscriber counts of `topic`.
-    pub async fn subscribers(&self, topic: &str) -> pushhub::hub::Subscribers {
-        let topic = pushhub::message::TopicName::parse(topic).unwrap();
-        self.state.hub.info(&topic).await.unwrap().subscribers
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -112,20 +148,10 @@ impl TestServer {
     }
 
     pub async fn ws(&self, path: &str) -> WsClient {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{}", self.addr, path))
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{}", self.host, path))
             .await
             .unwrap();
         WsClient { ws }
-    }
-
-    /// Stops the server the way a signal would, and waits for it to finish.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(PATIENCE, self.task)
-            .await
-            .expect("server did not stop in time")
-            .unwrap()
-            .unwrap();
     }
 }
 
@@ -313,6 +339,13 @@ pub struct ServerProcess {
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+impl ServerProcess {
+    /// A client of this process.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::new(&self.addr)
+    }
+}
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -361,4 +394,106 @@ pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
         }
     });
     ServerProcess { child, addr, log }
+}
+
+/// A real `redis-server` on a free loopback port, with an append-only file synced on every
+/// write in its own directory, so a restart keeps everything it acknowledged.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one. Returns `None` (and says why) when `redis-server` is not installed, unless
+    /// `PUSHHUB_REQUIRE_REDIS` is set (as `.ci/run` does): then its absence fails the test.
+    pub fn start() -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("PUSHHUB_REQUIRE_REDIS").is_none(),
+                "PUSHHUB_REQUIRE_REDIS is set but redis-server is not installed"
+            );
+            eprintln!(
+                "SKIPPED: redis-server is not installed (apt-get install -y redis-server); \
+                 the Redis tests did not run"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Self::spawn(port, dir.path());
+        let server = Self { child, port, dir };
+        server.wait_ready();
+        Some(server)
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server")
+    }
+
+    fn wait_ready(&self) {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let pong = std::net::TcpStream::connect(("127.0.0.1", self.port)).and_then(|mut s| {
+                s.write_all(b"PING\r\n")?;
+                let mut reply = [0; 5];
+                s.read_exact(&mut reply)?;
+                Ok(reply)
+            });
+            if matches!(pong, Ok(reply) if &reply == b"+PONG") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server not ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (SIGKILL: an outage, not a clean stop).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.port, self.dir.path());
+        self.wait_ready();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

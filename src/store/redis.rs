@@ -1,0 +1,480 @@
+//! The shared store: topics kept in Redis, so that any number of nodes serve the same topics.
+//!
+//! Per topic, Redis holds a counter (`pushhub:{topic}:seq`), the retained history as a sorted
+//! set scored by id (`pushhub:{topic}:log`, members `id\nrecord`), and a channel
+//! (`pushhub:{topic}:live`). A publish is one Lua script, run atomically by Redis: it
+//! increments the counter, adds the message, trims the set by count and age, and publishes the
+//! member on the channel. Ids are therefore assigned cluster-wide, and Redis publishes each
+//! topic's messages in id order.
+//!
+//! Each node keeps one pub/sub connection ([`Listener`]) and subscribes to the channel of each
+//! topic that has live subscribers in it, once, however many subscribers it has; every
+//! message (its own publishes too) reaches local subscribers through that subscription, so
+//! they all see one order. Redis traffic grows with nodes × active topics, not with
+//! subscribers.
+//!
+//! When Redis is unreachable, publishes and reads fail with `503 store_unavailable`: a `201`
+//! is only sent for a message Redis has stored. Subscribers stay connected. The listener
+//! reconnects with backoff, subscribes again to every followed topic, and replays what was
+//! published after the last message it saw, so subscribers resume by cursor with no loss.
+//! The keys use a `{topic}` hash tag, so one topic's keys share a Redis Cluster slot.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use redis::{Client, Script, aio::ConnectionManager};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
+use crate::message::{EventName, Message, MessageId, Payload, TopicName, now_millis};
+
+/// Appends, trims and publishes, atomically. KEYS: seq, log. ARGV: channel, record,
+/// max messages, age cutoff in ms (0: none), age limit in ms (0: none).
+const PUBLISH_SCRIPT: &str = r"
+local id = redis.call('INCR', KEYS[1])
+local member = id .. '\n' .. ARGV[2]
+redis.call('ZADD', KEYS[2], id, member)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', id - tonumber(ARGV[3]))
+local cutoff = tonumber(ARGV[4])
+while cutoff > 0 do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+  local time = oldest[1] and tonumber(string.match(oldest[1], '^%d+\n(%d+)\n'))
+  if not time or time >= cutoff then break end
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, 0)
+end
+if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
+redis.call('PUBLISH', ARGV[1], member)
+return id
+";
+
+/// Reads a topic's ends and the messages after a cursor, from one moment. KEYS: seq, log.
+/// ARGV: after, limit, age cutoff in ms (0: none). Returns {last id, first retained, members}.
+const READ_SCRIPT: &str = r"
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cutoff = tonumber(ARGV[3])
+local first = last + 1
+local rank = 0
+while true do
+  local oldest = redis.call('ZRANGE', KEYS[2], rank, rank, 'WITHSCORES')
+  if not oldest[1] then break end
+  local time = tonumber(string.match(oldest[1], '^%d+\n(%d+)\n'))
+  if cutoff > 0 and time and time < cutoff then
+    rank = rank + 1
+  else
+    first = tonumber(oldest[2])
+    break
+  end
+end
+local from = math.max(tonumber(ARGV[1]) + 1, first)
+local members = {}
+if tonumber(ARGV[2]) > 0 and from <= last then
+  members = redis.call('ZRANGEBYSCORE', KEYS[2], from, '+inf', 'LIMIT', 0, ARGV[2])
+end
+return {last, first, members}
+";
+
+/// How long a Redis command may take before the publish or read fails with 503.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait between two reconnection attempts of the listener.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Messages replayed per read when the listener catches up after a reconnection.
+const REPLAY_BATCH: usize = 1000;
+
+fn seq_key(topic: &TopicName) -> String {
+    format!("pushhub:{{{topic}}}:seq")
+}
+
+fn log_key(topic: &TopicName) -> String {
+    format!("pushhub:{{{topic}}}:log")
+}
+
+fn channel(topic: &TopicName) -> String {
+    format!("pushhub:{{{topic}}}:live")
+}
+
+/// The topic of a channel name made by [`channel`].
+fn topic_of_channel(channel: &str) -> Option<TopicName> {
+    let inner = channel.strip_prefix("pushhub:{")?.strip_suffix("}:live")?;
+    TopicName::parse(inner).ok()
+}
+
+fn unavailable(error: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {error}"))
+}
+
+/// Splits a sorted-set member `id\nrecord` into its message.
+fn decode_member(topic: &TopicName, member: Bytes) -> Result<Message, StoreError> {
+    let corrupt = || StoreError::Internal(format!("corrupt redis member in {topic}"));
+    let split = member
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(corrupt)?;
+    let id = std::str::from_utf8(&member[..split])
+        .ok()
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(corrupt)?;
+    record::decode(id, topic, member.slice(split + 1..))
+}
+
+/// Topics in Redis, shared by every node pointed at the same server.
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    commands: ConnectionManager,
+    publish: Script,
+    read: Script,
+    retention: Retention,
+    listener: mpsc::UnboundedSender<Follow>,
+}
+
+impl Shared {
+    fn cutoff(&self) -> u64 {
+        self.retention.max_age.map_or(0, |age| {
+            now_millis().saturating_sub(age.as_millis() as u64).max(1)
+        })
+    }
+
+    async fn read(
+        &self,
+        topic: &TopicName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<LogRead, StoreError> {
+        let mut commands = self.commands.clone();
+        let mut invocation = self.read.key(seq_key(topic));
+        invocation
+            .key(log_key(topic))
+            .arg(after.min(1 << 53))
+            .arg(limit)
+            .arg(self.cutoff());
+        let (last_id, first_retained, members): (u64, u64, Vec<Vec<u8>>) = invocation
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        let messages = members
+            .into_iter()
+            .map(|member| decode_member(topic, Bytes::from(member)).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(LogRead {
+            messages,
+            head: LogHead {
+                last_id,
+                first_retained,
+            },
+        })
+    }
+}
+
+/// A change to what the listener follows.
+enum Follow {
+    /// Deliver the topic's messages into `live`; answer once Redis confirms the subscription
+    /// (or at once, when Redis is down: the resubscription after reconnecting replays).
+    Start {
+        topic: TopicName,
+        live: broadcast::Sender<Arc<Message>>,
+        subscribed: oneshot::Sender<()>,
+    },
+    /// The topic is no longer active on this node.
+    Stop(TopicName),
+}
+
+impl RedisStore {
+    /// Connects to `url` lazily (a node starts, and answers 503, while Redis is down) and
+    /// starts the listener. Must be called inside a Tokio runtime.
+    pub fn open(url: &str, retention: Retention) -> Result<Self, StoreError> {
+        let client =
+            Client::open(url).map_err(|e| StoreError::Internal(format!("--redis {url}: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(MAX_BACKOFF);
+        let commands = client
+            .get_connection_manager_lazy(config)
+            .map_err(unavailable)?;
+        let (listener, follows) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            commands,
+            publish: Script::new(PUBLISH_SCRIPT),
+            read: Script::new(READ_SCRIPT),
+            retention,
+            listener,
+        });
+        tokio::spawn(
+            Listener {
+                client,
+                shared: Arc::downgrade(&shared),
+                topics: HashMap::new(),
+            }
+            .run(follows),
+        );
+        Ok(Self { shared })
+    }
+}
+
+impl Store for RedisStore {
+    fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog> {
+        Arc::new(RedisLog {
+            topic: topic.clone(),
+            shared: self.shared.clone(),
+            following: AtomicBool::new(false),
+        })
+    }
+}
+
+struct RedisLog {
+    topic: TopicName,
+    shared: Arc<Shared>,
+    following: AtomicBool,
+}
+
+impl Drop for RedisLog {
+    fn drop(&mut self) {
+        if self.following.load(Ordering::Relaxed) {
+            let _ = self.shared.listener.send(Follow::Stop(self.topic.clone()));
+        }
+    }
+}
+
+#[async_trait]
+impl TopicLog for RedisLog {
+    async fn append(
+        &self,
+        event: EventName,
+        data: &Payload,
+        time: u64,
+    ) -> Result<Arc<Message>, StoreError> {
+        let record = record::encode(time, &event, data);
+        let retention = &self.shared.retention;
+        let age_ms = retention.max_age.map_or(0, |age| age.as_millis() as u64);
+        let mut commands = self.shared.commands.clone();
+        let mut invocation = self.shared.publish.key(seq_key(&self.topic));
+        invocation
+            .key(log_key(&self.topic))
+            .arg(channel(&self.topic))
+            .arg(record)
+            .arg(retention.max_messages.max(1))
+            .arg(self.shared.cutoff())
+            .arg(age_ms);
+        let id: u64 = invocation
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        Ok(Arc::new(Message::new(
+            id,
+            self.topic.clone(),
+            event,
+            time,
+            data,
+        )))
+    }
+
+    async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
+        self.shared.read(&self.topic, after, limit).await
+    }
+
+    fn release_if_idle(&self, _now_ms: u64) -> bool {
+        // Everything lives in Redis; dropping the handle also ends the subscription.
+        true
+    }
+
+    async fn follow(&self, live: &broadcast::Sender<Arc<Message>>) {
+        let (subscribed, confirmed) = oneshot::channel();
+        self.following.store(true, Ordering::Relaxed);
+        let start = Follow::Start {
+            topic: self.topic.clone(),
+            live: live.clone(),
+            subscribed,
+        };
+        if self.shared.listener.send(start).is_ok() {
+            let _ = confirmed.await;
+        }
+    }
+
+    fn fans_out_itself(&self) -> bool {
+        true
+    }
+}
+
+/// One followed topic in the listener.
+struct Followed {
+    live: broadcast::Sender<Arc<Message>>,
+    /// The newest id delivered, where a replay after reconnecting starts.
+    last_seen: MessageId,
+}
+
+/// The node's one pub/sub connection, and the topics it follows.
+struct Listener {
+    client: Client,
+    /// Weak, so that the listener ends when the store is dropped.
+    shared: std::sync::Weak<Shared>,
+    topics: HashMap<TopicName, Followed>,
+}
+
+impl Listener {
+    async fn run(mut self, mut follows: mpsc::UnboundedReceiver<Follow>) {
+        let mut backoff = Duration::from_millis(50);
+        let mut was_connected = false;
+        loop {
+            let connected =
+                tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub()).await;
+            let (mut sink, mut stream) = match connected {
+                Ok(Ok(pubsub)) => pubsub.split(),
+                failed => {
+                    if was_connected {
+                        let error = match failed {
+                            Ok(Err(error)) => error.to_string(),
+                            _ => "connection timed out".to_owned(),
+                        };
+                        tracing::warn!(%error, "redis: listener cannot reconnect; retrying");
+                        was_connected = false;
+                    }
+                    // Keep taking follow changes while Redis is away; the resubscription
+                    // after reconnecting covers them.
+                    let pause = tokio::time::sleep(backoff);
+                    tokio::pin!(pause);
+                    loop {
+                        tokio::select! {
+                            () = &mut pause => break,
+                            change = follows.recv() => match change {
+                                Some(change) => self.apply_offline(change),
+                                None => return,
+                            },
+                        }
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let channels: Vec<String> = self.topics.keys().map(channel).collect();
+            if !channels.is_empty() && sink.subscribe(&channels).await.is_err() {
+                continue;
+            }
+            if was_connected || !channels.is_empty() {
+                tracing::info!(topics = channels.len(), "redis: listener resubscribed");
+            }
+            was_connected = true;
+            backoff = Duration::from_millis(50);
+            if self.replay_all().await.is_err() {
+                continue;
+            }
+            loop {
+                tokio::select! {
+                    change = follows.recv() => {
+                        let Some(change) = change else { return };
+                        if self.apply(change, &mut sink).await.is_err() {
+                            break;
+                        }
+                    }
+                    message = stream.next() => {
+                        let Some(message) = message else { break };
+                        self.deliver(message.get_channel_name(), message.get_payload_bytes());
+                    }
+                }
+            }
+            tracing::warn!("redis: listener connection lost; reconnecting");
+        }
+    }
+
+    /// Records a follow change while disconnected.
+    fn apply_offline(&mut self, change: Follow) {
+        match change {
+            Follow::Start {
+                topic,
+                live,
+                subscribed,
+            } => {
+                self.topics.insert(topic, Followed { live, last_seen: 0 });
+                let _ = subscribed.send(());
+            }
+            Follow::Stop(topic) => {
+                self.topics.remove(&topic);
+            }
+        }
+    }
+
+    /// Applies a follow change on the live connection.
+    async fn apply(
+        &mut self,
+        change: Follow,
+        sink: &mut redis::aio::PubSubSink,
+    ) -> Result<(), redis::RedisError> {
+        match change {
+            Follow::Start {
+                topic,
+                live,
+                subscribed,
+            } => {
+                let outcome = sink.subscribe(channel(&topic)).await;
+                // Where replays start; the subscriber reads its own history after this.
+                let last_seen = match self.shared.upgrade() {
+                    Some(shared) => shared
+                        .read(&topic, MessageId::MAX, 0)
+                        .await
+                        .map_or(0, |read| read.head.last_id),
+                    None => 0,
+                };
+                self.topics.insert(topic, Followed { live, last_seen });
+                let _ = subscribed.send(());
+                outcome
+            }
+            Follow::Stop(topic) => {
+                // A topic re-followed since this stop was queued keeps its subscription.
+                if self.topics.remove(&topic).is_some() {
+                    sink.unsubscribe(channel(&topic)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn deliver(&mut self, channel: &str, payload: &[u8]) {
+        let Some(topic) = topic_of_channel(channel) else {
+            return;
+        };
+        let Some(followed) = self.topics.get_mut(&topic) else {
+            return;
+        };
+        match decode_member(&topic, Bytes::copy_from_slice(payload)) {
+            Ok(message) => {
+                followed.last_seen = followed.last_seen.max(message.id);
+                // An error only means nobody listens right now.
+                let _ = followed.live.send(Arc::new(message));
+            }
+            Err(error) => tracing::warn!(%error, "redis: undecodable message"),
+        }
+    }
+
+    /// After (re)subscribing: delivers what every followed topic got while the listener was
+    /// not subscribed. Subscribers skip ids they already have.
+    async fn replay_all(&mut self) -> Result<(), StoreError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        for (topic, followed) in &mut self.topics {
+            loop {
+                let read = shared.read(topic, followed.last_seen, REPLAY_BATCH).await?;
+                let Some(newest) = read.messages.last().map(|m| m.id) else {
+                    followed.last_seen = followed.last_seen.max(read.head.last_id);
+                    break;
+                };
+                for message in read.messages {
+                    let _ = followed.live.send(message);
+                }
+                followed.last_seen = newest;
+            }
+        }
+        Ok(())
+    }
+}
