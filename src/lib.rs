@@ -12,7 +12,8 @@
 //!    id and keeps bounded history; [`message::Message`] encodes the envelope and the SSE
 //!    frame once, here.
 //! 3. The hub hands the shared `Arc<Message>` to the topic's live channel, a bounded ring
-//!    shared by all subscribers: the publisher never waits for a subscriber.
+//!    shared by all subscribers: the publisher never waits for a subscriber. (With Redis,
+//!    the message comes back through the node's subscription instead, for every node alike.)
 //! 4. Each streaming subscriber ([`hub::Subscription`]) takes it from the ring and its
 //!    transport writes the pre-encoded bytes. A subscriber that falls a full ring behind, or
 //!    sees an id gap, reads what it missed from the log by cursor. Pollers read the log
@@ -31,6 +32,16 @@
 //! - [`auth`], [`origin`], [`limits`]: who may do what, from where, how often.
 //! - [`telemetry`]: `GET /metrics` in the Prometheus format.
 //! - [`bench`]: `pushhub bench`, the load benchmark of each transport.
+//!
+//! # Where history lives
+//!
+//! Three [`store::Store`]s sit behind the same trait: in memory (the default), on disk
+//! (`--data-dir`, [`store::DiskStore`]: an embedded fjall database whose single writer
+//! thread acknowledges a publish only after `fdatasync`), and in Redis (`--redis`,
+//! [`store::RedisStore`]: ids from a Lua script, so several nodes share topics). A log that
+//! learns of messages from other nodes delivers them itself, through
+//! [`store::TopicLog::follow`], into the same live ring step 3 fills; from there on, nothing
+//! differs, and the transports never know which store runs.
 //!
 //! # Production concerns, and where they sit
 //!

@@ -1,5 +1,5 @@
-//! `--data-dir`: acknowledged publishes survive `kill -9` and restarts, ids never repeat or go
-//! back, and clients resume with cursors they got before the crash.
+//! `--data-dir`: acknowledged publishes survive `kill -9`, graceful stops and restarts, ids
+//! never repeat or go back, and clients resume with cursors they got before the crash.
 
 #![allow(missing_docs)]
 
@@ -93,7 +93,8 @@ async fn acknowledged_publishes_survive_repeated_kill_9() {
     let http = reqwest::Client::new();
     let mut acked: BTreeMap<u64, Value> = BTreeMap::new();
     let mut cursors = Vec::new();
-    for round in 0..6 {
+    // Six crashes, then one graceful stop (SIGTERM) racing the same publish stream.
+    for round in 0..7 {
         let fsync = if round % 2 == 0 { "batch" } else { "always" };
         let mut server = start(&dir, fsync);
         let base = format!("http://{}", server.addr);
@@ -113,7 +114,15 @@ async fn acknowledged_publishes_survive_repeated_kill_9() {
         });
         // Kill at a different moment each round, mid-stream.
         tokio::time::sleep(Duration::from_millis(300 + 97 * round as u64)).await;
-        server.child.kill().unwrap();
+        if round < 6 {
+            server.child.kill().unwrap();
+        } else {
+            let pid = server.child.id().to_string();
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status();
+            assert!(sent.unwrap().success());
+        }
         server.child.wait().unwrap();
         let this_round = publishers.await.unwrap();
         assert!(

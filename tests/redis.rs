@@ -177,13 +177,15 @@ async fn a_redis_outage_refuses_publishes_keeps_subscribers_and_catches_them_up(
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "store_unavailable");
     }
+    // The streams stay open while Redis is away (node-wide counts need no Redis).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // B's copy of the topic's newest messages was dropped with its subscription: history
+    // reads need Redis now.
     let (status, body) = b.get("/topics/o/poll?after=0").await;
     assert_eq!(
         (status, body["code"].as_str()),
         (503, Some("store_unavailable"))
     );
-    // The streams stay open while Redis is away (node-wide counts need no Redis).
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, stats) = b.get("/stats").await;
     assert_eq!(
         (&stats["subscribers"]["sse"], &stats["subscribers"]["ws"]),

@@ -56,12 +56,18 @@ pub enum Scenario {
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Server to measure; without it a pushhub server is started as a child process on
-    /// 127.0.0.1 with an ephemeral port.
-    #[arg(long)]
-    pub url: Option<String>,
-    /// PID of the `--url` server, to read its CPU and memory (a child's is known).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// 127.0.0.1 with an ephemeral port. Several (comma-separated or repeated) are nodes
+    /// of one cluster: subscribers are spread over them, the publisher uses the first.
+    #[arg(long, value_delimiter = ',')]
+    pub url: Vec<String>,
+    /// PIDs of the `--url` servers, in the same order, to read their CPU and memory (a
+    /// child's is known).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Without `--url`: how many server nodes to start. More than one needs the nodes to
+    /// share topics, e.g. `--server-arg=--redis=redis://127.0.0.1:6379`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub nodes: u16,
     /// Allow a `--url` that is not a loopback address.
     #[arg(long)]
     pub allow_remote: bool,
@@ -175,6 +181,11 @@ pub struct PhaseResult {
     pub publish_errors: u64,
     /// Delivery latency, ms.
     pub latency_ms: Percentiles,
+    /// Server nodes the subscribers were spread over (the publisher posts to the first).
+    pub nodes: usize,
+    /// With several nodes: latency of the subscribers on the nodes the publisher did not
+    /// post to (the message went through the shared store), ms.
+    pub cross_node_latency_ms: Option<Percentiles>,
     /// Deliveries per second over the publish and drain window.
     pub deliveries_per_second: f64,
     /// Requests (polls) or connections (streams) per delivery.
@@ -201,13 +212,18 @@ impl PhaseResult {
     }
 }
 
+/// The servers measured: one node, or the nodes of a cluster.
 struct Server {
+    nodes: Vec<Node>,
+}
+
+struct Node {
     base: String,
     pid: Option<u32>,
     child: Option<Child>,
 }
 
-impl Drop for Server {
+impl Drop for Node {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
             let _ = child.kill();
@@ -216,27 +232,80 @@ impl Drop for Server {
     }
 }
 
-fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
-    if let Some(url) = &args.url {
-        let base = url.trim_end_matches('/').to_owned();
-        let host = base
-            .split("://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or_default();
-        let loopback =
-            host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]");
-        if !loopback && !args.allow_remote {
-            return Err(BenchError::Setup(format!(
-                "{url} is not a loopback address: pass --allow-remote to load a remote server"
-            )));
-        }
-        return Ok(Server {
-            base,
-            pid: args.server_pid,
-            child: None,
-        });
+impl Server {
+    /// The node the publisher posts to.
+    fn publisher_base(&self) -> &str {
+        &self.nodes[0].base
     }
+
+    fn bases(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.base.clone()).collect()
+    }
+
+    /// PIDs of every node, if all are known.
+    fn pids(&self) -> Option<Vec<u32>> {
+        self.nodes.iter().map(|n| n.pid).collect()
+    }
+
+    /// Resident memory of all nodes together.
+    fn rss_kib(&self) -> Option<u64> {
+        rss_of(&self.pids()?)
+    }
+
+    /// CPU time of all nodes together.
+    fn cpu_times(&self) -> Option<procfs::CpuTimes> {
+        self.pids()?
+            .into_iter()
+            .map(procfs::cpu_times)
+            .try_fold(procfs::CpuTimes::default(), |sum, times| {
+                Some(sum.plus(times?))
+            })
+    }
+}
+
+fn rss_of(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|&pid| procfs::rss_kib(pid)).sum()
+}
+
+fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
+    if !args.url.is_empty() {
+        let mut nodes = Vec::new();
+        for (index, url) in args.url.iter().enumerate() {
+            let base = url.trim_end_matches('/').to_owned();
+            let host = base
+                .split("://")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default();
+            let loopback = host.starts_with("127.")
+                || host.starts_with("localhost")
+                || host.starts_with("[::1]");
+            if !loopback && !args.allow_remote {
+                return Err(BenchError::Setup(format!(
+                    "{url} is not a loopback address: pass --allow-remote to load a remote server"
+                )));
+            }
+            nodes.push(Node {
+                base,
+                pid: args.server_pid.get(index).copied(),
+                child: None,
+            });
+        }
+        return Ok(Server { nodes });
+    }
+    if args.nodes > 1 && !args.server_args.iter().any(|a| a.starts_with("--redis")) {
+        return Err(BenchError::Setup(
+            "--nodes above 1 needs shared topics: add --server-arg=--redis=redis://HOST:PORT"
+                .into(),
+        ));
+    }
+    let nodes = (0..args.nodes)
+        .map(|_| start_node(args))
+        .collect::<Result<_, _>>()?;
+    Ok(Server { nodes })
+}
+
+fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
         None => std::env::current_exe()?,
@@ -266,7 +335,7 @@ fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
-    Ok(Server {
+    Ok(Node {
         base: format!("http://{addr}"),
         pid: Some(child.id()),
         child: Some(child),
@@ -372,14 +441,14 @@ async fn run_phase(
         _ => vec![prefix],
     };
     let phase = Arc::new(Phase {
-        base: server.base.clone(),
+        bases: server.bases(),
         topics: topics.clone(),
         http: http.clone(),
         poll_interval: args.poll_interval,
         progress: (0..args.subscribers).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
-    let rss_before = server.pid.and_then(procfs::rss_kib);
+    let rss_before = server.rss_kib();
 
     let progress = indicatif::ProgressBar::new(args.subscribers as u64).with_style(
         indicatif::ProgressStyle::with_template("{prefix:>9} {msg:<12} [{bar:30}] {pos}/{len}")
@@ -399,24 +468,24 @@ async fn run_phase(
     }
     wait_subscribed(
         http,
-        &server.base,
+        &server.bases(),
         &topics,
         transport,
         args.subscribers,
         &mut subscribers,
     )
     .await?;
-    let rss_connected = server.pid.and_then(procfs::rss_kib);
+    let rss_connected = server.rss_kib();
 
     // Sample the server's RSS while the phase runs.
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(
         rss_connected.unwrap_or(0),
     ));
-    let sampler = server.pid.map(|pid| {
+    let sampler = server.pids().map(|pids| {
         let (peak, stop) = (peak.clone(), phase.stop.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
-                if let Some(rss) = procfs::rss_kib(pid) {
+                if let Some(rss) = rss_of(&pids) {
                     peak.fetch_max(rss, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -424,8 +493,8 @@ async fn run_phase(
         })
     });
 
-    let requests_start = server_requests(http, &server.base, transport).await;
-    let cpu_start = server.pid.and_then(procfs::cpu_times);
+    let requests_start = server_requests(http, &server.bases(), transport).await;
+    let cpu_start = server.cpu_times();
     progress.set_message(match args.scenario {
         Scenario::Fanout | Scenario::Throughput | Scenario::Chat => "publishing",
         Scenario::Idle => "idle",
@@ -446,7 +515,7 @@ async fn run_phase(
     let (last_ids, published, publish_errors, publish_rate, drained) = match args.scenario {
         Scenario::Fanout | Scenario::Throughput | Scenario::Chat => {
             let (last_ids, published, errors) =
-                publish(args, rate, http, &server.base, &topics).await;
+                publish(args, rate, http, server.publisher_base(), &topics).await;
             let publish_rate = published as f64 / started.elapsed().as_secs_f64();
             let drained = wait_drained(&phase, &last_ids, args.drain_timeout).await;
             (last_ids, published, errors, publish_rate, drained)
@@ -457,9 +526,9 @@ async fn run_phase(
         }
     };
     let elapsed = started.elapsed();
-    let cpu_end = server.pid.and_then(procfs::cpu_times);
-    let rss_end = server.pid.and_then(procfs::rss_kib);
-    let requests_end = server_requests(http, &server.base, transport).await;
+    let cpu_end = server.cpu_times();
+    let rss_end = server.rss_kib();
+    let requests_end = server_requests(http, &server.bases(), transport).await;
     phase.stop.cancel();
     if let Some(sampler) = sampler {
         let _ = sampler.await;
@@ -469,12 +538,18 @@ async fn run_phase(
 
     let mut total = Tracker::default();
     let mut latency = latency_histogram();
+    let mut cross_node = latency_histogram();
     while let Some(joined) = subscribers.join_next().await {
         let (index, mut tracker) = joined.map_err(|e| BenchError::Client(e.to_string()))??;
         tracker.finish(last_ids[index % last_ids.len()]);
         latency
             .add(&tracker.latency)
             .expect("same histogram bounds");
+        if phase.is_cross_node(index) {
+            cross_node
+                .add(&tracker.latency)
+                .expect("same histogram bounds");
+        }
         total.received += tracker.received;
         total.duplicates += tracker.duplicates;
         total.missing += tracker.missing;
@@ -533,6 +608,8 @@ async fn run_phase(
         duplicates: total.duplicates,
         publish_errors,
         latency_ms: Percentiles::of(&latency),
+        nodes: server.nodes.len(),
+        cross_node_latency_ms: (server.nodes.len() > 1).then(|| Percentiles::of(&cross_node)),
         deliveries_per_second: deliveries as f64 / elapsed.as_secs_f64(),
         requests_per_delivery: per_delivery(total.requests),
         bytes_per_delivery: per_delivery(total.bytes),
@@ -541,23 +618,27 @@ async fn run_phase(
     })
 }
 
-/// The requests the server has counted for `transport` since it started (`GET /stats`).
-async fn server_requests(http: &reqwest::Client, base: &str, transport: &str) -> Option<u64> {
-    let stats: serde_json::Value = http
-        .get(format!("{base}/stats"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    stats["requests"][transport].as_u64()
+/// The requests the nodes have counted for `transport` since they started (`GET /stats`).
+async fn server_requests(http: &reqwest::Client, bases: &[String], transport: &str) -> Option<u64> {
+    let mut total = 0;
+    for base in bases {
+        let stats: serde_json::Value = http
+            .get(format!("{base}/stats"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        total += stats["requests"][transport].as_u64()?;
+    }
+    Some(total)
 }
 
 /// Waits until the server counts every subscriber of the phase.
 async fn wait_subscribed(
     http: &reqwest::Client,
-    base: &str,
+    bases: &[String],
     topics: &[String],
     transport: &str,
     expected: usize,
@@ -576,7 +657,10 @@ async fn wait_subscribed(
             });
         }
         let mut counted = 0;
-        for topic in topics {
+        for (base, topic) in bases
+            .iter()
+            .flat_map(|b| topics.iter().map(move |t| (b, t)))
+        {
             let info: serde_json::Value = http
                 .get(format!("{base}/topics/{topic}"))
                 .send()

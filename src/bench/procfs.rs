@@ -17,6 +17,14 @@ impl CpuTimes {
         self.user + self.system
     }
 
+    /// The time of two processes together.
+    pub fn plus(self, other: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+
     /// The time used between `earlier` and `self`.
     pub fn since(&self, earlier: CpuTimes) -> CpuTimes {
         CpuTimes {

@@ -35,6 +35,12 @@ pub fn command_line(args: &BenchArgs) -> String {
         args.payload_bytes,
         args.poll_interval.as_millis()
     );
+    if args.nodes > 1 {
+        let _ = write!(line, " --nodes {}", args.nodes);
+    }
+    if !args.url.is_empty() {
+        let _ = write!(line, " --url {}", args.url.join(","));
+    }
     for arg in &args.server_args {
         let _ = write!(line, " --server-arg={arg}");
     }
@@ -208,11 +214,32 @@ pub fn markdown(args: &BenchArgs, results: &[PhaseResult]) -> String {
         args.payload_bytes
     );
     out.push_str(&table(results));
+    if results.iter().any(|r| r.cross_node_latency_ms.is_some()) {
+        out.push_str(&cross_node_table(results));
+    }
     out.push_str("\n## Reading\n\n");
     for line in reading(results) {
         let _ = writeln!(out, "- {line}");
     }
     out.push_str("\n![latency and CPU per transport](latency.svg)\n");
+    out
+}
+
+/// Latency of the subscribers on the publisher's node against those on other nodes.
+pub fn cross_node_table(results: &[PhaseResult]) -> String {
+    let mut out = String::from(
+        "\n## Across nodes\n\nSubscribers were spread over the nodes round-robin; the publisher posted to the first node. Server CPU and memory above are the sum over all nodes.\n\n| transport | nodes | p50 ms (all) | p99 ms (all) | p50 ms (other nodes) | p99 ms (other nodes) |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        let Some(cross) = &r.cross_node_latency_ms else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.transport, r.nodes, r.latency_ms.p50, r.latency_ms.p99, cross.p50, cross.p99
+        );
+    }
     out
 }
 
@@ -337,6 +364,8 @@ mod tests {
                 max: p99,
                 mean: p99 / 2.0,
             },
+            nodes: 1,
+            cross_node_latency_ms: None,
             deliveries_per_second: 500.0,
             requests_per_delivery: 0.01,
             bytes_per_delivery: 120.0,
@@ -389,8 +418,9 @@ mod tests {
     fn report_files_hold_every_transport() {
         let dir = std::env::temp_dir().join(format!("pushhub-report-{}", std::process::id()));
         let args = BenchArgs {
-            url: None,
-            server_pid: None,
+            url: Vec::new(),
+            server_pid: Vec::new(),
+            nodes: 1,
             allow_remote: false,
             scenario: crate::bench::Scenario::Fanout,
             topics: 1,

@@ -18,7 +18,8 @@ use super::{
 
 /// What every subscriber of a phase shares.
 pub(crate) struct Phase {
-    pub(crate) base: String,
+    /// Nodes of the cluster; subscriber `i` connects to `bases[i % bases.len()]`.
+    pub(crate) bases: Vec<String>,
     /// Topics of the phase; subscriber `i` follows `topics[i % topics.len()]`.
     pub(crate) topics: Vec<String>,
     pub(crate) http: reqwest::Client,
@@ -49,6 +50,16 @@ struct PollAnswer {
 }
 
 impl Phase {
+    /// The node subscriber `index` connects to.
+    pub(crate) fn base_of(&self, index: usize) -> &str {
+        &self.bases[index % self.bases.len()]
+    }
+
+    /// Whether subscriber `index` is on another node than the publisher.
+    pub(crate) fn is_cross_node(&self, index: usize) -> bool {
+        index % self.bases.len() != 0
+    }
+
     /// The topic subscriber `index` follows.
     pub(crate) fn topic_of(&self, index: usize) -> &str {
         &self.topics[index % self.topics.len()]
@@ -79,7 +90,7 @@ pub(crate) async fn run(
 async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
     let url = format!(
         "{}/topics/{}/ws?after=0",
-        phase.base.replacen("http", "ws", 1),
+        phase.base_of(index).replacen("http", "ws", 1),
         phase.topic_of(index)
     );
     let (mut socket, _) = tokio_tungstenite::connect_async(&url)
@@ -110,7 +121,7 @@ async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result
 async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
     let url = format!(
         "{}/topics/{}/sse?after=0",
-        phase.base,
+        phase.base_of(index),
         phase.topic_of(index)
     );
     let response = phase.http.get(&url).send().await.map_err(client_error)?;
@@ -154,12 +165,12 @@ async fn polling(
         let url = match kind {
             "longpoll" => format!(
                 "{}/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
-                phase.base,
+                phase.base_of(index),
                 phase.topic_of(index)
             ),
             _ => format!(
                 "{}/topics/{}/poll?after={after}&limit=1000&client=bench-{index}",
-                phase.base,
+                phase.base_of(index),
                 phase.topic_of(index)
             ),
         };

@@ -207,6 +207,11 @@ impl Hub {
         topic
             .presence
             .touch(Transport::Poll, client, self.settings.poller_window);
+        if topic.log.fans_out_itself() {
+            // A shared log answers reads near the head from what its subscription received;
+            // a polled topic is followed like a streamed one.
+            drop(topic.receiver(self.settings.subscriber_queue).await);
+        }
         match after {
             Some(after) => topic.read_batch(after, limit, true).await,
             None => Ok(Batch {

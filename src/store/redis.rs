@@ -20,7 +20,7 @@
 //! The keys use a `{topic}` hash tag, so one topic's keys share a Redis Cluster slot.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -125,6 +125,66 @@ fn decode_member(topic: &TopicName, member: Bytes) -> Result<Message, StoreError
     record::decode(id, topic, member.slice(split + 1..))
 }
 
+/// Messages of a followed topic kept per node, so that reads near the head (long polls
+/// woken by a message, pollers keeping up) are answered without a Redis round trip.
+const TAIL_CAPACITY: usize = 1024;
+
+/// The newest messages of a followed topic as this node's subscription received them, with
+/// contiguous ids. Emptied whenever the subscription is lost, so it never answers for a span
+/// it may have missed; a read it cannot answer exactly goes to Redis.
+#[derive(Default)]
+struct Tail {
+    messages: VecDeque<Arc<Message>>,
+    capacity: usize,
+}
+
+impl Tail {
+    fn push(&mut self, message: &Arc<Message>) {
+        match self.messages.back() {
+            Some(last) if message.id <= last.id => return,
+            Some(last) if message.id != last.id + 1 => self.messages.clear(),
+            _ => {}
+        }
+        if self.messages.len() >= self.capacity {
+            self.messages.pop_front();
+        }
+        self.messages.push_back(message.clone());
+    }
+
+    /// The messages after `after`, if this tail holds that span exactly.
+    fn read(&mut self, after: MessageId, limit: usize, cutoff: u64) -> Option<LogRead> {
+        // History older than the age limit is not served, as Redis would not serve it.
+        while self.messages.front().is_some_and(|m| m.time < cutoff) {
+            self.messages.pop_front();
+        }
+        let (first, last) = (self.messages.front()?.id, self.messages.back()?.id);
+        if after.checked_add(1)? < first || after > last {
+            return None;
+        }
+        let skip = usize::try_from(after + 1 - first).ok()?;
+        Some(LogRead {
+            messages: self
+                .messages
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .cloned()
+                .collect(),
+            head: LogHead {
+                last_id: last,
+                first_retained: first,
+            },
+        })
+    }
+}
+
+type SharedTail = Arc<std::sync::Mutex<Tail>>;
+
+fn lock(tail: &SharedTail) -> std::sync::MutexGuard<'_, Tail> {
+    // Every critical section is a few pointer moves; a panic cannot leave it inconsistent.
+    tail.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Topics in Redis, shared by every node pointed at the same server.
 pub struct RedisStore {
     shared: Arc<Shared>,
@@ -183,6 +243,7 @@ enum Follow {
     Start {
         topic: TopicName,
         live: broadcast::Sender<Arc<Message>>,
+        tail: SharedTail,
         subscribed: oneshot::Sender<()>,
     },
     /// The topic is no longer active on this node.
@@ -225,10 +286,15 @@ impl RedisStore {
 
 impl Store for RedisStore {
     fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog> {
+        let capacity = self.shared.retention.max_messages.clamp(1, TAIL_CAPACITY);
         Arc::new(RedisLog {
             topic: topic.clone(),
             shared: self.shared.clone(),
             following: AtomicBool::new(false),
+            tail: Arc::new(std::sync::Mutex::new(Tail {
+                messages: VecDeque::new(),
+                capacity,
+            })),
         })
     }
 }
@@ -237,6 +303,7 @@ struct RedisLog {
     topic: TopicName,
     shared: Arc<Shared>,
     following: AtomicBool,
+    tail: SharedTail,
 }
 
 impl Drop for RedisLog {
@@ -281,6 +348,9 @@ impl TopicLog for RedisLog {
     }
 
     async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
+        if let Some(read) = lock(&self.tail).read(after, limit, self.shared.cutoff()) {
+            return Ok(read);
+        }
         self.shared.read(&self.topic, after, limit).await
     }
 
@@ -295,6 +365,7 @@ impl TopicLog for RedisLog {
         let start = Follow::Start {
             topic: self.topic.clone(),
             live: live.clone(),
+            tail: self.tail.clone(),
             subscribed,
         };
         if self.shared.listener.send(start).is_ok() {
@@ -310,8 +381,18 @@ impl TopicLog for RedisLog {
 /// One followed topic in the listener.
 struct Followed {
     live: broadcast::Sender<Arc<Message>>,
+    tail: SharedTail,
     /// The newest id delivered, where a replay after reconnecting starts.
     last_seen: MessageId,
+}
+
+impl Followed {
+    fn deliver(&mut self, message: Arc<Message>) {
+        self.last_seen = self.last_seen.max(message.id);
+        lock(&self.tail).push(&message);
+        // An error only means nobody listens right now.
+        let _ = self.live.send(message);
+    }
 }
 
 /// The node's one pub/sub connection, and the topics it follows.
@@ -384,6 +465,11 @@ impl Listener {
                 }
             }
             tracing::warn!("redis: listener connection lost; reconnecting");
+            // What arrives while unsubscribed is not in the tails: reads go to Redis until the
+            // replay after reconnecting has filled them again.
+            for followed in self.topics.values() {
+                lock(&followed.tail).messages.clear();
+            }
         }
     }
 
@@ -393,9 +479,17 @@ impl Listener {
             Follow::Start {
                 topic,
                 live,
+                tail,
                 subscribed,
             } => {
-                self.topics.insert(topic, Followed { live, last_seen: 0 });
+                self.topics.insert(
+                    topic,
+                    Followed {
+                        live,
+                        tail,
+                        last_seen: 0,
+                    },
+                );
                 let _ = subscribed.send(());
             }
             Follow::Stop(topic) => {
@@ -414,6 +508,7 @@ impl Listener {
             Follow::Start {
                 topic,
                 live,
+                tail,
                 subscribed,
             } => {
                 let outcome = sink.subscribe(channel(&topic)).await;
@@ -425,7 +520,14 @@ impl Listener {
                         .map_or(0, |read| read.head.last_id),
                     None => 0,
                 };
-                self.topics.insert(topic, Followed { live, last_seen });
+                self.topics.insert(
+                    topic,
+                    Followed {
+                        live,
+                        tail,
+                        last_seen,
+                    },
+                );
                 let _ = subscribed.send(());
                 outcome
             }
@@ -447,11 +549,7 @@ impl Listener {
             return;
         };
         match decode_member(&topic, Bytes::copy_from_slice(payload)) {
-            Ok(message) => {
-                followed.last_seen = followed.last_seen.max(message.id);
-                // An error only means nobody listens right now.
-                let _ = followed.live.send(Arc::new(message));
-            }
+            Ok(message) => followed.deliver(Arc::new(message)),
             Err(error) => tracing::warn!(%error, "redis: undecodable message"),
         }
     }
@@ -470,11 +568,69 @@ impl Listener {
                     break;
                 };
                 for message in read.messages {
-                    let _ = followed.live.send(message);
+                    followed.deliver(message);
                 }
                 followed.last_seen = newest;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: MessageId, time: u64) -> Arc<Message> {
+        let topic = TopicName::parse("t").unwrap();
+        let data = Payload::from_text("x");
+        Arc::new(Message::new(
+            id,
+            topic,
+            EventName::default_event(),
+            time,
+            &data,
+        ))
+    }
+
+    fn ids(read: Option<LogRead>) -> Option<Vec<MessageId>> {
+        read.map(|read| read.messages.iter().map(|m| m.id).collect())
+    }
+
+    #[test]
+    fn a_tail_answers_only_the_span_it_holds_exactly() {
+        let mut tail = Tail {
+            messages: VecDeque::new(),
+            capacity: 3,
+        };
+        assert!(tail.read(0, 10, 0).is_none(), "an empty tail knows nothing");
+        for id in 5..=8 {
+            tail.push(&message(id, 100));
+        }
+        tail.push(&message(7, 100));
+        assert_eq!(ids(tail.read(5, 10, 0)), Some(vec![6, 7, 8]));
+        assert_eq!(ids(tail.read(6, 1, 0)), Some(vec![7]));
+        assert_eq!(
+            ids(tail.read(8, 10, 0)),
+            Some(vec![]),
+            "caught up: nothing new"
+        );
+        assert!(tail.read(4, 10, 0).is_none(), "before the tail: ask Redis");
+        assert!(
+            tail.read(9, 10, 0).is_none(),
+            "a cursor ahead of this node: ask Redis"
+        );
+        let head = tail.read(8, 10, 0).unwrap().head;
+        assert_eq!((head.last_id, head.first_retained), (8, 6));
+
+        tail.push(&message(11, 200));
+        assert!(tail.read(8, 10, 0).is_none(), "a gap empties the tail");
+        assert_eq!(ids(tail.read(10, 10, 0)), Some(vec![11]));
+        tail.push(&message(12, 300));
+        assert!(
+            tail.read(10, 10, 250).is_none(),
+            "messages past the age limit are not served"
+        );
+        assert_eq!(ids(tail.read(11, 10, 250)), Some(vec![12]));
     }
 }
