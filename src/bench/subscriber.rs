@@ -57,7 +57,7 @@ impl Phase {
 
     /// Whether subscriber `index` is on another node than the publisher.
     pub(crate) fn is_cross_node(&self, index: usize) -> bool {
-        index % self.bases.len() != 0
+        !index.is_multiple_of(self.bases.len())
     }
 
     /// The topic subscriber `index` follows.
