@@ -35,8 +35,14 @@ const MAX_GROUP: usize = 1024;
 /// How often age retention runs.
 const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
 /// Journal size after which fjall flushes memtables and drops old journal files; bounds the
-/// replay work after a crash and the journal's share of the data dir.
+/// replay work after a crash and the journal's share of the data dir (fjall's minimum).
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Size at which a keyspace's memtable is flushed to a table. fjall's default (64 MiB) would
+/// hold that much of recent, mostly already expired, history in memory; recent messages are
+/// also in the live rings, so a small memtable costs little.
+const MAX_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Block cache for reads of older history.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// When a publish counts as durable.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,14 +142,12 @@ impl DiskStore {
             .map_err(|e| StoreError::Internal(format!("{}: {e}", dir.display())))?;
         let db = Database::builder(dir)
             .max_journaling_size(MAX_JOURNAL_BYTES)
+            .cache_size(CACHE_BYTES)
             .open()
             .map_err(io_error)?;
-        let messages = db
-            .keyspace("messages", KeyspaceCreateOptions::default)
-            .map_err(io_error)?;
-        let heads = db
-            .keyspace("heads", KeyspaceCreateOptions::default)
-            .map_err(io_error)?;
+        let options = || KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES);
+        let messages = db.keyspace("messages", options).map_err(io_error)?;
+        let heads = db.keyspace("heads", options).map_err(io_error)?;
         let mut topics = HashMap::new();
         for entry in heads.iter() {
             let (key, value) = entry.into_inner().map_err(io_error)?;

@@ -84,6 +84,8 @@ return {last, first, members}
 
 /// How long a Redis command may take before the publish or read fails with 503.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// First wait before the listener reconnects; doubled after each failure.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between two reconnection attempts of the listener.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Messages replayed per read when the listener catches up after a reconnection.
@@ -105,6 +107,18 @@ fn channel(topic: &TopicName) -> String {
 fn topic_of_channel(channel: &str) -> Option<TopicName> {
     let inner = channel.strip_prefix("pushhub:{")?.strip_suffix("}:live")?;
     TopicName::parse(inner).ok()
+}
+
+/// Runs a pub/sub command with the command timeout: a Redis that accepts connections but
+/// does not answer must not hang the listener (and every subscriber waiting on it).
+async fn within<T>(
+    command: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {COMMAND_TIMEOUT:?}")),
+    }
 }
 
 fn unavailable(error: redis::RedisError) -> StoreError {
@@ -405,70 +419,66 @@ struct Listener {
 
 impl Listener {
     async fn run(mut self, mut follows: mpsc::UnboundedReceiver<Follow>) {
-        let mut backoff = Duration::from_millis(50);
-        let mut was_connected = false;
+        let mut backoff = MIN_BACKOFF;
         loop {
-            let connected =
-                tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub()).await;
-            let (mut sink, mut stream) = match connected {
-                Ok(Ok(pubsub)) => pubsub.split(),
-                failed => {
-                    if was_connected {
-                        let error = match failed {
-                            Ok(Err(error)) => error.to_string(),
-                            _ => "connection timed out".to_owned(),
-                        };
-                        tracing::warn!(%error, "redis: listener cannot reconnect; retrying");
-                        was_connected = false;
-                    }
-                    // Keep taking follow changes while Redis is away; the resubscription
-                    // after reconnecting covers them.
-                    let pause = tokio::time::sleep(backoff);
-                    tokio::pin!(pause);
-                    loop {
-                        tokio::select! {
-                            () = &mut pause => break,
-                            change = follows.recv() => match change {
-                                Some(change) => self.apply_offline(change),
-                                None => return,
-                            },
-                        }
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
+            let error = match self.session(&mut follows, &mut backoff).await {
+                Ok(()) => return,
+                Err(error) => error,
             };
-            let channels: Vec<String> = self.topics.keys().map(channel).collect();
-            if !channels.is_empty() && sink.subscribe(&channels).await.is_err() {
-                continue;
-            }
-            if was_connected || !channels.is_empty() {
-                tracing::info!(topics = channels.len(), "redis: listener resubscribed");
-            }
-            was_connected = true;
-            backoff = Duration::from_millis(50);
-            if self.replay_all().await.is_err() {
-                continue;
-            }
-            loop {
-                tokio::select! {
-                    change = follows.recv() => {
-                        let Some(change) = change else { return };
-                        if self.apply(change, &mut sink).await.is_err() {
-                            break;
-                        }
-                    }
-                    message = stream.next() => {
-                        let Some(message) = message else { break };
-                        self.deliver(message.get_channel_name(), message.get_payload_bytes());
-                    }
-                }
-            }
-            tracing::warn!("redis: listener connection lost; reconnecting");
             // What arrives while unsubscribed is not in the tails: reads go to Redis until the
             // replay after reconnecting has filled them again.
             for followed in self.topics.values() {
                 lock(&followed.tail).messages.clear();
+            }
+            if backoff == MIN_BACKOFF {
+                tracing::warn!(%error, "redis: listener disconnected; reconnecting");
+            }
+            // Keep taking follow changes while Redis is away; the resubscription after
+            // reconnecting covers them.
+            let pause = tokio::time::sleep(backoff);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    () = &mut pause => break,
+                    change = follows.recv() => match change {
+                        Some(change) => self.apply_offline(change),
+                        None => return,
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One connection: subscribe to every followed topic, replay what they missed, then
+    /// deliver until the connection fails (`Err`) or the store is dropped (`Ok`).
+    async fn session(
+        &mut self,
+        follows: &mut mpsc::UnboundedReceiver<Follow>,
+        backoff: &mut Duration,
+    ) -> Result<(), String> {
+        let (mut sink, mut stream) = within(self.client.get_async_pubsub()).await?.split();
+        let channels: Vec<String> = self.topics.keys().map(channel).collect();
+        if !channels.is_empty() {
+            within(sink.subscribe(&channels)).await?;
+        }
+        self.replay_all().await.map_err(|e| e.to_string())?;
+        if *backoff != MIN_BACKOFF || !channels.is_empty() {
+            tracing::info!(topics = channels.len(), "redis: listener subscribed");
+        }
+        *backoff = MIN_BACKOFF;
+        loop {
+            tokio::select! {
+                change = follows.recv() => {
+                    let Some(change) = change else { return Ok(()) };
+                    self.apply(change, &mut sink).await?;
+                }
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return Err("connection closed".into());
+                    };
+                    self.deliver(message.get_channel_name(), message.get_payload_bytes());
+                }
             }
         }
     }
@@ -503,7 +513,7 @@ impl Listener {
         &mut self,
         change: Follow,
         sink: &mut redis::aio::PubSubSink,
-    ) -> Result<(), redis::RedisError> {
+    ) -> Result<(), String> {
         match change {
             Follow::Start {
                 topic,
@@ -511,7 +521,7 @@ impl Listener {
                 tail,
                 subscribed,
             } => {
-                let outcome = sink.subscribe(channel(&topic)).await;
+                let outcome = within(sink.subscribe(channel(&topic))).await;
                 // Where replays start; the subscriber reads its own history after this.
                 let last_seen = match self.shared.upgrade() {
                     Some(shared) => shared
@@ -534,7 +544,7 @@ impl Listener {
             Follow::Stop(topic) => {
                 // A topic re-followed since this stop was queued keeps its subscription.
                 if self.topics.remove(&topic).is_some() {
-                    sink.unsubscribe(channel(&topic)).await?;
+                    within(sink.unsubscribe(channel(&topic))).await?;
                 }
                 Ok(())
             }
