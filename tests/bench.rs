@@ -1,6 +1,8 @@
 //! `pushhub bench` end to end: small runs of every scenario against a child server,
 //! asserting zero loss and a complete report. Timings are not asserted.
 
+mod support;
+
 use std::{path::PathBuf, process::Command};
 
 use serde_json::Value;
@@ -170,4 +172,59 @@ fn the_chat_scenario_spreads_messages_over_topics_and_loses_none() {
         assert_eq!(r["duplicates"], 0, "{t}");
     }
     std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn a_three_node_bench_spreads_subscribers_and_reports_cross_node_latency() {
+    let Some(redis) = support::RedisServer::start() else {
+        return;
+    };
+    let redis_arg = format!("--server-arg=--redis={}", redis.url());
+    let (printed, out) = bench(
+        "nodes",
+        &[
+            "--nodes",
+            "3",
+            &redis_arg,
+            "--transports",
+            "ws,sse,longpoll",
+            "--subscribers",
+            "30",
+            "--rate",
+            "100",
+            "--duration",
+            "500ms",
+        ],
+    );
+    for r in printed["results"].as_array().unwrap() {
+        let t = r["transport"].as_str().unwrap();
+        assert_eq!(r["nodes"], 3, "{t}");
+        assert_eq!(
+            r["deliveries"], 1500,
+            "{t}: 30 subscribers over 3 nodes x 50 messages"
+        );
+        assert_eq!(
+            (r["lost"].as_u64(), r["duplicates"].as_u64()),
+            (Some(0), Some(0)),
+            "{t}"
+        );
+        assert!(
+            r["cross_node_latency_ms"]["p50"].as_f64().unwrap() > 0.0,
+            "{t}: subscribers on the other nodes measured apart"
+        );
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## Across nodes"), "{report}");
+    assert!(report.contains("--nodes 3"), "{report}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn several_nodes_without_a_shared_store_are_refused() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .args(["bench", "--nodes", "2", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--redis"));
 }

@@ -235,3 +235,26 @@ async fn a_redis_outage_refuses_publishes_keeps_subscribers_and_catches_them_up(
         "the same WebSocket resumes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_history_keeps_the_newest_messages_and_a_late_cursor_is_told_so() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let process = spawn_binary(&["--redis", &redis.url(), "--history-size", "3"], &[]);
+    let node = process.endpoint();
+    for i in 0..5 {
+        node.publish("h", json!(i)).await;
+    }
+    let (_, info) = node.get("/topics/h").await;
+    assert_eq!(
+        (&info["last_id"], &info["oldest_id"]),
+        (&json!(5), &json!(3))
+    );
+    let (_, polled) = node.get("/topics/h/poll?after=1").await;
+    assert_eq!(polled["truncated"], true, "{polled}");
+    assert_eq!(
+        support::ids(polled["messages"].as_array().unwrap()),
+        [3, 4, 5]
+    );
+}
