@@ -98,6 +98,11 @@ async fn acknowledged_publishes_survive_repeated_kill_9() {
         let fsync = if round % 2 == 0 { "batch" } else { "always" };
         let mut server = start(&dir, fsync);
         let base = format!("http://{}", server.addr);
+        // Right after each crash: every acknowledged message is there, with its data.
+        let stored = read_all(&http, &base).await;
+        for (id, data) in &acked {
+            assert_eq!(stored.get(id), Some(data), "id {id} after restart {round}");
+        }
         // A cursor taken before the last crash still resumes exactly after itself.
         if let Some(&cursor) = cursors.last() {
             let url = format!("{base}/topics/{TOPIC}/poll?after={cursor}&limit=1");
