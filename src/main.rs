@@ -63,10 +63,24 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "http"
     };
+    tracing::info!(store = %store_description(&config), "history store");
     tracing::info!("pushhub listening on {scheme}://{addr}/ (demo page at {scheme}://{addr}/)");
     pushhub::run(listener, config, shutdown_signal()).await?;
     tracing::info!("pushhub stopped");
     Ok(())
+}
+
+/// Which store the server runs with, for the startup log; never the Redis credentials.
+fn store_description(config: &pushhub::Config) -> String {
+    match (&config.data_dir, &config.redis) {
+        (Some(dir), _) => format!("disk at {} (--fsync {:?})", dir.display(), config.fsync),
+        (None, Some(url)) => {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("redis at {scheme}://{host}")
+        }
+        (None, None) => "memory (history is lost on restart; see --data-dir)".to_owned(),
+    }
 }
 
 async fn bench(args: pushhub::bench::BenchArgs) -> anyhow::Result<()> {

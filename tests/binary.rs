@@ -56,6 +56,10 @@ fn help_lists_the_serve_flags() {
         "--max-body",
         "--longpoll-max-timeout",
         "--heartbeat",
+        "--data-dir",
+        "--fsync",
+        "--fsync-window",
+        "--redis",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
@@ -113,4 +117,22 @@ async fn json_logs_carry_request_ids_and_never_tokens() {
         "a token reached the log:\n{log}"
     );
     assert!(!log.contains("secret body"), "a body reached the log");
+}
+
+#[tokio::test]
+async fn a_node_starts_while_redis_is_unreachable_and_answers_503_without_logging_credentials() {
+    // Nothing listens on port 9 (discard) here: Redis is "down" from the start.
+    let server = support::spawn_binary(&["--redis", "redis://:hunter2@127.0.0.1:9/"], &[]);
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/topics/t", server.addr))
+        .json(&serde_json::json!("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "store_unavailable");
+    let log = server.log.lock().unwrap().join("\n");
+    assert!(log.contains("redis at redis://127.0.0.1:9/"), "{log}");
+    assert!(!log.contains("hunter2"), "credentials logged: {log}");
 }
