@@ -441,7 +441,9 @@ impl Listener {
                 tokio::select! {
                     () = &mut pause => break,
                     change = follows.recv() => match change {
-                        Some(change) => self.apply_offline(change),
+                        Some(change) => {
+                            let _ = self.apply(change, None).await;
+                        }
                         None => return,
                     },
                 }
@@ -471,7 +473,7 @@ impl Listener {
             tokio::select! {
                 change = follows.recv() => {
                     let Some(change) = change else { return Ok(()) };
-                    self.apply(change, &mut sink).await?;
+                    self.apply(change, Some(&mut sink)).await?;
                 }
                 message = stream.next() => {
                     let Some(message) = message else {
@@ -483,36 +485,12 @@ impl Listener {
         }
     }
 
-    /// Records a follow change while disconnected.
-    fn apply_offline(&mut self, change: Follow) {
-        match change {
-            Follow::Start {
-                topic,
-                live,
-                tail,
-                subscribed,
-            } => {
-                self.topics.insert(
-                    topic,
-                    Followed {
-                        live,
-                        tail,
-                        last_seen: 0,
-                    },
-                );
-                let _ = subscribed.send(());
-            }
-            Follow::Stop(topic) => {
-                self.topics.remove(&topic);
-            }
-        }
-    }
-
-    /// Applies a follow change on the live connection.
+    /// Applies a follow change. `sink` is `None` while disconnected: the change is only
+    /// recorded, and the resubscription after reconnecting covers it.
     async fn apply(
         &mut self,
         change: Follow,
-        sink: &mut redis::aio::PubSubSink,
+        sink: Option<&mut redis::aio::PubSubSink>,
     ) -> Result<(), String> {
         match change {
             Follow::Start {
@@ -521,14 +499,14 @@ impl Listener {
                 tail,
                 subscribed,
             } => {
-                let outcome = within(sink.subscribe(channel(&topic))).await;
-                // Where replays start; the subscriber reads its own history after this.
-                let last_seen = match self.shared.upgrade() {
-                    Some(shared) => shared
-                        .read(&topic, MessageId::MAX, 0)
-                        .await
-                        .map_or(0, |read| read.head.last_id),
-                    None => 0,
+                let (outcome, last_seen) = match (sink, self.shared.upgrade()) {
+                    (Some(sink), Some(shared)) => {
+                        let outcome = within(sink.subscribe(channel(&topic))).await;
+                        // Where replays start; the subscriber reads its own history after this.
+                        let head = shared.read(&topic, MessageId::MAX, 0).await;
+                        (outcome, head.map_or(0, |read| read.head.last_id))
+                    }
+                    _ => (Ok(()), 0),
                 };
                 self.topics.insert(
                     topic,
@@ -542,8 +520,9 @@ impl Listener {
                 outcome
             }
             Follow::Stop(topic) => {
-                // A topic re-followed since this stop was queued keeps its subscription.
-                if self.topics.remove(&topic).is_some() {
+                if self.topics.remove(&topic).is_some()
+                    && let Some(sink) = sink
+                {
                     within(sink.unsubscribe(channel(&topic))).await?;
                 }
                 Ok(())
