@@ -182,11 +182,6 @@ impl DiskStore {
             }),
         })
     }
-
-    /// Bytes the database takes on disk (journal and tables).
-    pub fn disk_space(&self) -> u64 {
-        self.shared.db.disk_space().unwrap_or(0)
-    }
 }
 
 impl Store for DiskStore {

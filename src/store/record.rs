@@ -25,8 +25,14 @@ pub(crate) fn encode(time: u64, event: &EventName, data: &Payload) -> Vec<u8> {
 
 /// The publish time of a record, without decoding the rest.
 pub(crate) fn time(record: &[u8]) -> Option<u64> {
+    split_time(record).map(|(time, _)| time)
+}
+
+/// The publish time and the index of the newline that ends it.
+fn split_time(record: &[u8]) -> Option<(u64, usize)> {
     let end = record.iter().position(|&b| b == b'\n')?;
-    std::str::from_utf8(&record[..end]).ok()?.parse().ok()
+    let time = std::str::from_utf8(&record[..end]).ok()?.parse().ok()?;
+    Some((time, end))
 }
 
 /// Rebuilds the message stored as `record` under `topic` and `id`.
@@ -36,11 +42,7 @@ pub(crate) fn decode(
     record: Bytes,
 ) -> Result<Message, StoreError> {
     let corrupt = || StoreError::Internal(format!("corrupt record {topic}/{id}"));
-    let time = time(&record).ok_or_else(corrupt)?;
-    let time_end = record
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(corrupt)?;
+    let (time, time_end) = split_time(&record).ok_or_else(corrupt)?;
     let rest = record.slice(time_end + 1..);
     let event_end = rest.iter().position(|&b| b == b'\n').ok_or_else(corrupt)?;
     let event = std::str::from_utf8(&rest[..event_end])
