@@ -17,14 +17,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use axum::{
-    extract::FromRequestParts,
-    http::{header, request::Parts},
-};
+use axum::{extract::FromRequestParts, http::request::Parts};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
-use crate::{AppState, error::Error, message::TopicName};
+use crate::{AppState, error::Error, message::TopicName, transport::HeaderSource};
 
 /// A topic pattern of a token or of `--public-topics`: an exact name, or a prefix ending in
 /// `*` (`news.*` matches `news.sport`; `*` matches every topic).
@@ -273,27 +270,43 @@ impl Access {
     }
 }
 
-/// Reads the token from `Authorization: Bearer` or `?token=` and verifies it. A request with
-/// no token gets an anonymous `Access`; a bad or expired token is refused here (401).
-impl FromRequestParts<AppState> for Access {
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Error> {
-        let auth = app.auth.clone();
+impl Access {
+    /// Reads the token from `Authorization: Bearer` or `?token=` and verifies it. A request
+    /// with no token gets an anonymous `Access`; a bad or expired token is refused (401).
+    /// Nothing is parsed when auth is off.
+    pub fn for_request(
+        auth: &Arc<Auth>,
+        headers: &dyn HeaderSource,
+        query: &str,
+    ) -> Result<Self, Error> {
+        let auth = auth.clone();
         if !auth.enabled() {
             return Ok(Self { auth, grant: None });
         }
-        let token = bearer_token(parts)?.or_else(|| query_token(parts));
+        let token = bearer_token(headers)?.or_else(|| query_token(query));
         let grant = token.map(|token| auth.verify(&token)).transpose()?;
         Ok(Self { auth, grant })
     }
 }
 
-fn bearer_token(parts: &Parts) -> Result<Option<String>, Error> {
-    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+/// The same, for axum handlers.
+impl FromRequestParts<AppState> for Access {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Error> {
+        Access::for_request(
+            &app.auth,
+            &parts.headers,
+            parts.uri.query().unwrap_or_default(),
+        )
+    }
+}
+
+fn bearer_token(headers: &dyn HeaderSource) -> Result<Option<String>, Error> {
+    let Some(value) = headers.header("authorization") else {
         return Ok(None);
     };
-    let value = value.to_str().map_err(|_| Error::InvalidToken)?;
+    let value = std::str::from_utf8(value).map_err(|_| Error::InvalidToken)?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
             Ok(Some(token.trim().to_owned()))
@@ -302,8 +315,8 @@ fn bearer_token(parts: &Parts) -> Result<Option<String>, Error> {
     }
 }
 
-fn query_token(parts: &Parts) -> Option<String> {
-    form_urlencoded::parse(parts.uri.query()?.as_bytes())
+fn query_token(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
         .find(|(name, _)| name == "token")
         .map(|(_, value)| value.into_owned())
 }

@@ -213,31 +213,48 @@ impl Error {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let status = self.status();
+impl Error {
+    /// Counts the refusal by code and logs it: server faults as errors, client faults at
+    /// debug level only. `request` is the request id, where the caller has no request span.
+    pub fn report(&self, request: Option<&str>) {
         crate::telemetry::rejected(self.code());
-        if status.is_server_error() && matches!(self, Error::Store(_)) {
-            tracing::error!(error = %self, "request failed");
-        } else {
-            tracing::debug!(error = %self, "request rejected");
+        let failed = self.status().is_server_error() && matches!(self, Error::Store(_));
+        match (request, failed) {
+            (Some(id), true) => tracing::error!(error = %self, id, "request failed"),
+            (Some(id), false) => tracing::debug!(error = %self, id, "request rejected"),
+            (None, true) => tracing::error!(error = %self, "request failed"),
+            (None, false) => tracing::debug!(error = %self, "request rejected"),
         }
-        let mut response = (status, Json(self.body())).into_response();
+    }
+
+    /// Headers the answer carries besides its JSON body: `Upgrade` on 426, `Retry-After` on
+    /// temporary refusals, `WWW-Authenticate` on 401.
+    pub fn headers(&self) -> smallvec::SmallVec<[(&'static str, String); 2]> {
+        let mut headers = smallvec::SmallVec::new();
+        let status = self.status();
         if status == StatusCode::UPGRADE_REQUIRED {
-            response
-                .headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.push(("upgrade", "websocket".to_owned()));
         }
         if let Some(seconds) = self.retry_after() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            headers.push(("retry-after", seconds.to_string()));
         }
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"pushhub\""),
-            );
+            headers.push(("www-authenticate", "Bearer realm=\"pushhub\"".to_owned()));
+        }
+        headers
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        self.report(None);
+        let mut response = (self.status(), Json(self.body())).into_response();
+        for (name, value) in self.headers() {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response
+                    .headers_mut()
+                    .insert(header::HeaderName::from_static(name), value);
+            }
         }
         response
     }

@@ -56,6 +56,7 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod hub;
 pub mod limits;
 pub mod message;
@@ -76,7 +77,7 @@ use axum::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
-    request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
+    request_id::{PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
 
@@ -215,7 +216,7 @@ pub fn router(state: AppState) -> Router {
         .layer(state.origins.cors_layer())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(RequestIds::default()))
+        .layer(SetRequestIdLayer::x_request_id(gate::response::RequestIds))
         .with_state(state)
 }
 
@@ -228,22 +229,6 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
-}
-
-/// Request ids for `x-request-id` (kept when the client or a proxy sent one): the process
-/// start time and a counter, unique per process without a random source.
-#[derive(Clone, Default)]
-struct RequestIds(Arc<std::sync::atomic::AtomicU64>);
-
-impl MakeRequestId for RequestIds {
-    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        let boot = *BOOT.get_or_init(message::now_micros);
-        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        axum::http::HeaderValue::from_str(&format!("{boot:x}-{n:x}"))
-            .ok()
-            .map(RequestId::new)
-    }
 }
 
 async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoResponse {
@@ -298,18 +283,23 @@ pub async fn serve(
             .clone()
             .run_sweeper(state.config.sweep_interval, stop.clone()),
     );
-    tokio::spawn(telemetry::run_upkeep(stop.clone()));
     let app = router(state.clone());
     let stopping = {
-        let stop = stop.clone();
+        let state = state.clone();
         async move {
             tokio::select! {
                 () = shutdown => {}
-                () = stop.cancelled() => {}
+                () = state.shutdown.cancelled() => {}
             }
-            // Long polls, SSE streams and WebSockets end on this; the accept loop then
-            // waits for them.
-            stop.cancel();
+            // Long polls and idle connections end on this; streams stop their heartbeats,
+            // and once every publish admitted before the stop is appended, write what they
+            // have not been sent and end. The accept loop then waits for them.
+            state.shutdown.cancel();
+            state.hub.stop_timers();
+            tokio::spawn(async move {
+                state.publishes_settled().await;
+                state.hub.drain();
+            });
         }
     };
     server::accept_loop(listener, app, &state, tls, stopping).await;

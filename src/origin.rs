@@ -5,10 +5,10 @@
 
 use std::net::SocketAddr;
 
-use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::http::{HeaderValue, Method, header};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::error::Error;
+use crate::{error::Error, transport::HeaderSource};
 
 /// The origin allowlist of `--allowed-origins`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,14 +43,14 @@ impl OriginPolicy {
 
     /// Checks a WebSocket handshake: no `Origin` (not a browser), the gateway's own pages
     /// (`Origin` host equals `Host`), or an allowed origin.
-    pub fn check_websocket(&self, headers: &HeaderMap) -> Result<(), Error> {
-        let Some(origin) = headers.get(header::ORIGIN) else {
+    pub fn check_websocket(&self, headers: &dyn HeaderSource) -> Result<(), Error> {
+        let Some(origin) = headers.header("origin") else {
             return Ok(());
         };
-        let origin = origin.to_str().map_err(|_| Error::OriginNotAllowed)?;
+        let origin = std::str::from_utf8(origin).map_err(|_| Error::OriginNotAllowed)?;
         let same_origin = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
+            .header("host")
+            .and_then(|h| std::str::from_utf8(h).ok())
             .is_some_and(|host| {
                 origin
                     .split_once("://")
@@ -60,6 +60,19 @@ impl OriginPolicy {
             Ok(())
         } else {
             Err(Error::OriginNotAllowed)
+        }
+    }
+
+    /// The CORS answer to a simple request's `Origin`, as [`OriginPolicy::cors_layer`]
+    /// gives it: the `Access-Control-Allow-Origin` value (`*` for any, the origin itself when
+    /// listed, none otherwise) and whether the response varies with `Origin` (a list does).
+    pub fn cors<'a>(&self, origin: Option<&'a [u8]>) -> (Option<&'a [u8]>, bool) {
+        match self {
+            OriginPolicy::Any => (Some(b"*"), false),
+            OriginPolicy::List(list) => (
+                origin.filter(|o| list.iter().any(|allowed| allowed.as_bytes() == *o)),
+                true,
+            ),
         }
     }
 
@@ -87,6 +100,8 @@ impl OriginPolicy {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderMap;
+
     use super::*;
 
     fn headers(origin: &str, host: &str) -> HeaderMap {

@@ -1,28 +1,26 @@
-//! Accepting connections: capacity limits, request-head limits, TLS, graceful shutdown.
+//! Accepting connections: capacity limits, TLS, graceful shutdown.
 //!
-//! pushhub runs its own accept loop over hyper (as axum's `serve-with-hyper` example does)
-//! rather than `axum::serve`, because a gateway on the public internet needs what that
-//! helper does not expose: a bound on open connections in total and per client IP, answered
-//! with a JSON 503/429 before any work is done; a deadline for the request head (slow-header
-//! attacks) and a bound on its size; and TLS on the same loop.
+//! pushhub runs its own accept loop rather than `axum::serve`, because a gateway on the
+//! public internet needs what that helper does not expose: a bound on open connections in
+//! total and per client IP, answered with a JSON 503/429 before any work is done; TLS on the
+//! same loop; and the choice, per request, of who serves it ([`crate::gate`]).
 
-use std::{future::Future, io, net::SocketAddr, path::Path, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, io, path::Path, sync::Arc, time::Duration};
 
-use axum::{Router, extract::ConnectInfo, http::Request};
-use hyper::{body::Incoming, server::conn::http1};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use axum::Router;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
 };
 use tokio_rustls::TlsAcceptor;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tower::ServiceExt;
+use tokio_util::task::TaskTracker;
 
-use crate::{AppState, error::Error, limits::ConnectionPermit};
+use crate::{
+    AppState,
+    error::Error,
+    gate::{connection::Connection, hyper::Protocols},
+    transport::io::Io,
+};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +70,8 @@ pub(crate) async fn accept_loop(
 ) {
     let config = &state.config;
     let limits = state.connections.clone();
-    let builder = Arc::new(Protocols::new(config));
+    let protocols = Arc::new(Protocols::new(config));
     let connections = TaskTracker::new();
-    let stopped = state.shutdown.clone();
     let handshake_timeout = config.header_timeout;
     tokio::pin!(stop);
     loop {
@@ -92,25 +89,32 @@ pub(crate) async fn accept_loop(
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            app: state.clone(),
+            peer,
+            router: router.clone(),
+            protocols: protocols.clone(),
+        };
         let admitted = limits.admit(peer.ip());
-        let (builder, router, tls) = (builder.clone(), router.clone(), tls.clone());
-        let watcher = stopped.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            let Some(tls) = tls else {
-                builder
-                    .serve_or_refuse(stream, false, peer, router, watcher, admitted)
-                    .await;
-                return;
+            let permit = match admitted {
+                Ok(permit) => permit,
+                Err(refusal) => return refuse(stream, refusal).await,
             };
-            match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => {
-                    builder
-                        .serve_or_refuse(stream, true, peer, router, watcher, admitted)
-                        .await
-                }
-                Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            let io = Io::Tcp(Arc::new(stream));
+            match tls {
+                None => connection.serve(io, false).await,
+                Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(io)).await {
+                    Ok(Ok(stream)) => {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        connection.serve(Io::Other(Box::new(stream)), h2).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
+            drop(permit);
         });
     }
     drop(listener);
@@ -125,98 +129,6 @@ pub(crate) async fn accept_loop(
             "connections still open after the shutdown grace period"
         );
     }
-}
-
-/// The HTTP protocols a connection may speak: HTTP/1.1 on plain TCP (an HTTP/2-capable
-/// connection state costs a few KiB more per idle connection, and browsers use HTTP/2 only
-/// over TLS), HTTP/1.1 or HTTP/2 by ALPN over TLS.
-struct Protocols {
-    stall_timeout: Duration,
-    http1: http1::Builder,
-    any: auto::Builder<TokioExecutor>,
-}
-
-impl Protocols {
-    fn new(config: &crate::Config) -> Self {
-        let max_buf = config.max_header_bytes.max(8192);
-        let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout)
-            .max_buf_size(max_buf);
-        let mut any = auto::Builder::new(TokioExecutor::new());
-        any.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_timeout)
-            .max_buf_size(max_buf);
-        any.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-        Self {
-            stall_timeout: config.stall_timeout,
-            http1,
-            any,
-        }
-    }
-
-    /// Serves an admitted connection, or answers a refused one with its error.
-    async fn serve_or_refuse<I>(
-        &self,
-        io: I,
-        tls: bool,
-        peer: SocketAddr,
-        router: Router,
-        stop: CancellationToken,
-        admitted: Result<ConnectionPermit, Error>,
-    ) where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let permit = match admitted {
-            Ok(permit) => permit,
-            Err(refusal) => return refuse(io, refusal).await,
-        };
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request)
-        });
-        let io = TokioIo::new(StallGuard::new(io, self.stall_timeout));
-        let ended = if tls {
-            let connection = self.any.serve_connection_with_upgrades(io, service);
-            let connection = std::pin::pin!(connection);
-            until_done(connection, &stop, |c| c.graceful_shutdown())
-                .await
-                .err()
-                .map(|e| e.to_string())
-        } else {
-            let connection = self.http1.serve_connection(io, service).with_upgrades();
-            let connection = std::pin::pin!(connection);
-            until_done(connection, &stop, |c| c.graceful_shutdown())
-                .await
-                .err()
-                .map(|e| e.to_string())
-        };
-        if let Some(error) = ended {
-            tracing::debug!(%error, %peer, "connection ended with an error");
-        }
-        drop(permit);
-    }
-}
-
-/// Drives a connection; once `stop` fires, asks it to finish its current request and close.
-async fn until_done<C, E>(
-    mut connection: Pin<&mut C>,
-    stop: &CancellationToken,
-    graceful_shutdown: impl FnOnce(Pin<&mut C>),
-) -> Result<(), E>
-where
-    C: Future<Output = Result<(), E>>,
-{
-    tokio::select! {
-        ended = connection.as_mut() => return ended,
-        () = stop.cancelled() => {}
-    }
-    graceful_shutdown(connection.as_mut());
-    connection.await
 }
 
 /// Answers a connection over a limit with the error as JSON, then closes it.
@@ -237,96 +149,4 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, refusal: Error) {
     );
     let _ = io.write_all(response.as_bytes()).await;
     let _ = io.shutdown().await;
-}
-
-/// Fails a connection's writes once they have made no progress for `limit`: a peer that
-/// stopped reading (or vanished without a FIN) otherwise holds its connection, its
-/// subscription and its buffers until TCP gives up, which can take many minutes.
-struct StallGuard<I> {
-    io: I,
-    limit: Duration,
-    stalled_since: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<I> StallGuard<I> {
-    fn new(io: I, limit: Duration) -> Self {
-        Self {
-            io,
-            limit,
-            stalled_since: None,
-        }
-    }
-
-    /// Turns a pending write into an error once the stall has lasted `limit`.
-    fn check<T>(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        polled: std::task::Poll<io::Result<T>>,
-    ) -> std::task::Poll<io::Result<T>> {
-        use std::{future::Future as _, task::Poll};
-        if polled.is_ready() {
-            self.stalled_since = None;
-            return polled;
-        }
-        let limit = self.limit;
-        let deadline = self
-            .stalled_since
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "peer stopped reading",
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for StallGuard<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for StallGuard<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.check(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.check(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.check(cx, polled)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }

@@ -3,31 +3,132 @@
 //!
 //! Hot-path figures (publishes, deliveries, bytes, requests, subscribers) already live in the
 //! hub's relaxed atomics for `/stats`; they are copied into the recorder when scraped, so a
-//! delivery pays nothing extra. Events that are rare or per write (rejections, slow
-//! consumers, stream opens and closes, the delivery lag of each write) are recorded where
-//! they happen.
+//! delivery pays nothing extra. Events that are rare (rejections, slow consumers, stream opens
+//! and closes) are recorded where they happen. The delivery lag histogram is pushhub's own:
+//! a fan-out writer counts the lags of a whole walk in a local [`LagTally`] and adds it to
+//! the shared buckets once, so a delivery costs an array increment, not an atomic operation.
 
-use std::sync::OnceLock;
+use std::{
+    fmt::Write as _,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::{AppState, hub::Transport, message::now_millis};
 
-/// Buckets of the delivery lag histogram, seconds.
-const LAG_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+/// Upper bounds of the delivery lag histogram's buckets, milliseconds, and as Prometheus
+/// prints them (seconds).
+const LAG_BUCKETS: [(u64, &str); 13] = [
+    (1, "0.001"),
+    (2, "0.002"),
+    (5, "0.005"),
+    (10, "0.01"),
+    (25, "0.025"),
+    (50, "0.05"),
+    (100, "0.1"),
+    (250, "0.25"),
+    (500, "0.5"),
+    (1000, "1"),
+    (2500, "2.5"),
+    (5000, "5"),
+    (10_000, "10"),
 ];
+/// Buckets plus the one past the last bound (`+Inf`).
+const LAG_SLOTS: usize = LAG_BUCKETS.len() + 1;
+
+/// The delivery lag histogram: per transport, a count per bucket and the sum of lags.
+struct LagHistogram {
+    buckets: [[AtomicU64; LAG_SLOTS]; 4],
+    sum_ms: [AtomicU64; 4],
+}
+
+static LAG: LagHistogram = LagHistogram {
+    buckets: [const { [const { AtomicU64::new(0) }; LAG_SLOTS] }; 4],
+    sum_ms: [const { AtomicU64::new(0) }; 4],
+};
+
+fn lag_slot(lag_ms: u64) -> usize {
+    LAG_BUCKETS
+        .iter()
+        .position(|&(bound, _)| lag_ms <= bound)
+        .unwrap_or(LAG_BUCKETS.len())
+}
+
+/// Delivery lags counted locally, added to the shared histogram by [`LagTally::flush`].
+#[derive(Default)]
+pub(crate) struct LagTally {
+    counts: [[u64; LAG_SLOTS]; 4],
+    sum_ms: [u64; 4],
+    any: bool,
+}
+
+impl LagTally {
+    /// One write to a subscriber of `transport`, whose oldest message is `lag_ms` old.
+    pub(crate) fn record(&mut self, transport: Transport, lag_ms: u64) {
+        let index = transport as usize;
+        self.counts[index][lag_slot(lag_ms)] += 1;
+        self.sum_ms[index] += lag_ms;
+        self.any = true;
+    }
+
+    /// Adds what was counted to the shared histogram, and starts again from zero.
+    pub(crate) fn flush(&mut self) {
+        if !self.any {
+            return;
+        }
+        for (index, counts) in self.counts.iter().enumerate() {
+            for (slot, &count) in counts.iter().enumerate() {
+                if count > 0 {
+                    LAG.buckets[index][slot].fetch_add(count, Ordering::Relaxed);
+                }
+            }
+            if self.sum_ms[index] > 0 {
+                LAG.sum_ms[index].fetch_add(self.sum_ms[index], Ordering::Relaxed);
+            }
+        }
+        *self = Self::default();
+    }
+}
+
+fn render_lag(out: &mut String) {
+    out.push_str("# HELP pushhub_delivery_lag_seconds Time from publish to the write that delivered a message.\n");
+    out.push_str("# TYPE pushhub_delivery_lag_seconds histogram\n");
+    for transport in Transport::ALL {
+        let index = transport as usize;
+        let name = label(transport);
+        let mut cumulative = 0;
+        for (slot, (_, bound)) in LAG_BUCKETS.iter().enumerate() {
+            cumulative += LAG.buckets[index][slot].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "pushhub_delivery_lag_seconds_bucket{{transport=\"{name}\",le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += LAG.buckets[index][LAG_BUCKETS.len()].load(Ordering::Relaxed);
+        let sum = LAG.sum_ms[index].load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "pushhub_delivery_lag_seconds_bucket{{transport=\"{name}\",le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "pushhub_delivery_lag_seconds_sum{{transport=\"{name}\"}} {sum}"
+        );
+        let _ = writeln!(
+            out,
+            "pushhub_delivery_lag_seconds_count{{transport=\"{name}\"}} {cumulative}"
+        );
+    }
+}
 
 fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full("pushhub_delivery_lag_seconds".into()),
-                LAG_BUCKETS,
-            )
-            .expect("non-empty buckets");
-        let recorder = builder.build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         // Only one recorder per process: if the embedding program installed its own, the
         // events go there and this handle renders the scrape-time figures only.
@@ -41,18 +142,6 @@ pub fn install() {
     handle();
 }
 
-/// Folds recorded histogram samples into their buckets every second until `stop`: the
-/// exporter keeps raw samples until then, which without scrapes would grow with every write.
-pub async fn run_upkeep(stop: tokio_util::sync::CancellationToken) {
-    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => handle().run_upkeep(),
-            () = stop.cancelled() => return,
-        }
-    }
-}
-
 fn label(transport: Transport) -> &'static str {
     match transport {
         Transport::Poll => "poll",
@@ -61,13 +150,6 @@ fn label(transport: Transport) -> &'static str {
         Transport::Ws => "ws",
     }
 }
-
-const TRANSPORTS: [Transport; 4] = [
-    Transport::Poll,
-    Transport::Longpoll,
-    Transport::Sse,
-    Transport::Ws,
-];
 
 /// The scrape: the hub's counters copied in, then everything rendered.
 pub fn render(app: &AppState) -> String {
@@ -81,7 +163,7 @@ pub fn render(app: &AppState) -> String {
         Transport::Sse => counts.sse,
         Transport::Ws => counts.ws,
     };
-    for transport in TRANSPORTS {
+    for transport in Transport::ALL {
         let name = label(transport);
         let subscribers = match transport {
             Transport::Poll => stats.subscribers.poll,
@@ -97,9 +179,9 @@ pub fn render(app: &AppState) -> String {
         metrics::counter!("pushhub_requests_total", "transport" => name)
             .absolute(by_transport(transport, &stats.requests));
     }
-    let handle = handle();
-    handle.run_upkeep();
-    handle.render()
+    let mut text = handle().render();
+    render_lag(&mut text);
+    text
 }
 
 /// A request, frame or connection refused, by error code (`unauthorized`, `rate_limited`...).
@@ -119,16 +201,26 @@ pub(crate) fn slow_consumer(action: &'static str) {
     metrics::counter!("pushhub_slow_consumers_total", "action" => action).increment(1);
 }
 
-/// One write to a subscriber, whose oldest message was published at `published_ms`.
-///
-/// The histogram handles are looked up once: building a labelled key per write cost more
-/// than the write's own user-space work.
+/// One write to a subscriber, whose oldest message was published at `published_ms` (polls;
+/// the fan-out counts its writes in a [`LagTally`]).
 pub(crate) fn delivery_lag(transport: Transport, published_ms: u64) {
-    static LAG: OnceLock<[metrics::Histogram; 4]> = OnceLock::new();
-    let lag = LAG.get_or_init(|| {
-        TRANSPORTS
-            .map(|t| metrics::histogram!("pushhub_delivery_lag_seconds", "transport" => label(t)))
-    });
-    let seconds = now_millis().saturating_sub(published_ms) as f64 / 1000.0;
-    lag[transport as usize].record(seconds);
+    let lag_ms = now_millis().saturating_sub(published_ms);
+    let index = transport as usize;
+    LAG.buckets[index][lag_slot(lag_ms)].fetch_add(1, Ordering::Relaxed);
+    LAG.sum_ms[index].fetch_add(lag_ms, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lags_fall_in_the_first_bucket_that_holds_them() {
+        assert_eq!(lag_slot(0), 0);
+        assert_eq!(lag_slot(1), 0);
+        assert_eq!(lag_slot(2), 1);
+        assert_eq!(lag_slot(3), 2);
+        assert_eq!(lag_slot(10_000), 12);
+        assert_eq!(lag_slot(10_001), 13);
+    }
 }

@@ -3,11 +3,16 @@
 //! The hub knows nothing of HTTP. Transports call [`Hub::publish`], [`Hub::poll`],
 //! [`Hub::wait`] (long polling) and [`Hub::subscribe`] (streams), and turn what they get
 //! into their wire format; the cursor rules live here once, for all of them.
+//!
+//! A streaming connection is an [`Outlet`]: the fan-out ([`fanout`]) writes each new message
+//! straight to it, and its own task only works when a write would block or a topic must be
+//! read back from its log ([`Outlet::poll_action`]).
 
 mod cursor;
+mod fanout;
+mod outlet;
 mod presence;
 mod stats;
-mod subscription;
 
 use std::{
     collections::HashMap,
@@ -17,13 +22,14 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use cursor::{Batch, Signal};
+pub use fanout::{FanoutSettings, default_shards};
+pub use outlet::{Action, CatchUp, End, Format, Outlet, OutletGuard, SubId};
 pub use presence::{Subscribers, Transport};
 pub use stats::{HubStats, TransportCounts};
-pub use subscription::{Delivery, Subscription};
 
 use crate::{
     config::Config,
@@ -31,6 +37,7 @@ use crate::{
     message::{EventName, Message, MessageId, Payload, TopicName, now_millis},
     store::{Store, TopicLog},
 };
+use fanout::{Fanout, Follower, TopicLive, Waiter};
 use presence::Presence;
 use stats::Counters;
 
@@ -43,15 +50,29 @@ type Shard = Mutex<HashMap<TopicName, Arc<Topic>>>;
 /// The hub's tunables, taken from [`Config`].
 #[derive(Clone, Debug)]
 pub struct HubSettings {
-    /// Capacity of each topic's live channel: how far a subscriber may lag before it reads
-    /// from history instead.
+    /// How many messages may wait for one streaming connection's socket before it stops being
+    /// fed live and reads its backlog from history instead.
     pub subscriber_queue: usize,
     /// Messages read from history per catch-up step.
     pub catch_up_batch: usize,
     /// How long a poller counts as subscribed after its last request.
     pub poller_window: Duration,
-    /// End a subscription that falls `subscriber_queue` behind instead of resyncing it.
+    /// End a streaming connection that falls `subscriber_queue` behind instead of resyncing it.
     pub disconnect_slow: bool,
+    /// Writers, write delay, heartbeats and pings.
+    pub fanout: FanoutSettings,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        Self {
+            subscriber_queue: 256,
+            catch_up_batch: 256,
+            poller_window: Duration::from_secs(30),
+            disconnect_slow: false,
+            fanout: FanoutSettings::default(),
+        }
+    }
 }
 
 impl From<&Config> for HubSettings {
@@ -61,6 +82,13 @@ impl From<&Config> for HubSettings {
             catch_up_batch: usize::try_from(config.catch_up_batch).unwrap_or(usize::MAX),
             poller_window: config.poller_window,
             disconnect_slow: config.slow_consumer == crate::config::SlowConsumerPolicy::Disconnect,
+            fanout: FanoutSettings {
+                shards: default_shards(),
+                write_delay: config.write_delay,
+                heartbeat: config.heartbeat,
+                ping_interval: config.ws_ping_interval,
+                pong_timeout: config.ws_pong_timeout,
+            },
         }
     }
 }
@@ -84,45 +112,34 @@ pub struct Hub {
     hasher: RandomState,
     store: Arc<dyn Store>,
     settings: HubSettings,
-    counters: Counters,
+    counters: Arc<Counters>,
+    fanout: Arc<Fanout>,
 }
 
-/// One active topic: its log and its live subscribers.
-pub(crate) struct Topic {
+/// One active topic: its log and its live followers.
+pub struct Topic {
     name: TopicName,
     log: Arc<dyn TopicLog>,
-    /// Live fan-out, created with the first subscriber so that publish-only topics cost no
-    /// ring. A broadcast channel is a bounded ring shared by all receivers: a publisher never
-    /// waits, and a receiver that falls a full ring behind gets `Lagged` and catches up from
-    /// the log.
-    live: tokio::sync::OnceCell<broadcast::Sender<Arc<Message>>>,
+    /// Who follows the topic on this node; the log delivers every append here, in id order.
+    live: Arc<TopicLive>,
     presence: Presence,
+    /// Set once the log follows the topic (a shared log subscribes to it, once).
+    followed: tokio::sync::OnceCell<()>,
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topic")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Topic {
-    /// A receiver of the topic's live messages. The first one also asks the log to follow
-    /// the topic (a shared log delivers every node's messages into the channel).
-    async fn receiver(&self, capacity: usize) -> broadcast::Receiver<Arc<Message>> {
-        self.live
-            .get_or_init(|| async {
-                let live = broadcast::channel(capacity).0;
-                self.log.follow(&live).await;
-                live
-            })
-            .await
-            .subscribe()
-    }
-
-    /// Hands a message this process appended to its live subscribers, unless the log
-    /// delivers it itself.
-    fn fan_out(&self, message: &Arc<Message>) {
-        if self.log.fans_out_itself() {
-            return;
-        }
-        if let Some(live) = self.live.get() {
-            // An error only means nobody listens right now.
-            let _ = live.send(message.clone());
-        }
+    /// Asks the log to follow the topic before the first reader or follower relies on it: a
+    /// log shared by several nodes starts delivering every node's messages here.
+    async fn follow(&self) {
+        self.followed.get_or_init(|| self.log.follow()).await;
     }
 
     /// Reads the messages after `after`, applying the cursor rules (reset, truncation);
@@ -143,15 +160,30 @@ impl Topic {
     }
 }
 
+/// Removes a parked long poll from its topic's followers, however the wait ends.
+struct Parked<'a> {
+    live: &'a TopicLive,
+    shard: usize,
+    slot: usize,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.live.remove(self.shard, self.slot);
+    }
+}
+
 impl Hub {
     /// A hub over `store`.
     pub fn new(store: Arc<dyn Store>, settings: HubSettings) -> Arc<Self> {
+        let counters = Arc::new(Counters::default());
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             store,
+            fanout: Fanout::new(settings.fanout.clone(), counters.clone()),
             settings,
-            counters: Counters::default(),
+            counters,
         })
     }
 
@@ -167,17 +199,19 @@ impl Hub {
         if let Some(topic) = shard.get(name) {
             return topic.clone();
         }
+        let live = TopicLive::new(&self.fanout);
         let topic = Arc::new(Topic {
             name: name.clone(),
-            log: self.store.open(name),
-            live: tokio::sync::OnceCell::new(),
+            log: self.store.open(name, live.clone()),
+            live,
             presence: Presence::default(),
+            followed: tokio::sync::OnceCell::new(),
         });
         shard.insert(name.clone(), topic.clone());
         topic
     }
 
-    /// Appends a message and hands it to every live subscriber. Returns once the store has
+    /// Appends a message; the topic's log hands it to the fan-out. Returns once the store has
     /// accepted it.
     pub async fn publish(
         &self,
@@ -187,7 +221,6 @@ impl Hub {
     ) -> Result<Arc<Message>, Error> {
         let topic = self.topic(topic);
         let message = topic.log.append(event, data, now_millis()).await?;
-        topic.fan_out(&message);
         self.counters
             .publishes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -207,11 +240,9 @@ impl Hub {
         topic
             .presence
             .touch(Transport::Poll, client, self.settings.poller_window);
-        if topic.log.fans_out_itself() {
-            // A shared log answers reads near the head from what its subscription received;
-            // a polled topic is followed like a streamed one.
-            drop(topic.receiver(self.settings.subscriber_queue).await);
-        }
+        // A shared log answers reads near the head from what its subscription received; a
+        // polled topic is followed like a streamed one.
+        topic.follow().await;
         match after {
             Some(after) => topic.read_batch(after, limit, true).await,
             None => Ok(Batch {
@@ -223,8 +254,8 @@ impl Hub {
 
     /// A long poll: like [`Hub::poll`], but when nothing newer than the cursor exists, waits
     /// until a message arrives, `timeout` passes or `shutdown` fires, then answers. Without a
-    /// cursor it waits for the next message. A parked call holds one broadcast receiver and
-    /// a timer: no CPU while it waits.
+    /// cursor it waits for the next message. A parked call is one entry in the topic's
+    /// follower list and a timer: no CPU while it waits.
     pub async fn wait(
         &self,
         topic: &TopicName,
@@ -237,9 +268,7 @@ impl Hub {
         let window = self.settings.poller_window;
         let topic = self.topic(topic);
         topic.presence.touch(Transport::Longpoll, client, window);
-        // Subscribe before reading, so a message published between the read and the wait
-        // is in the receiver: nothing falls between history and live.
-        let mut live = topic.receiver(self.settings.subscriber_queue).await;
+        topic.follow().await;
         let (after, from_client) = match after {
             Some(after) => (after, true),
             None => (topic.log.head().await?.last_id, false),
@@ -248,21 +277,26 @@ impl Hub {
         if !batch.is_empty() {
             return Ok(batch);
         }
-        let parked = topic.presence.stream(Transport::Longpoll);
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let woken = loop {
-            tokio::select! {
-                received = live.recv() => match received {
-                    Ok(message) if message.id <= after => continue,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break true,
-                    Err(broadcast::error::RecvError::Closed) => break false,
-                },
-                () = &mut deadline => break false,
-                () = shutdown.cancelled() => break false,
-            }
+        // Park: follow the topic, then read once more, so that a message published between
+        // the first read and now is not missed.
+        let waiter = Waiter::new(after);
+        let shard = self.fanout.pick_shard();
+        let _parked = Parked {
+            live: &topic.live,
+            shard,
+            slot: topic.live.add(shard, Follower::Waiter(waiter.clone())),
         };
-        drop(parked);
+        let batch = topic.read_batch(after, limit, from_client).await?;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+        let gauge = topic.presence.stream(Transport::Longpoll);
+        let woken = tokio::select! {
+            () = waiter.news() => true,
+            () = tokio::time::sleep(timeout) => false,
+            () = shutdown.cancelled() => false,
+        };
+        drop(gauge);
         topic.presence.touch(Transport::Longpoll, client, window);
         if woken {
             topic.read_batch(after, limit, from_client).await
@@ -271,30 +305,66 @@ impl Hub {
         }
     }
 
-    /// Follows a topic from `after` (from now when `None`): history first, then live, with
-    /// no gap and no repeat. `transport` is what the subscriber is counted as.
+    /// A new streaming connection, writing to `socket` directly when it is given (plain TCP),
+    /// else through its task. Detached from every topic when the guard drops.
+    pub fn outlet(
+        &self,
+        socket: Option<Arc<TcpStream>>,
+        format: Format,
+        transport: Transport,
+    ) -> OutletGuard {
+        OutletGuard(Outlet::new(
+            &self.fanout,
+            socket,
+            format,
+            transport,
+            &self.settings,
+        ))
+    }
+
+    /// Makes `outlet` follow a topic from `after` (from now when `None`): history first, then
+    /// live, with no gap and no repeat. The connection's task does the history part when
+    /// [`Outlet::poll_action`] asks.
     pub async fn subscribe(
         &self,
         topic: &TopicName,
         after: Option<MessageId>,
-        transport: Transport,
-    ) -> Result<Subscription, Error> {
+        outlet: &Arc<Outlet>,
+    ) -> Result<SubId, Error> {
         let topic = self.topic(topic);
-        let live = topic.receiver(self.settings.subscriber_queue).await;
-        let (cursor, from_client) = match after {
-            Some(after) => (after, true),
-            None => (topic.log.head().await?.last_id, false),
+        topic.follow().await;
+        let gauge = topic.presence.stream(outlet.transport());
+        let sub = outlet.add_sub(topic.clone(), gauge);
+        // Follow before reading the cursor: whatever is appended from here on is offered to
+        // the sub (and, while it catches up, noted), so nothing falls between.
+        let slot = topic.live.add(
+            outlet.shard,
+            Follower::Stream {
+                outlet: outlet.clone(),
+                sub: sub.index(),
+            },
+        );
+        let start = match after {
+            Some(after) => Ok((after, true)),
+            None => topic.log.head().await.map(|head| (head.last_id, false)),
         };
-        let gauge = topic.presence.stream(transport);
-        Ok(Subscription::new(
-            topic,
-            live,
-            cursor,
-            from_client,
-            self.settings.catch_up_batch,
-            self.settings.disconnect_slow,
-            gauge,
-        ))
+        let placed = match &start {
+            Ok((cursor, from_client)) => outlet.place_sub(sub, slot, *cursor, *from_client),
+            Err(_) => false,
+        };
+        if !placed {
+            topic.live.remove(outlet.shard, slot);
+            outlet.unsubscribe(sub);
+        }
+        start?;
+        Ok(sub)
+    }
+
+    /// The topic's newest id now: where a reader that starts "from now" begins.
+    pub async fn last_id(&self, topic: &TopicName) -> Result<MessageId, Error> {
+        let topic = self.topic(topic);
+        topic.follow().await;
+        Ok(topic.log.head().await?.last_id)
     }
 
     /// The topic's ends and subscriber counts.
@@ -317,6 +387,22 @@ impl Hub {
     /// Counts one poll request or one stream connection over `transport`.
     pub fn record_request(&self, transport: Transport) {
         self.counters.request(transport);
+    }
+
+    /// The server is stopping: heartbeats and pings stop.
+    pub fn stop_timers(&self) {
+        self.fanout.stop_timers();
+    }
+
+    /// Every publish admitted before the stop is appended: each streaming connection writes
+    /// what it has not been sent yet, then ends ([`End::Drained`]).
+    pub fn drain(&self) {
+        self.fanout.drain();
+    }
+
+    /// Streaming connections open on this node.
+    pub fn streams(&self) -> usize {
+        self.fanout.streams()
     }
 
     /// Counters and subscriber totals over every topic.
@@ -349,9 +435,10 @@ impl Hub {
     /// Drops every topic nobody uses and whose log has nothing left to give; returns how many
     /// were dropped.
     ///
-    /// Every user of a topic holds a clone of its `Arc`, and clones are only made under the
-    /// shard lock held here, so a strong count of 1 proves nobody is publishing, reading or
-    /// subscribing, and nobody can start to until the lock is released.
+    /// Every user of a topic holds a clone of its `Arc` (a follower through its outlet's sub),
+    /// and clones are only made under the shard lock held here, so a strong count of 1 proves
+    /// nobody is publishing, reading or subscribing, and nobody can start to until the lock is
+    /// released.
     pub fn sweep(&self) -> usize {
         let now = now_millis();
         let window = self.settings.poller_window;
@@ -360,6 +447,7 @@ impl Hub {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             shard.retain(|_, topic| {
                 let idle = Arc::strong_count(topic) == 1
+                    && topic.live.len() == 0
                     && topic.presence.is_idle(window)
                     && topic.log.release_if_idle(now);
                 dropped += usize::from(idle);
@@ -389,6 +477,8 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
     use super::*;
     use crate::store::{MemoryStore, Retention};
 
@@ -402,8 +492,7 @@ mod tests {
             HubSettings {
                 subscriber_queue: queue,
                 catch_up_batch: 3,
-                poller_window: Duration::from_secs(30),
-                disconnect_slow: false,
+                ..HubSettings::default()
             },
         )
     }
@@ -421,18 +510,28 @@ mod tests {
         }
     }
 
-    async fn drain(subscription: &mut Subscription, count: usize) -> Vec<String> {
+    /// Drives an outlet the way a connection's task does, and returns what it was sent: the
+    /// id of each message, the event name of each signal.
+    async fn take(outlet: &Outlet, count: usize) -> Vec<String> {
         let mut seen = Vec::new();
         while seen.len() < count {
-            let next = tokio::time::timeout(Duration::from_secs(5), subscription.next())
-                .await
-                .expect("delivery")
-                .unwrap()
-                .unwrap();
-            seen.push(match next {
-                Delivery::Message(m) => m.id.to_string(),
-                Delivery::Signal(s) => s.event_name().to_string(),
-            });
+            let action =
+                tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| outlet.poll_action(cx)))
+                    .await
+                    .expect("an action");
+            match action {
+                Action::Write(frames) => {
+                    for frame in frames {
+                        let text = std::str::from_utf8(&frame).unwrap();
+                        let mut lines = text.lines();
+                        let id = lines.next().unwrap().strip_prefix("id: ").unwrap();
+                        let event = lines.next().unwrap().strip_prefix("event: ").unwrap();
+                        seen.push(if event == "message" { id } else { event }.to_owned());
+                    }
+                }
+                Action::CatchUp(catch_up) => outlet.catch_up(catch_up).await.unwrap(),
+                Action::End(end) => panic!("ended: {end:?}"),
+            }
         }
         seen
     }
@@ -440,63 +539,70 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_fan_out_is_delivered_in_id_order() {
         let hub = hub(100, 16);
-        let mut subscription = hub
-            .subscribe(&name(), Some(0), Transport::Ws)
-            .await
-            .unwrap();
-        let data = Payload::from_text("x");
-        hub.publish(&name(), EventName::default_event(), &data)
-            .await
-            .unwrap();
-        // The subscriber is now past its initial history read, on the live path.
-        assert_eq!(drain(&mut subscription, 1).await, ["1"]);
-        let topic = hub.topic(&name());
-        let second = topic
-            .log
-            .append(EventName::default_event(), &data, 0)
-            .await
-            .unwrap();
-        let third = topic
-            .log
-            .append(EventName::default_event(), &data, 0)
-            .await
-            .unwrap();
-        // The later publisher fans out first: a gap the subscriber must fill from the log.
-        topic.fan_out(&third);
-        topic.fan_out(&second);
-        assert_eq!(drain(&mut subscription, 2).await, ["2", "3"]);
+        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         publish(&hub, 1).await;
-        assert_eq!(drain(&mut subscription, 1).await, ["4"]);
+        // The subscriber is now past its initial history read, on the live path.
+        assert_eq!(take(&outlet, 1).await, ["1"]);
+        publish(&hub, 2).await;
+        // Before the writer runs (this runtime has one thread), message 3 is offered first:
+        // a gap the subscriber must fill from the log.
+        let topic = hub.topic(&name());
+        let third = topic.log.read(2, 1).await.unwrap().messages;
+        assert_eq!(third[0].id, 3);
+        let mut frames = Vec::new();
+        let mut tally = fanout::Tally::default();
+        outlet.deliver(sub.index(), &topic.live, &third, &mut frames, &mut tally);
+        assert_eq!(take(&outlet, 2).await, ["2", "3"]);
+        publish(&hub, 1).await;
+        assert_eq!(take(&outlet, 1).await, ["4"], "2 and 3 are not repeated");
     }
 
     #[tokio::test]
     async fn a_lagging_subscriber_catches_up_from_history() {
         let hub = hub(100, 4);
-        let mut subscription = hub.subscribe(&name(), None, Transport::Ws).await.unwrap();
+        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 50).await;
+        tokio::task::yield_now().await;
         let expected: Vec<String> = (1..=50).map(|i: u64| i.to_string()).collect();
-        assert_eq!(drain(&mut subscription, 50).await, expected);
+        assert_eq!(take(&outlet, 50).await, expected);
     }
 
     #[tokio::test]
     async fn a_subscriber_behind_history_gets_truncated_once() {
         let hub = hub(5, 2);
-        let mut subscription = hub.subscribe(&name(), None, Transport::Sse).await.unwrap();
+        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 20).await;
         assert_eq!(
-            drain(&mut subscription, 6).await,
+            take(&outlet, 6).await,
             ["truncated", "16", "17", "18", "19", "20"]
         );
         publish(&hub, 1).await;
-        assert_eq!(drain(&mut subscription, 1).await, ["21"]);
+        assert_eq!(take(&outlet, 1).await, ["21"]);
+    }
+
+    #[tokio::test]
+    async fn the_drain_delivers_what_was_published_then_ends() {
+        let hub = hub(100, 4);
+        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
+        publish(&hub, 10).await;
+        hub.drain();
+        let expected: Vec<String> = (1..=10).map(|i: u64| i.to_string()).collect();
+        assert_eq!(take(&outlet, 10).await, expected);
+        let end = poll_fn(|cx| outlet.poll_action(cx)).await;
+        assert!(matches!(end, Action::End(End::Drained)), "{end:?}");
     }
 
     #[tokio::test]
     async fn sweep_keeps_topics_in_use() {
         let hub = hub(5, 2);
-        let subscription = hub.subscribe(&name(), None, Transport::Ws).await.unwrap();
+        let outlet = hub.outlet(None, Format::Ws, Transport::Ws);
+        hub.subscribe(&name(), None, &outlet).await.unwrap();
         assert_eq!(hub.sweep(), 0, "a subscribed topic is kept");
-        drop(subscription);
+        drop(outlet);
         assert_eq!(hub.sweep(), 1);
         publish(&hub, 1).await;
         assert_eq!(hub.sweep(), 0, "a topic with retained history is kept");

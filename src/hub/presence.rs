@@ -29,6 +29,16 @@ pub enum Transport {
     Ws,
 }
 
+impl Transport {
+    /// Every transport, in the order of their indices.
+    pub const ALL: [Transport; 4] = [
+        Transport::Poll,
+        Transport::Longpoll,
+        Transport::Sse,
+        Transport::Ws,
+    ];
+}
+
 /// Subscriber counts of one topic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Subscribers {

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::oneshot;
 
-use super::{LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
+use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
 /// Publishes written with one journal write and one `fdatasync`, at most.
@@ -72,6 +72,8 @@ struct Append {
     event: EventName,
     data: Payload,
     time: u64,
+    /// The topic's live sink: the writer hands the message on after the commit, in id order.
+    live: Arc<dyn Live>,
     done: oneshot::Sender<Result<Arc<Message>, StoreError>>,
 }
 
@@ -185,10 +187,11 @@ impl DiskStore {
 }
 
 impl Store for DiskStore {
-    fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog> {
+    fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog> {
         Arc::new(DiskLog {
             topic: topic.clone(),
             shared: self.shared.clone(),
+            live,
         })
     }
 }
@@ -196,6 +199,7 @@ impl Store for DiskStore {
 struct DiskLog {
     topic: TopicName,
     shared: Arc<Shared>,
+    live: Arc<dyn Live>,
 }
 
 #[async_trait]
@@ -215,6 +219,7 @@ impl TopicLog for DiskLog {
                 event,
                 data: data.clone(),
                 time,
+                live: self.live.clone(),
                 done,
             })
             .map_err(|_| gone())?;
@@ -327,7 +332,7 @@ impl Writer {
                 append.time,
                 &append.data,
             );
-            written.push((Arc::new(message), record, append.done));
+            written.push((Arc::new(message), record, append.live, append.done));
         }
         let max = self.retention.max_messages.max(1) as u64;
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
@@ -343,7 +348,7 @@ impl Writer {
                 batch.remove(&self.messages, message_key(topic, id));
             }
         }
-        for (message, record, _) in &written {
+        for (message, record, _, _) in &written {
             let (_, head) = &heads[&message.topic];
             if message.id >= head.first_retained {
                 batch.insert(
@@ -361,9 +366,13 @@ impl Writer {
             self.topics
                 .extend(heads.into_iter().map(|(topic, (_, head))| (topic, head)));
         }
-        for (message, _, done) in written {
+        for (message, _, live, done) in written {
             let answer = match &outcome {
-                Ok(()) => Ok(message),
+                Ok(()) => {
+                    // Here, in the writer, the messages of a topic are in id order.
+                    live.deliver(&message);
+                    Ok(message)
+                }
                 Err(error) => Err(StoreError::Internal(error.to_string())),
             };
             // A publisher that went away no longer needs the answer; the message is stored.
@@ -453,7 +462,10 @@ mod tests {
     async fn history_and_counters_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 3, None);
-        let (a, ab) = (store.open(&topic("a")), store.open(&topic("ab")));
+        let (a, ab) = (
+            store.open(&topic("a"), super::super::nowhere()),
+            store.open(&topic("ab"), super::super::nowhere()),
+        );
         let data = Payload::from_json(r#"{"n":1}"#).unwrap();
         let appends = (0..5).map(|_| a.append(EventName::default_event(), &data, 1));
         let assigned: Vec<_> = futures::future::join_all(appends)
@@ -486,7 +498,7 @@ mod tests {
         drop(store);
 
         let store = open(dir.path(), 3, None);
-        let a = store.open(&topic("a"));
+        let a = store.open(&topic("a"), super::super::nowhere());
         assert_eq!(ids(&a, 0).await, [3, 4, 5]);
         let head = a.head().await.unwrap();
         assert_eq!((head.last_id, head.oldest_id()), (5, Some(3)));
@@ -503,7 +515,7 @@ mod tests {
     async fn age_retention_empties_a_topic_but_keeps_its_counter() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 100, Some(Duration::from_secs(60)));
-        let log = store.open(&topic("t"));
+        let log = store.open(&topic("t"), super::super::nowhere());
         let data = Payload::from_text("x");
         let now = crate::message::now_millis();
         for time in [now - 120_000, now - 90_000, now] {
@@ -525,7 +537,7 @@ mod tests {
     async fn a_lower_count_limit_after_a_restart_trims_the_backlog() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 100, None);
-        let log = store.open(&topic("t"));
+        let log = store.open(&topic("t"), super::super::nowhere());
         let data = Payload::from_text("x");
         for _ in 0..10 {
             log.append(EventName::default_event(), &data, 1)
@@ -535,7 +547,7 @@ mod tests {
         drop(log);
         drop(store);
         let store = open(dir.path(), 4, None);
-        let log = store.open(&topic("t"));
+        let log = store.open(&topic("t"), super::super::nowhere());
         tokio::time::sleep(EXPIRE_INTERVAL + Duration::from_millis(500)).await;
         assert_eq!(ids(&log, 0).await, [7, 8, 9, 10]);
     }

@@ -7,7 +7,7 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::{LogHead, LogRead, Retention, Store, StoreError, TopicLog};
+use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog};
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
 /// Keeps history in process memory. Ids restart at 1 when the process restarts or when an
@@ -25,9 +25,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog> {
+    fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog> {
         Arc::new(MemoryLog {
             topic: topic.clone(),
+            live,
             retention: self.retention,
             state: Mutex::new(LogState::default()),
         })
@@ -36,6 +37,7 @@ impl Store for MemoryStore {
 
 struct MemoryLog {
     topic: TopicName,
+    live: Arc<dyn Live>,
     retention: Retention,
     // A std mutex: every critical section is a few pointer moves and is never held across
     // an `.await`, so an async mutex would only add overhead.
@@ -92,6 +94,8 @@ impl TopicLog for MemoryLog {
         state.last_id = id;
         state.messages.push_back(message.clone());
         state.expire(&self.retention, time);
+        // Under the lock, so that concurrent publishers hand their messages on in id order.
+        self.live.deliver(&message);
         Ok(message)
     }
 
@@ -128,7 +132,7 @@ mod tests {
             max_messages,
             max_age,
         })
-        .open(&TopicName::parse("t").unwrap())
+        .open(&TopicName::parse("t").unwrap(), super::super::nowhere())
     }
 
     async fn append(log: &Arc<dyn TopicLog>, time: u64) -> MessageId {

@@ -1,7 +1,8 @@
 //! Where messages live: the [`Store`] boundary, and the in-memory store.
 //!
-//! The hub asks a store for one [`TopicLog`] per active topic. A log assigns ids and keeps the
-//! retained history; the hub keeps everything live (subscribers, fan-out) and never looks
+//! The hub asks a store for one [`TopicLog`] per active topic. A log assigns ids, keeps the
+//! retained history, and hands every message it appends to the topic's [`Live`] sink (the
+//! hub's fan-out); the hub keeps everything live (subscribers, fan-out) and never looks
 //! inside a log. This split is what lets a durable log or a log shared by many nodes
 //! (where ids are assigned by the shared system) replace the in-memory one without touching the
 //! hub or any transport.
@@ -11,7 +12,10 @@
 //!   increasing; a subscriber that sees a gap knows it missed messages and reads them back;
 //! - a message returned by [`TopicLog::append`] is readable by [`TopicLog::read`] until
 //!   retention removes it;
-//! - [`TopicLog::read`] returns the messages and the [`LogHead`] of one consistent moment.
+//! - [`TopicLog::read`] returns the messages and the [`LogHead`] of one consistent moment;
+//! - every message appended is handed to the topic's [`Live`] sink once, in id order, after
+//!   it is readable (a local log: its own appends; a shared log: every node's, once the topic
+//!   is followed).
 
 mod disk;
 mod memory;
@@ -22,7 +26,6 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use axum::http::StatusCode;
-use tokio::sync::broadcast;
 
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
@@ -93,11 +96,17 @@ pub struct LogRead {
     pub head: LogHead,
 }
 
+/// Where a log hands the messages of its topic, in id order: the hub's fan-out.
+pub trait Live: Send + Sync + 'static {
+    /// Takes one message. Must not block: it is called where the log orders its appends.
+    fn deliver(&self, message: &Arc<Message>);
+}
+
 /// Opens topic logs. One store serves the whole hub.
 pub trait Store: Send + Sync + 'static {
-    /// The log of `topic`, created empty if the store has none. Cheap: called when a topic
-    /// becomes active in this process.
-    fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog>;
+    /// The log of `topic`, created empty if the store has none, delivering into `live`.
+    /// Cheap: called when a topic becomes active in this process.
+    fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog>;
 }
 
 /// One topic's history and id counter.
@@ -125,17 +134,20 @@ pub trait TopicLog: Send + Sync + 'static {
     /// lock, so it must not block: a log whose state is elsewhere simply answers `true`.
     fn release_if_idle(&self, now_ms: u64) -> bool;
 
-    /// Called once, when the topic gets its first live subscriber in this process. A log
-    /// shared by several nodes starts delivering every appended message (from any node) into
-    /// `live`, and returns once that delivery is in place, so a subscriber that reads history
-    /// next misses nothing. A local log has nothing to do: the hub fans out its appends.
-    async fn follow(&self, live: &broadcast::Sender<Arc<Message>>) {
-        let _ = live;
-    }
+    /// Called once, before the topic's first reader or follower in this process relies on
+    /// live delivery. A log shared by several nodes starts delivering every appended message
+    /// (from any node) into its [`Live`] sink, and returns once that delivery is in place, so
+    /// a reader that reads history next misses nothing. A local log has nothing to do: it
+    /// delivers its own appends.
+    async fn follow(&self) {}
+}
 
-    /// Whether this log delivers appended messages to `live` itself (see
-    /// [`TopicLog::follow`]), so that the hub must not fan out its own appends too.
-    fn fans_out_itself(&self) -> bool {
-        false
+/// A sink that drops what it is given, for tests of a log alone.
+#[cfg(test)]
+pub(crate) fn nowhere() -> Arc<dyn Live> {
+    struct Nowhere;
+    impl Live for Nowhere {
+        fn deliver(&self, _: &Arc<Message>) {}
     }
+    Arc::new(Nowhere)
 }

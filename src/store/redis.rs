@@ -32,9 +32,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::{Client, Script, aio::ConnectionManager};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use super::{LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
+use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
 use crate::message::{EventName, Message, MessageId, Payload, TopicName, now_millis};
 
 /// Appends, trims and publishes, atomically. KEYS: seq, log. ARGV: channel, record,
@@ -256,7 +256,7 @@ enum Follow {
     /// (or at once, when Redis is down: the resubscription after reconnecting replays).
     Start {
         topic: TopicName,
-        live: broadcast::Sender<Arc<Message>>,
+        live: Arc<dyn Live>,
         tail: SharedTail,
         subscribed: oneshot::Sender<()>,
     },
@@ -299,10 +299,11 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn open(&self, topic: &TopicName) -> Arc<dyn TopicLog> {
+    fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog> {
         let capacity = self.shared.retention.max_messages.clamp(1, TAIL_CAPACITY);
         Arc::new(RedisLog {
             topic: topic.clone(),
+            live,
             shared: self.shared.clone(),
             following: AtomicBool::new(false),
             tail: Arc::new(std::sync::Mutex::new(Tail {
@@ -315,6 +316,7 @@ impl Store for RedisStore {
 
 struct RedisLog {
     topic: TopicName,
+    live: Arc<dyn Live>,
     shared: Arc<Shared>,
     following: AtomicBool,
     tail: SharedTail,
@@ -373,12 +375,12 @@ impl TopicLog for RedisLog {
         true
     }
 
-    async fn follow(&self, live: &broadcast::Sender<Arc<Message>>) {
+    async fn follow(&self) {
         let (subscribed, confirmed) = oneshot::channel();
         self.following.store(true, Ordering::Relaxed);
         let start = Follow::Start {
             topic: self.topic.clone(),
-            live: live.clone(),
+            live: self.live.clone(),
             tail: self.tail.clone(),
             subscribed,
         };
@@ -386,15 +388,11 @@ impl TopicLog for RedisLog {
             let _ = confirmed.await;
         }
     }
-
-    fn fans_out_itself(&self) -> bool {
-        true
-    }
 }
 
 /// One followed topic in the listener.
 struct Followed {
-    live: broadcast::Sender<Arc<Message>>,
+    live: Arc<dyn Live>,
     tail: SharedTail,
     /// The newest id delivered, where a replay after reconnecting starts.
     last_seen: MessageId,
@@ -404,8 +402,7 @@ impl Followed {
     fn deliver(&mut self, message: Arc<Message>) {
         self.last_seen = self.last_seen.max(message.id);
         lock(&self.tail).push(&message);
-        // An error only means nobody listens right now.
-        let _ = self.live.send(message);
+        self.live.deliver(&message);
     }
 }
 

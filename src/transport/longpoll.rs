@@ -7,7 +7,7 @@ use axum::{
 
 use super::{
     Params,
-    poll::{PollRequest, batch_response},
+    poll::{PollRequest, encode_batch, json_response},
 };
 use crate::{AppState, auth::Access, error::Error, hub::Transport};
 
@@ -17,9 +17,19 @@ pub async fn longpoll(
     State(app): State<AppState>,
     access: Access,
     Path(topic): Path<String>,
-    params: Params,
+    params: Params<'static>,
 ) -> Result<Response, Error> {
-    let request = PollRequest::parse(&topic, &params, &app.config)?;
+    Ok(json_response(answer(&app, &access, &topic, &params).await?))
+}
+
+/// The body of a long poll's answer, whichever server asked.
+pub async fn answer(
+    app: &AppState,
+    access: &Access,
+    topic: &str,
+    params: &Params<'_>,
+) -> Result<Vec<u8>, Error> {
+    let request = PollRequest::parse(topic, params, &app.config)?;
     access.check_subscribe(&request.topic)?;
     let timeout = params.timeout(&app.config)?;
     // Held for as long as the request is parked: bounds the parked long polls.
@@ -39,5 +49,5 @@ pub async fn longpoll(
             &app.shutdown,
         )
         .await?;
-    Ok(batch_response(&app, Transport::Longpoll, &batch))
+    Ok(encode_batch(app, Transport::Longpoll, &batch))
 }

@@ -1,20 +1,25 @@
 //! The four push transports, thin adapters over the [`Hub`](crate::hub::Hub).
 //!
-//! Each file turns hub answers into one wire format; what they share lives here: the query
-//! parameters (`after`, `limit`, `timeout`, `event`, `client`), parsed strictly and rejected
-//! with the same error codes everywhere.
+//! Each endpoint is written once and served two ways: on the raw socket by the gate (plain
+//! HTTP/1.1, the fast path: [`crate::gate`]) and through axum (HTTP/2, and connections hyper
+//! serves). What they share lives here: the query parameters (`after`, `limit`, `timeout`,
+//! `event`, `client`), parsed strictly and rejected with the same error codes everywhere;
+//! the request headers, whoever parsed them ([`HeaderSource`]); the connection's byte stream
+//! ([`io::Io`]); and the loop every streaming connection runs ([`stream`]).
 
+pub mod io;
 pub mod longpoll;
 pub mod poll;
 pub mod publish;
 pub mod sse;
+pub mod stream;
 pub mod ws;
 
-use std::{collections::HashMap, future::Future, net::SocketAddr, time::Duration};
+use std::{borrow::Cow, net::SocketAddr, time::Duration};
 
 use axum::{
     extract::{ConnectInfo, FromRequestParts},
-    http::request::Parts,
+    http::{HeaderMap, request::Parts},
 };
 
 use crate::{
@@ -23,45 +28,65 @@ use crate::{
     message::{EventName, MessageId, TopicName},
 };
 
-/// The raw query parameters of a request (the last value wins when one repeats), plus the
-/// peer address, read lazily by the typed getters below.
-#[derive(Debug, Default)]
-pub struct Params {
-    values: HashMap<String, String>,
+/// Request headers, whoever parsed them: hyper (`HeaderMap`) or the gate's own head parser.
+pub trait HeaderSource: Sync {
+    /// The value of the header `name` (lowercase), if present.
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+impl HeaderSource for HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
+/// The query parameters of a request (the last value wins when one repeats), plus the peer
+/// address, read lazily by the typed getters below: nothing is allocated for a parameter
+/// that is not asked for.
+#[derive(Debug, Default, Clone)]
+pub struct Params<'a> {
+    query: Cow<'a, str>,
     peer: Option<SocketAddr>,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Params {
+impl<S: Send + Sync> FromRequestParts<S> for Params<'static> {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let values = parts
-            .uri
-            .query()
-            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-            .unwrap_or_default();
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| *addr);
-        Ok(Self { values, peer })
+        Ok(Params::new(
+            Cow::Owned(parts.uri.query().unwrap_or_default().to_owned()),
+            peer,
+        ))
     }
 }
 
-impl Params {
+impl<'a> Params<'a> {
+    /// The parameters of `query` (without the `?`), from `peer`.
+    pub fn new(query: Cow<'a, str>, peer: Option<SocketAddr>) -> Self {
+        Self { query, peer }
+    }
+
     /// The peer's IP address, when known.
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
         self.peer.map(|p| p.ip())
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
-        self.values.get(name).map(String::as_str)
+    /// The last value of parameter `name`, percent-decoded.
+    pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        form_urlencoded::parse(self.query.as_bytes())
+            .filter(|(key, _)| key == name)
+            .last()
+            .map(|(_, value)| value)
     }
 
     /// `after`: a message id, as plain decimal digits.
     pub fn after(&self) -> Result<Option<MessageId>, Error> {
         self.get("after")
-            .map(|v| parse_cursor("after", v))
+            .map(|v| parse_cursor("after", &v))
             .transpose()
     }
 
@@ -70,7 +95,7 @@ impl Params {
         let Some(text) = self.get("limit") else {
             return Ok(config.poll_limit.min(config.max_poll_limit));
         };
-        let limit = parse_decimal(text)
+        let limit = parse_decimal(&text)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| Error::param("limit", "must be a whole number"))?;
         if limit == 0 || limit > config.max_poll_limit {
@@ -88,7 +113,7 @@ impl Params {
             return Ok(config.longpoll_timeout.min(config.longpoll_max_timeout));
         };
         let max = config.longpoll_max_timeout;
-        let timeout = parse_seconds(text).ok_or_else(|| {
+        let timeout = parse_seconds(&text).ok_or_else(|| {
             Error::param("timeout", "must be a number of seconds such as 25 or 0.5")
         })?;
         if timeout > max {
@@ -103,14 +128,14 @@ impl Params {
     /// `event`: an event name, `message` when absent.
     pub fn event(&self) -> Result<EventName, Error> {
         self.get("event")
-            .map_or_else(|| Ok(EventName::default_event()), EventName::parse)
+            .map_or_else(|| Ok(EventName::default_event()), |e| EventName::parse(&e))
     }
 
     /// Who is polling, for subscriber counts: the `client` parameter when given (a client
     /// library sends a random id), else the peer's IP address.
     pub fn client(&self) -> Result<String, Error> {
         match self.get("client") {
-            Some(id) => TopicName::parse(id)
+            Some(id) => TopicName::parse(&id)
                 .map(|id| id.to_string())
                 .map_err(|_| Error::param("client", "use 1-128 characters of A-Z a-z 0-9 . _ : -")),
             None => Ok(self.peer.map_or_else(String::new, |p| p.ip().to_string())),
@@ -155,52 +180,16 @@ pub fn topic(path: &str) -> Result<TopicName, Error> {
     TopicName::parse(path)
 }
 
-/// Completes at `deadline` (a token's expiry), never without one.
-pub(crate) async fn expiry(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Deliveries written to a streaming subscriber at once, before one flush.
-const WRITE_BATCH: usize = 64;
-
-/// Gathers the deliveries that are ready together into one socket write.
-///
-/// The SSE and WebSocket writers open a window when a delivery arrives and take more while
-/// it lasts: with no delay (the default) only those already waiting, with `--write-delay`
-/// also those that arrive before it ends. Each write costs a system call and, on the
-/// receiving side, a wake-up, whatever its size; gathering is what makes delivery cheaper
-/// at high rates.
-#[derive(Debug)]
-pub(crate) struct WriteWindow {
-    deadline: Option<tokio::time::Instant>,
-    taken: usize,
-}
-
-impl WriteWindow {
-    /// Opens a window for a write whose first delivery is already in hand.
-    pub(crate) fn open(delay: Duration) -> Self {
-        Self {
-            deadline: (!delay.is_zero()).then(|| tokio::time::Instant::now() + delay),
-            taken: 1,
-        }
-    }
-
-    /// The next delivery for the same write, or `None` once the window is closed or full.
-    /// `next` must be cancel-safe: it is dropped when the window ends first.
-    pub(crate) async fn next<T>(&mut self, next: impl Future<Output = Option<T>>) -> Option<T> {
-        use futures::FutureExt;
-        if self.taken >= WRITE_BATCH {
-            return None;
-        }
-        let item = match self.deadline {
-            None => next.now_or_never().flatten(),
-            Some(deadline) => tokio::time::timeout_at(deadline, next).await.ok().flatten(),
-        };
-        self.taken += usize::from(item.is_some());
-        item
+/// The `Last-Event-ID` header (the newer cursor of a reconnecting `EventSource`), else the
+/// `after` parameter.
+pub fn sse_cursor(headers: &dyn HeaderSource, params: &Params) -> Result<Option<MessageId>, Error> {
+    match headers.header("last-event-id") {
+        Some(value) => Ok(Some(parse_cursor(
+            "Last-Event-ID",
+            std::str::from_utf8(value)
+                .map_err(|_| Error::param("Last-Event-ID", "must be ASCII digits"))?,
+        )?)),
+        None => params.after(),
     }
 }
 
@@ -228,39 +217,6 @@ mod tests {
         ] {
             assert!(parse_cursor("after", bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn write_window_takes_what_is_ready_or_arrives_in_time() {
-        use tokio::time::{Instant, sleep};
-        let ready = || async { Some(1) };
-        let never = || futures::future::pending::<Option<i32>>();
-
-        let mut window = WriteWindow::open(Duration::ZERO);
-        assert_eq!(window.next(ready()).await, Some(1));
-        assert_eq!(
-            window.next(never()).await,
-            None,
-            "no delay: only what is ready"
-        );
-
-        let mut window = WriteWindow::open(Duration::from_millis(10));
-        let opened = Instant::now();
-        let late = || async {
-            sleep(Duration::from_millis(4)).await;
-            Some(2)
-        };
-        assert_eq!(window.next(late()).await, Some(2));
-        assert_eq!(window.next(late()).await, Some(2));
-        assert_eq!(window.next(late()).await, None, "arrives after the window");
-        assert_eq!(opened.elapsed(), Duration::from_millis(10));
-
-        let mut window = WriteWindow::open(Duration::from_secs(1));
-        let mut taken = 0;
-        while window.next(async { Some(()) }).await.is_some() {
-            taken += 1;
-        }
-        assert_eq!(taken, WRITE_BATCH - 1, "the first is already in hand");
     }
 
     #[test]

@@ -17,6 +17,12 @@ use crate::{
     message::{MessageId, TopicName},
 };
 
+/// The headers of a poll or long-poll answer (besides the per-request ones).
+pub const HEADERS: [(&str, &str); 2] = [
+    ("content-type", "application/json"),
+    ("cache-control", "no-store"),
+];
+
 /// What short and long polls both ask: a topic, a cursor, a page size, and who asks.
 pub struct PollRequest {
     /// The topic read.
@@ -46,9 +52,19 @@ pub async fn poll(
     State(app): State<AppState>,
     access: Access,
     Path(topic): Path<String>,
-    params: Params,
+    params: Params<'static>,
 ) -> Result<Response, Error> {
-    let request = PollRequest::parse(&topic, &params, &app.config)?;
+    Ok(json_response(answer(&app, &access, &topic, &params).await?))
+}
+
+/// The body of a short poll's answer, whichever server asked.
+pub async fn answer(
+    app: &AppState,
+    access: &Access,
+    topic: &str,
+    params: &Params<'_>,
+) -> Result<Vec<u8>, Error> {
+    let request = PollRequest::parse(topic, params, &app.config)?;
     access.check_subscribe(&request.topic)?;
     let batch = app
         .hub
@@ -59,14 +75,29 @@ pub async fn poll(
             &request.client,
         )
         .await?;
-    Ok(batch_response(&app, Transport::Poll, &batch))
+    Ok(encode_batch(app, Transport::Poll, &batch))
+}
+
+/// A poll or long-poll body as an axum response.
+pub fn json_response(body: Vec<u8>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(HEADERS[0].1)),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static(HEADERS[1].1),
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// Encodes a batch as `{"messages":[...],"last_id":M,"next_after":C,...}` and counts it.
 ///
 /// Written by hand from the envelopes encoded at publish time, so an answer to many pollers
 /// costs copies, not serializations.
-pub fn batch_response(app: &AppState, transport: Transport, batch: &Batch) -> Response {
+pub fn encode_batch(app: &AppState, transport: Transport, batch: &Batch) -> Vec<u8> {
     let size = 96
         + batch
             .messages
@@ -81,22 +112,18 @@ pub fn batch_response(app: &AppState, transport: Transport, batch: &Batch) -> Re
         }
         body.extend_from_slice(message.envelope());
     }
-    body.extend_from_slice(
-        format!(
-            "],\"last_id\":{},\"next_after\":{}",
-            batch.last_id,
-            batch.next_after()
-        )
-        .as_bytes(),
-    );
+    let mut number = itoa::Buffer::new();
+    body.extend_from_slice(b"],\"last_id\":");
+    body.extend_from_slice(number.format(batch.last_id).as_bytes());
+    body.extend_from_slice(b",\"next_after\":");
+    body.extend_from_slice(number.format(batch.next_after()).as_bytes());
     if batch.more {
         body.extend_from_slice(b",\"more\":true");
     }
     match batch.signal {
         Some(Signal::Truncated { oldest_id }) => {
-            body.extend_from_slice(
-                format!(",\"truncated\":true,\"oldest_id\":{oldest_id}").as_bytes(),
-            );
+            body.extend_from_slice(b",\"truncated\":true,\"oldest_id\":");
+            body.extend_from_slice(number.format(oldest_id).as_bytes());
         }
         Some(Signal::Reset { .. }) => body.extend_from_slice(b",\"reset\":true"),
         None => {}
@@ -108,15 +135,5 @@ pub fn batch_response(app: &AppState, transport: Transport, batch: &Batch) -> Re
     }
     app.hub
         .record_delivery(transport, batch.messages.len() as u64, body.len() as u64);
-    (
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-        ],
-        body,
-    )
-        .into_response()
+    body
 }

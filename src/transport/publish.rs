@@ -47,7 +47,7 @@ pub async fn publish(
     State(app): State<AppState>,
     access: Access,
     Path(topic): Path<String>,
-    params: Params,
+    params: Params<'static>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {

@@ -1,221 +1,238 @@
 //! `GET /topics/{topic}/sse`: Server-Sent Events.
 //!
-//! A slow reader is handled by the hub's subscription policy (it reads its backlog from
-//! history by cursor); this adapter only writes frames, heartbeats, and ends the stream on
-//! shutdown so that clients reconnect elsewhere with `Last-Event-ID`.
+//! The stream's outlet is fed by the fan-out; a slow reader is handled by the hub's policy
+//! (it reads its backlog from history by cursor). On the raw socket ([`crate::gate`]) events
+//! are HTTP/1.1 chunks framed once per message; through hyper (HTTP/2, or a connection hyper
+//! serves) the same outlet feeds a response body. The stream ends on shutdown (after
+//! everything published before it is written), on token expiry (with an `expired` event),
+//! or for a slow consumer under `--slow-consumer disconnect`; clients reconnect with
+//! `Last-Event-ID`.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use axum::{
     body::{Body, Bytes},
     extract::{Path, State},
-    http::{HeaderMap, HeaderValue, header},
+    http::{HeaderMap, HeaderName, HeaderValue, header},
     response::{IntoResponse, Response},
 };
-use bytes::BytesMut;
-use tokio::time::{Interval, MissedTickBehavior, interval_at};
+use futures::{FutureExt, Stream, future::BoxFuture};
+use tokio::{net::TcpStream, time::Instant};
 
-use super::{Params, WriteWindow, expiry, parse_cursor};
+use super::{
+    HeaderSource, Params,
+    stream::{Finish, Peer},
+};
 use crate::{
     AppState,
     auth::Access,
     error::Error,
-    hub::{Delivery, Signal, Subscription, Transport},
-    message::{TopicName, encode_sse_frame},
+    hub::{Action, End, Format, Outlet, OutletGuard, Transport},
+    message::{TopicName, wire},
 };
 
-const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+/// The headers of an SSE response (besides the per-request ones). `x-accel-buffering: no`
+/// asks nginx not to buffer the stream.
+pub const HEADERS: [(&str, &str); 3] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+];
+
 /// Sent when the token expires, just before the stream ends. It has no `id:`, so the
 /// client's `Last-Event-ID` stays on the last message.
 const EXPIRED: &[u8] =
     b"event: expired\ndata: {\"type\":\"expired\",\"code\":\"token_expired\"}\n\n";
 
-/// Streams the topic from `Last-Event-ID` (or `?after=`, or now), then live.
+/// An SSE stream set up and following its topic.
+pub struct Opened {
+    /// The stream's outlet.
+    pub outlet: OutletGuard,
+    /// When the client's token expires.
+    pub expires: Option<Instant>,
+}
+
+/// Checks the request, creates the stream's outlet and subscribes it from `Last-Event-ID`
+/// (or `?after=`, or now). `head` (the raw path's response head) is written first, then the
+/// `retry:` hint, then history and live events.
+#[allow(clippy::too_many_arguments)]
+pub async fn open(
+    app: &AppState,
+    access: &Access,
+    topic: &str,
+    params: &Params<'_>,
+    headers: &dyn HeaderSource,
+    socket: Option<Arc<TcpStream>>,
+    format: Format,
+    head: Option<Vec<u8>>,
+) -> Result<Opened, Error> {
+    let topic = super::topic(topic)?;
+    access.check_subscribe(&topic)?;
+    // A browser reconnecting sends the URL it first used plus the id it last saw: the
+    // header is the newer of the two.
+    let after = super::sse_cursor(headers, params)?;
+    let outlet = app.hub.outlet(socket, format, Transport::Sse);
+    if let Some(head) = head {
+        outlet.push(Bytes::from(head));
+    }
+    let hello = format!("retry: {}\n\n", app.config.sse_retry.as_millis());
+    outlet.push(format.body(hello.as_bytes()));
+    app.hub.subscribe(&topic, after, &outlet).await?;
+    app.hub.record_request(Transport::Sse);
+    Ok(Opened {
+        outlet,
+        expires: access.expires_at(),
+    })
+}
+
+/// What an SSE stream sends last, per the reason it ends: the `expired` event, and on a
+/// chunked body the chunk that ends it (`None`: the connection just closes).
+pub fn tail(format: Format, finish: Finish) -> Option<Vec<u8>> {
+    let mut tail = Vec::new();
+    match finish {
+        Finish::Expired => tail.extend_from_slice(&format.body(EXPIRED)),
+        Finish::Ended(End::Drained | End::SlowConsumer) | Finish::Closed => {}
+        Finish::Ended(End::Gone | End::Unresponsive) | Finish::PeerGone | Finish::Stalled => {
+            return None;
+        }
+    }
+    if let Finish::Ended(End::SlowConsumer) = finish {
+        tracing::debug!("ending the SSE stream of a slow consumer");
+    }
+    if format == Format::SseChunked {
+        tail.extend_from_slice(wire::LAST_CHUNK);
+    }
+    Some(tail)
+}
+
+/// An SSE client sends nothing after its request but, perhaps, the next pipelined request:
+/// that is kept (up to `max_input` bytes) to be served when the stream ends; the end of its
+/// input ends the stream.
+#[derive(Debug)]
+pub struct SsePeer {
+    /// The most bytes kept.
+    pub max_input: usize,
+}
+
+impl Peer for SsePeer {
+    async fn on_input(&mut self, input: &mut Vec<u8>, _: &Arc<Outlet>) -> Result<(), Finish> {
+        if input.len() > self.max_input {
+            return Err(Finish::PeerGone);
+        }
+        Ok(())
+    }
+
+    fn on_catch_up_failed(
+        &mut self,
+        _: &Outlet,
+        topic: &TopicName,
+        error: &Error,
+    ) -> Result<(), Finish> {
+        tracing::warn!(%error, %topic, "ending SSE stream");
+        Err(Finish::PeerGone)
+    }
+}
+
+/// The stream through axum (HTTP/2, or a connection hyper serves).
 pub async fn sse(
     State(app): State<AppState>,
     access: Access,
     Path(topic): Path<String>,
-    params: Params,
+    params: Params<'static>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let topic = super::topic(&topic)?;
-    access.check_subscribe(&topic)?;
-    // A browser reconnecting sends the URL it first used plus the id it last saw: the
-    // header is the newer of the two.
-    let after = match headers.get("last-event-id") {
-        Some(value) => Some(parse_cursor(
-            "Last-Event-ID",
-            value
-                .to_str()
-                .map_err(|_| Error::param("Last-Event-ID", "must be ASCII digits"))?,
-        )?),
-        None => params.after()?,
-    };
-    let subscription = app.hub.subscribe(&topic, after, Transport::Sse).await?;
-    app.hub.record_request(Transport::Sse);
-    let hello = Bytes::from(format!("retry: {}\n\n", app.config.sse_retry.as_millis()));
-    let stream = SseStream {
-        hello: Some(hello),
-        subscription,
-        heartbeat: heartbeat(app.config.heartbeat),
-        write_delay: app.config.write_delay,
+    let opened = open(
+        &app,
+        &access,
+        &topic,
+        &params,
+        &headers,
+        None,
+        Format::Sse,
+        None,
+    )
+    .await?;
+    let body = Body::from_stream(SseBody {
+        outlet: opened.outlet,
+        catch_up: None,
+        expires: opened
+            .expires
+            .map(|at| Box::pin(tokio::time::sleep_until(at))),
         ended: false,
-        draining: false,
-        app: app.clone(),
-        expires: access.expires_at(),
-    };
-    let body = Body::from_stream(futures::stream::unfold(stream, |mut stream| async move {
-        let chunk = stream.next_chunk().await?;
-        Some((Ok::<_, std::convert::Infallible>(chunk), stream))
-    }));
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-        ],
-        body,
-    )
-        .into_response())
+    });
+    let mut response = body.into_response();
+    for (name, value) in HEADERS {
+        response.headers_mut().insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    debug_assert_eq!(header::CONTENT_TYPE.as_str(), HEADERS[0].0);
+    Ok(response)
 }
 
-fn heartbeat(period: Duration) -> Interval {
-    let mut ticker = interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ticker
-}
-
-/// A signal as an SSE event whose `id:` is the cursor after it, so a reconnect resumes right.
-fn signal_frame(topic: &TopicName, signal: &Signal) -> Bytes {
-    encode_sse_frame(
-        signal.resume_after(),
-        signal.event_name(),
-        signal.to_json(topic).as_bytes(),
-    )
-}
-
-struct SseStream {
-    /// The `retry:` hint, sent first so the client sees the stream open at once.
-    hello: Option<Bytes>,
-    subscription: Subscription,
-    heartbeat: Interval,
-    write_delay: Duration,
-    /// The subscription ended while a write was being gathered: end after that write.
+/// A response body fed by an outlet: hyper polls it, and it answers what the outlet asks.
+struct SseBody {
+    outlet: OutletGuard,
+    catch_up: Option<BoxFuture<'static, Result<(), Error>>>,
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
-    /// The server is stopping: write what is ready, then end.
-    draining: bool,
-    /// The hub (for counters), the stop signal, and the publish gate the drain waits on.
-    app: AppState,
-    /// When the client's token expires: the stream ends then, with an `expired` event.
-    expires: Option<tokio::time::Instant>,
 }
 
-impl SseStream {
-    /// The next chunk of the body, or `None` to end the stream.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
-        if self.ended {
-            return None;
+impl Stream for SseBody {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
         }
-        if let Some(hello) = self.hello.take() {
-            return Some(hello);
+        if let Some(expires) = this.expires.as_mut()
+            && expires.as_mut().poll(cx).is_ready()
+        {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(Bytes::from_static(EXPIRED))));
         }
-        if self.draining {
-            return self.drain().await;
-        }
-        let first = tokio::select! {
-            delivery = next_delivery(&mut self.subscription, &mut self.ended) => delivery?,
-            _ = self.heartbeat.tick() => return Some(Bytes::from_static(HEARTBEAT)),
-            () = self.app.shutdown.cancelled() => {
-                // Deliver what was acknowledged before the stop, then end.
-                self.app.publishes_settled().await;
-                self.draining = true;
-                return self.drain().await;
+        loop {
+            if let Some(catch_up) = this.catch_up.as_mut() {
+                match catch_up.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => this.catch_up = None,
+                    Poll::Ready(Err(error)) => {
+                        tracing::warn!(%error, "ending SSE stream");
+                        this.ended = true;
+                        return Poll::Ready(None);
+                    }
+                }
             }
-            () = expiry(self.expires) => {
-                self.ended = true;
-                return Some(Bytes::from_static(EXPIRED));
+            match this.outlet.poll_action(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Action::Write(frames)) => {
+                    let chunk = match <[Bytes; 1]>::try_from(frames) {
+                        Ok([one]) => one,
+                        Err(frames) => Bytes::from(frames.concat()),
+                    };
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+                Poll::Ready(Action::CatchUp(catch_up)) => {
+                    let outlet = Arc::clone(&this.outlet);
+                    this.catch_up = Some(async move { outlet.catch_up(catch_up).await }.boxed());
+                }
+                Poll::Ready(Action::End(end)) => {
+                    this.ended = true;
+                    // What the drain left queued goes out before the end.
+                    if let (End::Drained | End::SlowConsumer, Some(frames)) =
+                        (end, this.outlet.take_pending())
+                    {
+                        return Poll::Ready(Some(Ok(Bytes::from(frames.concat()))));
+                    }
+                    return Poll::Ready(None);
+                }
             }
-        };
-        Some(self.gather(first).await)
-    }
-
-    /// The next chunk of deliveries ready now, or `None` once there are none.
-    async fn drain(&mut self) -> Option<Bytes> {
-        use futures::FutureExt;
-        let first = next_delivery(&mut self.subscription, &mut self.ended)
-            .now_or_never()
-            .flatten()?;
-        Some(self.gather(first).await)
-    }
-
-    /// The frame of `first` followed by those of the deliveries that join it in one write,
-    /// counted as delivered.
-    async fn gather(&mut self, first: Delivery) -> Bytes {
-        let (chunk, messages) = self.gather_frames(first).await;
-        self.app
-            .hub
-            .record_delivery(Transport::Sse, messages, chunk.len() as u64);
-        chunk
-    }
-
-    /// The frames of one write and how many messages they carry.
-    async fn gather_frames(&mut self, first: Delivery) -> (Bytes, u64) {
-        let mut window = WriteWindow::open(self.write_delay);
-        if let Delivery::Message(message) = &first {
-            crate::telemetry::delivery_lag(Transport::Sse, message.time);
-        }
-        let (frame, mut messages) = self.frame(&first);
-        let Some(second) = window
-            .next(next_delivery(&mut self.subscription, &mut self.ended))
-            .await
-        else {
-            return (frame, messages);
-        };
-        let mut chunk = BytesMut::from(&frame[..]);
-        let mut next = Some(second);
-        while let Some(delivery) = next {
-            let (frame, count) = self.frame(&delivery);
-            chunk.extend_from_slice(&frame);
-            messages += count;
-            next = window
-                .next(next_delivery(&mut self.subscription, &mut self.ended))
-                .await;
-        }
-        (chunk.freeze(), messages)
-    }
-
-    fn frame(&self, delivery: &Delivery) -> (Bytes, u64) {
-        match delivery {
-            Delivery::Message(message) => (message.sse_frame().clone(), 1),
-            Delivery::Signal(signal) => (signal_frame(self.subscription.topic(), signal), 0),
-        }
-    }
-}
-
-/// The next delivery; `None` (remembered in `ended`) once the stream must end.
-async fn next_delivery(subscription: &mut Subscription, ended: &mut bool) -> Option<Delivery> {
-    match subscription.next().await {
-        Ok(Some(delivery)) => Some(delivery),
-        Ok(None) => {
-            *ended = true;
-            None
-        }
-        Err(Error::SlowConsumer) => {
-            crate::telemetry::slow_consumer("disconnect");
-            tracing::debug!(topic = %subscription.topic(), "ending SSE stream of a slow consumer");
-            *ended = true;
-            None
-        }
-        Err(error) => {
-            tracing::warn!(%error, topic = %subscription.topic(), "ending SSE stream");
-            *ended = true;
-            None
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The message envelope, validated names, and the wire encodings shared by every transport.
 //!
-//! A [`Message`] is encoded once, when it is published, into the two byte strings the
-//! transports send: the envelope JSON (WebSocket frames, poll answers) and the complete
-//! Server-Sent Events frame. Every subscriber then shares those `Bytes`, so fan-out never
-//! serializes per subscriber.
+//! A [`Message`] is encoded once, when it is published, into the byte strings the transports
+//! send: the envelope JSON (poll answers), the complete WebSocket text frame around it, and
+//! the complete Server-Sent Events frame, also as an HTTP/1.1 chunk. Every subscriber then
+//! shares those `Bytes`, so fan-out never serializes, frames or copies per subscriber.
+
+pub mod wire;
 
 use std::{fmt, sync::Arc};
 
@@ -185,7 +187,11 @@ pub struct Message {
     pub event: EventName,
     /// Publish time, unix milliseconds.
     pub time: u64,
+    /// The complete WebSocket text frame; `envelope` is its payload, in the same allocation.
+    ws_frame: Bytes,
     envelope: Bytes,
+    /// The SSE frame as one HTTP/1.1 chunk; `sse_frame` is its content, in the same allocation.
+    sse_chunk: Bytes,
     sse_frame: Bytes,
 }
 
@@ -211,27 +217,55 @@ impl Message {
     ) -> Self {
         // Written by hand: names are restricted to [A-Za-z0-9._:-], which JSON never escapes,
         // and the payload is already compact, validated JSON, so nothing needs re-parsing.
+        // The envelope is written after room for the longest WebSocket header, which is then
+        // filled in right-aligned, so frame and envelope share one allocation.
         let data = data.as_str();
-        let mut envelope =
-            Vec::with_capacity(64 + topic.as_str().len() + event.as_str().len() + data.len());
-        envelope.extend_from_slice(b"{\"id\":");
-        envelope.extend_from_slice(id.to_string().as_bytes());
-        envelope.extend_from_slice(b",\"topic\":\"");
-        envelope.extend_from_slice(topic.as_str().as_bytes());
-        envelope.extend_from_slice(b"\",\"event\":\"");
-        envelope.extend_from_slice(event.as_str().as_bytes());
-        envelope.extend_from_slice(b"\",\"data\":");
-        envelope.extend_from_slice(data.as_bytes());
-        envelope.extend_from_slice(b",\"time\":");
-        envelope.extend_from_slice(time.to_string().as_bytes());
-        envelope.push(b'}');
-        let sse_frame = encode_sse_frame(id, event.as_str(), &envelope);
+        let (mut id_text, mut time_text) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (id_text, time_text) = (id_text.format(id), time_text.format(time));
+        let mut frame = Vec::with_capacity(
+            wire::WS_MAX_HEADER
+                + 48
+                + id_text.len()
+                + topic.as_str().len()
+                + event.as_str().len()
+                + data.len()
+                + time_text.len(),
+        );
+        frame.resize(wire::WS_MAX_HEADER, 0);
+        frame.extend_from_slice(b"{\"id\":");
+        frame.extend_from_slice(id_text.as_bytes());
+        frame.extend_from_slice(b",\"topic\":\"");
+        frame.extend_from_slice(topic.as_str().as_bytes());
+        frame.extend_from_slice(b"\",\"event\":\"");
+        frame.extend_from_slice(event.as_str().as_bytes());
+        frame.extend_from_slice(b"\",\"data\":");
+        frame.extend_from_slice(data.as_bytes());
+        frame.extend_from_slice(b",\"time\":");
+        frame.extend_from_slice(time_text.as_bytes());
+        frame.push(b'}');
+        let envelope_len = frame.len() - wire::WS_MAX_HEADER;
+        let (header, used) = wire::ws_header(wire::opcode::TEXT, envelope_len);
+        let start = wire::WS_MAX_HEADER - used;
+        frame[start..wire::WS_MAX_HEADER].copy_from_slice(&header[..used]);
+        let ws_frame = Bytes::from(frame).slice(start..);
+        let envelope = ws_frame.slice(used..);
+
+        let sse_len = wire::sse_frame_len(id, event.as_str(), &envelope);
+        let mut chunk = Vec::with_capacity(sse_len + 12);
+        wire::push_chunk_start(&mut chunk, sse_len);
+        let frame_start = chunk.len();
+        wire::push_sse_frame(&mut chunk, id, event.as_str(), &envelope);
+        chunk.extend_from_slice(b"\r\n");
+        let sse_chunk = Bytes::from(chunk);
+        let sse_frame = sse_chunk.slice(frame_start..frame_start + sse_len);
         Self {
             id,
             topic,
             event,
             time,
-            envelope: Bytes::from(envelope),
+            ws_frame,
+            envelope,
+            sse_chunk,
             sse_frame,
         }
     }
@@ -257,9 +291,19 @@ impl Message {
         &self.envelope
     }
 
+    /// The complete WebSocket text frame carrying the envelope (unmasked, as servers send).
+    pub fn ws_frame(&self) -> &Bytes {
+        &self.ws_frame
+    }
+
     /// The complete SSE frame (`id:`, `event:`, `data:` lines and the blank line).
     pub fn sse_frame(&self) -> &Bytes {
         &self.sse_frame
+    }
+
+    /// The SSE frame as one HTTP/1.1 chunk, for a chunked response body.
+    pub fn sse_chunk(&self) -> &Bytes {
+        &self.sse_chunk
     }
 }
 
@@ -267,19 +311,6 @@ impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(std::str::from_utf8(&self.envelope).unwrap_or("<envelope>"))
     }
-}
-
-/// Encodes one SSE frame. The data is one line because envelopes are compact JSON.
-pub fn encode_sse_frame(id: MessageId, event: &str, data: &[u8]) -> Bytes {
-    let mut frame = Vec::with_capacity(data.len() + event.len() + 40);
-    frame.extend_from_slice(b"id: ");
-    frame.extend_from_slice(id.to_string().as_bytes());
-    frame.extend_from_slice(b"\nevent: ");
-    frame.extend_from_slice(event.as_bytes());
-    frame.extend_from_slice(b"\ndata: ");
-    frame.extend_from_slice(data);
-    frame.extend_from_slice(b"\n\n");
-    Bytes::from(frame)
 }
 
 /// Unix time in milliseconds: the envelope's `time`.
@@ -343,8 +374,25 @@ mod tests {
             &msg.sse_frame()[..],
             &b"id: 7\nevent: greet\ndata: {\"id\":7,\"topic\":\"t\",\"event\":\"greet\",\"data\":{\"k\":1},\"time\":42}\n\n"[..]
         );
+        assert_eq!(&msg.ws_frame()[..2], &[0x81, msg.envelope().len() as u8]);
+        assert_eq!(&msg.ws_frame()[2..], &msg.envelope()[..]);
+        let chunk = &msg.sse_chunk()[..];
+        let text = format!("{:x}\r\n", msg.sse_frame().len());
+        assert!(chunk.starts_with(text.as_bytes()) && chunk.ends_with(b"\n\n\r\n"));
+        assert_eq!(&chunk[text.len()..chunk.len() - 2], &msg.sse_frame()[..]);
         let back = Message::from_envelope(msg.envelope()).unwrap();
         assert_eq!(back.envelope(), msg.envelope());
         assert_eq!(back.sse_frame(), msg.sse_frame());
+    }
+
+    #[test]
+    fn long_envelopes_get_the_longer_websocket_header() {
+        let topic = TopicName::parse("t").unwrap();
+        let data = Payload::from_text(&"x".repeat(70_000));
+        let msg = Message::new(1, topic, EventName::default_event(), 0, &data);
+        assert_eq!(&msg.ws_frame()[..2], &[0x81, 127]);
+        let len = u64::from_be_bytes(msg.ws_frame()[2..10].try_into().unwrap());
+        assert_eq!(len as usize, msg.envelope().len());
+        assert_eq!(&msg.ws_frame()[10..], &msg.envelope()[..]);
     }
 }

@@ -1,0 +1,203 @@
+//! Response heads for the requests pushhub serves on the raw socket.
+//!
+//! They carry what the tower layers add to every response hyper serves (`x-request-id`, the
+//! CORS headers of `--allowed-origins`, `date`), so a client cannot tell which path answered;
+//! `tests/http_api.rs` compares the two.
+
+use std::{
+    cell::RefCell,
+    fmt::Write as _,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::http::StatusCode;
+
+use super::head::RequestHead;
+use crate::{error::Error, origin::OriginPolicy};
+
+/// The next request id: the process start time and a counter, unique per process without a
+/// random source. Shared by hyper's requests (through [`RequestIds`]) and the raw path.
+pub fn next_request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static BOOT: OnceLock<u64> = OnceLock::new();
+    let boot = *BOOT.get_or_init(crate::message::now_micros);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut id = String::with_capacity(24);
+    let _ = write!(id, "{boot:x}-{n:x}");
+    id
+}
+
+/// Request ids for `x-request-id` on hyper's side (kept when the client or a proxy sent one).
+#[derive(Clone, Default)]
+pub struct RequestIds;
+
+impl tower_http::request_id::MakeRequestId for RequestIds {
+    fn make_request_id<B>(
+        &mut self,
+        _: &axum::http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        axum::http::HeaderValue::from_str(&next_request_id())
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
+    }
+}
+
+/// The `date` header value, formatted once per second per thread.
+fn date() -> [u8; 29] {
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let text = httpdate::fmt_http_date(now);
+            cached.1.copy_from_slice(&text.as_bytes()[..29]);
+            cached.0 = second;
+        }
+        cached.1
+    })
+}
+
+/// What every response to one request carries: its id and its CORS headers.
+#[derive(Debug)]
+pub struct Meta {
+    request_id: Vec<u8>,
+    allow_origin: Option<Vec<u8>>,
+    vary_origin: bool,
+}
+
+impl Meta {
+    /// The request id the client sent (or a new one) and the CORS answer to its `Origin`.
+    pub fn of(head: &RequestHead, origins: &OriginPolicy) -> Self {
+        let request_id = match head.header("x-request-id") {
+            Some(id)
+                if !id.is_empty()
+                    && id.iter().all(|&b| b == b'\t' || (0x20..0x7F).contains(&b)) =>
+            {
+                id.to_vec()
+            }
+            _ => next_request_id().into_bytes(),
+        };
+        let (allow_origin, vary_origin) = origins.cors(head.header("origin"));
+        Self {
+            request_id,
+            allow_origin: allow_origin.map(<[u8]>::to_vec),
+            vary_origin,
+        }
+    }
+
+    /// The request's id, for logs.
+    pub fn request_id(&self) -> &str {
+        std::str::from_utf8(&self.request_id).unwrap_or_default()
+    }
+}
+
+/// How the body of a response is delimited.
+#[derive(Clone, Copy, Debug)]
+pub enum Length {
+    /// `content-length`.
+    Fixed(usize),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+    /// No body (`101 Switching Protocols`).
+    None,
+}
+
+/// Writes a response head: status line, `headers`, the per-request headers, framing, date.
+pub fn head(status: StatusCode, headers: &[(&str, &str)], meta: &Meta, length: Length) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        push_header(&mut out, name, value.as_bytes());
+    }
+    if let Some(origin) = &meta.allow_origin {
+        push_header(&mut out, "access-control-allow-origin", origin);
+    }
+    if meta.vary_origin {
+        push_header(&mut out, "vary", b"origin");
+    }
+    push_header(&mut out, "x-request-id", &meta.request_id);
+    match length {
+        Length::Fixed(len) => {
+            push_header(
+                &mut out,
+                "content-length",
+                itoa::Buffer::new().format(len).as_bytes(),
+            );
+        }
+        Length::Chunked => push_header(&mut out, "transfer-encoding", b"chunked"),
+        Length::None => {}
+    }
+    push_header(&mut out, "date", &date());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A complete response with a body.
+pub fn full(status: StatusCode, headers: &[(&str, &str)], meta: &Meta, body: &[u8]) -> Vec<u8> {
+    let mut out = head(status, headers, meta, Length::Fixed(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// An error as a complete response: its status, its JSON body and its headers, as
+/// [`Error`]'s `IntoResponse` answers on hyper's side. Counted and logged there too.
+pub fn error(error: &Error, meta: &Meta) -> Vec<u8> {
+    error.report(Some(meta.request_id()));
+    let body = error.body_json();
+    let extra = error.headers();
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    headers.extend(extra.iter().map(|(n, v)| (*n, v.as_str())));
+    full(error.status(), &headers, meta, body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_carry_framing_and_the_request_id() {
+        let head_bytes =
+            b"GET /x HTTP/1.1\r\nx-request-id: abc\r\nOrigin: https://a.example\r\n\r\n";
+        let (parsed, _) = RequestHead::parse(head_bytes.to_vec());
+        let super::super::head::Parsed::Head(request) = parsed else {
+            panic!()
+        };
+        let policy = OriginPolicy::List(vec!["https://a.example".into()]);
+        let meta = Meta::of(&request, &policy);
+        let text = String::from_utf8(full(
+            StatusCode::OK,
+            &[("content-type", "application/json")],
+            &meta,
+            b"{}",
+        ))
+        .unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"));
+        assert!(
+            text.contains("\r\naccess-control-allow-origin: https://a.example\r\nvary: origin\r\n")
+        );
+        assert!(text.contains("\r\nx-request-id: abc\r\ncontent-length: 2\r\ndate: "));
+        assert!(text.ends_with(" GMT\r\n\r\n{}"));
+        let anyone = Meta::of(&request, &OriginPolicy::Any);
+        let text = String::from_utf8(head(StatusCode::OK, &[], &anyone, Length::Chunked)).unwrap();
+        assert!(text.contains("access-control-allow-origin: *\r\n") && !text.contains("vary"));
+        assert!(text.contains("transfer-encoding: chunked\r\n"));
+    }
+}

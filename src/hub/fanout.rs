@@ -1,0 +1,622 @@
+//! Live fan-out: who follows each topic on this node, and the writers that deliver to them.
+//!
+//! A topic's log hands every message it appends, in id order, to the topic's [`TopicLive`]
+//! (the log's [`Live`] sink). That only queues the message on each fan-out *shard* that has
+//! followers of the topic: one lock and one push per shard, whatever the number of
+//! followers, so a publisher never waits for subscribers.
+//!
+//! Each shard has one writer task. Woken by the first message queued, it takes everything
+//! queued (with `--write-delay`, also what arrives within the delay), groups it by topic, and
+//! walks the shard's followers of each topic, offering each outlet all of that topic's new
+//! messages at once ([`Outlet::deliver`]): one `writev` of shared, pre-framed bytes per
+//! connection, straight to its socket. So a delivery costs one system call and no task
+//! wake-up, and when messages arrive faster than a walk takes, several leave in one write.
+//! Connections are spread over the shards round-robin; with one shard per core, the shards
+//! write in parallel.
+//!
+//! Parked long polls follow topics too, as [`Waiter`]s: a writer only wakes them.
+//!
+//! One ticker task serves every connection's timers: SSE heartbeats, WebSocket pings and
+//! their pong deadlines walk the shards' registries, so an idle connection costs no timer.
+
+use std::{
+    future::poll_fn,
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    task::{Poll, Waker},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+use tokio::time::Instant;
+
+use super::{
+    Transport,
+    outlet::{Format, Outlet},
+    stats::Counters,
+};
+use crate::{
+    message::{Message, MessageId, now_millis},
+    store::Live,
+    telemetry::LagTally,
+};
+
+/// Followers handed out per lock of a topic's follower list: the writer copies this many
+/// handles, releases the lock, then writes, so subscribing never waits for a long walk.
+const WALK_CHUNK: usize = 32;
+/// Deliveries a writer makes before it yields to the runtime, so that a walk over many
+/// thousands of connections does not hold a worker thread for its whole length.
+const YIELD_EVERY: usize = 256;
+
+/// Timing the fan-out needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct FanoutSettings {
+    /// Shards (writer tasks); connections are spread over them.
+    pub shards: usize,
+    /// How long a writer waits after being woken to gather more messages per write.
+    pub write_delay: Duration,
+    /// SSE heartbeat interval.
+    pub heartbeat: Duration,
+    /// WebSocket ping interval.
+    pub ping_interval: Duration,
+    /// How long a WebSocket peer gets to answer a ping.
+    pub pong_timeout: Duration,
+}
+
+impl Default for FanoutSettings {
+    fn default() -> Self {
+        Self {
+            shards: default_shards(),
+            write_delay: Duration::ZERO,
+            heartbeat: Duration::from_secs(15),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One shard per core the process may use: the writers then spread over the runtime's
+/// worker threads.
+pub fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 64))
+}
+
+/// Something that follows a topic on one shard.
+#[derive(Clone)]
+pub(super) enum Follower {
+    /// A streaming connection: sub `sub` of `outlet`.
+    Stream {
+        /// The connection.
+        outlet: Arc<Outlet>,
+        /// Which of its subs follows this topic.
+        sub: usize,
+    },
+    /// A parked long poll.
+    Waiter(Arc<Waiter>),
+}
+
+/// A slab of followers: stable slots, so a follower leaves by its slot in O(1).
+struct Slots<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T: Clone> Slots<T> {
+    fn insert(&mut self, value: T) -> usize {
+        self.len += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(value);
+                slot
+            }
+            None => {
+                self.slots.push(Some(value));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(entry) = self.slots.get_mut(slot)
+            && entry.take().is_some()
+        {
+            self.len -= 1;
+            self.free.push(slot);
+            if self.len == 0 {
+                // Give back the memory of a topic that had many followers once.
+                *self = Self::default();
+            }
+        }
+    }
+
+    /// Copies up to `max` entries from slot `*from` on, and advances `*from` past them.
+    fn chunk(&self, from: &mut usize, max: usize, out: &mut SmallVec<[T; WALK_CHUNK]>) {
+        while *from < self.slots.len() && out.len() < max {
+            if let Some(value) = &self.slots[*from] {
+                out.push(value.clone());
+            }
+            *from += 1;
+        }
+    }
+}
+
+/// The followers of one topic on this node, per shard; the topic log's [`Live`] sink.
+pub(crate) struct TopicLive {
+    me: Weak<TopicLive>,
+    followers: Box<[Mutex<Slots<Follower>>]>,
+    /// Followers per shard, read without the lock to skip empty shards.
+    counts: Box<[AtomicUsize]>,
+    fanout: Arc<Fanout>,
+}
+
+impl TopicLive {
+    pub(super) fn new(fanout: &Arc<Fanout>) -> Arc<Self> {
+        let shards = fanout.shards.len();
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            followers: (0..shards).map(|_| Mutex::default()).collect(),
+            counts: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            fanout: fanout.clone(),
+        })
+    }
+
+    fn followers(&self, shard: usize) -> MutexGuard<'_, Slots<Follower>> {
+        self.followers[shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a follower on `shard`; returns its slot.
+    pub(super) fn add(&self, shard: usize, follower: Follower) -> usize {
+        self.fanout.start();
+        let mut followers = self.followers(shard);
+        let slot = followers.insert(follower);
+        self.counts[shard].store(followers.len, Ordering::Release);
+        slot
+    }
+
+    /// Removes the follower in `slot` of `shard`.
+    pub(super) fn remove(&self, shard: usize, slot: usize) {
+        let mut followers = self.followers(shard);
+        followers.remove(slot);
+        self.counts[shard].store(followers.len, Ordering::Release);
+    }
+
+    /// Followers on this node, all shards.
+    pub(super) fn len(&self) -> usize {
+        self.counts.iter().map(|c| c.load(Ordering::Acquire)).sum()
+    }
+
+    pub(super) fn fanout(&self) -> &Fanout {
+        &self.fanout
+    }
+}
+
+impl Live for TopicLive {
+    fn deliver(&self, message: &Arc<Message>) {
+        for (shard, count) in self.counts.iter().enumerate() {
+            if count.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            if let Some(me) = self.me.upgrade() {
+                self.fanout.shards[shard].enqueue(me, message.clone());
+            }
+        }
+    }
+}
+
+/// A parked long poll: woken once a message newer than its cursor is offered.
+pub(super) struct Waiter {
+    state: Mutex<WaiterState>,
+}
+
+struct WaiterState {
+    after: MessageId,
+    news: bool,
+    waker: Option<Waker>,
+}
+
+impl Waiter {
+    pub(super) fn new(after: MessageId) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(WaiterState {
+                after,
+                news: false,
+                waker: None,
+            }),
+        })
+    }
+
+    fn offer(&self, newest: MessageId) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if newest > state.after && !state.news {
+            state.news = true;
+            if let Some(waker) = state.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Completes once a newer message was offered.
+    pub(super) async fn news(&self) {
+        poll_fn(|cx| {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.news {
+                return Poll::Ready(());
+            }
+            match &mut state.waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// What a writer counts during one walk, added to the shared counters once at its end.
+#[derive(Default)]
+pub(super) struct Tally {
+    deliveries: [u64; 4],
+    bytes: [u64; 4],
+    lag: LagTally,
+    now_ms: u64,
+}
+
+impl Tally {
+    pub(super) fn delivered(
+        &mut self,
+        transport: Transport,
+        messages: usize,
+        frames: &[Bytes],
+        published_ms: u64,
+    ) {
+        let index = transport as usize;
+        self.deliveries[index] += messages as u64;
+        self.bytes[index] += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+        self.lag
+            .record(transport, self.now_ms.saturating_sub(published_ms));
+    }
+
+    fn flush(&mut self, counters: &Counters) {
+        for transport in Transport::ALL {
+            let index = transport as usize;
+            if self.deliveries[index] > 0 || self.bytes[index] > 0 {
+                counters.delivered(transport, self.deliveries[index], self.bytes[index]);
+            }
+        }
+        self.lag.flush();
+        *self = Self::default();
+    }
+}
+
+/// What one shard's writer is asked to deliver.
+#[derive(Default)]
+struct Queue {
+    items: Vec<(Arc<TopicLive>, Arc<Message>)>,
+    waker: Option<Waker>,
+    closed: bool,
+}
+
+/// One fan-out shard: its writer's queue and the registry of its streaming connections.
+#[derive(Default)]
+struct Shard {
+    queue: Mutex<Queue>,
+    /// Streaming connections of this shard, for the ticker's walks and the drain.
+    streams: Mutex<Slots<Weak<Outlet>>>,
+}
+
+impl Shard {
+    fn enqueue(&self, topic: Arc<TopicLive>, message: Arc<Message>) {
+        let waker = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.items.push((topic, message));
+            queue.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Moves what is queued into `into`; `Ready(false)` once the fan-out is gone.
+    fn poll_take(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        into: &mut Vec<(Arc<TopicLive>, Arc<Message>)>,
+    ) -> Poll<bool> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.closed {
+            return Poll::Ready(false);
+        }
+        if queue.items.is_empty() {
+            queue.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        std::mem::swap(&mut queue.items, into);
+        Poll::Ready(true)
+    }
+
+    fn take_now(&self, into: &mut Vec<(Arc<TopicLive>, Arc<Message>)>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        into.append(&mut queue.items);
+    }
+
+    /// The live outlets of this shard's registry, `WALK_CHUNK` at a time.
+    fn each_stream(&self, mut visit: impl FnMut(&Outlet)) {
+        let mut from = 0;
+        loop {
+            let mut chunk = SmallVec::new();
+            self.streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .chunk(&mut from, WALK_CHUNK, &mut chunk);
+            if chunk.is_empty() {
+                return;
+            }
+            for outlet in chunk.iter().filter_map(Weak::upgrade) {
+                visit(&outlet);
+            }
+        }
+    }
+}
+
+/// The fan-out of one hub: its shards, their writers and the ticker.
+pub(crate) struct Fanout {
+    shards: Box<[Arc<Shard>]>,
+    next_shard: AtomicUsize,
+    counters: Arc<Counters>,
+    settings: FanoutSettings,
+    /// The writers and the ticker run (started by the first follower, inside a runtime).
+    started: OnceLock<()>,
+    /// Stop pinging and sending heartbeats: the server is stopping.
+    stopping: AtomicBool,
+    /// New outlets drain at once: the server is stopping and publishes have settled.
+    draining: AtomicBool,
+    me: Weak<Fanout>,
+}
+
+impl Fanout {
+    pub(super) fn new(settings: FanoutSettings, counters: Arc<Counters>) -> Arc<Self> {
+        let shards = settings.shards.max(1);
+        Arc::new_cyclic(|me| Self {
+            shards: (0..shards).map(|_| Arc::new(Shard::default())).collect(),
+            next_shard: AtomicUsize::new(0),
+            counters,
+            settings,
+            started: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            me: me.clone(),
+        })
+    }
+
+    /// Starts the writers and the ticker on the current runtime, once.
+    fn start(&self) {
+        self.started.get_or_init(|| {
+            for (index, shard) in self.shards.iter().enumerate() {
+                tokio::spawn(write_loop(
+                    shard.clone(),
+                    index,
+                    self.counters.clone(),
+                    self.settings.write_delay,
+                ));
+            }
+            tokio::spawn(tick_loop(self.me.clone(), self.settings.clone()));
+        });
+    }
+
+    /// The shard for a new connection: round-robin.
+    pub(super) fn pick_shard(&self) -> usize {
+        self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len()
+    }
+
+    /// Adds a streaming outlet to its shard's registry; returns its slot.
+    pub(super) fn register(&self, shard: usize, outlet: Weak<Outlet>) -> usize {
+        self.start();
+        self.shards[shard]
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(outlet)
+    }
+
+    pub(super) fn unregister(&self, shard: usize, slot: usize) {
+        self.shards[shard]
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(slot);
+    }
+
+    pub(super) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Counts deliveries made outside a writer's walk (catch-up reads).
+    pub(super) fn record(&self, transport: Transport, messages: u64, bytes: u64) {
+        if messages > 0 || bytes > 0 {
+            self.counters.delivered(transport, messages, bytes);
+        }
+    }
+
+    /// The server is stopping: no more pings or heartbeats.
+    pub(super) fn stop_timers(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Publishes have settled: every connection reads from its logs what it has not been
+    /// sent, writes it, and ends.
+    pub(super) fn drain(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::Release);
+        for shard in self.shards.iter() {
+            shard.each_stream(Outlet::drain);
+        }
+    }
+
+    /// Streaming connections on this node.
+    pub(super) fn streams(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.streams.lock().unwrap_or_else(|e| e.into_inner()).len)
+            .sum()
+    }
+}
+
+impl Drop for Fanout {
+    fn drop(&mut self) {
+        for shard in self.shards.iter() {
+            let waker = {
+                let mut queue = shard.queue.lock().unwrap_or_else(|e| e.into_inner());
+                queue.closed = true;
+                queue.waker.take()
+            };
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// One shard's writer: takes what is queued, delivers it, repeats. Holds only its shard, so
+/// it ends when the fan-out is dropped.
+async fn write_loop(
+    shard: Arc<Shard>,
+    index: usize,
+    counters: Arc<Counters>,
+    write_delay: Duration,
+) {
+    let mut batch = Vec::new();
+    let mut messages: Vec<Arc<Message>> = Vec::new();
+    let mut frames = Vec::new();
+    let mut tally = Tally::default();
+    loop {
+        if !poll_fn(|cx| shard.poll_take(cx, &mut batch)).await {
+            return;
+        }
+        if !write_delay.is_zero() {
+            tokio::time::sleep(write_delay).await;
+            shard.take_now(&mut batch);
+        }
+        // Group by topic, keeping each topic's messages in the order its log gave them.
+        batch.sort_by_key(|(topic, _)| Arc::as_ptr(topic) as usize);
+        tally.now_ms = now_millis();
+        let mut delivered = 0;
+        let mut start = 0;
+        while start < batch.len() {
+            let topic = batch[start].0.clone();
+            let end = start
+                + batch[start..]
+                    .iter()
+                    .take_while(|(t, _)| Arc::ptr_eq(t, &topic))
+                    .count();
+            messages.clear();
+            messages.extend(batch[start..end].iter().map(|(_, m)| m.clone()));
+            start = end;
+            let newest = messages.last().map_or(0, |m| m.id);
+            let mut from = 0;
+            loop {
+                let mut chunk: SmallVec<[Follower; WALK_CHUNK]> = SmallVec::new();
+                topic
+                    .followers(index)
+                    .chunk(&mut from, WALK_CHUNK, &mut chunk);
+                if chunk.is_empty() {
+                    break;
+                }
+                for follower in &chunk {
+                    match follower {
+                        Follower::Stream { outlet, sub } => {
+                            outlet.deliver(*sub, &topic, &messages, &mut frames, &mut tally);
+                        }
+                        Follower::Waiter(waiter) => waiter.offer(newest),
+                    }
+                }
+                delivered += chunk.len();
+                drop(chunk);
+                if delivered >= YIELD_EVERY {
+                    delivered = 0;
+                    tally.flush(&counters);
+                    tally.now_ms = now_millis();
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        batch.clear();
+        messages.clear();
+        frames.clear();
+        tally.flush(&counters);
+    }
+}
+
+/// Heartbeats, pings and pong deadlines for every connection of the hub, from one timer.
+async fn tick_loop(fanout: Weak<Fanout>, settings: FanoutSettings) {
+    let start = Instant::now();
+    let mut next_heartbeat = start + settings.heartbeat;
+    let mut next_ping = start + settings.ping_interval;
+    let mut pong_checks: std::collections::VecDeque<(Instant, u32)> = Default::default();
+    let mut round: u32 = 0;
+    loop {
+        let due = pong_checks
+            .front()
+            .map_or(next_heartbeat.min(next_ping), |(at, _)| {
+                (*at).min(next_heartbeat).min(next_ping)
+            });
+        tokio::time::sleep_until(due).await;
+        let Some(fanout) = fanout.upgrade() else {
+            return;
+        };
+        if fanout.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let now = Instant::now();
+        if now >= next_heartbeat {
+            for shard in fanout.shards.iter() {
+                shard.each_stream(|outlet| {
+                    if outlet.format() != Format::Ws {
+                        outlet.heartbeat_if_idle();
+                    }
+                });
+            }
+            next_heartbeat = now + settings.heartbeat;
+        }
+        if now >= next_ping {
+            round = round.wrapping_add(1).max(1);
+            for shard in fanout.shards.iter() {
+                shard.each_stream(|outlet| {
+                    if outlet.format() == Format::Ws {
+                        outlet.ping(round);
+                    }
+                });
+            }
+            pong_checks.push_back((now + settings.pong_timeout, round));
+            next_ping = now + settings.ping_interval;
+        }
+        while let Some(&(at, checked)) = pong_checks.front() {
+            if at > now {
+                break;
+            }
+            pong_checks.pop_front();
+            for shard in fanout.shards.iter() {
+                shard.each_stream(|outlet| {
+                    if outlet.format() == Format::Ws {
+                        outlet.check_pong(checked);
+                    }
+                });
+            }
+        }
+    }
+}

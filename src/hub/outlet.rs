@@ -1,0 +1,768 @@
+//! An outlet: one streaming connection as the fan-out sees it.
+//!
+//! The fan-out writers ([`super::fanout`]) hand each message to every outlet that follows its
+//! topic. When nothing is queued for the connection and it has a plain TCP socket, the writer
+//! writes the message's pre-framed bytes straight to the socket with a non-blocking
+//! `try_write`: no task wake-up, no copy, no per-connection buffer. Only when a write would
+//! block (or lands partially) is the rest queued here and the connection's own task woken to
+//! finish it; from then on, until the queue is empty, everything for that connection is
+//! queued behind it, so bytes never interleave or reorder.
+//!
+//! Each topic the connection follows is a [`Sub`] with a cursor: the id of the last message
+//! written or queued. A message is accepted only if it is the cursor's successor. Anything
+//! else (a gap, a queue that overflowed, a subscription still reading its history) marks the
+//! sub *lost*: the writers then only note the newest id they offered, and the connection's
+//! task reads what it missed from the topic's log by cursor ([`Outlet::catch_up`]) before
+//! the sub is live again. That one rule gives exactly-once, in-order delivery across history
+//! and live, concurrent publishers, slow consumers and shutdown.
+//!
+//! What a connection's task does is asked with [`Outlet::poll_action`]: write queued bytes,
+//! catch a sub up from its log, or end (and why). A connection without a shared socket (TLS,
+//! a response body driven by hyper) gets the same protocol with every write queued.
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
+};
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+use tokio::net::TcpStream;
+
+use super::{
+    Signal, Topic, Transport,
+    fanout::{Fanout, Tally},
+    presence::Gauge,
+};
+use crate::{
+    error::Error,
+    message::{Message, MessageId, TopicName, wire},
+};
+
+/// How a connection frames what it is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// WebSocket text frames.
+    Ws,
+    /// SSE events, in a body whose framing someone else does (hyper, HTTP/2).
+    Sse,
+    /// SSE events, each as an HTTP/1.1 chunk of a chunked body written by pushhub itself.
+    SseChunked,
+}
+
+impl Format {
+    /// The bytes that carry `message` in this format: shared, framed once at publish.
+    fn message(self, message: &Message) -> &Bytes {
+        match self {
+            Format::Ws => message.ws_frame(),
+            Format::Sse => message.sse_frame(),
+            Format::SseChunked => message.sse_chunk(),
+        }
+    }
+
+    /// A cursor signal in this format: a `{"type":...}` text frame on WebSocket, an event
+    /// named after the signal on SSE, whose `id:` is the cursor right after it, so that a
+    /// reconnecting `EventSource` resumes where the signal leaves it.
+    pub fn signal(self, topic: &TopicName, signal: &Signal) -> Bytes {
+        let json = signal.to_json(topic);
+        match self {
+            Format::Ws => wire::ws_frame(wire::opcode::TEXT, json.as_bytes()),
+            Format::Sse | Format::SseChunked => {
+                let frame =
+                    wire::sse_frame(signal.resume_after(), signal.event_name(), json.as_bytes());
+                self.body(&frame)
+            }
+        }
+    }
+
+    /// Frames body bytes of an SSE stream (a comment, the `retry:` hint): as they are, or as
+    /// one chunk of a chunked body.
+    pub fn body(self, bytes: &[u8]) -> Bytes {
+        match self {
+            Format::SseChunked => wire::chunk(bytes),
+            Format::Sse | Format::Ws => Bytes::copy_from_slice(bytes),
+        }
+    }
+
+    /// What keeps an idle connection alive, and proves the peer is there: a WebSocket ping,
+    /// or an SSE comment.
+    pub(super) fn heartbeat(self) -> Bytes {
+        match self {
+            Format::Ws => Bytes::from_static(b"\x89\x00"),
+            Format::Sse => Bytes::from_static(b": keep-alive\n\n"),
+            Format::SseChunked => Bytes::from_static(b"e\r\n: keep-alive\n\n\r\n"),
+        }
+    }
+}
+
+/// Why an outlet must end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// A write failed: the peer is gone. Nothing more can be sent.
+    Gone,
+    /// The peer let `--subscriber-queue` messages pile up under `--slow-consumer disconnect`.
+    SlowConsumer,
+    /// A WebSocket peer did not answer a ping within `--ws-pong-timeout`.
+    Unresponsive,
+    /// The server is stopping, and everything published before the stop has been written.
+    Drained,
+}
+
+/// What a connection's task must do next.
+#[derive(Debug)]
+pub enum Action {
+    /// Write these bytes, in order, completely, before asking again.
+    Write(Vec<Bytes>),
+    /// Read what a sub missed from its topic's log: pass this to [`Outlet::catch_up`].
+    CatchUp(CatchUp),
+    /// End the connection.
+    End(End),
+}
+
+/// A catch-up read to make, from [`Action::CatchUp`].
+#[derive(Debug)]
+pub struct CatchUp {
+    sub: usize,
+    topic: Arc<Topic>,
+    after: MessageId,
+    from_client: bool,
+    limit: usize,
+}
+
+impl CatchUp {
+    /// The topic of the sub to catch up.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic.name
+    }
+}
+
+/// A handle on one sub of an outlet (one topic it follows), returned by
+/// [`crate::hub::Hub::subscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubId(usize);
+
+impl SubId {
+    pub(super) fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// One topic an outlet follows.
+pub(super) struct Sub {
+    pub(super) topic: Arc<Topic>,
+    /// Where the outlet sits in the topic's list of followers.
+    slot: Option<usize>,
+    /// The id of the last message written or queued (or the starting cursor).
+    sent: MessageId,
+    /// While lost: the newest id a writer offered, so the catch-up knows when it is done.
+    seen: MessageId,
+    /// Must read from the log after `sent` before taking live messages again.
+    lost: bool,
+    /// `sent` is still the client's own cursor, where 0 means "from the oldest retained".
+    from_client: bool,
+    _gauge: Gauge,
+}
+
+/// Everything the writers and the connection's task share, behind one lock.
+#[derive(Default)]
+struct State {
+    /// Bytes accepted but not yet written, in order. Non-empty only while `busy`.
+    pending: VecDeque<Bytes>,
+    /// The connection's task owns the socket's writes (it is flushing, catching up, or must
+    /// be woken to do so): writers queue instead of writing.
+    busy: bool,
+    waker: Option<Waker>,
+    subs: SmallVec<[Option<Sub>; 1]>,
+    end: Option<End>,
+    /// The server is stopping: catch every sub up from its log, write it, then end.
+    draining: bool,
+    /// Something was written since the last heartbeat tick.
+    active: bool,
+    /// The ping round this connection has not answered yet (0: none).
+    unanswered_ping: u32,
+}
+
+/// One streaming connection's delivery state.
+pub struct Outlet {
+    state: Mutex<State>,
+    /// The connection's socket, when writers may write to it directly.
+    socket: Option<Arc<TcpStream>>,
+    format: Format,
+    transport: Transport,
+    /// The fan-out shard that serves this connection.
+    pub(super) shard: usize,
+    /// Where this outlet is in its shard's registry (heartbeats, pings, drain).
+    registry_slot: usize,
+    queue_limit: usize,
+    disconnect_slow: bool,
+    catch_up_batch: usize,
+    fanout: Arc<Fanout>,
+}
+
+impl std::fmt::Debug for Outlet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outlet")
+            .field("format", &self.format)
+            .field("shard", &self.shard)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most bytes one [`Action::Write`] hands out: a bound on one `writev`.
+const WRITE_BATCH: usize = 64;
+
+impl Outlet {
+    pub(super) fn new(
+        fanout: &Arc<Fanout>,
+        socket: Option<Arc<TcpStream>>,
+        format: Format,
+        transport: Transport,
+        settings: &super::HubSettings,
+    ) -> Arc<Self> {
+        let shard = fanout.pick_shard();
+        let draining = fanout.is_draining();
+        Arc::new_cyclic(|me| Self {
+            state: Mutex::new(State {
+                // The task writes the response head (or the handshake) first: until its first
+                // flush, writers queue behind it.
+                busy: true,
+                draining,
+                ..State::default()
+            }),
+            socket,
+            format,
+            transport,
+            shard,
+            registry_slot: fanout.register(shard, me.clone()),
+            queue_limit: settings.subscriber_queue.max(1),
+            disconnect_slow: settings.disconnect_slow,
+            catch_up_batch: settings.catch_up_batch.max(1),
+            fanout: fanout.clone(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent between statements that could
+        // panic, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How this outlet frames messages.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// What the outlet's connection is counted as.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Adds a topic to follow from `sent` (lost until its first catch-up). Called by the hub.
+    pub(super) fn add_sub(&self, topic: Arc<Topic>, gauge: Gauge) -> SubId {
+        let sub = Sub {
+            topic,
+            slot: None,
+            sent: 0,
+            seen: 0,
+            lost: true,
+            from_client: false,
+            _gauge: gauge,
+        };
+        let mut state = self.lock();
+        let index = match state.subs.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                state.subs.push(None);
+                state.subs.len() - 1
+            }
+        };
+        state.subs[index] = Some(sub);
+        SubId(index)
+    }
+
+    /// Records where the sub sits in its topic's follower list, and its starting cursor.
+    /// `false` when the sub is gone (the connection ended meanwhile): the caller removes the
+    /// follower it added.
+    pub(super) fn place_sub(
+        &self,
+        sub: SubId,
+        slot: usize,
+        sent: MessageId,
+        from_client: bool,
+    ) -> bool {
+        let mut state = self.lock();
+        match state.subs.get_mut(sub.0) {
+            Some(Some(entry)) => {
+                entry.slot = Some(slot);
+                entry.sent = sent;
+                entry.from_client = from_client;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The cursor of a sub: the last id written or queued to it.
+    pub fn cursor(&self, sub: SubId) -> Option<MessageId> {
+        let state = self.lock();
+        state.subs.get(sub.0)?.as_ref().map(|s| s.sent)
+    }
+
+    /// Stops following one topic; returns whether the sub existed.
+    pub fn unsubscribe(&self, sub: SubId) -> bool {
+        let removed = {
+            let mut state = self.lock();
+            state.subs.get_mut(sub.0).and_then(Option::take)
+        };
+        match removed {
+            Some(sub) => {
+                if let Some(slot) = sub.slot {
+                    sub.topic.live.remove(self.shard, slot);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops following every topic and leaves the registry: called when the connection ends
+    /// (by [`OutletGuard`]), so that no writer keeps the outlet alive.
+    pub fn detach(&self) {
+        let subs: SmallVec<[Option<Sub>; 1]> = {
+            let mut state = self.lock();
+            state.end.get_or_insert(End::Gone);
+            state.waker = None;
+            std::mem::take(&mut state.subs)
+        };
+        for sub in subs.into_iter().flatten() {
+            if let Some(slot) = sub.slot {
+                sub.topic.live.remove(self.shard, slot);
+            }
+        }
+        self.fanout.unregister(self.shard, self.registry_slot);
+    }
+
+    /// Called by a fan-out writer: offers `messages` (one topic's, in id order) to sub `sub`.
+    pub(super) fn deliver(
+        &self,
+        sub: usize,
+        live: &super::fanout::TopicLive,
+        messages: &[Arc<Message>],
+        frames: &mut Vec<Bytes>,
+        tally: &mut Tally,
+    ) {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.end.is_some() {
+            return;
+        }
+        let Some(Some(entry)) = state.subs.get_mut(sub) else {
+            return;
+        };
+        if !std::ptr::eq(&*entry.topic.live, live) {
+            // The slot was reused for another topic after the writer read the follower list.
+            return;
+        }
+        let newest = messages.last().map_or(0, |m| m.id);
+        if entry.lost {
+            entry.seen = entry.seen.max(newest);
+            return;
+        }
+        let first_sent = entry.sent;
+        frames.clear();
+        let mut gap = false;
+        for message in messages {
+            if message.id <= entry.sent {
+                continue;
+            }
+            if message.id != entry.sent + 1 {
+                // A message is missing (delivered out of order, or never offered): the log
+                // has it.
+                gap = true;
+                break;
+            }
+            frames.push(self.format.message(message).clone());
+            entry.sent = message.id;
+        }
+        let last_sent = entry.sent;
+        if gap {
+            entry.lost = true;
+            entry.seen = entry.seen.max(newest);
+        }
+        if frames.is_empty() {
+            if gap {
+                Self::wake(state);
+            }
+            return;
+        }
+        let accepted = frames.len();
+        if self.format == Format::SseChunked && accepted > 1 {
+            // Several events in one write make one chunk: a chunk header for all of them, the
+            // shared unchunked frames, the chunk's end. Nothing is copied.
+            frames.clear();
+            let events = messages
+                .iter()
+                .filter(|m| m.id > first_sent && m.id <= last_sent);
+            let len: usize = events.clone().map(|m| m.sse_frame().len()).sum();
+            let mut header = Vec::with_capacity(12);
+            wire::push_chunk_start(&mut header, len);
+            frames.push(Bytes::from(header));
+            frames.extend(events.map(|m| m.sse_frame().clone()));
+            frames.push(Bytes::from_static(b"\r\n"));
+        }
+        if !state.busy && state.pending.is_empty() {
+            if let Some(socket) = &self.socket {
+                match write_now(socket, frames) {
+                    Ok(written) => {
+                        tally.delivered(self.transport, accepted, frames, messages[0].time);
+                        state.active = true;
+                        if queue_rest(&mut state.pending, frames, written) {
+                            state.busy = true;
+                            Self::wake(state);
+                        } else if gap {
+                            Self::wake(state);
+                        }
+                    }
+                    Err(_) => {
+                        state.end = Some(End::Gone);
+                        Self::wake(state);
+                    }
+                }
+                return;
+            }
+        }
+        if state.pending.len() + accepted > self.queue_limit {
+            // The connection is not keeping up: the policy decides.
+            if self.disconnect_slow {
+                crate::telemetry::slow_consumer("disconnect");
+                state.end.get_or_insert(End::SlowConsumer);
+            } else {
+                crate::telemetry::slow_consumer("resync");
+                let Some(Some(entry)) = state.subs.get_mut(sub) else {
+                    return;
+                };
+                entry.sent = first_sent;
+                entry.lost = true;
+                entry.seen = entry.seen.max(newest);
+            }
+            Self::wake(state);
+            return;
+        }
+        tally.delivered(self.transport, accepted, frames, messages[0].time);
+        state.pending.extend(frames.drain(..));
+        state.active = true;
+        if !state.busy {
+            state.busy = true;
+            Self::wake(state);
+        }
+    }
+
+    /// Sends bytes that are not a message (a reply, a heartbeat, a handshake): written at
+    /// once when the socket is free, else queued behind what is pending. Never dropped for
+    /// the queue bound: these are few and small.
+    pub fn send(&self, bytes: Bytes) {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.end == Some(End::Gone) {
+            return;
+        }
+        state.active = true;
+        if !state.busy && state.pending.is_empty() {
+            if let Some(socket) = &self.socket {
+                let frames = [bytes];
+                match write_now(socket, &frames) {
+                    Ok(written) => {
+                        if queue_rest(&mut state.pending, &frames, written) {
+                            state.busy = true;
+                            Self::wake(state);
+                        }
+                    }
+                    Err(_) => {
+                        state.end = Some(End::Gone);
+                        Self::wake(state);
+                    }
+                }
+                return;
+            }
+        }
+        state.pending.push_back(bytes);
+        if !state.busy {
+            state.busy = true;
+            Self::wake(state);
+        }
+    }
+
+    /// Queues bytes for the connection's own task to write on its next turn; for the task
+    /// itself (a reply), which asks [`Outlet::poll_action`] right after, so no wake-up.
+    pub fn push(&self, bytes: Bytes) {
+        let mut state = self.lock();
+        state.pending.push_back(bytes);
+        state.busy = true;
+        state.active = true;
+    }
+
+    fn wake(state: &mut State) {
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Ends the outlet (the ping round went unanswered, or the task decided so).
+    pub(super) fn end(&self, end: End) {
+        let mut state = self.lock();
+        state.end.get_or_insert(end);
+        Self::wake(&mut state);
+    }
+
+    /// What the connection's task must do next; registers its waker when nothing.
+    pub fn poll_action(&self, cx: &mut Context<'_>) -> Poll<Action> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if matches!(state.end, Some(End::Gone | End::Unresponsive)) {
+            return Poll::Ready(Action::End(state.end.expect("checked")));
+        }
+        if !state.pending.is_empty() {
+            state.busy = true;
+            let take = state.pending.len().min(WRITE_BATCH);
+            let batch: Vec<Bytes> = state.pending.drain(..take).collect();
+            if state.pending.is_empty() && state.pending.capacity() > 4 * WRITE_BATCH {
+                // Do not keep a burst's queue allocated for the life of an idle connection.
+                state.pending = VecDeque::new();
+            }
+            return Poll::Ready(Action::Write(batch));
+        }
+        if let Some(end) = state.end {
+            return Poll::Ready(Action::End(end));
+        }
+        let lost = state
+            .subs
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.as_ref().filter(|s| s.lost).map(|s| (i, s)));
+        if let Some((index, sub)) = lost {
+            state.busy = true;
+            let room = self.queue_limit.saturating_sub(state.pending.len()).max(1);
+            return Poll::Ready(Action::CatchUp(CatchUp {
+                sub: index,
+                topic: sub.topic.clone(),
+                after: sub.sent,
+                from_client: sub.from_client,
+                limit: self.catch_up_batch.min(room),
+            }));
+        }
+        if state.draining {
+            return Poll::Ready(Action::End(End::Drained));
+        }
+        state.busy = false;
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Takes queued bytes regardless of anything else (the last writes of a connection that
+    /// is ending); `None` when nothing is queued.
+    pub fn take_pending(&self) -> Option<Vec<Bytes>> {
+        let mut state = self.lock();
+        if state.pending.is_empty() {
+            return None;
+        }
+        let take = state.pending.len().min(WRITE_BATCH);
+        Some(state.pending.drain(..take).collect())
+    }
+
+    /// Reads what a sub missed from its log and queues it (signal first, then messages),
+    /// counted as delivered. The sub goes live again once nothing newer was offered to it
+    /// meanwhile; otherwise the next [`Outlet::poll_action`] asks for another read.
+    pub async fn catch_up(&self, catch_up: CatchUp) -> Result<(), Error> {
+        let CatchUp {
+            sub,
+            topic,
+            after,
+            from_client,
+            limit,
+        } = catch_up;
+        let batch = topic.read_batch(after, limit, from_client).await;
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(Some(entry)) = state.subs.get_mut(sub) else {
+            return Ok(());
+        };
+        if !Arc::ptr_eq(&entry.topic, &topic) || entry.sent != after {
+            return Ok(());
+        }
+        let batch = batch?;
+        entry.from_client = false;
+        if let Some(signal) = &batch.signal {
+            state
+                .pending
+                .push_back(self.format.signal(&topic.name, signal));
+            entry.sent = signal.resume_after();
+        }
+        let mut delivered = 0u64;
+        let mut bytes = 0u64;
+        for message in &batch.messages {
+            if message.id <= entry.sent {
+                continue;
+            }
+            let frame = self.format.message(message);
+            bytes += frame.len() as u64;
+            delivered += 1;
+            state.pending.push_back(frame.clone());
+            entry.sent = message.id;
+        }
+        if batch.messages.is_empty() {
+            // Nothing retained after the cursor: resume from the newest id, so that a
+            // truncation or reset is signalled once, not again at the next read.
+            entry.sent = entry.sent.max(batch.last_id);
+        }
+        // Every id offered was appended first, so one above the head can only come from
+        // before ids restarted (a reset): it must not keep the sub reading forever.
+        entry.seen = entry.seen.min(batch.last_id);
+        entry.lost = batch.more || entry.seen > entry.sent;
+        if delivered > 0 || !state.pending.is_empty() {
+            state.active = true;
+        }
+        topic.live.fanout().record(self.transport, delivered, bytes);
+        Ok(())
+    }
+
+    /// Drops one sub whose catch-up failed; the caller tells the client.
+    pub fn abandon(&self, catch_up: &CatchUp) {
+        self.unsubscribe(SubId(catch_up.sub));
+    }
+
+    /// The sub a catch-up was for.
+    pub fn catch_up_sub(catch_up: &CatchUp) -> SubId {
+        SubId(catch_up.sub)
+    }
+
+    /// Marks the connection as heard from (any frame): it answered the pending ping round.
+    pub fn heard(&self) {
+        let mut state = self.lock();
+        state.unanswered_ping = 0;
+    }
+
+    /// Ticker duty: a heartbeat if nothing was written since the last tick.
+    pub(super) fn heartbeat_if_idle(&self) {
+        let idle = {
+            let mut state = self.lock();
+            let idle = !state.active && state.end.is_none();
+            state.active = false;
+            idle
+        };
+        if idle {
+            self.send(self.format.heartbeat());
+        }
+    }
+
+    /// Ticker duty: a WebSocket ping of round `round`, unless an earlier one is unanswered.
+    pub(super) fn ping(&self, round: u32) {
+        {
+            let mut state = self.lock();
+            if state.end.is_some() {
+                return;
+            }
+            if state.unanswered_ping == 0 {
+                state.unanswered_ping = round;
+            }
+        }
+        self.send(self.format.heartbeat());
+    }
+
+    /// Ticker duty: ends the connection if round `round`'s ping is still unanswered.
+    pub(super) fn check_pong(&self, round: u32) {
+        let unanswered = self.lock().unanswered_ping == round;
+        if unanswered {
+            self.end(End::Unresponsive);
+        }
+    }
+
+    /// Starts the drain: every sub reads from its log what it has not been sent, so that
+    /// everything published before the stop reaches the connection; then it ends.
+    pub(super) fn drain(&self) {
+        let mut state = self.lock();
+        state.draining = true;
+        for sub in state.subs.iter_mut().flatten() {
+            sub.lost = true;
+        }
+        Self::wake(&mut state);
+    }
+}
+
+/// Writes as much of `frames` as the socket takes now, in one system call.
+fn write_now(socket: &TcpStream, frames: &[Bytes]) -> io::Result<usize> {
+    let result = if let [frame] = frames {
+        socket.try_write(frame)
+    } else {
+        let slices: SmallVec<[IoSlice<'_>; 16]> = frames.iter().map(|f| IoSlice::new(f)).collect();
+        socket.try_write_vectored(&slices)
+    };
+    match result {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        other => other,
+    }
+}
+
+/// Queues what of `frames` was not written (`written` bytes were), the partly written frame
+/// from the right byte. Returns whether anything was queued.
+fn queue_rest(pending: &mut VecDeque<Bytes>, frames: &[Bytes], mut written: usize) -> bool {
+    let mut queued = false;
+    for frame in frames {
+        if written >= frame.len() {
+            written -= frame.len();
+            continue;
+        }
+        pending.push_back(frame.slice(written..));
+        written = 0;
+        queued = true;
+    }
+    queued
+}
+
+/// Detaches an outlet when the connection that owns it ends, however it ends.
+#[derive(Debug)]
+pub struct OutletGuard(pub Arc<Outlet>);
+
+impl std::ops::Deref for OutletGuard {
+    type Target = Arc<Outlet>;
+
+    fn deref(&self) -> &Arc<Outlet> {
+        &self.0
+    }
+}
+
+impl Drop for OutletGuard {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(sizes: &[usize]) -> Vec<Bytes> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![b'a' + i as u8; n]))
+            .collect()
+    }
+
+    #[test]
+    fn a_partial_write_queues_the_rest_from_the_right_byte() {
+        let all = frames(&[5, 3, 4]);
+        let flat: Vec<u8> = all.iter().flat_map(|f| f.iter().copied()).collect();
+        for written in 0..=flat.len() {
+            let mut pending = VecDeque::new();
+            let queued = queue_rest(&mut pending, &all, written);
+            let rest: Vec<u8> = pending.iter().flat_map(|f| f.iter().copied()).collect();
+            assert_eq!(rest, &flat[written..], "after {written} bytes");
+            assert_eq!(queued, written < flat.len());
+        }
+    }
+}

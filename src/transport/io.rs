@@ -1,0 +1,225 @@
+//! The byte stream of one connection, as the transports serve it.
+//!
+//! A plain TCP connection is kept in an `Arc`, so that the fan-out writers can write to the
+//! same socket the connection's task reads from (both use tokio's `&self` socket calls, which
+//! keep their own readiness per direction). Anything else (TLS, a connection hyper upgraded)
+//! is a boxed stream the task alone reads and writes.
+
+use std::{
+    io::{self, IoSlice},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+/// What a boxed connection must be.
+pub trait AsyncIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncIo for T {}
+
+/// One connection's byte stream.
+pub enum Io {
+    /// Plain TCP, shareable with the fan-out writers.
+    Tcp(Arc<TcpStream>),
+    /// A stream only the connection's task touches.
+    Other(Box<dyn AsyncIo>),
+}
+
+impl std::fmt::Debug for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Io::Tcp(stream) => f.debug_tuple("Tcp").field(stream).finish(),
+            Io::Other(_) => f.write_str("Other"),
+        }
+    }
+}
+
+impl Io {
+    /// The socket the fan-out may write to directly, if this is plain TCP.
+    pub fn shared_socket(&self) -> Option<Arc<TcpStream>> {
+        match self {
+            Io::Tcp(stream) => Some(stream.clone()),
+            Io::Other(_) => None,
+        }
+    }
+
+    /// Ready when a read may find something: for plain TCP, the socket's read readiness, so
+    /// that an idle connection waits without holding a read buffer; always for other streams,
+    /// which can only be polled by reading.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Tcp(stream) => stream.poll_read_ready(cx),
+            Io::Other(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// Reads what is available into the spare capacity of `buf` (at least `chunk` bytes of
+    /// room are made); `Ok(0)` is the end of the stream.
+    pub fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+        chunk: usize,
+    ) -> Poll<io::Result<usize>> {
+        if buf.capacity() - buf.len() < chunk {
+            buf.reserve(chunk);
+        }
+        let spare = buf.spare_capacity_mut();
+        let mut read = ReadBuf::uninit(spare);
+        ready!(Pin::new(&mut *self).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+
+    /// Reads once into `buf`, waiting until something arrives.
+    pub async fn read_into(&mut self, buf: &mut Vec<u8>, chunk: usize) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_into(cx, buf, chunk)).await
+    }
+
+    /// Writes `frames` from `*done` bytes on; advances `*done`. Ready once all is written.
+    pub fn poll_write_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &[Bytes],
+        done: &mut usize,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut skip = *done;
+            let mut slices: smallvec::SmallVec<[IoSlice<'_>; 16]> = smallvec::SmallVec::new();
+            for frame in frames {
+                if skip >= frame.len() {
+                    skip -= frame.len();
+                    continue;
+                }
+                slices.push(IoSlice::new(&frame[skip..]));
+                skip = 0;
+            }
+            if slices.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let written = ready!(Pin::new(&mut *self).poll_write_vectored(cx, &slices))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *done += written;
+        }
+    }
+
+    /// Writes all of `bytes`.
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let frames = [Bytes::copy_from_slice(bytes)];
+        let mut done = 0;
+        std::future::poll_fn(|cx| self.poll_write_frames(cx, &frames, &mut done)).await
+    }
+
+    /// Flushes what a TLS stream buffers (nothing to do for plain TCP).
+    pub async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_flush(cx)).await
+    }
+
+    /// Closes the writing side, so the peer sees the end of the stream.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_shutdown(cx)).await
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(stream) => loop {
+                ready!(stream.poll_read_ready(cx))?;
+                // SAFETY: `try_read` only writes initialised bytes into the slice, and
+                // `assume_init` is then called for exactly what it wrote.
+                let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
+                match stream.try_read(unfilled) {
+                    Ok(n) => {
+                        unsafe { buf.assume_init(n) };
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+            },
+            Io::Other(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(stream) => loop {
+                ready!(stream.poll_write_ready(cx))?;
+                match stream.try_write(buf) {
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => return Poll::Ready(other),
+                }
+            },
+            Io::Other(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(stream) => loop {
+                ready!(stream.poll_write_ready(cx))?;
+                match stream.try_write_vectored(bufs) {
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => return Poll::Ready(other),
+                }
+            },
+            Io::Other(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(_) => true,
+            Io::Other(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(_) => Poll::Ready(Ok(())),
+            Io::Other(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(stream) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: shutting down the writing half of a socket this `Arc` keeps open.
+                let result = unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+                Poll::Ready(if result == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                })
+            }
+            Io::Other(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}

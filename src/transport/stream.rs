@@ -1,0 +1,250 @@
+//! The loop every streaming connection runs, whatever it speaks (SSE, WebSocket) and over
+//! whatever it runs (plain TCP, TLS).
+//!
+//! The fan-out writes most deliveries straight to the socket; this loop only does what the
+//! [`Outlet`] asks ([`Outlet::poll_action`]): finish writes that would have blocked, catch a
+//! topic up from its log, end. Meanwhile it reads what the client sends (WebSocket frames,
+//! or the end of the stream) and hands it to the transport's [`Peer`]. Policies that are
+//! the same for every transport live here once: the stall limit (a peer whose socket takes
+//! nothing for that long is dropped), the token's expiry, and backpressure (while a write is
+//! blocked, the client's input is not read, so a peer that sends but does not read cannot
+//! make the server queue replies without bound).
+
+use std::{
+    future::{Future, poll_fn},
+    pin::Pin,
+    sync::Arc,
+    task::Poll,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::AsyncWrite,
+    time::{Instant, Sleep},
+};
+
+use super::io::Io;
+use crate::{
+    error::Error,
+    hub::{Action, End, Outlet, SubId},
+    message::TopicName,
+};
+
+/// What the loop needs from the configuration and the request.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A connection whose writes make no progress for this long is dropped.
+    pub stall: Duration,
+    /// Read size; the buffer exists only while there is input to read.
+    pub read_chunk: usize,
+    /// The token's expiry: the stream ends then.
+    pub expires: Option<Instant>,
+}
+
+/// Why a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The outlet ended (drained at shutdown, slow consumer, unresponsive peer, write error).
+    Ended(End),
+    /// The client's token expired.
+    Expired,
+    /// The client closed the connection, or it failed.
+    PeerGone,
+    /// Writes made no progress for the stall limit.
+    Stalled,
+    /// The transport ended it (a WebSocket closing handshake or protocol violation: its
+    /// close frame is queued and gets written before the connection closes).
+    Closed,
+}
+
+/// What a transport adds to the loop.
+pub trait Peer: Send {
+    /// Bytes arrived; `input` holds everything not consumed yet. Consume what was handled.
+    fn on_input(
+        &mut self,
+        input: &mut Vec<u8>,
+        outlet: &Arc<Outlet>,
+    ) -> impl Future<Output = Result<(), Finish>> + Send;
+
+    /// Reading a topic's history failed; the sub is gone. End, or tell the client and go on.
+    fn on_catch_up_failed(
+        &mut self,
+        outlet: &Outlet,
+        topic: &TopicName,
+        error: &Error,
+    ) -> Result<(), Finish>;
+}
+
+enum Step {
+    Input,
+    CatchUp(crate::hub::CatchUp),
+    Finish(Finish),
+}
+
+/// Runs the stream until it ends, and says why. Bytes queued before the end (a close frame)
+/// are written first when the end is [`Finish::Closed`] or a drain.
+pub async fn run<P: Peer>(
+    io: &mut Io,
+    outlet: &Arc<Outlet>,
+    peer: &mut P,
+    settings: &Settings,
+    input: &mut Vec<u8>,
+) -> Finish {
+    let mut writer = Writer::default();
+    let mut expiry: Option<Pin<Box<Sleep>>> = settings
+        .expires
+        .map(|at| Box::pin(tokio::time::sleep_until(at)));
+    loop {
+        let step = poll_fn(|cx| {
+            if let Some(expiry) = expiry.as_mut()
+                && expiry.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Step::Finish(Finish::Expired));
+            }
+            loop {
+                match writer.poll(cx, io, settings.stall) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(finish)) => return Poll::Ready(Step::Finish(finish)),
+                    // Backpressure: no input is read while a write is blocked.
+                    Poll::Pending => return Poll::Pending,
+                }
+                match outlet.poll_action(cx) {
+                    Poll::Ready(Action::Write(frames)) => writer.start(frames),
+                    Poll::Ready(Action::CatchUp(catch_up)) => {
+                        return Poll::Ready(Step::CatchUp(catch_up));
+                    }
+                    Poll::Ready(Action::End(end)) => {
+                        return Poll::Ready(Step::Finish(Finish::Ended(end)));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            match io.poll_readable(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(Step::Finish(Finish::PeerGone)),
+                Poll::Pending => return Poll::Pending,
+            }
+            match io.poll_read_into(cx, input, settings.read_chunk) {
+                Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Step::Finish(Finish::PeerGone)),
+                Poll::Ready(Ok(_)) => Poll::Ready(Step::Input),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match step {
+            Step::Input => {
+                let handled = peer.on_input(input, outlet).await;
+                if input.is_empty() {
+                    // Idle connections hold no read buffer.
+                    *input = Vec::new();
+                }
+                if let Err(finish) = handled {
+                    return end(io, outlet, finish, settings.stall).await;
+                }
+            }
+            Step::CatchUp(catch_up) => {
+                let topic = catch_up.topic().clone();
+                let sub: SubId = Outlet::catch_up_sub(&catch_up);
+                if let Err(error) = outlet.catch_up(catch_up).await {
+                    outlet.unsubscribe(sub);
+                    if let Err(finish) = peer.on_catch_up_failed(outlet, &topic, &error) {
+                        return finish;
+                    }
+                }
+            }
+            Step::Finish(finish) => return end(io, outlet, finish, settings.stall).await,
+        }
+    }
+}
+
+/// Writes what is still queued when the end leaves something worth sending (a close frame,
+/// the rest of a drain), then returns `finish`.
+async fn end(io: &mut Io, outlet: &Outlet, finish: Finish, stall: Duration) -> Finish {
+    if matches!(
+        finish,
+        Finish::Closed | Finish::Ended(End::SlowConsumer | End::Drained)
+    ) {
+        let mut writer = Writer::default();
+        let flushed = poll_fn(|cx| {
+            loop {
+                match writer.poll(cx, io, stall) {
+                    Poll::Ready(Ok(())) => {}
+                    other => return other,
+                }
+                match outlet.take_pending() {
+                    Some(frames) => writer.start(frames),
+                    None => return Poll::Ready(Ok(())),
+                }
+            }
+        })
+        .await;
+        if let Err(failed) = flushed {
+            return failed;
+        }
+    }
+    finish
+}
+
+/// Writes one batch of frames completely (and flushes, for TLS), with the stall limit.
+#[derive(Default)]
+struct Writer {
+    frames: Vec<Bytes>,
+    done: usize,
+    flushing: bool,
+    stall: Option<Pin<Box<Sleep>>>,
+}
+
+impl Writer {
+    fn start(&mut self, frames: Vec<Bytes>) {
+        self.frames = frames;
+        self.done = 0;
+    }
+
+    /// `Ready(Ok)` when nothing is left to write.
+    fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        io: &mut Io,
+        limit: Duration,
+    ) -> Poll<Result<(), Finish>> {
+        if self.frames.is_empty() && !self.flushing {
+            return Poll::Ready(Ok(()));
+        }
+        let before = self.done;
+        let polled = if self.frames.is_empty() {
+            Poll::Ready(Ok(()))
+        } else {
+            io.poll_write_frames(cx, &self.frames, &mut self.done)
+        };
+        let polled = match polled {
+            Poll::Ready(Ok(())) => {
+                self.frames.clear();
+                self.done = 0;
+                self.flushing = true;
+                Pin::new(&mut *io).poll_flush(cx)
+            }
+            other => other,
+        };
+        match polled {
+            Poll::Ready(Ok(())) => {
+                self.flushing = false;
+                self.stall = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Finish::PeerGone)),
+            Poll::Pending => {
+                if self.done != before {
+                    self.stall = None;
+                }
+                let deadline = self
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(Finish::Stalled));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! `GET /topics/{topic}/ws` and `GET /ws`: WebSocket, one topic or many per connection.
+//!
+//! Both endpoints run the same [`Session`]: the per-topic one starts subscribed to its topic
+//! and publishes there by default; the multiplexed one starts with no subscription.
+//!
+//! Server frames: an envelope (a message, recognisable by having no `type`), or a control
+//! object with a `type`: `ack`, `subscribed`, `unsubscribed`, `pong`, `error`, and the
+//! cursor signals `truncated` and `reset`.
+//!
+//! pushhub speaks WebSocket itself ([`frame`] reads client frames, [`crate::message::wire`]
+//! writes server frames): a message's frame is built once, when it is published, and the
+//! fan-out writes those bytes to every socket. A client that stops reading is dropped after
+//! `--ws-pong-timeout` without progress; until then the hub's policy (read the backlog from
+//! history by cursor) bounds what it holds.
+
+pub mod frame;
+mod session;
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::{
+    body::Body,
+    extract::{Path, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    response::Response,
+};
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+pub use session::{Session, close_frame};
+
+use super::{HeaderSource, Params, io::Io, stream};
+use crate::{
+    AppState,
+    auth::Access,
+    error::Error,
+    hub::{Format, OutletGuard, Transport},
+    message::TopicName,
+};
+
+/// Checks an upgrade request and returns its `Sec-WebSocket-Accept` value; anything that is
+/// not a version-13 WebSocket handshake gets `426 Upgrade Required`.
+pub fn accept_key(headers: &dyn HeaderSource) -> Result<String, Error> {
+    let has = |name: &str, token: &str| {
+        headers.header(name).is_some_and(|value| {
+            value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    let key = headers
+        .header("sec-websocket-key")
+        .filter(|key| !key.is_empty());
+    match key {
+        Some(key)
+            if has("upgrade", "websocket")
+                && has("connection", "upgrade")
+                && headers.header("sec-websocket-version") == Some(b"13") =>
+        {
+            Ok(tungstenite::handshake::derive_accept_key(key))
+        }
+        _ => Err(Error::UpgradeRequired),
+    }
+}
+
+/// The headers of the `101` answer, besides the per-request ones.
+pub fn upgrade_headers(accept: &str) -> [(&'static str, String); 3] {
+    [
+        ("upgrade", "websocket".to_owned()),
+        ("connection", "upgrade".to_owned()),
+        ("sec-websocket-accept", accept.to_owned()),
+    ]
+}
+
+/// A WebSocket request checked and answered: ready to run.
+pub struct Opened {
+    /// The connection's outlet (the `101` head is queued on it first).
+    pub outlet: OutletGuard,
+    /// The protocol state.
+    pub session: Session,
+    /// When the client's token expires.
+    pub expires: Option<tokio::time::Instant>,
+}
+
+/// Checks a handshake for `topic` (per-topic) or none (multiplexed), in the order clients
+/// are answered: origin, topic, permission, cursor, then the handshake itself. Returns the
+/// accept key, and the topic and cursor.
+pub fn check(
+    app: &AppState,
+    access: &Access,
+    topic: Option<&str>,
+    params: &Params,
+    headers: &dyn HeaderSource,
+) -> Result<(String, Option<(TopicName, Option<u64>)>), Error> {
+    app.origins.check_websocket(headers)?;
+    let home = match topic {
+        Some(topic) => {
+            let topic = super::topic(topic)?;
+            access.check_subscribe(&topic)?;
+            Some((topic, params.after()?))
+        }
+        None => None,
+    };
+    Ok((accept_key(headers)?, home))
+}
+
+/// Opens the session of a checked handshake: the outlet (with `head`, the `101` answer,
+/// queued first) and, on the per-topic endpoint, its subscription. Subscribing before the
+/// `101` is sent means whatever is published once the client sees the handshake reaches it.
+pub async fn open(
+    app: &AppState,
+    access: Access,
+    home: Option<(TopicName, Option<u64>)>,
+    peer: Option<IpAddr>,
+    socket: Option<Arc<TcpStream>>,
+    head: Bytes,
+) -> Result<Opened, Error> {
+    let outlet = app.hub.outlet(socket, Format::Ws, Transport::Ws);
+    if !head.is_empty() {
+        outlet.push(head);
+    }
+    let expires = access.expires_at();
+    let mut session = Session::new(
+        app.clone(),
+        access,
+        peer,
+        home.as_ref().map(|(t, _)| t.clone()),
+    );
+    if let Some((topic, after)) = home {
+        let sub = app.hub.subscribe(&topic, after, &outlet).await?;
+        session.followed(topic, sub);
+    }
+    app.hub.record_request(Transport::Ws);
+    Ok(Opened {
+        outlet,
+        session,
+        expires,
+    })
+}
+
+/// Runs an opened session over `io` until it ends, then closes with the code its end calls
+/// for. `input` holds bytes the client already sent.
+pub async fn run(app: &AppState, mut opened: Opened, io: &mut Io, mut input: Vec<u8>) {
+    let settings = stream::Settings {
+        // A peer that stops reading stalls our writes; one that vanished answers no ping.
+        // Either is cut off after this long, and its resources freed.
+        stall: app.config.ws_pong_timeout,
+        read_chunk: app.config.ws_read_buffer,
+        expires: opened.expires,
+    };
+    let outlet = opened.outlet.0.clone();
+    // Bytes that arrived with the handshake are handled first.
+    let mut finish = None;
+    if !input.is_empty() {
+        use stream::Peer as _;
+        if let Err(ended) = opened.session.on_input(&mut input, &outlet).await {
+            finish = Some(ended);
+        }
+    }
+    let finish = match finish {
+        Some(finish) => finish,
+        None => stream::run(io, &outlet, &mut opened.session, &settings, &mut input).await,
+    };
+    if let Some(close) = close_frame(finish) {
+        outlet.push(close);
+    }
+    // A close frame (ours, or the answer to the client's) and whatever precedes it.
+    if matches!(finish, stream::Finish::Closed) || close_frame(finish).is_some() {
+        let flush = async {
+            while let Some(frames) = outlet.take_pending() {
+                for frame in frames {
+                    io.write_all(&frame).await?;
+                }
+            }
+            io.flush().await
+        };
+        let _ = tokio::time::timeout(settings.stall, flush).await;
+    }
+    let _ = io.shutdown().await;
+    drop(opened.outlet);
+}
+
+/// `GET /topics/{topic}/ws` through axum (a connection hyper serves).
+pub async fn topic_ws(
+    State(app): State<AppState>,
+    access: Access,
+    Path(topic): Path<String>,
+    params: Params<'static>,
+    request: Request,
+) -> Result<Response, Error> {
+    upgrade(app, access, Some(&topic), params, request).await
+}
+
+/// `GET /ws` through axum.
+pub async fn multiplexed_ws(
+    State(app): State<AppState>,
+    access: Access,
+    params: Params<'static>,
+    request: Request,
+) -> Result<Response, Error> {
+    upgrade(app, access, None, params, request).await
+}
+
+/// Answers `101` and runs the session on the connection hyper hands over. A plain TCP
+/// connection is taken back from hyper whole, so the fan-out writes to it directly.
+async fn upgrade(
+    app: AppState,
+    access: Access,
+    topic: Option<&str>,
+    params: Params<'static>,
+    mut request: Request,
+) -> Result<Response, Error> {
+    let headers: &HeaderMap = request.headers();
+    let (accept, home) = check(&app, &access, topic, &params, headers)?;
+    let on_upgrade = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(Error::UpgradeRequired)?;
+    // The session starts once hyper hands the connection over, after the `101`; a client
+    // following from now starts from the newest id as of now, so whatever is published once
+    // it sees the handshake complete reaches it.
+    let home = match home {
+        Some((topic, None)) => {
+            let now = app.hub.last_id(&topic).await?;
+            Some((topic, Some(now)))
+        }
+        home => home,
+    };
+    let peer = params.peer_ip();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let (mut io, input) = crate::gate::reclaim(upgraded);
+        let socket = io.shared_socket();
+        match open(&app, access, home, peer, socket, Bytes::new()).await {
+            Ok(opened) => run(&app, opened, &mut io, input).await,
+            Err(error) => {
+                tracing::warn!(%error, "WebSocket session could not start");
+                let _ = io.write_all(&frame::close_for(&error)).await;
+            }
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for (name, value) in upgrade_headers(&accept) {
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(name), value);
+        }
+    }
+    Ok(response)
+}

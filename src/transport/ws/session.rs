@@ -1,0 +1,272 @@
+//! What a WebSocket client says: frames in, commands executed, replies out.
+//!
+//! Client frames are JSON objects with a `type`: `publish`, `subscribe`, `unsubscribe`,
+//! `ping`. Replies are `ack`, `subscribed`, `unsubscribed`, `pong`, or `error`; a bad frame
+//! is answered with an `error` frame and the connection stays usable. Replies are queued on
+//! the connection's outlet, behind whatever the fan-out queued, so they keep their order
+//! with the messages.
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use bytes::Bytes;
+use serde_json::{Value, json, value::RawValue};
+
+use super::frame::{Event, FrameReader, close_code};
+use crate::{
+    AppState,
+    auth::Access,
+    error::Error,
+    hub::{Outlet, SubId},
+    message::{EventName, MessageId, Payload, TopicName, wire},
+    transport::{
+        publish::Published,
+        stream::{Finish, Peer},
+    },
+};
+
+/// One WebSocket connection's protocol state.
+pub struct Session {
+    app: AppState,
+    /// The token the connection opened with: checked again by every command.
+    access: Access,
+    peer: Option<IpAddr>,
+    /// The topic of a per-topic connection: where `publish` goes when it names none.
+    home: Option<TopicName>,
+    /// The topics followed, and their subs on the outlet.
+    subs: HashMap<TopicName, SubId>,
+    frames: FrameReader,
+}
+
+impl Session {
+    /// A session for a connection from `peer`, publishing to `home` by default.
+    pub fn new(
+        app: AppState,
+        access: Access,
+        peer: Option<IpAddr>,
+        home: Option<TopicName>,
+    ) -> Self {
+        let frames = FrameReader::new(app.config.ws_max_message);
+        Self {
+            app,
+            access,
+            peer,
+            home,
+            subs: HashMap::new(),
+            frames,
+        }
+    }
+
+    /// Records a sub made before the session started (the per-topic endpoint's).
+    pub fn followed(&mut self, topic: TopicName, sub: SubId) {
+        self.subs.insert(topic, sub);
+    }
+
+    /// Executes one client command and returns the reply.
+    async fn handle(&mut self, text: &str, outlet: &Arc<Outlet>) -> Value {
+        let fields: HashMap<String, &RawValue> = match serde_json::from_str(text) {
+            Ok(fields) => fields,
+            Err(_) => {
+                let error = Error::InvalidMessage("expected a JSON object with a \"type\"".into());
+                return error_reply(&error, None);
+            }
+        };
+        let command = Command { fields: &fields };
+        let reference = fields.get("ref").copied();
+        match self.execute(command, outlet).await {
+            Ok(mut reply) => {
+                if let Some(reference) = reference {
+                    reply["ref"] = serde_json::from_str(reference.get()).unwrap_or(Value::Null);
+                }
+                reply
+            }
+            Err(error) => error_reply(&error, reference),
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        command: Command<'_>,
+        outlet: &Arc<Outlet>,
+    ) -> Result<Value, Error> {
+        let kind = command
+            .string("type")?
+            .ok_or_else(|| Error::InvalidMessage("missing \"type\"".into()))?;
+        match kind.as_str() {
+            "publish" => {
+                let topic = match command.string("topic")? {
+                    Some(topic) => TopicName::parse(&topic)?,
+                    None => self.home.clone().ok_or_else(|| {
+                        Error::InvalidMessage("publish on /ws needs a \"topic\"".into())
+                    })?,
+                };
+                self.access.check_publish(&topic)?;
+                self.app
+                    .publish_limiter
+                    .check(&self.access.client_key(self.peer))?;
+                let event = match command.string("event")? {
+                    Some(event) => EventName::parse(&event)?,
+                    None => EventName::default_event(),
+                };
+                let data = command
+                    .fields
+                    .get("data")
+                    .ok_or_else(|| Error::InvalidMessage("publish needs \"data\"".into()))?;
+                let payload = Payload::from_json(data.get())?;
+                let message = self.app.publish(&topic, event, &payload).await?;
+                let mut ack =
+                    serde_json::to_value(Published::from(&*message)).expect("ack serializes");
+                ack["type"] = json!("ack");
+                Ok(ack)
+            }
+            "subscribe" => {
+                let topic = TopicName::parse(&command.required_string("topic")?)?;
+                self.access.check_subscribe(&topic)?;
+                let limit = self.app.config.max_subscriptions_per_connection;
+                if !self.subs.contains_key(&topic) && self.subs.len() >= limit {
+                    return Err(Error::TooManySubscriptions { limit });
+                }
+                let after = command.cursor("after")?;
+                if let Some(previous) = self.subs.remove(&topic) {
+                    outlet.unsubscribe(previous);
+                }
+                // The reply is queued before the sub exists: it precedes the topic's messages.
+                let sub = self.app.hub.subscribe(&topic, after, outlet).await?;
+                let cursor = outlet.cursor(sub).unwrap_or_default();
+                self.subs.insert(topic.clone(), sub);
+                Ok(json!({"type": "subscribed", "topic": topic, "after": cursor}))
+            }
+            "unsubscribe" => {
+                let topic = TopicName::parse(&command.required_string("topic")?)?;
+                let was_subscribed = match self.subs.remove(&topic) {
+                    Some(sub) => outlet.unsubscribe(sub),
+                    None => false,
+                };
+                Ok(
+                    json!({"type": "unsubscribed", "topic": topic, "was_subscribed": was_subscribed}),
+                )
+            }
+            "ping" => Ok(json!({"type": "pong"})),
+            other => Err(Error::UnknownType(other.chars().take(64).collect())),
+        }
+    }
+}
+
+impl Peer for Session {
+    async fn on_input(&mut self, input: &mut Vec<u8>, outlet: &Arc<Outlet>) -> Result<(), Finish> {
+        let mut used = 0;
+        let result = loop {
+            let frame = match self.frames.next(&input[used..]) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break Ok(()),
+                Err(violation) => {
+                    outlet.push(wire::ws_close_frame(violation.code, violation.reason));
+                    break Err(Finish::Closed);
+                }
+            };
+            used += frame.0;
+            outlet.heard();
+            match frame.1 {
+                None | Some(Event::Pong) => {}
+                Some(Event::Ping(payload)) => {
+                    outlet.push(wire::ws_frame(wire::opcode::PONG, &payload));
+                }
+                Some(Event::Text(text)) => {
+                    let reply = self.handle(&text, outlet).await;
+                    outlet.push(text_frame(&reply));
+                }
+                Some(Event::Binary(_)) => {
+                    let error = Error::InvalidMessage(
+                        "binary frames are not accepted: send JSON text".into(),
+                    );
+                    outlet.push(text_frame(&error_reply(&error, None)));
+                }
+                Some(Event::Close(_)) => {
+                    // Answer the closing handshake with a close frame of our own.
+                    outlet.push(wire::ws_close_frame(1000, ""));
+                    break Err(Finish::Closed);
+                }
+            }
+        };
+        input.drain(..used);
+        result
+    }
+
+    fn on_catch_up_failed(
+        &mut self,
+        outlet: &Outlet,
+        topic: &TopicName,
+        error: &Error,
+    ) -> Result<(), Finish> {
+        tracing::warn!(%error, %topic, "WebSocket subscription failed");
+        self.subs.remove(topic);
+        let mut reply = error_reply(error, None);
+        reply["topic"] = json!(topic);
+        outlet.push(text_frame(&reply));
+        Ok(())
+    }
+}
+
+/// The close frame a WebSocket gets when its stream ends for `finish` (`None`: just close).
+pub fn close_frame(finish: Finish) -> Option<Bytes> {
+    use crate::hub::End;
+    let (code, reason) = match finish {
+        Finish::Ended(End::Drained) => (close_code::AWAY, "server shutting down"),
+        Finish::Ended(End::SlowConsumer) => (close_code::AGAIN, "subscriber fell too far behind"),
+        Finish::Expired => (close_code::TOKEN_EXPIRED, "token expired"),
+        Finish::Ended(End::Gone | End::Unresponsive)
+        | Finish::PeerGone
+        | Finish::Stalled
+        | Finish::Closed => return None,
+    };
+    Some(wire::ws_close_frame(code, reason))
+}
+
+/// The fields of a client frame, read on demand so that `"data": null` and a missing
+/// `data` stay distinguishable.
+struct Command<'a> {
+    fields: &'a HashMap<String, &'a RawValue>,
+}
+
+impl Command<'_> {
+    fn string(&self, name: &str) -> Result<Option<String>, Error> {
+        self.fields
+            .get(name)
+            .map(|raw| {
+                serde_json::from_str::<String>(raw.get())
+                    .map_err(|_| Error::InvalidMessage(format!("\"{name}\" must be a string")))
+            })
+            .transpose()
+    }
+
+    fn required_string(&self, name: &str) -> Result<String, Error> {
+        self.string(name)?
+            .ok_or_else(|| Error::InvalidMessage(format!("missing \"{name}\"")))
+    }
+
+    fn cursor(&self, name: &'static str) -> Result<Option<MessageId>, Error> {
+        self.fields
+            .get(name)
+            .map(|raw| {
+                serde_json::from_str::<MessageId>(raw.get()).map_err(|_| {
+                    Error::param(
+                        name,
+                        "must be a message id: a whole number from 0 to 18446744073709551615",
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
+fn error_reply(error: &Error, reference: Option<&RawValue>) -> Value {
+    crate::telemetry::rejected(error.code());
+    let mut reply = json!({"type": "error", "code": error.code(), "error": error.public_message()});
+    if let Some(reference) = reference {
+        reply["ref"] = serde_json::from_str(reference.get()).unwrap_or(Value::Null);
+    }
+    reply
+}
+
+fn text_frame(reply: &Value) -> Bytes {
+    wire::ws_frame(wire::opcode::TEXT, reply.to_string().as_bytes())
+}
