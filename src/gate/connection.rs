@@ -1,16 +1,24 @@
 //! One admitted connection: read each request head, serve the streaming and polling
-//! endpoints on the raw socket, hand anything else to hyper.
+//! endpoints on the raw socket, pass other requests to the axum router, and hand anything
+//! unusual to hyper.
 //!
 //! Serving the hot endpoints here is what lets a streaming connection keep only what it
 //! needs: no hyper connection state or 8 KiB read buffer, no tungstenite buffers, just its
 //! socket, its outlet and a small task; and a poll answer costs one read and one write with
-//! nothing but the parse, the hub and the encoding in between. A connection stays here for as
-//! long as its requests are ones pushhub serves (keep-alive and pipelining included); the
-//! first other request hands it to hyper for the rest of its life.
+//! nothing but the parse, the hub and the encoding in between.
+//!
+//! Other requests (publishes, topic info, the lab's assets) go through the same axum router
+//! and tower layers as always, with pushhub reading their `Content-Length` body and writing
+//! their response: so a keep-alive connection that publishes, then polls, then opens a
+//! stream (as browsers and HTTP client pools do) stays on the fast path. What needs more of
+//! HTTP/1.1 than that (a chunked or oversized request body, `Expect`, HTTP/1.0, a malformed
+//! head) is handed to hyper, with the bytes already read replayed, for the rest of the
+//! connection's life.
 
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, http::StatusCode};
+
 use bytes::Bytes;
 use tokio::time::Instant;
 
@@ -82,11 +90,17 @@ impl Connection {
                 Some(Err(read)) => return self.hand_over(io, read).await,
                 None => return,
             };
-            let Some((endpoint, topic)) = route(&head, &self.app.config) else {
-                return self.hand_over(io, head.into_buffer()).await;
+            let next = match route(&head, &self.app.config) {
+                Some((endpoint, topic)) => {
+                    let topic = topic.map(Cow::into_owned);
+                    self.dispatch(endpoint, topic, head, &mut io).await
+                }
+                None => match self.app_request(&head) {
+                    Some((request, length)) => self.serve_app(head, request, length, &mut io).await,
+                    None => return self.hand_over(io, head.into_buffer()).await,
+                },
             };
-            let topic = topic.map(Cow::into_owned);
-            match self.dispatch(endpoint, topic, head, &mut io).await {
+            match next {
                 Next::KeepAlive(rest) => buf = rest,
                 Next::Close => {
                     let _ = io.shutdown().await;
@@ -101,6 +115,64 @@ impl Connection {
         self.protocols
             .serve(io, read, false, self.peer, self.router, stop)
             .await;
+    }
+
+    /// A request the router may serve here, and its body length: `None` when hyper must
+    /// (a chunked or oversized body, `Expect`, a name or value `http` refuses).
+    fn app_request(
+        &self,
+        head: &RequestHead,
+    ) -> Option<(axum::http::Request<axum::body::Body>, usize)> {
+        if head.has_header("transfer-encoding") || head.has_header("expect") {
+            return None;
+        }
+        let length = match head.header("content-length") {
+            None => 0,
+            Some(value) => {
+                let length: usize = std::str::from_utf8(value).ok()?.parse().ok()?;
+                // A body over the limit is refused by axum while hyper streams it in.
+                if length > self.app.config.max_body || !head.single("content-length") {
+                    return None;
+                }
+                length
+            }
+        };
+        Some((head.to_request()?, length))
+    }
+
+    /// Serves a request through the axum router: reads its body, writes its response.
+    async fn serve_app(
+        &self,
+        head: RequestHead,
+        mut request: axum::http::Request<axum::body::Body>,
+        length: usize,
+        io: &mut Io,
+    ) -> Next {
+        let close = head.wants_close();
+        let mut rest = head.into_rest();
+        let deadline = Instant::now() + self.app.config.header_timeout;
+        while rest.len() < length {
+            let room = length - rest.len();
+            match tokio::time::timeout_at(deadline, io.read_into(&mut rest, room)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Next::Close,
+            }
+        }
+        let next = rest.split_off(length);
+        *request.body_mut() = axum::body::Body::from(rest);
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        let is_head = request.method() == axum::http::Method::HEAD;
+        let response = match tower::ServiceExt::oneshot(self.router.clone(), request).await {
+            Ok(response) => response,
+            Err(infallible) => match infallible {},
+        };
+        let stall = self.app.config.stall_timeout;
+        match tokio::time::timeout(stall, super::response::write_app(io, response, is_head)).await {
+            Ok(Ok(keep)) if keep && !close => Next::KeepAlive(next),
+            _ => Next::Close,
+        }
     }
 
     async fn dispatch(

@@ -117,6 +117,38 @@ impl RequestHead {
             .count()
     }
 
+    /// Whether a header named `name` is present.
+    pub fn has_header(&self, name: &str) -> bool {
+        self.count(name) > 0
+    }
+
+    /// Whether exactly one header is named `name`.
+    pub fn single(&self, name: &str) -> bool {
+        self.count(name) == 1
+    }
+
+    /// The head as an `http` request (empty body), for the axum router; `None` when a name
+    /// or value is not valid for `http` (hyper then answers 400).
+    pub fn to_request(&self) -> Option<axum::http::Request<axum::body::Body>> {
+        let target =
+            &self.buf[self.path.start..self.query.clone().map_or(self.path.end, |q| q.end)];
+        let mut request = axum::http::Request::builder()
+            .method(axum::http::Method::from_bytes(self.method().as_bytes()).ok()?)
+            .uri(axum::http::Uri::try_from(target).ok()?)
+            .version(axum::http::Version::HTTP_11)
+            .body(axum::body::Body::empty())
+            .ok()?;
+        let headers = request.headers_mut();
+        headers.reserve(self.headers.len());
+        for (name, value) in &self.headers {
+            headers.append(
+                axum::http::HeaderName::from_bytes(&self.buf[name.clone()]).ok()?,
+                axum::http::HeaderValue::from_bytes(&self.buf[value.clone()]).ok()?,
+            );
+        }
+        Some(request)
+    }
+
     /// Whether a comma-separated header has `token` (ASCII case-insensitive).
     pub fn has_token(&self, name: &str, token: &str) -> bool {
         self.headers

@@ -168,6 +168,89 @@ pub fn error(error: &Error, meta: &Meta) -> Vec<u8> {
     full(error.status(), &headers, meta, body.as_bytes())
 }
 
+/// Writes a response of the axum router: its status and headers, the `date` and framing
+/// headers hyper would add, and its body (`Content-Length` when its size is known, else
+/// chunked; none for `HEAD`). Returns whether the connection may be kept.
+pub async fn write_app(
+    io: &mut crate::transport::io::Io,
+    response: axum::response::Response,
+    head_only: bool,
+) -> std::io::Result<bool> {
+    use axum::body::HttpBody as _;
+    use futures::StreamExt;
+
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut keep = true;
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        match name.as_str() {
+            "content-length" | "transfer-encoding" => continue,
+            "connection" => keep &= !value.as_bytes().eq_ignore_ascii_case(b"close"),
+            "date" => dated = true,
+            _ => {}
+        }
+        push_header(&mut out, name.as_str(), value.as_bytes());
+    }
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let exact = body.size_hint().exact();
+    let chunked = !bodiless && exact.is_none();
+    if !bodiless {
+        match exact {
+            Some(len) => push_header(
+                &mut out,
+                "content-length",
+                itoa::Buffer::new().format(len).as_bytes(),
+            ),
+            None => push_header(&mut out, "transfer-encoding", b"chunked"),
+        }
+    }
+    if !dated {
+        push_header(&mut out, "date", &date());
+    }
+    out.extend_from_slice(b"\r\n");
+    if head_only || bodiless {
+        io.write_all(&out).await?;
+        return Ok(keep);
+    }
+    let mut data = body.into_data_stream();
+    while let Some(chunk) = data.next().await {
+        let Ok(chunk) = chunk else {
+            // The body failed midway: the response cannot be completed, nor the connection
+            // kept.
+            io.write_all(&out).await?;
+            return Ok(false);
+        };
+        if chunk.is_empty() {
+            continue;
+        }
+        if chunked {
+            crate::message::wire::push_chunk_start(&mut out, chunk.len());
+            out.extend_from_slice(&chunk);
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.extend_from_slice(&chunk);
+        }
+        if out.len() >= 64 * 1024 {
+            io.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    if chunked {
+        out.extend_from_slice(crate::message::wire::LAST_CHUNK);
+    }
+    io.write_all(&out).await?;
+    Ok(keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

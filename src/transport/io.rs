@@ -115,9 +115,17 @@ impl Io {
 
     /// Writes all of `bytes`.
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let frames = [Bytes::copy_from_slice(bytes)];
         let mut done = 0;
-        std::future::poll_fn(|cx| self.poll_write_frames(cx, &frames, &mut done)).await
+        while done < bytes.len() {
+            let written =
+                std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write(cx, &bytes[done..]))
+                    .await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += written;
+        }
+        Ok(())
     }
 
     /// Flushes what a TLS stream buffers (nothing to do for plain TCP).
