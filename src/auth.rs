@@ -216,10 +216,12 @@ impl Grant {
 }
 
 /// The caller of one request: the policy plus the token it presented, if any.
+///
+/// Small (the grant is boxed): every WebSocket session keeps one for its life.
 #[derive(Debug, Clone)]
 pub struct Access {
     auth: Arc<Auth>,
-    grant: Option<Grant>,
+    grant: Option<Box<Grant>>,
 }
 
 impl Access {
@@ -284,7 +286,9 @@ impl Access {
             return Ok(Self { auth, grant: None });
         }
         let token = bearer_token(headers)?.or_else(|| query_token(query));
-        let grant = token.map(|token| auth.verify(&token)).transpose()?;
+        let grant = token
+            .map(|token| auth.verify(&token).map(Box::new))
+            .transpose()?;
         Ok(Self { auth, grant })
     }
 }
@@ -351,7 +355,7 @@ mod tests {
     fn access(auth: &Arc<Auth>, token: Option<&str>) -> Result<Access, Error> {
         Ok(Access {
             auth: auth.clone(),
-            grant: token.map(|t| auth.verify(t)).transpose()?,
+            grant: token.map(|t| auth.verify(t).map(Box::new)).transpose()?,
         })
     }
 

@@ -90,9 +90,21 @@ use origin::OriginPolicy;
 use server::StartError;
 use store::{DiskStore, MemoryStore, RedisStore};
 
-/// What every handler shares.
+/// What every handler shares: one `Arc`, so that cloning it into each request, connection
+/// and session is one reference count, and holding it costs a pointer.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<App>);
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+/// The state behind an [`AppState`].
+pub struct App {
     /// The hub.
     pub hub: Arc<Hub>,
     /// The configuration the server runs with.
@@ -137,7 +149,7 @@ impl AppState {
             &config.public_topics,
         )?;
         telemetry::install();
-        Ok(Self {
+        Ok(Self(Arc::new(App {
             hub: Hub::new(store, HubSettings::from(&config)),
             auth: Arc::new(auth),
             origins: Arc::new(OriginPolicy::new(&config.allowed_origins, config.listen)),
@@ -150,9 +162,11 @@ impl AppState {
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             publishing: Arc::default(),
-        })
+        })))
     }
+}
 
+impl App {
     /// Publishes, unless the server is stopping (503 `shutting_down`): a publish is either
     /// refused or appended before any stream drains for the stop, so an acknowledged message
     /// reaches every subscriber still connected.

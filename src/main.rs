@@ -85,14 +85,17 @@ fn store_description(config: &pushhub::Config) -> String {
 
 async fn bench(args: pushhub::bench::BenchArgs) -> anyhow::Result<()> {
     use pushhub::bench::report;
-    let results = pushhub::bench::run(&args).await?;
-    report::write_all(&args, &results)
+    let run = pushhub::bench::run(&args).await?;
+    report::write_all(&args, &run)
         .with_context(|| format!("cannot write the report to {}", args.out.display()))?;
     if args.json {
-        println!("{}", report::json(&args, &results));
+        println!("{}", report::json(&args, &run));
     } else {
-        println!("{}", report::table(&results));
-        for line in report::reading(&results) {
+        if let Some(floor) = &run.floor {
+            println!("{}\n", report::floor_line(floor));
+        }
+        println!("{}", report::table(&run.results));
+        for line in report::reading(&run.results) {
             println!("- {line}");
         }
         println!("\nreport: {}", args.out.join("report.md").display());

@@ -18,7 +18,10 @@ use tokio_util::task::TaskTracker;
 use crate::{
     AppState,
     error::Error,
-    gate::{connection::Connection, hyper::Protocols},
+    gate::{
+        connection::{Connection, Shared},
+        hyper::Protocols,
+    },
     transport::io::Io,
 };
 
@@ -70,7 +73,11 @@ pub(crate) async fn accept_loop(
 ) {
     let config = &state.config;
     let limits = state.connections.clone();
-    let protocols = Arc::new(Protocols::new(config));
+    let shared = Arc::new(Shared {
+        app: state.clone(),
+        router,
+        protocols: Arc::new(Protocols::new(config)),
+    });
     let connections = TaskTracker::new();
     let handshake_timeout = config.header_timeout;
     tokio::pin!(stop);
@@ -89,33 +96,30 @@ pub(crate) async fn accept_loop(
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
+        // Each kind of connection is its own task type, so a plain connection's task carries
+        // no room for a refusal or a TLS handshake.
         let connection = Connection {
-            app: state.clone(),
+            shared: shared.clone(),
             peer,
-            router: router.clone(),
-            protocols: protocols.clone(),
         };
-        let admitted = limits.admit(peer.ip());
-        let tls = tls.clone();
-        connections.spawn(async move {
-            let permit = match admitted {
-                Ok(permit) => permit,
-                Err(refusal) => return refuse(stream, refusal).await,
-            };
-            let io = Io::Tcp(Arc::new(stream));
-            match tls {
-                None => connection.serve(io, false).await,
-                Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(io)).await {
-                    Ok(Ok(stream)) => {
-                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        connection.serve(Io::Other(Box::new(stream)), h2).await;
-                    }
-                    Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+        match (limits.admit(peer.ip()), &tls) {
+            (Err(refusal), _) => {
+                connections.spawn(refuse(stream, refusal));
             }
-            drop(permit);
-        });
+            (Ok(permit), None) => {
+                connections.spawn(async move {
+                    connection.serve(Io::Tcp(Arc::new(stream)), false).await;
+                    drop(permit);
+                });
+            }
+            (Ok(permit), Some(tls)) => {
+                let tls = tls.clone();
+                connections.spawn(async move {
+                    serve_tls(connection, stream, tls, handshake_timeout).await;
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     connections.close();
@@ -128,6 +132,26 @@ pub(crate) async fn accept_loop(
             ?grace,
             "connections still open after the shutdown grace period"
         );
+    }
+}
+
+/// A TLS connection: the handshake (within `--header-timeout`), then HTTP/2 or HTTP/1.1 as
+/// ALPN chose.
+async fn serve_tls(
+    connection: Connection,
+    stream: tokio::net::TcpStream,
+    tls: TlsAcceptor,
+    handshake_timeout: Duration,
+) {
+    let peer = connection.peer;
+    let io = Io::Tcp(Arc::new(stream));
+    match tokio::time::timeout(handshake_timeout, tls.accept(io)).await {
+        Ok(Ok(stream)) => {
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            connection.serve(Io::Other(Box::new(stream)), h2).await;
+        }
+        Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 

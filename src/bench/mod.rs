@@ -1,15 +1,20 @@
 //! `pushhub bench`: a load benchmark of each push transport against a real server.
 //!
-//! For each transport in turn: open N subscribers (in batches, not a connect storm), wait
-//! until the server counts them all, publish at a fixed rate for a duration, wait for every
-//! subscriber to drain, then close them. Subscribers and publisher run in this process; the
-//! server runs in its own (a child started on an ephemeral port, or `--url`), so its CPU and
-//! memory are read apart from `/proc/PID`.
+//! First the write floor is measured ([`floor`]): what one socket write costs on this
+//! machine, with the run's subscriber count, rate and frame size. Then, for each transport in
+//! turn, on a fresh server (a child started on an ephemeral port; with `--url`, the running
+//! one): a short warm-up (a few subscribers, a few messages), then open N subscribers (in
+//! batches, not a connect storm), wait until the server counts them all, publish at a fixed
+//! rate for a duration, wait for every subscriber to drain, then close them. A fresh server
+//! per transport means the memory and CPU one transport leaves behind are not charged to, or
+//! reused by, the next. Subscribers and publisher run in this process; the server runs in its
+//! own, so its CPU and memory are read apart from `/proc/PID`.
 //!
 //! Every message carries its publish time in µs; each subscriber records latency in an HDR
 //! histogram and accounts loss and duplicates by id ([`accounting::Tracker`]).
 
 pub mod accounting;
+pub mod floor;
 pub mod procfs;
 pub mod report;
 mod subscriber;
@@ -147,6 +152,9 @@ pub struct ServerUsage {
     /// CPU microseconds per request: for pollers that get nothing (the `idle` scenario), the
     /// cost of an empty poll.
     pub cpu_us_per_request: Option<f64>,
+    /// Server CPU to accept and subscribe one subscriber, µs (from connecting the first to
+    /// the server counting the last).
+    pub cpu_us_per_connect: Option<f64>,
     /// Highest RSS seen during the phase, KiB.
     pub peak_rss_kib: u64,
     /// RSS added by connecting the subscribers, per subscriber, KiB.
@@ -196,6 +204,9 @@ pub struct PhaseResult {
     pub drained: bool,
     /// Server CPU and memory, when measurable.
     pub server: Option<ServerUsage>,
+    /// Server CPU per delivery (per request, for pollers that got nothing) divided by the
+    /// write floor measured in the same run.
+    pub floor_ratio: Option<f64>,
 }
 
 impl PhaseResult {
@@ -250,6 +261,11 @@ impl Server {
     /// Resident memory of all nodes together.
     fn rss_kib(&self) -> Option<u64> {
         rss_of(&self.pids()?)
+    }
+
+    /// CPU time of all nodes together, ns, from the scheduler's exact accounting.
+    fn cpu_ns(&self) -> Option<u64> {
+        self.pids()?.into_iter().map(procfs::cpu_ns).sum()
     }
 
     /// CPU time of all nodes together.
@@ -342,8 +358,18 @@ fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
     })
 }
 
-/// Runs every phase and returns their results (the report is written by the caller).
-pub async fn run(args: &BenchArgs) -> Result<Vec<PhaseResult>, BenchError> {
+/// What one run measured: the write floor and each transport.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The write floor of this run, when it could be measured.
+    pub floor: Option<floor::Floor>,
+    /// One result per transport.
+    pub results: Vec<PhaseResult>,
+}
+
+/// Runs the floor and every phase, and returns their results (the report is written by the
+/// caller).
+pub async fn run(args: &BenchArgs) -> Result<Run, BenchError> {
     if args.subscribers == 0 || args.rate <= 0.0 {
         return Err(BenchError::Setup(
             "--subscribers and --rate must be positive".into(),
@@ -351,23 +377,149 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<PhaseResult>, BenchError> {
     }
     // Each subscriber holds a socket; raise the soft open-file limit to the hard one.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let server = start_server(args)?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(usize::MAX)
         .build()
         .map_err(|e| BenchError::Client(e.to_string()))?;
+    let floor = measure_floor(args).await;
+    // With `--url` every transport is measured on the same running server(s).
+    let shared = if args.url.is_empty() {
+        None
+    } else {
+        Some(start_server(args)?)
+    };
     let mut results = Vec::new();
     for transport in &args.transports {
         eprintln!(
             "bench: {transport}: {} subscribers, {} msg/s for {:?}",
             args.subscribers, args.rate, args.duration
         );
-        results.push(match args.scenario {
-            Scenario::Throughput => search_throughput(args, &server, &http, transport).await?,
-            _ => run_phase(args, &server, &http, transport, args.rate).await?,
-        });
+        let fresh = match &shared {
+            Some(_) => None,
+            None => Some(start_server(args)?),
+        };
+        let server = shared.as_ref().or(fresh.as_ref()).expect("one of them");
+        warm_up(args, server, &http, transport).await?;
+        let mut result = match args.scenario {
+            Scenario::Throughput => search_throughput(args, server, &http, transport).await?,
+            _ => run_phase(args, server, &http, transport, args.rate).await?,
+        };
+        result.floor_ratio = floor.as_ref().and_then(|floor| floor_ratio(&result, floor));
+        results.push(result);
     }
-    Ok(results)
+    Ok(Run { floor, results })
+}
+
+/// CPU per delivery (or per empty request) over the floor.
+fn floor_ratio(result: &PhaseResult, floor: &floor::Floor) -> Option<f64> {
+    let server = result.server.as_ref()?;
+    if floor.cpu_us_per_delivery <= 0.0 {
+        return None;
+    }
+    let cost = if result.deliveries > 0 {
+        server.cpu_us_per_delivery
+    } else {
+        server.cpu_us_per_request?
+    };
+    Some(cost / floor.cpu_us_per_delivery)
+}
+
+/// The write floor for this run's subscribers, rate, duration and frame size (the
+/// WebSocket frame of one of its messages). Pollers of an idle run write one answer per
+/// interval each. `None` when the sockets could not be opened (too many for the file limit).
+async fn measure_floor(args: &BenchArgs) -> Option<floor::Floor> {
+    let rate = match args.scenario {
+        Scenario::Idle if args.transports.iter().any(|t| t == "poll") => {
+            1.0 / args.poll_interval.as_secs_f64().max(0.001)
+        }
+        Scenario::Idle => return None,
+        _ => args.rate,
+    };
+    let messages = ((rate * args.duration.as_secs_f64()).round() as usize).max(1);
+    let frame_bytes = frame_bytes(args.payload_bytes);
+    let subscribers = args.subscribers;
+    eprintln!(
+        "bench: write floor: {subscribers} sockets, {messages} messages of {frame_bytes} bytes at {rate} msg/s"
+    );
+    let measured = tokio::task::spawn_blocking(move || {
+        floor::measure(subscribers, messages, rate, frame_bytes)
+    })
+    .await;
+    match measured {
+        Ok(Ok(floor)) => Some(floor),
+        Ok(Err(error)) => {
+            eprintln!("bench: the write floor could not be measured: {error}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// The size of the WebSocket frame of a bench message with `payload_bytes` of payload.
+fn frame_bytes(payload_bytes: usize) -> usize {
+    use crate::message::{EventName, Message, Payload, TopicName};
+    let topic = TopicName::parse(&format!("bench-ws-{:x}", now_micros())).expect("valid name");
+    let body = format!(
+        r#"{{"t":{},"p":"{}"}}"#,
+        now_micros(),
+        "x".repeat(payload_bytes.saturating_sub(30))
+    );
+    let payload = Payload::from_json(&body).expect("valid JSON");
+    let message = Message::new(1000, topic, EventName::default_event(), 1, &payload);
+    message.ws_frame().len()
+}
+
+/// Connects a few subscribers of `transport`, publishes a few messages to them, and closes
+/// them: what a server allocates once (runtime threads' first tasks, the first topics, the
+/// first buffers of each kind) is then not counted as the measured subscribers' memory.
+async fn warm_up(
+    args: &BenchArgs,
+    server: &Server,
+    http: &reqwest::Client,
+    transport: &str,
+) -> Result<(), BenchError> {
+    const SUBSCRIBERS: usize = 20;
+    const MESSAGES: u64 = 20;
+    let topic = format!("bench-warmup-{transport}-{:x}", now_micros());
+    let phase = Arc::new(Phase {
+        bases: server.bases(),
+        topics: vec![topic.clone()],
+        http: http.clone(),
+        poll_interval: args.poll_interval.min(Duration::from_millis(100)),
+        progress: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
+        stop: CancellationToken::new(),
+    });
+    let mut subscribers = JoinSet::new();
+    for index in 0..SUBSCRIBERS {
+        let (phase, transport) = (phase.clone(), transport.to_owned());
+        subscribers.spawn(async move { subscriber::run(&transport, phase, index).await });
+    }
+    let topics = [topic];
+    wait_subscribed(
+        http,
+        &server.bases(),
+        &topics,
+        transport,
+        SUBSCRIBERS,
+        &mut subscribers,
+    )
+    .await?;
+    let warm_args = BenchArgs {
+        duration: Duration::from_millis(100),
+        ..args.clone()
+    };
+    let (last_ids, _, _) = publish(
+        &warm_args,
+        MESSAGES as f64 * 10.0,
+        http,
+        server.publisher_base(),
+        &topics,
+    )
+    .await;
+    wait_drained(&phase, &last_ids, Duration::from_secs(10)).await;
+    phase.stop.cancel();
+    while subscribers.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// Doubles the rate while every message reaches every subscriber, then bisects between the
@@ -449,6 +601,7 @@ async fn run_phase(
         stop: CancellationToken::new(),
     });
     let rss_before = server.rss_kib();
+    let connect_cpu_start = server.cpu_ns();
 
     let progress = indicatif::ProgressBar::new(args.subscribers as u64).with_style(
         indicatif::ProgressStyle::with_template("{prefix:>9} {msg:<12} [{bar:30}] {pos}/{len}")
@@ -476,6 +629,10 @@ async fn run_phase(
     )
     .await?;
     let rss_connected = server.rss_kib();
+    let connect_cpu = server
+        .cpu_ns()
+        .zip(connect_cpu_start)
+        .map(|(end, start)| end.saturating_sub(start) as f64 / 1000.0 / args.subscribers as f64);
 
     // Sample the server's RSS while the phase runs.
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(
@@ -585,6 +742,7 @@ async fn run_phase(
                 },
                 requests,
                 cpu_us_per_request: requests.filter(|&n| n > 0).map(|n| cpu * 1e6 / n as f64),
+                cpu_us_per_connect: connect_cpu,
                 peak_rss_kib: peak.load(Ordering::Relaxed),
                 rss_per_subscriber_kib: connected.saturating_sub(before) as f64
                     / args.subscribers as f64,
@@ -615,6 +773,7 @@ async fn run_phase(
         bytes_per_delivery: per_delivery(total.bytes),
         drained,
         server: server_usage,
+        floor_ratio: None,
     })
 }
 

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{BenchArgs, PhaseResult};
+use super::{BenchArgs, PhaseResult, Run};
 
 #[derive(Serialize)]
 struct Document<'a> {
@@ -15,6 +15,7 @@ struct Document<'a> {
     duration_s: f64,
     payload_bytes: usize,
     poll_interval_ms: u128,
+    floor: Option<&'a super::floor::Floor>,
     results: &'a [PhaseResult],
 }
 
@@ -48,16 +49,16 @@ pub fn command_line(args: &BenchArgs) -> String {
 }
 
 /// Writes `results.json`, `report.md` and `latency.svg` into `args.out`.
-pub fn write_all(args: &BenchArgs, results: &[PhaseResult]) -> std::io::Result<()> {
+pub fn write_all(args: &BenchArgs, run: &Run) -> std::io::Result<()> {
     std::fs::create_dir_all(&args.out)?;
-    std::fs::write(args.out.join("results.json"), json(args, results))?;
-    std::fs::write(args.out.join("report.md"), markdown(args, results))?;
-    std::fs::write(args.out.join("latency.svg"), svg(results))?;
+    std::fs::write(args.out.join("results.json"), json(args, run))?;
+    std::fs::write(args.out.join("report.md"), markdown(args, run))?;
+    std::fs::write(args.out.join("latency.svg"), svg(&run.results))?;
     Ok(())
 }
 
 /// The machine-readable results.
-pub fn json(args: &BenchArgs, results: &[PhaseResult]) -> String {
+pub fn json(args: &BenchArgs, run: &Run) -> String {
     serde_json::to_string_pretty(&Document {
         command: command_line(args),
         subscribers: args.subscribers,
@@ -65,7 +66,8 @@ pub fn json(args: &BenchArgs, results: &[PhaseResult]) -> String {
         duration_s: args.duration.as_secs_f64(),
         payload_bytes: args.payload_bytes,
         poll_interval_ms: args.poll_interval.as_millis(),
-        results,
+        floor: run.floor.as_ref(),
+        results: &run.results,
     })
     .expect("results serialize")
 }
@@ -77,13 +79,13 @@ fn server_cell(result: &PhaseResult, f: impl Fn(&super::ServerUsage) -> String) 
 /// The results as a Markdown table (also printed on the terminal).
 pub fn table(results: &[PhaseResult]) -> String {
     let mut out = String::from(
-        "| transport | msg/s | subs | published | deliveries | lost | dup | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | deliv/s | req/deliv | bytes/deliv | server CPU s | sys % | CPU µs/deliv | peak RSS MiB | RSS/sub KiB | RSS growth MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| transport | msg/s | subs | published | deliveries | lost | dup | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | deliv/s | req/deliv | bytes/deliv | server CPU s | sys % | CPU µs/deliv | × floor | connect µs | peak RSS MiB | RSS/sub KiB | RSS growth MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let l = &r.latency_ms;
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.4} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.4} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.transport,
             r.rate,
             r.subscribers,
@@ -102,6 +104,11 @@ pub fn table(results: &[PhaseResult]) -> String {
             server_cell(r, |s| format!("{:.2}", s.cpu_seconds)),
             server_cell(r, |s| format!("{:.0}", s.cpu_system_share * 100.0)),
             server_cell(r, |s| format!("{:.2}", s.cpu_us_per_delivery)),
+            r.floor_ratio
+                .map_or_else(|| "n/a".into(), |x| format!("{x:.2}")),
+            server_cell(r, |s| s
+                .cpu_us_per_connect
+                .map_or_else(|| "n/a".into(), |c| format!("{c:.0}"))),
             server_cell(r, |s| format!("{:.1}", s.peak_rss_kib as f64 / 1024.0)),
             server_cell(r, |s| format!("{:.1}", s.rss_per_subscriber_kib)),
             server_cell(r, |s| format!("{:+.1}", s.rss_growth_kib as f64 / 1024.0)),
@@ -179,6 +186,24 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
         r.server.as_ref().map(|s| s.rss_per_subscriber_kib)
     }));
     for r in results {
+        if let Some(ratio) = r.floor_ratio {
+            let what = if r.deliveries > 0 {
+                "per delivery"
+            } else {
+                "per request"
+            };
+            lines.push(format!(
+                "{}: {ratio:.2}× the write floor {what}{}.",
+                r.transport,
+                if ratio < 1.0 && r.deliveries > 0 {
+                    " (below it: several messages left in one write)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    for r in results {
         let Some(server) = &r.server else { continue };
         if let (0, Some(requests), Some(cost)) =
             (r.deliveries, server.requests, server.cpu_us_per_request)
@@ -201,8 +226,26 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
     lines
 }
 
+/// What the floor was, in one sentence.
+pub fn floor_line(floor: &super::floor::Floor) -> String {
+    format!(
+        "Write floor (one `write()` of a {}-byte frame to each of {} loopback sockets, {} messages at {:.0}/s, measured in this run): **{:.2} µs** per write{}. \"× floor\" is each transport's server CPU per delivery (per request, for pollers that got nothing) divided by it.",
+        floor.frame_bytes,
+        floor.subscribers,
+        floor.messages,
+        floor.rate,
+        floor.cpu_us_per_delivery,
+        if floor.short_writes > 0 {
+            format!(" ({} short writes)", floor.short_writes)
+        } else {
+            String::new()
+        }
+    )
+}
+
 /// The Markdown report.
-pub fn markdown(args: &BenchArgs, results: &[PhaseResult]) -> String {
+pub fn markdown(args: &BenchArgs, run: &Run) -> String {
+    let results = &run.results[..];
     let mut out = String::from("# pushhub benchmark\n\n");
     let _ = writeln!(out, "Command: `{}`\n", command_line(args));
     let _ = writeln!(
@@ -213,6 +256,10 @@ pub fn markdown(args: &BenchArgs, results: &[PhaseResult]) -> String {
         args.duration.as_secs_f64(),
         args.payload_bytes
     );
+    if let Some(floor) = &run.floor {
+        let _ = writeln!(out, "{}\n", floor_line(floor));
+    }
+    out.push_str("Each transport runs on a fresh server after a short warm-up (20 subscribers, 20 messages), so \"RSS/sub\" is what its own connections added; \"connect µs\" is server CPU from the first connection to the server counting the last, per subscriber.\n\n");
     out.push_str(&table(results));
     if results.iter().any(|r| r.cross_node_latency_ms.is_some()) {
         out.push_str(&cross_node_table(results));
@@ -376,10 +423,12 @@ mod tests {
                 cpu_us_per_delivery: cpu,
                 requests: Some(10),
                 cpu_us_per_request: Some(10_000.0),
+                cpu_us_per_connect: Some(40.0),
                 peak_rss_kib: 9000,
                 rss_per_subscriber_kib: 8.0,
                 rss_growth_kib: 512,
             }),
+            floor_ratio: Some(cpu / 2.0),
         }
     }
 
@@ -436,8 +485,11 @@ mod tests {
             server_args: vec!["--write-delay=5ms".into()],
             server_bin: None,
         };
-        let results = [result("ws", 2.0, 3.0, 0), result("poll", 900.0, 12.0, 0)];
-        write_all(&args, &results).unwrap();
+        let run = Run {
+            floor: None,
+            results: vec![result("ws", 2.0, 3.0, 0), result("poll", 900.0, 12.0, 0)],
+        };
+        write_all(&args, &run).unwrap();
         let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
         assert!(
             md.contains("| ws | 100 | 10 | 100 | 1000 | 0 | 0 | 1.00 |"),

@@ -35,19 +35,34 @@ use crate::{
     transport::{Params, io::Io, longpoll, poll, sse, stream, ws},
 };
 
+/// Boxes the future `make` builds, building it inside this (non-async) function: a future
+/// built in an async function and then boxed still takes its full size in the caller's
+/// state (rustc keeps the moved-from temporary's storage), which every idle connection would
+/// pay for.
+pub(crate) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::pin(make())
+}
+
 /// Initial size of a request head buffer; it grows to `--max-header-bytes`.
 const HEAD_BUFFER: usize = 1024;
 
-/// What a connection needs besides its stream.
-pub struct Connection {
+/// What every connection shares: one `Arc`, so that a connection's future holds a pointer,
+/// not a copy of the state.
+pub struct Shared {
     /// Everything the handlers share.
     pub app: AppState,
-    /// Where it comes from.
-    pub peer: SocketAddr,
     /// The app, for requests hyper serves.
     pub router: Router,
     /// hyper's builders.
     pub protocols: Arc<Protocols>,
+}
+
+/// One admitted connection, not yet served.
+pub struct Connection {
+    /// What every connection shares.
+    pub shared: Arc<Shared>,
+    /// Where it comes from.
+    pub peer: SocketAddr,
 }
 
 /// An endpoint pushhub serves on the raw socket.
@@ -63,237 +78,373 @@ enum Endpoint {
 enum Next {
     /// Read the next request; these bytes of it were read already.
     KeepAlive(Vec<u8>),
+    /// Run a stream the request opened.
+    Stream(Box<Stream>),
+    /// Let hyper serve the rest of the connection; these bytes were read from it already.
+    HandOver(Vec<u8>),
+    /// Answer a long poll once it has something to say.
+    Park(Box<Park>),
     /// Close the connection.
     Close,
+}
+
+/// A long poll waiting: all a parked connection holds while it waits.
+struct Park {
+    prepared: longpoll::Prepared,
+    meta: Meta,
+    close: bool,
+    /// Bytes of the next request, read already.
+    rest: Vec<u8>,
+}
+
+/// A stream a request opened: all a streaming connection holds while it lasts. The request
+/// (its head, its parsing, the subscribing) is gone by then.
+enum Stream {
+    Sse {
+        opened: sse::Opened,
+        input: Vec<u8>,
+        /// The client asked to close after this response.
+        close: bool,
+    },
+    Ws {
+        opened: ws::Opened,
+        input: Vec<u8>,
+    },
 }
 
 impl Connection {
     /// Serves the connection until it closes, or hands it to hyper. `negotiated_h2`: TLS chose
     /// HTTP/2, which hyper serves from the start.
     pub async fn serve(self, mut io: Io, negotiated_h2: bool) {
-        let stop = self.app.shutdown.clone();
+        let Connection { shared, peer } = self;
         if negotiated_h2 {
-            let protocols = self.protocols.clone();
-            protocols
-                .serve(io, Vec::new(), true, self.peer, self.router, stop)
-                .await;
-            return;
+            return boxed(|| hand_over(&shared, peer, io, Vec::new(), true)).await;
         }
+        // The connection's own future holds only this loop's state; each request (and each
+        // stream) gets a future of its own size, for as long as it runs.
         let mut buf = Vec::new();
         loop {
-            let head = tokio::select! {
-                read = read_head(&mut io, buf, &self.app) => read,
-                () = stop.cancelled() => return,
-            };
-            let head = match head {
-                Some(Ok(head)) => head,
-                Some(Err(read)) => return self.hand_over(io, read).await,
-                None => return,
-            };
-            let next = match route(&head, &self.app.config) {
-                Some((endpoint, topic)) => {
-                    let topic = topic.map(Cow::into_owned);
-                    self.dispatch(endpoint, topic, head, &mut io).await
-                }
-                None => match self.app_request(&head) {
-                    Some((request, length)) => self.serve_app(head, request, length, &mut io).await,
-                    None => return self.hand_over(io, head.into_buffer()).await,
+            let next = boxed(|| request(&shared, peer, &mut io, buf)).await;
+            let next = match next {
+                Next::Park(park) => boxed(|| run_park(&shared.app, unbox(park), &mut io)).await,
+                // Unboxed first: the box is freed before the stream starts.
+                Next::Stream(stream) => match unbox(stream) {
+                    Stream::Ws { opened, input } => {
+                        boxed(|| ws::run(&shared.app, opened, &mut io, input)).await;
+                        Next::Close
+                    }
+                    Stream::Sse {
+                        opened,
+                        input,
+                        close,
+                    } => boxed(|| run_sse(&shared.app, opened, input, close, &mut io)).await,
                 },
+                next => next,
             };
             match next {
                 Next::KeepAlive(rest) => buf = rest,
-                Next::Close => {
+                Next::HandOver(read) => {
+                    return boxed(|| hand_over(&shared, peer, io, read, false)).await;
+                }
+                Next::Stream(_) | Next::Park(_) | Next::Close => {
                     let _ = io.shutdown().await;
                     return;
                 }
             }
         }
     }
+}
 
-    async fn hand_over(self, io: Io, read: Vec<u8>) {
-        let stop = self.app.shutdown.clone();
-        self.protocols
-            .serve(io, read, false, self.peer, self.router, stop)
-            .await;
-    }
+/// Moves a value out of its box, freeing the box (a box moved out of in a `match` lives as
+/// long as the arm).
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}
 
-    /// A request the router may serve here, and its body length: `None` when hyper must
-    /// (a chunked or oversized body, `Expect`, a name or value `http` refuses).
-    fn app_request(
-        &self,
-        head: &RequestHead,
-    ) -> Option<(axum::http::Request<axum::body::Body>, usize)> {
-        if head.has_header("transfer-encoding") || head.has_header("expect") {
-            return None;
+/// Reads the next request (`buf`: what of it was read already) and serves it, or opens the
+/// stream it asks for.
+async fn request(shared: &Shared, peer: SocketAddr, io: &mut Io, buf: Vec<u8>) -> Next {
+    let stop = shared.app.shutdown.clone();
+    let head = tokio::select! {
+        read = read_head(io, buf, &shared.app) => read,
+        () = stop.cancelled() => return Next::Close,
+    };
+    let head = match head {
+        Some(Ok(head)) => head,
+        Some(Err(read)) => return Next::HandOver(read),
+        None => return Next::Close,
+    };
+    match route(&head, &shared.app.config) {
+        Some((endpoint, topic)) => {
+            let topic = topic.map(Cow::into_owned);
+            boxed(|| dispatch(shared, peer, endpoint, topic, head, io)).await
         }
-        let length = match head.header("content-length") {
-            None => 0,
-            Some(value) => {
-                let length: usize = std::str::from_utf8(value).ok()?.parse().ok()?;
-                // A body over the limit is refused by axum while hyper streams it in.
-                if length > self.app.config.max_body || !head.single("content-length") {
-                    return None;
-                }
-                length
+        None => match app_request(&shared.app, &head) {
+            Some((request, length)) => {
+                boxed(|| serve_app(shared, peer, head, request, length, io)).await
             }
-        };
-        Some((head.to_request()?, length))
+            None => Next::HandOver(head.into_buffer()),
+        },
     }
+}
 
-    /// Serves a request through the axum router: reads its body, writes its response.
-    async fn serve_app(
-        &self,
-        head: RequestHead,
-        mut request: axum::http::Request<axum::body::Body>,
-        length: usize,
-        io: &mut Io,
-    ) -> Next {
-        let close = head.wants_close();
-        let mut rest = head.into_rest();
-        let deadline = Instant::now() + self.app.config.header_timeout;
-        while rest.len() < length {
-            let room = length - rest.len();
-            match tokio::time::timeout_at(deadline, io.read_into(&mut rest, room)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return Next::Close,
-            }
-        }
-        let next = rest.split_off(length);
-        *request.body_mut() = axum::body::Body::from(rest);
-        request
-            .extensions_mut()
-            .insert(axum::extract::ConnectInfo(self.peer));
-        let is_head = request.method() == axum::http::Method::HEAD;
-        let response = match tower::ServiceExt::oneshot(self.router.clone(), request).await {
-            Ok(response) => response,
-            Err(infallible) => match infallible {},
-        };
-        let stall = self.app.config.stall_timeout;
-        match tokio::time::timeout(stall, super::response::write_app(io, response, is_head)).await {
-            Ok(Ok(keep)) if keep && !close => Next::KeepAlive(next),
-            _ => Next::Close,
-        }
-    }
-
-    async fn dispatch(
-        &self,
-        endpoint: Endpoint,
-        topic: Option<String>,
-        head: RequestHead,
-        io: &mut Io,
-    ) -> Next {
-        let app = &self.app;
-        let meta = Meta::of(&head, &app.origins);
-        let close = head.wants_close();
-        let stall = app.config.stall_timeout;
-        let access = match Access::for_request(&app.auth, &head, head.query()) {
-            Ok(access) => access,
-            Err(error) => {
-                return finish(io, response::error(&error, &meta), close, stall).await;
-            }
-        };
-        let topic = topic.as_deref().unwrap_or_default();
-        match endpoint {
-            Endpoint::Poll => {
-                let params = Params::new(Cow::Borrowed(head.query()), Some(self.peer));
-                let answer = poll::answer(app, &access, topic, &params).await;
-                let rest = head.into_rest();
-                let response = answered(answer, &meta);
-                keep_alive(finish(io, response, close, stall).await, rest)
-            }
-            Endpoint::Longpoll => {
-                let params = Params::new(Cow::Owned(head.query().to_owned()), Some(self.peer));
-                let mut rest = head.into_rest();
-                let answer = longpoll::answer(app, &access, topic, &params);
-                // While parked, watch the connection: a client that goes away ends the wait
-                // (and frees its place); a pipelined request is kept for later.
-                let limit = app.config.max_header_bytes;
-                let answer = tokio::select! {
-                    answer = answer => answer,
-                    () = watch(io, &mut rest, limit) => return Next::Close,
-                };
-                let response = answered(answer, &meta);
-                keep_alive(finish(io, response, close, stall).await, rest)
-            }
-            Endpoint::Sse => self.sse(topic, head, meta, access, io).await,
-            Endpoint::Ws => {
-                let params = Params::new(Cow::Borrowed(head.query()), Some(self.peer));
-                let topic = (!topic.is_empty()).then_some(topic);
-                let (accept, home) = match ws::check(app, &access, topic, &params, &head) {
-                    Ok(checked) => checked,
-                    Err(error) => {
-                        return finish(io, response::error(&error, &meta), close, stall).await;
-                    }
-                };
-                let headers = ws::upgrade_headers(&accept);
-                let headers: Vec<(&str, &str)> =
-                    headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                let switching = response::head(
-                    StatusCode::SWITCHING_PROTOCOLS,
-                    &headers,
-                    &meta,
-                    Length::None,
-                );
-                let peer = params.peer_ip();
-                let rest = head.into_rest();
-                let socket = io.shared_socket();
-                match ws::open(app, access, home, peer, socket, Bytes::from(switching)).await {
-                    Ok(opened) => {
-                        ws::run(app, opened, io, rest).await;
-                        Next::Close
-                    }
-                    Err(error) => finish(io, response::error(&error, &meta), true, stall).await,
-                }
-            }
-        }
-    }
-
-    async fn sse(
-        &self,
-        topic: &str,
-        head: RequestHead,
-        meta: Meta,
-        access: Access,
-        io: &mut Io,
-    ) -> Next {
-        let app = &self.app;
-        let close = head.wants_close();
-        let stall = app.config.stall_timeout;
-        let params = Params::new(Cow::Borrowed(head.query()), Some(self.peer));
-        let response_head = response::head(StatusCode::OK, &sse::HEADERS, &meta, Length::Chunked);
-        let opened = sse::open(
-            app,
-            &access,
-            topic,
-            &params,
-            &head,
-            io.shared_socket(),
-            Format::SseChunked,
-            Some(response_head),
-        )
+/// Serves the rest of the connection with hyper.
+async fn hand_over(shared: &Shared, peer: SocketAddr, io: Io, read: Vec<u8>, h2: bool) {
+    let stop = shared.app.shutdown.clone();
+    let router = shared.router.clone();
+    shared
+        .protocols
+        .clone()
+        .serve(io, read, h2, peer, router, stop)
         .await;
-        let opened = match opened {
-            Ok(opened) => opened,
-            Err(error) => return finish(io, response::error(&error, &meta), close, stall).await,
-        };
-        let mut input = head.into_rest();
-        let settings = stream::Settings {
-            stall,
-            read_chunk: 512,
-            expires: opened.expires,
-        };
-        let mut peer = sse::SsePeer {
-            max_input: app.config.max_header_bytes,
-        };
-        let outlet = opened.outlet.0.clone();
-        let finished = stream::run(io, &outlet, &mut peer, &settings, &mut input).await;
-        drop(opened.outlet);
-        let Some(tail) = sse::tail(Format::SseChunked, finished) else {
-            return Next::Close;
-        };
-        let keep = matches!(finished, stream::Finish::Expired) && !close;
-        keep_alive(finish(io, tail, !keep, stall).await, input)
+}
+
+/// A request the router may serve here, and its body length: `None` when hyper must (a
+/// chunked or oversized body, `Expect`, a name or value `http` refuses).
+fn app_request(
+    app: &AppState,
+    head: &RequestHead,
+) -> Option<(axum::http::Request<axum::body::Body>, usize)> {
+    if head.has_header("transfer-encoding") || head.has_header("expect") {
+        return None;
     }
+    let length = match head.header("content-length") {
+        None => 0,
+        Some(value) => {
+            let length: usize = std::str::from_utf8(value).ok()?.parse().ok()?;
+            // A body over the limit is refused by axum while hyper streams it in.
+            if length > app.config.max_body || !head.single("content-length") {
+                return None;
+            }
+            length
+        }
+    };
+    Some((head.to_request()?, length))
+}
+
+/// Serves a request through the axum router: reads its body, writes its response.
+async fn serve_app(
+    shared: &Shared,
+    peer: SocketAddr,
+    head: RequestHead,
+    mut request: axum::http::Request<axum::body::Body>,
+    length: usize,
+    io: &mut Io,
+) -> Next {
+    let config = &shared.app.config;
+    let close = head.wants_close();
+    let mut rest = head.into_rest();
+    let deadline = Instant::now() + config.header_timeout;
+    while rest.len() < length {
+        let room = length - rest.len();
+        match tokio::time::timeout_at(deadline, io.read_into(&mut rest, room)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Next::Close,
+        }
+    }
+    let next = rest.split_off(length);
+    *request.body_mut() = axum::body::Body::from(rest);
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    let is_head = request.method() == axum::http::Method::HEAD;
+    let response = match tower::ServiceExt::oneshot(shared.router.clone(), request).await {
+        Ok(response) => response,
+        Err(infallible) => match infallible {},
+    };
+    let written = response::write_app(io, response, is_head);
+    match tokio::time::timeout(config.stall_timeout, written).await {
+        Ok(Ok(keep)) if keep && !close => Next::KeepAlive(next),
+        _ => Next::Close,
+    }
+}
+
+/// One request to a hot endpoint, checked as far as every endpoint checks it.
+struct Call<'a> {
+    app: &'a AppState,
+    peer: SocketAddr,
+    topic: String,
+    head: RequestHead,
+    meta: Meta,
+    access: Access,
+    /// The client asked to close after this response.
+    close: bool,
+}
+
+impl Call<'_> {
+    fn params(&self) -> Params<'_> {
+        Params::new(Cow::Borrowed(self.head.query()), Some(self.peer))
+    }
+
+    /// Answers with `error`; what comes next.
+    async fn refuse(self, io: &mut Io, error: &Error) -> Next {
+        let stall = self.app.config.stall_timeout;
+        finish(io, response::error(error, &self.meta), self.close, stall).await
+    }
+}
+
+/// Serves one request to a hot endpoint: answers it, or opens the stream it asks for. Each
+/// endpoint's future is boxed on its own, so a parked long poll or an opening stream holds
+/// only its own state.
+async fn dispatch(
+    shared: &Shared,
+    peer: SocketAddr,
+    endpoint: Endpoint,
+    topic: Option<String>,
+    head: RequestHead,
+    io: &mut Io,
+) -> Next {
+    let app = &shared.app;
+    let meta = Meta::of(&head, &app.origins);
+    let close = head.wants_close();
+    let access = match Access::for_request(&app.auth, &head, head.query()) {
+        Ok(access) => access,
+        Err(error) => {
+            let stall = app.config.stall_timeout;
+            return finish(io, response::error(&error, &meta), close, stall).await;
+        }
+    };
+    let call = Call {
+        app,
+        peer,
+        topic: topic.unwrap_or_default(),
+        head,
+        meta,
+        access,
+        close,
+    };
+    match endpoint {
+        Endpoint::Poll => boxed(|| poll_call(call, io)).await,
+        Endpoint::Longpoll => boxed(|| longpoll_call(call, io)).await,
+        Endpoint::Sse => boxed(|| sse_call(call, io)).await,
+        Endpoint::Ws => boxed(|| ws_call(call, io)).await,
+    }
+}
+
+async fn poll_call(call: Call<'_>, io: &mut Io) -> Next {
+    let answer = poll::answer(call.app, &call.access, &call.topic, &call.params()).await;
+    let response = answered(answer, &call.meta);
+    let stall = call.app.config.stall_timeout;
+    keep_alive(
+        finish(io, response, call.close, stall).await,
+        call.head.into_rest(),
+    )
+}
+
+async fn longpoll_call(call: Call<'_>, io: &mut Io) -> Next {
+    match longpoll::prepare(call.app, &call.access, &call.topic, &call.params()) {
+        Ok(prepared) => Next::Park(Box::new(Park {
+            prepared,
+            close: call.close,
+            rest: call.head.into_rest(),
+            meta: call.meta,
+        })),
+        Err(error) => call.refuse(io, &error).await,
+    }
+}
+
+/// Waits for a long poll's answer and writes it. While parked, it watches the connection: a
+/// client that goes away ends the wait (and frees its place); a pipelined request is kept.
+async fn run_park(app: &AppState, park: Park, io: &mut Io) -> Next {
+    let Park {
+        prepared,
+        meta,
+        close,
+        mut rest,
+    } = park;
+    let limit = app.config.max_header_bytes;
+    let answer = tokio::select! {
+        answer = prepared.answer(app) => answer,
+        () = watch(io, &mut rest, limit) => return Next::Close,
+    };
+    let response = answered(answer, &meta);
+    keep_alive(
+        finish(io, response, close, app.config.stall_timeout).await,
+        rest,
+    )
+}
+
+async fn sse_call(call: Call<'_>, io: &mut Io) -> Next {
+    let response_head = response::head(StatusCode::OK, &sse::HEADERS, &call.meta, Length::Chunked);
+    let opened = sse::open(
+        call.app,
+        &call.access,
+        &call.topic,
+        &call.params(),
+        &call.head,
+        io.shared_socket(),
+        Format::SseChunked,
+        Some(response_head),
+    )
+    .await;
+    match opened {
+        Ok(opened) => Next::Stream(Box::new(Stream::Sse {
+            opened,
+            close: call.close,
+            input: call.head.into_rest(),
+        })),
+        Err(error) => call.refuse(io, &error).await,
+    }
+}
+
+async fn ws_call(call: Call<'_>, io: &mut Io) -> Next {
+    let topic = (!call.topic.is_empty()).then_some(call.topic.as_str());
+    let checked = ws::check(call.app, &call.access, topic, &call.params(), &call.head);
+    let (accept, home) = match checked {
+        Ok(checked) => checked,
+        Err(error) => return call.refuse(io, &error).await,
+    };
+    let headers = ws::upgrade_headers(&accept);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let switching = response::head(
+        StatusCode::SWITCHING_PROTOCOLS,
+        &headers,
+        &call.meta,
+        Length::None,
+    );
+    let socket = io.shared_socket();
+    let peer = Some(call.peer.ip());
+    let access = call.access.clone();
+    let opened = ws::open(call.app, access, home, peer, socket, Bytes::from(switching)).await;
+    match opened {
+        Ok(opened) => Next::Stream(Box::new(Stream::Ws {
+            opened,
+            input: call.head.into_rest(),
+        })),
+        Err(error) => {
+            let stall = call.app.config.stall_timeout;
+            finish(io, response::error(&error, &call.meta), true, stall).await
+        }
+    }
+}
+
+/// Runs an SSE stream; after it, the connection may serve a pipelined request.
+async fn run_sse(
+    app: &AppState,
+    opened: sse::Opened,
+    mut input: Vec<u8>,
+    close: bool,
+    io: &mut Io,
+) -> Next {
+    let stall = app.config.stall_timeout;
+    let settings = stream::Settings {
+        stall,
+        read_chunk: 512,
+        expires: opened.expires,
+    };
+    let mut peer = sse::SsePeer {
+        max_input: app.config.max_header_bytes,
+    };
+    let outlet = opened.outlet.0.clone();
+    let finished = stream::run(io, &outlet, &mut peer, &settings, &mut input).await;
+    drop(opened);
+    let Some(tail) = sse::tail(Format::SseChunked, finished) else {
+        return Next::Close;
+    };
+    // After an expired token the connection may serve a pipelined request; after a
+    // drain or a slow consumer's end it closes.
+    let keep = matches!(finished, stream::Finish::Expired) && !close;
+    keep_alive(finish(io, tail, !keep, stall).await, input)
 }
 
 /// A handler's answer as a complete response.
@@ -315,7 +466,7 @@ async fn finish(io: &mut Io, response: Vec<u8>, close: bool, stall: Duration) ->
 fn keep_alive(next: Next, rest: Vec<u8>) -> Next {
     match next {
         Next::KeepAlive(_) => Next::KeepAlive(rest),
-        Next::Close => Next::Close,
+        other => other,
     }
 }
 
@@ -453,5 +604,61 @@ mod tests {
         ] {
             assert_eq!(routed(other), None, "{other}");
         }
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+
+    #[tokio::test]
+    async fn probe_future_sizes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let app = AppState::new(crate::Config::default()).unwrap();
+        let shared = Arc::new(Shared {
+            router: crate::router(app.clone()),
+            protocols: Arc::new(Protocols::new(&app.config)),
+            app: app.clone(),
+        });
+        let mut io = Io::Tcp(Arc::new(stream));
+        let outlet = app
+            .hub
+            .outlet(None, Format::Sse, crate::hub::Transport::Sse);
+        let sse_stream = Stream::Sse {
+            opened: sse::Opened {
+                outlet,
+                expires: None,
+            },
+            input: Vec::new(),
+            close: false,
+        };
+        if let Stream::Sse {
+            opened,
+            input,
+            close,
+        } = sse_stream
+        {
+            let f = run_sse(&app, opened, input, close, &mut io);
+            eprintln!("run_sse: {}", std::mem::size_of_val(&f));
+        }
+        let (Parsed::Head(head), _) =
+            RequestHead::parse(b"GET /topics/t/sse HTTP/1.1\r\n\r\n".to_vec())
+        else {
+            panic!()
+        };
+        eprintln!("head: {}", std::mem::size_of_val(&head));
+        {
+            let f = dispatch(&shared, peer, Endpoint::Sse, None, head, &mut io);
+            eprintln!("dispatch: {}", std::mem::size_of_val(&f));
+        }
+        {
+            let f = request(&shared, peer, &mut io, Vec::new());
+            eprintln!("request: {}", std::mem::size_of_val(&f));
+        }
+        let future = Connection { shared, peer }.serve(io, false);
+        eprintln!("serve future: {} bytes", std::mem::size_of_val(&future));
     }
 }

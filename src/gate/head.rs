@@ -9,8 +9,6 @@
 
 use std::ops::Range;
 
-use smallvec::SmallVec;
-
 /// Headers read per request; a head with more goes to hyper (which accepts 100).
 const MAX_HEADERS: usize = 48;
 
@@ -27,19 +25,34 @@ pub enum Parsed {
 
 /// A parsed request head and the buffer it was read into (which may hold more: the start of
 /// a pipelined request).
+///
+/// Kept small (positions are `u32` offsets into the buffer), because it is held by the
+/// future of every request in flight.
 #[derive(Debug)]
 pub struct RequestHead {
     buf: Vec<u8>,
-    head_len: usize,
-    method: Range<usize>,
-    path: Range<usize>,
-    query: Option<Range<usize>>,
-    headers: SmallVec<[(Range<usize>, Range<usize>); 12]>,
+    head_len: u32,
+    method: Span,
+    path: Span,
+    query: Option<Span>,
+    /// Name and value of each header.
+    headers: Vec<(Span, Span)>,
 }
 
-fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
-    start..start + part.len()
+/// A part of the buffer: start and end offsets.
+#[derive(Debug, Clone, Copy)]
+struct Span(u32, u32);
+
+impl Span {
+    fn of(buf: &[u8], part: &[u8]) -> Self {
+        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+        // Heads are bounded by `--max-header-bytes`, far below 4 GiB.
+        Span(start as u32, (start + part.len()) as u32)
+    }
+
+    fn range(self) -> Range<usize> {
+        self.0 as usize..self.1 as usize
+    }
 }
 
 impl RequestHead {
@@ -59,19 +72,19 @@ impl RequestHead {
         let (Some(method), Some(target)) = (request.method, request.path) else {
             return (Parsed::Other, Some(buf));
         };
-        let method = range_of(&buf, method.as_bytes());
+        let method = Span::of(&buf, method.as_bytes());
         let (path, query) = match target.split_once('?') {
-            Some((path, query)) => (path, Some(range_of(&buf, query.as_bytes()))),
+            Some((path, query)) => (path, Some(Span::of(&buf, query.as_bytes()))),
             None => (target, None),
         };
-        let path = range_of(&buf, path.as_bytes());
+        let path = Span::of(&buf, path.as_bytes());
         let headers = request
             .headers
             .iter()
-            .map(|h| (range_of(&buf, h.name.as_bytes()), range_of(&buf, h.value)))
+            .map(|h| (Span::of(&buf, h.name.as_bytes()), Span::of(&buf, h.value)))
             .collect();
         let head = RequestHead {
-            head_len,
+            head_len: head_len as u32,
             method,
             path,
             query,
@@ -84,19 +97,18 @@ impl RequestHead {
     /// The request method.
     pub fn method(&self) -> &str {
         // httparse accepts only token characters in methods: ASCII.
-        std::str::from_utf8(&self.buf[self.method.clone()]).unwrap_or_default()
+        std::str::from_utf8(&self.buf[self.method.range()]).unwrap_or_default()
     }
 
     /// The path, without the query.
     pub fn path(&self) -> &str {
-        std::str::from_utf8(&self.buf[self.path.clone()]).unwrap_or_default()
+        std::str::from_utf8(&self.buf[self.path.range()]).unwrap_or_default()
     }
 
     /// The query string, without the `?`.
     pub fn query(&self) -> &str {
         self.query
-            .clone()
-            .and_then(|q| std::str::from_utf8(&self.buf[q]).ok())
+            .and_then(|q| std::str::from_utf8(&self.buf[q.range()]).ok())
             .unwrap_or_default()
     }
 
@@ -105,15 +117,15 @@ impl RequestHead {
         self.headers
             .iter()
             .rev()
-            .find(|(n, _)| self.buf[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| &self.buf[v.clone()])
+            .find(|(n, _)| self.buf[n.range()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.buf[v.range()])
     }
 
     /// How many headers are named `name`.
     fn count(&self, name: &str) -> usize {
         self.headers
             .iter()
-            .filter(|(n, _)| self.buf[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .filter(|(n, _)| self.buf[n.range()].eq_ignore_ascii_case(name.as_bytes()))
             .count()
     }
 
@@ -130,8 +142,8 @@ impl RequestHead {
     /// The head as an `http` request (empty body), for the axum router; `None` when a name
     /// or value is not valid for `http` (hyper then answers 400).
     pub fn to_request(&self) -> Option<axum::http::Request<axum::body::Body>> {
-        let target =
-            &self.buf[self.path.start..self.query.clone().map_or(self.path.end, |q| q.end)];
+        let end = self.query.map_or(self.path.1, |q| q.1) as usize;
+        let target = &self.buf[self.path.0 as usize..end];
         let mut request = axum::http::Request::builder()
             .method(axum::http::Method::from_bytes(self.method().as_bytes()).ok()?)
             .uri(axum::http::Uri::try_from(target).ok()?)
@@ -142,8 +154,8 @@ impl RequestHead {
         headers.reserve(self.headers.len());
         for (name, value) in &self.headers {
             headers.append(
-                axum::http::HeaderName::from_bytes(&self.buf[name.clone()]).ok()?,
-                axum::http::HeaderValue::from_bytes(&self.buf[value.clone()]).ok()?,
+                axum::http::HeaderName::from_bytes(&self.buf[name.range()]).ok()?,
+                axum::http::HeaderValue::from_bytes(&self.buf[value.range()]).ok()?,
             );
         }
         Some(request)
@@ -153,8 +165,8 @@ impl RequestHead {
     pub fn has_token(&self, name: &str, token: &str) -> bool {
         self.headers
             .iter()
-            .filter(|(n, _)| self.buf[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
-            .flat_map(|(_, v)| self.buf[v.clone()].split(|&b| b == b','))
+            .filter(|(n, _)| self.buf[n.range()].eq_ignore_ascii_case(name.as_bytes()))
+            .flat_map(|(_, v)| self.buf[v.range()].split(|&b| b == b','))
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     }
 
@@ -179,7 +191,11 @@ impl RequestHead {
     /// head.
     pub fn into_rest(self) -> Vec<u8> {
         let mut buf = self.buf;
-        buf.drain(..self.head_len);
+        if buf.len() == self.head_len as usize {
+            // Nothing pipelined: the buffer's memory goes back now.
+            return Vec::new();
+        }
+        buf.drain(..self.head_len as usize);
         buf
     }
 
@@ -190,7 +206,7 @@ impl RequestHead {
 
     /// Length of the head in bytes.
     pub fn len(&self) -> usize {
-        self.head_len
+        self.head_len as usize
     }
 
     /// Whether the head is empty (it never is; for clippy's `len` rule).

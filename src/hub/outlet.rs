@@ -527,8 +527,8 @@ impl Outlet {
             state.busy = true;
             let take = state.pending.len().min(WRITE_BATCH);
             let batch: Vec<Bytes> = state.pending.drain(..take).collect();
-            if state.pending.is_empty() && state.pending.capacity() > 4 * WRITE_BATCH {
-                // Do not keep a burst's queue allocated for the life of an idle connection.
+            if state.pending.is_empty() {
+                // An idle connection keeps no queue allocated.
                 state.pending = VecDeque::new();
             }
             return Poll::Ready(Action::Write(batch));

@@ -67,6 +67,23 @@ impl Io {
         buf: &mut Vec<u8>,
         chunk: usize,
     ) -> Poll<io::Result<usize>> {
+        if let Io::Tcp(stream) = self {
+            // Read into the stack first: a wake-up that finds nothing (readiness is only a
+            // hint) must not leave an idle connection holding a buffer.
+            let mut scratch = [0u8; 2048];
+            let take = chunk.clamp(1, scratch.len());
+            loop {
+                ready!(stream.poll_read_ready(cx))?;
+                match stream.try_read(&mut scratch[..take]) {
+                    Ok(n) => {
+                        buf.extend_from_slice(&scratch[..n]);
+                        return Poll::Ready(Ok(n));
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+            }
+        }
         if buf.capacity() - buf.len() < chunk {
             buf.reserve(chunk);
         }

@@ -24,6 +24,7 @@ pub const HEADERS: [(&str, &str); 2] = [
 ];
 
 /// What short and long polls both ask: a topic, a cursor, a page size, and who asks.
+#[derive(Debug)]
 pub struct PollRequest {
     /// The topic read.
     pub topic: TopicName,

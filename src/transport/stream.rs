@@ -134,7 +134,9 @@ pub async fn run<P: Peer>(
         .await;
         match step {
             Step::Input => {
-                let handled = peer.on_input(input, outlet).await;
+                // Boxed: what handling input needs (a publish, a subscribe) is held only while
+                // it runs, not by every idle connection.
+                let handled = crate::gate::connection::boxed(|| peer.on_input(input, outlet)).await;
                 if input.is_empty() {
                     // Idle connections hold no read buffer.
                     *input = Vec::new();
@@ -146,7 +148,9 @@ pub async fn run<P: Peer>(
             Step::CatchUp(catch_up) => {
                 let topic = catch_up.topic().clone();
                 let sub: SubId = Outlet::catch_up_sub(&catch_up);
-                if let Err(error) = outlet.catch_up(catch_up).await {
+                // Boxed: the read's state exists only while it runs.
+                let caught_up = crate::gate::connection::boxed(|| outlet.catch_up(catch_up)).await;
+                if let Err(error) = caught_up {
                     outlet.unsubscribe(sub);
                     if let Err(finish) = peer.on_catch_up_failed(outlet, &topic, &error) {
                         return finish;
@@ -219,7 +223,8 @@ impl Writer {
         };
         let polled = match polled {
             Poll::Ready(Ok(())) => {
-                self.frames.clear();
+                // Dropped, not cleared: an idle connection keeps no write list allocated.
+                self.frames = Vec::new();
                 self.done = 0;
                 self.flushing = true;
                 Pin::new(&mut *io).poll_flush(cx)

@@ -8,6 +8,8 @@
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
+use smallvec::SmallVec;
+
 use bytes::Bytes;
 use serde_json::{Value, json, value::RawValue};
 
@@ -32,8 +34,9 @@ pub struct Session {
     peer: Option<IpAddr>,
     /// The topic of a per-topic connection: where `publish` goes when it names none.
     home: Option<TopicName>,
-    /// The topics followed, and their subs on the outlet.
-    subs: HashMap<TopicName, SubId>,
+    /// The topics followed, and their subs on the outlet (a short list: most connections
+    /// follow one topic, and at most `--max-subscriptions-per-connection`).
+    subs: SmallVec<[(TopicName, SubId); 1]>,
     frames: FrameReader,
 }
 
@@ -51,14 +54,20 @@ impl Session {
             access,
             peer,
             home,
-            subs: HashMap::new(),
+            subs: SmallVec::new(),
             frames,
         }
     }
 
     /// Records a sub made before the session started (the per-topic endpoint's).
     pub fn followed(&mut self, topic: TopicName, sub: SubId) {
-        self.subs.insert(topic, sub);
+        self.subs.push((topic, sub));
+    }
+
+    /// Stops following `topic` here; its sub, if it was followed.
+    fn forget(&mut self, topic: &TopicName) -> Option<SubId> {
+        let index = self.subs.iter().position(|(t, _)| t == topic)?;
+        Some(self.subs.swap_remove(index).1)
     }
 
     /// Executes one client command and returns the reply.
@@ -122,22 +131,24 @@ impl Session {
                 let topic = TopicName::parse(&command.required_string("topic")?)?;
                 self.access.check_subscribe(&topic)?;
                 let limit = self.app.config.max_subscriptions_per_connection;
-                if !self.subs.contains_key(&topic) && self.subs.len() >= limit {
+                let following = self.subs.iter().any(|(t, _)| *t == topic);
+                if !following && self.subs.len() >= limit {
                     return Err(Error::TooManySubscriptions { limit });
                 }
                 let after = command.cursor("after")?;
-                if let Some(previous) = self.subs.remove(&topic) {
+                if let Some(previous) = self.forget(&topic) {
                     outlet.unsubscribe(previous);
                 }
-                // The reply is queued before the sub exists: it precedes the topic's messages.
+                // The reply is queued before the sub reads anything: it precedes the topic's
+                // messages.
                 let sub = self.app.hub.subscribe(&topic, after, outlet).await?;
                 let cursor = outlet.cursor(sub).unwrap_or_default();
-                self.subs.insert(topic.clone(), sub);
+                self.subs.push((topic.clone(), sub));
                 Ok(json!({"type": "subscribed", "topic": topic, "after": cursor}))
             }
             "unsubscribe" => {
                 let topic = TopicName::parse(&command.required_string("topic")?)?;
-                let was_subscribed = match self.subs.remove(&topic) {
+                let was_subscribed = match self.forget(&topic) {
                     Some(sub) => outlet.unsubscribe(sub),
                     None => false,
                 };
@@ -198,7 +209,7 @@ impl Peer for Session {
         error: &Error,
     ) -> Result<(), Finish> {
         tracing::warn!(%error, %topic, "WebSocket subscription failed");
-        self.subs.remove(topic);
+        self.forget(topic);
         let mut reply = error_reply(error, None);
         reply["topic"] = json!(topic);
         outlet.push(text_frame(&reply));

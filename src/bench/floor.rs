@@ -1,0 +1,174 @@
+//! The write floor: what one non-blocking `write()` of a pre-framed message to one loopback
+//! TCP socket costs the writing thread on this machine, measured in the same run as the
+//! transports so that each transport's CPU per delivery can be read as a ratio to it.
+//!
+//! It does what `shared/tools/floor.c` does: `subscribers` connected socket pairs; a writer
+//! thread writes each of `messages` frames of `frame_bytes`, at `rate` per second, to every
+//! socket with one `write()` each; a reader thread drains all sockets with `epoll` (it stands
+//! in for the clients, and its CPU is not counted). On loopback the receiver's TCP input runs
+//! in the sender's softirq, so the writer pays for it, exactly as a server measured by a load
+//! generator on the same machine does. Every server pays this much for a delivery written
+//! alone; only writing several messages at once goes below it.
+
+use std::{
+    io::{self, Read},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// One floor measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Floor {
+    /// Sockets written to.
+    pub subscribers: usize,
+    /// Messages, each written to every socket.
+    pub messages: usize,
+    /// Messages per second.
+    pub rate: f64,
+    /// Bytes of each write.
+    pub frame_bytes: usize,
+    /// Writes that took the whole frame.
+    pub writes: u64,
+    /// Writes that took less (the reader fell behind).
+    pub short_writes: u64,
+    /// CPU time of the writer thread, seconds.
+    pub writer_cpu_s: f64,
+    /// The floor: writer CPU per write, µs.
+    pub cpu_us_per_delivery: f64,
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
+}
+
+/// Measures the floor. Blocking: call it from a thread that may block.
+pub fn measure(
+    subscribers: usize,
+    messages: usize,
+    rate: f64,
+    frame_bytes: usize,
+) -> io::Result<Floor> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut writers = Vec::with_capacity(subscribers);
+    let mut readers = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let reader = TcpStream::connect(addr)?;
+        let (writer, _) = listener.accept()?;
+        writer.set_nodelay(true)?;
+        writer.set_nonblocking(true)?;
+        reader.set_nonblocking(true)?;
+        writers.push(writer);
+        readers.push(reader);
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let expected = (subscribers * messages * frame_bytes) as u64;
+    let drain = {
+        let done = done.clone();
+        std::thread::Builder::new()
+            .name("floor-reader".into())
+            .spawn(move || read_all(readers, expected, &done))?
+    };
+    let frame = vec![b'x'; frame_bytes];
+    let (mut writes, mut short_writes) = (0u64, 0u64);
+    let start_cpu = thread_cpu();
+    let start = Instant::now();
+    for m in 0..messages {
+        let due = start + Duration::from_secs_f64(m as f64 / rate);
+        while Instant::now() < due {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for writer in &writers {
+            // SAFETY: one write of a valid buffer to an open socket.
+            let written =
+                unsafe { libc::write(writer.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+            if written == frame.len() as isize {
+                writes += 1;
+            } else {
+                short_writes += 1;
+            }
+        }
+    }
+    let cpu = thread_cpu().saturating_sub(start_cpu).as_secs_f64();
+    done.store(true, Ordering::Release);
+    let _ = drain.join();
+    Ok(Floor {
+        subscribers,
+        messages,
+        rate,
+        frame_bytes,
+        writes,
+        short_writes,
+        writer_cpu_s: cpu,
+        cpu_us_per_delivery: cpu * 1e6 / writes.max(1) as f64,
+    })
+}
+
+/// Drains every socket with `epoll` until `expected` bytes were read, or `done` is set and
+/// nothing more arrives.
+fn read_all(readers: Vec<TcpStream>, expected: u64, done: &AtomicBool) {
+    // SAFETY: plain epoll calls on descriptors `readers` keeps open for the whole loop.
+    let epoll = unsafe { libc::epoll_create1(0) };
+    if epoll < 0 {
+        return;
+    }
+    for (index, reader) in readers.iter().enumerate() {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: index as u64,
+        };
+        unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, reader.as_raw_fd(), &mut event) };
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut buf = vec![0u8; 65536];
+    let mut got = 0u64;
+    while got < expected {
+        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 100) };
+        if n <= 0 {
+            if done.load(Ordering::Acquire) {
+                break;
+            }
+            continue;
+        }
+        for event in &events[..n as usize] {
+            let mut reader = &readers[event.u64 as usize];
+            while let Ok(read) = reader.read(&mut buf) {
+                if read == 0 {
+                    break;
+                }
+                got += read as u64;
+            }
+        }
+    }
+    unsafe { libc::close(epoll) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_writes_every_frame_to_every_socket() {
+        let floor = measure(3, 20, 2000.0, 190).unwrap();
+        assert_eq!(floor.writes + floor.short_writes, 60);
+        assert_eq!(
+            floor.writes, 60,
+            "loopback buffers take 3.8 KB without a short write"
+        );
+        assert!(floor.cpu_us_per_delivery > 0.0);
+    }
+}
