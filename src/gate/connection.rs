@@ -32,16 +32,8 @@ use crate::{
     auth::Access,
     error::Error,
     hub::Format,
-    transport::{Params, io::Io, longpoll, poll, sse, stream, ws},
+    transport::{Params, boxed, io::Io, longpoll, poll, sse, stream, ws},
 };
-
-/// Boxes the future `make` builds, building it inside this (non-async) function: a future
-/// built in an async function and then boxed still takes its full size in the caller's
-/// state (rustc keeps the moved-from temporary's storage), which every idle connection would
-/// pay for.
-pub(crate) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    Box::pin(make())
-}
 
 /// Initial size of a request head buffer; it grows to `--max-header-bytes`.
 const HEAD_BUFFER: usize = 1024;

@@ -28,6 +28,15 @@ use crate::{
     message::{EventName, MessageId, TopicName},
 };
 
+/// Boxes the future `make` builds, building it inside this (non-async) function: a future
+/// built in an async function and then boxed still takes its full size in the caller's
+/// state (rustc keeps the moved-from temporary's storage), which every idle connection would
+/// pay for. Used wherever a connection awaits something large it rarely needs (a request's
+/// handling, a catch-up read, a client command).
+pub(crate) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::pin(make())
+}
+
 /// Request headers, whoever parsed them: hyper (`HeaderMap`) or the gate's own head parser.
 pub trait HeaderSource: Sync {
     /// The value of the header `name` (lowercase), if present.

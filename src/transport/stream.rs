@@ -136,7 +136,7 @@ pub async fn run<P: Peer>(
             Step::Input => {
                 // Boxed: what handling input needs (a publish, a subscribe) is held only while
                 // it runs, not by every idle connection.
-                let handled = crate::gate::connection::boxed(|| peer.on_input(input, outlet)).await;
+                let handled = super::boxed(|| peer.on_input(input, outlet)).await;
                 if input.is_empty() {
                     // Idle connections hold no read buffer.
                     *input = Vec::new();
@@ -149,7 +149,7 @@ pub async fn run<P: Peer>(
                 let topic = catch_up.topic().clone();
                 let sub: SubId = Outlet::catch_up_sub(&catch_up);
                 // Boxed: the read's state exists only while it runs.
-                let caught_up = crate::gate::connection::boxed(|| outlet.catch_up(catch_up)).await;
+                let caught_up = super::boxed(|| outlet.catch_up(catch_up)).await;
                 if let Err(error) = caught_up {
                     outlet.unsubscribe(sub);
                     if let Err(finish) = peer.on_catch_up_failed(outlet, &topic, &error) {

@@ -140,32 +140,42 @@ pub async fn open(
 
 /// Runs an opened session over `io` until it ends, then closes with the code its end calls
 /// for. `input` holds bytes the client already sent.
-pub async fn run(app: &AppState, mut opened: Opened, io: &mut Io, mut input: Vec<u8>) {
+pub async fn run(app: &AppState, opened: Opened, io: &mut Io, mut input: Vec<u8>) {
+    let Opened {
+        outlet,
+        mut session,
+        expires,
+    } = opened;
     let settings = stream::Settings {
         // A peer that stops reading stalls our writes; one that vanished answers no ping.
         // Either is cut off after this long, and its resources freed.
         stall: app.config.ws_pong_timeout,
         read_chunk: app.config.ws_read_buffer,
-        expires: opened.expires,
+        expires,
     };
-    let outlet = opened.outlet.0.clone();
     // Bytes that arrived with the handshake are handled first.
-    let mut finish = None;
-    if !input.is_empty() {
+    let early = if input.is_empty() {
+        Ok(())
+    } else {
         use stream::Peer as _;
-        if let Err(ended) = opened.session.on_input(&mut input, &outlet).await {
-            finish = Some(ended);
-        }
-    }
-    let finish = match finish {
-        Some(finish) => finish,
-        None => stream::run(io, &outlet, &mut opened.session, &settings, &mut input).await,
+        super::boxed(|| session.on_input(&mut input, &outlet)).await
     };
-    if let Some(close) = close_frame(finish) {
-        outlet.push(close);
+    let finish = match early {
+        Err(finish) => finish,
+        Ok(()) => stream::run(io, &outlet, &mut session, &settings, &mut input).await,
+    };
+    super::boxed(|| close(io, &outlet, finish, settings.stall)).await;
+}
+
+/// Ends a session: its close frame (the one `finish` calls for, or the answer to the
+/// client's), after whatever is queued before it, then the end of the stream.
+async fn close(io: &mut Io, outlet: &OutletGuard, finish: stream::Finish, stall: std::time::Duration) {
+    let frame = close_frame(finish);
+    let closing = frame.is_some() || finish == stream::Finish::Closed;
+    if let Some(frame) = frame {
+        outlet.push(frame);
     }
-    // A close frame (ours, or the answer to the client's) and whatever precedes it.
-    if matches!(finish, stream::Finish::Closed) || close_frame(finish).is_some() {
+    if closing {
         let flush = async {
             while let Some(frames) = outlet.take_pending() {
                 for frame in frames {
@@ -174,10 +184,9 @@ pub async fn run(app: &AppState, mut opened: Opened, io: &mut Io, mut input: Vec
             }
             io.flush().await
         };
-        let _ = tokio::time::timeout(settings.stall, flush).await;
+        let _ = tokio::time::timeout(stall, flush).await;
     }
     let _ = io.shutdown().await;
-    drop(opened.outlet);
 }
 
 /// `GET /topics/{topic}/ws` through axum (a connection hyper serves).
