@@ -208,6 +208,11 @@ pub struct Config {
     /// How long open streams get to close after a shutdown signal before the process exits.
     #[arg(long, env = "PUSHHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Worker threads of the runtime, and fan-out shards (one writer each); `0`: one per
+    /// core the process may use.
+    #[arg(long, env = "PUSHHUB_WORKERS", default_value_t = 0)]
+    pub workers: usize,
 }
 
 impl Default for Config {
@@ -250,6 +255,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             shutdown_grace: Duration::from_secs(5),
+            workers: 0,
             data_dir: None,
             fsync: crate::store::FsyncPolicy::Batch,
             fsync_window: Duration::ZERO,
@@ -268,6 +274,14 @@ pub enum SlowConsumerPolicy {
 }
 
 impl Config {
+    /// Worker threads (and fan-out shards) to run with: `--workers`, or one per core.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => crate::hub::default_shards(),
+            n => n,
+        }
+    }
+
     /// Whether `transport` (`poll`, `longpoll`, `sse`, `ws`) is served.
     pub fn serves(&self, transport: &str) -> bool {
         self.transports.iter().any(|t| t == transport)

@@ -316,6 +316,5 @@ pub async fn serve(
             });
         }
     };
-    server::accept_loop(listener, app, &state, tls, stopping).await;
-    Ok(())
+    server::serve_workers(listener, app, &state, tls, stopping).await
 }

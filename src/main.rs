@@ -37,9 +37,29 @@ enum Command {
     Bench(Box<pushhub::bench::BenchArgs>),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The server runs one single-threaded runtime per worker: this one is worker 0, and
+    // `pushhub::serve` starts the others. The bench's clients share one multi-threaded
+    // runtime.
+    if let Some(Command::Bench(args)) = &cli.command
+        && let Some((_, client_cpus)) = pushhub::bench::cpu_split(args.cpus)
+    {
+        // Before the runtime's threads exist, so that they all inherit it; the server the
+        // bench starts gets the other CPUs.
+        pushhub::bench::affinity::pin(&client_cpus).context("cannot pin the bench's CPUs")?;
+    }
+    let runtime = match &cli.command {
+        Some(Command::Bench(_)) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build()
+    .context("cannot start the runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("PUSHHUB_LOG")
         .unwrap_or_else(|_| EnvFilter::new("pushhub=info,tower_http=warn"));
     // One JSON object per line for log collectors; plain text for people.

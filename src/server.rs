@@ -5,12 +5,12 @@
 //! total and per client IP, answered with a JSON 503/429 before any work is done; TLS on the
 //! same loop; and the choice, per request, of who serves it ([`crate::gate`]).
 
-use std::{future::Future, io, path::Path, sync::Arc, time::Duration};
+use std::{future::Future, io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use axum::Router;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
@@ -19,9 +19,10 @@ use crate::{
     AppState,
     error::Error,
     gate::{
-        connection::{Connection, Shared},
+        connection::{Connection, Served, Shared},
         hyper::Protocols,
     },
+    limits::ConnectionPermit,
     transport::io::Io,
 };
 
@@ -62,24 +63,53 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, StartError> 
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `router` on `listener` until `stop` fires, then lets open connections finish
-/// (long-lived ones end themselves on the same signal) for at most `grace`.
-pub(crate) async fn accept_loop(
+/// Serves `router` on `listener` until `stop` fires, with `--workers` workers: this task's
+/// runtime is worker 0, each other worker a thread with a single-threaded runtime of its own.
+/// Worker 0 accepts every connection and hands them out round-robin: a connection lives on
+/// one worker, and so does the fan-out shard that writes to it, so a delivery never wakes
+/// another thread; and a new connection wakes one worker (sharing the listening socket
+/// would wake them all). Once stopped, each worker lets its open connections finish
+/// (long-lived ones end themselves on the same signal) for at most `--shutdown-grace`.
+pub(crate) async fn serve_workers(
     listener: TcpListener,
     router: Router,
     state: &AppState,
     tls: Option<TlsAcceptor>,
     stop: impl Future<Output = ()>,
-) {
+) -> Result<(), StartError> {
     let config = &state.config;
-    let limits = state.connections.clone();
     let shared = Arc::new(Shared {
+        served: Served::of(config),
         app: state.clone(),
         router,
         protocols: Arc::new(Protocols::new(config)),
     });
-    let connections = TaskTracker::new();
+    let mut others = Vec::new();
+    let mut finished = Vec::new();
+    for index in 1..config.worker_count() {
+        let (hand, incoming) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+        let (done, ended) = tokio::sync::oneshot::channel::<()>();
+        let (shared, tls) = (shared.clone(), tls.clone());
+        std::thread::Builder::new()
+            .name(format!("pushhub-worker-{index}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(worker(index, incoming, shared, tls)),
+                    Err(error) => tracing::error!(%error, index, "worker runtime failed"),
+                }
+                let _ = done.send(());
+            })?;
+        others.push(hand);
+        finished.push(ended);
+    }
+    state.hub.start_worker(0);
     let handshake_timeout = config.header_timeout;
+    let limits = state.connections.clone();
+    let connections = TaskTracker::new();
+    let mut next = 0usize;
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -96,34 +126,145 @@ pub(crate) async fn accept_loop(
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        // Each kind of connection is its own task type, so a plain connection's task carries
-        // no room for a refusal or a TLS handshake.
-        let connection = Connection {
-            shared: shared.clone(),
-            peer,
-        };
-        match (limits.admit(peer.ip()), &tls) {
-            (Err(refusal), _) => {
+        let admitted = match limits.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
                 connections.spawn(refuse(stream, refusal));
+                continue;
             }
-            (Ok(permit), None) => {
-                connections.spawn(async move {
-                    connection.serve(Io::Tcp(Arc::new(stream)), false).await;
-                    drop(permit);
-                });
+        };
+        next = next.wrapping_add(1);
+        let target = next % (others.len() + 1);
+        if target == 0 {
+            spawn_connection(
+                &connections,
+                &shared,
+                stream,
+                peer,
+                admitted,
+                &tls,
+                handshake_timeout,
+            );
+            continue;
+        }
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, %peer, "could not hand a connection over");
+                continue;
             }
-            (Ok(permit), Some(tls)) => {
-                let tls = tls.clone();
-                connections.spawn(async move {
-                    serve_tls(connection, stream, tls, handshake_timeout).await;
-                    drop(permit);
-                });
+        };
+        let accepted = Accepted {
+            stream,
+            peer,
+            permit: admitted,
+        };
+        if let Err(unsent) = others[target - 1].send(accepted) {
+            // That worker is gone: serve the connection here.
+            let Accepted {
+                stream,
+                peer,
+                permit,
+            } = unsent.0;
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                spawn_connection(
+                    &connections,
+                    &shared,
+                    stream,
+                    peer,
+                    permit,
+                    &tls,
+                    handshake_timeout,
+                );
             }
         }
     }
     drop(listener);
+    // The other workers stop taking connections when their channel closes.
+    drop(others);
+    wind_down(connections, config.shutdown_grace).await;
+    for ended in finished {
+        let _ = ended.await;
+    }
+    Ok(())
+}
+
+/// A connection accepted by worker 0 for another worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+}
+
+/// Worker `index`: serves the connections handed to it until worker 0 stops handing them
+/// out, then lets them finish within the grace period.
+async fn worker(
+    index: usize,
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+) {
+    shared.app.hub.start_worker(index);
+    let handshake_timeout = shared.app.config.header_timeout;
+    let connections = TaskTracker::new();
+    while let Some(Accepted {
+        stream,
+        peer,
+        permit,
+    }) = incoming.recv().await
+    {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => spawn_connection(
+                &connections,
+                &shared,
+                stream,
+                peer,
+                permit,
+                &tls,
+                handshake_timeout,
+            ),
+            Err(error) => tracing::warn!(%error, index, "could not take a connection"),
+        }
+    }
+    wind_down(connections, shared.app.config.shutdown_grace).await;
+}
+
+/// Serves one admitted connection on this worker, holding its place until it ends. Each
+/// kind of connection is its own task type, so a plain connection's task carries no room
+/// for a TLS handshake.
+fn spawn_connection(
+    connections: &TaskTracker,
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+    tls: &Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+) {
+    let connection = Connection {
+        shared: shared.clone(),
+        peer,
+    };
+    match tls {
+        None => {
+            connections.spawn(async move {
+                connection.serve(Io::Tcp(Arc::new(stream)), false).await;
+                drop(permit);
+            });
+        }
+        Some(tls) => {
+            let tls = tls.clone();
+            connections.spawn(async move {
+                serve_tls(connection, stream, tls, handshake_timeout).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Waits at most `grace` for a worker's connections to finish.
+async fn wind_down(connections: TaskTracker, grace: Duration) {
     connections.close();
-    let grace = config.shutdown_grace;
     if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
@@ -139,7 +280,7 @@ pub(crate) async fn accept_loop(
 /// ALPN chose.
 async fn serve_tls(
     connection: Connection,
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     tls: TlsAcceptor,
     handshake_timeout: Duration,
 ) {

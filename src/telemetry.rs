@@ -179,6 +179,13 @@ pub fn render(app: &AppState) -> String {
         metrics::counter!("pushhub_requests_total", "transport" => name)
             .absolute(by_transport(transport, &stats.requests));
     }
+    for transport in Transport::ALL {
+        for (index, event) in ["opened", "closed"].into_iter().enumerate() {
+            let count = STREAMS[transport as usize][index].load(Ordering::Relaxed);
+            metrics::counter!("pushhub_stream_subscriptions_total", "transport" => label(transport), "event" => event)
+                .absolute(count);
+        }
+    }
     let mut text = handle().render();
     render_lag(&mut text);
     text
@@ -189,11 +196,14 @@ pub fn rejected(code: &'static str) {
     metrics::counter!("pushhub_rejected_total", "code" => code).increment(1);
 }
 
+/// Streaming subscriptions (and parked long polls) opened and closed, per transport: plain
+/// atomics, copied into the recorder at scrape time, because a long poll parks and unparks
+/// at request rate.
+static STREAMS: [[AtomicU64; 2]; 4] = [const { [const { AtomicU64::new(0) }; 2] }; 4];
+
 /// A streaming subscription opened or closed.
 pub(crate) fn stream(transport: Transport, opened: bool) {
-    let event = if opened { "opened" } else { "closed" };
-    metrics::counter!("pushhub_stream_subscriptions_total", "transport" => label(transport), "event" => event)
-        .increment(1);
+    STREAMS[transport as usize][usize::from(!opened)].fetch_add(1, Ordering::Relaxed);
 }
 
 /// A subscriber fell a full queue behind: `resync` (read from history) or `disconnect`.

@@ -61,6 +61,29 @@ pub fn measure(
     messages: usize,
     rate: f64,
     frame_bytes: usize,
+    writer_cpus: Option<&[usize]>,
+) -> io::Result<Floor> {
+    let writer_cpus = writer_cpus.map(<[usize]>::to_vec);
+    // The writer runs on a thread of its own, on the server's CPUs when the bench splits
+    // them; the reader stays with the clients.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(cpus) = &writer_cpus {
+                    super::affinity::pin(cpus)?;
+                }
+                write_floor(subscribers, messages, rate, frame_bytes)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("floor writer panicked")))
+    })
+}
+
+fn write_floor(
+    subscribers: usize,
+    messages: usize,
+    rate: f64,
+    frame_bytes: usize,
 ) -> io::Result<Floor> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -163,7 +186,7 @@ mod tests {
 
     #[test]
     fn the_floor_writes_every_frame_to_every_socket() {
-        let floor = measure(3, 20, 2000.0, 190).unwrap();
+        let floor = measure(3, 20, 2000.0, 190, None).unwrap();
         assert_eq!(floor.writes + floor.short_writes, 60);
         assert_eq!(
             floor.writes, 60,

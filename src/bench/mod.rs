@@ -118,6 +118,67 @@ pub struct BenchArgs {
     /// The pushhub binary to start as the server (default: this executable).
     #[arg(long, hide = true)]
     pub server_bin: Option<PathBuf>,
+    /// How the bench and the server it starts share the CPUs: `split` gives the server the
+    /// first half of the CPUs this process may use and the bench's clients the rest (as
+    /// `taskset` would), so that neither steals the other's time and the server runs one
+    /// worker per CPU it has; `shared` lets both use every CPU.
+    #[arg(long, value_enum, default_value = "split")]
+    pub cpus: CpuMode,
+}
+
+/// How the bench and its server share the CPUs (`--cpus`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuMode {
+    /// The server gets the first half of the CPUs, the bench the rest.
+    Split,
+    /// Both use every CPU.
+    Shared,
+}
+
+/// The CPUs of the server and of the bench's clients under `--cpus split`: `None` when
+/// there is only one CPU to share (or the mode is `shared`).
+pub fn cpu_split(mode: CpuMode) -> Option<(Vec<usize>, Vec<usize>)> {
+    if mode == CpuMode::Shared {
+        return None;
+    }
+    let cpus = affinity::current()?;
+    if cpus.len() < 2 {
+        return None;
+    }
+    let (server, client) = cpus.split_at(cpus.len().div_ceil(2));
+    Some((server.to_vec(), client.to_vec()))
+}
+
+/// CPU affinity of threads and child processes (Linux).
+pub mod affinity {
+    /// The CPUs the calling thread may run on.
+    pub fn current() -> Option<Vec<usize>> {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the call fills it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        (ok == 0).then(|| {
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+                .collect()
+        })
+    }
+
+    /// Restricts the calling thread (and the threads and processes it starts later) to
+    /// `cpus`.
+    pub fn pin(cpus: &[usize]) -> std::io::Result<()> {
+        // SAFETY: building a cpu_set_t from CPU numbers below CPU_SETSIZE.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in cpus {
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        let ok = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+        if ok == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
 }
 
 /// What can stop a benchmark.
@@ -326,7 +387,15 @@ fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
         Some(path) => path.clone(),
         None => std::env::current_exe()?,
     };
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    if let Some((server_cpus, _)) = cpu_split(args.cpus) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure only calls sched_setaffinity, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || affinity::pin(&server_cpus));
+        }
+    }
+    let mut child = command
         .args([
             "serve",
             "--listen",
@@ -441,8 +510,16 @@ async fn measure_floor(args: &BenchArgs) -> Option<floor::Floor> {
     eprintln!(
         "bench: write floor: {subscribers} sockets, {messages} messages of {frame_bytes} bytes at {rate} msg/s"
     );
+    // The writer runs where the server would, the reader where the clients do.
+    let writer_cpus = cpu_split(args.cpus).map(|(server, _)| server);
     let measured = tokio::task::spawn_blocking(move || {
-        floor::measure(subscribers, messages, rate, frame_bytes)
+        floor::measure(
+            subscribers,
+            messages,
+            rate,
+            frame_bytes,
+            writer_cpus.as_deref(),
+        )
     })
     .await;
     match measured {

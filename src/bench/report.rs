@@ -42,6 +42,9 @@ pub fn command_line(args: &BenchArgs) -> String {
     if !args.url.is_empty() {
         let _ = write!(line, " --url {}", args.url.join(","));
     }
+    if args.cpus == super::CpuMode::Shared {
+        line.push_str(" --cpus shared");
+    }
     for arg in &args.server_args {
         let _ = write!(line, " --server-arg={arg}");
     }
@@ -484,6 +487,7 @@ mod tests {
             json: false,
             server_args: vec!["--write-delay=5ms".into()],
             server_bin: None,
+            cpus: crate::bench::CpuMode::Split,
         };
         let run = Run {
             floor: None,

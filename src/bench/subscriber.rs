@@ -93,7 +93,12 @@ async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result
         phase.base_of(index).replacen("http", "ws", 1),
         phase.topic_of(index)
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(&url)
+    // A small read buffer: tungstenite zeroes the unused part of it on every read, and its
+    // 128 KiB default made that zeroing most of the bench's own CPU, which then limited what
+    // it could measure.
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), false)
         .await
         .map_err(|e| BenchError::Client(format!("WebSocket connect: {e}")))?;
     tracker.requests += 1;

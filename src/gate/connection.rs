@@ -43,6 +43,9 @@ const HEAD_BUFFER: usize = 1024;
 pub struct Shared {
     /// Everything the handlers share.
     pub app: AppState,
+    /// Which of the raw endpoints `--transports` serves (the others go to the router, which
+    /// answers 404).
+    pub served: Served,
     /// The app, for requests hyper serves.
     pub router: Router,
     /// hyper's builders.
@@ -55,6 +58,26 @@ pub struct Connection {
     pub shared: Arc<Shared>,
     /// Where it comes from.
     pub peer: SocketAddr,
+}
+
+/// Which raw endpoints are served, looked up once from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Served([bool; 4]);
+
+impl Served {
+    /// The endpoints `config` serves.
+    pub fn of(config: &crate::Config) -> Self {
+        Self([
+            config.serves("poll"),
+            config.serves("longpoll"),
+            config.serves("sse"),
+            config.serves("ws"),
+        ])
+    }
+
+    fn has(self, endpoint: Endpoint) -> bool {
+        self.0[endpoint as usize]
+    }
 }
 
 /// An endpoint pushhub serves on the raw socket.
@@ -166,7 +189,7 @@ async fn request(shared: &Shared, peer: SocketAddr, io: &mut Io, buf: Vec<u8>) -
         Some(Err(read)) => return Next::HandOver(read),
         None => return Next::Close,
     };
-    match route(&head, &shared.app.config) {
+    match route(&head, shared.served) {
         Some((endpoint, topic)) => {
             let topic = topic.map(Cow::into_owned);
             boxed(|| dispatch(shared, peer, endpoint, topic, head, io)).await
@@ -345,7 +368,9 @@ async fn run_park(app: &AppState, park: Park, io: &mut Io) -> Next {
         mut rest,
     } = park;
     let limit = app.config.max_header_bytes;
+    // The answer first: one that is ready at once does not read the socket for nothing.
     let answer = tokio::select! {
+        biased;
         answer = prepared.answer(app) => answer,
         () = watch(io, &mut rest, limit) => return Next::Close,
     };
@@ -449,8 +474,8 @@ fn answered(answer: Result<Vec<u8>, Error>, meta: &Meta) -> Vec<u8> {
 
 /// Writes a response (within the stall limit); what comes next.
 async fn finish(io: &mut Io, response: Vec<u8>, close: bool, stall: Duration) -> Next {
-    match tokio::time::timeout(stall, io.write_all(&response)).await {
-        Ok(Ok(())) if !close => Next::KeepAlive(Vec::new()),
+    match io.write_all_within(&response, stall).await {
+        Ok(()) if !close => Next::KeepAlive(Vec::new()),
         _ => Next::Close,
     }
 }
@@ -505,16 +530,13 @@ async fn read_head(
 
 /// The endpoint a request head asks for, if pushhub serves it on the raw socket, and its
 /// `{topic}` segment, percent-decoded.
-fn route<'a>(
-    head: &'a RequestHead,
-    config: &crate::Config,
-) -> Option<(Endpoint, Option<Cow<'a, str>>)> {
+fn route(head: &RequestHead, served: Served) -> Option<(Endpoint, Option<Cow<'_, str>>)> {
     if !head.is_plain_get() {
         return None;
     }
     let path = head.path();
     if path == "/ws" {
-        return config.serves("ws").then_some((Endpoint::Ws, None));
+        return served.has(Endpoint::Ws).then_some((Endpoint::Ws, None));
     }
     let (topic, kind) = path.strip_prefix("/topics/")?.split_once('/')?;
     let endpoint = match kind {
@@ -524,7 +546,7 @@ fn route<'a>(
         "ws" => Endpoint::Ws,
         _ => return None,
     };
-    if topic.is_empty() || !config.serves(kind) {
+    if topic.is_empty() || !served.has(endpoint) {
         return None;
     }
     let topic = percent_decode(topic)?;
@@ -568,7 +590,8 @@ mod tests {
         let (Parsed::Head(head), _) = RequestHead::parse(request.as_bytes().to_vec()) else {
             panic!("not a head: {request}");
         };
-        route(&head, &crate::Config::default()).map(|(e, t)| (e, t.map(Cow::into_owned)))
+        route(&head, Served::of(&crate::Config::default()))
+            .map(|(e, t)| (e, t.map(Cow::into_owned)))
     }
 
     #[test]
@@ -611,6 +634,7 @@ mod size_probe {
         let (stream, peer) = listener.accept().await.unwrap();
         let app = AppState::new(crate::Config::default()).unwrap();
         let shared = Arc::new(Shared {
+            served: Served::of(&app.config),
             router: crate::router(app.clone()),
             protocols: Arc::new(Protocols::new(&app.config)),
             app: app.clone(),

@@ -94,22 +94,27 @@ impl RequestHead {
         (Parsed::Head(head), None)
     }
 
+    /// Text the parser handed out as `&str` (method, path, query).
+    fn text(&self, span: Span) -> &str {
+        // SAFETY: these spans were taken from `&str`s httparse returned for this buffer,
+        // which it had checked (methods are tokens, targets visible ASCII); the buffer has
+        // not changed since.
+        unsafe { std::str::from_utf8_unchecked(&self.buf[span.range()]) }
+    }
+
     /// The request method.
     pub fn method(&self) -> &str {
-        // httparse accepts only token characters in methods: ASCII.
-        std::str::from_utf8(&self.buf[self.method.range()]).unwrap_or_default()
+        self.text(self.method)
     }
 
     /// The path, without the query.
     pub fn path(&self) -> &str {
-        std::str::from_utf8(&self.buf[self.path.range()]).unwrap_or_default()
+        self.text(self.path)
     }
 
     /// The query string, without the `?`.
     pub fn query(&self) -> &str {
-        self.query
-            .and_then(|q| std::str::from_utf8(&self.buf[q.range()]).ok())
-            .unwrap_or_default()
+        self.query.map_or("", |q| self.text(q))
     }
 
     /// The value of the last header named `name` (ASCII case-insensitive).
@@ -172,14 +177,17 @@ impl RequestHead {
 
     /// A GET with no body and nothing that needs hyper's handling: one pushhub may serve.
     pub fn is_plain_get(&self) -> bool {
-        self.method() == "GET"
-            && self.count("transfer-encoding") == 0
-            && self.count("expect") == 0
-            && match self.count("content-length") {
-                0 => true,
-                1 => self.header("content-length") == Some(b"0"),
-                _ => false,
-            }
+        if self.method() != "GET" {
+            return false;
+        }
+        // One pass over the headers: no transfer coding, no `Expect`, no body length but 0.
+        self.headers.iter().all(|(name, value)| {
+            let name = &self.buf[name.range()];
+            !(name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || (name.eq_ignore_ascii_case(b"content-length")
+                    && &self.buf[value.range()] != b"0"))
+        })
     }
 
     /// The client asked to close the connection after this request.

@@ -6,7 +6,6 @@
 
 use std::{
     cell::RefCell,
-    fmt::Write as _,
     sync::{
         OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -19,16 +18,40 @@ use axum::http::StatusCode;
 use super::head::RequestHead;
 use crate::{error::Error, origin::OriginPolicy};
 
-/// The next request id: the process start time and a counter, unique per process without a
-/// random source. Shared by hyper's requests (through [`RequestIds`]) and the raw path.
-pub fn next_request_id() -> String {
+/// The next request id: the process start time and a counter, in hex, unique per process
+/// without a random source. Shared by hyper's requests (through [`RequestIds`]) and the raw
+/// path.
+fn push_request_id(out: &mut impl Extend<u8>) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static BOOT: OnceLock<u64> = OnceLock::new();
     let boot = *BOOT.get_or_init(crate::message::now_micros);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut id = String::with_capacity(24);
-    let _ = write!(id, "{boot:x}-{n:x}");
-    id
+    push_hex(out, boot);
+    out.extend([b'-']);
+    push_hex(out, n);
+}
+
+fn push_hex(out: &mut impl Extend<u8>, value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 16];
+    let mut at = text.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        text[at] = DIGITS[(rest & 0xF) as usize];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend(text[at..].iter().copied());
+}
+
+/// The next request id, as text.
+pub fn next_request_id() -> String {
+    let mut id = Vec::with_capacity(24);
+    push_request_id(&mut id);
+    String::from_utf8(id).expect("hex digits")
 }
 
 /// Request ids for `x-request-id` on hyper's side (kept when the client or a proxy sent one).
@@ -64,11 +87,12 @@ fn date() -> [u8; 29] {
     })
 }
 
-/// What every response to one request carries: its id and its CORS headers.
+/// What every response to one request carries: its id and its CORS headers. Inline bytes,
+/// not allocations: one is built for every request served here.
 #[derive(Debug)]
 pub struct Meta {
-    request_id: Vec<u8>,
-    allow_origin: Option<Vec<u8>>,
+    request_id: smallvec::SmallVec<[u8; 40]>,
+    allow_origin: Option<smallvec::SmallVec<[u8; 40]>>,
     vary_origin: bool,
 }
 
@@ -80,14 +104,18 @@ impl Meta {
                 if !id.is_empty()
                     && id.iter().all(|&b| b == b'\t' || (0x20..0x7F).contains(&b)) =>
             {
-                id.to_vec()
+                smallvec::SmallVec::from_slice(id)
             }
-            _ => next_request_id().into_bytes(),
+            _ => {
+                let mut id = smallvec::SmallVec::new();
+                push_request_id(&mut id);
+                id
+            }
         };
         let (allow_origin, vary_origin) = origins.cors(head.header("origin"));
         Self {
             request_id,
-            allow_origin: allow_origin.map(<[u8]>::to_vec),
+            allow_origin: allow_origin.map(smallvec::SmallVec::from_slice),
             vary_origin,
         }
     }
@@ -111,7 +139,18 @@ pub enum Length {
 
 /// Writes a response head: status line, `headers`, the per-request headers, framing, date.
 pub fn head(status: StatusCode, headers: &[(&str, &str)], meta: &Meta, length: Length) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
+    head_with_room(status, headers, meta, length, 0)
+}
+
+/// [`head`], in a buffer with room for `body` more bytes after it.
+fn head_with_room(
+    status: StatusCode,
+    headers: &[(&str, &str)],
+    meta: &Meta,
+    length: Length,
+    body: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(320 + body);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -152,7 +191,8 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 
 /// A complete response with a body.
 pub fn full(status: StatusCode, headers: &[(&str, &str)], meta: &Meta, body: &[u8]) -> Vec<u8> {
-    let mut out = head(status, headers, meta, Length::Fixed(body.len()));
+    let length = Length::Fixed(body.len());
+    let mut out = head_with_room(status, headers, meta, length, body.len());
     out.extend_from_slice(body);
     out
 }

@@ -318,6 +318,13 @@ struct Shard {
     queue: Mutex<Queue>,
     /// Streaming connections of this shard, for the ticker's walks and the drain.
     streams: Mutex<Slots<Weak<Outlet>>>,
+    /// The writer runs.
+    started: AtomicBool,
+}
+
+thread_local! {
+    /// The worker (and so the shard) of the calling thread, set by [`Fanout::start_worker`].
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 impl Shard {
@@ -380,8 +387,8 @@ pub(crate) struct Fanout {
     next_shard: AtomicUsize,
     counters: Arc<Counters>,
     settings: FanoutSettings,
-    /// The writers and the ticker run (started by the first follower, inside a runtime).
-    started: OnceLock<()>,
+    /// The ticker runs.
+    ticking: OnceLock<()>,
     /// Stop pinging and sending heartbeats: the server is stopping.
     stopping: AtomicBool,
     /// New outlets drain at once: the server is stopping and publishes have settled.
@@ -397,31 +404,53 @@ impl Fanout {
             next_shard: AtomicUsize::new(0),
             counters,
             settings,
-            started: OnceLock::new(),
+            ticking: OnceLock::new(),
             stopping: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             me: me.clone(),
         })
     }
 
-    /// Starts the writers and the ticker on the current runtime, once.
-    fn start(&self) {
-        self.started.get_or_init(|| {
-            for (index, shard) in self.shards.iter().enumerate() {
-                tokio::spawn(write_loop(
-                    shard.clone(),
-                    index,
-                    self.counters.clone(),
-                    self.settings.write_delay,
-                ));
-            }
+    /// The calling thread is worker `worker`: its connections use shard `worker`, whose
+    /// writer runs on this thread's runtime (so writing to them wakes no other thread).
+    pub(super) fn start_worker(&self, worker: usize) {
+        let shard = worker % self.shards.len();
+        WORKER.with(|current| current.set(Some(shard)));
+        self.start_shard(shard);
+    }
+
+    /// Starts shard `index`'s writer on the current runtime, once; and the ticker.
+    fn start_shard(&self, index: usize) {
+        let shard = &self.shards[index];
+        if !shard.started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(write_loop(
+                shard.clone(),
+                index,
+                self.counters.clone(),
+                self.settings.write_delay,
+            ));
+        }
+        self.ticking.get_or_init(|| {
             tokio::spawn(tick_loop(self.me.clone(), self.settings.clone()));
         });
     }
 
-    /// The shard for a new connection: round-robin.
+    /// Starts every shard not started yet on the current runtime: a hub used without
+    /// workers (tests, benchmarks) still delivers.
+    fn start(&self) {
+        for index in 0..self.shards.len() {
+            if !self.shards[index].started.load(Ordering::Acquire) {
+                self.start_shard(index);
+            }
+        }
+    }
+
+    /// The shard for a new connection: the calling worker's, else round-robin.
     pub(super) fn pick_shard(&self) -> usize {
-        self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len()
+        match WORKER.with(std::cell::Cell::get) {
+            Some(shard) => shard,
+            None => self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len(),
+        }
     }
 
     /// Adds a streaming outlet to its shard's registry; returns its slot.

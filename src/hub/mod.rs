@@ -16,10 +16,15 @@ mod stats;
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{Arc, Mutex},
     time::Duration,
 };
+
+/// The hasher of the topic registry and presence maps: foldhash, seeded per process. Topic
+/// names come from clients, so the seed keeps them from choosing colliding names; foldhash
+/// is several times cheaper than SipHash on short names, and a lookup happens per request.
+type Hasher = foldhash::fast::RandomState;
 
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -35,7 +40,7 @@ use crate::{
     config::Config,
     error::Error,
     message::{EventName, Message, MessageId, Payload, TopicName, now_millis},
-    store::{Store, TopicLog},
+    store::{LogRead, Store, TopicLog},
 };
 use fanout::{Fanout, Follower, TopicLive, Waiter};
 use presence::Presence;
@@ -45,7 +50,7 @@ use stats::Counters;
 const SHARDS: usize = 64;
 
 /// One slice of the topic registry.
-type Shard = Mutex<HashMap<TopicName, Arc<Topic>>>;
+type Shard = Mutex<HashMap<TopicName, Arc<Topic>, Hasher>>;
 
 /// The hub's tunables, taken from [`Config`].
 #[derive(Clone, Debug)]
@@ -83,7 +88,7 @@ impl From<&Config> for HubSettings {
             poller_window: config.poller_window,
             disconnect_slow: config.slow_consumer == crate::config::SlowConsumerPolicy::Disconnect,
             fanout: FanoutSettings {
-                shards: default_shards(),
+                shards: config.worker_count(),
                 write_delay: config.write_delay,
                 heartbeat: config.heartbeat,
                 ping_interval: config.ws_ping_interval,
@@ -109,7 +114,7 @@ pub struct TopicInfo {
 /// Publishes messages and feeds subscribers. Cheap to share behind an `Arc`.
 pub struct Hub {
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    hasher: Hasher,
     store: Arc<dyn Store>,
     settings: HubSettings,
     counters: Arc<Counters>,
@@ -150,13 +155,21 @@ impl Topic {
         limit: usize,
         from_client: bool,
     ) -> Result<Batch, Error> {
-        let read = self.log.read(after, limit).await?;
+        let read = self.read(after, limit).await?;
         Ok(match cursor::resolve(after, read.head, from_client) {
             cursor::Resolution::Keep(signal) => cursor::batch(read, signal),
             cursor::Resolution::ReadFromStart(signal) => {
-                cursor::batch(self.log.read(0, limit).await?, Some(signal))
+                cursor::batch(self.read(0, limit).await?, Some(signal))
             }
         })
+    }
+
+    /// A log read, without an async call when the log answers at once.
+    async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, Error> {
+        match self.log.read_now(after, limit) {
+            Some(read) => Ok(read?),
+            None => Ok(self.log.read(after, limit).await?),
+        }
     }
 }
 
@@ -178,8 +191,10 @@ impl Hub {
     pub fn new(store: Arc<dyn Store>, settings: HubSettings) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
         Arc::new(Self {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(Hasher::default())))
+                .collect(),
+            hasher: Hasher::default(),
             store,
             fanout: Fanout::new(settings.fanout.clone(), counters.clone()),
             settings,
@@ -187,7 +202,10 @@ impl Hub {
         })
     }
 
-    fn shard(&self, name: &TopicName) -> std::sync::MutexGuard<'_, HashMap<TopicName, Arc<Topic>>> {
+    fn shard(
+        &self,
+        name: &TopicName,
+    ) -> std::sync::MutexGuard<'_, HashMap<TopicName, Arc<Topic>, Hasher>> {
         let index = self.hasher.hash_one(name) as usize % SHARDS;
         self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -387,6 +405,12 @@ impl Hub {
     /// Counts one poll request or one stream connection over `transport`.
     pub fn record_request(&self, transport: Transport) {
         self.counters.request(transport);
+    }
+
+    /// The calling thread runs worker `worker` of the server: the connections it accepts
+    /// use that worker's fan-out shard, whose writer this starts on the current runtime.
+    pub fn start_worker(&self, worker: usize) {
+        self.fanout.start_worker(worker);
     }
 
     /// The server is stopping: heartbeats and pings stop.

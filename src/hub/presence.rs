@@ -67,7 +67,7 @@ pub(crate) struct Presence {
 
 #[derive(Default)]
 struct PollerSet {
-    seen: Mutex<HashMap<Box<str>, Instant>>,
+    seen: Mutex<HashMap<Box<str>, Instant, foldhash::fast::RandomState>>,
 }
 
 impl PollerSet {

@@ -1,28 +1,52 @@
 //! Server-side counters per transport, for `GET /stats` and the lab page.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
 use super::{Subscribers, Transport};
 
-/// One counter per transport. Relaxed atomics: these are statistics, read once a second,
-/// and must cost the delivery path no more than an uncontended add.
+/// Copies of each counter, so that threads counting at once do not fight over one cache
+/// line: a thread adds to its own copy, a reader sums them.
+const COPIES: usize = 8;
+
+/// Which copy the calling thread adds to, assigned round-robin on first use.
+fn copy_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COPIES;
+    }
+    INDEX.with(|index| *index)
+}
+
+/// One counter per transport, per copy. Relaxed atomics: these are statistics, read once a
+/// second, and must cost the delivery path no more than an uncontended add.
 #[derive(Default)]
-pub(crate) struct PerTransport([AtomicU64; 4]);
+pub(crate) struct PerTransport([Line; COPIES]);
+
+/// The counters of one copy, alone on their cache line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Line([AtomicU64; 4]);
 
 impl PerTransport {
     fn add(&self, transport: Transport, amount: u64) {
-        self.0[transport as usize].fetch_add(amount, Ordering::Relaxed);
+        self.0[copy_index()].0[transport as usize].fetch_add(amount, Ordering::Relaxed);
+    }
+
+    fn get(&self, transport: Transport) -> u64 {
+        self.0
+            .iter()
+            .map(|line| line.0[transport as usize].load(Ordering::Relaxed))
+            .sum()
     }
 
     fn snapshot(&self) -> TransportCounts {
-        let get = |t: Transport| self.0[t as usize].load(Ordering::Relaxed);
         TransportCounts {
-            poll: get(Transport::Poll),
-            longpoll: get(Transport::Longpoll),
-            sse: get(Transport::Sse),
-            ws: get(Transport::Ws),
+            poll: self.get(Transport::Poll),
+            longpoll: self.get(Transport::Longpoll),
+            sse: self.get(Transport::Sse),
+            ws: self.get(Transport::Ws),
         }
     }
 }

@@ -22,7 +22,9 @@ pub type MessageId = u64;
 /// Longest accepted topic or event name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` follows the rule of topic, event and client names: 1 to 128 characters
+/// of `[A-Za-z0-9._:-]`.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name

@@ -100,6 +100,17 @@ impl TopicLog for MemoryLog {
     }
 
     async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
+        self.read_now(after, limit)
+            .expect("memory reads answer at once")
+    }
+
+    async fn head(&self) -> Result<LogHead, StoreError> {
+        let mut state = self.lock();
+        state.expire(&self.retention, crate::message::now_millis());
+        Ok(state.head())
+    }
+
+    fn read_now(&self, after: MessageId, limit: usize) -> Option<Result<LogRead, StoreError>> {
         let mut state = self.lock();
         state.expire(&self.retention, crate::message::now_millis());
         let head = state.head();
@@ -111,7 +122,7 @@ impl TopicLog for MemoryLog {
             .take(limit)
             .cloned()
             .collect();
-        Ok(LogRead { messages, head })
+        Some(Ok(LogRead { messages, head }))
     }
 
     fn release_if_idle(&self, now_ms: u64) -> bool {

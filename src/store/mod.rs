@@ -129,6 +129,14 @@ pub trait TopicLog: Send + Sync + 'static {
         Ok(self.read(MessageId::MAX, 0).await?.head)
     }
 
+    /// [`TopicLog::read`], answered without waiting when the log can (it holds what is
+    /// asked in memory); `None` when it cannot, and `read` must be called. Saves a read near
+    /// the head (every poll, every long poll) the cost of an async call.
+    fn read_now(&self, after: MessageId, limit: usize) -> Option<Result<LogRead, StoreError>> {
+        let _ = (after, limit);
+        None
+    }
+
     /// Applies age retention and says whether this handle can be discarded without losing
     /// anything a later reader could ask for. Called by the hub's sweeper, under its registry
     /// lock, so it must not block: a log whose state is elsewhere simply answers `true`.

@@ -364,10 +364,16 @@ impl TopicLog for RedisLog {
     }
 
     async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
-        if let Some(read) = lock(&self.tail).read(after, limit, self.shared.cutoff()) {
-            return Ok(read);
+        if let Some(read) = self.read_now(after, limit) {
+            return read;
         }
         self.shared.read(&self.topic, after, limit).await
+    }
+
+    fn read_now(&self, after: MessageId, limit: usize) -> Option<Result<LogRead, StoreError>> {
+        lock(&self.tail)
+            .read(after, limit, self.shared.cutoff())
+            .map(Ok)
     }
 
     fn release_if_idle(&self, _now_ms: u64) -> bool {

@@ -70,13 +70,16 @@ impl Io {
         if let Io::Tcp(stream) = self {
             // Read into the stack first: a wake-up that finds nothing (readiness is only a
             // hint) must not leave an idle connection holding a buffer.
-            let mut scratch = [0u8; 2048];
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
             let take = chunk.clamp(1, scratch.len());
             loop {
                 ready!(stream.poll_read_ready(cx))?;
-                match stream.try_read(&mut scratch[..take]) {
+                match read_drained(stream, &mut scratch[..take]) {
                     Ok(n) => {
-                        buf.extend_from_slice(&scratch[..n]);
+                        // SAFETY: `recv` initialised the first `n` bytes.
+                        let read =
+                            unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<u8>(), n) };
+                        buf.extend_from_slice(read);
                         return Poll::Ready(Ok(n));
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
@@ -130,6 +133,37 @@ impl Io {
         }
     }
 
+    /// Writes all of `bytes`, and fails once a write has made no progress for `stall`. The
+    /// first write is tried at once, so the common case (the socket takes it all) arms no
+    /// timer.
+    pub async fn write_all_within(
+        &mut self,
+        bytes: &[u8],
+        stall: std::time::Duration,
+    ) -> io::Result<()> {
+        let done = match self {
+            Io::Tcp(stream) => match stream.try_write(bytes) {
+                Ok(n) => n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(error) => return Err(error),
+            },
+            Io::Other(_) => 0,
+        };
+        if done == bytes.len() {
+            return Ok(());
+        }
+        let rest = &bytes[done..];
+        match tokio::time::timeout(stall, async {
+            self.write_all(rest).await?;
+            self.flush().await
+        })
+        .await
+        {
+            Ok(written) => written,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+
     /// Writes all of `bytes`.
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         let mut done = 0;
@@ -153,6 +187,34 @@ impl Io {
     /// Closes the writing side, so the peer sees the end of the stream.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| Pin::new(&mut *self).poll_shutdown(cx)).await
+    }
+}
+
+/// One `recv` into `buf`. A read shorter than `buf` emptied the socket's receive queue, so
+/// the socket's read readiness is cleared as a failed read would clear it: the next read then
+/// waits for the next epoll edge instead of making a system call that finds nothing. This is
+/// nginx's `ngx_unix_recv` rule. It is safe with edge-triggered epoll: whatever arrives after
+/// the `recv` (or during it, into the socket's backlog) raises a new edge, and tokio clears
+/// readiness only if no newer edge was seen.
+fn read_drained(stream: &TcpStream, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut got = 0;
+    let result = stream.try_io(tokio::io::Interest::READABLE, || {
+        // SAFETY: `recv` writes at most `buf.len()` bytes into memory `buf` owns.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        got = n as usize;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match result {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
     }
 }
 

@@ -50,12 +50,21 @@ impl HeaderSource for HeaderMap {
 }
 
 /// The query parameters of a request (the last value wins when one repeats), plus the peer
-/// address, read lazily by the typed getters below: nothing is allocated for a parameter
-/// that is not asked for.
+/// address, read by the typed getters below. The query is split once into the positions of
+/// its names and values; a value is decoded (and allocated) only when it has escapes.
 #[derive(Debug, Default, Clone)]
 pub struct Params<'a> {
     query: Cow<'a, str>,
     peer: Option<SocketAddr>,
+    pairs: smallvec::SmallVec<[QueryPair; 8]>,
+}
+
+/// Where one `name=value` pair sits in the query, and whether it has escapes.
+#[derive(Debug, Clone, Copy)]
+struct QueryPair {
+    name: (u32, u32),
+    value: (u32, u32),
+    escaped: bool,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Params<'static> {
@@ -73,10 +82,61 @@ impl<S: Send + Sync> FromRequestParts<S> for Params<'static> {
     }
 }
 
+/// Where the `name=value` pairs of a query are, in one pass over its bytes: `&` ends a pair,
+/// the first `=` ends its name.
+fn split_query(bytes: &[u8]) -> smallvec::SmallVec<[QueryPair; 8]> {
+    let mut pairs = smallvec::SmallVec::new();
+    let (mut start, mut name_end, mut escaped) = (0, None, false);
+    for (at, &byte) in bytes.iter().chain(std::iter::once(&b'&')).enumerate() {
+        match byte {
+            b'&' => {
+                if at > start {
+                    let name_end = name_end.unwrap_or(at);
+                    pairs.push(QueryPair {
+                        name: (start as u32, name_end as u32),
+                        value: ((name_end + 1).min(at) as u32, at as u32),
+                        escaped,
+                    });
+                }
+                (start, name_end, escaped) = (at + 1, None, false);
+            }
+            b'=' if name_end.is_none() => name_end = Some(at),
+            b'%' | b'+' => escaped = true,
+            _ => {}
+        }
+    }
+    pairs
+}
+
+/// Decodes `application/x-www-form-urlencoded` text: `+` is a space, `%XX` a byte; invalid
+/// UTF-8 becomes U+FFFD, as `form_urlencoded` does.
+fn form_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|&b| (b as char).to_digit(16));
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl<'a> Params<'a> {
     /// The parameters of `query` (without the `?`), from `peer`.
     pub fn new(query: Cow<'a, str>, peer: Option<SocketAddr>) -> Self {
-        Self { query, peer }
+        let pairs = split_query(query.as_bytes());
+        Self { query, peer, pairs }
     }
 
     /// The peer's IP address, when known.
@@ -84,12 +144,28 @@ impl<'a> Params<'a> {
         self.peer.map(|p| p.ip())
     }
 
-    /// The last value of parameter `name`, percent-decoded.
+    /// The last value of parameter `name`, decoded.
     pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
-        form_urlencoded::parse(self.query.as_bytes())
-            .filter(|(key, _)| key == name)
-            .last()
-            .map(|(_, value)| value)
+        let text = |(start, end): (u32, u32)| &self.query[start as usize..end as usize];
+        self.pairs
+            .iter()
+            .rev()
+            .find(|pair| {
+                let key = text(pair.name);
+                if pair.escaped {
+                    form_decode(key) == name
+                } else {
+                    key == name
+                }
+            })
+            .map(|pair| {
+                let value = text(pair.value);
+                if pair.escaped {
+                    Cow::Owned(form_decode(value))
+                } else {
+                    Cow::Borrowed(value)
+                }
+            })
     }
 
     /// `after`: a message id, as plain decimal digits.
@@ -142,12 +218,16 @@ impl<'a> Params<'a> {
 
     /// Who is polling, for subscriber counts: the `client` parameter when given (a client
     /// library sends a random id), else the peer's IP address.
-    pub fn client(&self) -> Result<String, Error> {
+    pub fn client(&self) -> Result<Cow<'_, str>, Error> {
         match self.get("client") {
-            Some(id) => TopicName::parse(&id)
-                .map(|id| id.to_string())
-                .map_err(|_| Error::param("client", "use 1-128 characters of A-Z a-z 0-9 . _ : -")),
-            None => Ok(self.peer.map_or_else(String::new, |p| p.ip().to_string())),
+            Some(id) if crate::message::valid_name(&id) => Ok(id),
+            Some(_) => Err(Error::param(
+                "client",
+                "use 1-128 characters of A-Z a-z 0-9 . _ : -",
+            )),
+            None => Ok(Cow::Owned(
+                self.peer.map_or_else(String::new, |p| p.ip().to_string()),
+            )),
         }
     }
 }
@@ -177,7 +257,12 @@ fn parse_seconds(text: &str) -> Option<Duration> {
         return None;
     }
     let seconds = parse_decimal(whole)?;
-    let millis = format!("{fraction:0<3}").parse::<u64>().ok()?;
+    // "5" is 500 ms, "05" 50, "005" 5.
+    let millis = fraction
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(3)
+        .fold(0, |millis, digit| millis * 10 + u64::from(digit - b'0'));
     seconds
         .checked_mul(1000)?
         .checked_add(millis)
@@ -225,6 +310,31 @@ mod tests {
             "NaN",
         ] {
             assert!(parse_cursor("after", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn query_parameters_decode_like_form_urlencoded_and_the_last_wins() {
+        for query in [
+            "after=3&limit=7&after=4",
+            "a=%41%zz+b&after=%34&&x&client=c%2Fd",
+            "after=&after",
+            "token=a%2Bb%3D&after=1",
+            "%61fter=5",
+            "after=%E2%82%AC%FF",
+        ] {
+            let params = Params::new(Cow::Borrowed(query), None);
+            let expected: std::collections::HashMap<String, String> =
+                form_urlencoded::parse(query.as_bytes())
+                    .into_owned()
+                    .collect();
+            for name in ["after", "limit", "a", "x", "client", "token", "missing"] {
+                assert_eq!(
+                    params.get(name).map(Cow::into_owned),
+                    expected.get(name).cloned(),
+                    "{name} in {query}"
+                );
+            }
         }
     }
 

@@ -43,7 +43,7 @@ impl PollRequest {
             topic: super::topic(topic)?,
             after: params.after()?,
             limit: params.limit(config)?,
-            client: params.client()?,
+            client: params.client()?.into_owned(),
         })
     }
 }

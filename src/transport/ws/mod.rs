@@ -169,7 +169,12 @@ pub async fn run(app: &AppState, opened: Opened, io: &mut Io, mut input: Vec<u8>
 
 /// Ends a session: its close frame (the one `finish` calls for, or the answer to the
 /// client's), after whatever is queued before it, then the end of the stream.
-async fn close(io: &mut Io, outlet: &OutletGuard, finish: stream::Finish, stall: std::time::Duration) {
+async fn close(
+    io: &mut Io,
+    outlet: &OutletGuard,
+    finish: stream::Finish,
+    stall: std::time::Duration,
+) {
     let frame = close_frame(finish);
     let closing = frame.is_some() || finish == stream::Finish::Closed;
     if let Some(frame) = frame {
