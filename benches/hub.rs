@@ -1,21 +1,28 @@
-//! Micro-benchmarks of the hot path: publishing to a topic with 0..10,000 subscribers,
-//! encoding a message, and reading history by cursor.
+//! Micro-benchmarks of the hot path: publishing, the fan-out step (one message to N
+//! subscribers), encoding a message, and reading history by cursor.
 //!
-//! `cargo bench --bench hub`. Subscribers here are held but not read, so the publish figures
-//! are the publisher's own cost (append, encode once, queue to the live ring), which is what
-//! must stay flat as subscribers grow; delivery to sockets is measured by `pushhub bench`.
+//! `cargo bench --bench hub`. The fan-out group reports time per subscriber per message
+//! (criterion's "thrpt" is subscribers delivered per second): `queued` subscribers have no
+//! socket, so it is the fan-out's own work (walk the followers, lock each, hand over the
+//! shared frame); `socket` subscribers are loopback TCP connections a reader thread drains,
+//! so it adds the `write()` each delivery costs, as in a server.
 #![allow(missing_docs)]
 
-use std::{hint::black_box, sync::Arc, time::Duration};
+use std::{
+    hint::black_box,
+    io::Read,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pushhub::{
-    hub::{Hub, HubSettings, Transport},
+    hub::{Action, Format, Hub, HubSettings, OutletGuard, Transport},
     message::{EventName, Message, Payload, TopicName},
-    store::{MemoryStore, Retention, Store},
+    store::{Live, MemoryStore, Retention, Store},
 };
 
-fn hub() -> Arc<Hub> {
+fn hub(queue: usize) -> Arc<Hub> {
     let store = MemoryStore::new(Retention {
         max_messages: 1000,
         max_age: None,
@@ -23,43 +30,176 @@ fn hub() -> Arc<Hub> {
     Hub::new(
         Arc::new(store),
         HubSettings {
-            subscriber_queue: 256,
-            catch_up_batch: 256,
-            poller_window: Duration::from_secs(30),
-            disconnect_slow: false,
+            subscriber_queue: queue,
+            ..HubSettings::default()
         },
     )
 }
 
 fn publish(c: &mut Criterion) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut group = c.benchmark_group("publish");
     group.throughput(Throughput::Elements(1));
     let payload = Payload::from_json(r#"{"text":"hello","n":12345}"#).unwrap();
-    for subscribers in [0usize, 1, 100, 10_000] {
-        let hub = hub();
-        let topic = TopicName::parse("bench").unwrap();
-        let held: Vec<_> = runtime.block_on(async {
-            let mut held = Vec::new();
-            for _ in 0..subscribers {
-                held.push(hub.subscribe(&topic, None, Transport::Ws).await.unwrap());
-            }
-            held
+    // The publisher's own cost: append, encode once, queue once per fan-out shard. No
+    // subscriber here, so no writer work is timed with it.
+    let hub = hub(256);
+    let topic = TopicName::parse("bench").unwrap();
+    group.bench_function("no_subscribers", |b| {
+        b.to_async(&runtime).iter(|| async {
+            black_box(
+                hub.publish(&topic, EventName::default_event(), &payload)
+                    .await
+                    .unwrap(),
+            )
         });
-        group.bench_with_input(
-            BenchmarkId::from_parameter(subscribers),
-            &subscribers,
-            |b, _| {
-                b.to_async(&runtime).iter(|| async {
-                    black_box(
-                        hub.publish(&topic, EventName::default_event(), &payload)
-                            .await
-                            .unwrap(),
-                    )
-                });
-            },
-        );
-        drop(held);
+    });
+    group.finish();
+}
+
+/// Deliveries counted by the hub so far (WebSocket subscribers).
+fn delivered(hub: &Hub) -> u64 {
+    hub.deliveries(Transport::Ws)
+}
+
+/// `n` loopback TCP connections: the server ends, and a thread that drains the client ends.
+fn socket_pairs(n: usize) -> (Vec<Arc<tokio::net::TcpStream>>, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut servers = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        server.set_nodelay(true).unwrap();
+        client.set_nonblocking(true).unwrap();
+        servers.push(server);
+        clients.push(client);
+    }
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let mut idle = 0;
+        // Drains until the servers are gone (every read then ends with 0 or an error).
+        while idle < 200 {
+            let mut got = false;
+            for client in &mut clients {
+                if let Ok(n) = client.read(&mut buf) {
+                    if n == 0 {
+                        continue;
+                    }
+                    got = true;
+                }
+            }
+            if got {
+                idle = 0;
+            } else {
+                idle += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    });
+    let servers = servers
+        .into_iter()
+        .map(|s| Arc::new(tokio::net::TcpStream::from_std(s).unwrap()))
+        .collect();
+    (servers, reader)
+}
+
+/// Does what a new subscriber's task does until it is live: its first catch-up read.
+async fn settle(outlet: &OutletGuard) {
+    use std::task::Poll;
+    loop {
+        let action = std::future::poll_fn(|cx| match outlet.poll_action(cx) {
+            Poll::Ready(action) => Poll::Ready(Some(action)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        match action {
+            None => return,
+            Some(Action::CatchUp(catch_up)) => outlet.catch_up(catch_up).await.unwrap(),
+            Some(Action::Write(_)) => {}
+            Some(Action::End(end)) => panic!("subscriber ended: {end:?}"),
+        }
+    }
+}
+
+fn fanout(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let payload = Payload::from_json(r#"{"t":1764000000000000,"p":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#).unwrap();
+    let mut group = c.benchmark_group("fanout");
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(2));
+    for with_sockets in [false, true] {
+        for subscribers in [1usize, 100, 1000] {
+            // A queue long enough that queued subscribers never fall behind within a sample.
+            let hub = hub(1 << 20);
+            let topic = TopicName::parse("bench").unwrap();
+            let (sockets, reader) = if with_sockets {
+                let _runtime = runtime.enter();
+                let (sockets, reader) = socket_pairs(subscribers);
+                (sockets.into_iter().map(Some).collect(), Some(reader))
+            } else {
+                (vec![None; subscribers], None)
+            };
+            let outlets: Vec<OutletGuard> = runtime.block_on(async {
+                let mut outlets = Vec::new();
+                for socket in sockets {
+                    if let Some(socket) = &socket {
+                        // Writable readiness known before the first delivery, as on a
+                        // connection that has already sent its handshake.
+                        socket.writable().await.unwrap();
+                    }
+                    let outlet = hub.outlet(socket, Format::Ws, Transport::Ws);
+                    hub.subscribe(&topic, None, &outlet).await.unwrap();
+                    settle(&outlet).await;
+                    outlets.push(outlet);
+                }
+                outlets
+            });
+            let label = if with_sockets { "socket" } else { "queued" };
+            group.throughput(Throughput::Elements(subscribers as u64));
+            group.bench_with_input(
+                BenchmarkId::new(label, subscribers),
+                &subscribers,
+                |b, &n| {
+                    b.iter_custom(|iterations| {
+                        runtime.block_on(async {
+                            let mut spent = Duration::ZERO;
+                            for _ in 0..iterations {
+                                let target = delivered(&hub) + n as u64;
+                                let start = Instant::now();
+                                hub.publish(&topic, EventName::default_event(), &payload)
+                                    .await
+                                    .unwrap();
+                                // The shard's writer runs on this runtime: yield until it has
+                                // delivered the message to every subscriber.
+                                while delivered(&hub) < target {
+                                    tokio::task::yield_now().await;
+                                }
+                                spent += start.elapsed();
+                                // Untimed: queued subscribers hand back what they were given.
+                                for outlet in &outlets {
+                                    while outlet.take_pending().is_some() {}
+                                }
+                            }
+                            spent
+                        })
+                    });
+                },
+            );
+            drop(outlets);
+            drop(hub);
+            if let Some(reader) = reader {
+                let _ = reader.join();
+            }
+        }
     }
     group.finish();
 }
@@ -104,7 +244,11 @@ fn history(c: &mut Criterion) {
         max_messages: 1000,
         max_age: None,
     });
-    let log = store.open(&TopicName::parse("bench").unwrap());
+    struct Nowhere;
+    impl Live for Nowhere {
+        fn deliver(&self, _: &Arc<Message>) {}
+    }
+    let log = store.open(&TopicName::parse("bench").unwrap(), Arc::new(Nowhere));
     let payload = Payload::from_text("x");
     runtime.block_on(async {
         for _ in 0..1000 {
@@ -133,5 +277,5 @@ fn history(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, publish, encode, history);
+criterion_group!(benches, publish, fanout, encode, history);
 criterion_main!(benches);

@@ -15,6 +15,7 @@
 
 pub mod accounting;
 pub mod floor;
+pub mod http;
 pub mod procfs;
 pub mod report;
 mod subscriber;
@@ -561,7 +562,6 @@ async fn warm_up(
     let phase = Arc::new(Phase {
         bases: server.bases(),
         topics: vec![topic.clone()],
-        http: http.clone(),
         poll_interval: args.poll_interval.min(Duration::from_millis(100)),
         progress: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
@@ -588,7 +588,6 @@ async fn warm_up(
     let (last_ids, _, _) = publish(
         &warm_args,
         MESSAGES as f64 * 10.0,
-        http,
         server.publisher_base(),
         &topics,
     )
@@ -672,7 +671,6 @@ async fn run_phase(
     let phase = Arc::new(Phase {
         bases: server.bases(),
         topics: topics.clone(),
-        http: http.clone(),
         poll_interval: args.poll_interval,
         progress: (0..args.subscribers).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
@@ -749,7 +747,7 @@ async fn run_phase(
     let (last_ids, published, publish_errors, publish_rate, drained) = match args.scenario {
         Scenario::Fanout | Scenario::Throughput | Scenario::Chat => {
             let (last_ids, published, errors) =
-                publish(args, rate, http, server.publisher_base(), &topics).await;
+                publish(args, rate, server.publisher_base(), &topics).await;
             let publish_rate = published as f64 / started.elapsed().as_secs_f64();
             let drained = wait_drained(&phase, &last_ids, args.drain_timeout).await;
             (last_ids, published, errors, publish_rate, drained)
@@ -920,43 +918,43 @@ async fn wait_subscribed(
     }
 }
 
-/// Publishes `rate × duration` messages at a steady pace; returns the highest id, how many
-/// were acknowledged, and how many failed.
+/// Publishes `rate × duration` messages at a steady pace, over `PUBLISH_CONCURRENCY`
+/// keep-alive connections; returns the highest id per topic, how many were acknowledged,
+/// and how many failed.
 async fn publish(
     args: &BenchArgs,
     rate: f64,
-    http: &reqwest::Client,
     base: &str,
     topics: &[String],
 ) -> (Vec<u64>, u64, u64) {
     let count = (rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
     let padding = "x".repeat(args.payload_bytes.saturating_sub(30));
-    let permits = Arc::new(tokio::sync::Semaphore::new(PUBLISH_CONCURRENCY));
+    // Idle connections wait here; a publish takes one and gives it back.
+    let (give_back, pool) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..PUBLISH_CONCURRENCY {
+        let _ = give_back.send(http::Connection::new(base));
+    }
+    let pool = Arc::new(tokio::sync::Mutex::new(pool));
     let mut posts = JoinSet::new();
     let start = tokio::time::Instant::now();
     for i in 0..count {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore open");
+        let Some(mut connection) = pool.lock().await.recv().await else {
+            break;
+        };
         let slot = i as usize % topics.len();
-        let (http, url) = (http.clone(), format!("{base}/topics/{}", topics[slot]));
+        let path = format!("/topics/{}", topics[slot]);
         let body = format!(r#"{{"t":{},"p":"{padding}"}}"#, now_micros());
+        let give_back = give_back.clone();
         posts.spawn(async move {
-            let _permit = permit;
-            let response = http
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .ok()?;
-            if !response.status().is_success() {
+            let answer = connection.post_json(&path, body.as_bytes()).await;
+            let _ = give_back.send(connection);
+            let answer = answer.ok()?;
+            if !(200..300).contains(&answer.status) {
                 return None;
             }
-            let id = response.json::<serde_json::Value>().await.ok()?["id"].as_u64()?;
+            let id =
+                serde_json::from_slice::<serde_json::Value>(&answer.body).ok()?["id"].as_u64()?;
             Some((slot, id))
         });
     }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     BenchError,
     accounting::{Tracker, now_micros},
+    http::Connection,
 };
 
 /// What every subscriber of a phase shares.
@@ -22,7 +23,6 @@ pub(crate) struct Phase {
     pub(crate) bases: Vec<String>,
     /// Topics of the phase; subscriber `i` follows `topics[i % topics.len()]`.
     pub(crate) topics: Vec<String>,
-    pub(crate) http: reqwest::Client,
     pub(crate) poll_interval: Duration,
     /// Highest id each subscriber has received, for the drain wait.
     pub(crate) progress: Vec<AtomicU64>,
@@ -124,37 +124,52 @@ async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result
 }
 
 async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
-    let url = format!(
-        "{}/topics/{}/sse?after=0",
-        phase.base_of(index),
-        phase.topic_of(index)
-    );
-    let response = phase.http.get(&url).send().await.map_err(client_error)?;
+    let path = format!("/topics/{}/sse?after=0", phase.topic_of(index));
+    let mut connection = Connection::new(phase.base_of(index));
+    let status = connection
+        .open_stream(&path, &["accept: text/event-stream"])
+        .await
+        .map_err(io_error)?;
+    if status != 200 {
+        return Err(BenchError::Client(format!("SSE answered {status}")));
+    }
     tracker.requests += 1;
-    let mut body = response.bytes_stream();
     let mut buffer: Vec<u8> = Vec::new();
+    // Where the search for the end of the next event resumes.
+    let mut scanned = 0;
     loop {
-        let chunk = tokio::select! {
-            chunk = body.next() => chunk,
+        let before = buffer.len();
+        let more = tokio::select! {
+            more = connection.next_data(&mut buffer) => more,
             () = phase.stop.cancelled() => break,
         };
-        let Some(chunk) = chunk else { break };
-        let chunk = chunk.map_err(client_error)?;
-        tracker.bytes += chunk.len() as u64;
-        buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buffer.drain(..end + 2).collect();
-            let block = String::from_utf8_lossy(&block);
-            let is_message = !block
-                .lines()
-                .any(|l| l == "event: truncated" || l == "event: reset");
-            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
-            if let (true, Some(data)) = (is_message, data)
-                && let Ok(envelope) = serde_json::from_str::<Envelope>(data)
+        if !more.map_err(io_error)? {
+            break;
+        }
+        tracker.bytes += (buffer.len() - before) as u64;
+        let mut start = 0;
+        while let Some(end) = buffer[scanned.max(start)..]
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .map(|at| scanned.max(start) + at)
+        {
+            let block = &buffer[start..end];
+            let is_signal = block
+                .split(|&b| b == b'\n')
+                .any(|l| l == b"event: truncated" || l == b"event: reset");
+            let data = block
+                .split(|&b| b == b'\n')
+                .find_map(|l| l.strip_prefix(b"data: "));
+            if let (false, Some(data)) = (is_signal, data)
+                && let Ok(envelope) = serde_json::from_slice::<Envelope>(data)
             {
                 phase.record(index, tracker, &envelope);
             }
+            start = end + 2;
         }
+        buffer.drain(..start);
+        // The end of an event may straddle two reads: look again from the last byte.
+        scanned = buffer.len().saturating_sub(1);
     }
     Ok(())
 }
@@ -165,31 +180,33 @@ async fn polling(
     index: usize,
     tracker: &mut Tracker,
 ) -> Result<(), BenchError> {
+    let mut connection = Connection::new(phase.base_of(index));
     let mut after = 0;
     while !phase.stop.is_cancelled() {
-        let url = match kind {
+        let path = match kind {
             "longpoll" => format!(
-                "{}/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
-                phase.base_of(index),
+                "/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
                 phase.topic_of(index)
             ),
             _ => format!(
-                "{}/topics/{}/poll?after={after}&limit=1000&client=bench-{index}",
-                phase.base_of(index),
+                "/topics/{}/poll?after={after}&limit=1000&client=bench-{index}",
                 phase.topic_of(index)
             ),
         };
-        let request = async {
-            let response = phase.http.get(&url).send().await?;
-            response.bytes().await
-        };
-        let body = tokio::select! {
-            body = request => body.map_err(client_error)?,
+        let answer = tokio::select! {
+            answer = connection.get(&path) => answer.map_err(io_error)?,
             () = phase.stop.cancelled() => break,
         };
+        if answer.status != 200 {
+            return Err(BenchError::Client(format!(
+                "{kind} answered {}: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            )));
+        }
         tracker.requests += 1;
-        tracker.bytes += body.len() as u64;
-        let answer: PollAnswer = serde_json::from_slice(&body)
+        tracker.bytes += answer.body.len() as u64;
+        let answer: PollAnswer = serde_json::from_slice(&answer.body)
             .map_err(|e| BenchError::Client(format!("{kind} answer: {e}")))?;
         for envelope in &answer.messages {
             phase.record(index, tracker, envelope);
@@ -205,6 +222,6 @@ async fn polling(
     Ok(())
 }
 
-fn client_error(e: reqwest::Error) -> BenchError {
+fn io_error(e: std::io::Error) -> BenchError {
     BenchError::Client(e.to_string())
 }

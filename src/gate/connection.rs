@@ -172,6 +172,7 @@ impl Connection {
 
 /// Moves a value out of its box, freeing the box (a box moved out of in a `match` lives as
 /// long as the arm).
+#[allow(clippy::boxed_local, reason = "taking the box is the point")]
 fn unbox<T>(boxed: Box<T>) -> T {
     *boxed
 }
@@ -190,14 +191,14 @@ async fn request(shared: &Shared, peer: SocketAddr, io: &mut Io, buf: Vec<u8>) -
         None => return Next::Close,
     };
     match route(&head, shared.served) {
+        // Not boxed again: this request's future is itself boxed and gone once it answers
+        // (a parked long poll or a stream continues in a future of its own).
         Some((endpoint, topic)) => {
             let topic = topic.map(Cow::into_owned);
-            boxed(|| dispatch(shared, peer, endpoint, topic, head, io)).await
+            dispatch(shared, peer, endpoint, topic, head, io).await
         }
         None => match app_request(&shared.app, &head) {
-            Some((request, length)) => {
-                boxed(|| serve_app(shared, peer, head, request, length, io)).await
-            }
+            Some((request, length)) => serve_app(shared, peer, head, request, length, io).await,
             None => Next::HandOver(head.into_buffer()),
         },
     }
@@ -298,9 +299,8 @@ impl Call<'_> {
     }
 }
 
-/// Serves one request to a hot endpoint: answers it, or opens the stream it asks for. Each
-/// endpoint's future is boxed on its own, so a parked long poll or an opening stream holds
-/// only its own state.
+/// Serves one request to a hot endpoint: answers it, or opens the stream (or parks the long
+/// poll) it asks for, which then continues in a future of its own, holding only its state.
 async fn dispatch(
     shared: &Shared,
     peer: SocketAddr,
@@ -329,10 +329,10 @@ async fn dispatch(
         close,
     };
     match endpoint {
-        Endpoint::Poll => boxed(|| poll_call(call, io)).await,
-        Endpoint::Longpoll => boxed(|| longpoll_call(call, io)).await,
-        Endpoint::Sse => boxed(|| sse_call(call, io)).await,
-        Endpoint::Ws => boxed(|| ws_call(call, io)).await,
+        Endpoint::Poll => poll_call(call, io).await,
+        Endpoint::Longpoll => longpoll_call(call, io).await,
+        Endpoint::Sse => sse_call(call, io).await,
+        Endpoint::Ws => ws_call(call, io).await,
     }
 }
 
@@ -368,17 +368,42 @@ async fn run_park(app: &AppState, park: Park, io: &mut Io) -> Next {
         mut rest,
     } = park;
     let limit = app.config.max_header_bytes;
+    let stall = app.config.stall_timeout;
+    // On plain TCP the fan-out may answer the poll itself, with this head.
+    let direct = io.shared_socket().map(|socket| {
+        let head = response::head(StatusCode::OK, &poll::HEADERS, &meta, Length::Deferred);
+        longpoll::DirectAnswer::new(app.clone(), socket, head)
+    });
     // The answer first: one that is ready at once does not read the socket for nothing.
     let answer = tokio::select! {
         biased;
-        answer = prepared.answer(app) => answer,
+        answer = prepared.answer_or(app, direct.clone()) => answer,
         () = watch(io, &mut rest, limit) => return Next::Close,
     };
-    let response = answered(answer, &meta);
-    keep_alive(
-        finish(io, response, close, app.config.stall_timeout).await,
-        rest,
-    )
+    match answer {
+        Ok(longpoll::Answer::Body(body)) => {
+            let response = response::full(StatusCode::OK, &poll::HEADERS, &meta, &body);
+            keep_alive(finish(io, response, close, stall).await, rest)
+        }
+        Ok(longpoll::Answer::Answered) => {
+            // The fan-out wrote the answer (all of it, or what the socket took).
+            let unwritten = direct.map(|d| d.take_rest()).unwrap_or_default();
+            for part in unwritten {
+                if io.write_all_within(&part, stall).await.is_err() {
+                    return Next::Close;
+                }
+            }
+            if close {
+                Next::Close
+            } else {
+                Next::KeepAlive(rest)
+            }
+        }
+        Err(error) => keep_alive(
+            finish(io, response::error(&error, &meta), close, stall).await,
+            rest,
+        ),
+    }
 }
 
 async fn sse_call(call: Call<'_>, io: &mut Io) -> Next {

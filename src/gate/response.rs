@@ -4,13 +4,9 @@
 //! CORS headers of `--allowed-origins`, `date`), so a client cannot tell which path answered;
 //! `tests/http_api.rs` compares the two.
 
-use std::{
-    cell::RefCell,
-    sync::{
-        OnceLock,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{SystemTime, UNIX_EPOCH},
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicU64, Ordering},
 };
 
 use axum::http::StatusCode;
@@ -69,24 +65,6 @@ impl tower_http::request_id::MakeRequestId for RequestIds {
     }
 }
 
-/// The `date` header value, formatted once per second per thread.
-fn date() -> [u8; 29] {
-    thread_local! {
-        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
-    }
-    let now = SystemTime::now();
-    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHED.with(|cached| {
-        let mut cached = cached.borrow_mut();
-        if cached.0 != second {
-            let text = httpdate::fmt_http_date(now);
-            cached.1.copy_from_slice(&text.as_bytes()[..29]);
-            cached.0 = second;
-        }
-        cached.1
-    })
-}
-
 /// What every response to one request carries: its id and its CORS headers. Inline bytes,
 /// not allocations: one is built for every request served here.
 #[derive(Debug)]
@@ -135,6 +113,9 @@ pub enum Length {
     Chunked,
     /// No body (`101 Switching Protocols`).
     None,
+    /// Not written yet: the head stops before its `content-length`, `date` and blank line,
+    /// which whoever knows the body adds (a long poll answered from the fan-out).
+    Deferred,
 }
 
 /// Writes a response head: status line, `headers`, the per-request headers, framing, date.
@@ -176,8 +157,9 @@ fn head_with_room(
         }
         Length::Chunked => push_header(&mut out, "transfer-encoding", b"chunked"),
         Length::None => {}
+        Length::Deferred => return out,
     }
-    push_header(&mut out, "date", &date());
+    push_header(&mut out, "date", &crate::message::wire::http_date());
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -254,7 +236,7 @@ pub async fn write_app(
         }
     }
     if !dated {
-        push_header(&mut out, "date", &date());
+        push_header(&mut out, "date", &crate::message::wire::http_date());
     }
     out.extend_from_slice(b"\r\n");
     if head_only || bodiless {

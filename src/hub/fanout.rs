@@ -219,44 +219,148 @@ impl Live for TopicLive {
     }
 }
 
-/// A parked long poll: woken once a message newer than its cursor is offered.
+/// Answers a parked long poll from the fan-out itself: the writer that has a topic's new
+/// messages in hand writes the answer straight to the poller's socket, instead of waking the
+/// poller's task to read them back from the log, encode them and write them. Implemented by
+/// the transport that knows the wire format; `Hub::wait_or_answer` takes one.
+pub trait Respond: Send + Sync {
+    /// Answers with `messages` (the first right after the poller's cursor, at most its
+    /// limit); `more` says the topic has newer ones. [`Responded::No`] leaves the answer to
+    /// the poller's task. `cache` is shared by the pollers of one walk, which mostly get the
+    /// same answer: an implementation keeps what it encoded there.
+    fn respond(&self, messages: &[Arc<Message>], more: bool, cache: &mut AnswerCache) -> Responded;
+}
+
+/// What [`Respond::respond`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Responded {
+    /// The whole answer is written: nothing is left for the poller's task.
+    Written,
+    /// The answer is begun and the socket would block: the poller's task finishes it.
+    Begun,
+    /// Nothing was written: the poller's task answers.
+    No,
+}
+
+/// Answers encoded during one writer walk, for pollers that get the same one.
+#[derive(Default)]
+pub struct AnswerCache {
+    entries: SmallVec<[(MessageId, usize, bool, Bytes); 2]>,
+}
+
+impl AnswerCache {
+    /// The answer for the messages starting after `after`, `count` of them, `more` or not,
+    /// encoded by `encode` the first time it is asked for.
+    pub fn get_or_encode(
+        &mut self,
+        after: MessageId,
+        count: usize,
+        more: bool,
+        encode: impl FnOnce() -> Bytes,
+    ) -> Bytes {
+        if let Some((.., answer)) = self
+            .entries
+            .iter()
+            .find(|(a, c, m, _)| (*a, *c, *m) == (after, count, more))
+        {
+            return answer.clone();
+        }
+        let answer = encode();
+        self.entries.push((after, count, more, answer.clone()));
+        answer
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// A parked long poll: woken once a message newer than its cursor is offered, unless its
+/// responder answers it right there.
 pub(super) struct Waiter {
     state: Mutex<WaiterState>,
+    respond: Option<Arc<dyn Respond>>,
+    limit: usize,
 }
 
 struct WaiterState {
     after: MessageId,
-    news: bool,
+    outcome: Outcome,
     waker: Option<Waker>,
 }
 
+/// Where a parked long poll stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Nothing new yet.
+    Waiting,
+    /// Something newer was published: the poller reads it and answers.
+    News,
+    /// Its responder answered it (wholly, or begun for the poller's task to finish).
+    Answered,
+}
+
 impl Waiter {
-    pub(super) fn new(after: MessageId) -> Arc<Self> {
+    pub(super) fn new(
+        after: MessageId,
+        limit: usize,
+        respond: Option<Arc<dyn Respond>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(WaiterState {
                 after,
-                news: false,
+                outcome: Outcome::Waiting,
                 waker: None,
             }),
+            respond,
+            limit: limit.max(1),
         })
     }
 
-    fn offer(&self, newest: MessageId) {
+    fn offer(&self, messages: &[Arc<Message>], cache: &mut AnswerCache) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if newest > state.after && !state.news {
-            state.news = true;
-            if let Some(waker) = state.waker.take() {
-                waker.wake();
+        let newest = messages.last().map_or(0, |m| m.id);
+        if newest <= state.after || state.outcome != Outcome::Waiting {
+            return;
+        }
+        let first = messages.iter().position(|m| m.id > state.after);
+        if let (Some(respond), Some(first)) = (&self.respond, first) {
+            // Only an exact continuation is answered here; a gap is the log's to fill.
+            if messages[first].id == state.after + 1 {
+                let fresh = &messages[first..];
+                let take = fresh.len().min(self.limit);
+                match respond.respond(&fresh[..take], fresh.len() > take, cache) {
+                    Responded::Written => {
+                        state.outcome = Outcome::Answered;
+                        // The poller's task is not woken: its connection's next request is
+                        // what wakes it.
+                        return;
+                    }
+                    Responded::Begun => state.outcome = Outcome::Answered,
+                    Responded::No => state.outcome = Outcome::News,
+                }
+            } else {
+                state.outcome = Outcome::News;
             }
+        } else {
+            state.outcome = Outcome::News;
+        }
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
         }
     }
 
-    /// Completes once a newer message was offered.
-    pub(super) async fn news(&self) {
+    /// What happened so far.
+    pub(super) fn outcome(&self) -> Outcome {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).outcome
+    }
+
+    /// Completes once a newer message was offered (and maybe answered).
+    pub(super) async fn news(&self) -> Outcome {
         poll_fn(|cx| {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if state.news {
-                return Poll::Ready(());
+            if state.outcome != Outcome::Waiting {
+                return Poll::Ready(state.outcome);
             }
             match &mut state.waker {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -264,7 +368,7 @@ impl Waiter {
             }
             Poll::Pending
         })
-        .await;
+        .await
     }
 }
 
@@ -533,6 +637,7 @@ async fn write_loop(
     let mut messages: Vec<Arc<Message>> = Vec::new();
     let mut frames = Vec::new();
     let mut tally = Tally::default();
+    let mut answers = AnswerCache::default();
     loop {
         if !poll_fn(|cx| shard.poll_take(cx, &mut batch)).await {
             return;
@@ -556,7 +661,7 @@ async fn write_loop(
             messages.clear();
             messages.extend(batch[start..end].iter().map(|(_, m)| m.clone()));
             start = end;
-            let newest = messages.last().map_or(0, |m| m.id);
+            answers.clear();
             let mut from = 0;
             loop {
                 let mut chunk: SmallVec<[Follower; WALK_CHUNK]> = SmallVec::new();
@@ -571,7 +676,7 @@ async fn write_loop(
                         Follower::Stream { outlet, sub } => {
                             outlet.deliver(*sub, &topic, &messages, &mut frames, &mut tally);
                         }
-                        Follower::Waiter(waiter) => waiter.offer(newest),
+                        Follower::Waiter(waiter) => waiter.offer(&messages, &mut answers),
                     }
                 }
                 delivered += chunk.len();
@@ -587,6 +692,7 @@ async fn write_loop(
         batch.clear();
         messages.clear();
         frames.clear();
+        answers.clear();
         tally.flush(&counters);
     }
 }

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use cursor::{Batch, Signal};
-pub use fanout::{FanoutSettings, default_shards};
+pub use fanout::{AnswerCache, FanoutSettings, Respond, Responded, default_shards};
 pub use outlet::{Action, CatchUp, End, Format, Outlet, OutletGuard, SubId};
 pub use presence::{Subscribers, Transport};
 pub use stats::{HubStats, TransportCounts};
@@ -42,7 +42,7 @@ use crate::{
     message::{EventName, Message, MessageId, Payload, TopicName, now_millis},
     store::{LogRead, Store, TopicLog},
 };
-use fanout::{Fanout, Follower, TopicLive, Waiter};
+use fanout::{Fanout, Follower, Outcome, TopicLive, Waiter};
 use presence::Presence;
 use stats::Counters;
 
@@ -96,6 +96,15 @@ impl From<&Config> for HubSettings {
             },
         }
     }
+}
+
+/// How a long poll ended.
+#[derive(Debug)]
+pub enum Waited {
+    /// What to answer.
+    Batch(Batch),
+    /// The fan-out answered it through the responder.
+    Answered,
 }
 
 /// A snapshot of one topic, for `GET /topics/{topic}`.
@@ -283,6 +292,29 @@ impl Hub {
         client: &str,
         shutdown: &CancellationToken,
     ) -> Result<Batch, Error> {
+        match self
+            .wait_or_answer(topic, after, limit, timeout, client, shutdown, None)
+            .await?
+        {
+            Waited::Batch(batch) => Ok(batch),
+            Waited::Answered => unreachable!("no responder was given"),
+        }
+    }
+
+    /// [`Hub::wait`], where the fan-out may answer the parked poll itself through `respond`
+    /// when the next messages come ([`Waited::Answered`]): the caller then has nothing left
+    /// to send (or only what its responder kept when the socket would block).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn wait_or_answer(
+        &self,
+        topic: &TopicName,
+        after: Option<MessageId>,
+        limit: usize,
+        timeout: Duration,
+        client: &str,
+        shutdown: &CancellationToken,
+        respond: Option<Arc<dyn Respond>>,
+    ) -> Result<Waited, Error> {
         let window = self.settings.poller_window;
         let topic = self.topic(topic);
         topic.presence.touch(Transport::Longpoll, client, window);
@@ -293,11 +325,11 @@ impl Hub {
         };
         let batch = topic.read_batch(after, limit, from_client).await?;
         if !batch.is_empty() {
-            return Ok(batch);
+            return Ok(Waited::Batch(batch));
         }
         // Park: follow the topic, then read once more, so that a message published between
         // the first read and now is not missed.
-        let waiter = Waiter::new(after);
+        let waiter = Waiter::new(after, limit, respond);
         let shard = self.fanout.pick_shard();
         let _parked = Parked {
             live: &topic.live,
@@ -306,20 +338,27 @@ impl Hub {
         };
         let batch = topic.read_batch(after, limit, from_client).await?;
         if !batch.is_empty() {
-            return Ok(batch);
+            return Ok(Waited::Batch(batch));
         }
         let gauge = topic.presence.stream(Transport::Longpoll);
-        let woken = tokio::select! {
-            () = waiter.news() => true,
-            () = tokio::time::sleep(timeout) => false,
-            () = shutdown.cancelled() => false,
+        let parked = std::time::Instant::now();
+        let outcome = tokio::select! {
+            outcome = waiter.news() => outcome,
+            () = tokio::time::sleep(timeout) => waiter.outcome(),
+            () = shutdown.cancelled() => waiter.outcome(),
         };
         drop(gauge);
-        topic.presence.touch(Transport::Longpoll, client, window);
-        if woken {
-            topic.read_batch(after, limit, from_client).await
-        } else {
-            Ok(batch)
+        // A long wait would let the poller's last-seen time age out of the window before its
+        // next request; a short one leaves it fresh enough.
+        if parked.elapsed() > window / 2 {
+            topic.presence.touch(Transport::Longpoll, client, window);
+        }
+        match outcome {
+            Outcome::Answered => Ok(Waited::Answered),
+            Outcome::News => Ok(Waited::Batch(
+                topic.read_batch(after, limit, from_client).await?,
+            )),
+            Outcome::Waiting => Ok(Waited::Batch(batch)),
         }
     }
 
@@ -400,6 +439,11 @@ impl Hub {
     /// Counts `messages` delivered in `bytes` over `transport` (fed by the transports).
     pub fn record_delivery(&self, transport: Transport, messages: u64, bytes: u64) {
         self.counters.delivered(transport, messages, bytes);
+    }
+
+    /// Messages delivered over `transport` so far (cheaper than [`Hub::stats`]).
+    pub fn deliveries(&self, transport: Transport) -> u64 {
+        self.counters.deliveries(transport)
     }
 
     /// Counts one poll request or one stream connection over `transport`.

@@ -412,8 +412,11 @@ impl Outlet {
             frames.extend(events.map(|m| m.sse_frame().clone()));
             frames.push(Bytes::from_static(b"\r\n"));
         }
-        if !state.busy && state.pending.is_empty() {
-            if let Some(socket) = &self.socket {
+        if !state.busy
+            && state.pending.is_empty()
+            && let Some(socket) = &self.socket
+        {
+            {
                 match write_now(socket, frames) {
                     Ok(written) => {
                         tally.delivered(self.transport, accepted, frames, messages[0].time);
@@ -469,8 +472,11 @@ impl Outlet {
             return;
         }
         state.active = true;
-        if !state.busy && state.pending.is_empty() {
-            if let Some(socket) = &self.socket {
+        if !state.busy
+            && state.pending.is_empty()
+            && let Some(socket) = &self.socket
+        {
+            {
                 let frames = [bytes];
                 match write_now(socket, &frames) {
                     Ok(written) => {

@@ -84,6 +84,10 @@ impl Counters {
     pub(crate) fn request(&self, transport: Transport) {
         self.requests.add(transport, 1);
     }
+
+    pub(crate) fn deliveries(&self, transport: Transport) -> u64 {
+        self.deliveries.get(transport)
+    }
 }
 
 /// What `GET /stats` answers.

@@ -126,6 +126,28 @@ pub fn chunk(data: &[u8]) -> Bytes {
 /// The chunk that ends a chunked HTTP/1.1 body.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
+/// The `date` header value of an HTTP response now, formatted once per second per thread.
+pub fn http_date() -> [u8; 29] {
+    use std::{
+        cell::RefCell,
+        time::{SystemTime, UNIX_EPOCH},
+    };
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let text = httpdate::fmt_http_date(now);
+            cached.1.copy_from_slice(&text.as_bytes()[..29]);
+            cached.0 = second;
+        }
+        cached.1
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,15 +1,28 @@
 //! `GET /topics/{topic}/longpoll`: the poll answer, held until there is something to say.
 
+use std::{
+    io::IoSlice,
+    sync::{Arc, Mutex},
+};
+
 use axum::{
     extract::{Path, State},
     response::Response,
 };
+use bytes::Bytes;
+use tokio::net::TcpStream;
 
 use super::{
     Params,
-    poll::{PollRequest, encode_batch, json_response},
+    poll::{PollRequest, count_answer, encode_batch, encode_body, json_response},
 };
-use crate::{AppState, auth::Access, error::Error, hub::Transport};
+use crate::{
+    AppState,
+    auth::Access,
+    error::Error,
+    hub::{AnswerCache, Respond, Responded, Transport, Waited},
+    message::{Message, wire},
+};
 
 /// Answers at once when messages after `after` exist; otherwise parks until one arrives,
 /// `timeout` seconds pass (then `200` with an empty list) or the server shuts down.
@@ -68,18 +81,123 @@ impl Prepared {
     /// Waits as long as the long poll asks (answering at once when there is news), and
     /// returns the answer's body.
     pub async fn answer(self, app: &AppState) -> Result<Vec<u8>, Error> {
+        match self.answer_or(app, None).await? {
+            Answer::Body(body) => Ok(body),
+            Answer::Answered => unreachable!("no responder was given"),
+        }
+    }
+
+    /// [`Prepared::answer`], letting the fan-out answer through `direct` when messages come.
+    pub async fn answer_or(
+        self,
+        app: &AppState,
+        direct: Option<Arc<DirectAnswer>>,
+    ) -> Result<Answer, Error> {
         let request = &self.request;
-        let batch = app
+        let waited = app
             .hub
-            .wait(
+            .wait_or_answer(
                 &request.topic,
                 request.after,
                 request.limit,
                 self.timeout,
                 &request.client,
                 &app.shutdown,
+                direct.map(|d| d as Arc<dyn Respond>),
             )
             .await?;
-        Ok(encode_batch(app, Transport::Longpoll, &batch))
+        Ok(match waited {
+            Waited::Batch(batch) => Answer::Body(encode_batch(app, Transport::Longpoll, &batch)),
+            Waited::Answered => Answer::Answered,
+        })
+    }
+}
+
+/// How a long poll was answered.
+#[derive(Debug)]
+pub enum Answer {
+    /// With this body, still to be sent.
+    Body(Vec<u8>),
+    /// By its [`DirectAnswer`], from the fan-out.
+    Answered,
+}
+
+/// Answers a long poll parked on a plain TCP socket from the fan-out: the writer that has the
+/// new messages writes the whole response (the head the request's handler prepared, then the
+/// length, the date and the body, shared by every poller answered alike) with one `writev`.
+/// The poller's task is not woken: its connection's next request is what wakes it.
+pub struct DirectAnswer {
+    app: AppState,
+    socket: Arc<TcpStream>,
+    /// The response head up to its `content-length` (status line, type, caching, request id,
+    /// CORS), from the request.
+    head: Bytes,
+    /// What the socket did not take, for the task to write.
+    rest: Mutex<Vec<Bytes>>,
+}
+
+impl std::fmt::Debug for DirectAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectAnswer").finish_non_exhaustive()
+    }
+}
+
+impl DirectAnswer {
+    /// Answers on `socket` with responses that begin with `head`.
+    pub fn new(app: AppState, socket: Arc<TcpStream>, head: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
+            app,
+            socket,
+            head: Bytes::from(head),
+            rest: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// What is left to write of a begun answer.
+    pub fn take_rest(&self) -> Vec<Bytes> {
+        std::mem::take(&mut *self.rest.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Respond for DirectAnswer {
+    fn respond(&self, messages: &[Arc<Message>], more: bool, cache: &mut AnswerCache) -> Responded {
+        let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
+            return Responded::No;
+        };
+        let tail = cache.get_or_encode(first.id - 1, messages.len(), more, || {
+            // The rest of the head, then the body, in one allocation: shared by every
+            // poller that gets this answer.
+            const ROOM: usize = 80;
+            let mut body = encode_body(messages, last.id, last.id, more, None, ROOM);
+            let mut head = Vec::with_capacity(ROOM);
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(itoa::Buffer::new().format(body.len() - ROOM).as_bytes());
+            head.extend_from_slice(b"\r\ndate: ");
+            head.extend_from_slice(&wire::http_date());
+            head.extend_from_slice(b"\r\n\r\n");
+            let start = ROOM - head.len();
+            body[start..ROOM].copy_from_slice(&head);
+            Bytes::from(body).slice(start..)
+        });
+        let parts = [IoSlice::new(&self.head), IoSlice::new(&tail)];
+        let written = match self.socket.try_write_vectored(&parts) {
+            Ok(n) => n,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => return Responded::No,
+        };
+        let body_len = tail.len() - tail.iter().position(|&b| b == b'{').unwrap_or(0);
+        count_answer(&self.app, Transport::Longpoll, messages, body_len);
+        let total = self.head.len() + tail.len();
+        if written == total {
+            return Responded::Written;
+        }
+        let mut rest = self.rest.lock().unwrap_or_else(|e| e.into_inner());
+        if written < self.head.len() {
+            rest.push(self.head.slice(written..));
+            rest.push(tail);
+        } else {
+            rest.push(tail.slice(written - self.head.len()..));
+        }
+        Responded::Begun
     }
 }

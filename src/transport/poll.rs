@@ -99,15 +99,53 @@ pub fn json_response(body: Vec<u8>) -> Response {
 /// Written by hand from the envelopes encoded at publish time, so an answer to many pollers
 /// costs copies, not serializations.
 pub fn encode_batch(app: &AppState, transport: Transport, batch: &Batch) -> Vec<u8> {
-    let size = 96
-        + batch
-            .messages
+    let body = encode_body(
+        &batch.messages,
+        batch.last_id,
+        batch.next_after(),
+        batch.more,
+        batch.signal,
+        0,
+    );
+    count_answer(app, transport, &batch.messages, body.len());
+    body
+}
+
+/// Counts an answer of `messages` in `bytes` (and the lag of its first message, for long
+/// polls, which wait for it).
+pub fn count_answer(
+    app: &AppState,
+    transport: Transport,
+    messages: &[std::sync::Arc<crate::message::Message>],
+    bytes: usize,
+) {
+    app.hub.record_request(transport);
+    if let (Transport::Longpoll, Some(first)) = (transport, messages.first()) {
+        crate::telemetry::delivery_lag(transport, first.time);
+    }
+    app.hub
+        .record_delivery(transport, messages.len() as u64, bytes as u64);
+}
+
+/// The body of a poll answer, after `room` bytes left free at its start.
+pub fn encode_body(
+    messages: &[std::sync::Arc<crate::message::Message>],
+    last_id: MessageId,
+    next_after: MessageId,
+    more: bool,
+    signal: Option<Signal>,
+    room: usize,
+) -> Vec<u8> {
+    let size = room
+        + 96
+        + messages
             .iter()
             .map(|m| m.envelope().len() + 1)
             .sum::<usize>();
     let mut body = Vec::with_capacity(size);
+    body.resize(room, 0);
     body.extend_from_slice(b"{\"messages\":[");
-    for (i, message) in batch.messages.iter().enumerate() {
+    for (i, message) in messages.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
@@ -115,13 +153,13 @@ pub fn encode_batch(app: &AppState, transport: Transport, batch: &Batch) -> Vec<
     }
     let mut number = itoa::Buffer::new();
     body.extend_from_slice(b"],\"last_id\":");
-    body.extend_from_slice(number.format(batch.last_id).as_bytes());
+    body.extend_from_slice(number.format(last_id).as_bytes());
     body.extend_from_slice(b",\"next_after\":");
-    body.extend_from_slice(number.format(batch.next_after()).as_bytes());
-    if batch.more {
+    body.extend_from_slice(number.format(next_after).as_bytes());
+    if more {
         body.extend_from_slice(b",\"more\":true");
     }
-    match batch.signal {
+    match signal {
         Some(Signal::Truncated { oldest_id }) => {
             body.extend_from_slice(b",\"truncated\":true,\"oldest_id\":");
             body.extend_from_slice(number.format(oldest_id).as_bytes());
@@ -130,11 +168,5 @@ pub fn encode_batch(app: &AppState, transport: Transport, batch: &Batch) -> Vec<
         None => {}
     }
     body.push(b'}');
-    app.hub.record_request(transport);
-    if let (Transport::Longpoll, Some(first)) = (transport, batch.messages.first()) {
-        crate::telemetry::delivery_lag(transport, first.time);
-    }
-    app.hub
-        .record_delivery(transport, batch.messages.len() as u64, body.len() as u64);
     body
 }

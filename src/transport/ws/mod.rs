@@ -82,6 +82,9 @@ pub struct Opened {
     pub expires: Option<tokio::time::Instant>,
 }
 
+/// The topic a per-topic connection follows, and the cursor it starts from.
+pub type Home = (TopicName, Option<crate::message::MessageId>);
+
 /// Checks a handshake for `topic` (per-topic) or none (multiplexed), in the order clients
 /// are answered: origin, topic, permission, cursor, then the handshake itself. Returns the
 /// accept key, and the topic and cursor.
@@ -91,7 +94,7 @@ pub fn check(
     topic: Option<&str>,
     params: &Params,
     headers: &dyn HeaderSource,
-) -> Result<(String, Option<(TopicName, Option<u64>)>), Error> {
+) -> Result<(String, Option<Home>), Error> {
     app.origins.check_websocket(headers)?;
     let home = match topic {
         Some(topic) => {
@@ -110,7 +113,7 @@ pub fn check(
 pub async fn open(
     app: &AppState,
     access: Access,
-    home: Option<(TopicName, Option<u64>)>,
+    home: Option<Home>,
     peer: Option<IpAddr>,
     socket: Option<Arc<TcpStream>>,
     head: Bytes,

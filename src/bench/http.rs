@@ -1,0 +1,266 @@
+//! A small HTTP/1.1 client for the bench's hot loops: pollers, SSE readers and the publisher.
+//!
+//! The bench shares the machine with the server it measures, so its clients must cost as
+//! little as possible: a general client (reqwest) spent 15-30 µs of the bench's CPU per
+//! poll, which on a shared box limited how fast pollers came back, and so what the bench
+//! measured. This one keeps one connection per client, writes each request with one write,
+//! and parses the answer with `httparse`: `Content-Length` and chunked bodies, keep-alive and
+//! `Connection: close`. Everything else (setup, `/stats`) still uses reqwest.
+
+use std::io;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// One keep-alive connection to a server.
+#[derive(Debug)]
+pub struct Connection {
+    addr: String,
+    stream: Option<TcpStream>,
+    /// Bytes read and not used yet.
+    buf: Vec<u8>,
+}
+
+/// A complete answer.
+#[derive(Debug)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+/// How a body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(usize),
+    Chunked,
+    Close,
+}
+
+/// A response head: status, body framing, and whether the server will close.
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    framing: Framing,
+    close: bool,
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+impl Connection {
+    /// A client of `base` (`http://host:port`); it connects on first use.
+    pub fn new(base: &str) -> Self {
+        let addr = base
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        Self {
+            addr,
+            stream: None,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    async fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect(&self.addr).await?;
+            stream.set_nodelay(true)?;
+            self.stream = Some(stream);
+            self.buf.clear();
+        }
+        Ok(self.stream.as_mut().expect("connected above"))
+    }
+
+    /// `GET path`, and its whole answer.
+    pub async fn get(&mut self, path: &str) -> io::Result<Response> {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\naccept: */*\r\n\r\n",
+            self.addr
+        );
+        self.exchange(request.as_bytes()).await
+    }
+
+    /// `POST path` with a JSON body, and its whole answer.
+    pub async fn post_json(&mut self, path: &str, body: &[u8]) -> io::Result<Response> {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        self.exchange(&request).await
+    }
+
+    async fn exchange(&mut self, request: &[u8]) -> io::Result<Response> {
+        let result = self.try_exchange(request).await;
+        if result.is_err() {
+            // A failed or closed connection is opened again for the next request.
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn try_exchange(&mut self, request: &[u8]) -> io::Result<Response> {
+        self.stream().await?.write_all(request).await?;
+        let head = self.read_head().await?;
+        let mut body = Vec::new();
+        match head.framing {
+            Framing::Length(len) => {
+                while self.buf.len() < len {
+                    self.fill().await?;
+                }
+                body.extend(self.buf.drain(..len));
+            }
+            Framing::Chunked => while self.read_chunk(&mut body).await? {},
+            Framing::Close => {
+                while self.fill().await.is_ok() {}
+                body.append(&mut self.buf);
+                self.stream = None;
+            }
+        }
+        if head.close {
+            self.stream = None;
+        }
+        Ok(Response {
+            status: head.status,
+            body,
+        })
+    }
+
+    /// Sends `GET path` with `headers` (each `name: value`) and reads the head of a streamed
+    /// answer; its body then comes from [`Connection::next_data`].
+    pub async fn open_stream(&mut self, path: &str, headers: &[&str]) -> io::Result<u16> {
+        let mut request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.addr);
+        for header in headers {
+            request.push_str(header);
+            request.push_str("\r\n");
+        }
+        request.push_str("\r\n");
+        self.stream().await?.write_all(request.as_bytes()).await?;
+        let head = self.read_head().await?;
+        if head.framing != Framing::Chunked {
+            return Err(invalid("a stream must be chunked"));
+        }
+        Ok(head.status)
+    }
+
+    /// The next data of a streamed (chunked) body, appended to `out`; `Ok(false)` at its end.
+    pub async fn next_data(&mut self, out: &mut Vec<u8>) -> io::Result<bool> {
+        self.read_chunk(out).await
+    }
+
+    /// Reads more into the buffer; an error at the end of the stream.
+    async fn fill(&mut self) -> io::Result<()> {
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| invalid("not connected"))?;
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(8192);
+        }
+        if stream.read_buf(&mut self.buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    async fn read_head(&mut self) -> io::Result<Head> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 24];
+            let mut response = httparse::Response::new(&mut headers);
+            match response
+                .parse(&self.buf)
+                .map_err(|_| invalid("bad response head"))?
+            {
+                httparse::Status::Complete(len) => {
+                    let status = response.code.unwrap_or(0);
+                    let mut framing = Framing::Close;
+                    let mut close = false;
+                    for header in response.headers.iter() {
+                        if header.name.eq_ignore_ascii_case("content-length") {
+                            let len = std::str::from_utf8(header.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse().ok())
+                                .ok_or_else(|| invalid("bad content-length"))?;
+                            framing = Framing::Length(len);
+                        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                            framing = Framing::Chunked;
+                        } else if header.name.eq_ignore_ascii_case("connection") {
+                            close = header.value.eq_ignore_ascii_case(b"close");
+                        }
+                    }
+                    self.buf.drain(..len);
+                    return Ok(Head {
+                        status,
+                        framing,
+                        close,
+                    });
+                }
+                httparse::Status::Partial => self.fill().await?,
+            }
+        }
+    }
+
+    /// Reads one chunk of a chunked body into `out`; `Ok(false)` after the last chunk.
+    async fn read_chunk(&mut self, out: &mut Vec<u8>) -> io::Result<bool> {
+        let (size, line) = loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let text = std::str::from_utf8(&self.buf[..end]).map_err(|_| invalid("chunk"))?;
+                let hex = text.split(';').next().unwrap_or_default().trim();
+                let size = usize::from_str_radix(hex, 16).map_err(|_| invalid("chunk size"))?;
+                break (size, end + 2);
+            }
+            self.fill().await?;
+        };
+        while self.buf.len() < line + size + 2 {
+            self.fill().await?;
+        }
+        out.extend_from_slice(&self.buf[line..line + size]);
+        self.buf.drain(..line + size + 2);
+        Ok(size > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn lengths_chunks_and_closes_are_read_exactly() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = vec![0; 1024];
+            let _ = socket.read(&mut request).await.unwrap();
+            // Two answers in one write: one with a length, then (after the next request)
+            // a chunked one split across writes.
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+                .await
+                .unwrap();
+            let _ = socket.read(&mut request).await.unwrap();
+            socket
+                .write_all(
+                    b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                )
+                .await
+                .unwrap();
+            socket.write_all(b"2\r\nde\r\n0\r\n\r\n").await.unwrap();
+        });
+        let mut connection = Connection::new(&format!("http://{addr}"));
+        let first = connection.get("/a").await.unwrap();
+        assert_eq!((first.status, &first.body[..]), (200, &b"hello"[..]));
+        let second = connection.post_json("/b", b"{}").await.unwrap();
+        assert_eq!((second.status, &second.body[..]), (201, &b"abcde"[..]));
+        server.await.unwrap();
+    }
+}
