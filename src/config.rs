@@ -81,18 +81,20 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_WS_MAX_MESSAGE", default_value_t = 64 * 1024 + 1024)]
     pub ws_max_message: usize,
 
-    /// WebSocket read buffer per connection, in bytes. Small by default: it is paid by every
-    /// idle connection.
+    /// Bytes read from a WebSocket client at once (at most 2048 on plain TCP). No read buffer
+    /// is held while a connection is idle; a partly received message keeps what it has.
     #[arg(long, env = "PUSHHUB_WS_READ_BUFFER", default_value_t = 4 * 1024)]
     pub ws_read_buffer: usize,
 
-    /// WebSocket write buffer per connection, in bytes, before frames are written out.
-    #[arg(long, env = "PUSHHUB_WS_WRITE_BUFFER", default_value_t = 8 * 1024)]
+    /// Accepted for compatibility, with no effect: WebSocket frames are written from each
+    /// message's shared bytes, with no write buffer per connection.
+    #[arg(long, env = "PUSHHUB_WS_WRITE_BUFFER", default_value_t = 8 * 1024, hide = true)]
     pub ws_write_buffer: usize,
 
-    /// How long an SSE or WebSocket subscriber's writes wait to gather more messages into one
-    /// socket write (`0`: write each message as soon as it is ready). A few milliseconds trade
-    /// that much latency for much less CPU per delivery at high message rates. At most 1 s.
+    /// How long a fan-out writer waits, once woken by a publish, to gather more messages into
+    /// each subscriber's write (`0`: write what is ready at once; several messages that are
+    /// ready together still share a write). A few milliseconds trade that much latency for
+    /// less CPU per delivery at high message rates. At most 1 s.
     #[arg(long, env = "PUSHHUB_WRITE_DELAY", default_value = "0", value_parser = parse_write_delay)]
     pub write_delay: Duration,
 

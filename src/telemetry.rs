@@ -186,6 +186,8 @@ pub fn render(app: &AppState) -> String {
                 .absolute(count);
         }
     }
+    metrics::counter!("pushhub_blocked_writes_total")
+        .absolute(BLOCKED_WRITES.load(Ordering::Relaxed));
     let mut text = handle().render();
     render_lag(&mut text);
     text
@@ -200,6 +202,16 @@ pub fn rejected(code: &'static str) {
 /// atomics, copied into the recorder at scrape time, because a long poll parks and unparks
 /// at request rate.
 static STREAMS: [[AtomicU64; 2]; 4] = [const { [const { AtomicU64::new(0) }; 2] }; 4];
+
+/// Writes by the fan-out that a socket did not take whole (it would block, or took part):
+/// the rest waits in the connection's queue. A rising count means readers or the network are
+/// slower than the publish rate.
+static BLOCKED_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// A fan-out write left bytes for the connection's task.
+pub(crate) fn blocked_write() {
+    BLOCKED_WRITES.fetch_add(1, Ordering::Relaxed);
+}
 
 /// A streaming subscription opened or closed.
 pub(crate) fn stream(transport: Transport, opened: bool) {

@@ -23,15 +23,25 @@ async fn tls_connect(
     addr: std::net::SocketAddr,
     cert: &rcgen::Certificate,
 ) -> TlsStream<TcpStream> {
+    tls_connect_alpn(addr, cert, &[]).await
+}
+
+/// A TLS connection offering `alpn` (e.g. `h2`).
+async fn tls_connect_alpn(
+    addr: std::net::SocketAddr,
+    cert: &rcgen::Certificate,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = TcpStream::connect(addr).await.unwrap();
     TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -52,10 +62,31 @@ async fn read_until(stream: &mut TlsStream<TcpStream>, seen: &mut String, needle
     }
 }
 
-#[tokio::test]
-async fn sse_and_websocket_work_over_tls() {
+/// Publishes `data` through the server's own state (its port speaks only TLS).
+async fn publish(server: &support::TestServer, topic: &str, data: Value) {
+    let topic = pushhub::message::TopicName::parse(topic).unwrap();
+    let payload = pushhub::message::Payload::from_json(&data.to_string()).unwrap();
+    server
+        .state
+        .publish(
+            &topic,
+            pushhub::message::EventName::default_event(),
+            &payload,
+        )
+        .await
+        .unwrap();
+}
+
+/// A server with a certificate made for this test, the certificate, and its directory.
+async fn tls_server(
+    name: &str,
+) -> (
+    support::TestServer,
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+) {
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("pushhub-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("pushhub-tls-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert_path, generated.cert.pem()).unwrap();
@@ -66,6 +97,12 @@ async fn sse_and_websocket_work_over_tls() {
         ..Default::default()
     })
     .await;
+    (server, generated, dir)
+}
+
+#[tokio::test]
+async fn sse_and_websocket_work_over_tls() {
+    let (server, generated, dir) = tls_server("sse-ws").await;
 
     // Plain HTTP on the TLS port gets no answer.
     let plain = reqwest::Client::new()
@@ -117,5 +154,112 @@ async fn sse_and_websocket_work_over_tls() {
 
     read_until(&mut sse, &mut seen, "\"over\":\"wss\"").await;
     assert!(seen.contains("id: 1\n"), "{seen}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn polls_and_long_polls_work_over_tls() {
+    let (server, generated, dir) = tls_server("polls").await;
+    // A long poll parked over TLS, then a short poll pipelined on the same connection.
+    let mut stream = tls_connect(server.addr, &generated.cert).await;
+    stream
+        .write_all(b"GET /topics/tlspoll/longpoll?after=0&timeout=30 HTTP/1.1\r\nHost: localhost\r\n\r\nGET /topics/tlspoll/poll?after=0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    support::eventually("the long poll parked", || async {
+        server.subscribers("tlspoll").await.longpoll == 1
+    })
+    .await;
+    publish(&server, "tlspoll", json!({"over": "tls"})).await;
+    let mut seen = String::new();
+    while seen.matches("\"over\":\"tls\"").count() < 2 {
+        read_until(&mut stream, &mut seen, "\"over\":\"tls\"").await;
+        if seen.matches("\"over\":\"tls\"").count() < 2 {
+            let mut more = [0u8; 4096];
+            let n = tokio::time::timeout(PATIENCE, stream.read(&mut more))
+                .await
+                .unwrap()
+                .unwrap();
+            seen.push_str(&String::from_utf8_lossy(&more[..n]));
+        }
+    }
+    assert_eq!(seen.matches("HTTP/1.1 200 OK").count(), 2, "{seen}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn sse_and_long_polls_work_over_http2() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+
+    let (server, generated, dir) = tls_server("h2").await;
+    let tls = tls_connect_alpn(server.addr, &generated.cert, &[b"h2"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "HTTP/2 chosen"
+    );
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let get = |path: &str| {
+        hyper::Request::get(format!("https://localhost{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // Three streams on one connection: an SSE stream, a parked long poll, a short poll.
+    let sse = sender.send_request(get("/topics/h2/sse")).await.unwrap();
+    assert_eq!(sse.status(), 200);
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let mut sse = sse.into_body();
+    let longpoll = {
+        let mut sender = sender.clone();
+        tokio::spawn(async move {
+            let request = get("/topics/h2/longpoll?after=0&timeout=30");
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap().to_bytes()
+        })
+    };
+    support::eventually("the long poll parked", || async {
+        server.subscribers("h2").await.longpoll == 1
+    })
+    .await;
+    publish(&server, "h2", json!({"over": "h2"})).await;
+    let answer: Value = serde_json::from_slice(
+        &tokio::time::timeout(PATIENCE, longpoll)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(answer["messages"][0]["data"]["over"], "h2");
+    let mut events = String::new();
+    while !events.contains("\"over\":\"h2\"") {
+        let frame = tokio::time::timeout(PATIENCE, sse.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            events.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(events.starts_with("retry: "), "{events}");
+    assert!(
+        events.contains("id: 1\nevent: message\ndata: {"),
+        "{events}"
+    );
+    let poll = sender
+        .send_request(get("/topics/h2/poll?after=0"))
+        .await
+        .unwrap();
+    let body = poll.into_body().collect().await.unwrap().to_bytes();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["last_id"], 1);
     std::fs::remove_dir_all(dir).unwrap();
 }

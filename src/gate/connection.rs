@@ -358,8 +358,7 @@ async fn longpoll_call(call: Call<'_>, io: &mut Io) -> Next {
     }
 }
 
-/// Waits for a long poll's answer and writes it. While parked, it watches the connection: a
-/// client that goes away ends the wait (and frees its place); a pipelined request is kept.
+/// Waits for a long poll's answer and writes it (or lets the fan-out write it).
 async fn run_park(app: &AppState, park: Park, io: &mut Io) -> Next {
     let Park {
         prepared,
@@ -374,11 +373,30 @@ async fn run_park(app: &AppState, park: Park, io: &mut Io) -> Next {
         let head = response::head(StatusCode::OK, &poll::HEADERS, &meta, Length::Deferred);
         longpoll::DirectAnswer::new(app.clone(), socket, head)
     });
-    // The answer first: one that is ready at once does not read the socket for nothing.
-    let answer = tokio::select! {
-        biased;
-        answer = prepared.answer_or(app, direct.clone()) => answer,
-        () = watch(io, &mut rest, limit) => return Next::Close,
+    if let Some(direct) = direct.as_ref().filter(|_| !rest.is_empty()) {
+        direct.hold();
+    }
+    let answer = prepared.answer_or(app, direct.clone());
+    tokio::pin!(answer);
+    // While parked, watch the connection: a client that goes away ends the wait (and frees
+    // its place); a pipelined request is kept for later. The answer first: one that is ready
+    // at once does not read the socket for nothing.
+    let answer = loop {
+        tokio::select! {
+            biased;
+            answer = &mut answer => break answer,
+            read = io.read_into(&mut rest, 512) => match read {
+                Ok(0) | Err(_) => return Next::Close,
+                Ok(_) if rest.len() > limit => return Next::Close,
+                // A pipelined request: its bytes are read, so no further read would wake
+                // this task once the fan-out answered; the answer must wake it instead.
+                Ok(_) => {
+                    if let Some(direct) = &direct {
+                        direct.hold();
+                    }
+                }
+            },
+        }
     };
     match answer {
         Ok(longpoll::Answer::Body(body)) => {
@@ -509,18 +527,6 @@ fn keep_alive(next: Next, rest: Vec<u8>) -> Next {
     match next {
         Next::KeepAlive(_) => Next::KeepAlive(rest),
         other => other,
-    }
-}
-
-/// Completes when the client closes the connection (or sends more than `limit` bytes ahead);
-/// what it sends meanwhile is kept in `rest`.
-async fn watch(io: &mut Io, rest: &mut Vec<u8>, limit: usize) {
-    loop {
-        match io.read_into(rest, 512).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) if rest.len() > limit => return,
-            Ok(_) => {}
-        }
     }
 }
 

@@ -422,6 +422,7 @@ impl Outlet {
                         tally.delivered(self.transport, accepted, frames, messages[0].time);
                         state.active = true;
                         if queue_rest(&mut state.pending, frames, written) {
+                            crate::telemetry::blocked_write();
                             state.busy = true;
                             Self::wake(state);
                         } else if gap {
@@ -481,6 +482,7 @@ impl Outlet {
                 match write_now(socket, &frames) {
                     Ok(written) => {
                         if queue_rest(&mut state.pending, &frames, written) {
+                            crate::telemetry::blocked_write();
                             state.busy = true;
                             Self::wake(state);
                         }

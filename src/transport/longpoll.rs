@@ -2,7 +2,10 @@
 
 use std::{
     io::IoSlice,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use axum::{
@@ -134,6 +137,9 @@ pub struct DirectAnswer {
     head: Bytes,
     /// What the socket did not take, for the task to write.
     rest: Mutex<Vec<Bytes>>,
+    /// The task must answer itself (and so be woken): the client pipelined its next request,
+    /// whose arrival would otherwise have woken the task.
+    held: AtomicBool,
 }
 
 impl std::fmt::Debug for DirectAnswer {
@@ -150,7 +156,13 @@ impl DirectAnswer {
             socket,
             head: Bytes::from(head),
             rest: Mutex::new(Vec::new()),
+            held: AtomicBool::new(false),
         })
+    }
+
+    /// From now on, leaves the answer to the poller's task.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
     }
 
     /// What is left to write of a begun answer.
@@ -164,6 +176,9 @@ impl Respond for DirectAnswer {
         let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
             return Responded::No;
         };
+        if self.held.load(Ordering::SeqCst) {
+            return Responded::No;
+        }
         let tail = cache.get_or_encode(first.id - 1, messages.len(), more, || {
             // The rest of the head, then the body, in one allocation: shared by every
             // poller that gets this answer.
@@ -191,6 +206,7 @@ impl Respond for DirectAnswer {
         if written == total {
             return Responded::Written;
         }
+        crate::telemetry::blocked_write();
         let mut rest = self.rest.lock().unwrap_or_else(|e| e.into_inner());
         if written < self.head.len() {
             rest.push(self.head.slice(written..));
