@@ -364,3 +364,92 @@ async fn hyper_and_the_raw_path_answer_alike() {
         assert_eq!(raw, hyper, "{target}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_in_the_middle_of_a_frame_ends_the_stream_after_it() {
+    const MESSAGES: usize = 150;
+    let secret = "expiry";
+    let server = start_with(Config {
+        jwt_secret: Some(secret.into()),
+        workers: 1,
+        ..Default::default()
+    })
+    .await;
+    let sign = |claims: Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let now = pushhub::auth::unix_now();
+    let reader = sign(json!({"exp": now + 3, "pushhub": {"subscribe": ["late"]}}));
+    let writer = sign(json!({"exp": now + 60, "pushhub": {"publish": ["late"]}}));
+    let mut sse = small_window(server.addr).await;
+    let (head, mut bytes) = request_head(
+        &mut sse,
+        &format!("GET /topics/late/sse?token={reader} HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let blocked_before = metric(&server, "pushhub_blocked_writes_total").await;
+    // About 7 MB that the client does not read: the socket fills in the middle of a frame,
+    // and the token expires (2 to 3 s from now) while the rest of that frame waits.
+    for i in 0..MESSAGES {
+        let status = server
+            .http
+            .post(server.url("/topics/late"))
+            .bearer_auth(&writer)
+            .json(&big_payload(i))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+    }
+    let blocked = metric(&server, "pushhub_blocked_writes_total").await - blocked_before;
+    assert!(blocked >= 1.0, "the writes did not back up ({blocked})");
+    // Past the expiry, then read.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    read_until(&mut sse, &mut bytes, |b| b.ends_with(b"\r\n0\r\n\r\n")).await;
+    // The body is a sequence of whole chunks up to the last one: a frame cut short would
+    // put the next chunk's bytes where this one's were announced.
+    let mut at = 0;
+    loop {
+        let line = bytes[at..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a chunk size line");
+        let size = std::str::from_utf8(&bytes[at..at + line])
+            .ok()
+            .and_then(|text| usize::from_str_radix(text, 16).ok())
+            .unwrap_or_else(|| panic!("not a chunk size at byte {at}"));
+        let end = at + line + 2 + size;
+        assert_eq!(
+            bytes.get(end..end + 2),
+            Some(&b"\r\n"[..]),
+            "chunk at {at} ends"
+        );
+        at = end + 2;
+        if size == 0 {
+            break;
+        }
+    }
+    assert_eq!(at, bytes.len(), "nothing after the last chunk");
+    // Every message before the end is intact and in order, and the last event says why the
+    // stream ended.
+    let events = sse_events(&bytes);
+    assert!(!events.is_empty());
+    for (k, (id, data)) in events.iter().enumerate() {
+        assert_eq!(id, &(k + 1).to_string());
+        check_payload(&serde_json::from_str(data).unwrap(), k as u64 + 1);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let last_event = text.rfind("event: ").expect("events");
+    assert!(
+        text[last_event..].starts_with("event: expired"),
+        "{}",
+        &text[last_event..]
+    );
+}

@@ -16,16 +16,17 @@
 //!
 //! Parked long polls follow topics too, as [`Waiter`]s: a writer only wakes them.
 //!
-//! One ticker task serves every connection's timers: SSE heartbeats, WebSocket pings and
-//! their pong deadlines walk the shards' registries, so an idle connection costs no timer.
+//! One ticker task per shard, on the shard's worker, serves its connections' timers: SSE
+//! heartbeats, WebSocket pings and their pong deadlines walk the shard's registry, so an
+//! idle connection costs no timer.
 
 use std::{
     future::poll_fn,
     sync::{
-        Arc, Mutex, MutexGuard, OnceLock, Weak,
+        Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    task::{Poll, Waker},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -36,6 +37,7 @@ use tokio::time::Instant;
 use super::{
     Transport,
     outlet::{Format, Outlet},
+    presence::Gauge,
     stats::Counters,
 };
 use crate::{
@@ -225,10 +227,16 @@ impl Live for TopicLive {
 /// the transport that knows the wire format; `Hub::wait_or_answer` takes one.
 pub trait Respond: Send + Sync {
     /// Answers with `messages` (the first right after the poller's cursor, at most its
-    /// limit); `more` says the topic has newer ones. [`Responded::No`] leaves the answer to
+    /// limit); `newest` is the topic's newest id (past the last of `messages` when the limit
+    /// left some out). [`Responded::No`] leaves the answer to
     /// the poller's task. `cache` is shared by the pollers of one walk, which mostly get the
     /// same answer: an implementation keeps what it encoded there.
-    fn respond(&self, messages: &[Arc<Message>], more: bool, cache: &mut AnswerCache) -> Responded;
+    fn respond(
+        &self,
+        messages: &[Arc<Message>],
+        newest: MessageId,
+        cache: &mut AnswerCache,
+    ) -> Responded;
 }
 
 /// What [`Respond::respond`] did.
@@ -245,28 +253,28 @@ pub enum Responded {
 /// Answers encoded during one writer walk, for pollers that get the same one.
 #[derive(Default)]
 pub struct AnswerCache {
-    entries: SmallVec<[(MessageId, usize, bool, Bytes); 2]>,
+    entries: SmallVec<[(MessageId, usize, MessageId, Bytes); 2]>,
 }
 
 impl AnswerCache {
-    /// The answer for the messages starting after `after`, `count` of them, `more` or not,
-    /// encoded by `encode` the first time it is asked for.
+    /// The answer for the messages starting after `after`, `count` of them, with the topic's
+    /// newest id `newest`, encoded by `encode` the first time it is asked for.
     pub fn get_or_encode(
         &mut self,
         after: MessageId,
         count: usize,
-        more: bool,
+        newest: MessageId,
         encode: impl FnOnce() -> Bytes,
     ) -> Bytes {
         if let Some((.., answer)) = self
             .entries
             .iter()
-            .find(|(a, c, m, _)| (*a, *c, *m) == (after, count, more))
+            .find(|(a, c, n, _)| (*a, *c, *n) == (after, count, newest))
         {
             return answer.clone();
         }
         let answer = encode();
-        self.entries.push((after, count, more, answer.clone()));
+        self.entries.push((after, count, newest, answer.clone()));
         answer
     }
 
@@ -287,6 +295,8 @@ struct WaiterState {
     after: MessageId,
     outcome: Outcome,
     waker: Option<Waker>,
+    /// Counts the poll as a parked subscriber until it is answered.
+    gauge: Option<Gauge>,
 }
 
 /// Where a parked long poll stands.
@@ -311,13 +321,14 @@ impl Waiter {
                 after,
                 outcome: Outcome::Waiting,
                 waker: None,
+                gauge: None,
             }),
             respond,
             limit: limit.max(1),
         })
     }
 
-    fn offer(&self, messages: &[Arc<Message>], cache: &mut AnswerCache) {
+    pub(super) fn offer(&self, messages: &[Arc<Message>], cache: &mut AnswerCache) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let newest = messages.last().map_or(0, |m| m.id);
         if newest <= state.after || state.outcome != Outcome::Waiting {
@@ -329,9 +340,12 @@ impl Waiter {
             if messages[first].id == state.after + 1 {
                 let fresh = &messages[first..];
                 let take = fresh.len().min(self.limit);
-                match respond.respond(&fresh[..take], fresh.len() > take, cache) {
+                match respond.respond(&fresh[..take], newest, cache) {
                     Responded::Written => {
                         state.outcome = Outcome::Answered;
+                        // Answered in full: no longer parked, although its task has not
+                        // run yet.
+                        state.gauge = None;
                         // The poller's task is not woken: its connection's next request is
                         // what wakes it.
                         return;
@@ -350,25 +364,48 @@ impl Waiter {
         }
     }
 
-    /// What happened so far.
-    pub(super) fn outcome(&self) -> Outcome {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).outcome
+    /// Counts the poll as parked (`gauge`) until it is answered or [`Waiter::uncount`].
+    pub(super) fn count(&self, gauge: Gauge) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.outcome == Outcome::Waiting {
+            state.gauge = Some(gauge);
+        }
     }
 
-    /// Completes once a newer message was offered (and maybe answered).
-    pub(super) async fn news(&self) -> Outcome {
-        poll_fn(|cx| {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if state.outcome != Outcome::Waiting {
-                return Poll::Ready(state.outcome);
-            }
-            match &mut state.waker {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                slot => *slot = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
-        .await
+    /// Stops counting the poll as parked.
+    pub(super) fn uncount(&self) {
+        let gauge = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .gauge
+            .take();
+        drop(gauge);
+    }
+
+    /// Takes the answer back from the writers: from here on no writer answers this poll or
+    /// wakes it. Returns what happened before, so that the poller answers only if no
+    /// responder did ([`Outcome::Answered`]: it already has).
+    pub(super) fn claim(&self) -> Outcome {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let before = state.outcome;
+        if before == Outcome::Waiting {
+            state.outcome = Outcome::News;
+        }
+        before
+    }
+
+    /// Ready once a newer message was offered (and maybe answered).
+    pub(super) fn poll_news(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.outcome != Outcome::Waiting {
+            return Poll::Ready(());
+        }
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 
@@ -485,14 +522,12 @@ impl Shard {
     }
 }
 
-/// The fan-out of one hub: its shards, their writers and the ticker.
+/// The fan-out of one hub: its shards, their writers and tickers.
 pub(crate) struct Fanout {
     shards: Box<[Arc<Shard>]>,
     next_shard: AtomicUsize,
     counters: Arc<Counters>,
     settings: FanoutSettings,
-    /// The ticker runs.
-    ticking: OnceLock<()>,
     /// Stop pinging and sending heartbeats: the server is stopping.
     stopping: AtomicBool,
     /// New outlets drain at once: the server is stopping and publishes have settled.
@@ -508,7 +543,6 @@ impl Fanout {
             next_shard: AtomicUsize::new(0),
             counters,
             settings,
-            ticking: OnceLock::new(),
             stopping: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             me: me.clone(),
@@ -523,7 +557,7 @@ impl Fanout {
         self.start_shard(shard);
     }
 
-    /// Starts shard `index`'s writer on the current runtime, once; and the ticker.
+    /// Starts shard `index`'s writer and ticker on the current runtime, once.
     fn start_shard(&self, index: usize) {
         let shard = &self.shards[index];
         if !shard.started.swap(true, Ordering::AcqRel) {
@@ -533,10 +567,8 @@ impl Fanout {
                 self.counters.clone(),
                 self.settings.write_delay,
             ));
+            tokio::spawn(tick_loop(self.me.clone(), index, self.settings.clone()));
         }
-        self.ticking.get_or_init(|| {
-            tokio::spawn(tick_loop(self.me.clone(), self.settings.clone()));
-        });
     }
 
     /// Starts every shard not started yet on the current runtime: a hub used without
@@ -697,8 +729,10 @@ async fn write_loop(
     }
 }
 
-/// Heartbeats, pings and pong deadlines for every connection of the hub, from one timer.
-async fn tick_loop(fanout: Weak<Fanout>, settings: FanoutSettings) {
+/// Heartbeats, pings and pong deadlines for every connection of shard `index`, from one
+/// timer on the shard's worker: no timer per connection, and each worker writes the
+/// heartbeats of its own connections.
+async fn tick_loop(fanout: Weak<Fanout>, index: usize, settings: FanoutSettings) {
     let start = Instant::now();
     let mut next_heartbeat = start + settings.heartbeat;
     let mut next_ping = start + settings.ping_interval;
@@ -717,26 +751,23 @@ async fn tick_loop(fanout: Weak<Fanout>, settings: FanoutSettings) {
         if fanout.stopping.load(Ordering::Acquire) {
             return;
         }
+        let shard = &fanout.shards[index];
         let now = Instant::now();
         if now >= next_heartbeat {
-            for shard in fanout.shards.iter() {
-                shard.each_stream(|outlet| {
-                    if outlet.format() != Format::Ws {
-                        outlet.heartbeat_if_idle();
-                    }
-                });
-            }
+            shard.each_stream(|outlet| {
+                if outlet.format() != Format::Ws {
+                    outlet.heartbeat_if_idle();
+                }
+            });
             next_heartbeat = now + settings.heartbeat;
         }
         if now >= next_ping {
             round = round.wrapping_add(1).max(1);
-            for shard in fanout.shards.iter() {
-                shard.each_stream(|outlet| {
-                    if outlet.format() == Format::Ws {
-                        outlet.ping(round);
-                    }
-                });
-            }
+            shard.each_stream(|outlet| {
+                if outlet.format() == Format::Ws {
+                    outlet.ping(round);
+                }
+            });
             pong_checks.push_back((now + settings.pong_timeout, round));
             next_ping = now + settings.ping_interval;
         }
@@ -745,13 +776,11 @@ async fn tick_loop(fanout: Weak<Fanout>, settings: FanoutSettings) {
                 break;
             }
             pong_checks.pop_front();
-            for shard in fanout.shards.iter() {
-                shard.each_stream(|outlet| {
-                    if outlet.format() == Format::Ws {
-                        outlet.check_pong(checked);
-                    }
-                });
-            }
+            shard.each_stream(|outlet| {
+                if outlet.format() == Format::Ws {
+                    outlet.check_pong(checked);
+                }
+            });
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The hub: topics, publishing, and reading or following a topic from a cursor.
 //!
 //! The hub knows nothing of HTTP. Transports call [`Hub::publish`], [`Hub::poll`],
-//! [`Hub::wait`] (long polling) and [`Hub::subscribe`] (streams), and turn what they get
+//! [`Hub::park`] (long polling) and [`Hub::subscribe`] (streams), and turn what they get
 //! into their wire format; the cursor rules live here once, for all of them.
 //!
 //! A streaming connection is an [`Outlet`]: the fan-out ([`fanout`]) writes each new message
@@ -98,6 +98,57 @@ impl From<&Config> for HubSettings {
     }
 }
 
+/// Where a long poll stands after [`Hub::park`].
+#[derive(Debug)]
+pub enum Parking {
+    /// Something to answer with now.
+    Ready(Batch),
+    /// The fan-out answered it through its responder while it was parking.
+    Answered,
+    /// Nothing yet: parked on the topic.
+    Parked(ParkedPoll),
+}
+
+/// A long poll parked on a topic: its entry in the topic's followers (removed when this is
+/// dropped) and what reading its answer needs. All a parked poll holds in the hub.
+pub struct ParkedPoll {
+    topic: Arc<Topic>,
+    waiter: Arc<Waiter>,
+    shard: usize,
+    slot: usize,
+    after: MessageId,
+    limit: usize,
+    from_client: bool,
+    since: std::time::Instant,
+}
+
+impl std::fmt::Debug for ParkedPoll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParkedPoll")
+            .field("topic", &self.topic.name)
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParkedPoll {
+    /// Ready once a message newer than the cursor was offered (and maybe answered).
+    pub fn poll_news(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waiter.poll_news(cx)
+    }
+
+    /// Completes once a message newer than the cursor was offered (and maybe answered).
+    pub async fn news(&self) {
+        std::future::poll_fn(|cx| self.poll_news(cx)).await;
+    }
+}
+
+impl Drop for ParkedPoll {
+    fn drop(&mut self) {
+        self.topic.live.remove(self.shard, self.slot);
+    }
+}
+
 /// How a long poll ended.
 #[derive(Debug)]
 pub enum Waited {
@@ -179,19 +230,6 @@ impl Topic {
             Some(read) => Ok(read?),
             None => Ok(self.log.read(after, limit).await?),
         }
-    }
-}
-
-/// Removes a parked long poll from its topic's followers, however the wait ends.
-struct Parked<'a> {
-    live: &'a TopicLive,
-    shard: usize,
-    slot: usize,
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.live.remove(self.shard, self.slot);
     }
 }
 
@@ -279,31 +317,100 @@ impl Hub {
         }
     }
 
-    /// A long poll: like [`Hub::poll`], but when nothing newer than the cursor exists, waits
-    /// until a message arrives, `timeout` passes or `shutdown` fires, then answers. Without a
-    /// cursor it waits for the next message. A parked call is one entry in the topic's
-    /// follower list and a timer: no CPU while it waits.
-    pub async fn wait(
+    /// A long poll's first step: answers at once ([`Parking::Ready`]) when something newer
+    /// than the cursor exists, else parks the poll on the topic ([`Parking::Parked`]) until
+    /// a message arrives; the caller waits on [`ParkedPoll::news`] (or its deadline, or a
+    /// shutdown), then calls [`Hub::unpark`]. Without a cursor it waits for the next message.
+    /// When `respond` is given, the fan-out may answer the parked poll itself with the next
+    /// messages ([`Waited::Answered`]).
+    ///
+    /// The steps are separate so that a parked poll holds only its [`ParkedPoll`] (one entry
+    /// in the topic's follower list) and the caller's timer, not the state of the reads
+    /// before and after: no CPU while it waits, and little memory.
+    pub async fn park(
         &self,
         topic: &TopicName,
         after: Option<MessageId>,
         limit: usize,
-        timeout: Duration,
         client: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<Batch, Error> {
-        match self
-            .wait_or_answer(topic, after, limit, timeout, client, shutdown, None)
-            .await?
-        {
-            Waited::Batch(batch) => Ok(batch),
-            Waited::Answered => unreachable!("no responder was given"),
+        respond: Option<Arc<dyn Respond>>,
+    ) -> Result<Parking, Error> {
+        let topic = self.topic(topic);
+        topic
+            .presence
+            .touch(Transport::Longpoll, client, self.settings.poller_window);
+        topic.follow().await;
+        let (after, from_client) = match after {
+            Some(after) => (after, true),
+            None => (topic.log.head().await?.last_id, false),
+        };
+        let batch = topic.read_batch(after, limit, from_client).await?;
+        if !batch.is_empty() {
+            return Ok(Parking::Ready(batch));
         }
+        // Park: follow the topic, then read once more, so that a message published between
+        // the first read and now is not missed.
+        let waiter = Waiter::new(after, limit, respond);
+        let shard = self.fanout.pick_shard();
+        let slot = topic.live.add(shard, Follower::Waiter(waiter.clone()));
+        let parked = ParkedPoll {
+            topic,
+            waiter,
+            shard,
+            slot,
+            after,
+            limit,
+            from_client,
+            since: std::time::Instant::now(),
+        };
+        let batch = parked.topic.read_batch(after, limit, from_client).await;
+        // A writer may have answered the poll during that read (the fan-out answers parked
+        // polls on their sockets): claim the answer back before sending one, or the client
+        // would get two.
+        if !matches!(&batch, Ok(batch) if batch.is_empty()) {
+            return match parked.waiter.claim() {
+                Outcome::Answered => Ok(Parking::Answered),
+                Outcome::Waiting | Outcome::News => batch.map(Parking::Ready),
+            };
+        }
+        parked
+            .waiter
+            .count(parked.topic.presence.stream(Transport::Longpoll));
+        Ok(Parking::Parked(parked))
     }
 
-    /// [`Hub::wait`], where the fan-out may answer the parked poll itself through `respond`
-    /// when the next messages come ([`Waited::Answered`]): the caller then has nothing left
-    /// to send (or only what its responder kept when the socket would block).
+    /// A parked poll's last step, once it was woken, its deadline passed or the server is
+    /// stopping: its answer (what the log holds after its cursor now, maybe nothing), unless
+    /// the fan-out answered it already.
+    pub async fn unpark(&self, parked: ParkedPoll, client: &str) -> Result<Waited, Error> {
+        let outcome = parked.waiter.claim();
+        parked.waiter.uncount();
+        // A long wait would let the poller's last-seen time age out of the window before its
+        // next request; a short one leaves it fresh enough.
+        let window = self.settings.poller_window;
+        if parked.since.elapsed() > window / 2 {
+            parked
+                .topic
+                .presence
+                .touch(Transport::Longpoll, client, window);
+        }
+        if outcome == Outcome::Answered {
+            return Ok(Waited::Answered);
+        }
+        let ParkedPoll {
+            ref topic,
+            after,
+            limit,
+            from_client,
+            ..
+        } = parked;
+        Ok(Waited::Batch(
+            topic.read_batch(after, limit, from_client).await?,
+        ))
+    }
+
+    /// A whole long poll: [`Hub::park`], then a wait for news, `timeout` or `shutdown`, then
+    /// [`Hub::unpark`].
     #[allow(clippy::too_many_arguments)]
     pub async fn wait_or_answer(
         &self,
@@ -315,51 +422,17 @@ impl Hub {
         shutdown: &CancellationToken,
         respond: Option<Arc<dyn Respond>>,
     ) -> Result<Waited, Error> {
-        let window = self.settings.poller_window;
-        let topic = self.topic(topic);
-        topic.presence.touch(Transport::Longpoll, client, window);
-        topic.follow().await;
-        let (after, from_client) = match after {
-            Some(after) => (after, true),
-            None => (topic.log.head().await?.last_id, false),
+        let parked = match self.park(topic, after, limit, client, respond).await? {
+            Parking::Ready(batch) => return Ok(Waited::Batch(batch)),
+            Parking::Answered => return Ok(Waited::Answered),
+            Parking::Parked(parked) => parked,
         };
-        let batch = topic.read_batch(after, limit, from_client).await?;
-        if !batch.is_empty() {
-            return Ok(Waited::Batch(batch));
+        tokio::select! {
+            () = parked.news() => {}
+            () = tokio::time::sleep(timeout) => {}
+            () = shutdown.cancelled() => {}
         }
-        // Park: follow the topic, then read once more, so that a message published between
-        // the first read and now is not missed.
-        let waiter = Waiter::new(after, limit, respond);
-        let shard = self.fanout.pick_shard();
-        let _parked = Parked {
-            live: &topic.live,
-            shard,
-            slot: topic.live.add(shard, Follower::Waiter(waiter.clone())),
-        };
-        let batch = topic.read_batch(after, limit, from_client).await?;
-        if !batch.is_empty() {
-            return Ok(Waited::Batch(batch));
-        }
-        let gauge = topic.presence.stream(Transport::Longpoll);
-        let parked = std::time::Instant::now();
-        let outcome = tokio::select! {
-            outcome = waiter.news() => outcome,
-            () = tokio::time::sleep(timeout) => waiter.outcome(),
-            () = shutdown.cancelled() => waiter.outcome(),
-        };
-        drop(gauge);
-        // A long wait would let the poller's last-seen time age out of the window before its
-        // next request; a short one leaves it fresh enough.
-        if parked.elapsed() > window / 2 {
-            topic.presence.touch(Transport::Longpoll, client, window);
-        }
-        match outcome {
-            Outcome::Answered => Ok(Waited::Answered),
-            Outcome::News => Ok(Waited::Batch(
-                topic.read_batch(after, limit, from_client).await?,
-            )),
-            Outcome::Waiting => Ok(Waited::Batch(batch)),
-        }
+        self.unpark(parked, client).await
     }
 
     /// A new streaming connection, writing to `socket` directly when it is given (plain TCP),
@@ -401,16 +474,23 @@ impl Hub {
                 sub: sub.index(),
             },
         );
+        // The slot is recorded before anything is awaited: if this call is dropped (its
+        // connection went away), the outlet's detach removes the follower.
+        if !outlet.place_sub(sub, slot) {
+            // The connection ended meanwhile: nothing to follow for.
+            topic.live.remove(outlet.shard, slot);
+            return Ok(sub);
+        }
         let start = match after {
             Some(after) => Ok((after, true)),
             None => topic.log.head().await.map(|head| (head.last_id, false)),
         };
-        let placed = match &start {
-            Ok((cursor, from_client)) => outlet.place_sub(sub, slot, *cursor, *from_client),
+        let started = match &start {
+            Ok((cursor, from_client)) => outlet.start_sub(sub, *cursor, *from_client),
             Err(_) => false,
         };
-        if !placed {
-            topic.live.remove(outlet.shard, slot);
+        if !started {
+            // Removes the follower too.
             outlet.unsubscribe(sub);
         }
         start?;
@@ -545,7 +625,7 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
-    use std::future::poll_fn;
+    use std::{future::poll_fn, task::Poll};
 
     use super::*;
     use crate::store::{MemoryStore, Retention};
@@ -624,6 +704,108 @@ mod tests {
         assert_eq!(take(&outlet, 2).await, ["2", "3"]);
         publish(&hub, 1).await;
         assert_eq!(take(&outlet, 1).await, ["4"], "2 and 3 are not repeated");
+    }
+
+    /// What `poll_action` answers now, without waiting.
+    fn action_now(outlet: &Outlet) -> Poll<Action> {
+        outlet.poll_action(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn a_message_offered_during_a_catch_up_read_is_read_again() {
+        let hub = hub(100, 16);
+        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
+        let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
+            panic!("a new subscriber reads its history first");
+        };
+        // Message 1 is offered while the read is under way, but the read (of an empty log,
+        // as when it ran just before the append) does not return it.
+        let topic = hub.topic(&name());
+        let early = Message::new(
+            1,
+            name(),
+            EventName::default_event(),
+            0,
+            &Payload::from_text("x"),
+        );
+        let mut tally = fanout::Tally::default();
+        outlet.deliver(
+            sub.index(),
+            &topic.live,
+            &[Arc::new(early)],
+            &mut Vec::new(),
+            &mut tally,
+        );
+        outlet.catch_up(catch_up).await.unwrap();
+        assert!(
+            matches!(action_now(&outlet), Poll::Ready(Action::CatchUp(_))),
+            "the sub went live past a message it was offered and never sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_repeats_ids_is_written_once_in_one_chunk() {
+        let hub = hub(100, 16);
+        let outlet = hub.outlet(None, Format::SseChunked, Transport::Sse);
+        let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
+        let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
+            panic!("a new subscriber reads its history first");
+        };
+        outlet.catch_up(catch_up).await.unwrap();
+        assert!(action_now(&outlet).is_pending(), "live, nothing to send");
+        publish(&hub, 2).await;
+        // Before the writer runs (one thread), the two messages are offered twice in one
+        // batch, as a store that replays after a reconnect may offer them.
+        let topic = hub.topic(&name());
+        let two = topic.log.read(0, 2).await.unwrap().messages;
+        let batch = [two.clone(), two].concat();
+        let mut tally = fanout::Tally::default();
+        outlet.deliver(
+            sub.index(),
+            &topic.live,
+            &batch,
+            &mut Vec::new(),
+            &mut tally,
+        );
+        let Poll::Ready(Action::Write(frames)) = action_now(&outlet) else {
+            panic!("the batch is queued");
+        };
+        let bytes = frames.concat();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let (size, rest) = text.split_once("\r\n").unwrap();
+        let body = rest.strip_suffix("\r\n").expect("one chunk");
+        assert_eq!(usize::from_str_radix(size, 16).unwrap(), body.len());
+        assert_eq!(body.matches("id: 1\n").count(), 1, "{body}");
+        assert_eq!(body.matches("id: 2\n").count(), 1, "{body}");
+    }
+
+    #[test]
+    fn a_claimed_long_poll_is_answered_by_no_writer() {
+        struct Counting(std::sync::atomic::AtomicUsize);
+        impl Respond for Counting {
+            fn respond(&self, _: &[Arc<Message>], _: MessageId, _: &mut AnswerCache) -> Responded {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Responded::Written
+            }
+        }
+        let message = Arc::new(Message::new(
+            1,
+            name(),
+            EventName::default_event(),
+            0,
+            &Payload::from_text("x"),
+        ));
+        let responder = Arc::new(Counting(Default::default()));
+        // Answered by a writer first: the poller's claim says so, and it sends nothing.
+        let answered = Waiter::new(0, 10, Some(responder.clone()));
+        answered.offer(std::slice::from_ref(&message), &mut AnswerCache::default());
+        assert_eq!(answered.claim(), Outcome::Answered);
+        // Claimed first (the poller answers itself): a writer offering news answers nothing.
+        let claimed = Waiter::new(0, 10, Some(responder.clone()));
+        assert_eq!(claimed.claim(), Outcome::Waiting);
+        claimed.offer(std::slice::from_ref(&message), &mut AnswerCache::default());
+        assert_eq!(responder.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

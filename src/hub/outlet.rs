@@ -156,7 +156,8 @@ pub(super) struct Sub {
     slot: Option<usize>,
     /// The id of the last message written or queued (or the starting cursor).
     sent: MessageId,
-    /// While lost: the newest id a writer offered, so the catch-up knows when it is done.
+    /// While lost: the newest id a writer offered since the current catch-up read began,
+    /// so the catch-up knows whether that read can have missed something.
     seen: MessageId,
     /// Must read from the log after `sent` before taking live messages again.
     lost: bool,
@@ -178,6 +179,9 @@ struct State {
     end: Option<End>,
     /// The server is stopping: catch every sub up from its log, write it, then end.
     draining: bool,
+    /// The connection's task is writing its last bytes (a close frame, the end of a stream):
+    /// nothing more is accepted, so nothing can follow them.
+    sealed: bool,
     /// Something was written since the last heartbeat tick.
     active: bool,
     /// The ping round this connection has not answered yet (0: none).
@@ -223,7 +227,7 @@ impl Outlet {
     ) -> Arc<Self> {
         let shard = fanout.pick_shard();
         let draining = fanout.is_draining();
-        Arc::new_cyclic(|me| Self {
+        let outlet = Arc::new_cyclic(|me| Self {
             state: Mutex::new(State {
                 // The task writes the response head (or the handshake) first: until its first
                 // flush, writers queue behind it.
@@ -240,7 +244,13 @@ impl Outlet {
             disconnect_slow: settings.disconnect_slow,
             catch_up_batch: settings.catch_up_batch.max(1),
             fanout: fanout.clone(),
-        })
+        });
+        // A drain that began after the first look walked the registry before this outlet was
+        // in it (the registry's lock orders the two): drain it here.
+        if !draining && fanout.is_draining() {
+            outlet.drain();
+        }
+        outlet
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -282,20 +292,25 @@ impl Outlet {
         SubId(index)
     }
 
-    /// Records where the sub sits in its topic's follower list, and its starting cursor.
-    /// `false` when the sub is gone (the connection ended meanwhile): the caller removes the
-    /// follower it added.
-    pub(super) fn place_sub(
-        &self,
-        sub: SubId,
-        slot: usize,
-        sent: MessageId,
-        from_client: bool,
-    ) -> bool {
+    /// Records where the sub sits in its topic's follower list, so that it is removed from
+    /// there with the sub. `false` when the sub is gone (the connection ended meanwhile): the
+    /// caller removes the follower it added.
+    pub(super) fn place_sub(&self, sub: SubId, slot: usize) -> bool {
         let mut state = self.lock();
         match state.subs.get_mut(sub.0) {
             Some(Some(entry)) => {
                 entry.slot = Some(slot);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sets the starting cursor of a placed sub.
+    pub(super) fn start_sub(&self, sub: SubId, sent: MessageId, from_client: bool) -> bool {
+        let mut state = self.lock();
+        match state.subs.get_mut(sub.0) {
+            Some(Some(entry)) => {
                 entry.sent = sent;
                 entry.from_client = from_client;
                 true
@@ -355,7 +370,7 @@ impl Outlet {
     ) {
         let mut state = self.lock();
         let state = &mut *state;
-        if state.end.is_some() {
+        if state.end.is_some() || state.sealed {
             return;
         }
         let Some(Some(entry)) = state.subs.get_mut(sub) else {
@@ -400,16 +415,21 @@ impl Outlet {
         let accepted = frames.len();
         if self.format == Format::SseChunked && accepted > 1 {
             // Several events in one write make one chunk: a chunk header for all of them, the
-            // shared unchunked frames, the chunk's end. Nothing is copied.
+            // shared unchunked frames, the chunk's end. Nothing is copied. The events are the
+            // ones the loop above accepted, picked again by the same rule (each the successor
+            // of the one before), so a repeated id is not sent twice.
             frames.clear();
-            let events = messages
-                .iter()
-                .filter(|m| m.id > first_sent && m.id <= last_sent);
-            let len: usize = events.clone().map(|m| m.sse_frame().len()).sum();
+            let mut next = first_sent + 1;
+            for message in messages {
+                if message.id == next && message.id <= last_sent {
+                    frames.push(message.sse_frame().clone());
+                    next += 1;
+                }
+            }
+            let len: usize = frames.iter().map(Bytes::len).sum();
             let mut header = Vec::with_capacity(12);
             wire::push_chunk_start(&mut header, len);
-            frames.push(Bytes::from(header));
-            frames.extend(events.map(|m| m.sse_frame().clone()));
+            frames.insert(0, Bytes::from(header));
             frames.push(Bytes::from_static(b"\r\n"));
         }
         if !state.busy
@@ -469,7 +489,7 @@ impl Outlet {
     pub fn send(&self, bytes: Bytes) {
         let mut state = self.lock();
         let state = &mut *state;
-        if state.end == Some(End::Gone) {
+        if state.end == Some(End::Gone) || state.sealed {
             return;
         }
         state.active = true;
@@ -506,9 +526,28 @@ impl Outlet {
     /// itself (a reply), which asks [`Outlet::poll_action`] right after, so no wake-up.
     pub fn push(&self, bytes: Bytes) {
         let mut state = self.lock();
+        if state.sealed {
+            return;
+        }
         state.pending.push_back(bytes);
         state.busy = true;
         state.active = true;
+    }
+
+    /// Queues the connection's last bytes (a WebSocket close frame), even on a sealed outlet,
+    /// and seals it in the same step, so that nothing the fan-out offers meanwhile lands
+    /// behind them.
+    pub fn push_last(&self, bytes: Bytes) {
+        let mut state = self.lock();
+        state.pending.push_back(bytes);
+        state.busy = true;
+        state.sealed = true;
+    }
+
+    /// Accepts nothing more (messages, heartbeats, replies): the connection's task is about
+    /// to write what is queued and end. What is already queued stays, in order.
+    pub fn seal(&self) {
+        self.lock().sealed = true;
     }
 
     fn wake(state: &mut State) {
@@ -546,10 +585,13 @@ impl Outlet {
         }
         let lost = state
             .subs
-            .iter()
+            .iter_mut()
             .enumerate()
-            .find_map(|(i, s)| s.as_ref().filter(|s| s.lost).map(|s| (i, s)));
+            .find_map(|(i, s)| s.as_mut().filter(|s| s.lost).map(|s| (i, s)));
         if let Some((index, sub)) = lost {
+            // Whatever was offered before this read was appended before it, so the read
+            // finds it: only what is offered from now on may be newer than what it returns.
+            sub.seen = 0;
             state.busy = true;
             let room = self.queue_limit.saturating_sub(state.pending.len()).max(1);
             return Poll::Ready(Action::CatchUp(CatchUp {
@@ -596,6 +638,9 @@ impl Outlet {
         let batch = topic.read_batch(after, limit, from_client).await;
         let mut state = self.lock();
         let state = &mut *state;
+        if state.sealed {
+            return Ok(());
+        }
         let Some(Some(entry)) = state.subs.get_mut(sub) else {
             return Ok(());
         };
@@ -627,9 +672,9 @@ impl Outlet {
             // truncation or reset is signalled once, not again at the next read.
             entry.sent = entry.sent.max(batch.last_id);
         }
-        // Every id offered was appended first, so one above the head can only come from
-        // before ids restarted (a reset): it must not keep the sub reading forever.
-        entry.seen = entry.seen.min(batch.last_id);
+        // `seen` holds only what was offered since the read began (see `poll_action`): one
+        // that the read may not have found. (Were older offers kept, an id from before ids
+        // restarted, a reset, would keep the sub reading forever.)
         entry.lost = batch.more || entry.seen > entry.sent;
         if delivered > 0 || !state.pending.is_empty() {
             state.active = true;
@@ -658,7 +703,7 @@ impl Outlet {
     pub(super) fn heartbeat_if_idle(&self) {
         let idle = {
             let mut state = self.lock();
-            let idle = !state.active && state.end.is_none();
+            let idle = !state.active && state.end.is_none() && !state.sealed;
             state.active = false;
             idle
         };
@@ -671,7 +716,7 @@ impl Outlet {
     pub(super) fn ping(&self, round: u32) {
         {
             let mut state = self.lock();
-            if state.end.is_some() {
+            if state.end.is_some() || state.sealed {
                 return;
             }
             if state.unanswered_ping == 0 {

@@ -23,8 +23,8 @@ use crate::{
     AppState,
     auth::Access,
     error::Error,
-    hub::{AnswerCache, Respond, Responded, Transport, Waited},
-    message::{Message, wire},
+    hub::{AnswerCache, ParkedPoll, Parking, Respond, Responded, Transport, Waited},
+    message::{Message, MessageId, wire},
 };
 
 /// Answers at once when messages after `after` exist; otherwise parks until one arrives,
@@ -84,18 +84,6 @@ impl Prepared {
     /// Waits as long as the long poll asks (answering at once when there is news), and
     /// returns the answer's body.
     pub async fn answer(self, app: &AppState) -> Result<Vec<u8>, Error> {
-        match self.answer_or(app, None).await? {
-            Answer::Body(body) => Ok(body),
-            Answer::Answered => unreachable!("no responder was given"),
-        }
-    }
-
-    /// [`Prepared::answer`], letting the fan-out answer through `direct` when messages come.
-    pub async fn answer_or(
-        self,
-        app: &AppState,
-        direct: Option<Arc<DirectAnswer>>,
-    ) -> Result<Answer, Error> {
         let request = &self.request;
         let waited = app
             .hub
@@ -106,10 +94,94 @@ impl Prepared {
                 self.timeout,
                 &request.client,
                 &app.shutdown,
+                None,
+            )
+            .await?;
+        match waited {
+            Waited::Batch(batch) => Ok(encode_batch(app, Transport::Longpoll, &batch)),
+            Waited::Answered => unreachable!("no responder was given"),
+        }
+    }
+
+    /// The first step of a long poll served on its own connection: answered at once, or
+    /// parked ([`Waiting`]), letting the fan-out answer through `direct` when messages come.
+    pub async fn park(
+        self,
+        app: &AppState,
+        direct: Option<Arc<DirectAnswer>>,
+    ) -> Result<Parked, Error> {
+        let Prepared {
+            request,
+            timeout,
+            _place: place,
+        } = self;
+        // With a responder the place goes with it, to be freed as soon as either answers.
+        let place = match &direct {
+            Some(direct) => {
+                *direct.place.lock().unwrap_or_else(|e| e.into_inner()) = Some(place);
+                None
+            }
+            None => Some(place),
+        };
+        let parking = app
+            .hub
+            .park(
+                &request.topic,
+                request.after,
+                request.limit,
+                &request.client,
                 direct.map(|d| d as Arc<dyn Respond>),
             )
             .await?;
-        Ok(match waited {
+        Ok(match parking {
+            Parking::Ready(batch) => {
+                Parked::Now(Answer::Body(encode_batch(app, Transport::Longpoll, &batch)))
+            }
+            Parking::Answered => Parked::Now(Answer::Answered),
+            Parking::Parked(parked) => Parked::Waiting(Waiting {
+                parked,
+                client: request.client,
+                timeout,
+                _place: place,
+            }),
+        })
+    }
+}
+
+/// Where a long poll stands after [`Prepared::park`].
+#[derive(Debug)]
+pub enum Parked {
+    /// Answered already, or to be answered now.
+    Now(Answer),
+    /// Parked: wait for [`Waiting::poll_news`] or [`Waiting::timeout`], then
+    /// [`Waiting::finish`].
+    Waiting(Waiting),
+}
+
+/// A parked long poll: all it holds while it waits.
+#[derive(Debug)]
+pub struct Waiting {
+    parked: ParkedPoll,
+    client: String,
+    timeout: std::time::Duration,
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Waiting {
+    /// How long the poll waits for news.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    /// Ready once a message newer than the poll's cursor was published.
+    pub fn poll_news(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.parked.poll_news(cx)
+    }
+
+    /// The answer, once woken, timed out or stopping.
+    pub async fn finish(self, app: &AppState) -> Result<Answer, Error> {
+        let Waiting { parked, client, .. } = self;
+        Ok(match app.hub.unpark(parked, &client).await? {
             Waited::Batch(batch) => Answer::Body(encode_batch(app, Transport::Longpoll, &batch)),
             Waited::Answered => Answer::Answered,
         })
@@ -140,6 +212,8 @@ pub struct DirectAnswer {
     /// The task must answer itself (and so be woken): the client pipelined its next request,
     /// whose arrival would otherwise have woken the task.
     held: AtomicBool,
+    /// The poll's place among the parked long polls, freed as soon as it is answered.
+    place: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl std::fmt::Debug for DirectAnswer {
@@ -157,12 +231,18 @@ impl DirectAnswer {
             head: Bytes::from(head),
             rest: Mutex::new(Vec::new()),
             held: AtomicBool::new(false),
+            place: Mutex::new(None),
         })
     }
 
     /// From now on, leaves the answer to the poller's task.
     pub fn hold(&self) {
         self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Frees the poll's place among the parked long polls (it was answered).
+    pub fn release_place(&self) {
+        drop(self.place.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     /// What is left to write of a begun answer.
@@ -172,18 +252,26 @@ impl DirectAnswer {
 }
 
 impl Respond for DirectAnswer {
-    fn respond(&self, messages: &[Arc<Message>], more: bool, cache: &mut AnswerCache) -> Responded {
+    fn respond(
+        &self,
+        messages: &[Arc<Message>],
+        newest: MessageId,
+        cache: &mut AnswerCache,
+    ) -> Responded {
         let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
             return Responded::No;
         };
         if self.held.load(Ordering::SeqCst) {
             return Responded::No;
         }
-        let tail = cache.get_or_encode(first.id - 1, messages.len(), more, || {
+        // As the poller's own answer says: `last_id` the topic's newest, `more` when the
+        // limit left newer messages out.
+        let more = newest > last.id;
+        let tail = cache.get_or_encode(first.id - 1, messages.len(), newest, || {
             // The rest of the head, then the body, in one allocation: shared by every
             // poller that gets this answer.
             const ROOM: usize = 80;
-            let mut body = encode_body(messages, last.id, last.id, more, None, ROOM);
+            let mut body = encode_body(messages, newest, last.id, more, None, ROOM);
             let mut head = Vec::with_capacity(ROOM);
             head.extend_from_slice(b"content-length: ");
             head.extend_from_slice(itoa::Buffer::new().format(body.len() - ROOM).as_bytes());
@@ -204,6 +292,8 @@ impl Respond for DirectAnswer {
         count_answer(&self.app, Transport::Longpoll, messages, body_len);
         let total = self.head.len() + tail.len();
         if written == total {
+            // Answered: its place goes back now, not when its task next runs.
+            self.release_place();
             return Responded::Written;
         }
         crate::telemetry::blocked_write();

@@ -97,17 +97,19 @@ pub async fn run<P: Peer>(
         .map(|at| Box::pin(tokio::time::sleep_until(at)));
     loop {
         let step = poll_fn(|cx| {
-            if let Some(expiry) = expiry.as_mut()
-                && expiry.as_mut().poll(cx).is_ready()
-            {
-                return Poll::Ready(Step::Finish(Finish::Expired));
-            }
             loop {
                 match writer.poll(cx, io, settings.stall) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(finish)) => return Poll::Ready(Step::Finish(finish)),
-                    // Backpressure: no input is read while a write is blocked.
+                    // Backpressure: no input is read while a write is blocked. The expiry
+                    // waits too: the stream ends on a frame boundary (a blocked write ends
+                    // by the stall limit instead).
                     Poll::Pending => return Poll::Pending,
+                }
+                if let Some(expiry) = expiry.as_mut()
+                    && expiry.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Step::Finish(Finish::Expired));
                 }
                 match outlet.poll_action(cx) {
                     Poll::Ready(Action::Write(frames)) => writer.start(frames),
@@ -142,7 +144,7 @@ pub async fn run<P: Peer>(
                     *input = Vec::new();
                 }
                 if let Err(finish) = handled {
-                    return end(io, outlet, finish, settings.stall).await;
+                    return super::boxed(|| end(io, outlet, finish, settings.stall)).await;
                 }
             }
             Step::CatchUp(catch_up) => {
@@ -157,18 +159,24 @@ pub async fn run<P: Peer>(
                     }
                 }
             }
-            Step::Finish(finish) => return end(io, outlet, finish, settings.stall).await,
+            Step::Finish(finish) => {
+                return super::boxed(|| end(io, outlet, finish, settings.stall)).await;
+            }
         }
     }
 }
 
 /// Writes what is still queued when the end leaves something worth sending (a close frame,
-/// the rest of a drain), then returns `finish`.
+/// the rest of a drain, what was queued before the token expired), then returns `finish`.
+/// The outlet is sealed first: nothing the fan-out offers from now on is queued behind
+/// those last bytes, so the transport's own ending (a close frame, the `expired` event, the
+/// last chunk) follows whole frames and nothing follows it.
 async fn end(io: &mut Io, outlet: &Outlet, finish: Finish, stall: Duration) -> Finish {
     if matches!(
         finish,
-        Finish::Closed | Finish::Ended(End::SlowConsumer | End::Drained)
+        Finish::Closed | Finish::Expired | Finish::Ended(End::SlowConsumer | End::Drained)
     ) {
+        outlet.seal();
         let mut writer = Writer::default();
         let flushed = poll_fn(|cx| {
             loop {

@@ -62,8 +62,9 @@ const fn violation(code: u16, reason: &'static str) -> Violation {
 #[derive(Debug)]
 pub struct FrameReader {
     max_message: usize,
-    /// The opcode and the payload so far of a fragmented message.
-    fragments: Option<(u8, Vec<u8>)>,
+    /// The opcode and the payload so far of a fragmented message (boxed: every idle
+    /// connection holds this field, few ever receive a fragmented message).
+    fragments: Option<Box<(u8, Vec<u8>)>>,
 }
 
 impl FrameReader {
@@ -90,7 +91,7 @@ impl FrameReader {
         };
         let is_control = header.opcode >= opcode::CLOSE;
         if !is_control {
-            let so_far = self.fragments.as_ref().map_or(0, |(_, data)| data.len());
+            let so_far = self.fragments.as_ref().map_or(0, |f| f.1.len());
             if header.len > (self.max_message - so_far.min(self.max_message)) as u64 {
                 return Err(violation(close_code::SIZE, "message too large"));
             }
@@ -121,10 +122,10 @@ impl FrameReader {
             opcode::PONG => Some(Event::Pong),
             opcode::CLOSE => Some(close_event(&payload)?),
             opcode::CONTINUATION => {
-                let (_, data) = self.fragments.as_mut().expect("checked above");
-                data.extend_from_slice(&payload);
+                let fragments = self.fragments.as_mut().expect("checked above");
+                fragments.1.extend_from_slice(&payload);
                 if header.fin {
-                    let (kind, data) = self.fragments.take().expect("checked above");
+                    let (kind, data) = *self.fragments.take().expect("checked above");
                     Some(message(kind, data)?)
                 } else {
                     None
@@ -132,7 +133,7 @@ impl FrameReader {
             }
             kind if header.fin => Some(message(kind, payload)?),
             kind => {
-                self.fragments = Some((kind, payload));
+                self.fragments = Some(Box::new((kind, payload)));
                 None
             }
         };

@@ -181,7 +181,7 @@ async fn close(
     let frame = close_frame(finish);
     let closing = frame.is_some() || finish == stream::Finish::Closed;
     if let Some(frame) = frame {
-        outlet.push(frame);
+        outlet.push_last(frame);
     }
     if closing {
         let flush = async {

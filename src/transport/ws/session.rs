@@ -170,7 +170,7 @@ impl Peer for Session {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break Ok(()),
                 Err(violation) => {
-                    outlet.push(wire::ws_close_frame(violation.code, violation.reason));
+                    outlet.push_last(wire::ws_close_frame(violation.code, violation.reason));
                     break Err(Finish::Closed);
                 }
             };
@@ -193,7 +193,7 @@ impl Peer for Session {
                 }
                 Some(Event::Close(_)) => {
                     // Answer the closing handshake with a close frame of our own.
-                    outlet.push(wire::ws_close_frame(1000, ""));
+                    outlet.push_last(wire::ws_close_frame(1000, ""));
                     break Err(Finish::Closed);
                 }
             }
