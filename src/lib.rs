@@ -9,15 +9,17 @@
 //!
 //! 1. A transport parses the request ([`transport`]) and calls [`hub::Hub::publish`].
 //! 2. The hub asks the topic's log ([`store::TopicLog`]) to append it. The log assigns the
-//!    id and keeps bounded history; [`message::Message`] encodes the envelope and the SSE
-//!    frame once, here.
-//! 3. The hub hands the shared `Arc<Message>` to the topic's live channel, a bounded ring
-//!    shared by all subscribers: the publisher never waits for a subscriber. (With Redis,
-//!    the message comes back through the node's subscription instead, for every node alike.)
-//! 4. Each streaming subscriber ([`hub::Subscription`]) takes it from the ring and its
-//!    transport writes the pre-encoded bytes. A subscriber that falls a full ring behind, or
-//!    sees an id gap, reads what it missed from the log by cursor. Pollers read the log
-//!    directly ([`hub::Hub::poll`], [`hub::Hub::wait`]).
+//!    id and keeps bounded history; [`message::Message`] frames it once per wire format
+//!    (envelope, WebSocket frame, SSE event and chunk), here.
+//! 3. The hub hands the shared `Arc<Message>` to the fan-out writer of each worker that has
+//!    subscribers of the topic: the publisher never waits for a subscriber. (With Redis, the
+//!    message comes back through the node's subscription instead, for every node alike.)
+//! 4. Each writer walks the topic's subscribers on its worker ([`hub::Outlet`]) and writes
+//!    the shared bytes straight to their sockets; only a subscriber whose socket would block
+//!    gets a queue and its own task woken. A subscriber that sees an id gap, or whose queue
+//!    overflows, reads what it missed from the log by cursor. Parked long polls are answered
+//!    by the same walk; pollers read the log directly ([`hub::Hub::poll`],
+//!    [`hub::Hub::park`]).
 //!
 //! # Layout
 //!
@@ -28,7 +30,9 @@
 //! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws`: thin adapters over the hub.
 //! - [`web`]: the embedded demo page.
 //! - [`error`]: the one error type, answered as `{"error", "code"}`.
-//! - [`server`]: the accept loop: connection limits, TLS, stalled peers, graceful stop.
+//! - [`gate`]: reads each request head and serves streams, long polls and simple requests
+//!   on the raw socket; hands the rest to hyper.
+//! - [`server`]: workers and the accept loop: connection limits, TLS, graceful stop.
 //! - [`auth`], [`origin`], [`limits`]: who may do what, from where, how often.
 //! - [`telemetry`]: `GET /metrics` in the Prometheus format.
 //! - [`bench`]: `pushhub bench`, the load benchmark of each transport.

@@ -180,10 +180,10 @@ fn unbox<T>(boxed: Box<T>) -> T {
 /// Reads the next request (`buf`: what of it was read already) and serves it, or opens the
 /// stream it asks for.
 async fn request(shared: &Shared, peer: SocketAddr, io: &mut Io, buf: Vec<u8>) -> Next {
-    let stop = shared.app.shutdown.clone();
+    // Borrowed, not cloned: a clone takes the token's lock, once per request.
     let head = tokio::select! {
         read = read_head(io, buf, &shared.app) => read,
-        () = stop.cancelled() => return Next::Close,
+        () = shared.app.shutdown.cancelled() => return Next::Close,
     };
     let head = match head {
         Some(Ok(head)) => head,
