@@ -1,5 +1,7 @@
 //! Every tunable of the server in one documented [`Config`], settable by flag or `PUSHHUB_*`
-//! environment variable. Transports read their limits from here; none hard-codes one.
+//! environment variable. Limits a client or an operator can meet (sizes, timeouts, counts) are
+//! here; what stays in code are internal batch and buffer sizes (a request head's first read,
+//! how many queued frames one write takes), each named and explained where it is used.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

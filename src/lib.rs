@@ -7,7 +7,8 @@
 //!
 //! # How a message flows
 //!
-//! 1. A transport parses the request ([`transport`]) and calls [`hub::Hub::publish`].
+//! 1. A transport parses the request ([`transport`]) and calls [`App::publish`], which
+//!    checks the server is not stopping and calls [`hub::Hub::publish`].
 //! 2. The hub asks the topic's log ([`store::TopicLog`]) to append it. The log assigns the
 //!    id and keeps bounded history; [`message::Message`] frames it once per wire format
 //!    (envelope, WebSocket frame, SSE event and chunk), here.

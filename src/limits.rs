@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -37,7 +37,7 @@ impl ConnectionLimits {
 
     /// Admits a connection from `ip`, or names the limit it hits.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Error> {
-        let mut open = self.open.lock().expect("limits lock");
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let (total, per_ip) = &mut *open;
         if *total >= self.max_total {
             return Err(Error::AtCapacity("too many open connections"));
@@ -59,17 +59,21 @@ impl ConnectionLimits {
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.open.lock().expect("limits lock").0
+        self.open.lock().unwrap_or_else(PoisonError::into_inner).0
     }
 }
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        let mut open = self.limits.open.lock().expect("limits lock");
+        let mut open = self
+            .limits
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (total, per_ip) = &mut *open;
-        *total -= 1;
+        *total = total.saturating_sub(1);
         if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
+            *count = count.saturating_sub(1);
             if *count == 0 {
                 per_ip.remove(&self.ip);
             }
@@ -111,7 +115,7 @@ impl RateLimiter {
         if self.rate == 0.0 {
             return Ok(());
         }
-        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() >= BUCKETS_BEFORE_SWEEP && !buckets.contains_key(key) {
             let rate = self.rate;
             buckets.retain(|_, b| refill(b, rate, now) < rate);
@@ -181,5 +185,26 @@ mod tests {
         assert_eq!(limits.open(), 2);
         assert!(limits.admit(a).is_ok(), "a place freed by a dropped permit");
         assert_eq!(limits.open(), 2, "the temporary permit was dropped again");
+    }
+
+    #[test]
+    fn a_poisoned_lock_keeps_counting() {
+        let limits = ConnectionLimits::new(10, 0);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let permit = limits.admit(ip).unwrap();
+        // A thread that panics while holding the lock poisons it.
+        let poisoner = limits.clone();
+        let _ = std::thread::spawn(move || {
+            let _held = poisoner.open.lock().unwrap();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(limits.open.is_poisoned());
+        // Admitting, counting and dropping (which runs in `Drop`) still work.
+        let second = limits.admit(ip).unwrap();
+        assert_eq!(limits.open(), 2);
+        drop(permit);
+        drop(second);
+        assert_eq!(limits.open(), 0);
     }
 }

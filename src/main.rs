@@ -93,6 +93,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "http"
     };
     tracing::info!(store = %store_description(&config), "history store");
+    // A contract: `pushhub bench` and the tests find the port of a server started with
+    // `--listen 127.0.0.1:0` in this line (docs/operations.md, "Logs").
     tracing::info!("pushhub listening on {scheme}://{addr}/ (demo page at {scheme}://{addr}/)");
     pushhub::run(listener, config, shutdown_signal()).await?;
     tracing::info!("pushhub stopped");

@@ -128,6 +128,10 @@ pub(crate) async fn serve_workers(
         let _ = stream.set_nodelay(true);
         let admitted = match limits.admit(peer.ip()) {
             Ok(permit) => permit,
+            Err(refusal) if tls.is_some() => {
+                connections.spawn(refuse_tls(stream, refusal));
+                continue;
+            }
             Err(refusal) => {
                 connections.spawn(refuse(stream, refusal));
                 continue;
@@ -294,6 +298,22 @@ async fn serve_tls(
         Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
+}
+
+/// Refuses a TLS connection over a limit without a handshake (which would cost the CPU the
+/// limit protects, and then have to speak HTTP/1.1 or HTTP/2 as ALPN chose): a fatal
+/// `internal_error` alert, the one TLS record that may be sent before the handshake, so the
+/// client reports a refused handshake instead of garbage or a reset.
+async fn refuse_tls<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, refusal: Error) {
+    // Read the ClientHello first (briefly): closing with unread input resets the connection.
+    let mut hello = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(500), io.read(&mut hello)).await;
+    crate::telemetry::rejected(refusal.code());
+    // Record type alert (21), TLS 1.2 record version, length 2, level fatal (2),
+    // description internal_error (80).
+    const ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50];
+    let _ = io.write_all(&ALERT).await;
+    let _ = io.shutdown().await;
 }
 
 /// Answers a connection over a limit with the error as JSON, then closes it.

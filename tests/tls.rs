@@ -85,6 +85,18 @@ async fn tls_server(
     rcgen::CertifiedKey<rcgen::KeyPair>,
     std::path::PathBuf,
 ) {
+    tls_server_with(name, Config::default()).await
+}
+
+/// [`tls_server`] with other settings.
+async fn tls_server_with(
+    name: &str,
+    config: Config,
+) -> (
+    support::TestServer,
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+) {
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let dir = std::env::temp_dir().join(format!("pushhub-tls-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -94,7 +106,7 @@ async fn tls_server(
     let server = start_with(Config {
         tls_cert: Some(cert_path),
         tls_key: Some(key_path),
-        ..Default::default()
+        ..config
     })
     .await;
     (server, generated, dir)
@@ -262,4 +274,45 @@ async fn sse_and_long_polls_work_over_http2() {
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["last_id"], 1);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_tls_connection_over_the_limit_is_refused_with_an_alert_before_any_handshake() {
+    let (server, cert, dir) = tls_server_with(
+        "limit",
+        Config {
+            max_connections: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut held = tls_connect(server.addr, &cert.cert).await;
+    // The second connection is over the limit: its handshake fails on the server's alert.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let refused = tokio::time::timeout(
+        PATIENCE,
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("refused at once");
+    let error = refused.expect_err("over the limit").to_string();
+    assert!(error.contains("InternalError"), "{error}");
+    // The connection within the limit is served as before.
+    held.write_all(b"GET /topics/t/poll HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    read_until(&mut held, &mut seen, "last_id").await;
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    let _ = std::fs::remove_dir_all(dir);
 }

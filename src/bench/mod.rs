@@ -77,8 +77,9 @@ pub struct BenchArgs {
     /// Allow a `--url` that is not a loopback address.
     #[arg(long)]
     pub allow_remote: bool,
-    /// What to measure: `fanout` (many subscribers, steady rate) or `idle` (connected
-    /// subscribers, no traffic).
+    /// What to measure: `fanout` (many subscribers of one topic, steady rate), `idle`
+    /// (connected subscribers, no traffic), `chat` (many topics with a few subscribers each)
+    /// or `throughput` (the highest rate delivered with no loss).
     #[arg(long, value_enum, default_value = "fanout")]
     pub scenario: Scenario,
     /// Transports to measure, in order.

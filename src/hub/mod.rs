@@ -558,10 +558,17 @@ impl Hub {
         let window = self.settings.poller_window;
         let mut topics = 0;
         let mut subscribers = Subscribers::default();
+        // The topics are counted outside the registry's locks, which every publish and
+        // subscribe needs: under a lock, only their `Arc`s are copied.
+        let mut held: Vec<Arc<Topic>> = Vec::new();
         for shard in self.shards.iter() {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            topics += shard.len();
-            for topic in shard.values() {
+            held.clear();
+            {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                topics += shard.len();
+                held.extend(shard.values().cloned());
+            }
+            for topic in &held {
                 let counts = topic.presence.counts(window);
                 subscribers.poll += counts.poll;
                 subscribers.longpoll += counts.longpoll;

@@ -85,29 +85,40 @@ impl PollerSet {
         }
     }
 
+    /// Pollers seen within `window`; forgets nobody (that is the sweeper's [`Self::prune`]).
     fn count(&self, now: Instant, window: Duration) -> usize {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.values()
+            .filter(|at| now.duration_since(**at) < window)
+            .count()
+    }
+
+    /// Forgets pollers not seen within `window`.
+    fn prune(&self, now: Instant, window: Duration) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|_, at| now.duration_since(*at) < window);
-        seen.len()
     }
 }
 
-/// Decrements a gauge when dropped, so a subscriber is uncounted however its task ends.
+/// Decrements a gauge when dropped, so a subscriber is uncounted however its task ends. A
+/// gauge without a counter counts nothing (a short poll held open, which no endpoint does).
 #[derive(Debug)]
-pub(crate) struct Gauge(Arc<AtomicUsize>, Transport);
+pub(crate) struct Gauge(Option<Arc<AtomicUsize>>, Transport);
 
 impl Gauge {
     fn hold(counter: &Arc<AtomicUsize>, transport: Transport) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         crate::telemetry::stream(transport, true);
-        Self(counter.clone(), transport)
+        Self(Some(counter.clone()), transport)
     }
 }
 
 impl Drop for Gauge {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        crate::telemetry::stream(self.1, false);
+        if let Some(counter) = &self.0 {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            crate::telemetry::stream(self.1, false);
+        }
     }
 }
 
@@ -118,7 +129,8 @@ impl Presence {
             Transport::Sse => Gauge::hold(&self.sse, transport),
             Transport::Ws => Gauge::hold(&self.ws, transport),
             Transport::Longpoll => Gauge::hold(&self.parked, transport),
-            Transport::Poll => unreachable!("short polls are never held open"),
+            // `Hub::outlet` takes any transport; a short poll held open is not counted.
+            Transport::Poll => Gauge(None, transport),
         }
     }
 
@@ -147,6 +159,9 @@ impl Presence {
 
     /// No subscriber of any kind: the topic may be dropped once its history is gone.
     pub(crate) fn is_idle(&self, window: Duration) -> bool {
+        let now = Instant::now();
+        self.poll.prune(now, window);
+        self.longpoll.prune(now, window);
         self.counts(window) == Subscribers::default()
     }
 }
@@ -170,5 +185,10 @@ mod tests {
         assert_eq!(presence.counts(window).sse, 0);
         // With a zero window every poller seen so far has expired.
         assert!(presence.is_idle(Duration::ZERO));
+        // A short poll "held open" (any transport may be given to `Hub::outlet`) counts
+        // nothing, and does not panic.
+        let held_poll = presence.stream(Transport::Poll);
+        assert!(presence.is_idle(Duration::ZERO));
+        drop(held_poll);
     }
 }

@@ -24,7 +24,7 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use tokio::sync::oneshot;
 
 use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
@@ -227,44 +227,80 @@ impl TopicLog for DiskLog {
     }
 
     async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
-        // Recent messages are in the memtable or block cache; a read is a few microseconds
-        // and not worth a trip to a blocking thread.
+        // A read near the head (every live reader's, every poll's) finds its messages in the
+        // memtable or the block cache: a few microseconds, not worth a trip to a blocking
+        // thread. A read further back may go to disk, so it runs on Tokio's blocking pool,
+        // not on the worker that serves other connections.
+        // One snapshot for the head and the range: retention deleting the oldest messages
+        // meanwhile cannot make the range start later than the head says.
         let snapshot = self.shared.db.snapshot();
-        let head = match snapshot
-            .get(&self.shared.heads, self.topic.as_str())
-            .map_err(io_error)?
-        {
-            Some(bytes) => {
-                Head::decode(&bytes).ok_or_else(|| StoreError::Internal("corrupt head".into()))?
-            }
-            None => Head::default(),
-        };
+        let head = read_head(&snapshot, &self.shared, &self.topic)?;
         let from = after.saturating_add(1).max(head.first_retained);
-        let mut messages = Vec::new();
-        if limit > 0 && from <= head.last_id {
-            let to = from.saturating_add(limit as u64 - 1).min(head.last_id);
-            let range = message_key(&self.topic, from)..=message_key(&self.topic, to);
-            for entry in snapshot.range(&self.shared.messages, range) {
-                let (key, value) = entry.into_inner().map_err(io_error)?;
-                let id = key
-                    .get(key.len().saturating_sub(8)..)
-                    .and_then(|bytes| bytes.try_into().ok())
-                    .map(u64::from_be_bytes)
-                    .ok_or_else(|| StoreError::Internal("corrupt key".into()))?;
-                let record = Bytes::copy_from_slice(&value);
-                messages.push(Arc::new(record::decode(id, &self.topic, record)?));
-            }
+        let behind = head.last_id.saturating_sub(from);
+        if behind < HOT_IDS && limit as u64 <= HOT_IDS {
+            return read_range(&snapshot, &self.shared, &self.topic, head, from, limit);
         }
-        Ok(LogRead {
-            messages,
-            head: head.log_head(),
+        let (shared, topic) = (self.shared.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            read_range(&snapshot, &shared, &topic, head, from, limit)
         })
+        .await
+        .map_err(|e| StoreError::Internal(format!("cold read: {e}")))?
     }
 
     fn release_if_idle(&self, _now_ms: u64) -> bool {
         // Everything lives on disk: the handle can go, and retention runs in the writer.
         true
     }
+}
+
+/// How far behind the head (in ids) a read is served on the caller's thread: such a read
+/// is near what was just written, so it is in memory (8 MiB memtables hold tens of
+/// thousands of small messages).
+const HOT_IDS: u64 = 1024;
+
+/// A topic's head as last committed.
+fn read_head(snapshot: &Snapshot, shared: &Shared, topic: &TopicName) -> Result<Head, StoreError> {
+    match snapshot
+        .get(&shared.heads, topic.as_str())
+        .map_err(io_error)?
+    {
+        Some(bytes) => {
+            Head::decode(&bytes).ok_or_else(|| StoreError::Internal("corrupt head".into()))
+        }
+        None => Ok(Head::default()),
+    }
+}
+
+/// Up to `limit` messages of `topic` from id `from` on, no further than `head`: the range a
+/// read asked for, with the head it was computed from (ids past it may not be complete yet).
+fn read_range(
+    snapshot: &Snapshot,
+    shared: &Shared,
+    topic: &TopicName,
+    head: Head,
+    from: MessageId,
+    limit: usize,
+) -> Result<LogRead, StoreError> {
+    let mut messages = Vec::new();
+    if limit > 0 && from <= head.last_id {
+        let to = from.saturating_add(limit as u64 - 1).min(head.last_id);
+        let range = message_key(topic, from)..=message_key(topic, to);
+        for entry in snapshot.range(&shared.messages, range) {
+            let (key, value) = entry.into_inner().map_err(io_error)?;
+            let id = key
+                .get(key.len().saturating_sub(8)..)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Internal("corrupt key".into()))?;
+            let record = Bytes::copy_from_slice(&value);
+            messages.push(Arc::new(record::decode(id, topic, record)?));
+        }
+    }
+    Ok(LogRead {
+        messages,
+        head: head.log_head(),
+    })
 }
 
 /// The only thread that writes to the database.
@@ -456,6 +492,26 @@ mod tests {
     async fn ids(log: &Arc<dyn TopicLog>, after: MessageId) -> Vec<MessageId> {
         let read = log.read(after, 1000).await.unwrap();
         read.messages.iter().map(|m| m.id).collect()
+    }
+
+    #[tokio::test]
+    async fn reads_far_behind_the_head_and_near_it_both_read_exactly_their_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 10_000, None);
+        let log = store.open(&topic("cold"), super::super::nowhere());
+        let data = Payload::from_json(r#"{"n":1}"#).unwrap();
+        let total = HOT_IDS * 3;
+        let appends = (0..total).map(|_| log.append(EventName::default_event(), &data, 1));
+        futures::future::join_all(appends).await;
+        // From the start: more than `HOT_IDS` behind, so read on the blocking pool.
+        let cold = log.read(0, total as usize).await.unwrap();
+        let ids: Vec<MessageId> = cold.messages.iter().map(|m| m.id).collect();
+        assert_eq!(ids, (1..=total).collect::<Vec<_>>());
+        assert_eq!(cold.head.last_id, total);
+        // Near the head: inline, same answer for the same range.
+        let hot = log.read(total - 10, 100).await.unwrap();
+        let ids: Vec<MessageId> = hot.messages.iter().map(|m| m.id).collect();
+        assert_eq!(ids, (total - 9..=total).collect::<Vec<_>>());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -250,6 +250,15 @@ impl Shared {
     }
 }
 
+/// A subscription to a topic's channel, done (or failed) in its own task.
+struct Confirmed {
+    topic: TopicName,
+    outcome: Result<(), String>,
+    /// The topic's newest id once subscribed: where a replay after reconnecting starts.
+    head: MessageId,
+    subscribed: oneshot::Sender<()>,
+}
+
 /// A change to what the listener follows.
 enum Follow {
     /// Deliver the topic's messages into `live`; answer once Redis confirms the subscription
@@ -444,9 +453,7 @@ impl Listener {
                 tokio::select! {
                     () = &mut pause => break,
                     change = follows.recv() => match change {
-                        Some(change) => {
-                            let _ = self.apply(change, None).await;
-                        }
+                        Some(change) => self.record(change),
                         None => return,
                     },
                 }
@@ -472,11 +479,19 @@ impl Listener {
             tracing::info!(topics = channels.len(), "redis: listener subscribed");
         }
         *backoff = MIN_BACKOFF;
+        // Subscribing to a new topic (a round trip, then a read of its head) runs in a task of
+        // its own: meanwhile this loop keeps delivering every other topic's messages.
+        let (confirmed_tx, mut confirmed) = mpsc::unbounded_channel::<Confirmed>();
         loop {
             tokio::select! {
                 change = follows.recv() => {
                     let Some(change) = change else { return Ok(()) };
-                    self.apply(change, Some(&mut sink)).await?;
+                    self.start_or_stop(change, &sink, &confirmed_tx);
+                }
+                done = confirmed.recv() => {
+                    // The sender lives in this frame: never `None` here.
+                    let Some(done) = done else { continue };
+                    self.confirm(done, &sink)?;
                 }
                 message = stream.next() => {
                     let Some(message) = message else {
@@ -488,13 +503,82 @@ impl Listener {
         }
     }
 
-    /// Applies a follow change. `sink` is `None` while disconnected: the change is only
-    /// recorded, and the resubscription after reconnecting covers it.
-    async fn apply(
+    /// A follow change while connected: a new topic is followed at once (what arrives for it
+    /// is delivered) and subscribed in a task; a stopped one is unsubscribed in a task.
+    fn start_or_stop(
         &mut self,
         change: Follow,
-        sink: Option<&mut redis::aio::PubSubSink>,
-    ) -> Result<(), String> {
+        sink: &redis::aio::PubSubSink,
+        confirmed: &mpsc::UnboundedSender<Confirmed>,
+    ) {
+        let (topic, live, tail, subscribed) = match change {
+            Follow::Start {
+                topic,
+                live,
+                tail,
+                subscribed,
+            } => (topic, live, tail, subscribed),
+            Follow::Stop(topic) => {
+                if self.topics.remove(&topic).is_some() {
+                    let mut sink = sink.clone();
+                    tokio::spawn(async move {
+                        let _ = within(sink.unsubscribe(channel(&topic))).await;
+                    });
+                }
+                return;
+            }
+        };
+        self.topics.insert(
+            topic.clone(),
+            Followed {
+                live,
+                tail,
+                last_seen: 0,
+            },
+        );
+        let (mut sink, shared, confirmed) = (sink.clone(), self.shared.clone(), confirmed.clone());
+        tokio::spawn(async move {
+            let outcome = within(sink.subscribe(channel(&topic))).await;
+            // Where replays start; the subscriber reads its own history after this.
+            let head = match shared.upgrade() {
+                Some(shared) => shared.read(&topic, MessageId::MAX, 0).await.ok(),
+                None => None,
+            };
+            let _ = confirmed.send(Confirmed {
+                topic,
+                outcome,
+                head: head.map_or(0, |read| read.head.last_id),
+                subscribed,
+            });
+        });
+    }
+
+    /// A subscription confirmed (or failed): the subscriber may read its history now.
+    fn confirm(&mut self, done: Confirmed, sink: &redis::aio::PubSubSink) -> Result<(), String> {
+        let Confirmed {
+            topic,
+            outcome,
+            head,
+            subscribed,
+        } = done;
+        match self.topics.get_mut(&topic) {
+            Some(followed) => followed.last_seen = followed.last_seen.max(head),
+            None => {
+                // Stopped while subscribing: drop the subscription it was given.
+                let mut sink = sink.clone();
+                tokio::spawn(async move {
+                    let _ = within(sink.unsubscribe(channel(&topic))).await;
+                });
+            }
+        }
+        let _ = subscribed.send(());
+        // A failed subscribe ends the session: reconnecting subscribes to every topic again.
+        outcome
+    }
+
+    /// A follow change while disconnected: only recorded (and a new follower answered at
+    /// once); the resubscription after reconnecting, and its replay, cover it.
+    fn record(&mut self, change: Follow) {
         match change {
             Follow::Start {
                 topic,
@@ -502,33 +586,18 @@ impl Listener {
                 tail,
                 subscribed,
             } => {
-                let (outcome, last_seen) = match (sink, self.shared.upgrade()) {
-                    (Some(sink), Some(shared)) => {
-                        let outcome = within(sink.subscribe(channel(&topic))).await;
-                        // Where replays start; the subscriber reads its own history after this.
-                        let head = shared.read(&topic, MessageId::MAX, 0).await;
-                        (outcome, head.map_or(0, |read| read.head.last_id))
-                    }
-                    _ => (Ok(()), 0),
-                };
                 self.topics.insert(
                     topic,
                     Followed {
                         live,
                         tail,
-                        last_seen,
+                        last_seen: 0,
                     },
                 );
                 let _ = subscribed.send(());
-                outcome
             }
             Follow::Stop(topic) => {
-                if self.topics.remove(&topic).is_some()
-                    && let Some(sink) = sink
-                {
-                    within(sink.unsubscribe(channel(&topic))).await?;
-                }
-                Ok(())
+                self.topics.remove(&topic);
             }
         }
     }
