@@ -108,6 +108,18 @@ struct ErrorBody<'a> {
     code: &'a str,
 }
 
+impl From<crate::message::Invalid> for Error {
+    fn from(invalid: crate::message::Invalid) -> Self {
+        use crate::message::Invalid;
+        match invalid {
+            Invalid::Topic(name) => Error::InvalidTopic(name),
+            Invalid::Event(name) => Error::InvalidEvent(name),
+            Invalid::Json(reason) => Error::InvalidJson(reason),
+            Invalid::Utf8 => Error::InvalidUtf8,
+        }
+    }
+}
+
 impl Error {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {

@@ -13,7 +13,23 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::Error;
+/// What the message layer refuses: names and payloads that break its rules. The layers above
+/// map it to their answers (`crate::error::Error` turns it into a 400 with a code).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// A topic name outside 1-128 characters of `[A-Za-z0-9._:-]`.
+    #[error("invalid topic name {0:?}")]
+    Topic(String),
+    /// An event name outside the same rule.
+    #[error("invalid event name {0:?}")]
+    Event(String),
+    /// Text that is not JSON.
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    /// Bytes that are not UTF-8.
+    #[error("not valid UTF-8")]
+    Utf8,
+}
 
 /// A message id. Ids are per topic, start at 1 and grow by exactly 1 per publish, so a gap
 /// between two ids a subscriber sees proves it missed something.
@@ -40,11 +56,11 @@ macro_rules! name_type {
 
         impl $name {
             /// Validates `name`: 1 to 128 characters of `[A-Za-z0-9._:-]`.
-            pub fn parse(name: &str) -> Result<Self, Error> {
+            pub fn parse(name: &str) -> Result<Self, Invalid> {
                 if valid_name(name) {
                     Ok(Self(Arc::from(name)))
                 } else {
-                    Err(Error::$error(truncate_for_error(name)))
+                    Err(Invalid::$error(truncate_for_error(name)))
                 }
             }
 
@@ -77,12 +93,12 @@ macro_rules! name_type {
 name_type!(
     /// A validated topic name.
     TopicName,
-    InvalidTopic
+    Topic
 );
 name_type!(
     /// A validated event name (the SSE `event:` field); `message` by default.
     EventName,
-    InvalidEvent
+    Event
 );
 
 impl EventName {
@@ -114,9 +130,9 @@ pub struct Payload(Bytes);
 impl Payload {
     /// Validates `text` as JSON and removes insignificant whitespace. Numbers, key order and
     /// string escapes are kept byte for byte, unlike a parse into `serde_json::Value`.
-    pub fn from_json(text: &str) -> Result<Self, Error> {
+    pub fn from_json(text: &str) -> Result<Self, Invalid> {
         let raw: &RawValue =
-            serde_json::from_str(text).map_err(|e| Error::InvalidJson(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| Invalid::Json(e.to_string()))?;
         Ok(Self(Bytes::from(minify_json(raw.get()))))
     }
 
@@ -273,10 +289,10 @@ impl Message {
     }
 
     /// Rebuilds a message from its envelope JSON, as written by [`Message::envelope`].
-    pub fn from_envelope(json: &[u8]) -> Result<Self, Error> {
-        let text = std::str::from_utf8(json).map_err(|_| Error::InvalidUtf8)?;
+    pub fn from_envelope(json: &[u8]) -> Result<Self, Invalid> {
+        let text = std::str::from_utf8(json).map_err(|_| Invalid::Utf8)?;
         let parsed: EnvelopeOwned<'_> =
-            serde_json::from_str(text).map_err(|e| Error::InvalidJson(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| Invalid::Json(e.to_string()))?;
         let payload = Payload(Bytes::from(minify_json(parsed.data.get())));
         Ok(Self::new(
             parsed.id,

@@ -212,8 +212,10 @@ impl<'a> Params<'a> {
 
     /// `event`: an event name, `message` when absent.
     pub fn event(&self) -> Result<EventName, Error> {
-        self.get("event")
-            .map_or_else(|| Ok(EventName::default_event()), |e| EventName::parse(&e))
+        self.get("event").map_or_else(
+            || Ok(EventName::default_event()),
+            |e| Ok(EventName::parse(&e)?),
+        )
     }
 
     /// Who is polling, for subscriber counts: the `client` parameter when given (a client
@@ -271,7 +273,7 @@ fn parse_seconds(text: &str) -> Option<Duration> {
 
 /// Validates the `{topic}` path segment.
 pub fn topic(path: &str) -> Result<TopicName, Error> {
-    TopicName::parse(path)
+    Ok(TopicName::parse(path)?)
 }
 
 /// The `Last-Event-ID` header (the newer cursor of a reconnecting `EventSource`), else the
