@@ -165,22 +165,7 @@ pub(crate) async fn serve_workers(
         };
         if let Err(unsent) = others[target - 1].send(accepted) {
             // That worker is gone: serve the connection here.
-            let Accepted {
-                stream,
-                peer,
-                permit,
-            } = unsent.0;
-            if let Ok(stream) = TcpStream::from_std(stream) {
-                spawn_connection(
-                    &connections,
-                    &shared,
-                    stream,
-                    peer,
-                    permit,
-                    &tls,
-                    handshake_timeout,
-                );
-            }
+            spawn_accepted(&connections, &shared, unsent.0, &tls, handshake_timeout);
         }
     }
     drop(listener);
@@ -211,24 +196,8 @@ async fn worker(
     shared.app.hub.start_worker(index);
     let handshake_timeout = shared.app.config.header_timeout;
     let connections = TaskTracker::new();
-    while let Some(Accepted {
-        stream,
-        peer,
-        permit,
-    }) = incoming.recv().await
-    {
-        match TcpStream::from_std(stream) {
-            Ok(stream) => spawn_connection(
-                &connections,
-                &shared,
-                stream,
-                peer,
-                permit,
-                &tls,
-                handshake_timeout,
-            ),
-            Err(error) => tracing::warn!(%error, index, "could not take a connection"),
-        }
+    while let Some(accepted) = incoming.recv().await {
+        spawn_accepted(&connections, &shared, accepted, &tls, handshake_timeout);
     }
     wind_down(connections, shared.app.config.shutdown_grace).await;
 }
@@ -263,6 +232,33 @@ fn spawn_connection(
                 drop(permit);
             });
         }
+    }
+}
+
+/// Serves a connection handed over from worker 0 on the calling worker's runtime.
+fn spawn_accepted(
+    connections: &TaskTracker,
+    shared: &Arc<Shared>,
+    accepted: Accepted,
+    tls: &Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+) {
+    let Accepted {
+        stream,
+        peer,
+        permit,
+    } = accepted;
+    match TcpStream::from_std(stream) {
+        Ok(stream) => spawn_connection(
+            connections,
+            shared,
+            stream,
+            peer,
+            permit,
+            tls,
+            handshake_timeout,
+        ),
+        Err(error) => tracing::warn!(%error, %peer, "could not take a connection"),
     }
 }
 

@@ -26,12 +26,8 @@ async fn tls_connect(
     tls_connect_alpn(addr, cert, &[]).await
 }
 
-/// A TLS connection offering `alpn` (e.g. `h2`).
-async fn tls_connect_alpn(
-    addr: std::net::SocketAddr,
-    cert: &rcgen::Certificate,
-    alpn: &[&[u8]],
-) -> TlsStream<TcpStream> {
+/// A client that trusts `cert` and offers `alpn` (e.g. `h2`).
+fn client(cert: &rcgen::Certificate, alpn: &[&[u8]]) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -42,8 +38,17 @@ async fn tls_connect_alpn(
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await.unwrap();
     TlsConnector::from(Arc::new(config))
+}
+
+/// A TLS connection offering `alpn` (e.g. `h2`).
+async fn tls_connect_alpn(
+    addr: std::net::SocketAddr,
+    cert: &rcgen::Certificate,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    client(cert, alpn)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("TLS handshake with the server's certificate")
@@ -288,20 +293,10 @@ async fn a_tls_connection_over_the_limit_is_refused_with_an_alert_before_any_han
     .await;
     let mut held = tls_connect(server.addr, &cert.cert).await;
     // The second connection is over the limit: its handshake fails on the server's alert.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let tcp = TcpStream::connect(server.addr).await.unwrap();
     let refused = tokio::time::timeout(
         PATIENCE,
-        TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+        client(&cert.cert, &[]).connect(ServerName::try_from("localhost").unwrap(), tcp),
     )
     .await
     .expect("refused at once");

@@ -12,7 +12,7 @@ use std::sync::{
 use axum::http::StatusCode;
 
 use super::head::RequestHead;
-use crate::{error::Error, origin::OriginPolicy};
+use crate::{error::Error, message::wire::push_hex, origin::OriginPolicy};
 
 /// The next request id: the process start time and a counter, in hex, unique per process
 /// without a random source. Shared by hyper's requests (through [`RequestIds`]) and the raw
@@ -25,22 +25,6 @@ fn push_request_id(out: &mut impl Extend<u8>) {
     push_hex(out, boot);
     out.extend([b'-']);
     push_hex(out, n);
-}
-
-fn push_hex(out: &mut impl Extend<u8>, value: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = [0u8; 16];
-    let mut at = text.len();
-    let mut rest = value;
-    loop {
-        at -= 1;
-        text[at] = DIGITS[(rest & 0xF) as usize];
-        rest >>= 4;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.extend(text[at..].iter().copied());
 }
 
 /// The next request id, as text.

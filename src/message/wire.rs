@@ -97,20 +97,25 @@ pub fn sse_frame(id: MessageId, event: &str, data: &[u8]) -> Bytes {
 
 /// Appends the line that opens an HTTP/1.1 chunk of `len` bytes (`len` in hex, then CRLF).
 pub fn push_chunk_start(out: &mut Vec<u8>, len: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut rest = len;
+    push_hex(out, len as u64);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `value` in lowercase hex, without leading zeros.
+pub fn push_hex(out: &mut impl Extend<u8>, value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 16];
+    let mut at = text.len();
+    let mut rest = value;
     loop {
         at -= 1;
-        digits[at] = HEX[rest & 0xF];
+        text[at] = DIGITS[(rest & 0xF) as usize];
         rest >>= 4;
         if rest == 0 {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
+    out.extend(text[at..].iter().copied());
 }
 
 /// `data` as one HTTP/1.1 chunk. Empty data would end the body, so it must not be empty.
