@@ -17,8 +17,8 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pushhub::{
-    hub::{Action, Format, Hub, HubSettings, OutletGuard, Transport},
-    message::{EventName, Message, Payload, TopicName},
+    hub::{Action, Format, Hub, HubSettings, OutletGuard},
+    message::{EventName, Message, Payload, TopicName, TransportKind},
     store::{Live, MemoryStore, Retention, Store},
 };
 
@@ -62,7 +62,7 @@ fn publish(c: &mut Criterion) {
 
 /// Deliveries counted by the hub so far (WebSocket subscribers).
 fn delivered(hub: &Hub) -> u64 {
-    hub.deliveries(Transport::Ws)
+    hub.deliveries(TransportKind::Ws)
 }
 
 /// `n` loopback TCP connections: the server ends, and a thread that drains the client ends.
@@ -156,7 +156,7 @@ fn fanout(c: &mut Criterion) {
                         // connection that has already sent its handshake.
                         socket.writable().await.unwrap();
                     }
-                    let outlet = hub.outlet(socket, Format::Ws, Transport::Ws);
+                    let outlet = hub.outlet(socket, Format::Ws, TransportKind::Ws);
                     hub.subscribe(&topic, None, &outlet).await.unwrap();
                     settle(&outlet).await;
                     outlets.push(outlet);

@@ -7,7 +7,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use crate::store::Retention;
+use crate::{
+    hub::{FanoutSettings, HubSettings, SlowConsumerPolicy},
+    message::TransportKind,
+    store::{FsyncPolicy, Retention},
+};
 
 /// Server configuration. `Config::default()` is what `pushhub serve` runs with when given no
 /// flags and no environment.
@@ -19,9 +23,14 @@ pub struct Config {
 
     /// Transports served, comma-separated: any of `poll,longpoll,sse,ws`. The others answer
     /// 404, e.g. to run behind a proxy that cannot carry WebSocket.
-    #[arg(long, env = "PUSHHUB_TRANSPORTS", value_delimiter = ',', default_value = "poll,longpoll,sse,ws",
-          value_parser = clap::builder::PossibleValuesParser::new(["poll", "longpoll", "sse", "ws"]))]
-    pub transports: Vec<String>,
+    #[arg(
+        long,
+        env = "PUSHHUB_TRANSPORTS",
+        value_delimiter = ',',
+        default_value = "poll,longpoll,sse,ws",
+        value_enum
+    )]
+    pub transports: Vec<TransportKind>,
 
     /// Messages of history kept per topic.
     #[arg(long, env = "PUSHHUB_HISTORY_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -197,7 +206,7 @@ pub struct Config {
     /// With `--data-dir`: `batch` lets publishes that queue together share one `fdatasync`,
     /// `always` syncs each one alone. Either way `201` is sent only after the sync.
     #[arg(long, env = "PUSHHUB_FSYNC", value_enum, default_value = "batch")]
-    pub fsync: crate::store::FsyncPolicy,
+    pub fsync: FsyncPolicy,
 
     /// With `--fsync batch`: how long the writer waits after a group's first publish for more
     /// to join it (at most 100ms; `0` takes only what already queued).
@@ -223,7 +232,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            transports: ["poll", "longpoll", "sse", "ws"].map(String::from).to_vec(),
+            transports: TransportKind::ALL.to_vec(),
             history_size: 1000,
             history_max_age: Duration::from_secs(3600),
             max_body: 64 * 1024,
@@ -261,20 +270,56 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             workers: 0,
             data_dir: None,
-            fsync: crate::store::FsyncPolicy::Batch,
+            fsync: FsyncPolicy::Batch,
             fsync_window: Duration::ZERO,
             redis: None,
         }
     }
 }
 
-/// What happens to a streaming subscriber that falls too far behind.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlowConsumerPolicy {
-    /// Read the backlog from history by cursor (nothing lost while history holds it).
-    Resync,
-    /// Close the connection; the client reconnects with its cursor.
-    Disconnect,
+/// The command line's names for the hub's slow-consumer policy.
+impl clap::ValueEnum for SlowConsumerPolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[SlowConsumerPolicy::Resync, SlowConsumerPolicy::Disconnect]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(match self {
+            SlowConsumerPolicy::Resync => clap::builder::PossibleValue::new("resync").help(
+                "Read the backlog from history by cursor (nothing lost while history holds it)",
+            ),
+            SlowConsumerPolicy::Disconnect => clap::builder::PossibleValue::new("disconnect")
+                .help("Close the connection; the client reconnects with its cursor"),
+        })
+    }
+}
+
+/// The command line's names for the transports: their own names.
+impl clap::ValueEnum for TransportKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &TransportKind::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+/// The command line's names for the disk store's fsync policy.
+impl clap::ValueEnum for FsyncPolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[FsyncPolicy::Always, FsyncPolicy::Batch]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(match self {
+            FsyncPolicy::Always => clap::builder::PossibleValue::new("always")
+                .help("Every publish is written and fdatasync'ed on its own before it is acknowledged"),
+            FsyncPolicy::Batch => clap::builder::PossibleValue::new("batch").help(
+                "Publishes that queue together (within --fsync-window) share one write and one fdatasync",
+            ),
+        })
+    }
 }
 
 impl Config {
@@ -286,9 +331,9 @@ impl Config {
         }
     }
 
-    /// Whether `transport` (`poll`, `longpoll`, `sse`, `ws`) is served.
-    pub fn serves(&self, transport: &str) -> bool {
-        self.transports.iter().any(|t| t == transport)
+    /// Whether `transport` is served.
+    pub fn serves(&self, transport: TransportKind) -> bool {
+        self.transports.contains(&transport)
     }
 
     /// The history policy of the store.
@@ -296,6 +341,24 @@ impl Config {
         Retention {
             max_messages: usize::try_from(self.history_size).unwrap_or(usize::MAX),
             max_age: (!self.history_max_age.is_zero()).then_some(self.history_max_age),
+        }
+    }
+
+    /// The hub's settings: queues, catch-up, the poller window, the slow-consumer policy, and
+    /// the fan-out's workers and timers.
+    pub fn hub_settings(&self) -> HubSettings {
+        HubSettings {
+            subscriber_queue: usize::try_from(self.subscriber_queue).unwrap_or(usize::MAX),
+            catch_up_batch: usize::try_from(self.catch_up_batch).unwrap_or(usize::MAX),
+            poller_window: self.poller_window,
+            slow_consumer: self.slow_consumer,
+            fanout: FanoutSettings {
+                shards: self.worker_count(),
+                write_delay: self.write_delay,
+                heartbeat: self.heartbeat,
+                ping_interval: self.ws_ping_interval,
+                pong_timeout: self.ws_pong_timeout,
+            },
         }
     }
 }

@@ -10,7 +10,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::{hub::HubError, store::StoreError};
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +94,6 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
-    /// A streaming subscriber fell too far behind under `--slow-consumer disconnect`.
-    #[error("subscriber fell too far behind")]
-    SlowConsumer,
     /// The message store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -116,6 +113,14 @@ impl From<crate::message::Invalid> for Error {
             Invalid::Event(name) => Error::InvalidEvent(name),
             Invalid::Json(reason) => Error::InvalidJson(reason),
             Invalid::Utf8 => Error::InvalidUtf8,
+        }
+    }
+}
+
+impl From<HubError> for Error {
+    fn from(error: HubError) -> Self {
+        match error {
+            HubError::Store(store) => Error::Store(store),
         }
     }
 }
@@ -144,8 +149,8 @@ impl Error {
             Error::TooManyRequests { .. } | Error::TooManySubscriptions { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Error::SlowConsumer => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Store(e) => e.status(),
+            Error::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Store(StoreError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -172,19 +177,16 @@ impl Error {
             Error::OriginNotAllowed => "origin_not_allowed",
             Error::TooManyRequests { .. } => "rate_limited",
             Error::AtCapacity(_) => "at_capacity",
-            Error::SlowConsumer => "slow_consumer",
             Error::TooManySubscriptions { .. } => "too_many_subscriptions",
-            Error::Store(e) => e.code(),
+            Error::Store(StoreError::Unavailable(_)) => "store_unavailable",
+            Error::Store(StoreError::Internal(_)) => "store_error",
         }
     }
 
     /// The text shown to the client: server faults are not described.
     pub fn public_message(&self) -> String {
         if self.status().is_server_error()
-            && !matches!(
-                self,
-                Error::ShuttingDown | Error::AtCapacity(_) | Error::SlowConsumer
-            )
+            && !matches!(self, Error::ShuttingDown | Error::AtCapacity(_))
         {
             match self {
                 Error::Store(StoreError::Unavailable(_)) => "message store unavailable".into(),

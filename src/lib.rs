@@ -57,222 +57,26 @@
 //! free of HTTP and of policy, so its hot path (publish, fan-out) is what the benchmarks
 //! measure.
 
-pub mod auth;
+pub mod app;
 pub mod bench;
 pub mod config;
 pub mod error;
 pub mod gate;
 pub mod hub;
-pub mod limits;
 pub mod message;
-pub mod origin;
-pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
 pub mod web;
 
-use std::{future::Future, sync::Arc};
+use std::future::Future;
 
-use axum::{
-    Json, Router,
-    extract::{DefaultBodyLimit, Path, State},
-    routing::get,
-};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tower_http::{
-    request_id::{PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::TraceLayer,
-};
 
-use auth::{Access, Auth};
+pub use app::{App, AppState, router};
 pub use config::Config;
 pub use error::Error;
-use hub::{Hub, HubSettings, TopicInfo};
-use limits::{ConnectionLimits, RateLimiter};
-use origin::OriginPolicy;
-use server::StartError;
-use store::{DiskStore, MemoryStore, RedisStore};
-
-/// What every handler shares: one `Arc`, so that cloning it into each request, connection
-/// and session is one reference count, and holding it costs a pointer.
-#[derive(Clone)]
-pub struct AppState(Arc<App>);
-
-impl std::ops::Deref for AppState {
-    type Target = App;
-
-    fn deref(&self) -> &App {
-        &self.0
-    }
-}
-
-/// The state behind an [`AppState`].
-pub struct App {
-    /// The hub.
-    pub hub: Arc<Hub>,
-    /// The configuration the server runs with.
-    pub config: Arc<Config>,
-    /// Fired when the server stops: every long-lived response (long poll, SSE, WebSocket)
-    /// selects on it and ends.
-    pub shutdown: CancellationToken,
-    /// Who may publish and subscribe where.
-    pub auth: Arc<Auth>,
-    /// Which browser origins may call the API and open WebSockets.
-    pub origins: Arc<OriginPolicy>,
-    /// Open connections, in total and per IP.
-    pub connections: Arc<ConnectionLimits>,
-    /// Publishes per second per client.
-    pub publish_limiter: Arc<RateLimiter>,
-    /// Places for parked long polls.
-    pub parked_longpolls: Arc<tokio::sync::Semaphore>,
-    /// Held (shared) by each publish while it appends; taken exclusively by a stream that is
-    /// stopping, so that it drains only once every acknowledged publish is appended.
-    publishing: Arc<tokio::sync::RwLock<()>>,
-}
-
-impl AppState {
-    /// State for a server with the store its configuration names (memory, `--data-dir` or
-    /// `--redis`). Fails on unusable auth settings or a store that cannot be opened.
-    pub fn new(config: Config) -> Result<Self, StartError> {
-        let store: Arc<dyn store::Store> = match &config.data_dir {
-            Some(dir) => Arc::new(DiskStore::open(
-                dir,
-                config.retention(),
-                config.fsync,
-                config.fsync_window,
-            )?),
-            None => match &config.redis {
-                Some(url) => Arc::new(RedisStore::open(url, config.retention())?),
-                None => Arc::new(MemoryStore::new(config.retention())),
-            },
-        };
-        let auth = Auth::new(
-            config.jwt_secret.as_deref(),
-            config.jwt_public_key.as_deref(),
-            &config.public_topics,
-        )?;
-        telemetry::install();
-        Ok(Self(Arc::new(App {
-            hub: Hub::new(store, HubSettings::from(&config)),
-            auth: Arc::new(auth),
-            origins: Arc::new(OriginPolicy::new(&config.allowed_origins, config.listen)),
-            connections: ConnectionLimits::new(
-                config.max_connections,
-                config.max_connections_per_ip,
-            ),
-            publish_limiter: Arc::new(RateLimiter::new(config.publish_rate)),
-            parked_longpolls: Arc::new(tokio::sync::Semaphore::new(config.max_parked_longpolls)),
-            config: Arc::new(config),
-            shutdown: CancellationToken::new(),
-            publishing: Arc::default(),
-        })))
-    }
-}
-
-impl App {
-    /// Publishes, unless the server is stopping (503 `shutting_down`): a publish is either
-    /// refused or appended before any stream drains for the stop, so an acknowledged message
-    /// reaches every subscriber still connected.
-    pub async fn publish(
-        &self,
-        topic: &message::TopicName,
-        event: message::EventName,
-        payload: &message::Payload,
-    ) -> Result<Arc<message::Message>, Error> {
-        let _appending = self.publishing.read().await;
-        if self.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        self.hub.publish(topic, event, payload).await
-    }
-
-    /// Waits until every publish admitted before the stop has been appended.
-    pub async fn publishes_settled(&self) {
-        drop(self.publishing.write().await);
-    }
-}
-
-/// The HTTP API and the demo page.
-pub fn router(state: AppState) -> Router {
-    let max_body = state.config.max_body;
-    let config = state.config.clone();
-    let mut router = web::routes()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/stats", get(stats))
-        .route("/metrics", get(metrics_text))
-        .route(
-            "/topics/{topic}",
-            get(topic_info).post(transport::publish::publish),
-        );
-    // A transport switched off is simply not routed: its URLs answer 404 like any unknown
-    // path, and a client library falls back to the next transport.
-    if config.serves("poll") {
-        router = router.route("/topics/{topic}/poll", get(transport::poll::poll));
-    }
-    if config.serves("longpoll") {
-        router = router.route(
-            "/topics/{topic}/longpoll",
-            get(transport::longpoll::longpoll),
-        );
-    }
-    if config.serves("sse") {
-        router = router.route("/topics/{topic}/sse", get(transport::sse::sse));
-    }
-    if config.serves("ws") {
-        router = router
-            .route("/topics/{topic}/ws", get(transport::ws::topic_ws))
-            .route("/ws", get(transport::ws::multiplexed_ws));
-    }
-    router
-        .fallback(|| async { Error::NotFound })
-        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(max_body))
-        .layer(state.origins.cors_layer())
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(gate::response::RequestIds))
-        .with_state(state)
-}
-
-/// The span of one request: its id, method and path, never the query (it may hold
-/// `?token=`) nor the body.
-fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    let id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
-}
-
-async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        telemetry::render(&app),
-    )
-}
-
-async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {
-    Json(app.hub.stats())
-}
-
-async fn topic_info(
-    State(app): State<AppState>,
-    access: Access,
-    Path(topic): Path<String>,
-) -> Result<Json<TopicInfo>, Error> {
-    let topic = transport::topic(&topic)?;
-    access.check_subscribe(&topic)?;
-    Ok(Json(app.hub.info(&topic).await?))
-}
+use gate::server::{self, StartError};
 
 /// Serves on `listener` until `shutdown` completes, then ends every stream and waits at most
 /// `config.shutdown_grace` for connections to finish.

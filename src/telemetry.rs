@@ -1,8 +1,9 @@
 //! `GET /metrics`: Prometheus text format, through the `metrics` crate and its Prometheus
 //! exporter.
 //!
-//! Hot-path figures (publishes, deliveries, bytes, requests, subscribers) already live in the
-//! hub's relaxed atomics for `/stats`; they are copied into the recorder when scraped, so a
+//! A leaf: counters and handles, no knowledge of the hub or the app. Hot-path figures
+//! (publishes, deliveries, bytes, requests, subscribers) already live in the hub's relaxed
+//! atomics for `/stats`; the app copies them into the recorder when scraped (`app.rs`), so a
 //! delivery pays nothing extra. Events that are rare (rejections, slow consumers, stream opens
 //! and closes) are recorded where they happen. The delivery lag histogram is pushhub's own:
 //! a fan-out writer counts the lags of a whole walk in a local [`LagTally`] and adds it to
@@ -18,7 +19,7 @@ use std::{
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::{AppState, hub::Transport, message::now_millis};
+use crate::message::{TransportKind, now_millis};
 
 /// Upper bounds of the delivery lag histogram's buckets, milliseconds, and as Prometheus
 /// prints them (seconds).
@@ -42,13 +43,13 @@ const LAG_SLOTS: usize = LAG_BUCKETS.len() + 1;
 
 /// The delivery lag histogram: per transport, a count per bucket and the sum of lags.
 struct LagHistogram {
-    buckets: [[AtomicU64; LAG_SLOTS]; 4],
-    sum_ms: [AtomicU64; 4],
+    buckets: [[AtomicU64; LAG_SLOTS]; TransportKind::COUNT],
+    sum_ms: [AtomicU64; TransportKind::COUNT],
 }
 
 static LAG: LagHistogram = LagHistogram {
-    buckets: [const { [const { AtomicU64::new(0) }; LAG_SLOTS] }; 4],
-    sum_ms: [const { AtomicU64::new(0) }; 4],
+    buckets: [const { [const { AtomicU64::new(0) }; LAG_SLOTS] }; TransportKind::COUNT],
+    sum_ms: [const { AtomicU64::new(0) }; TransportKind::COUNT],
 };
 
 fn lag_slot(lag_ms: u64) -> usize {
@@ -61,15 +62,15 @@ fn lag_slot(lag_ms: u64) -> usize {
 /// Delivery lags counted locally, added to the shared histogram by [`LagTally::flush`].
 #[derive(Default)]
 pub(crate) struct LagTally {
-    counts: [[u64; LAG_SLOTS]; 4],
-    sum_ms: [u64; 4],
+    counts: [[u64; LAG_SLOTS]; TransportKind::COUNT],
+    sum_ms: [u64; TransportKind::COUNT],
     any: bool,
 }
 
 impl LagTally {
     /// One write to a subscriber of `transport`, whose oldest message is `lag_ms` old.
-    pub(crate) fn record(&mut self, transport: Transport, lag_ms: u64) {
-        let index = transport as usize;
+    pub(crate) fn record(&mut self, transport: TransportKind, lag_ms: u64) {
+        let index = transport.index();
         self.counts[index][lag_slot(lag_ms)] += 1;
         self.sum_ms[index] += lag_ms;
         self.any = true;
@@ -97,9 +98,9 @@ impl LagTally {
 fn render_lag(out: &mut String) {
     out.push_str("# HELP pushhub_delivery_lag_seconds Time from publish to the write that delivered a message.\n");
     out.push_str("# TYPE pushhub_delivery_lag_seconds histogram\n");
-    for transport in Transport::ALL {
-        let index = transport as usize;
-        let name = label(transport);
+    for transport in TransportKind::ALL {
+        let index = transport.index();
+        let name = transport.name();
         let mut cumulative = 0;
         for (slot, (_, bound)) in LAG_BUCKETS.iter().enumerate() {
             cumulative += LAG.buckets[index][slot].load(Ordering::Relaxed);
@@ -142,47 +143,14 @@ pub fn install() {
     handle();
 }
 
-fn label(transport: Transport) -> &'static str {
-    match transport {
-        Transport::Poll => "poll",
-        Transport::Longpoll => "longpoll",
-        Transport::Sse => "sse",
-        Transport::Ws => "ws",
-    }
-}
-
-/// The scrape: the hub's counters copied in, then everything rendered.
-pub fn render(app: &AppState) -> String {
-    let stats = app.hub.stats();
-    metrics::gauge!("pushhub_topics").set(stats.topics as f64);
-    metrics::gauge!("pushhub_open_connections").set(app.connections.open() as f64);
-    metrics::counter!("pushhub_publishes_total").absolute(stats.publishes);
-    let by_transport = |t: Transport, counts: &crate::hub::TransportCounts| match t {
-        Transport::Poll => counts.poll,
-        Transport::Longpoll => counts.longpoll,
-        Transport::Sse => counts.sse,
-        Transport::Ws => counts.ws,
-    };
-    for transport in Transport::ALL {
-        let name = label(transport);
-        let subscribers = match transport {
-            Transport::Poll => stats.subscribers.poll,
-            Transport::Longpoll => stats.subscribers.longpoll,
-            Transport::Sse => stats.subscribers.sse,
-            Transport::Ws => stats.subscribers.ws,
-        };
-        metrics::gauge!("pushhub_subscribers", "transport" => name).set(subscribers as f64);
-        metrics::counter!("pushhub_deliveries_total", "transport" => name)
-            .absolute(by_transport(transport, &stats.deliveries));
-        metrics::counter!("pushhub_sent_bytes_total", "transport" => name)
-            .absolute(by_transport(transport, &stats.bytes));
-        metrics::counter!("pushhub_requests_total", "transport" => name)
-            .absolute(by_transport(transport, &stats.requests));
-    }
-    for transport in Transport::ALL {
+/// The scrape: what is recorded where it happens, the counters `figures` copies in (the
+/// app's, taken at scrape time), and the delivery lag histogram.
+pub fn render(figures: impl FnOnce()) -> String {
+    figures();
+    for transport in TransportKind::ALL {
         for (index, event) in ["opened", "closed"].into_iter().enumerate() {
-            let count = STREAMS[transport as usize][index].load(Ordering::Relaxed);
-            metrics::counter!("pushhub_stream_subscriptions_total", "transport" => label(transport), "event" => event)
+            let count = STREAMS[transport.index()][index].load(Ordering::Relaxed);
+            metrics::counter!("pushhub_stream_subscriptions_total", "transport" => transport.name(), "event" => event)
                 .absolute(count);
         }
     }
@@ -201,7 +169,8 @@ pub fn rejected(code: &'static str) {
 /// Streaming subscriptions (and parked long polls) opened and closed, per transport: plain
 /// atomics, copied into the recorder at scrape time, because a long poll parks and unparks
 /// at request rate.
-static STREAMS: [[AtomicU64; 2]; 4] = [const { [const { AtomicU64::new(0) }; 2] }; 4];
+static STREAMS: [[AtomicU64; 2]; TransportKind::COUNT] =
+    [const { [const { AtomicU64::new(0) }; 2] }; TransportKind::COUNT];
 
 /// Writes by the fan-out that a socket did not take whole (it would block, or took part):
 /// the rest waits in the connection's queue. A rising count means readers or the network are
@@ -214,8 +183,8 @@ pub(crate) fn blocked_write() {
 }
 
 /// A streaming subscription opened or closed.
-pub(crate) fn stream(transport: Transport, opened: bool) {
-    STREAMS[transport as usize][usize::from(!opened)].fetch_add(1, Ordering::Relaxed);
+pub(crate) fn stream(transport: TransportKind, opened: bool) {
+    STREAMS[transport.index()][usize::from(!opened)].fetch_add(1, Ordering::Relaxed);
 }
 
 /// A subscriber fell a full queue behind: `resync` (read from history) or `disconnect`.
@@ -225,9 +194,9 @@ pub(crate) fn slow_consumer(action: &'static str) {
 
 /// One write to a subscriber, whose oldest message was published at `published_ms` (polls;
 /// the fan-out counts its writes in a [`LagTally`]).
-pub(crate) fn delivery_lag(transport: Transport, published_ms: u64) {
+pub(crate) fn delivery_lag(transport: TransportKind, published_ms: u64) {
     let lag_ms = now_millis().saturating_sub(published_ms);
-    let index = transport as usize;
+    let index = transport.index();
     LAG.buckets[index][lag_slot(lag_ms)].fetch_add(1, Ordering::Relaxed);
     LAG.sum_ms[index].fetch_add(lag_ms, Ordering::Relaxed);
 }

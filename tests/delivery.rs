@@ -9,7 +9,7 @@ mod support;
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use pushhub::Config;
+use pushhub::{Config, message::TransportKind};
 use serde_json::{Value, json};
 use support::{PATIENCE, start_with};
 use tokio::{
@@ -229,7 +229,10 @@ async fn a_subscriber_that_stopped_reading_delays_no_one() {
     }
     let subscribers = server.subscribers("jam").await;
     assert_eq!(
-        (subscribers.ws, subscribers.sse),
+        (
+            subscribers[TransportKind::Ws],
+            subscribers[TransportKind::Sse]
+        ),
         (2, 2),
         "the stalled ones are still there"
     );
@@ -251,7 +254,7 @@ async fn requests_pipelined_behind_a_long_poll_are_answered_in_order() {
         .await
         .unwrap();
     support::eventually("both long polls parked", || async {
-        server.subscribers("pipe").await.longpoll >= 2
+        server.subscribers("pipe").await[TransportKind::Longpoll] >= 2
     })
     .await;
     later
@@ -288,7 +291,7 @@ async fn a_request_pipelined_behind_an_sse_stream_is_answered_when_the_stream_en
     .await;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &json!({"exp": pushhub::auth::unix_now() + 2, "pushhub": {"subscribe": ["pipe2"]}}),
+        &json!({"exp": pushhub::gate::auth::unix_now() + 2, "pushhub": {"subscribe": ["pipe2"]}}),
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap();
@@ -383,7 +386,7 @@ async fn a_token_that_expires_in_the_middle_of_a_frame_ends_the_stream_after_it(
         )
         .unwrap()
     };
-    let now = pushhub::auth::unix_now();
+    let now = pushhub::gate::auth::unix_now();
     let reader = sign(json!({"exp": now + 3, "pushhub": {"subscribe": ["late"]}}));
     let writer = sign(json!({"exp": now + 60, "pushhub": {"publish": ["late"]}}));
     let mut sse = small_window(server.addr).await;

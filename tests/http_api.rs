@@ -7,6 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use pushhub::message::TransportKind;
 use serde_json::{Value, json};
 use support::{ids, start, start_with};
 
@@ -559,7 +560,7 @@ async fn stats_count_subscribers_deliveries_requests_and_bytes_per_transport() {
 #[tokio::test]
 async fn switched_off_transports_answer_404() {
     let config = pushhub::Config {
-        transports: vec!["poll".into(), "sse".into()],
+        transports: vec![TransportKind::Poll, TransportKind::Sse],
         ..Default::default()
     };
     let server = start_with(config).await;

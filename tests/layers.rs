@@ -13,9 +13,10 @@ const RULES: &[(&str, &[&str])] = &[
     ("message", &[]),
     // Where history lives: only the message model.
     ("store", &["message"]),
-    // Topics, cursors, fan-out. `config` and `error` are still imported here; issue 12 gives
-    // the hub its own settings and error types and then removes them from this list.
-    ("hub", &["message", "store", "telemetry", "config", "error"]),
+    // Counters and handles: a leaf; rendering `/metrics` from the app state is the app's.
+    ("telemetry", &["message"]),
+    // Topics, cursors, fan-out: its own settings and error types, no HTTP, no CLI.
+    ("hub", &["message", "store", "telemetry"]),
 ];
 
 /// The source of a module (its file, or every file of its folder), without test modules:
@@ -109,6 +110,37 @@ fn low_layers_import_only_what_is_below_them() {
         }
     }
     assert!(broken.is_empty(), "layering broken:\n{}", broken.join("\n"));
+}
+
+/// Frameworks of the layers above: HTTP (axum, hyper, tower, the `http` types) and the
+/// command line (clap). The low layers name none of them, so their errors carry no status
+/// code and their settings no flag; `error.rs` and `config.rs` translate.
+const FRAMEWORKS: &[&str] = &["axum", "hyper", "tower", "tower_http", "http", "clap"];
+
+#[test]
+fn low_layers_use_no_http_or_cli_framework() {
+    let mut broken = Vec::new();
+    for (layer, _) in RULES {
+        for (file, code) in sources(layer) {
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for framework in FRAMEWORKS {
+                    let path = format!("{framework}::");
+                    let named = line.match_indices(&path).any(|(at, _)| {
+                        // A whole path segment: not the tail of `crate::http::` or `my_clap::`.
+                        !line[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':')
+                    });
+                    if named {
+                        broken.push(format!("{file} uses {framework}: {}", line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "low layer uses a framework:\n{}",
+        broken.join("\n")
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header, encode};
-use pushhub::{Config, auth::unix_now, config::SlowConsumerPolicy};
+use pushhub::{Config, gate::auth::unix_now, hub::SlowConsumerPolicy, message::TransportKind};
 use serde_json::{Value, json};
 use support::{PATIENCE, SseItem, TestServer, eventually, start_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -346,7 +346,7 @@ async fn parked_long_polls_and_subscriptions_per_socket_are_bounded() {
         tokio::spawn(async move { reqwest::get(url).await.unwrap().status() })
     };
     eventually("the first long poll is parked", || async {
-        server.subscribers("t").await.longpoll == 1
+        server.subscribers("t").await[TransportKind::Longpoll] == 1
     })
     .await;
     let refused = server
@@ -389,7 +389,7 @@ async fn a_websocket_peer_that_stops_answering_is_dropped() {
         tokio_tungstenite::connect_async(format!("ws://{}/topics/beat/ws", server.addr))
             .await
             .unwrap();
-    let ws_count = || async { server.subscribers("beat").await.ws };
+    let ws_count = || async { server.subscribers("beat").await[TransportKind::Ws] };
     eventually("both subscribed", || async { ws_count().await == 2 }).await;
     let reader = tokio::spawn(async move {
         let mut pings = 0;
@@ -495,7 +495,7 @@ async fn an_sse_reader_that_stops_reading_is_cut_off_and_others_keep_receiving()
         .await
         .unwrap();
     eventually("both streams open", || async {
-        server.subscribers("stall").await.sse == 2
+        server.subscribers("stall").await[TransportKind::Sse] == 2
     })
     .await;
     let big = "y".repeat(32 * 1024);
@@ -511,7 +511,7 @@ async fn an_sse_reader_that_stops_reading_is_cut_off_and_others_keep_receiving()
     };
     tokio::join!(publisher, reader);
     eventually("the stalled stream is dropped", || async {
-        server.subscribers("stall").await.sse == 1
+        server.subscribers("stall").await[TransportKind::Sse] == 1
     })
     .await;
     drop(stalled);

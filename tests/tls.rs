@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
-use pushhub::Config;
+use pushhub::{Config, message::TransportKind};
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use support::{PATIENCE, start_with};
@@ -184,7 +184,7 @@ async fn polls_and_long_polls_work_over_tls() {
         .await
         .unwrap();
     support::eventually("the long poll parked", || async {
-        server.subscribers("tlspoll").await.longpoll == 1
+        server.subscribers("tlspoll").await[TransportKind::Longpoll] == 1
     })
     .await;
     publish(&server, "tlspoll", json!({"over": "tls"})).await;
@@ -243,7 +243,7 @@ async fn sse_and_long_polls_work_over_http2() {
         })
     };
     support::eventually("the long poll parked", || async {
-        server.subscribers("h2").await.longpoll == 1
+        server.subscribers("h2").await[TransportKind::Longpoll] == 1
     })
     .await;
     publish(&server, "h2", json!({"over": "h2"})).await;

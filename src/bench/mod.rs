@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::parse_duration;
+use crate::{config::parse_duration, message::TransportKind};
 use accounting::{Percentiles, Tracker, latency_histogram, now_micros};
 use subscriber::Phase;
 
@@ -83,9 +83,13 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "fanout")]
     pub scenario: Scenario,
     /// Transports to measure, in order.
-    #[arg(long, value_delimiter = ',', default_value = "ws,sse,longpoll,poll",
-          value_parser = clap::builder::PossibleValuesParser::new(["ws", "sse", "longpoll", "poll"]))]
-    pub transports: Vec<String>,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ws,sse,longpoll,poll",
+        value_enum
+    )]
+    pub transports: Vec<TransportKind>,
     /// Topics of the `chat` scenario (the others use one topic).
     #[arg(long, default_value_t = 100)]
     pub topics: usize,
@@ -460,7 +464,7 @@ pub async fn run(args: &BenchArgs) -> Result<Run, BenchError> {
         Some(start_server(args)?)
     };
     let mut results = Vec::new();
-    for transport in &args.transports {
+    for &transport in &args.transports {
         eprintln!(
             "bench: {transport}: {} subscribers, {} msg/s for {:?}",
             args.subscribers, args.rate, args.duration
@@ -500,7 +504,7 @@ fn floor_ratio(result: &PhaseResult, floor: &floor::Floor) -> Option<f64> {
 /// interval each. `None` when the sockets could not be opened (too many for the file limit).
 async fn measure_floor(args: &BenchArgs) -> Option<floor::Floor> {
     let rate = match args.scenario {
-        Scenario::Idle if args.transports.iter().any(|t| t == "poll") => {
+        Scenario::Idle if args.transports.contains(&TransportKind::Poll) => {
             1.0 / args.poll_interval.as_secs_f64().max(0.001)
         }
         Scenario::Idle => return None,
@@ -555,7 +559,7 @@ async fn warm_up(
     args: &BenchArgs,
     server: &Server,
     http: &reqwest::Client,
-    transport: &str,
+    transport: TransportKind,
 ) -> Result<(), BenchError> {
     const SUBSCRIBERS: usize = 20;
     const MESSAGES: u64 = 20;
@@ -569,8 +573,8 @@ async fn warm_up(
     });
     let mut subscribers = JoinSet::new();
     for index in 0..SUBSCRIBERS {
-        let (phase, transport) = (phase.clone(), transport.to_owned());
-        subscribers.spawn(async move { subscriber::run(&transport, phase, index).await });
+        let phase = phase.clone();
+        subscribers.spawn(async move { subscriber::run(transport, phase, index).await });
     }
     let topics = [topic];
     wait_subscribed(
@@ -606,7 +610,7 @@ async fn search_throughput(
     args: &BenchArgs,
     server: &Server,
     http: &reqwest::Client,
-    transport: &str,
+    transport: TransportKind,
 ) -> Result<PhaseResult, BenchError> {
     let mut rate = args.rate;
     let mut held: Option<PhaseResult> = None;
@@ -659,7 +663,7 @@ async fn run_phase(
     args: &BenchArgs,
     server: &Server,
     http: &reqwest::Client,
-    transport: &str,
+    transport: TransportKind,
     rate: f64,
 ) -> Result<PhaseResult, BenchError> {
     let prefix = format!("bench-{transport}-{:x}", now_micros());
@@ -684,13 +688,13 @@ async fn run_phase(
             .expect("valid template")
             .progress_chars("=> "),
     );
-    progress.set_prefix(transport.to_owned());
+    progress.set_prefix(transport.name());
     progress.set_message("connecting");
     let mut subscribers = JoinSet::new();
     for index in 0..args.subscribers {
         progress.inc(1);
-        let (phase, transport) = (phase.clone(), transport.to_owned());
-        subscribers.spawn(async move { subscriber::run(&transport, phase, index).await });
+        let phase = phase.clone();
+        subscribers.spawn(async move { subscriber::run(transport, phase, index).await });
         if (index + 1) % RAMP_BATCH == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -828,7 +832,7 @@ async fn run_phase(
         _ => None,
     };
     Ok(PhaseResult {
-        transport: transport.to_owned(),
+        transport: transport.name().to_owned(),
         rate,
         publish_rate,
         subscribers: args.subscribers,
@@ -854,7 +858,11 @@ async fn run_phase(
 }
 
 /// The requests the nodes have counted for `transport` since they started (`GET /stats`).
-async fn server_requests(http: &reqwest::Client, bases: &[String], transport: &str) -> Option<u64> {
+async fn server_requests(
+    http: &reqwest::Client,
+    bases: &[String],
+    transport: TransportKind,
+) -> Option<u64> {
     let mut total = 0;
     for base in bases {
         let stats: serde_json::Value = http
@@ -865,7 +873,7 @@ async fn server_requests(http: &reqwest::Client, bases: &[String], transport: &s
             .json()
             .await
             .ok()?;
-        total += stats["requests"][transport].as_u64()?;
+        total += stats["requests"][transport.name()].as_u64()?;
     }
     Some(total)
 }
@@ -875,7 +883,7 @@ async fn wait_subscribed(
     http: &reqwest::Client,
     bases: &[String],
     topics: &[String],
-    transport: &str,
+    transport: TransportKind,
     expected: usize,
     subscribers: &mut JoinSet<Result<(usize, Tracker), BenchError>>,
 ) -> Result<(), BenchError> {
@@ -905,7 +913,7 @@ async fn wait_subscribed(
                 .json()
                 .await
                 .map_err(|e| BenchError::Server(e.to_string()))?;
-            counted += info["subscribers"][transport].as_u64().unwrap_or(0) as usize;
+            counted += info["subscribers"][transport.name()].as_u64().unwrap_or(0) as usize;
         }
         if counted >= expected {
             return Ok(());

@@ -29,7 +29,11 @@ pub fn command_line(args: &BenchArgs) -> String {
             super::Scenario::Throughput => "throughput",
             super::Scenario::Chat => "chat",
         },
-        args.transports.join(","),
+        args.transports
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(","),
         args.subscribers,
         args.rate,
         args.duration.as_secs_f64(),
@@ -476,7 +480,10 @@ mod tests {
             allow_remote: false,
             scenario: crate::bench::Scenario::Fanout,
             topics: 1,
-            transports: vec!["ws".into(), "poll".into()],
+            transports: vec![
+                crate::message::TransportKind::Ws,
+                crate::message::TransportKind::Poll,
+            ],
             subscribers: 10,
             rate: 50.0,
             duration: std::time::Duration::from_secs(2),

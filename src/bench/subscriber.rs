@@ -11,6 +11,8 @@ use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
+use crate::message::TransportKind;
+
 use super::{
     BenchError,
     accounting::{Tracker, now_micros},
@@ -73,16 +75,17 @@ impl Phase {
 
 /// Runs subscriber `index` of `transport` until the phase stops.
 pub(crate) async fn run(
-    transport: &str,
+    transport: TransportKind,
     phase: Arc<Phase>,
     index: usize,
 ) -> Result<(usize, Tracker), BenchError> {
     let mut tracker = Tracker::default();
     match transport {
-        "ws" => websocket(&phase, index, &mut tracker).await?,
-        "sse" => sse(&phase, index, &mut tracker).await?,
-        "longpoll" | "poll" => polling(transport, &phase, index, &mut tracker).await?,
-        other => return Err(BenchError::Setup(format!("unknown transport {other}"))),
+        TransportKind::Ws => websocket(&phase, index, &mut tracker).await?,
+        TransportKind::Sse => sse(&phase, index, &mut tracker).await?,
+        TransportKind::Longpoll | TransportKind::Poll => {
+            polling(transport, &phase, index, &mut tracker).await?
+        }
     }
     Ok((index, tracker))
 }
@@ -175,7 +178,7 @@ async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), B
 }
 
 async fn polling(
-    kind: &str,
+    kind: TransportKind,
     phase: &Phase,
     index: usize,
     tracker: &mut Tracker,
@@ -184,7 +187,7 @@ async fn polling(
     let mut after = 0;
     while !phase.stop.is_cancelled() {
         let path = match kind {
-            "longpoll" => format!(
+            TransportKind::Longpoll => format!(
                 "/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
                 phase.topic_of(index)
             ),
@@ -212,7 +215,7 @@ async fn polling(
             phase.record(index, tracker, envelope);
         }
         after = answer.next_after;
-        if kind == "poll" && !answer.more {
+        if kind == TransportKind::Poll && !answer.more {
             tokio::select! {
                 () = tokio::time::sleep(phase.poll_interval) => {}
                 () = phase.stop.cancelled() => break,

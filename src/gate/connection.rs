@@ -29,9 +29,10 @@ use super::{
 };
 use crate::{
     AppState,
-    auth::Access,
     error::Error,
+    gate::auth::Access,
     hub::Format,
+    message::{PerTransport, TransportKind},
     transport::{Params, boxed, io::Io, longpoll, poll, sse, stream, ws},
 };
 
@@ -62,31 +63,17 @@ pub struct Connection {
 
 /// Which raw endpoints are served, looked up once from the configuration.
 #[derive(Debug, Clone, Copy)]
-pub struct Served([bool; 4]);
+pub struct Served(PerTransport<bool>);
 
 impl Served {
     /// The endpoints `config` serves.
     pub fn of(config: &crate::Config) -> Self {
-        Self([
-            config.serves("poll"),
-            config.serves("longpoll"),
-            config.serves("sse"),
-            config.serves("ws"),
-        ])
+        Self(PerTransport::from_fn(|kind| config.serves(kind)))
     }
 
-    fn has(self, endpoint: Endpoint) -> bool {
-        self.0[endpoint as usize]
+    fn has(self, endpoint: TransportKind) -> bool {
+        self.0[endpoint]
     }
-}
-
-/// An endpoint pushhub serves on the raw socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
-    Poll,
-    Longpoll,
-    Sse,
-    Ws,
 }
 
 /// What comes after a request.
@@ -319,7 +306,7 @@ impl Call<'_> {
 async fn dispatch(
     shared: &Shared,
     peer: SocketAddr,
-    endpoint: Endpoint,
+    endpoint: TransportKind,
     topic: Option<String>,
     head: RequestHead,
     io: &mut Io,
@@ -344,10 +331,10 @@ async fn dispatch(
         close,
     };
     match endpoint {
-        Endpoint::Poll => poll_call(call, io).await,
-        Endpoint::Longpoll => longpoll_call(call, io).await,
-        Endpoint::Sse => sse_call(call, io).await,
-        Endpoint::Ws => ws_call(call, io).await,
+        TransportKind::Poll => poll_call(call, io).await,
+        TransportKind::Longpoll => longpoll_call(call, io).await,
+        TransportKind::Sse => sse_call(call, io).await,
+        TransportKind::Ws => ws_call(call, io).await,
     }
 }
 
@@ -608,22 +595,18 @@ async fn read_head(
 
 /// The endpoint a request head asks for, if pushhub serves it on the raw socket, and its
 /// `{topic}` segment, percent-decoded.
-fn route(head: &RequestHead, served: Served) -> Option<(Endpoint, Option<Cow<'_, str>>)> {
+fn route(head: &RequestHead, served: Served) -> Option<(TransportKind, Option<Cow<'_, str>>)> {
     if !head.is_plain_get() {
         return None;
     }
     let path = head.path();
     if path == "/ws" {
-        return served.has(Endpoint::Ws).then_some((Endpoint::Ws, None));
+        return served
+            .has(TransportKind::Ws)
+            .then_some((TransportKind::Ws, None));
     }
     let (topic, kind) = path.strip_prefix("/topics/")?.split_once('/')?;
-    let endpoint = match kind {
-        "poll" => Endpoint::Poll,
-        "longpoll" => Endpoint::Longpoll,
-        "sse" => Endpoint::Sse,
-        "ws" => Endpoint::Ws,
-        _ => return None,
-    };
+    let endpoint: TransportKind = kind.parse().ok()?;
     if topic.is_empty() || !served.has(endpoint) {
         return None;
     }
@@ -664,7 +647,7 @@ fn percent_decode(segment: &str) -> Option<Cow<'_, str>> {
 mod tests {
     use super::*;
 
-    fn routed(request: &str) -> Option<(Endpoint, Option<String>)> {
+    fn routed(request: &str) -> Option<(TransportKind, Option<String>)> {
         let (Parsed::Head(head), _) = RequestHead::parse(request.as_bytes().to_vec()) else {
             panic!("not a head: {request}");
         };
@@ -676,15 +659,15 @@ mod tests {
     fn only_plain_gets_of_the_hot_endpoints_are_served_raw() {
         assert_eq!(
             routed("GET /topics/a.b/sse?after=1 HTTP/1.1\r\n\r\n"),
-            Some((Endpoint::Sse, Some("a.b".into())))
+            Some((TransportKind::Sse, Some("a.b".into())))
         );
         assert_eq!(
             routed("GET /topics/bad%20topic/poll HTTP/1.1\r\n\r\n"),
-            Some((Endpoint::Poll, Some("bad topic".into())))
+            Some((TransportKind::Poll, Some("bad topic".into())))
         );
         assert_eq!(
             routed("GET /ws HTTP/1.1\r\n\r\n"),
-            Some((Endpoint::Ws, None))
+            Some((TransportKind::Ws, None))
         );
         for other in [
             "POST /topics/a HTTP/1.1\r\n\r\n",
@@ -730,7 +713,7 @@ mod memory_budget {
         // An SSE stream.
         let outlet = app
             .hub
-            .outlet(None, Format::Sse, crate::hub::Transport::Sse);
+            .outlet(None, Format::Sse, crate::message::TransportKind::Sse);
         let opened = sse::Opened {
             outlet,
             expires: None,

@@ -35,13 +35,12 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::{
-    Transport,
     outlet::{Format, Outlet},
     presence::Gauge,
     stats::Counters,
 };
 use crate::{
-    message::{Message, MessageId, now_millis},
+    message::{Message, MessageId, TransportKind, now_millis},
     store::Live,
     telemetry::LagTally,
 };
@@ -421,7 +420,7 @@ pub(super) struct Tally {
 impl Tally {
     pub(super) fn delivered(
         &mut self,
-        transport: Transport,
+        transport: TransportKind,
         messages: usize,
         frames: &[Bytes],
         published_ms: u64,
@@ -434,7 +433,7 @@ impl Tally {
     }
 
     fn flush(&mut self, counters: &Counters) {
-        for transport in Transport::ALL {
+        for transport in TransportKind::ALL {
             let index = transport as usize;
             if self.deliveries[index] > 0 || self.bytes[index] > 0 {
                 counters.delivered(transport, self.deliveries[index], self.bytes[index]);
@@ -612,7 +611,7 @@ impl Fanout {
     }
 
     /// Counts deliveries made outside a writer's walk (catch-up reads).
-    pub(super) fn record(&self, transport: Transport, messages: u64, bytes: u64) {
+    pub(super) fn record(&self, transport: TransportKind, messages: u64, bytes: u64) {
         if messages > 0 || bytes > 0 {
             self.counters.delivered(transport, messages, bytes);
         }

@@ -9,6 +9,7 @@
 //! read back from its log ([`Outlet::poll_action`]).
 
 mod cursor;
+mod error;
 mod fanout;
 mod outlet;
 mod presence;
@@ -31,15 +32,14 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use cursor::{Batch, Signal};
+pub use error::HubError;
 pub use fanout::{AnswerCache, FanoutSettings, Respond, Responded, default_shards};
 pub use outlet::{Action, CatchUp, End, Format, Outlet, OutletGuard, SubId};
-pub use presence::{Subscribers, Transport};
+pub use presence::Subscribers;
 pub use stats::{HubStats, TransportCounts};
 
 use crate::{
-    config::Config,
-    error::Error,
-    message::{EventName, Message, MessageId, Payload, TopicName, now_millis},
+    message::{EventName, Message, MessageId, Payload, TopicName, TransportKind, now_millis},
     store::{LogRead, Store, TopicLog},
 };
 use fanout::{Fanout, Follower, Outcome, TopicLive, Waiter};
@@ -52,7 +52,7 @@ const SHARDS: usize = 64;
 /// One slice of the topic registry.
 type Shard = Mutex<HashMap<TopicName, Arc<Topic>, Hasher>>;
 
-/// The hub's tunables, taken from [`Config`].
+/// The hub's tunables (`config.rs` builds them from the command line).
 #[derive(Clone, Debug)]
 pub struct HubSettings {
     /// How many messages may wait for one streaming connection's socket before it stops being
@@ -62,8 +62,8 @@ pub struct HubSettings {
     pub catch_up_batch: usize,
     /// How long a poller counts as subscribed after its last request.
     pub poller_window: Duration,
-    /// End a streaming connection that falls `subscriber_queue` behind instead of resyncing it.
-    pub disconnect_slow: bool,
+    /// What happens to a streaming connection that falls `subscriber_queue` behind.
+    pub slow_consumer: SlowConsumerPolicy,
     /// Writers, write delay, heartbeats and pings.
     pub fanout: FanoutSettings,
 }
@@ -74,28 +74,19 @@ impl Default for HubSettings {
             subscriber_queue: 256,
             catch_up_batch: 256,
             poller_window: Duration::from_secs(30),
-            disconnect_slow: false,
+            slow_consumer: SlowConsumerPolicy::Resync,
             fanout: FanoutSettings::default(),
         }
     }
 }
 
-impl From<&Config> for HubSettings {
-    fn from(config: &Config) -> Self {
-        Self {
-            subscriber_queue: usize::try_from(config.subscriber_queue).unwrap_or(usize::MAX),
-            catch_up_batch: usize::try_from(config.catch_up_batch).unwrap_or(usize::MAX),
-            poller_window: config.poller_window,
-            disconnect_slow: config.slow_consumer == crate::config::SlowConsumerPolicy::Disconnect,
-            fanout: FanoutSettings {
-                shards: config.worker_count(),
-                write_delay: config.write_delay,
-                heartbeat: config.heartbeat,
-                ping_interval: config.ws_ping_interval,
-                pong_timeout: config.ws_pong_timeout,
-            },
-        }
-    }
+/// What happens to a streaming subscriber that falls too far behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowConsumerPolicy {
+    /// Read the backlog from history by cursor (nothing lost while history holds it).
+    Resync,
+    /// Close the connection; the client reconnects with its cursor.
+    Disconnect,
 }
 
 /// Where a long poll stands after [`Hub::park`].
@@ -214,7 +205,7 @@ impl Topic {
         after: MessageId,
         limit: usize,
         from_client: bool,
-    ) -> Result<Batch, Error> {
+    ) -> Result<Batch, HubError> {
         let read = self.read(after, limit).await?;
         Ok(match cursor::resolve(after, read.head, from_client) {
             cursor::Resolution::Keep(signal) => cursor::batch(read, signal),
@@ -225,7 +216,7 @@ impl Topic {
     }
 
     /// A log read, without an async call when the log answers at once.
-    async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, Error> {
+    async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, HubError> {
         match self.log.read_now(after, limit) {
             Some(read) => Ok(read?),
             None => Ok(self.log.read(after, limit).await?),
@@ -283,7 +274,7 @@ impl Hub {
         topic: &TopicName,
         event: EventName,
         data: &Payload,
-    ) -> Result<Arc<Message>, Error> {
+    ) -> Result<Arc<Message>, HubError> {
         let topic = self.topic(topic);
         let message = topic.log.append(event, data, now_millis()).await?;
         self.counters
@@ -300,11 +291,11 @@ impl Hub {
         after: Option<MessageId>,
         limit: usize,
         client: &str,
-    ) -> Result<Batch, Error> {
+    ) -> Result<Batch, HubError> {
         let topic = self.topic(topic);
         topic
             .presence
-            .touch(Transport::Poll, client, self.settings.poller_window);
+            .touch(TransportKind::Poll, client, self.settings.poller_window);
         // A shared log answers reads near the head from what its subscription received; a
         // polled topic is followed like a streamed one.
         topic.follow().await;
@@ -334,11 +325,11 @@ impl Hub {
         limit: usize,
         client: &str,
         respond: Option<Arc<dyn Respond>>,
-    ) -> Result<Parking, Error> {
+    ) -> Result<Parking, HubError> {
         let topic = self.topic(topic);
         topic
             .presence
-            .touch(Transport::Longpoll, client, self.settings.poller_window);
+            .touch(TransportKind::Longpoll, client, self.settings.poller_window);
         topic.follow().await;
         let (after, from_client) = match after {
             Some(after) => (after, true),
@@ -375,14 +366,14 @@ impl Hub {
         }
         parked
             .waiter
-            .count(parked.topic.presence.stream(Transport::Longpoll));
+            .count(parked.topic.presence.stream(TransportKind::Longpoll));
         Ok(Parking::Parked(parked))
     }
 
     /// A parked poll's last step, once it was woken, its deadline passed or the server is
     /// stopping: its answer (what the log holds after its cursor now, maybe nothing), unless
     /// the fan-out answered it already.
-    pub async fn unpark(&self, parked: ParkedPoll, client: &str) -> Result<Waited, Error> {
+    pub async fn unpark(&self, parked: ParkedPoll, client: &str) -> Result<Waited, HubError> {
         let outcome = parked.waiter.claim();
         parked.waiter.uncount();
         // A long wait would let the poller's last-seen time age out of the window before its
@@ -392,7 +383,7 @@ impl Hub {
             parked
                 .topic
                 .presence
-                .touch(Transport::Longpoll, client, window);
+                .touch(TransportKind::Longpoll, client, window);
         }
         if outcome == Outcome::Answered {
             return Ok(Waited::Answered);
@@ -421,7 +412,7 @@ impl Hub {
         client: &str,
         shutdown: &CancellationToken,
         respond: Option<Arc<dyn Respond>>,
-    ) -> Result<Waited, Error> {
+    ) -> Result<Waited, HubError> {
         let parked = match self.park(topic, after, limit, client, respond).await? {
             Parking::Ready(batch) => return Ok(Waited::Batch(batch)),
             Parking::Answered => return Ok(Waited::Answered),
@@ -441,7 +432,7 @@ impl Hub {
         &self,
         socket: Option<Arc<TcpStream>>,
         format: Format,
-        transport: Transport,
+        transport: TransportKind,
     ) -> OutletGuard {
         OutletGuard(Outlet::new(
             &self.fanout,
@@ -460,7 +451,7 @@ impl Hub {
         topic: &TopicName,
         after: Option<MessageId>,
         outlet: &Arc<Outlet>,
-    ) -> Result<SubId, Error> {
+    ) -> Result<SubId, HubError> {
         let topic = self.topic(topic);
         topic.follow().await;
         let gauge = topic.presence.stream(outlet.transport());
@@ -498,14 +489,14 @@ impl Hub {
     }
 
     /// The topic's newest id now: where a reader that starts "from now" begins.
-    pub async fn last_id(&self, topic: &TopicName) -> Result<MessageId, Error> {
+    pub async fn last_id(&self, topic: &TopicName) -> Result<MessageId, HubError> {
         let topic = self.topic(topic);
         topic.follow().await;
         Ok(topic.log.head().await?.last_id)
     }
 
     /// The topic's ends and subscriber counts.
-    pub async fn info(&self, topic: &TopicName) -> Result<TopicInfo, Error> {
+    pub async fn info(&self, topic: &TopicName) -> Result<TopicInfo, HubError> {
         let topic = self.topic(topic);
         let head = topic.log.head().await?;
         Ok(TopicInfo {
@@ -517,17 +508,17 @@ impl Hub {
     }
 
     /// Counts `messages` delivered in `bytes` over `transport` (fed by the transports).
-    pub fn record_delivery(&self, transport: Transport, messages: u64, bytes: u64) {
+    pub fn record_delivery(&self, transport: TransportKind, messages: u64, bytes: u64) {
         self.counters.delivered(transport, messages, bytes);
     }
 
     /// Messages delivered over `transport` so far (cheaper than [`Hub::stats`]).
-    pub fn deliveries(&self, transport: Transport) -> u64 {
+    pub fn deliveries(&self, transport: TransportKind) -> u64 {
         self.counters.deliveries(transport)
     }
 
     /// Counts one poll request or one stream connection over `transport`.
-    pub fn record_request(&self, transport: Transport) {
+    pub fn record_request(&self, transport: TransportKind) {
         self.counters.request(transport);
     }
 
@@ -570,10 +561,9 @@ impl Hub {
             }
             for topic in &held {
                 let counts = topic.presence.counts(window);
-                subscribers.poll += counts.poll;
-                subscribers.longpoll += counts.longpoll;
-                subscribers.sse += counts.sse;
-                subscribers.ws += counts.ws;
+                for (transport, count) in counts.iter() {
+                    subscribers[transport] += count;
+                }
             }
         }
         self.counters.snapshot(topics, subscribers)
@@ -694,7 +684,7 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_fan_out_is_delivered_in_id_order() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         publish(&hub, 1).await;
         // The subscriber is now past its initial history read, on the live path.
@@ -721,7 +711,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_offered_during_a_catch_up_read_is_read_again() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
             panic!("a new subscriber reads its history first");
@@ -754,7 +744,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_repeats_ids_is_written_once_in_one_chunk() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::SseChunked, Transport::Sse);
+        let outlet = hub.outlet(None, Format::SseChunked, TransportKind::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
             panic!("a new subscriber reads its history first");
@@ -818,7 +808,7 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_subscriber_catches_up_from_history() {
         let hub = hub(100, 4);
-        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 50).await;
         tokio::task::yield_now().await;
@@ -829,7 +819,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscriber_behind_history_gets_truncated_once() {
         let hub = hub(5, 2);
-        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 20).await;
         assert_eq!(
@@ -843,7 +833,7 @@ mod tests {
     #[tokio::test]
     async fn the_drain_delivers_what_was_published_then_ends() {
         let hub = hub(100, 4);
-        let outlet = hub.outlet(None, Format::Sse, Transport::Sse);
+        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
         hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         publish(&hub, 10).await;
         hub.drain();
@@ -856,7 +846,7 @@ mod tests {
     #[tokio::test]
     async fn sweep_keeps_topics_in_use() {
         let hub = hub(5, 2);
-        let outlet = hub.outlet(None, Format::Ws, Transport::Ws);
+        let outlet = hub.outlet(None, Format::Ws, TransportKind::Ws);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         assert_eq!(hub.sweep(), 0, "a subscribed topic is kept");
         drop(outlet);

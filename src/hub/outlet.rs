@@ -32,14 +32,11 @@ use smallvec::SmallVec;
 use tokio::net::TcpStream;
 
 use super::{
-    Signal, Topic, Transport,
+    Signal, Topic,
     fanout::{Fanout, Tally},
     presence::Gauge,
 };
-use crate::{
-    error::Error,
-    message::{Message, MessageId, TopicName, wire},
-};
+use crate::message::{Message, MessageId, TopicName, TransportKind, wire};
 
 /// How a connection frames what it is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +191,7 @@ pub struct Outlet {
     /// The connection's socket, when writers may write to it directly.
     socket: Option<Arc<TcpStream>>,
     format: Format,
-    transport: Transport,
+    transport: TransportKind,
     /// The fan-out shard that serves this connection.
     pub(super) shard: usize,
     /// Where this outlet is in its shard's registry (heartbeats, pings, drain).
@@ -222,7 +219,7 @@ impl Outlet {
         fanout: &Arc<Fanout>,
         socket: Option<Arc<TcpStream>>,
         format: Format,
-        transport: Transport,
+        transport: TransportKind,
         settings: &super::HubSettings,
     ) -> Arc<Self> {
         let shard = fanout.pick_shard();
@@ -241,7 +238,7 @@ impl Outlet {
             shard,
             registry_slot: fanout.register(shard, me.clone()),
             queue_limit: settings.subscriber_queue.max(1),
-            disconnect_slow: settings.disconnect_slow,
+            disconnect_slow: settings.slow_consumer == super::SlowConsumerPolicy::Disconnect,
             catch_up_batch: settings.catch_up_batch.max(1),
             fanout: fanout.clone(),
         });
@@ -265,7 +262,7 @@ impl Outlet {
     }
 
     /// What the outlet's connection is counted as.
-    pub fn transport(&self) -> Transport {
+    pub fn transport(&self) -> TransportKind {
         self.transport
     }
 
@@ -627,7 +624,7 @@ impl Outlet {
     /// Reads what a sub missed from its log and queues it (signal first, then messages),
     /// counted as delivered. The sub goes live again once nothing newer was offered to it
     /// meanwhile; otherwise the next [`Outlet::poll_action`] asks for another read.
-    pub async fn catch_up(&self, catch_up: CatchUp) -> Result<(), Error> {
+    pub async fn catch_up(&self, catch_up: CatchUp) -> Result<(), super::HubError> {
         let CatchUp {
             sub,
             topic,

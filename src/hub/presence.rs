@@ -13,44 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use crate::message::{PerTransport, TransportKind};
 
-/// The four ways a subscriber is fed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// Short polling.
-    Poll,
-    /// Long polling.
-    Longpoll,
-    /// Server-Sent Events.
-    Sse,
-    /// WebSocket.
-    Ws,
-}
-
-impl Transport {
-    /// Every transport, in the order of their indices.
-    pub const ALL: [Transport; 4] = [
-        Transport::Poll,
-        Transport::Longpoll,
-        Transport::Sse,
-        Transport::Ws,
-    ];
-}
-
-/// Subscriber counts of one topic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Subscribers {
-    /// Distinct short pollers seen within the poller window.
-    pub poll: usize,
-    /// Distinct long pollers seen within the window, or parked now if more.
-    pub longpoll: usize,
-    /// Open SSE streams.
-    pub sse: usize,
-    /// WebSocket subscriptions (a multiplexed connection counts once per topic).
-    pub ws: usize,
-}
+/// Subscriber counts of one topic, per transport: distinct short pollers seen within the
+/// poller window; distinct long pollers seen within the window, or parked now if more; open
+/// SSE streams; WebSocket subscriptions (a multiplexed connection counts once per topic).
+pub type Subscribers = PerTransport<usize>;
 
 /// A poller map holds at most this many clients per topic and transport, so a client that
 /// invents ids cannot grow it without bound; past it, new pollers are not counted.
@@ -103,10 +71,10 @@ impl PollerSet {
 /// Decrements a gauge when dropped, so a subscriber is uncounted however its task ends. A
 /// gauge without a counter counts nothing (a short poll held open, which no endpoint does).
 #[derive(Debug)]
-pub(crate) struct Gauge(Option<Arc<AtomicUsize>>, Transport);
+pub(crate) struct Gauge(Option<Arc<AtomicUsize>>, TransportKind);
 
 impl Gauge {
-    fn hold(counter: &Arc<AtomicUsize>, transport: Transport) -> Self {
+    fn hold(counter: &Arc<AtomicUsize>, transport: TransportKind) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         crate::telemetry::stream(transport, true);
         Self(Some(counter.clone()), transport)
@@ -124,37 +92,37 @@ impl Drop for Gauge {
 
 impl Presence {
     /// Counts a streaming subscriber until the returned gauge is dropped.
-    pub(crate) fn stream(&self, transport: Transport) -> Gauge {
+    pub(crate) fn stream(&self, transport: TransportKind) -> Gauge {
         match transport {
-            Transport::Sse => Gauge::hold(&self.sse, transport),
-            Transport::Ws => Gauge::hold(&self.ws, transport),
-            Transport::Longpoll => Gauge::hold(&self.parked, transport),
+            TransportKind::Sse => Gauge::hold(&self.sse, transport),
+            TransportKind::Ws => Gauge::hold(&self.ws, transport),
+            TransportKind::Longpoll => Gauge::hold(&self.parked, transport),
             // `Hub::outlet` takes any transport; a short poll held open is not counted.
-            Transport::Poll => Gauge(None, transport),
+            TransportKind::Poll => Gauge(None, transport),
         }
     }
 
     /// Records a poll request from `client`.
-    pub(crate) fn touch(&self, transport: Transport, client: &str, window: Duration) {
+    pub(crate) fn touch(&self, transport: TransportKind, client: &str, window: Duration) {
         let now = Instant::now();
         match transport {
-            Transport::Poll => self.poll.touch(client, now, window),
-            Transport::Longpoll => self.longpoll.touch(client, now, window),
-            Transport::Sse | Transport::Ws => {}
+            TransportKind::Poll => self.poll.touch(client, now, window),
+            TransportKind::Longpoll => self.longpoll.touch(client, now, window),
+            TransportKind::Sse | TransportKind::Ws => {}
         }
     }
 
     pub(crate) fn counts(&self, window: Duration) -> Subscribers {
         let now = Instant::now();
-        Subscribers {
-            poll: self.poll.count(now, window),
-            longpoll: self
+        PerTransport::from_fn(|transport| match transport {
+            TransportKind::Poll => self.poll.count(now, window),
+            TransportKind::Longpoll => self
                 .longpoll
                 .count(now, window)
                 .max(self.parked.load(Ordering::Relaxed)),
-            sse: self.sse.load(Ordering::Relaxed),
-            ws: self.ws.load(Ordering::Relaxed),
-        }
+            TransportKind::Sse => self.sse.load(Ordering::Relaxed),
+            TransportKind::Ws => self.ws.load(Ordering::Relaxed),
+        })
     }
 
     /// No subscriber of any kind: the topic may be dropped once its history is gone.
@@ -174,20 +142,23 @@ mod tests {
     fn pollers_expire_after_the_window_and_streams_on_drop() {
         let presence = Presence::default();
         let window = Duration::from_secs(30);
-        presence.touch(Transport::Poll, "a", window);
-        presence.touch(Transport::Poll, "a", window);
-        presence.touch(Transport::Poll, "b", window);
-        let gauge = presence.stream(Transport::Sse);
+        presence.touch(TransportKind::Poll, "a", window);
+        presence.touch(TransportKind::Poll, "a", window);
+        presence.touch(TransportKind::Poll, "b", window);
+        let gauge = presence.stream(TransportKind::Sse);
         let counts = presence.counts(window);
-        assert_eq!((counts.poll, counts.sse), (2, 1));
+        assert_eq!(
+            (counts[TransportKind::Poll], counts[TransportKind::Sse]),
+            (2, 1)
+        );
         assert!(!presence.is_idle(window));
         drop(gauge);
-        assert_eq!(presence.counts(window).sse, 0);
+        assert_eq!(presence.counts(window)[TransportKind::Sse], 0);
         // With a zero window every poller seen so far has expired.
         assert!(presence.is_idle(Duration::ZERO));
         // A short poll "held open" (any transport may be given to `Hub::outlet`) counts
         // nothing, and does not panic.
-        let held_poll = presence.stream(Transport::Poll);
+        let held_poll = presence.stream(TransportKind::Poll);
         assert!(presence.is_idle(Duration::ZERO));
         drop(held_poll);
     }

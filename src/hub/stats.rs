@@ -4,7 +4,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
-use super::{Subscribers, Transport};
+use super::Subscribers;
+use crate::message::{PerTransport, TransportKind};
 
 /// Copies of each counter, so that threads counting at once do not fight over one cache
 /// line: a thread adds to its own copy, a reader sums them.
@@ -22,70 +23,55 @@ fn copy_index() -> usize {
 /// One counter per transport, per copy. Relaxed atomics: these are statistics, read once a
 /// second, and must cost the delivery path no more than an uncontended add.
 #[derive(Default)]
-pub(crate) struct PerTransport([Line; COPIES]);
+pub(crate) struct Striped([Line; COPIES]);
 
 /// The counters of one copy, alone on their cache line.
 #[derive(Default)]
 #[repr(align(128))]
-struct Line([AtomicU64; 4]);
+struct Line([AtomicU64; TransportKind::COUNT]);
 
-impl PerTransport {
-    fn add(&self, transport: Transport, amount: u64) {
-        self.0[copy_index()].0[transport as usize].fetch_add(amount, Ordering::Relaxed);
+impl Striped {
+    fn add(&self, transport: TransportKind, amount: u64) {
+        self.0[copy_index()].0[transport.index()].fetch_add(amount, Ordering::Relaxed);
     }
 
-    fn get(&self, transport: Transport) -> u64 {
+    fn get(&self, transport: TransportKind) -> u64 {
         self.0
             .iter()
-            .map(|line| line.0[transport as usize].load(Ordering::Relaxed))
+            .map(|line| line.0[transport.index()].load(Ordering::Relaxed))
             .sum()
     }
 
     fn snapshot(&self) -> TransportCounts {
-        TransportCounts {
-            poll: self.get(Transport::Poll),
-            longpoll: self.get(Transport::Longpoll),
-            sse: self.get(Transport::Sse),
-            ws: self.get(Transport::Ws),
-        }
+        PerTransport::from_fn(|transport| self.get(transport))
     }
 }
 
 /// A number per transport.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct TransportCounts {
-    /// Short polling.
-    pub poll: u64,
-    /// Long polling.
-    pub longpoll: u64,
-    /// Server-Sent Events.
-    pub sse: u64,
-    /// WebSocket.
-    pub ws: u64,
-}
+pub type TransportCounts = PerTransport<u64>;
 
 /// Counters the transports feed.
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) publishes: AtomicU64,
-    deliveries: PerTransport,
-    bytes: PerTransport,
-    requests: PerTransport,
+    deliveries: Striped,
+    bytes: Striped,
+    requests: Striped,
 }
 
 impl Counters {
-    pub(crate) fn delivered(&self, transport: Transport, messages: u64, bytes: u64) {
+    pub(crate) fn delivered(&self, transport: TransportKind, messages: u64, bytes: u64) {
         if messages > 0 {
             self.deliveries.add(transport, messages);
         }
         self.bytes.add(transport, bytes);
     }
 
-    pub(crate) fn request(&self, transport: Transport) {
+    pub(crate) fn request(&self, transport: TransportKind) {
         self.requests.add(transport, 1);
     }
 
-    pub(crate) fn deliveries(&self, transport: Transport) -> u64 {
+    pub(crate) fn deliveries(&self, transport: TransportKind) -> u64 {
         self.deliveries.get(transport)
     }
 }
@@ -127,12 +113,12 @@ mod tests {
     #[test]
     fn counters_add_per_transport() {
         let counters = Counters::default();
-        counters.delivered(Transport::Sse, 2, 300);
-        counters.delivered(Transport::Sse, 0, 14);
-        counters.request(Transport::Poll);
+        counters.delivered(TransportKind::Sse, 2, 300);
+        counters.delivered(TransportKind::Sse, 0, 14);
+        counters.request(TransportKind::Poll);
         let stats = counters.snapshot(1, Subscribers::default());
-        assert_eq!(stats.deliveries.sse, 2);
-        assert_eq!(stats.bytes.sse, 314);
-        assert_eq!(stats.requests.poll, 1);
+        assert_eq!(stats.deliveries[TransportKind::Sse], 2);
+        assert_eq!(stats.bytes[TransportKind::Sse], 314);
+        assert_eq!(stats.requests[TransportKind::Poll], 1);
     }
 }

@@ -5,7 +5,10 @@
 //! the complete Server-Sent Events frame, also as an HTTP/1.1 chunk. Every subscriber then
 //! shares those `Bytes`, so fan-out never serializes, frames or copies per subscriber.
 
+pub mod transport;
 pub mod wire;
+
+pub use transport::{PerTransport, TransportKind};
 
 use std::{fmt, sync::Arc};
 

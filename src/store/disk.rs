@@ -45,7 +45,7 @@ const MAX_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// When a publish counts as durable.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
     /// Every publish is written and `fdatasync`ed on its own before it is acknowledged.
     Always,

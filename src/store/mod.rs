@@ -25,7 +25,6 @@ mod redis;
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use axum::http::StatusCode;
 
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
@@ -33,7 +32,7 @@ pub use disk::{DiskStore, FsyncPolicy};
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
-/// What a store failed with.
+/// What a store failed with. How each is answered over HTTP is `error.rs`'s business.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backing service cannot be reached; the request may be retried.
@@ -42,24 +41,6 @@ pub enum StoreError {
     /// The store failed in a way a retry will not fix.
     #[error("store failure: {0}")]
     Internal(String),
-}
-
-impl StoreError {
-    /// The HTTP status this failure is answered with.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            StoreError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    /// The machine-readable error code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            StoreError::Unavailable(_) => "store_unavailable",
-            StoreError::Internal(_) => "store_error",
-        }
-    }
 }
 
 /// How much history a topic keeps.

@@ -21,10 +21,10 @@ use super::{
 };
 use crate::{
     AppState,
-    auth::Access,
     error::Error,
-    hub::{AnswerCache, ParkedPoll, Parking, Respond, Responded, Transport, Waited},
-    message::{Message, MessageId, wire},
+    gate::auth::Access,
+    hub::{AnswerCache, ParkedPoll, Parking, Respond, Responded, Waited},
+    message::{Message, MessageId, TransportKind, wire},
 };
 
 /// Answers at once when messages after `after` exist; otherwise parks until one arrives,
@@ -98,7 +98,7 @@ impl Prepared {
             )
             .await?;
         match waited {
-            Waited::Batch(batch) => Ok(encode_batch(app, Transport::Longpoll, &batch)),
+            Waited::Batch(batch) => Ok(encode_batch(app, TransportKind::Longpoll, &batch)),
             Waited::Answered => unreachable!("no responder was given"),
         }
     }
@@ -134,9 +134,11 @@ impl Prepared {
             )
             .await?;
         Ok(match parking {
-            Parking::Ready(batch) => {
-                Parked::Now(Answer::Body(encode_batch(app, Transport::Longpoll, &batch)))
-            }
+            Parking::Ready(batch) => Parked::Now(Answer::Body(encode_batch(
+                app,
+                TransportKind::Longpoll,
+                &batch,
+            ))),
             Parking::Answered => Parked::Now(Answer::Answered),
             Parking::Parked(parked) => Parked::Waiting(Waiting {
                 parked,
@@ -182,7 +184,9 @@ impl Waiting {
     pub async fn finish(self, app: &AppState) -> Result<Answer, Error> {
         let Waiting { parked, client, .. } = self;
         Ok(match app.hub.unpark(parked, &client).await? {
-            Waited::Batch(batch) => Answer::Body(encode_batch(app, Transport::Longpoll, &batch)),
+            Waited::Batch(batch) => {
+                Answer::Body(encode_batch(app, TransportKind::Longpoll, &batch))
+            }
             Waited::Answered => Answer::Answered,
         })
     }
@@ -289,7 +293,7 @@ impl Respond for DirectAnswer {
             Err(_) => return Responded::No,
         };
         let body_len = tail.len() - tail.iter().position(|&b| b == b'{').unwrap_or(0);
-        count_answer(&self.app, Transport::Longpoll, messages, body_len);
+        count_answer(&self.app, TransportKind::Longpoll, messages, body_len);
         let total = self.head.len() + tail.len();
         if written == total {
             // Answered: its place goes back now, not when its task next runs.

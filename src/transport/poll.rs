@@ -10,11 +10,11 @@ use axum::{
 use super::Params;
 use crate::{
     AppState,
-    auth::Access,
     config::Config,
     error::Error,
-    hub::{Batch, Signal, Transport},
-    message::{MessageId, TopicName},
+    gate::auth::Access,
+    hub::{Batch, Signal},
+    message::{MessageId, TopicName, TransportKind},
 };
 
 /// The headers of a poll or long-poll answer (besides the per-request ones).
@@ -76,7 +76,7 @@ pub async fn answer(
             &request.client,
         )
         .await?;
-    Ok(encode_batch(app, Transport::Poll, &batch))
+    Ok(encode_batch(app, TransportKind::Poll, &batch))
 }
 
 /// A poll or long-poll body as an axum response.
@@ -98,7 +98,7 @@ pub fn json_response(body: Vec<u8>) -> Response {
 ///
 /// Written by hand from the envelopes encoded at publish time, so an answer to many pollers
 /// costs copies, not serializations.
-pub fn encode_batch(app: &AppState, transport: Transport, batch: &Batch) -> Vec<u8> {
+pub fn encode_batch(app: &AppState, transport: TransportKind, batch: &Batch) -> Vec<u8> {
     let body = encode_body(
         &batch.messages,
         batch.last_id,
@@ -115,12 +115,12 @@ pub fn encode_batch(app: &AppState, transport: Transport, batch: &Batch) -> Vec<
 /// polls, which wait for it).
 pub fn count_answer(
     app: &AppState,
-    transport: Transport,
+    transport: TransportKind,
     messages: &[std::sync::Arc<crate::message::Message>],
     bytes: usize,
 ) {
     app.hub.record_request(transport);
-    if let (Transport::Longpoll, Some(first)) = (transport, messages.first()) {
+    if let (TransportKind::Longpoll, Some(first)) = (transport, messages.first()) {
         crate::telemetry::delivery_lag(transport, first.time);
     }
     app.hub

@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::Params;
 use crate::{
     AppState,
-    auth::Access,
     error::Error,
+    gate::auth::Access,
     message::{Message, MessageId, Payload},
 };
 

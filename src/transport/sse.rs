@@ -29,10 +29,10 @@ use super::{
 };
 use crate::{
     AppState,
-    auth::Access,
     error::Error,
-    hub::{Action, End, Format, Outlet, OutletGuard, Transport},
-    message::{TopicName, wire},
+    gate::auth::Access,
+    hub::{Action, End, Format, Outlet, OutletGuard},
+    message::{TopicName, TransportKind, wire},
 };
 
 /// The headers of an SSE response (besides the per-request ones). `x-accel-buffering: no`
@@ -75,14 +75,14 @@ pub async fn open(
     // A browser reconnecting sends the URL it first used plus the id it last saw: the
     // header is the newer of the two.
     let after = super::sse_cursor(headers, params)?;
-    let outlet = app.hub.outlet(socket, format, Transport::Sse);
+    let outlet = app.hub.outlet(socket, format, TransportKind::Sse);
     if let Some(head) = head {
         outlet.push(Bytes::from(head));
     }
     let hello = format!("retry: {}\n\n", app.config.sse_retry.as_millis());
     outlet.push(format.body(hello.as_bytes()));
     app.hub.subscribe(&topic, after, &outlet).await?;
-    app.hub.record_request(Transport::Sse);
+    app.hub.record_request(TransportKind::Sse);
     Ok(Opened {
         outlet,
         expires: access.expires_at(),
@@ -178,7 +178,7 @@ pub async fn sse(
 /// A response body fed by an outlet: hyper polls it, and it answers what the outlet asks.
 struct SseBody {
     outlet: OutletGuard,
-    catch_up: Option<BoxFuture<'static, Result<(), Error>>>,
+    catch_up: Option<BoxFuture<'static, Result<(), crate::hub::HubError>>>,
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
 }

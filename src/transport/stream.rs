@@ -154,6 +154,7 @@ pub async fn run<P: Peer>(
                 let caught_up = super::boxed(|| outlet.catch_up(catch_up)).await;
                 if let Err(error) = caught_up {
                     outlet.unsubscribe(sub);
+                    let error = Error::from(error);
                     if let Err(finish) = peer.on_catch_up_failed(outlet, &topic, &error) {
                         return finish;
                     }

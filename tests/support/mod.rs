@@ -24,7 +24,7 @@ pub struct TestServer {
     /// A client of this server (the request helpers are on it, reached through `Deref`).
     pub endpoint: Endpoint,
     stop: CancellationToken,
-    task: JoinHandle<Result<(), pushhub::server::StartError>>,
+    task: JoinHandle<Result<(), pushhub::gate::server::StartError>>,
 }
 
 impl std::ops::Deref for TestServer {

@@ -32,10 +32,10 @@ pub use session::{Session, close_frame};
 use super::{HeaderSource, Params, io::Io, stream};
 use crate::{
     AppState,
-    auth::Access,
     error::Error,
-    hub::{Format, OutletGuard, Transport},
-    message::TopicName,
+    gate::auth::Access,
+    hub::{Format, OutletGuard},
+    message::{TopicName, TransportKind},
 };
 
 /// Checks an upgrade request and returns its `Sec-WebSocket-Accept` value; anything that is
@@ -118,7 +118,7 @@ pub async fn open(
     socket: Option<Arc<TcpStream>>,
     head: Bytes,
 ) -> Result<Opened, Error> {
-    let outlet = app.hub.outlet(socket, Format::Ws, Transport::Ws);
+    let outlet = app.hub.outlet(socket, Format::Ws, TransportKind::Ws);
     if !head.is_empty() {
         outlet.push(head);
     }
@@ -133,7 +133,7 @@ pub async fn open(
         let sub = app.hub.subscribe(&topic, after, &outlet).await?;
         session.followed(topic, sub);
     }
-    app.hub.record_request(Transport::Ws);
+    app.hub.record_request(TransportKind::Ws);
     Ok(Opened {
         outlet,
         session,

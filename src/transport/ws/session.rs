@@ -16,8 +16,8 @@ use serde_json::{Value, json, value::RawValue};
 use super::frame::{Event, FrameReader, close_code};
 use crate::{
     AppState,
-    auth::Access,
     error::Error,
+    gate::auth::Access,
     hub::{Outlet, SubId},
     message::{EventName, MessageId, Payload, TopicName, wire},
     transport::{

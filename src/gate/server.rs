@@ -18,11 +18,11 @@ use tokio_util::task::TaskTracker;
 use crate::{
     AppState,
     error::Error,
+    gate::limits::ConnectionPermit,
     gate::{
         connection::{Connection, Served, Shared},
         hyper::Protocols,
     },
-    limits::ConnectionPermit,
     transport::io::Io,
 };
 
@@ -34,7 +34,7 @@ pub enum StartError {
     Tls(String),
     /// The auth settings are unusable.
     #[error(transparent)]
-    Auth(#[from] crate::auth::AuthConfigError),
+    Auth(#[from] crate::gate::auth::AuthConfigError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
