@@ -27,7 +27,9 @@ use crate::{
     hub::{self, Hub, TopicInfo},
     message::{self, TransportKind},
     store::{self, DiskStore, MemoryStore, RedisStore},
-    telemetry, transport, web,
+    telemetry,
+    transport::{self, settings::TransportSettings},
+    web,
 };
 
 /// What every handler shares: one `Arc`, so that cloning it into each request, connection
@@ -47,8 +49,10 @@ impl std::ops::Deref for AppState {
 pub struct App {
     /// The hub.
     pub hub: Arc<Hub>,
-    /// The configuration the server runs with.
+    /// The configuration the server runs with (the gate's limits and timeouts, the store's).
     pub config: Arc<Config>,
+    /// What the transports take from it.
+    pub transports: TransportSettings,
     /// Fired when the server stops: every long-lived response (long poll, SSE, WebSocket)
     /// selects on it and ends.
     pub shutdown: CancellationToken,
@@ -91,6 +95,7 @@ impl AppState {
         telemetry::install();
         Ok(Self(Arc::new(App {
             hub: Hub::new(store, config.hub_settings()),
+            transports: config.transport_settings(),
             auth: Arc::new(auth),
             origins: Arc::new(OriginPolicy::new(&config.allowed_origins, config.listen)),
             connections: ConnectionLimits::new(

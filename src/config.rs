@@ -11,6 +11,7 @@ use crate::{
     hub::{FanoutSettings, HubSettings, SlowConsumerPolicy},
     message::TransportKind,
     store::{FsyncPolicy, Retention},
+    transport::settings::{PollSettings, PublishSettings, StreamSettings, TransportSettings},
 };
 
 /// Server configuration. `Config::default()` is what `pushhub serve` runs with when given no
@@ -341,6 +342,29 @@ impl Config {
         Retention {
             max_messages: usize::try_from(self.history_size).unwrap_or(usize::MAX),
             max_age: (!self.history_max_age.is_zero()).then_some(self.history_max_age),
+        }
+    }
+
+    /// The transports' settings: poll limits and timeouts, stream and WebSocket limits, the
+    /// publish body limit.
+    pub fn transport_settings(&self) -> TransportSettings {
+        TransportSettings {
+            poll: PollSettings {
+                default_limit: self.poll_limit,
+                max_limit: self.max_poll_limit,
+                default_timeout: self.longpoll_timeout,
+                max_timeout: self.longpoll_max_timeout,
+            },
+            stream: StreamSettings {
+                sse_retry: self.sse_retry,
+                ws_pong_timeout: self.ws_pong_timeout,
+                ws_read_buffer: self.ws_read_buffer,
+                ws_max_message: self.ws_max_message,
+                max_subscriptions: self.max_subscriptions_per_connection,
+            },
+            publish: PublishSettings {
+                max_body: self.max_body,
+            },
         }
     }
 

@@ -54,7 +54,7 @@ fn read_frames(bytes: &[u8], cuts: &[usize], max: usize) -> Result<Vec<Event>, u
 proptest! {
     #[test]
     fn cursors_accept_exactly_the_decimal_u64s(text in "\\PC{0,24}") {
-        let parsed = parse_cursor("after", &text);
+        let parsed = parse_cursor("after", text.as_bytes());
         let expected = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
             text.parse::<u64>().ok()
         } else {
@@ -65,7 +65,7 @@ proptest! {
 
     #[test]
     fn every_u64_cursor_round_trips(n in any::<u64>()) {
-        prop_assert_eq!(parse_cursor("after", &n.to_string()).unwrap(), n);
+        prop_assert_eq!(parse_cursor("after", n.to_string().as_bytes()).unwrap(), n);
     }
 
     #[test]

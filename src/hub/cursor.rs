@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use bytes::Bytes;
+
 use crate::{
-    message::{Message, MessageId, TopicName},
+    message::{Message, MessageId, TopicName, wire},
     store::{LogHead, LogRead},
 };
 
@@ -43,6 +45,36 @@ impl Signal {
         match self {
             Signal::Truncated { oldest_id } => oldest_id.saturating_sub(1),
             Signal::Reset { .. } => 0,
+        }
+    }
+
+    // Every wire form of a signal is rendered below, and only here.
+
+    /// On a WebSocket: a text frame of [`Signal::to_json`].
+    pub fn ws_frame(&self, topic: &TopicName) -> Bytes {
+        wire::ws_frame(wire::opcode::TEXT, self.to_json(topic).as_bytes())
+    }
+
+    /// On an SSE stream: an event named after the signal, carrying [`Signal::to_json`], whose
+    /// `id:` is the cursor right after it, so that a reconnecting `EventSource` resumes where
+    /// the signal leaves it.
+    pub fn sse_event(&self, topic: &TopicName) -> Bytes {
+        wire::sse_frame(
+            self.resume_after(),
+            self.event_name(),
+            self.to_json(topic).as_bytes(),
+        )
+    }
+
+    /// In a poll answer: fields of its JSON object, `,"truncated":true,"oldest_id":N` or
+    /// `,"reset":true`, appended to `body`.
+    pub fn poll_fields(&self, body: &mut Vec<u8>) {
+        match *self {
+            Signal::Truncated { oldest_id } => {
+                body.extend_from_slice(b",\"truncated\":true,\"oldest_id\":");
+                body.extend_from_slice(itoa::Buffer::new().format(oldest_id).as_bytes());
+            }
+            Signal::Reset { .. } => body.extend_from_slice(b",\"reset\":true"),
         }
     }
 

@@ -59,18 +59,11 @@ impl Format {
         }
     }
 
-    /// A cursor signal in this format: a `{"type":...}` text frame on WebSocket, an event
-    /// named after the signal on SSE, whose `id:` is the cursor right after it, so that a
-    /// reconnecting `EventSource` resumes where the signal leaves it.
+    /// A cursor signal in this format ([`Signal`] renders it).
     pub fn signal(self, topic: &TopicName, signal: &Signal) -> Bytes {
-        let json = signal.to_json(topic);
         match self {
-            Format::Ws => wire::ws_frame(wire::opcode::TEXT, json.as_bytes()),
-            Format::Sse | Format::SseChunked => {
-                let frame =
-                    wire::sse_frame(signal.resume_after(), signal.event_name(), json.as_bytes());
-                self.body(&frame)
-            }
+            Format::Ws => signal.ws_frame(topic),
+            Format::Sse | Format::SseChunked => self.body(&signal.sse_event(topic)),
         }
     }
 

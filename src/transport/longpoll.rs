@@ -65,9 +65,9 @@ pub fn prepare(
     topic: &str,
     params: &Params<'_>,
 ) -> Result<Prepared, Error> {
-    let request = PollRequest::parse(topic, params, &app.config)?;
+    let request = PollRequest::parse(topic, params, &app.transports.poll)?;
     access.check_subscribe(&request.topic)?;
-    let timeout = params.timeout(&app.config)?;
+    let timeout = params.timeout(&app.transports.poll)?;
     let place = app
         .parked_longpolls
         .clone()

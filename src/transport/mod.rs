@@ -11,6 +11,7 @@ pub mod io;
 pub mod longpoll;
 pub mod poll;
 pub mod publish;
+pub mod settings;
 pub mod sse;
 pub mod stream;
 pub mod ws;
@@ -23,10 +24,10 @@ use axum::{
 };
 
 use crate::{
-    config::Config,
     error::Error,
-    message::{EventName, MessageId, TopicName},
+    message::{MessageId, TopicName},
 };
+use settings::PollSettings;
 
 /// Boxes the future `make` builds, building it inside this (non-async) function: a future
 /// built in an async function and then boxed still takes its full size in the caller's
@@ -171,33 +172,33 @@ impl<'a> Params<'a> {
     /// `after`: a message id, as plain decimal digits.
     pub fn after(&self) -> Result<Option<MessageId>, Error> {
         self.get("after")
-            .map(|v| parse_cursor("after", &v))
+            .map(|v| parse_cursor("after", v.as_bytes()))
             .transpose()
     }
 
     /// `limit`: 1 to the configured maximum; the configured default when absent.
-    pub fn limit(&self, config: &Config) -> Result<usize, Error> {
+    pub fn limit(&self, settings: &PollSettings) -> Result<usize, Error> {
         let Some(text) = self.get("limit") else {
-            return Ok(config.poll_limit.min(config.max_poll_limit));
+            return Ok(settings.default_limit.min(settings.max_limit));
         };
         let limit = parse_decimal(&text)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| Error::param("limit", "must be a whole number"))?;
-        if limit == 0 || limit > config.max_poll_limit {
+        if limit == 0 || limit > settings.max_limit {
             return Err(Error::param(
                 "limit",
-                format!("must be between 1 and {}", config.max_poll_limit),
+                format!("must be between 1 and {}", settings.max_limit),
             ));
         }
         Ok(limit)
     }
 
     /// `timeout`: seconds, with up to three decimals, at most the configured maximum.
-    pub fn timeout(&self, config: &Config) -> Result<Duration, Error> {
+    pub fn timeout(&self, settings: &PollSettings) -> Result<Duration, Error> {
         let Some(text) = self.get("timeout") else {
-            return Ok(config.longpoll_timeout.min(config.longpoll_max_timeout));
+            return Ok(settings.default_timeout.min(settings.max_timeout));
         };
-        let max = config.longpoll_max_timeout;
+        let max = settings.max_timeout;
         let timeout = parse_seconds(&text).ok_or_else(|| {
             Error::param("timeout", "must be a number of seconds such as 25 or 0.5")
         })?;
@@ -208,14 +209,6 @@ impl<'a> Params<'a> {
             ));
         }
         Ok(timeout)
-    }
-
-    /// `event`: an event name, `message` when absent.
-    pub fn event(&self) -> Result<EventName, Error> {
-        self.get("event").map_or_else(
-            || Ok(EventName::default_event()),
-            |e| Ok(EventName::parse(&e)?),
-        )
     }
 
     /// Who is polling, for subscriber counts: the `client` parameter when given (a client
@@ -234,14 +227,18 @@ impl<'a> Params<'a> {
     }
 }
 
-/// Parses a cursor value: plain decimal digits that fit in 64 bits.
-pub fn parse_cursor(name: &'static str, text: &str) -> Result<MessageId, Error> {
-    parse_decimal(text).ok_or_else(|| {
-        Error::param(
-            name,
-            "must be a message id: a whole number from 0 to 18446744073709551615",
-        )
-    })
+/// Parses a cursor value, wherever it comes from (a query parameter, the `Last-Event-ID`
+/// header, a field of a WebSocket command): plain decimal digits that fit in 64 bits.
+pub fn parse_cursor(name: &'static str, text: &[u8]) -> Result<MessageId, Error> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(parse_decimal)
+        .ok_or_else(|| {
+            Error::param(
+                name,
+                "must be a message id: a whole number from 0 to 18446744073709551615",
+            )
+        })
 }
 
 /// Plain decimal digits only: no sign, exponent, spaces or fraction.
@@ -280,11 +277,7 @@ pub fn topic(path: &str) -> Result<TopicName, Error> {
 /// `after` parameter.
 pub fn sse_cursor(headers: &dyn HeaderSource, params: &Params) -> Result<Option<MessageId>, Error> {
     match headers.header("last-event-id") {
-        Some(value) => Ok(Some(parse_cursor(
-            "Last-Event-ID",
-            std::str::from_utf8(value)
-                .map_err(|_| Error::param("Last-Event-ID", "must be ASCII digits"))?,
-        )?)),
+        Some(value) => parse_cursor("Last-Event-ID", value).map(Some),
         None => params.after(),
     }
 }
@@ -295,9 +288,9 @@ mod tests {
 
     #[test]
     fn cursors_are_plain_decimal() {
-        assert_eq!(parse_cursor("after", "0").unwrap(), 0);
+        assert_eq!(parse_cursor("after", b"0").unwrap(), 0);
         assert_eq!(
-            parse_cursor("after", "18446744073709551615").unwrap(),
+            parse_cursor("after", b"18446744073709551615").unwrap(),
             u64::MAX
         );
         for bad in [
@@ -311,7 +304,10 @@ mod tests {
             "18446744073709551616",
             "NaN",
         ] {
-            assert!(parse_cursor("after", bad).is_err(), "{bad:?} accepted");
+            assert!(
+                parse_cursor("after", bad.as_bytes()).is_err(),
+                "{bad:?} accepted"
+            );
         }
     }
 

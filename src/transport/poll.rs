@@ -7,10 +7,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::Params;
+use super::{Params, settings::PollSettings};
 use crate::{
     AppState,
-    config::Config,
     error::Error,
     gate::auth::Access,
     hub::{Batch, Signal},
@@ -38,11 +37,11 @@ pub struct PollRequest {
 
 impl PollRequest {
     /// Validates the path and the shared query parameters.
-    pub fn parse(topic: &str, params: &Params, config: &Config) -> Result<Self, Error> {
+    pub fn parse(topic: &str, params: &Params, settings: &PollSettings) -> Result<Self, Error> {
         Ok(Self {
             topic: super::topic(topic)?,
             after: params.after()?,
-            limit: params.limit(config)?,
+            limit: params.limit(settings)?,
             client: params.client()?.into_owned(),
         })
     }
@@ -65,7 +64,7 @@ pub async fn answer(
     topic: &str,
     params: &Params<'_>,
 ) -> Result<Vec<u8>, Error> {
-    let request = PollRequest::parse(topic, params, &app.config)?;
+    let request = PollRequest::parse(topic, params, &app.transports.poll)?;
     access.check_subscribe(&request.topic)?;
     let batch = app
         .hub
@@ -159,13 +158,8 @@ pub fn encode_body(
     if more {
         body.extend_from_slice(b",\"more\":true");
     }
-    match signal {
-        Some(Signal::Truncated { oldest_id }) => {
-            body.extend_from_slice(b",\"truncated\":true,\"oldest_id\":");
-            body.extend_from_slice(number.format(oldest_id).as_bytes());
-        }
-        Some(Signal::Reset { .. }) => body.extend_from_slice(b",\"reset\":true"),
-        None => {}
+    if let Some(signal) = signal {
+        signal.poll_fields(&mut body);
     }
     body.push(b'}');
     body

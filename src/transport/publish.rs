@@ -1,4 +1,6 @@
-//! `POST /topics/{topic}`: publishing over HTTP. WebSocket publishing reuses [`Published`].
+//! Publishing: the one path every transport publishes through ([`publish_as`]: permission,
+//! rate limit, event name, payload, append), and `POST /topics/{topic}` over HTTP. The
+//! WebSocket `publish` command calls the same path and acknowledges with [`Published`].
 
 use axum::{
     Json,
@@ -8,13 +10,14 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
+use std::{net::IpAddr, sync::Arc};
 
 use super::Params;
 use crate::{
-    AppState,
+    App, AppState,
     error::Error,
     gate::auth::Access,
-    message::{Message, MessageId, Payload},
+    message::{EventName, Message, MessageId, Payload, TopicName},
 };
 
 /// What a publisher is told: where its message landed.
@@ -41,6 +44,28 @@ impl<'a> From<&'a Message> for Published<'a> {
     }
 }
 
+/// Publishes for a client, as every transport does: the token must allow publishing on
+/// `topic`, the client (its token's subject, else `peer`) must be within the publish rate,
+/// `event` must be a valid name (`message` when absent), and `payload` must read; checked in
+/// that order, so the same request is refused with the same error whatever carried it.
+pub async fn publish_as(
+    app: &App,
+    access: &Access,
+    peer: Option<IpAddr>,
+    topic: &TopicName,
+    event: Option<&str>,
+    payload: impl FnOnce() -> Result<Payload, Error>,
+) -> Result<Arc<Message>, Error> {
+    access.check_publish(topic)?;
+    app.publish_limiter.check(&access.client_key(peer))?;
+    let event = match event {
+        Some(name) => EventName::parse(name)?,
+        None => EventName::default_event(),
+    };
+    let payload = payload()?;
+    app.publish(topic, event, &payload).await
+}
+
 /// Publishes the body: JSON as is when sent as `application/json` (or `+json`), any other
 /// body as a JSON string of its UTF-8 text.
 pub async fn publish(
@@ -52,26 +77,33 @@ pub async fn publish(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     let topic = super::topic(&topic)?;
-    access.check_publish(&topic)?;
-    app.publish_limiter
-        .check(&access.client_key(params.peer_ip()))?;
-    let event = params.event()?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Error::PayloadTooLarge {
-                limit: app.config.max_body,
+    let event = params.get("event");
+    let payload = || {
+        let body = body.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::PayloadTooLarge {
+                    limit: app.transports.publish.max_body,
+                }
+            } else {
+                Error::InvalidBody(rejection.body_text())
             }
+        })?;
+        let text = std::str::from_utf8(&body).map_err(|_| Error::InvalidUtf8)?;
+        Ok(if is_json(&headers) {
+            Payload::from_json(text)?
         } else {
-            Error::InvalidBody(rejection.body_text())
-        }
-    })?;
-    let text = std::str::from_utf8(&body).map_err(|_| Error::InvalidUtf8)?;
-    let payload = if is_json(&headers) {
-        Payload::from_json(text)?
-    } else {
-        Payload::from_text(text)
+            Payload::from_text(text)
+        })
     };
-    let message = app.publish(&topic, event, &payload).await?;
+    let message = publish_as(
+        &app,
+        &access,
+        params.peer_ip(),
+        &topic,
+        event.as_deref(),
+        payload,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(Published::from(&*message))).into_response())
 }
 

@@ -25,13 +25,13 @@ use tokio::{net::TcpStream, time::Instant};
 
 use super::{
     HeaderSource, Params,
-    stream::{Finish, Peer},
+    stream::{self, Driver, Finish, Next, Peer},
 };
 use crate::{
     AppState,
     error::Error,
     gate::auth::Access,
-    hub::{Action, End, Format, Outlet, OutletGuard},
+    hub::{End, Format, Outlet, OutletGuard},
     message::{TopicName, TransportKind, wire},
 };
 
@@ -79,7 +79,7 @@ pub async fn open(
     if let Some(head) = head {
         outlet.push(Bytes::from(head));
     }
-    let hello = format!("retry: {}\n\n", app.config.sse_retry.as_millis());
+    let hello = format!("retry: {}\n\n", app.transports.stream.sse_retry.as_millis());
     outlet.push(format.body(hello.as_bytes()));
     app.hub.subscribe(&topic, after, &outlet).await?;
     app.hub.record_request(TransportKind::Sse);
@@ -159,9 +159,7 @@ pub async fn sse(
     let body = Body::from_stream(SseBody {
         outlet: opened.outlet,
         catch_up: None,
-        expires: opened
-            .expires
-            .map(|at| Box::pin(tokio::time::sleep_until(at))),
+        driver: Driver::new(opened.expires),
         ended: false,
     });
     let mut response = body.into_response();
@@ -175,12 +173,33 @@ pub async fn sse(
     Ok(response)
 }
 
-/// A response body fed by an outlet: hyper polls it, and it answers what the outlet asks.
+/// A response body fed by an outlet: hyper polls it, and it answers what the stream's
+/// [`Driver`] asks, with the same policies and the same last bytes ([`tail`]) as the raw
+/// socket's loop.
 struct SseBody {
     outlet: OutletGuard,
-    catch_up: Option<BoxFuture<'static, Result<(), crate::hub::HubError>>>,
-    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    catch_up: Option<BoxFuture<'static, Result<(), (TopicName, Error)>>>,
+    driver: Driver,
     ended: bool,
+}
+
+impl SseBody {
+    /// The body's last chunk: what was queued before the end (the outlet sealed first, as on
+    /// the raw socket), then the stream's [`tail`]; `None` when there is nothing to send.
+    fn last(&mut self, finish: Finish) -> Option<Result<Bytes, std::convert::Infallible>> {
+        self.ended = true;
+        let mut last = Vec::new();
+        if stream::flushes(finish) {
+            self.outlet.seal();
+            while let Some(frames) = self.outlet.take_pending() {
+                frames
+                    .iter()
+                    .for_each(|frame| last.extend_from_slice(frame));
+            }
+        }
+        last.extend(tail(Format::Sse, finish).unwrap_or_default());
+        (!last.is_empty()).then(|| Ok(Bytes::from(last)))
+    }
 }
 
 impl Stream for SseBody {
@@ -191,47 +210,36 @@ impl Stream for SseBody {
         if this.ended {
             return Poll::Ready(None);
         }
-        if let Some(expires) = this.expires.as_mut()
-            && expires.as_mut().poll(cx).is_ready()
-        {
-            this.ended = true;
-            return Poll::Ready(Some(Ok(Bytes::from_static(EXPIRED))));
-        }
         loop {
             if let Some(catch_up) = this.catch_up.as_mut() {
                 match catch_up.poll_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(())) => this.catch_up = None,
-                    Poll::Ready(Err(error)) => {
-                        tracing::warn!(%error, "ending SSE stream");
-                        this.ended = true;
-                        return Poll::Ready(None);
+                    Poll::Ready(Err((topic, error))) => {
+                        let mut peer = SsePeer { max_input: 0 };
+                        let finish = peer
+                            .on_catch_up_failed(&this.outlet, &topic, &error)
+                            .err()
+                            .unwrap_or(Finish::PeerGone);
+                        return Poll::Ready(this.last(finish));
                     }
                 }
             }
-            match this.outlet.poll_action(cx) {
+            match this.driver.poll_next(cx, &this.outlet) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Action::Write(frames)) => {
+                Poll::Ready(Next::Write(frames)) => {
                     let chunk = match <[Bytes; 1]>::try_from(frames) {
                         Ok([one]) => one,
                         Err(frames) => Bytes::from(frames.concat()),
                     };
                     return Poll::Ready(Some(Ok(chunk)));
                 }
-                Poll::Ready(Action::CatchUp(catch_up)) => {
+                Poll::Ready(Next::CatchUp(catch_up)) => {
                     let outlet = Arc::clone(&this.outlet);
-                    this.catch_up = Some(async move { outlet.catch_up(catch_up).await }.boxed());
+                    this.catch_up =
+                        Some(async move { Driver::catch_up(&outlet, catch_up).await }.boxed());
                 }
-                Poll::Ready(Action::End(end)) => {
-                    this.ended = true;
-                    // What the drain left queued goes out before the end.
-                    if let (End::Drained | End::SlowConsumer, Some(frames)) =
-                        (end, this.outlet.take_pending())
-                    {
-                        return Poll::Ready(Some(Ok(Bytes::from(frames.concat()))));
-                    }
-                    return Poll::Ready(None);
-                }
+                Poll::Ready(Next::Finish(finish)) => return Poll::Ready(this.last(finish)),
             }
         }
     }

@@ -27,7 +27,7 @@ use tokio::{
 use super::io::Io;
 use crate::{
     error::Error,
-    hub::{Action, End, Outlet, SubId},
+    hub::{Action, CatchUp, End, Outlet, SubId},
     message::TopicName,
 };
 
@@ -76,9 +76,74 @@ pub trait Peer: Send {
     ) -> Result<(), Finish>;
 }
 
+/// The policies of a stream that do not depend on what carries its bytes, shared by the loop
+/// below (raw sockets) and by the SSE response body hyper polls: the token's expiry, what
+/// the outlet asks for, and how a catch-up that fails is undone.
+pub struct Driver {
+    expiry: Option<Pin<Box<Sleep>>>,
+}
+
+/// What a stream does next.
+pub enum Next {
+    /// Write these frames.
+    Write(Vec<Bytes>),
+    /// Read a topic's history (run it with [`Driver::catch_up`]).
+    CatchUp(CatchUp),
+    /// End, for this reason.
+    Finish(Finish),
+}
+
+impl Driver {
+    /// A driver for a stream whose token expires at `expires`.
+    pub fn new(expires: Option<Instant>) -> Self {
+        Self {
+            expiry: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// The next thing to do. Poll it only when no write is blocked: the stream then ends on a
+    /// frame boundary when its token expires.
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>, outlet: &Outlet) -> Poll<Next> {
+        if let Some(expiry) = self.expiry.as_mut()
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Next::Finish(Finish::Expired));
+        }
+        outlet.poll_action(cx).map(|action| match action {
+            Action::Write(frames) => Next::Write(frames),
+            Action::CatchUp(catch_up) => Next::CatchUp(catch_up),
+            Action::End(end) => Next::Finish(Finish::Ended(end)),
+        })
+    }
+
+    /// Reads what a sub missed. If the read fails the sub is dropped (its place in the
+    /// outlet would otherwise wait forever) and the failure returned with its topic, for the
+    /// transport to end the stream or tell the client.
+    pub async fn catch_up(outlet: &Outlet, catch_up: CatchUp) -> Result<(), (TopicName, Error)> {
+        let topic = catch_up.topic().clone();
+        let sub: SubId = Outlet::catch_up_sub(&catch_up);
+        // Boxed: the read's state exists only while it runs.
+        let caught_up = super::boxed(|| outlet.catch_up(catch_up)).await;
+        caught_up.map_err(|error| {
+            outlet.unsubscribe(sub);
+            (topic, Error::from(error))
+        })
+    }
+}
+
+/// Whether an end leaves something worth sending before the transport's last bytes: the
+/// rest of a drain, what was queued before the token expired, a close frame. The other ends
+/// (the peer is gone, or stalled) write nothing more.
+pub fn flushes(finish: Finish) -> bool {
+    matches!(
+        finish,
+        Finish::Closed | Finish::Expired | Finish::Ended(End::SlowConsumer | End::Drained)
+    )
+}
+
 enum Step {
     Input,
-    CatchUp(crate::hub::CatchUp),
+    CatchUp(CatchUp),
     Finish(Finish),
 }
 
@@ -92,9 +157,7 @@ pub async fn run<P: Peer>(
     input: &mut Vec<u8>,
 ) -> Finish {
     let mut writer = Writer::default();
-    let mut expiry: Option<Pin<Box<Sleep>>> = settings
-        .expires
-        .map(|at| Box::pin(tokio::time::sleep_until(at)));
+    let mut driver = Driver::new(settings.expires);
     loop {
         let step = poll_fn(|cx| {
             loop {
@@ -106,19 +169,12 @@ pub async fn run<P: Peer>(
                     // by the stall limit instead).
                     Poll::Pending => return Poll::Pending,
                 }
-                if let Some(expiry) = expiry.as_mut()
-                    && expiry.as_mut().poll(cx).is_ready()
-                {
-                    return Poll::Ready(Step::Finish(Finish::Expired));
-                }
-                match outlet.poll_action(cx) {
-                    Poll::Ready(Action::Write(frames)) => writer.start(frames),
-                    Poll::Ready(Action::CatchUp(catch_up)) => {
+                match driver.poll_next(cx, outlet) {
+                    Poll::Ready(Next::Write(frames)) => writer.start(frames),
+                    Poll::Ready(Next::CatchUp(catch_up)) => {
                         return Poll::Ready(Step::CatchUp(catch_up));
                     }
-                    Poll::Ready(Action::End(end)) => {
-                        return Poll::Ready(Step::Finish(Finish::Ended(end)));
-                    }
+                    Poll::Ready(Next::Finish(finish)) => return Poll::Ready(Step::Finish(finish)),
                     Poll::Pending => break,
                 }
             }
@@ -148,16 +204,10 @@ pub async fn run<P: Peer>(
                 }
             }
             Step::CatchUp(catch_up) => {
-                let topic = catch_up.topic().clone();
-                let sub: SubId = Outlet::catch_up_sub(&catch_up);
-                // Boxed: the read's state exists only while it runs.
-                let caught_up = super::boxed(|| outlet.catch_up(catch_up)).await;
-                if let Err(error) = caught_up {
-                    outlet.unsubscribe(sub);
-                    let error = Error::from(error);
-                    if let Err(finish) = peer.on_catch_up_failed(outlet, &topic, &error) {
-                        return finish;
-                    }
+                if let Err((topic, error)) = Driver::catch_up(outlet, catch_up).await
+                    && let Err(finish) = peer.on_catch_up_failed(outlet, &topic, &error)
+                {
+                    return finish;
                 }
             }
             Step::Finish(finish) => {
@@ -173,30 +223,32 @@ pub async fn run<P: Peer>(
 /// those last bytes, so the transport's own ending (a close frame, the `expired` event, the
 /// last chunk) follows whole frames and nothing follows it.
 async fn end(io: &mut Io, outlet: &Outlet, finish: Finish, stall: Duration) -> Finish {
-    if matches!(
-        finish,
-        Finish::Closed | Finish::Expired | Finish::Ended(End::SlowConsumer | End::Drained)
-    ) {
+    if flushes(finish) {
         outlet.seal();
-        let mut writer = Writer::default();
-        let flushed = poll_fn(|cx| {
-            loop {
-                match writer.poll(cx, io, stall) {
-                    Poll::Ready(Ok(())) => {}
-                    other => return other,
-                }
-                match outlet.take_pending() {
-                    Some(frames) => writer.start(frames),
-                    None => return Poll::Ready(Ok(())),
-                }
-            }
-        })
-        .await;
-        if let Err(failed) = flushed {
+        if let Err(failed) = write_pending(io, outlet, stall).await {
             return failed;
         }
     }
     finish
+}
+
+/// Writes everything queued on a sealed outlet (a transport's last bytes included), with the
+/// stall limit.
+pub async fn write_pending(io: &mut Io, outlet: &Outlet, stall: Duration) -> Result<(), Finish> {
+    let mut writer = Writer::default();
+    poll_fn(|cx| {
+        loop {
+            match writer.poll(cx, io, stall) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            match outlet.take_pending() {
+                Some(frames) => writer.start(frames),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    })
+    .await
 }
 
 /// Writes one batch of frames completely (and flushes, for TLS), with the stall limit.

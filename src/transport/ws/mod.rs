@@ -152,8 +152,8 @@ pub async fn run(app: &AppState, opened: Opened, io: &mut Io, mut input: Vec<u8>
     let settings = stream::Settings {
         // A peer that stops reading stalls our writes; one that vanished answers no ping.
         // Either is cut off after this long, and its resources freed.
-        stall: app.config.ws_pong_timeout,
-        read_chunk: app.config.ws_read_buffer,
+        stall: app.transports.stream.ws_pong_timeout,
+        read_chunk: app.transports.stream.ws_read_buffer,
         expires,
     };
     // Bytes that arrived with the handshake are handled first.
@@ -184,15 +184,7 @@ async fn close(
         outlet.push_last(frame);
     }
     if closing {
-        let flush = async {
-            while let Some(frames) = outlet.take_pending() {
-                for frame in frames {
-                    io.write_all(&frame).await?;
-                }
-            }
-            io.flush().await
-        };
-        let _ = tokio::time::timeout(stall, flush).await;
+        let _ = stream::write_pending(io, outlet, stall).await;
     }
     let _ = io.shutdown().await;
 }

@@ -19,9 +19,9 @@ use crate::{
     error::Error,
     gate::auth::Access,
     hub::{Outlet, SubId},
-    message::{EventName, MessageId, Payload, TopicName, wire},
+    message::{MessageId, Payload, TopicName, wire},
     transport::{
-        publish::Published,
+        publish::{Published, publish_as},
         stream::{Finish, Peer},
     },
 };
@@ -48,7 +48,7 @@ impl Session {
         peer: Option<IpAddr>,
         home: Option<TopicName>,
     ) -> Self {
-        let frames = FrameReader::new(app.config.ws_max_message);
+        let frames = FrameReader::new(app.transports.stream.ws_max_message);
         Self {
             app,
             access,
@@ -108,20 +108,23 @@ impl Session {
                         Error::InvalidMessage("publish on /ws needs a \"topic\"".into())
                     })?,
                 };
-                self.access.check_publish(&topic)?;
-                self.app
-                    .publish_limiter
-                    .check(&self.access.client_key(self.peer))?;
-                let event = match command.string("event")? {
-                    Some(event) => EventName::parse(&event)?,
-                    None => EventName::default_event(),
+                let event = command.string("event")?;
+                let payload = || {
+                    let data = command
+                        .fields
+                        .get("data")
+                        .ok_or_else(|| Error::InvalidMessage("publish needs \"data\"".into()))?;
+                    Ok(Payload::from_json(data.get())?)
                 };
-                let data = command
-                    .fields
-                    .get("data")
-                    .ok_or_else(|| Error::InvalidMessage("publish needs \"data\"".into()))?;
-                let payload = Payload::from_json(data.get())?;
-                let message = self.app.publish(&topic, event, &payload).await?;
+                let message = publish_as(
+                    &self.app,
+                    &self.access,
+                    self.peer,
+                    &topic,
+                    event.as_deref(),
+                    payload,
+                )
+                .await?;
                 let mut ack =
                     serde_json::to_value(Published::from(&*message)).expect("ack serializes");
                 ack["type"] = json!("ack");
@@ -130,7 +133,7 @@ impl Session {
             "subscribe" => {
                 let topic = TopicName::parse(&command.required_string("topic")?)?;
                 self.access.check_subscribe(&topic)?;
-                let limit = self.app.config.max_subscriptions_per_connection;
+                let limit = self.app.transports.stream.max_subscriptions;
                 let following = self.subs.iter().any(|(t, _)| *t == topic);
                 if !following && self.subs.len() >= limit {
                     return Err(Error::TooManySubscriptions { limit });
@@ -257,14 +260,8 @@ impl Command<'_> {
     fn cursor(&self, name: &'static str) -> Result<Option<MessageId>, Error> {
         self.fields
             .get(name)
-            .map(|raw| {
-                serde_json::from_str::<MessageId>(raw.get()).map_err(|_| {
-                    Error::param(
-                        name,
-                        "must be a message id: a whole number from 0 to 18446744073709551615",
-                    )
-                })
-            })
+            // A JSON number's text is its digits: the same rule as everywhere else.
+            .map(|raw| crate::transport::parse_cursor(name, raw.get().as_bytes()))
             .transpose()
     }
 }
