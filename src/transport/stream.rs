@@ -118,13 +118,12 @@ impl Driver {
 
     /// Reads what a sub missed. If the read fails the sub is dropped (its place in the
     /// outlet would otherwise wait forever) and the failure returned with its topic, for the
-    /// transport to end the stream or tell the client.
+    /// transport to end the stream or tell the client. Callers box it: its state is needed
+    /// only while it runs.
     pub async fn catch_up(outlet: &Outlet, catch_up: CatchUp) -> Result<(), (TopicName, Error)> {
         let topic = catch_up.topic().clone();
         let sub: SubId = Outlet::catch_up_sub(&catch_up);
-        // Boxed: the read's state exists only while it runs.
-        let caught_up = super::boxed(|| outlet.catch_up(catch_up)).await;
-        caught_up.map_err(|error| {
+        outlet.catch_up(catch_up).await.map_err(|error| {
             outlet.unsubscribe(sub);
             (topic, Error::from(error))
         })
@@ -204,7 +203,9 @@ pub async fn run<P: Peer>(
                 }
             }
             Step::CatchUp(catch_up) => {
-                if let Err((topic, error)) = Driver::catch_up(outlet, catch_up).await
+                // Boxed: the read's state exists only while it runs.
+                let caught_up = super::boxed(|| Driver::catch_up(outlet, catch_up)).await;
+                if let Err((topic, error)) = caught_up
                     && let Err(finish) = peer.on_catch_up_failed(outlet, &topic, &error)
                 {
                     return finish;

@@ -1,0 +1,227 @@
+//! The shared store: topics kept in Redis, so that any number of nodes serve the same topics.
+//!
+//! Per topic, Redis holds a counter (`pushhub:{topic}:seq`), the retained history as a sorted
+//! set scored by id (`pushhub:{topic}:log`, members `id\nrecord`), and a channel
+//! (`pushhub:{topic}:live`). A publish is one Lua script, run atomically by Redis: it
+//! increments the counter, adds the message, trims the set by count and age, and publishes the
+//! member on the channel. Ids are therefore assigned cluster-wide, and Redis publishes each
+//! topic's messages in id order.
+//!
+//! Each node keeps one pub/sub connection ([`Listener`]) and subscribes to the channel of each
+//! topic that has live subscribers in it, once, however many subscribers it has; every
+//! message (its own publishes too) reaches local subscribers through that subscription, so
+//! they all see one order. Redis traffic grows with nodes × active topics, not with
+//! subscribers.
+//!
+//! When Redis is unreachable, publishes and reads fail with `503 store_unavailable`: a `201`
+//! is only sent for a message Redis has stored. Subscribers stay connected. The listener
+//! reconnects with backoff, subscribes again to every followed topic, and replays what was
+//! published after the last message it saw, so subscribers resume by cursor with no loss.
+//! The keys use a `{topic}` hash tag, so one topic's keys share a Redis Cluster slot.
+
+mod keys;
+mod listener;
+mod tail;
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::{Client, Script, aio::ConnectionManager};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
+use crate::message::{EventName, Message, MessageId, Payload, TopicName, now_millis};
+use keys::{PUBLISH_SCRIPT, READ_SCRIPT, channel, decode_member, log_key, seq_key};
+use listener::{Follow, Listener, MAX_BACKOFF};
+use tail::{SharedTail, TAIL_CAPACITY, Tail, lock};
+
+/// How long a Redis command may take before the publish or read fails with 503.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn unavailable(error: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {error}"))
+}
+
+/// Topics in Redis, shared by every node pointed at the same server.
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    commands: ConnectionManager,
+    publish: Script,
+    read: Script,
+    retention: Retention,
+    listener: mpsc::UnboundedSender<Follow>,
+}
+
+impl Shared {
+    fn cutoff(&self) -> u64 {
+        self.retention.max_age.map_or(0, |age| {
+            now_millis().saturating_sub(age.as_millis() as u64).max(1)
+        })
+    }
+
+    async fn read(
+        &self,
+        topic: &TopicName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<LogRead, StoreError> {
+        let mut commands = self.commands.clone();
+        let mut invocation = self.read.key(seq_key(topic));
+        invocation
+            .key(log_key(topic))
+            .arg(after.min(1 << 53))
+            .arg(limit)
+            .arg(self.cutoff());
+        let (last_id, first_retained, members): (u64, u64, Vec<Vec<u8>>) = invocation
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        let messages = members
+            .into_iter()
+            .map(|member| decode_member(topic, Bytes::from(member)).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(LogRead {
+            messages,
+            head: LogHead {
+                last_id,
+                first_retained,
+            },
+        })
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` lazily (a node starts, and answers 503, while Redis is down) and
+    /// starts the listener. Must be called inside a Tokio runtime.
+    pub fn open(url: &str, retention: Retention) -> Result<Self, StoreError> {
+        let client =
+            Client::open(url).map_err(|e| StoreError::Internal(format!("--redis {url}: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(MAX_BACKOFF);
+        let commands = client
+            .get_connection_manager_lazy(config)
+            .map_err(unavailable)?;
+        let (listener, follows) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            commands,
+            publish: Script::new(PUBLISH_SCRIPT),
+            read: Script::new(READ_SCRIPT),
+            retention,
+            listener,
+        });
+        Listener::spawn(client, Arc::downgrade(&shared), follows);
+        Ok(Self { shared })
+    }
+}
+
+impl Store for RedisStore {
+    fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog> {
+        let capacity = self.shared.retention.max_messages.clamp(1, TAIL_CAPACITY);
+        Arc::new(RedisLog {
+            topic: topic.clone(),
+            live,
+            shared: self.shared.clone(),
+            following: AtomicBool::new(false),
+            tail: Arc::new(std::sync::Mutex::new(Tail {
+                messages: VecDeque::new(),
+                capacity,
+            })),
+        })
+    }
+}
+
+struct RedisLog {
+    topic: TopicName,
+    live: Arc<dyn Live>,
+    shared: Arc<Shared>,
+    following: AtomicBool,
+    tail: SharedTail,
+}
+
+impl Drop for RedisLog {
+    fn drop(&mut self) {
+        if self.following.load(Ordering::Relaxed) {
+            let _ = self.shared.listener.send(Follow::Stop(self.topic.clone()));
+        }
+    }
+}
+
+#[async_trait]
+impl TopicLog for RedisLog {
+    async fn append(
+        &self,
+        event: EventName,
+        data: &Payload,
+        time: u64,
+    ) -> Result<Arc<Message>, StoreError> {
+        let record = record::encode(time, &event, data);
+        let retention = &self.shared.retention;
+        let age_ms = retention.max_age.map_or(0, |age| age.as_millis() as u64);
+        let mut commands = self.shared.commands.clone();
+        let mut invocation = self.shared.publish.key(seq_key(&self.topic));
+        invocation
+            .key(log_key(&self.topic))
+            .arg(channel(&self.topic))
+            .arg(record)
+            .arg(retention.max_messages.max(1))
+            .arg(self.shared.cutoff())
+            .arg(age_ms);
+        let id: u64 = invocation
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        Ok(Arc::new(Message::new(
+            id,
+            self.topic.clone(),
+            event,
+            time,
+            data,
+        )))
+    }
+
+    async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
+        if let Some(read) = self.read_now(after, limit) {
+            return read;
+        }
+        self.shared.read(&self.topic, after, limit).await
+    }
+
+    fn read_now(&self, after: MessageId, limit: usize) -> Option<Result<LogRead, StoreError>> {
+        lock(&self.tail)
+            .read(after, limit, self.shared.cutoff())
+            .map(Ok)
+    }
+
+    fn release_if_idle(&self, _now_ms: u64) -> bool {
+        // Everything lives in Redis; dropping the handle also ends the subscription.
+        true
+    }
+
+    async fn follow(&self) {
+        let (subscribed, confirmed) = oneshot::channel();
+        self.following.store(true, Ordering::Relaxed);
+        let start = Follow::Start {
+            topic: self.topic.clone(),
+            live: self.live.clone(),
+            tail: self.tail.clone(),
+            subscribed,
+        };
+        if self.shared.listener.send(start).is_ok() {
+            let _ = confirmed.await;
+        }
+    }
+}
