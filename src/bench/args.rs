@@ -1,0 +1,154 @@
+//! The flags of `pushhub bench`, the scenarios, and how the bench and its server share the
+//! CPUs.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::{config::parse_duration, message::TransportKind};
+
+/// What a phase does once its subscribers are connected.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Publish at `--rate` for `--duration` to every subscriber of one topic.
+    Fanout,
+    /// Publish nothing for `--duration`: server memory and CPU per idle connection.
+    Idle,
+    /// Many topics (`--topics`), each with a few of the subscribers; the publish rate is spread
+    /// over them, as in a chat service with many rooms.
+    Chat,
+    /// Search for the highest rate delivered with no loss: start at `--rate`, double while
+    /// it holds, then bisect (within 15%) once it does not.
+    Throughput,
+}
+
+/// Flags of `pushhub bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Server to measure; without it a pushhub server is started as a child process on
+    /// 127.0.0.1 with an ephemeral port. Several (comma-separated or repeated) are nodes
+    /// of one cluster: subscribers are spread over them, the publisher uses the first.
+    #[arg(long, value_delimiter = ',')]
+    pub url: Vec<String>,
+    /// PIDs of the `--url` servers, in the same order, to read their CPU and memory (a
+    /// child's is known).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Without `--url`: how many server nodes to start. More than one needs the nodes to
+    /// share topics, e.g. `--server-arg=--redis=redis://127.0.0.1:6379`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub nodes: u16,
+    /// Allow a `--url` that is not a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// What to measure: `fanout` (many subscribers of one topic, steady rate), `idle`
+    /// (connected subscribers, no traffic), `chat` (many topics with a few subscribers each)
+    /// or `throughput` (the highest rate delivered with no loss).
+    #[arg(long, value_enum, default_value = "fanout")]
+    pub scenario: Scenario,
+    /// Transports to measure, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ws,sse,longpoll,poll",
+        value_enum
+    )]
+    pub transports: Vec<TransportKind>,
+    /// Topics of the `chat` scenario (the others use one topic).
+    #[arg(long, default_value_t = 100)]
+    pub topics: usize,
+    /// Subscribers per transport.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Messages published per second.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// How long to publish, per transport.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Size of each message's payload.
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
+    /// Interval of the short-poll subscribers.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// How long to wait after the last publish for subscribers to catch up.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Where report.md, results.json and latency.svg are written.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// An argument for the server started as a child, e.g. `--server-arg=--write-delay=5ms`;
+    /// repeat for several.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// The pushhub binary to start as the server (default: this executable).
+    #[arg(long, hide = true)]
+    pub server_bin: Option<PathBuf>,
+    /// How the bench and the server it starts share the CPUs: `split` gives the server the
+    /// first half of the CPUs this process may use and the bench's clients the rest (as
+    /// `taskset` would), so that neither steals the other's time and the server runs one
+    /// worker per CPU it has; `shared` lets both use every CPU.
+    #[arg(long, value_enum, default_value = "split")]
+    pub cpus: CpuMode,
+}
+
+/// How the bench and its server share the CPUs (`--cpus`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuMode {
+    /// The server gets the first half of the CPUs, the bench the rest.
+    Split,
+    /// Both use every CPU.
+    Shared,
+}
+
+/// The CPUs of the server and of the bench's clients under `--cpus split`: `None` when
+/// there is only one CPU to share (or the mode is `shared`).
+pub fn cpu_split(mode: CpuMode) -> Option<(Vec<usize>, Vec<usize>)> {
+    if mode == CpuMode::Shared {
+        return None;
+    }
+    let cpus = affinity::current()?;
+    if cpus.len() < 2 {
+        return None;
+    }
+    let (server, client) = cpus.split_at(cpus.len().div_ceil(2));
+    Some((server.to_vec(), client.to_vec()))
+}
+
+/// CPU affinity of threads and child processes (Linux).
+pub mod affinity {
+    /// The CPUs the calling thread may run on.
+    pub fn current() -> Option<Vec<usize>> {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the call fills it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        (ok == 0).then(|| {
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+                .collect()
+        })
+    }
+
+    /// Restricts the calling thread (and the threads and processes it starts later) to
+    /// `cpus`.
+    pub fn pin(cpus: &[usize]) -> std::io::Result<()> {
+        // SAFETY: building a cpu_set_t from CPU numbers below CPU_SETSIZE.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in cpus {
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        let ok = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+        if ok == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}

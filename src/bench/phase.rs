@@ -1,0 +1,424 @@
+//! One phase: one transport measured on one server. Connect the subscribers (in batches,
+//! until the server counts them all), publish (or stay idle) while the server's CPU, RSS and
+//! request counts are sampled, wait for every subscriber to drain, then add up what the
+//! subscribers saw and what the server spent.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    BenchArgs, BenchError, PhaseResult, Scenario, ServerUsage,
+    accounting::{Percentiles, Tracker, latency_histogram, now_micros},
+    procfs::CpuTimes,
+    publisher,
+    server::{Server, rss_of},
+    subscriber::{self, Phase},
+};
+use crate::message::TransportKind;
+
+/// Subscribers connected at once while ramping up.
+const RAMP_BATCH: usize = 100;
+
+/// The subscribers' tasks, each answering with its index and what it saw.
+type Subscribers = JoinSet<Result<(usize, Tracker), BenchError>>;
+
+/// Runs one phase of `transport` at `rate` on `server`.
+pub(super) async fn run_phase(
+    args: &BenchArgs,
+    server: &Server,
+    http: &reqwest::Client,
+    transport: TransportKind,
+    rate: f64,
+) -> Result<PhaseResult, BenchError> {
+    let phase = Arc::new(Phase {
+        bases: server.bases(),
+        topics: topics(args, transport),
+        poll_interval: args.poll_interval,
+        progress: (0..args.subscribers).map(|_| Default::default()).collect(),
+        stop: CancellationToken::new(),
+    });
+    let rss_before = server.rss_kib();
+    let progress = progress_bar(args, transport);
+    let connect_cpu_start = server.cpu_ns();
+    let mut subscribers = connect(args, &phase, transport, &progress).await;
+    wait_subscribed(
+        http,
+        &server.bases(),
+        &phase.topics,
+        transport,
+        args.subscribers,
+        &mut subscribers,
+    )
+    .await?;
+    let rss_connected = server.rss_kib();
+    let connect_cpu = server
+        .cpu_ns()
+        .zip(connect_cpu_start)
+        .map(|(end, start)| end.saturating_sub(start) as f64 / 1000.0 / args.subscribers as f64);
+
+    let watchers = Watchers::start(server, &phase, &progress, rss_connected);
+    let requests_start = server_requests(http, &server.bases(), transport).await;
+    let cpu_start = server.cpu_times();
+    progress.set_message(match args.scenario {
+        Scenario::Fanout | Scenario::Throughput | Scenario::Chat => "publishing",
+        Scenario::Idle => "idle",
+    });
+    progress.set_length(args.duration.as_millis() as u64);
+    progress.set_position(0);
+    let started = Instant::now();
+    let load = apply_load(args, rate, server, &phase).await;
+    let elapsed = started.elapsed();
+    let window = Window {
+        cpu: cpu_start.zip(server.cpu_times()),
+        rss: (rss_before, rss_connected, server.rss_kib()),
+        requests: requests_start.zip(server_requests(http, &server.bases(), transport).await),
+        connect_cpu,
+    };
+    phase.stop.cancel();
+    let peak_rss = watchers.stop().await;
+    progress.finish_with_message(if load.drained { "done" } else { "not drained" });
+
+    let seen = collect(subscribers, &phase, &load.last_ids).await?;
+    let deliveries = seen.total.received;
+    let per_delivery = |v: u64| {
+        if deliveries == 0 {
+            0.0
+        } else {
+            v as f64 / deliveries as f64
+        }
+    };
+    Ok(PhaseResult {
+        transport: transport.name().to_owned(),
+        rate,
+        publish_rate: load.publish_rate,
+        subscribers: args.subscribers,
+        published: load.published,
+        deliveries,
+        // Fresh topics: a topic's last id is how many messages it got.
+        expected_deliveries: (0..args.subscribers)
+            .map(|i| load.last_ids[i % load.last_ids.len()])
+            .sum(),
+        lost: seen.total.missing,
+        duplicates: seen.total.duplicates,
+        publish_errors: load.errors,
+        latency_ms: Percentiles::of(&seen.latency),
+        nodes: server.nodes.len(),
+        cross_node_latency_ms: (server.nodes.len() > 1).then(|| Percentiles::of(&seen.cross_node)),
+        deliveries_per_second: deliveries as f64 / elapsed.as_secs_f64(),
+        requests_per_delivery: per_delivery(seen.total.requests),
+        bytes_per_delivery: per_delivery(seen.total.bytes),
+        drained: load.drained,
+        server: window.usage(deliveries, args.subscribers, peak_rss),
+        floor_ratio: None,
+    })
+}
+
+/// Fresh topics for a phase: one, or `--topics` of them for the chat scenario.
+fn topics(args: &BenchArgs, transport: TransportKind) -> Vec<String> {
+    let prefix = format!("bench-{transport}-{:x}", now_micros());
+    match args.scenario {
+        Scenario::Chat => (0..args.topics.clamp(1, args.subscribers))
+            .map(|k| format!("{prefix}-{k}"))
+            .collect(),
+        _ => vec![prefix],
+    }
+}
+
+fn progress_bar(args: &BenchArgs, transport: TransportKind) -> indicatif::ProgressBar {
+    let progress = indicatif::ProgressBar::new(args.subscribers as u64).with_style(
+        indicatif::ProgressStyle::with_template("{prefix:>9} {msg:<12} [{bar:30}] {pos}/{len}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix(transport.name());
+    progress.set_message("connecting");
+    progress
+}
+
+/// Starts every subscriber, `RAMP_BATCH` at a time: a ramp, not a connect storm.
+async fn connect(
+    args: &BenchArgs,
+    phase: &Arc<Phase>,
+    transport: TransportKind,
+    progress: &indicatif::ProgressBar,
+) -> Subscribers {
+    let mut subscribers = JoinSet::new();
+    for index in 0..args.subscribers {
+        progress.inc(1);
+        let phase = phase.clone();
+        subscribers.spawn(async move { subscriber::run(transport, phase, index).await });
+        if (index + 1) % RAMP_BATCH == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    subscribers
+}
+
+/// Tasks that run beside the load: the server's peak RSS, sampled, and the progress bar.
+struct Watchers {
+    peak: Arc<AtomicU64>,
+    sampler: Option<JoinHandle<()>>,
+    ticker: JoinHandle<()>,
+}
+
+impl Watchers {
+    fn start(
+        server: &Server,
+        phase: &Phase,
+        progress: &indicatif::ProgressBar,
+        rss_connected: Option<u64>,
+    ) -> Self {
+        let peak = Arc::new(AtomicU64::new(rss_connected.unwrap_or(0)));
+        let sampler = server.pids().map(|pids| {
+            let (peak, stop) = (peak.clone(), phase.stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    if let Some(rss) = rss_of(&pids) {
+                        peak.fetch_max(rss, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        });
+        let (progress, stop) = (progress.clone(), phase.stop.clone());
+        let started = Instant::now();
+        let ticker = tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                progress.set_position(started.elapsed().as_millis() as u64);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self {
+            peak,
+            sampler,
+            ticker,
+        }
+    }
+
+    /// Waits for both to see the phase's stop; returns the peak RSS seen, KiB.
+    async fn stop(self) -> u64 {
+        if let Some(sampler) = self.sampler {
+            let _ = sampler.await;
+        }
+        let _ = self.ticker.await;
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// What the load phase did.
+struct Load {
+    /// The newest id of each topic.
+    last_ids: Vec<u64>,
+    published: u64,
+    errors: u64,
+    publish_rate: f64,
+    drained: bool,
+}
+
+/// Publishes at `rate` and waits for the drain, or (idle) waits out the duration.
+async fn apply_load(args: &BenchArgs, rate: f64, server: &Server, phase: &Phase) -> Load {
+    match args.scenario {
+        Scenario::Fanout | Scenario::Throughput | Scenario::Chat => {
+            let started = Instant::now();
+            let (last_ids, published, errors) =
+                publisher::publish(args, rate, server.publisher_base(), &phase.topics).await;
+            let publish_rate = published as f64 / started.elapsed().as_secs_f64();
+            let drained = wait_drained(phase, &last_ids, args.drain_timeout).await;
+            Load {
+                last_ids,
+                published,
+                errors,
+                publish_rate,
+                drained,
+            }
+        }
+        Scenario::Idle => {
+            tokio::time::sleep(args.duration).await;
+            Load {
+                last_ids: vec![0; phase.topics.len()],
+                published: 0,
+                errors: 0,
+                publish_rate: 0.0,
+                drained: true,
+            }
+        }
+    }
+}
+
+/// What the server spent in the measured window.
+struct Window {
+    /// CPU times at its start and end.
+    cpu: Option<(CpuTimes, CpuTimes)>,
+    /// RSS before connecting, once connected, at the end, KiB.
+    rss: (Option<u64>, Option<u64>, Option<u64>),
+    /// The server's request counts at its start and end.
+    requests: Option<(u64, u64)>,
+    /// Server CPU per connect, µs.
+    connect_cpu: Option<f64>,
+}
+
+impl Window {
+    fn usage(&self, deliveries: u64, subscribers: usize, peak_rss_kib: u64) -> Option<ServerUsage> {
+        let (start, end) = self.cpu?;
+        let (Some(before), Some(connected), Some(rss_end)) = self.rss else {
+            return None;
+        };
+        let used = end.since(start);
+        let cpu = used.total().as_secs_f64();
+        let requests = self.requests.map(|(start, end)| end.saturating_sub(start));
+        Some(ServerUsage {
+            cpu_seconds: cpu,
+            cpu_system_share: if cpu > 0.0 {
+                used.system.as_secs_f64() / cpu
+            } else {
+                0.0
+            },
+            cpu_us_per_delivery: if deliveries == 0 {
+                0.0
+            } else {
+                cpu * 1e6 / deliveries as f64
+            },
+            requests,
+            cpu_us_per_request: requests.filter(|&n| n > 0).map(|n| cpu * 1e6 / n as f64),
+            cpu_us_per_connect: self.connect_cpu,
+            peak_rss_kib,
+            rss_per_subscriber_kib: connected.saturating_sub(before) as f64 / subscribers as f64,
+            rss_growth_kib: rss_end as i64 - connected as i64,
+        })
+    }
+}
+
+/// What the subscribers saw, added up.
+struct Seen {
+    total: Tracker,
+    latency: hdrhistogram::Histogram<u64>,
+    cross_node: hdrhistogram::Histogram<u64>,
+}
+
+/// Joins every subscriber and adds up its counts and latencies.
+async fn collect(
+    mut subscribers: Subscribers,
+    phase: &Phase,
+    last_ids: &[u64],
+) -> Result<Seen, BenchError> {
+    let mut seen = Seen {
+        total: Tracker::default(),
+        latency: latency_histogram(),
+        cross_node: latency_histogram(),
+    };
+    while let Some(joined) = subscribers.join_next().await {
+        let (index, mut tracker) = joined.map_err(|e| BenchError::Client(e.to_string()))??;
+        tracker.finish(last_ids[index % last_ids.len()]);
+        seen.latency
+            .add(&tracker.latency)
+            .expect("same histogram bounds");
+        if phase.is_cross_node(index) {
+            seen.cross_node
+                .add(&tracker.latency)
+                .expect("same histogram bounds");
+        }
+        seen.total.received += tracker.received;
+        seen.total.duplicates += tracker.duplicates;
+        seen.total.missing += tracker.missing;
+        seen.total.requests += tracker.requests;
+        seen.total.bytes += tracker.bytes;
+    }
+    Ok(seen)
+}
+
+/// The requests the nodes have counted for `transport` since they started (`GET /stats`).
+async fn server_requests(
+    http: &reqwest::Client,
+    bases: &[String],
+    transport: TransportKind,
+) -> Option<u64> {
+    let mut total = 0;
+    for base in bases {
+        let stats: serde_json::Value = http
+            .get(format!("{base}/stats"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        total += stats["requests"][transport.name()].as_u64()?;
+    }
+    Some(total)
+}
+
+/// Waits until the server counts every subscriber of the phase.
+pub(super) async fn wait_subscribed(
+    http: &reqwest::Client,
+    bases: &[String],
+    topics: &[String],
+    transport: TransportKind,
+    expected: usize,
+    subscribers: &mut JoinSet<Result<(usize, Tracker), BenchError>>,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // A subscriber that ended already could not connect.
+        if let Some(joined) = subscribers.try_join_next() {
+            return Err(match joined {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => {
+                    BenchError::Client("a subscriber ended before publishing began".into())
+                }
+                Err(e) => BenchError::Client(e.to_string()),
+            });
+        }
+        let mut counted = 0;
+        for (base, topic) in bases
+            .iter()
+            .flat_map(|b| topics.iter().map(move |t| (b, t)))
+        {
+            let info: serde_json::Value = http
+                .get(format!("{base}/topics/{topic}"))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| BenchError::Server(e.to_string()))?
+                .json()
+                .await
+                .map_err(|e| BenchError::Server(e.to_string()))?;
+            counted += info["subscribers"][transport.name()].as_u64().unwrap_or(0) as usize;
+        }
+        if counted >= expected {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Server(format!(
+                "only {counted} of {expected} {transport} subscribers connected"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every subscriber has received its topic's last id, or the timeout passes.
+pub(super) async fn wait_drained(phase: &Phase, last_ids: &[u64], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let caught_up = phase
+            .progress
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.load(Ordering::Relaxed) >= last_ids[i % last_ids.len()]);
+        if caught_up {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,64 @@
+//! The bench's publisher: messages at a steady rate over a few keep-alive connections, each
+//! carrying its publish time for the subscribers' latency.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::task::JoinSet;
+
+use super::{BenchArgs, accounting::now_micros, http};
+
+/// Publishes in flight at once.
+const PUBLISH_CONCURRENCY: usize = 16;
+
+/// Publishes `rate × duration` messages at a steady pace, over `PUBLISH_CONCURRENCY`
+/// keep-alive connections; returns the highest id per topic, how many were acknowledged,
+/// and how many failed.
+pub(super) async fn publish(
+    args: &BenchArgs,
+    rate: f64,
+    base: &str,
+    topics: &[String],
+) -> (Vec<u64>, u64, u64) {
+    let count = (rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
+    let padding = "x".repeat(args.payload_bytes.saturating_sub(30));
+    // Idle connections wait here; a publish takes one and gives it back.
+    let (give_back, pool) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..PUBLISH_CONCURRENCY {
+        let _ = give_back.send(http::Connection::new(base));
+    }
+    let pool = Arc::new(tokio::sync::Mutex::new(pool));
+    let mut posts = JoinSet::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..count {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        let Some(mut connection) = pool.lock().await.recv().await else {
+            break;
+        };
+        let slot = i as usize % topics.len();
+        let path = format!("/topics/{}", topics[slot]);
+        let body = format!(r#"{{"t":{},"p":"{padding}"}}"#, now_micros());
+        let give_back = give_back.clone();
+        posts.spawn(async move {
+            let answer = connection.post_json(&path, body.as_bytes()).await;
+            let _ = give_back.send(connection);
+            let answer = answer.ok()?;
+            if !(200..300).contains(&answer.status) {
+                return None;
+            }
+            let id =
+                serde_json::from_slice::<serde_json::Value>(&answer.body).ok()?["id"].as_u64()?;
+            Some((slot, id))
+        });
+    }
+    let (mut last_ids, mut ok, mut failed) = (vec![0; topics.len()], 0, 0);
+    while let Some(joined) = posts.join_next().await {
+        match joined.ok().flatten() {
+            Some((slot, id)) => {
+                ok += 1;
+                last_ids[slot] = last_ids[slot].max(id);
+            }
+            None => failed += 1,
+        }
+    }
+    (last_ids, ok, failed)
+}

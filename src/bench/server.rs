@@ -1,0 +1,153 @@
+//! The servers a run measures: a pushhub started as a child process on an ephemeral port (one
+//! per node, sharing Redis for a cluster), or the running ones `--url` names; their
+//! addresses, PIDs, CPU time and RSS.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+use super::{BenchArgs, BenchError, affinity, cpu_split, procfs};
+
+/// The servers measured: one node, or the nodes of a cluster.
+pub(super) struct Server {
+    pub(super) nodes: Vec<Node>,
+}
+
+pub(super) struct Node {
+    base: String,
+    pid: Option<u32>,
+    child: Option<Child>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Server {
+    /// The node the publisher posts to.
+    pub(super) fn publisher_base(&self) -> &str {
+        &self.nodes[0].base
+    }
+
+    pub(super) fn bases(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.base.clone()).collect()
+    }
+
+    /// PIDs of every node, if all are known.
+    pub(super) fn pids(&self) -> Option<Vec<u32>> {
+        self.nodes.iter().map(|n| n.pid).collect()
+    }
+
+    /// Resident memory of all nodes together.
+    pub(super) fn rss_kib(&self) -> Option<u64> {
+        rss_of(&self.pids()?)
+    }
+
+    /// CPU time of all nodes together, ns, from the scheduler's exact accounting.
+    pub(super) fn cpu_ns(&self) -> Option<u64> {
+        self.pids()?.into_iter().map(procfs::cpu_ns).sum()
+    }
+
+    /// CPU time of all nodes together.
+    pub(super) fn cpu_times(&self) -> Option<procfs::CpuTimes> {
+        self.pids()?
+            .into_iter()
+            .map(procfs::cpu_times)
+            .try_fold(procfs::CpuTimes::default(), |sum, times| {
+                Some(sum.plus(times?))
+            })
+    }
+}
+
+pub(super) fn rss_of(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|&pid| procfs::rss_kib(pid)).sum()
+}
+
+pub(super) fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
+    if !args.url.is_empty() {
+        let mut nodes = Vec::new();
+        for (index, url) in args.url.iter().enumerate() {
+            let base = url.trim_end_matches('/').to_owned();
+            let host = base
+                .split("://")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default();
+            let loopback = host.starts_with("127.")
+                || host.starts_with("localhost")
+                || host.starts_with("[::1]");
+            if !loopback && !args.allow_remote {
+                return Err(BenchError::Setup(format!(
+                    "{url} is not a loopback address: pass --allow-remote to load a remote server"
+                )));
+            }
+            nodes.push(Node {
+                base,
+                pid: args.server_pid.get(index).copied(),
+                child: None,
+            });
+        }
+        return Ok(Server { nodes });
+    }
+    if args.nodes > 1 && !args.server_args.iter().any(|a| a.starts_with("--redis")) {
+        return Err(BenchError::Setup(
+            "--nodes above 1 needs shared topics: add --server-arg=--redis=redis://HOST:PORT"
+                .into(),
+        ));
+    }
+    let nodes = (0..args.nodes)
+        .map(|_| start_node(args))
+        .collect::<Result<_, _>>()?;
+    Ok(Server { nodes })
+}
+
+pub(super) fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
+    let binary = match &args.server_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?,
+    };
+    let mut command = Command::new(binary);
+    if let Some((server_cpus, _)) = cpu_split(args.cpus) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure only calls sched_setaffinity, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || affinity::pin(&server_cpus));
+        }
+    }
+    let mut child = command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-poll-limit",
+            "1000",
+        ])
+        .args(&args.server_args)
+        .env("PUSHHUB_LOG", "pushhub=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .ok_or_else(|| BenchError::Server("server exited before listening".into()))??;
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split('/').next().unwrap_or_default().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(Node {
+        base: format!("http://{addr}"),
+        pid: Some(child.id()),
+        child: Some(child),
+    })
+}
