@@ -124,31 +124,23 @@ pub fn cpu_split(mode: CpuMode) -> Option<(Vec<usize>, Vec<usize>)> {
 
 /// CPU affinity of threads and child processes (Linux).
 pub mod affinity {
+    use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
+
     /// The CPUs the calling thread may run on.
     pub fn current() -> Option<Vec<usize>> {
-        // SAFETY: a zeroed cpu_set_t is a valid empty set; the call fills it.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-        (ok == 0).then(|| {
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-                .collect()
-        })
+        let set = sched_getaffinity(None).ok()?;
+        Some(
+            (0..CpuSet::MAX_CPU)
+                .filter(|&cpu| set.is_set(cpu))
+                .collect(),
+        )
     }
 
     /// Restricts the calling thread (and the threads and processes it starts later) to
     /// `cpus`.
     pub fn pin(cpus: &[usize]) -> std::io::Result<()> {
-        // SAFETY: building a cpu_set_t from CPU numbers below CPU_SETSIZE.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        for &cpu in cpus {
-            unsafe { libc::CPU_SET(cpu, &mut set) };
-        }
-        let ok = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-        if ok == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        let mut set = CpuSet::new();
+        cpus.iter().for_each(|&cpu| set.set(cpu));
+        sched_setaffinity(None, &set).map_err(std::io::Error::from)
     }
 }

@@ -13,7 +13,6 @@
 use std::{
     io::{self, Read},
     net::{TcpListener, TcpStream},
-    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -46,12 +45,7 @@ pub struct Floor {
 
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `clock_gettime` writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    let time = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
 }
 
@@ -116,10 +110,9 @@ fn write_floor(
             std::thread::sleep(Duration::from_micros(200));
         }
         for writer in &writers {
-            // SAFETY: one write of a valid buffer to an open socket.
-            let written =
-                unsafe { libc::write(writer.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-            if written == frame.len() as isize {
+            // One `write(2)`, as a server's write of one frame.
+            let written = rustix::io::write(writer, &frame);
+            if written == Ok(frame.len()) {
                 writes += 1;
             } else {
                 short_writes += 1;
@@ -144,31 +137,40 @@ fn write_floor(
 /// Drains every socket with `epoll` until `expected` bytes were read, or `done` is set and
 /// nothing more arrives.
 fn read_all(readers: Vec<TcpStream>, expected: u64, done: &AtomicBool) {
-    // SAFETY: plain epoll calls on descriptors `readers` keeps open for the whole loop.
-    let epoll = unsafe { libc::epoll_create1(0) };
-    if epoll < 0 {
+    use rustix::event::epoll;
+    let Ok(poller) = epoll::create(epoll::CreateFlags::CLOEXEC) else {
         return;
-    }
+    };
     for (index, reader) in readers.iter().enumerate() {
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: index as u64,
-        };
-        unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, reader.as_raw_fd(), &mut event) };
+        let _ = epoll::add(
+            &poller,
+            reader,
+            epoll::EventData::new_u64(index as u64),
+            epoll::EventFlags::IN,
+        );
     }
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut events = Vec::with_capacity(256);
     let mut buf = vec![0u8; 65536];
     let mut got = 0u64;
+    let tick = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
     while got < expected {
-        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 100) };
-        if n <= 0 {
+        events.clear();
+        let ready = epoll::wait(
+            &poller,
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&tick),
+        );
+        if ready.unwrap_or(0) == 0 {
             if done.load(Ordering::Acquire) {
                 break;
             }
             continue;
         }
-        for event in &events[..n as usize] {
-            let mut reader = &readers[event.u64 as usize];
+        for event in &events {
+            let mut reader = &readers[event.data.u64() as usize];
             while let Ok(read) = reader.read(&mut buf) {
                 if read == 0 {
                     break;
@@ -177,7 +179,6 @@ fn read_all(readers: Vec<TcpStream>, expected: u64, done: &AtomicBool) {
             }
         }
     }
-    unsafe { libc::close(epoll) };
 }
 
 #[cfg(test)]

@@ -113,14 +113,17 @@ pub(super) fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
         None => std::env::current_exe()?,
     };
     let mut command = Command::new(binary);
-    if let Some((server_cpus, _)) = cpu_split(args.cpus) {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the closure only calls sched_setaffinity, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || affinity::pin(&server_cpus));
+    // A child inherits the CPUs of the thread that starts it: this thread takes the
+    // server's CPUs for the spawn, and its own back after.
+    let restore = match cpu_split(args.cpus) {
+        Some((server_cpus, _)) => {
+            let own = affinity::current();
+            affinity::pin(&server_cpus)?;
+            own
         }
-    }
-    let mut child = command
+        None => None,
+    };
+    let child = command
         .args([
             "serve",
             "--listen",
@@ -133,7 +136,11 @@ pub(super) fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()?;
+        .spawn();
+    if let Some(own) = restore {
+        affinity::pin(&own)?;
+    }
+    let mut child = child?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {

@@ -257,6 +257,12 @@ pub async fn write_app(
     Ok(keep)
 }
 
+impl std::fmt::Debug for RequestIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestIds")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

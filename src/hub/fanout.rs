@@ -783,3 +783,9 @@ async fn tick_loop(fanout: Weak<Fanout>, index: usize, settings: FanoutSettings)
         }
     }
 }
+
+impl std::fmt::Debug for AnswerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnswerCache").finish_non_exhaustive()
+    }
+}

@@ -70,18 +70,13 @@ impl Io {
         if let Io::Tcp(stream) = self {
             // Read into the stack first: a wake-up that finds nothing (readiness is only a
             // hint) must not leave an idle connection holding a buffer.
+            // Uninitialised: `recv` says which bytes it filled, and only those are copied.
             let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
             let take = chunk.clamp(1, scratch.len());
             loop {
                 ready!(stream.poll_read_ready(cx))?;
-                match read_drained(stream, &mut scratch[..take]) {
-                    Ok(n) => {
-                        // SAFETY: `recv` initialised the first `n` bytes.
-                        let read =
-                            unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<u8>(), n) };
-                        buf.extend_from_slice(read);
-                        return Poll::Ready(Ok(n));
-                    }
+                match read_drained(stream, &mut scratch[..take], buf) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(error) => return Poll::Ready(Err(error)),
                 }
@@ -90,13 +85,7 @@ impl Io {
         if buf.capacity() - buf.len() < chunk {
             buf.reserve(chunk);
         }
-        let spare = buf.spare_capacity_mut();
-        let mut read = ReadBuf::uninit(spare);
-        ready!(Pin::new(&mut *self).poll_read(cx, &mut read))?;
-        let n = read.filled().len();
-        // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n) };
-        Poll::Ready(Ok(n))
+        tokio_util::io::poll_read_buf(Pin::new(&mut *self), cx, buf)
     }
 
     /// Reads once into `buf`, waiting until something arrives.
@@ -196,17 +185,20 @@ impl Io {
 /// nginx's `ngx_unix_recv` rule. It is safe with edge-triggered epoll: whatever arrives after
 /// the `recv` (or during it, into the socket's backlog) raises a new edge, and tokio clears
 /// readiness only if no newer edge was seen.
-fn read_drained(stream: &TcpStream, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
+/// What was read is appended to `out`.
+fn read_drained(
+    stream: &TcpStream,
+    scratch: &mut [std::mem::MaybeUninit<u8>],
+    out: &mut Vec<u8>,
+) -> io::Result<usize> {
     let mut got = 0;
+    let room = scratch.len();
     let result = stream.try_io(tokio::io::Interest::READABLE, || {
-        // SAFETY: `recv` writes at most `buf.len()` bytes into memory `buf` owns.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        got = n as usize;
-        if got > 0 && got < buf.len() {
+        let ((read, _), _) =
+            rustix::net::recv(stream, &mut *scratch, rustix::net::RecvFlags::empty())?;
+        out.extend_from_slice(read);
+        got = read.len();
+        if got > 0 && got < room {
             Err(io::ErrorKind::WouldBlock.into())
         } else {
             Ok(got)
@@ -227,12 +219,9 @@ impl AsyncRead for Io {
         match self.get_mut() {
             Io::Tcp(stream) => loop {
                 ready!(stream.poll_read_ready(cx))?;
-                // SAFETY: `try_read` only writes initialised bytes into the slice, and
-                // `assume_init` is then called for exactly what it wrote.
-                let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [_] as *mut [u8]) };
-                match stream.try_read(unfilled) {
+                // Zeroed once per buffer: `ReadBuf` remembers what is initialised.
+                match stream.try_read(buf.initialize_unfilled()) {
                     Ok(n) => {
-                        unsafe { buf.assume_init(n) };
                         buf.advance(n);
                         return Poll::Ready(Ok(()));
                     }
@@ -296,16 +285,10 @@ impl AsyncWrite for Io {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Io::Tcp(stream) => {
-                use std::os::fd::AsRawFd;
-                // SAFETY: shutting down the writing half of a socket this `Arc` keeps open.
-                let result = unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
-                Poll::Ready(if result == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                })
-            }
+            Io::Tcp(stream) => Poll::Ready(
+                rustix::net::shutdown(&**stream, rustix::net::Shutdown::Write)
+                    .map_err(io::Error::from),
+            ),
             Io::Other(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }

@@ -244,3 +244,11 @@ impl Stream for SseBody {
         }
     }
 }
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}

@@ -315,3 +315,21 @@ impl Writer {
         }
     }
 }
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("expires", &self.expiry.is_some())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Next {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Next::Write(frames) => f.debug_tuple("Write").field(&frames.len()).finish(),
+            Next::CatchUp(_) => f.write_str("CatchUp"),
+            Next::Finish(finish) => f.debug_tuple("Finish").field(finish).finish(),
+        }
+    }
+}

@@ -261,3 +261,11 @@ async fn upgrade(
     }
     Ok(response)
 }
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}

@@ -278,3 +278,9 @@ fn error_reply(error: &Error, reference: Option<&RawValue>) -> Value {
 fn text_frame(reply: &Value) -> Bytes {
     wire::ws_frame(wire::opcode::TEXT, reply.to_string().as_bytes())
 }
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
