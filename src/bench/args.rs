@@ -110,16 +110,26 @@ pub enum CpuMode {
 
 /// The CPUs of the server and of the bench's clients under `--cpus split`: `None` when
 /// there is only one CPU to share (or the mode is `shared`).
+///
+/// Split once, from the CPUs of the first caller (`main`, before it pins the bench's own
+/// threads to the clients' half): asked again later, from a pinned thread, it must give the
+/// same answer, not split the clients' half again.
 pub fn cpu_split(mode: CpuMode) -> Option<(Vec<usize>, Vec<usize>)> {
+    static SPLIT: std::sync::OnceLock<Option<(Vec<usize>, Vec<usize>)>> =
+        std::sync::OnceLock::new();
     if mode == CpuMode::Shared {
         return None;
     }
-    let cpus = affinity::current()?;
-    if cpus.len() < 2 {
-        return None;
-    }
-    let (server, client) = cpus.split_at(cpus.len().div_ceil(2));
-    Some((server.to_vec(), client.to_vec()))
+    SPLIT
+        .get_or_init(|| {
+            let cpus = affinity::current()?;
+            if cpus.len() < 2 {
+                return None;
+            }
+            let (server, client) = cpus.split_at(cpus.len().div_ceil(2));
+            Some((server.to_vec(), client.to_vec()))
+        })
+        .clone()
 }
 
 /// CPU affinity of threads and child processes (Linux).
@@ -142,5 +152,26 @@ pub mod affinity {
         let mut set = CpuSet::new();
         cpus.iter().for_each(|&cpu| set.set(cpu));
         sched_setaffinity(None, &set).map_err(std::io::Error::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_stays_the_same_once_the_bench_is_pinned() {
+        // On a thread of its own: pinning it changes no other test's CPUs.
+        std::thread::spawn(|| {
+            let first = cpu_split(CpuMode::Split);
+            let Some((server, client)) = first.clone() else {
+                return; // one CPU: nothing to split
+            };
+            assert!(server.iter().all(|cpu| !client.contains(cpu)));
+            affinity::pin(&client).unwrap();
+            assert_eq!(cpu_split(CpuMode::Split), first);
+        })
+        .join()
+        .unwrap();
     }
 }
