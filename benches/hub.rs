@@ -156,7 +156,7 @@ fn fanout(c: &mut Criterion) {
                         // connection that has already sent its handshake.
                         socket.writable().await.unwrap();
                     }
-                    let outlet = hub.outlet(socket, Format::Ws, TransportKind::Ws);
+                    let outlet = hub.outlet(socket, Format::Ws);
                     hub.subscribe(&topic, None, &outlet).await.unwrap();
                     settle(&outlet).await;
                     outlets.push(outlet);

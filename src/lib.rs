@@ -24,19 +24,22 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: every tunable, with flags, environment variables and defaults.
-//! - [`message`]: envelope, names, ids, encodings.
-//! - [`hub`]: topics, publish, subscribe from a cursor, subscriber counts; no HTTP.
+//! Layers import only downward (docs/architecture.md; `tests/layers.rs` checks the low ones):
+//!
+//! - [`message`]: envelope, names, ids, encodings, [`message::TransportKind`]; imports nothing
+//!   of the crate.
+//! - [`telemetry`]: counters and handles for `GET /metrics`; a leaf.
 //! - [`store`]: where history lives, behind the [`store::Store`] trait.
-//! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws`: thin adapters over the hub.
-//! - [`web`]: the embedded demo page.
-//! - [`error`]: the one error type, answered as `{"error", "code"}`.
-//! - [`gate`]: reads each request head and serves streams, long polls and simple requests
-//!   on the raw socket; hands the rest to hyper.
-//! - [`server`]: workers and the accept loop: connection limits, TLS, graceful stop.
-//! - [`auth`], [`origin`], [`limits`]: who may do what, from where, how often.
-//! - [`telemetry`]: `GET /metrics` in the Prometheus format.
-//! - [`bench`]: `pushhub bench`, the load benchmark of each transport.
+//! - [`hub`]: topics, publish, subscribe from a cursor, fan-out, subscriber counts; its own
+//!   settings and error type, no HTTP, no CLI.
+//! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws` and the stream driver: thin
+//!   adapters over the hub, with their own settings.
+//! - [`app`]: the shared state, the one publish path, the router and the small handlers.
+//! - [`gate`]: what runs before a handler, in order: accept loop and workers, connection
+//!   limits, TLS, request heads, the raw fast path or hyper, token, origin, rate limits.
+//! - [`config`]: every tunable, with flags, environment variables and defaults; it builds each
+//!   layer's settings. [`error`]: the HTTP answer of every layer's errors, in one place.
+//! - [`web`]: the embedded demo page. [`bench`]: `pushhub bench`, the load benchmark.
 //!
 //! # Where history lives
 //!

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::{BenchArgs, PhaseResult, Run};
+use crate::message::TransportKind;
 
 #[derive(Serialize)]
 struct Document<'a> {
@@ -327,11 +328,11 @@ pub fn svg(results: &[PhaseResult]) -> String {
 "##,
         x2 = 60.0 + panel
     );
-    let colour = |t: &str| match t {
-        "ws" => "#2f6fdb",
-        "sse" => "#2e9d5b",
-        "longpoll" => "#b7791f",
-        _ => "#9b2c2c",
+    let colour = |t: &str| match t.parse() {
+        Ok(TransportKind::Ws) => "#2f6fdb",
+        Ok(TransportKind::Sse) => "#2e9d5b",
+        Ok(TransportKind::Longpoll) => "#b7791f",
+        Ok(TransportKind::Poll) | Err(_) => "#9b2c2c",
     };
     let slot = panel / results.len().max(1) as f64;
     // Latency panel: log10 from 0.01 ms to 10 s.

@@ -723,9 +723,7 @@ mod memory_budget {
         let mut sizes = Vec::new();
 
         // An SSE stream.
-        let outlet = app
-            .hub
-            .outlet(None, Format::Sse, crate::message::TransportKind::Sse);
+        let outlet = app.hub.outlet(None, Format::Sse);
         let opened = sse::Opened {
             outlet,
             expires: None,

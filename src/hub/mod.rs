@@ -428,17 +428,12 @@ impl Hub {
 
     /// A new streaming connection, writing to `socket` directly when it is given (plain TCP),
     /// else through its task. Detached from every topic when the guard drops.
-    pub fn outlet(
-        &self,
-        socket: Option<Arc<TcpStream>>,
-        format: Format,
-        transport: TransportKind,
-    ) -> OutletGuard {
+    pub fn outlet(&self, socket: Option<Arc<TcpStream>>, format: Format) -> OutletGuard {
         OutletGuard(Outlet::new(
             &self.fanout,
             socket,
             format,
-            transport,
+            format.transport(),
             &self.settings,
         ))
     }
@@ -692,7 +687,7 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_fan_out_is_delivered_in_id_order() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
+        let outlet = hub.outlet(None, Format::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         publish(&hub, 1).await;
         // The subscriber is now past its initial history read, on the live path.
@@ -719,7 +714,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_offered_during_a_catch_up_read_is_read_again() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
+        let outlet = hub.outlet(None, Format::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
             panic!("a new subscriber reads its history first");
@@ -752,7 +747,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_repeats_ids_is_written_once_in_one_chunk() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::SseChunked, TransportKind::Sse);
+        let outlet = hub.outlet(None, Format::SseChunked);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
             panic!("a new subscriber reads its history first");
@@ -816,7 +811,7 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_subscriber_catches_up_from_history() {
         let hub = hub(100, 4);
-        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
+        let outlet = hub.outlet(None, Format::Sse);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 50).await;
         tokio::task::yield_now().await;
@@ -827,7 +822,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscriber_behind_history_gets_truncated_once() {
         let hub = hub(5, 2);
-        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
+        let outlet = hub.outlet(None, Format::Sse);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 20).await;
         assert_eq!(
@@ -841,7 +836,7 @@ mod tests {
     #[tokio::test]
     async fn the_drain_delivers_what_was_published_then_ends() {
         let hub = hub(100, 4);
-        let outlet = hub.outlet(None, Format::Sse, TransportKind::Sse);
+        let outlet = hub.outlet(None, Format::Sse);
         hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         publish(&hub, 10).await;
         hub.drain();
@@ -854,7 +849,7 @@ mod tests {
     #[tokio::test]
     async fn sweep_keeps_topics_in_use() {
         let hub = hub(5, 2);
-        let outlet = hub.outlet(None, Format::Ws, TransportKind::Ws);
+        let outlet = hub.outlet(None, Format::Ws);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         assert_eq!(hub.sweep(), 0, "a subscribed topic is kept");
         drop(outlet);

@@ -50,6 +50,14 @@ pub enum Format {
 }
 
 impl Format {
+    /// The transport that speaks this format, for counters and gauges.
+    pub fn transport(self) -> TransportKind {
+        match self {
+            Format::Ws => TransportKind::Ws,
+            Format::Sse | Format::SseChunked => TransportKind::Sse,
+        }
+    }
+
     /// The bytes that carry `message` in this format: shared, framed once at publish.
     fn message(self, message: &Message) -> &Bytes {
         match self {

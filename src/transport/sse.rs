@@ -75,7 +75,7 @@ pub async fn open(
     // A browser reconnecting sends the URL it first used plus the id it last saw: the
     // header is the newer of the two.
     let after = super::sse_cursor(headers, params)?;
-    let outlet = app.hub.outlet(socket, format, TransportKind::Sse);
+    let outlet = app.hub.outlet(socket, format);
     if let Some(head) = head {
         outlet.push(Bytes::from(head));
     }

@@ -118,7 +118,7 @@ pub async fn open(
     socket: Option<Arc<TcpStream>>,
     head: Bytes,
 ) -> Result<Opened, Error> {
-    let outlet = app.hub.outlet(socket, Format::Ws, TransportKind::Ws);
+    let outlet = app.hub.outlet(socket, Format::Ws);
     if !head.is_empty() {
         outlet.push(head);
     }
