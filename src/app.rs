@@ -157,6 +157,7 @@ pub fn router(state: AppState) -> Router {
             TransportKind::Poll => router.route(&path, get(transport::poll::poll)),
             TransportKind::Longpoll => router.route(&path, get(transport::longpoll::longpoll)),
             TransportKind::Sse => router.route(&path, get(transport::sse::sse)),
+            TransportKind::Stream => router.route(&path, get(transport::ndjson::stream)),
             TransportKind::Ws => router
                 .route(&path, get(transport::ws::topic_ws))
                 .route("/ws", get(transport::ws::multiplexed_ws)),

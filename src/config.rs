@@ -22,13 +22,13 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Transports served, comma-separated: any of `poll,longpoll,sse,ws`. The others answer
+    /// Transports served, comma-separated: any of `poll,longpoll,sse,ws,stream`. The others answer
     /// 404, e.g. to run behind a proxy that cannot carry WebSocket.
     #[arg(
         long,
         env = "PUSHHUB_TRANSPORTS",
         value_delimiter = ',',
-        default_value = "poll,longpoll,sse,ws",
+        default_value = "poll,longpoll,sse,ws,stream",
         value_enum
     )]
     pub transports: Vec<TransportKind>,

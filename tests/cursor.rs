@@ -17,14 +17,16 @@ enum Kind {
     Sse,
     Ws,
     Multiplexed,
+    Stream,
 }
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind::Poll,
     Kind::LongPoll,
     Kind::Sse,
     Kind::Ws,
     Kind::Multiplexed,
+    Kind::Stream,
 ];
 
 /// What a reader saw: signal frames (`truncated`/`reset` JSON) and message envelopes.
@@ -77,6 +79,18 @@ async fn read(server: &TestServer, kind: Kind, topic: &str, after: u64, count: u
                     assert_eq!(event.id.as_deref(), Some(data["id"].to_string().as_str()));
                     assert_eq!(data["event"], event.event);
                     seen.messages.push(data);
+                }
+            }
+        }
+        Kind::Stream => {
+            let mut stream = server
+                .stream(&format!("/topics/{topic}/stream?after={after}"))
+                .await;
+            while seen.messages.len() < count {
+                let line = stream.next_json().await.expect("stream ended");
+                match line.get("type") {
+                    None => seen.messages.push(line),
+                    Some(_) => seen.signals.push(line),
                 }
             }
         }

@@ -117,6 +117,7 @@ async fn every_transport_needs_a_subscribe_grant_outside_public_topics() {
         "/topics/news.a/longpoll?timeout=0",
         "/topics/news.a/sse",
         "/topics/news.a/ws",
+        "/topics/news.a/stream",
         "/topics/news.a",
     ] {
         let anonymous = server.http.get(server.url(path)).send().await.unwrap();
@@ -181,11 +182,22 @@ async fn an_expiring_token_ends_sse_with_an_event_and_closes_websockets_with_400
         .sse(&format!("/topics/news.a/sse?token={short}"), None)
         .await;
     let mut ws = server.ws(&format!("/topics/news.a/ws?token={short}")).await;
+    let mut stream = server
+        .stream(&format!("/topics/news.a/stream?token={short}"))
+        .await;
     let started = std::time::Instant::now();
     let event = sse.next_event().await.expect("an expired event");
     assert_eq!(event.event, "expired");
     assert_eq!(event.json()["code"], "token_expired");
     assert!(sse.next_item().await.is_none(), "the stream ends after it");
+    assert_eq!(
+        stream.next_json().await.expect("an expired line"),
+        json!({"type": "expired", "code": "token_expired"})
+    );
+    assert!(
+        stream.next_line().await.is_none(),
+        "the HTTP stream ends after it"
+    );
     let close = ws.next_close().await;
     assert_eq!(close.code, CloseCode::Library(4001));
     assert!(started.elapsed() < Duration::from_secs(5));

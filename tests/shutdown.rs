@@ -17,6 +17,8 @@ async fn shutdown_answers_long_polls_ends_streams_and_closes_sockets() {
     let mut sse = server.sse("/topics/s/sse?after=0", None).await;
     assert_eq!(sse.next_event().await.unwrap().id.as_deref(), Some("1"));
     let mut ws = server.ws("/topics/s/ws").await;
+    let mut stream = server.stream("/topics/s/stream?after=0").await;
+    assert_eq!(stream.next_json().await.unwrap()["id"], 1);
     let url = server.url("/topics/s/longpoll?after=1&timeout=60");
     let http = server.http.clone();
     let parked = tokio::spawn(async move {
@@ -46,6 +48,8 @@ async fn shutdown_answers_long_polls_ends_streams_and_closes_sockets() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
         other => panic!("expected close 1001, got {other:?}"),
     }
+    assert!(stream.next_line().await.is_none(), "HTTP stream must end");
+    assert!(stream.leftover().is_empty(), "and end on a line boundary");
 }
 
 #[tokio::test]
@@ -58,6 +62,7 @@ async fn every_publish_acknowledged_before_a_stop_reaches_connected_subscribers_
     .await;
     let mut sse = server.sse("/topics/race/sse", None).await;
     let mut ws = server.ws("/topics/race/ws").await;
+    let mut stream = server.stream("/topics/race/stream").await;
     // Slow readers: at the stop, deliveries are still queued for them on the server.
     let sse_reader = tokio::spawn(async move {
         let mut ids = Vec::new();
@@ -68,6 +73,20 @@ async fn every_publish_acknowledged_before_a_stop_reaches_connected_subscribers_
             }
         }
         assert_eq!(sse.leftover(), "", "the SSE stream ended inside a frame");
+        ids
+    });
+    let stream_reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while let Some(line) = stream.next_json().await {
+            ids.push(line["id"].as_u64().expect("only messages"));
+            if ids.len() % 4 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        assert!(
+            stream.leftover().is_empty(),
+            "the stream ended inside a line"
+        );
         ids
     });
     let ws_reader = tokio::spawn(async move {
@@ -125,7 +144,12 @@ async fn every_publish_acknowledged_before_a_stop_reaches_connected_subscribers_
     );
     let over_sse = sse_reader.await.unwrap();
     let over_ws = ws_reader.await.unwrap();
-    for (transport, received) in [("sse", &over_sse), ("ws", &over_ws)] {
+    let over_stream = stream_reader.await.unwrap();
+    for (transport, received) in [
+        ("sse", &over_sse),
+        ("ws", &over_ws),
+        ("stream", &over_stream),
+    ] {
         let missing: Vec<_> = acknowledged
             .iter()
             .filter(|id| received.binary_search(id).is_err())

@@ -1,4 +1,4 @@
-// The comparison lab: four subscriptions to one topic, one per lane, fed by one generator.
+// The comparison lab: five subscriptions to one topic, one per lane, fed by one generator.
 // Each generated message carries {run, seq}; a lane checks the sequence numbers it receives
 // against those the server acknowledged, so "missing" and "duplicates" are measured, not
 // assumed.
@@ -7,8 +7,9 @@ import { connect } from "/pushhub.js";
 const $ = (id) => document.getElementById(id);
 const topic = new URLSearchParams(location.search).get("topic") ?? "lab";
 const run = Math.random().toString(36).slice(2, 10);
-const NAMES = { ws: "WebSocket", sse: "SSE", longpoll: "Long poll", poll: "Short poll" };
-const COLORS = { ws: "#2f6fdb", sse: "#2e9d5b", longpoll: "#b7791f", poll: "#9b2c2c" };
+const NAMES = { ws: "WebSocket", sse: "SSE", stream: "HTTP stream", longpoll: "Long poll", poll: "Short poll" };
+const COLORS = { ws: "#2f6fdb", sse: "#2e9d5b", stream: "#6b46c1", longpoll: "#b7791f", poll: "#9b2c2c" };
+const TRANSPORTS = ["ws", "sse", "stream", "longpoll", "poll"];
 const CHART_POINTS = 120; // one per 500 ms: the last minute
 const settings = { pollInterval: 1000, longPollTimeout: 25 };
 
@@ -142,7 +143,7 @@ class Lane {
   }
 }
 
-const lanes = ["ws", "sse", "longpoll", "poll"].map((t, i) => new Lane(i, t));
+const lanes = TRANSPORTS.map((t, i) => new Lane(i, t));
 
 // Publishing
 async function publishOne() {
@@ -170,14 +171,14 @@ async function generate(rate, seconds) {
   $("generate").textContent = "Stop generator";
   while (!generator.stop && sent < total) {
     const due = Math.min(total, Math.floor(((performance.now() - started) * rate) / 1000) + 1);
-    // At most 4 publishes in flight: browsers allow 6 connections per host and the lanes
-    // hold some of them.
-    while (sent < due && inflight.size < 4) {
+    // At most 3 publishes in flight: browsers allow 6 HTTP/1.1 connections per host, and
+    // the SSE, HTTP stream and long-poll lanes hold one each.
+    while (sent < due && inflight.size < 3) {
       const p = publishOne().finally(() => inflight.delete(p));
       inflight.add(p);
       sent++;
     }
-    await new Promise((r) => setTimeout(r, inflight.size >= 4 ? 1 : 10));
+    await new Promise((r) => setTimeout(r, inflight.size >= 3 ? 1 : 10));
   }
   await Promise.all(inflight);
   generator = null;
@@ -243,7 +244,7 @@ async function refreshServer() {
     const stats = await (await fetch("/stats", { cache: "no-store" })).json();
     for (const row of ["subscribers", "deliveries", "requests", "bytes"]) {
       const cells = document.querySelectorAll(`#server tr[data-row="${row}"] td`);
-      ["ws", "sse", "longpoll", "poll"].forEach((t, i) => {
+      TRANSPORTS.forEach((t, i) => {
         cells[i].textContent = row === "bytes" ? bytes(stats[row][t]) : stats[row][t];
       });
     }

@@ -11,7 +11,7 @@
 // transport and reconnecting never lose or repeat a message. See docs/client.md.
 
 /** Fallback order of `transport: "auto"`. */
-export const TRANSPORTS = ["ws", "sse", "longpoll", "poll"];
+export const TRANSPORTS = ["ws", "sse", "stream", "longpoll", "poll"];
 
 /** Latency samples kept per subscription (a ring). */
 const LATENCY_SAMPLES = 10000;
@@ -45,7 +45,7 @@ export class Subscription {
    * @param {object} o
    * @param {string} [o.base]  server origin, e.g. "http://127.0.0.1:8080"; "" = this page's
    * @param {string} o.topic
-   * @param {"ws"|"sse"|"longpoll"|"poll"|"auto"} [o.transport="auto"]
+   * @param {"ws"|"sse"|"stream"|"longpoll"|"poll"|"auto"} [o.transport="auto"]
    * @param {number} [o.after]  resume after this id; default: from now
    * @param {number} [o.pollInterval=1000]  ms between short polls
    * @param {number} [o.longPollTimeout=25]  seconds a long poll may be held
@@ -149,7 +149,9 @@ export class Subscription {
         return;
       }
     }
-    const open = { ws: openWebSocket, sse: openEventSource, longpoll: openPolling, poll: openPolling }[this.transport];
+    const open = {
+      ws: openWebSocket, sse: openEventSource, stream: openStream, longpoll: openPolling, poll: openPolling,
+    }[this.transport];
     if (!open) throw new Error(`pushhub: unknown transport ${this.transport}`);
     this.stopActive = open(this, generation);
   }
@@ -264,6 +266,58 @@ function openEventSource(sub, generation) {
     sub.failed(generation, "stream error", open);
   };
   return () => source.close();
+}
+
+// HTTP streaming: one JSON value per line, read from the response body as it arrives. A line
+// without `type` is a message; `truncated`/`reset` are signals; `keepalive` and `expired`
+// carry nothing to deliver (the body ends after `expired`, and the end reconnects).
+function openStream(sub, generation) {
+  const controller = typeof AbortController === "undefined" ? null : new AbortController();
+  let stopped = false;
+  const live = () => !stopped && generation === sub.generation;
+  (async () => {
+    let open = false;
+    try {
+      sub.stats.requests++;
+      const response = await sub.env.fetch(sub.url(`/topics/${sub.topic}/stream?after=${sub.cursor}`), {
+        cache: "no-store", signal: controller?.signal,
+      });
+      if (!live()) return;
+      if (!response.ok || !response.body) {
+        sub.failed(generation, response.ok ? "no streamed body" : `HTTP ${response.status}`, false);
+        return;
+      }
+      open = true;
+      sub.opened(generation);
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let pending = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (!live()) { reader.cancel?.().catch?.(() => {}); return; }
+        if (done) break;
+        sub.stats.bytes += value.byteLength;
+        pending += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = pending.indexOf("\n")) >= 0) {
+          const line = pending.slice(0, end);
+          pending = pending.slice(end + 1);
+          if (!line) continue;
+          const frame = JSON.parse(line);
+          if (frame.type === undefined) sub.deliver(frame, generation);
+          else if (isSignal(frame)) sub.signal(frame, generation);
+          if (!live()) return;
+        }
+      }
+      sub.failed(generation, "stream ended", open);
+    } catch (error) {
+      if (live()) sub.failed(generation, error.message, open);
+    }
+  })();
+  return () => {
+    stopped = true;
+    controller?.abort();
+  };
 }
 
 function openPolling(sub, generation) {

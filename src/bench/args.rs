@@ -52,7 +52,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ws,sse,longpoll,poll",
+        default_value = "ws,sse,stream,longpoll,poll",
         value_enum
     )]
     pub transports: Vec<TransportKind>,

@@ -21,6 +21,8 @@ pub struct Connection {
     stream: Option<TcpStream>,
     /// Bytes read and not used yet.
     buf: Vec<u8>,
+    /// How the body of the stream opened last is delimited.
+    streaming: Framing,
 }
 
 /// A complete answer.
@@ -63,6 +65,7 @@ impl Connection {
             addr,
             stream: None,
             buf: Vec::with_capacity(4096),
+            streaming: Framing::Close,
         }
     }
 
@@ -144,15 +147,33 @@ impl Connection {
         request.push_str("\r\n");
         self.stream().await?.write_all(request.as_bytes()).await?;
         let head = self.read_head().await?;
-        if head.framing != Framing::Chunked {
-            return Err(invalid("a stream must be chunked"));
+        if let Framing::Length(_) = head.framing {
+            return Err(invalid(
+                "a stream must be chunked or end with the connection",
+            ));
         }
+        self.streaming = head.framing;
         Ok(head.status)
     }
 
-    /// The next data of a streamed (chunked) body, appended to `out`; `Ok(false)` at its end.
+    /// The next data of a streamed body (chunked, or delimited by the close), appended to
+    /// `out`; `Ok(false)` at its end.
     pub async fn next_data(&mut self, out: &mut Vec<u8>) -> io::Result<bool> {
-        self.read_chunk(out).await
+        if self.streaming == Framing::Chunked {
+            return self.read_chunk(out).await;
+        }
+        if self.buf.is_empty() {
+            match self.fill().await {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.stream = None;
+                    return Ok(false);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        out.append(&mut self.buf);
+        Ok(true)
     }
 
     /// Reads more into the buffer; an error at the end of the stream.

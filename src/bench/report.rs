@@ -332,6 +332,7 @@ pub fn svg(results: &[PhaseResult]) -> String {
         Ok(TransportKind::Ws) => "#2f6fdb",
         Ok(TransportKind::Sse) => "#2e9d5b",
         Ok(TransportKind::Longpoll) => "#b7791f",
+        Ok(TransportKind::Stream) => "#6b46c1",
         Ok(TransportKind::Poll) | Err(_) => "#9b2c2c",
     };
     let slot = panel / results.len().max(1) as f64;

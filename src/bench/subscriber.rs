@@ -83,6 +83,7 @@ pub(crate) async fn run(
     match transport {
         TransportKind::Ws => websocket(&phase, index, &mut tracker).await?,
         TransportKind::Sse => sse(&phase, index, &mut tracker).await?,
+        TransportKind::Stream => ndjson(&phase, index, &mut tracker).await?,
         TransportKind::Longpoll | TransportKind::Poll => {
             polling(transport, &phase, index, &mut tracker).await?
         }
@@ -123,6 +124,45 @@ async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result
         }
     }
     let _ = socket.close(None).await;
+    Ok(())
+}
+
+/// An HTTP stream: one envelope per line (signal and keep-alive lines are not envelopes).
+async fn ndjson(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
+    let path = format!("/topics/{}/stream?after=0", phase.topic_of(index));
+    let mut connection = Connection::new(phase.base_of(index));
+    let status = connection
+        .open_stream(&path, &["accept: application/x-ndjson"])
+        .await
+        .map_err(io_error)?;
+    if status != 200 {
+        return Err(BenchError::Client(format!("stream answered {status}")));
+    }
+    tracker.requests += 1;
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        let before = buffer.len();
+        let more = tokio::select! {
+            more = connection.next_data(&mut buffer) => more,
+            () = phase.stop.cancelled() => break,
+        };
+        if !more.map_err(io_error)? {
+            break;
+        }
+        tracker.bytes += (buffer.len() - before) as u64;
+        let mut start = 0;
+        while let Some(end) = buffer[before.max(start)..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|at| before.max(start) + at)
+        {
+            if let Ok(envelope) = serde_json::from_slice::<Envelope>(&buffer[start..end]) {
+                phase.record(index, tracker, &envelope);
+            }
+            start = end + 1;
+        }
+        buffer.drain(..start);
+    }
     Ok(())
 }
 

@@ -33,7 +33,7 @@ use crate::{
     gate::auth::Access,
     hub::Format,
     message::{PerTransport, TransportKind},
-    transport::{Params, boxed, io::Io, longpoll, poll, sse, stream, ws},
+    transport::{Params, body, boxed, io::Io, longpoll, ndjson, poll, sse, stream, ws},
 };
 
 /// Initial size of a request head buffer; it grows to `--max-header-bytes`.
@@ -102,8 +102,10 @@ struct Park {
 /// A stream a request opened: all a streaming connection holds while it lasts. The request
 /// (its head, its parsing, the subscribing) is gone by then.
 enum Stream {
-    Sse {
-        opened: sse::Opened,
+    /// SSE or NDJSON: events in one response body.
+    Body {
+        opened: body::Opened,
+        framing: &'static body::Framing,
         input: Vec<u8>,
         /// The client asked to close after this response.
         close: bool,
@@ -135,11 +137,15 @@ impl Connection {
                         boxed(|| ws::run(&shared.app, opened, &mut io, input)).await;
                         Next::Close
                     }
-                    Stream::Sse {
+                    Stream::Body {
                         opened,
+                        framing,
                         input,
                         close,
-                    } => boxed(|| run_sse(&shared.app, opened, input, close, &mut io)).await,
+                    } => {
+                        boxed(|| run_body(&shared.app, opened, framing, input, close, &mut io))
+                            .await
+                    }
                 },
                 next => next,
             };
@@ -214,7 +220,7 @@ fn app_request(
     // A stream or a long poll asked in a form not served raw (absolute-form target, a body
     // on a GET, HEAD): hyper streams its response, where this path writes a whole one.
     let path = head.path();
-    if ["/sse", "/longpoll", "/ws"]
+    if ["/sse", "/stream", "/longpoll", "/ws"]
         .iter()
         .any(|end| path.ends_with(end))
     {
@@ -335,6 +341,7 @@ async fn dispatch(
         TransportKind::Longpoll => longpoll_call(call, io).await,
         TransportKind::Sse => sse_call(call, io).await,
         TransportKind::Ws => ws_call(call, io).await,
+        TransportKind::Stream => stream_call(call, io).await,
     }
 }
 
@@ -472,9 +479,36 @@ async fn sse_call(call: Call<'_>, io: &mut Io) -> Next {
     )
     .await;
     match opened {
-        Ok(opened) => Next::Stream(Box::new(Stream::Sse {
+        Ok(opened) => Next::Stream(Box::new(Stream::Body {
             opened,
+            framing: &sse::FRAMING,
             close: call.close,
+            input: call.head.into_rest(),
+        })),
+        Err(error) => call.refuse(io, &error).await,
+    }
+}
+
+async fn stream_call(call: Call<'_>, io: &mut Io) -> Next {
+    // No chunk framing: the body ends with the connection.
+    let mut headers = ndjson::HEADERS.to_vec();
+    headers.push(("connection", "close"));
+    let response_head = response::head(StatusCode::OK, &headers, &call.meta, Length::None);
+    let params = call.params();
+    let opened = ndjson::open(
+        call.app,
+        &call.access,
+        &call.topic,
+        &params,
+        io.shared_socket(),
+        Some(response_head),
+    )
+    .await;
+    match opened {
+        Ok(opened) => Next::Stream(Box::new(Stream::Body {
+            opened,
+            framing: &ndjson::FRAMING,
+            close: true,
             input: call.head.into_rest(),
         })),
         Err(error) => call.refuse(io, &error).await,
@@ -512,10 +546,12 @@ async fn ws_call(call: Call<'_>, io: &mut Io) -> Next {
     }
 }
 
-/// Runs an SSE stream; after it, the connection may serve a pipelined request.
-async fn run_sse(
+/// Runs an SSE or NDJSON stream; after an SSE stream, the connection may serve a pipelined
+/// request.
+async fn run_body(
     app: &AppState,
-    opened: sse::Opened,
+    opened: body::Opened,
+    framing: &'static body::Framing,
     mut input: Vec<u8>,
     close: bool,
     io: &mut Io,
@@ -526,18 +562,18 @@ async fn run_sse(
         read_chunk: 512,
         expires: opened.expires,
     };
-    let mut peer = sse::SsePeer {
+    let mut peer = body::BodyPeer {
         max_input: app.config.max_header_bytes,
     };
     let outlet = opened.outlet.0.clone();
     let finished = stream::run(io, &outlet, &mut peer, &settings, &mut input).await;
     drop(opened);
-    let Some(tail) = sse::tail(Format::SseChunked, finished) else {
+    let Some(tail) = body::tail(framing, framing.raw, finished) else {
         return Next::Close;
     };
-    // After an expired token the connection may serve a pipelined request; after a
-    // drain or a slow consumer's end it closes.
-    let keep = matches!(finished, stream::Finish::Expired) && !close;
+    // After an expired token the connection may serve a pipelined request (if the body has
+    // an end of its own); after a drain or a slow consumer's end it closes.
+    let keep = framing.reusable && matches!(finished, stream::Finish::Expired) && !close;
     keep_alive(finish(io, tail, !keep, stall).await, input)
 }
 
@@ -681,12 +717,17 @@ mod tests {
             routed("GET /ws HTTP/1.1\r\n\r\n"),
             Some((TransportKind::Ws, None))
         );
+        assert_eq!(
+            routed("GET /topics/a/stream?after=0 HTTP/1.1\r\n\r\n"),
+            Some((TransportKind::Stream, Some("a".into())))
+        );
         for other in [
             "POST /topics/a HTTP/1.1\r\n\r\n",
             "GET /topics/a HTTP/1.1\r\n\r\n",
             "GET /topics//poll HTTP/1.1\r\n\r\n",
             "GET /topics/a/b/poll HTTP/1.1\r\n\r\n",
             "GET /stats HTTP/1.1\r\n\r\n",
+            "GET /topics/a/streams HTTP/1.1\r\n\r\n",
             "GET /topics/a/poll HTTP/1.1\r\ncontent-length: 3\r\n\r\n",
             "POST /topics/a/poll HTTP/1.1\r\n\r\n",
         ] {
@@ -724,12 +765,12 @@ mod memory_budget {
 
         // An SSE stream.
         let outlet = app.hub.outlet(None, Format::Sse);
-        let opened = sse::Opened {
+        let opened = body::Opened {
             outlet,
             expires: None,
         };
-        let future = run_sse(&app, opened, Vec::new(), false, &mut io);
-        sizes.push(("run_sse", std::mem::size_of_val(&future), 640));
+        let future = run_body(&app, opened, &sse::FRAMING, Vec::new(), false, &mut io);
+        sizes.push(("run_body", std::mem::size_of_val(&future), 640));
         drop(future);
 
         // A WebSocket session.

@@ -66,6 +66,13 @@ impl Signal {
         )
     }
 
+    /// On an NDJSON stream: [`Signal::to_json`] as one line.
+    pub fn ndjson_line(&self, topic: &TopicName) -> Bytes {
+        let mut line = self.to_json(topic).into_bytes();
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+
     /// In a poll answer: fields of its JSON object, `,"truncated":true,"oldest_id":N` or
     /// `,"reset":true`, appended to `body`.
     pub fn poll_fields(&self, body: &mut Vec<u8>) {

@@ -40,7 +40,7 @@ use super::{
     stats::Counters,
 };
 use crate::{
-    message::{Message, MessageId, TransportKind, now_millis},
+    message::{Message, MessageId, PerTransport, TransportKind, now_millis},
     store::Live,
     telemetry::LagTally,
 };
@@ -411,8 +411,8 @@ impl Waiter {
 /// What a writer counts during one walk, added to the shared counters once at its end.
 #[derive(Default)]
 pub(super) struct Tally {
-    deliveries: [u64; 4],
-    bytes: [u64; 4],
+    deliveries: PerTransport<u64>,
+    bytes: PerTransport<u64>,
     lag: LagTally,
     now_ms: u64,
 }
@@ -425,18 +425,17 @@ impl Tally {
         frames: &[Bytes],
         published_ms: u64,
     ) {
-        let index = transport as usize;
-        self.deliveries[index] += messages as u64;
-        self.bytes[index] += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+        self.deliveries[transport] += messages as u64;
+        self.bytes[transport] += frames.iter().map(|f| f.len() as u64).sum::<u64>();
         self.lag
             .record(transport, self.now_ms.saturating_sub(published_ms));
     }
 
     fn flush(&mut self, counters: &Counters) {
         for transport in TransportKind::ALL {
-            let index = transport as usize;
-            if self.deliveries[index] > 0 || self.bytes[index] > 0 {
-                counters.delivered(transport, self.deliveries[index], self.bytes[index]);
+            let (deliveries, bytes) = (self.deliveries[transport], self.bytes[transport]);
+            if deliveries > 0 || bytes > 0 {
+                counters.delivered(transport, deliveries, bytes);
             }
         }
         self.lag.flush();

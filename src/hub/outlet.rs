@@ -47,6 +47,9 @@ pub enum Format {
     Sse,
     /// SSE events, each as an HTTP/1.1 chunk of a chunked body written by pushhub itself.
     SseChunked,
+    /// NDJSON lines (HTTP streaming): one envelope per line, in a body delimited by its end
+    /// (the connection's close on HTTP/1.1, the stream's end on HTTP/2).
+    Ndjson,
 }
 
 impl Format {
@@ -55,6 +58,7 @@ impl Format {
         match self {
             Format::Ws => TransportKind::Ws,
             Format::Sse | Format::SseChunked => TransportKind::Sse,
+            Format::Ndjson => TransportKind::Stream,
         }
     }
 
@@ -64,6 +68,7 @@ impl Format {
             Format::Ws => message.ws_frame(),
             Format::Sse => message.sse_frame(),
             Format::SseChunked => message.sse_chunk(),
+            Format::Ndjson => message.ndjson_line(),
         }
     }
 
@@ -72,6 +77,7 @@ impl Format {
         match self {
             Format::Ws => signal.ws_frame(topic),
             Format::Sse | Format::SseChunked => self.body(&signal.sse_event(topic)),
+            Format::Ndjson => signal.ndjson_line(topic),
         }
     }
 
@@ -80,17 +86,18 @@ impl Format {
     pub fn body(self, bytes: &[u8]) -> Bytes {
         match self {
             Format::SseChunked => wire::chunk(bytes),
-            Format::Sse | Format::Ws => Bytes::copy_from_slice(bytes),
+            Format::Sse | Format::Ws | Format::Ndjson => Bytes::copy_from_slice(bytes),
         }
     }
 
     /// What keeps an idle connection alive, and proves the peer is there: a WebSocket ping,
-    /// or an SSE comment.
+    /// an SSE comment, or an NDJSON `keepalive` line.
     pub(super) fn heartbeat(self) -> Bytes {
         match self {
             Format::Ws => Bytes::from_static(b"\x89\x00"),
             Format::Sse => Bytes::from_static(b": keep-alive\n\n"),
             Format::SseChunked => Bytes::from_static(b"e\r\n: keep-alive\n\n\r\n"),
+            Format::Ndjson => Bytes::from_static(b"{\"type\":\"keepalive\"}\n"),
         }
     }
 }

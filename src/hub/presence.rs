@@ -30,6 +30,7 @@ pub(crate) struct Presence {
     longpoll: PollerSet,
     sse: Arc<AtomicUsize>,
     ws: Arc<AtomicUsize>,
+    stream: Arc<AtomicUsize>,
     parked: Arc<AtomicUsize>,
 }
 
@@ -96,6 +97,7 @@ impl Presence {
         match transport {
             TransportKind::Sse => Gauge::hold(&self.sse, transport),
             TransportKind::Ws => Gauge::hold(&self.ws, transport),
+            TransportKind::Stream => Gauge::hold(&self.stream, transport),
             TransportKind::Longpoll => Gauge::hold(&self.parked, transport),
             // `Hub::outlet` takes any transport; a short poll held open is not counted.
             TransportKind::Poll => Gauge(None, transport),
@@ -108,7 +110,7 @@ impl Presence {
         match transport {
             TransportKind::Poll => self.poll.touch(client, now, window),
             TransportKind::Longpoll => self.longpoll.touch(client, now, window),
-            TransportKind::Sse | TransportKind::Ws => {}
+            TransportKind::Sse | TransportKind::Ws | TransportKind::Stream => {}
         }
     }
 
@@ -122,6 +124,7 @@ impl Presence {
                 .max(self.parked.load(Ordering::Relaxed)),
             TransportKind::Sse => self.sse.load(Ordering::Relaxed),
             TransportKind::Ws => self.ws.load(Ordering::Relaxed),
+            TransportKind::Stream => self.stream.load(Ordering::Relaxed),
         })
     }
 

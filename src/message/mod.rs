@@ -208,9 +208,11 @@ pub struct Message {
     pub event: EventName,
     /// Publish time, unix milliseconds.
     pub time: u64,
-    /// The complete WebSocket text frame; `envelope` is its payload, in the same allocation.
+    /// The complete WebSocket text frame; `envelope` is its payload, and `ndjson_line` the
+    /// envelope and a newline, all in the same allocation.
     ws_frame: Bytes,
     envelope: Bytes,
+    ndjson_line: Bytes,
     /// The SSE frame as one HTTP/1.1 chunk; `sse_frame` is its content, in the same allocation.
     sse_chunk: Bytes,
     sse_frame: Bytes,
@@ -250,7 +252,8 @@ impl Message {
                 + topic.as_str().len()
                 + event.as_str().len()
                 + data.len()
-                + time_text.len(),
+                + time_text.len()
+                + 1,
         );
         frame.resize(wire::WS_MAX_HEADER, 0);
         frame.extend_from_slice(b"{\"id\":");
@@ -265,10 +268,14 @@ impl Message {
         frame.extend_from_slice(time_text.as_bytes());
         frame.push(b'}');
         let envelope_len = frame.len() - wire::WS_MAX_HEADER;
+        // The NDJSON line's newline, after the envelope and outside the WebSocket frame.
+        frame.push(b'\n');
         let (header, used) = wire::ws_header(wire::opcode::TEXT, envelope_len);
         let start = wire::WS_MAX_HEADER - used;
         frame[start..wire::WS_MAX_HEADER].copy_from_slice(&header[..used]);
-        let ws_frame = Bytes::from(frame).slice(start..);
+        let shared = Bytes::from(frame);
+        let ndjson_line = shared.slice(wire::WS_MAX_HEADER..);
+        let ws_frame = shared.slice(start..shared.len() - 1);
         let envelope = ws_frame.slice(used..);
 
         let sse_len = wire::sse_frame_len(id, event.as_str(), &envelope);
@@ -286,6 +293,7 @@ impl Message {
             time,
             ws_frame,
             envelope,
+            ndjson_line,
             sse_chunk,
             sse_frame,
         }
@@ -315,6 +323,11 @@ impl Message {
     /// The complete WebSocket text frame carrying the envelope (unmasked, as servers send).
     pub fn ws_frame(&self) -> &Bytes {
         &self.ws_frame
+    }
+
+    /// The envelope and a newline: one line of an NDJSON stream.
+    pub fn ndjson_line(&self) -> &Bytes {
+        &self.ndjson_line
     }
 
     /// The complete SSE frame (`id:`, `event:`, `data:` lines and the blank line).
@@ -397,6 +410,11 @@ mod tests {
         );
         assert_eq!(&msg.ws_frame()[..2], &[0x81, msg.envelope().len() as u8]);
         assert_eq!(&msg.ws_frame()[2..], &msg.envelope()[..]);
+        assert_eq!(
+            &msg.ndjson_line()[..msg.envelope().len()],
+            &msg.envelope()[..]
+        );
+        assert_eq!(&msg.ndjson_line()[msg.envelope().len()..], b"\n");
         let chunk = &msg.sse_chunk()[..];
         let text = format!("{:x}\r\n", msg.sse_frame().len());
         assert!(chunk.starts_with(text.as_bytes()) && chunk.ends_with(b"\n\n\r\n"));

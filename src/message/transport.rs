@@ -22,11 +22,13 @@ pub enum TransportKind {
     Sse,
     /// WebSocket: `GET /topics/{t}/ws` and `/ws`.
     Ws,
+    /// HTTP streaming, one JSON envelope per line: `GET /topics/{t}/stream`.
+    Stream,
 }
 
 impl TransportKind {
     /// How many kinds there are.
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 
     /// Every kind, in the order of [`TransportKind::index`].
     pub const ALL: [TransportKind; Self::COUNT] = [
@@ -34,6 +36,7 @@ impl TransportKind {
         TransportKind::Longpoll,
         TransportKind::Sse,
         TransportKind::Ws,
+        TransportKind::Stream,
     ];
 
     /// The name used in URLs, `--transports`, `/stats` keys and metrics labels.
@@ -43,6 +46,7 @@ impl TransportKind {
             TransportKind::Longpoll => "longpoll",
             TransportKind::Sse => "sse",
             TransportKind::Ws => "ws",
+            TransportKind::Stream => "stream",
         }
     }
 
@@ -60,7 +64,7 @@ impl fmt::Display for TransportKind {
 
 /// A name that is not one of [`TransportKind::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown transport {0:?}: use poll, longpoll, sse or ws")]
+#[error("unknown transport {0:?}: use poll, longpoll, sse, ws or stream")]
 pub struct UnknownTransport(pub String);
 
 impl FromStr for TransportKind {
@@ -140,7 +144,7 @@ mod tests {
         counts[TransportKind::Sse] = 3;
         assert_eq!(
             serde_json::to_string(&counts).unwrap(),
-            r#"{"poll":0,"longpoll":0,"sse":3,"ws":0}"#
+            r#"{"poll":0,"longpoll":0,"sse":3,"ws":0,"stream":0}"#
         );
     }
 }

@@ -7,8 +7,10 @@
 //! the request headers, whoever parsed them ([`HeaderSource`]); the connection's byte stream
 //! ([`io::Io`]); and the loop every streaming connection runs ([`stream`]).
 
+pub mod body;
 pub mod io;
 pub mod longpoll;
+pub mod ndjson;
 pub mod poll;
 pub mod publish;
 pub mod settings;

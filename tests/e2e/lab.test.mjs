@@ -100,7 +100,7 @@ async function assertExactlyOnce(page, label) {
   return acked;
 }
 
-test("four lanes receive every message exactly once, across switches, toggles and a restart mid-run", async () => {
+test("five lanes receive every message exactly once, across switches, toggles and a restart mid-run", async () => {
   let server = await startServer();
   const { browser, page, errors } = await openBrowser();
   try {
@@ -110,9 +110,11 @@ test("four lanes receive every message exactly once, across switches, toggles an
     // Generator at 100 msg/s for 4 s; mid-run, two lanes change transport and one is toggled.
     await generate(page, 100, 4);
     await page.waitForTimeout(1200);
-    // Lanes 1 and 2 swap transports: SSE -> long poll, long poll -> SSE.
+    // Lanes 1 to 3 rotate transports: SSE -> long poll, HTTP stream -> SSE, long poll ->
+    // HTTP stream.
     await page.selectOption('.lane[data-lane="1"] select', "longpoll");
     await page.selectOption('.lane[data-lane="2"] select', "sse");
+    await page.selectOption('.lane[data-lane="3"] select', "stream");
     await page.waitForTimeout(600);
     await page.uncheck('.lane[data-lane="1"] input[type=checkbox]');
     await page.waitForTimeout(500);
@@ -124,10 +126,10 @@ test("four lanes receive every message exactly once, across switches, toggles an
     // Consistent figures: short polling pays requests per message, WebSocket does not.
     const figures = await lanes(page);
     assert.equal(figures[0].transport, "ws");
-    assert.equal(figures[3].transport, "poll");
-    assert.ok(figures[3].requests > figures[0].requests,
-      `poll lane made ${figures[3].requests} requests, ws lane ${figures[0].requests}`);
-    assert.ok(figures[3].requestsPerMessage > figures[0].requestsPerMessage);
+    assert.equal(figures[4].transport, "poll");
+    assert.ok(figures[4].requests > figures[0].requests,
+      `poll lane made ${figures[4].requests} requests, ws lane ${figures[0].requests}`);
+    assert.ok(figures[4].requestsPerMessage > figures[0].requestsPerMessage);
     // The server's own view counted deliveries on every transport.
     await page.waitForTimeout(1100);
     const delivered = await page.$$eval('#server tr[data-row="deliveries"] td', (tds) => tds.map((td) => Number(td.textContent)));
@@ -191,28 +193,30 @@ test("four lanes receive every message exactly once, across switches, toggles an
   }
 });
 
-test("auto falls back to SSE when the server refuses WebSocket", async () => {
-  const server = await startServer("127.0.0.1:0", ["--transports", "sse,longpoll,poll"]);
-  const { browser, page } = await openBrowser();
-  try {
-    await page.goto(`http://${server.addr}/healthz`);
-    const result = await page.evaluate(async () => {
-      const { connect } = await import("/pushhub.js");
-      const states = [];
-      const sub = connect({ topic: "fallback", transport: "auto" });
-      sub.on("status", (s) => states.push(`${s.state}:${s.transport}`));
-      const message = new Promise((resolve) => sub.on("message", resolve));
-      await new Promise((resolve) => sub.on("status", (s) => s.state === "open" && resolve()));
-      await fetch("/topics/fallback", { method: "POST", body: "over sse" });
-      const envelope = await message;
-      sub.close();
-      return { states, transport: sub.transport, data: envelope.data };
-    });
-    assert.equal(result.transport, "sse");
-    assert.ok(result.states.includes("fallback:sse"), result.states.join(", "));
-    assert.equal(result.data, "over sse");
-  } finally {
-    await browser.close();
-    await stopServer(server);
-  }
-});
+for (const [served, expected] of [["sse,longpoll,poll", "sse"], ["stream,longpoll,poll", "stream"]]) {
+  test(`auto falls back to ${expected} when the server serves only ${served}`, async () => {
+    const server = await startServer("127.0.0.1:0", ["--transports", served]);
+    const { browser, page } = await openBrowser();
+    try {
+      await page.goto(`http://${server.addr}/healthz`);
+      const result = await page.evaluate(async (expected) => {
+        const { connect } = await import("/pushhub.js");
+        const states = [];
+        const sub = connect({ topic: "fallback", transport: "auto" });
+        sub.on("status", (s) => states.push(`${s.state}:${s.transport}`));
+        const message = new Promise((resolve) => sub.on("message", resolve));
+        await new Promise((resolve) => sub.on("status", (s) => s.state === "open" && resolve()));
+        await fetch("/topics/fallback", { method: "POST", body: `over ${expected}` });
+        const envelope = await message;
+        sub.close();
+        return { states, transport: sub.transport, data: envelope.data };
+      }, expected);
+      assert.equal(result.transport, expected);
+      assert.ok(result.states.includes(`fallback:${expected}`), result.states.join(", "));
+      assert.equal(result.data, `over ${expected}`);
+    } finally {
+      await browser.close();
+      await stopServer(server);
+    }
+  });
+}

@@ -147,11 +147,62 @@ impl Endpoint {
         client
     }
 
+    /// Opens an HTTP stream (`/topics/{t}/stream`): one JSON value per line.
+    pub async fn stream(&self, path: &str) -> StreamClient {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "stream connect failed");
+        StreamClient {
+            headers: response.headers().clone(),
+            body: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+        }
+    }
+
     pub async fn ws(&self, path: &str) -> WsClient {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{}", self.host, path))
             .await
             .unwrap();
         WsClient { ws }
+    }
+}
+
+/// Reads `application/x-ndjson` line by line, as `fetch()` with a `ReadableStream` would.
+pub struct StreamClient {
+    pub headers: reqwest::header::HeaderMap,
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: Vec<u8>,
+}
+
+impl StreamClient {
+    /// The next line as JSON (keep-alive lines included), or `None` when the stream ends.
+    pub async fn next_line(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                let text = std::str::from_utf8(&line[..end]).expect("UTF-8 line");
+                return Some(serde_json::from_str(text).expect("each line is one JSON value"));
+            }
+            match tokio::time::timeout(PATIENCE, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.buffer.extend_from_slice(&chunk),
+                Ok(Some(Err(_)) | None) => return None,
+                Err(_) => panic!("stream silent for {PATIENCE:?}"),
+            }
+        }
+    }
+
+    /// The next line that is not a keep-alive.
+    pub async fn next_json(&mut self) -> Option<Value> {
+        loop {
+            let line = self.next_line().await?;
+            if line["type"] != "keepalive" {
+                return Some(line);
+            }
+        }
+    }
+
+    /// Bytes received after the last complete line: a broken line if not empty at the end.
+    pub fn leftover(&self) -> &[u8] {
+        &self.buffer
     }
 }
 

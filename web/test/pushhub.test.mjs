@@ -6,7 +6,7 @@ import { connect, backoffDelay, utf8Length, TRANSPORTS } from "../pushhub.js";
 
 /** A controllable world: fake WebSocket, EventSource, fetch and timers. */
 function world({ topicLastId = 0, pollAnswers = [] } = {}) {
-  const w = { sockets: [], sources: [], requests: [], timers: [], now: 1_000_000 };
+  const w = { sockets: [], sources: [], streams: [], requests: [], timers: [], now: 1_000_000 };
   class FakeWebSocket {
     constructor(url) { this.url = url; this.closed = false; w.sockets.push(this); }
     close() { this.closed = true; }
@@ -27,6 +27,24 @@ function world({ topicLastId = 0, pollAnswers = [] } = {}) {
     let body;
     // A long poll with nothing to say is parked by the server: it never answers here.
     if (url.includes("/longpoll") && !url.includes("timeout=0") && pollAnswers.length === 0) return new Promise(() => {});
+    if (url.includes("/stream?")) {
+      const refusal = pollAnswers[0] instanceof Error ? pollAnswers.shift() : null;
+      if (refusal) throw refusal;
+      // A body whose chunks the test pushes: `send(text)` one chunk, `end()` the body.
+      const stream = { url, chunks: [], waiting: null, ended: false };
+      const wake = () => { const resolve = stream.waiting; stream.waiting = null; resolve?.(); };
+      stream.send = (text) => { stream.chunks.push(new TextEncoder().encode(text)); wake(); };
+      stream.end = () => { stream.ended = true; wake(); };
+      const reader = {
+        async read() {
+          while (stream.chunks.length === 0 && !stream.ended) await new Promise((r) => { stream.waiting = r; });
+          return stream.chunks.length ? { value: stream.chunks.shift(), done: false } : { value: undefined, done: true };
+        },
+        cancel: async () => {},
+      };
+      w.streams.push(stream);
+      return { ok: true, status: 200, body: { getReader: () => reader }, headers: { get: () => null } };
+    }
     if (/\/topics\/[^/]+$/.test(url)) body = { last_id: topicLastId };
     else body = pollAnswers.shift() ?? { messages: [], last_id: 0, next_after: Number(/after=(\d+)/.exec(url)[1]) };
     if (body instanceof Error) throw body;
@@ -143,13 +161,13 @@ test("jitter stays within half to all of the ceiling", () => {
   assert.equal(backoffDelay(10, { initial: 1000, max: 8000 }, () => 1), 8000);
 });
 
-test("auto falls back ws -> sse -> longpoll -> poll when a transport never opens", async () => {
-  const w = world({ pollAnswers: [new Error("refused")] });
+test("auto falls back ws -> sse -> stream -> longpoll -> poll when a transport never opens", async () => {
+  const w = world({ pollAnswers: [new Error("refused"), new Error("refused")] });
   const sub = connect({ topic: "t", transport: "auto", after: 0, env: w.env });
   const states = [];
   sub.on("status", (s) => states.push(`${s.state}:${s.transport}`));
   await settle();
-  assert.deepEqual(TRANSPORTS, ["ws", "sse", "longpoll", "poll"]);
+  assert.deepEqual(TRANSPORTS, ["ws", "sse", "stream", "longpoll", "poll"]);
   w.sockets[0].drop(1006); // upgrade refused
   await settle();
   assert.equal(sub.transport, "sse");
@@ -157,7 +175,7 @@ test("auto falls back ws -> sse -> longpoll -> poll when a transport never opens
   await settle();
   assert.equal(sub.transport, "poll", "the long poll was refused too");
   assert.match(w.requests.find((u) => u.includes("/longpoll")), /timeout=0/);
-  assert.ok(states.includes("fallback:sse") && states.includes("fallback:longpoll") && states.includes("fallback:poll"));
+  assert.ok(["sse", "stream", "longpoll", "poll"].every((t) => states.includes(`fallback:${t}`)), states.join());
   assert.match(w.requests.at(-1), /\/topics\/t\/poll\?after=0/);
 });
 
@@ -189,6 +207,34 @@ test("polls again at once when the answer was full, then waits the interval", as
   sub.close();
   await w.runTimers();
   assert.equal(w.requests.length, 2, "no poll after close");
+});
+
+test("stream: reads lines split across chunks, signals, keep-alives, and resumes after its end", async () => {
+  const w = world();
+  const sub = connect({ topic: "t", transport: "stream", after: 4, env: w.env });
+  const got = [];
+  const states = [];
+  sub.on("message", (m) => got.push(m.id));
+  sub.on("status", (s) => states.push(s.state));
+  await settle();
+  const first = w.streams[0];
+  assert.equal(first.url, "/topics/t/stream?after=4");
+  const line = (value) => JSON.stringify(value) + "\n";
+  const text = line(envelope(5)) + line({ type: "keepalive" }) + line(envelope(6));
+  first.send(text.slice(0, 10)); // a line cut between two chunks
+  first.send(text.slice(10));
+  const rest = line({ type: "truncated", topic: "t", oldest_id: 9 }) + line(envelope(9));
+  const expired = line({ type: "expired", code: "token_expired" });
+  first.send(rest);
+  first.send(expired);
+  first.end();
+  await settle();
+  assert.deepEqual(got, [5, 6, 9]);
+  assert.equal(sub.stats.signals, 1);
+  assert.equal(sub.stats.bytes, utf8Length(text + rest + expired), "every byte of the body");
+  assert.deepEqual(states, ["connecting", "open", "reconnecting"]);
+  await w.runTimers();
+  assert.equal(w.streams[1].url, "/topics/t/stream?after=9", "resumes from the cursor");
 });
 
 test("utf8Length counts bytes", () => {

@@ -1,0 +1,221 @@
+//! The transports that stream events in one HTTP response body: SSE and NDJSON (HTTP
+//! streaming). They differ only in framing, which each describes in a [`Framing`]; opening
+//! the stream, its last bytes, the peer that watches the request side, and the body hyper
+//! polls (HTTP/2, or a connection hyper serves) are written once, here. On the raw socket
+//! the gate runs the same outlet through [`super::stream::run`].
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use axum::{
+    body::Bytes,
+    http::{HeaderName, HeaderValue},
+    response::{IntoResponse, Response},
+};
+use futures::{FutureExt, Stream, future::BoxFuture};
+use tokio::{net::TcpStream, time::Instant};
+
+use super::stream::{self, Driver, Finish, Next, Peer};
+use crate::{
+    AppState,
+    error::Error,
+    hub::{End, Format, Outlet, OutletGuard},
+    message::{MessageId, TopicName, TransportKind, wire},
+};
+
+/// How one body-streaming transport frames its stream.
+#[derive(Debug)]
+pub struct Framing {
+    /// The transport.
+    pub kind: TransportKind,
+    /// Its response headers (besides the per-request ones).
+    pub headers: &'static [(&'static str, &'static str)],
+    /// Its format on the raw HTTP/1.1 socket, where pushhub frames the body itself.
+    pub raw: Format,
+    /// Its format in a body hyper frames (HTTP/2, or a connection hyper serves).
+    pub body: Format,
+    /// Sent when the token expires, just before the stream ends.
+    pub expired: &'static [u8],
+    /// Whether the raw connection may serve another request once the stream has ended on
+    /// its own terms (a chunked body has an end; a body delimited by the close has not).
+    pub reusable: bool,
+}
+
+/// A stream set up and following its topic.
+#[derive(Debug)]
+pub struct Opened {
+    /// The stream's outlet.
+    pub outlet: OutletGuard,
+    /// When the client's token expires.
+    pub expires: Option<Instant>,
+}
+
+/// Creates the stream's outlet in `format`, queues `head` (the raw path's response head) and
+/// `hello`, and subscribes it to `topic` from `after` (or now). The request was checked by
+/// the transport (permission, cursor) before.
+#[allow(clippy::too_many_arguments)]
+pub async fn open(
+    app: &AppState,
+    topic: &TopicName,
+    after: Option<MessageId>,
+    socket: Option<Arc<TcpStream>>,
+    format: Format,
+    head: Option<Vec<u8>>,
+    hello: Option<&[u8]>,
+    expires: Option<Instant>,
+) -> Result<Opened, Error> {
+    let outlet = app.hub.outlet(socket, format);
+    if let Some(head) = head {
+        outlet.push(Bytes::from(head));
+    }
+    if let Some(hello) = hello {
+        outlet.push(format.body(hello));
+    }
+    app.hub.subscribe(topic, after, &outlet).await?;
+    app.hub.record_request(format.transport());
+    Ok(Opened { outlet, expires })
+}
+
+/// What a stream sends last, per the reason it ends: the `expired` notice, and on a chunked
+/// body the chunk that ends it (`None`: the connection just closes).
+pub fn tail(framing: &Framing, format: Format, finish: Finish) -> Option<Vec<u8>> {
+    let mut tail = Vec::new();
+    match finish {
+        Finish::Expired => tail.extend_from_slice(&format.body(framing.expired)),
+        Finish::Ended(End::Drained | End::SlowConsumer) | Finish::Closed => {}
+        Finish::Ended(End::Gone | End::Unresponsive) | Finish::PeerGone | Finish::Stalled => {
+            return None;
+        }
+    }
+    if let Finish::Ended(End::SlowConsumer) = finish {
+        tracing::debug!(transport = %framing.kind, "ending the stream of a slow consumer");
+    }
+    if format == Format::SseChunked {
+        tail.extend_from_slice(wire::LAST_CHUNK);
+    }
+    Some(tail)
+}
+
+/// A body-streaming client sends nothing after its request but, perhaps, the next pipelined
+/// request: that is kept (up to `max_input` bytes) to be served when the stream ends; the end
+/// of its input ends the stream.
+#[derive(Debug)]
+pub struct BodyPeer {
+    /// The most bytes kept.
+    pub max_input: usize,
+}
+
+impl Peer for BodyPeer {
+    async fn on_input(&mut self, input: &mut Vec<u8>, _: &Arc<Outlet>) -> Result<(), Finish> {
+        if input.len() > self.max_input {
+            return Err(Finish::PeerGone);
+        }
+        Ok(())
+    }
+
+    fn on_catch_up_failed(
+        &mut self,
+        _: &Outlet,
+        topic: &TopicName,
+        error: &Error,
+    ) -> Result<(), Finish> {
+        tracing::warn!(%error, %topic, "ending stream");
+        Err(Finish::PeerGone)
+    }
+}
+
+/// The streaming response hyper serves: a [`Body`] fed by the opened stream, with the
+/// transport's headers.
+pub fn response(framing: &'static Framing, opened: Opened) -> Response {
+    let body = axum::body::Body::from_stream(Body {
+        outlet: opened.outlet,
+        catch_up: None,
+        driver: Driver::new(opened.expires),
+        framing,
+        ended: false,
+    });
+    let mut response = body.into_response();
+    for (name, value) in framing.headers {
+        response.headers_mut().insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    response
+}
+
+/// A response body fed by an outlet: hyper polls it, and it answers what the stream's
+/// [`Driver`] asks, with the same policies and the same last bytes ([`tail`]) as the raw
+/// socket's loop.
+struct Body {
+    outlet: OutletGuard,
+    catch_up: Option<BoxFuture<'static, Result<(), (TopicName, Error)>>>,
+    driver: Driver,
+    framing: &'static Framing,
+    ended: bool,
+}
+
+impl Body {
+    /// The body's last chunk: what was queued before the end (the outlet sealed first, as on
+    /// the raw socket), then the stream's [`tail`]; `None` when there is nothing to send.
+    fn last(&mut self, finish: Finish) -> Option<Result<Bytes, std::convert::Infallible>> {
+        self.ended = true;
+        let mut last = Vec::new();
+        if stream::flushes(finish) {
+            self.outlet.seal();
+            while let Some(frames) = self.outlet.take_pending() {
+                frames
+                    .iter()
+                    .for_each(|frame| last.extend_from_slice(frame));
+            }
+        }
+        last.extend(tail(self.framing, self.framing.body, finish).unwrap_or_default());
+        (!last.is_empty()).then(|| Ok(Bytes::from(last)))
+    }
+}
+
+impl Stream for Body {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            if let Some(catch_up) = this.catch_up.as_mut() {
+                match catch_up.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => this.catch_up = None,
+                    Poll::Ready(Err((topic, error))) => {
+                        let mut peer = BodyPeer { max_input: 0 };
+                        let finish = peer
+                            .on_catch_up_failed(&this.outlet, &topic, &error)
+                            .err()
+                            .unwrap_or(Finish::PeerGone);
+                        return Poll::Ready(this.last(finish));
+                    }
+                }
+            }
+            match this.driver.poll_next(cx, &this.outlet) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Next::Write(frames)) => {
+                    let chunk = match <[Bytes; 1]>::try_from(frames) {
+                        Ok([one]) => one,
+                        Err(frames) => Bytes::from(frames.concat()),
+                    };
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+                Poll::Ready(Next::CatchUp(catch_up)) => {
+                    let outlet = Arc::clone(&this.outlet);
+                    this.catch_up =
+                        Some(async move { Driver::catch_up(&outlet, catch_up).await }.boxed());
+                }
+                Poll::Ready(Next::Finish(finish)) => return Poll::Ready(this.last(finish)),
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! `GET /topics/{topic}/stream`: HTTP streaming, one JSON value per line
+//! (`application/x-ndjson`), what `fetch()` with a `ReadableStream`, curl and any HTTP client
+//! read line by line.
+//!
+//! Each message is its envelope on one line, the same bytes a WebSocket frame carries (shared
+//! with it: no copy per subscriber). A cursor signal is a `{"type":"truncated"|"reset",...}`
+//! line, a heartbeat a `{"type":"keepalive"}` line, and a stream whose token expires ends with
+//! `{"type":"expired","code":"token_expired"}`. It resumes from `?after=` like every other
+//! transport. On HTTP/1.1 the body is delimited by the connection's close (one write per
+//! message, no chunk framing); through HTTP/2 it is the stream's DATA frames.
+
+use axum::{
+    extract::{Path, State},
+    response::Response,
+};
+
+use super::{
+    Params,
+    body::{self, Framing, Opened},
+};
+use crate::{AppState, error::Error, gate::auth::Access, hub::Format, message::TransportKind};
+
+/// The headers of a stream response (besides the per-request ones). `x-accel-buffering: no`
+/// asks nginx not to buffer the stream.
+pub const HEADERS: [(&str, &str); 3] = [
+    ("content-type", "application/x-ndjson"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+];
+
+/// The last line of a stream whose token expired.
+const EXPIRED: &[u8] = b"{\"type\":\"expired\",\"code\":\"token_expired\"}\n";
+
+/// How the stream frames itself: lines, in a body the connection's close ends on HTTP/1.1.
+pub static FRAMING: Framing = Framing {
+    kind: TransportKind::Stream,
+    headers: &HEADERS,
+    raw: Format::Ndjson,
+    body: Format::Ndjson,
+    expired: EXPIRED,
+    reusable: false,
+};
+
+/// Checks the request, creates the stream's outlet and subscribes it from `?after=` (or
+/// now). `head` (the raw path's response head) is written first, then history and live
+/// lines.
+pub async fn open(
+    app: &AppState,
+    access: &Access,
+    topic: &str,
+    params: &Params<'_>,
+    socket: Option<std::sync::Arc<tokio::net::TcpStream>>,
+    head: Option<Vec<u8>>,
+) -> Result<Opened, Error> {
+    let topic = super::topic(topic)?;
+    access.check_subscribe(&topic)?;
+    let after = params.after()?;
+    let expires = access.expires_at();
+    body::open(app, &topic, after, socket, FRAMING.raw, head, None, expires).await
+}
+
+/// The stream through axum (HTTP/2, or a connection hyper serves).
+pub async fn stream(
+    State(app): State<AppState>,
+    access: Access,
+    Path(topic): Path<String>,
+    params: Params<'static>,
+) -> Result<Response, Error> {
+    let opened = open(&app, &access, &topic, &params, None, None).await?;
+    Ok(body::response(&FRAMING, opened))
+}
