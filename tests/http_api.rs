@@ -149,6 +149,12 @@ async fn topic_info_counts_subscribers_per_transport() {
     server.get("/topics/info/poll?client=a").await;
     let _sse = server.sse("/topics/info/sse", None).await;
     let _ws1 = server.ws("/topics/info/ws").await;
+    let _stream = server.stream("/topics/info/stream").await;
+    // The stream's head may arrive before its subscription is counted.
+    support::eventually("the stream to count", || async {
+        server.get("/topics/info").await.1["subscribers"]["stream"] == 1
+    })
+    .await;
     let mut mux = server.ws("/ws").await;
     mux.send_json(json!({"type": "subscribe", "topic": "info"}))
         .await;
@@ -159,7 +165,7 @@ async fn topic_info_counts_subscribers_per_transport() {
     assert_eq!(
         body,
         json!({"topic": "info", "last_id": 3, "oldest_id": 1,
-               "subscribers": {"poll": 2, "longpoll": 0, "sse": 1, "ws": 2}})
+               "subscribers": {"poll": 2, "longpoll": 0, "sse": 1, "ws": 2, "stream": 1}})
     );
 
     drop(_sse);
@@ -522,10 +528,17 @@ async fn stats_count_subscribers_deliveries_requests_and_bytes_per_transport() {
     let server = start().await;
     let mut sse = server.sse("/topics/st/sse", None).await;
     let mut ws = server.ws("/topics/st/ws").await;
+    let mut stream = server.stream("/topics/st/stream").await;
+    support::eventually("the stream to subscribe", || async {
+        server.get("/topics/st").await.1["subscribers"]["stream"] == 1
+    })
+    .await;
     server.publish("st", json!("a")).await;
     server.publish("st", json!("b")).await;
     sse.next_event().await.unwrap();
     sse.next_event().await.unwrap();
+    stream.next_json().await.unwrap();
+    stream.next_json().await.unwrap();
     ws.next_envelope().await;
     ws.next_envelope().await;
     let (_, poll) = server.get("/topics/st/poll?after=0&client=p").await;
@@ -543,13 +556,13 @@ async fn stats_count_subscribers_deliveries_requests_and_bytes_per_transport() {
     assert_eq!(stats["subscribers"]["poll"], 1);
     assert_eq!(
         stats["deliveries"],
-        json!({"poll": 2, "longpoll": 1, "sse": 2, "ws": 2})
+        json!({"poll": 2, "longpoll": 1, "sse": 2, "ws": 2, "stream": 2})
     );
     assert_eq!(
         stats["requests"],
-        json!({"poll": 2, "longpoll": 1, "sse": 1, "ws": 1})
+        json!({"poll": 2, "longpoll": 1, "sse": 1, "ws": 1, "stream": 1})
     );
-    for transport in ["poll", "longpoll", "sse", "ws"] {
+    for transport in ["poll", "longpoll", "sse", "ws", "stream"] {
         assert!(
             stats["bytes"][transport].as_u64().unwrap() > 100,
             "{transport}: {stats}"
