@@ -127,58 +127,81 @@ async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result
     Ok(())
 }
 
-/// An HTTP stream: one envelope per line (signal and keep-alive lines are not envelopes).
+/// How a streamed body separates its items, and where an item's envelope is.
+struct BodyItems {
+    /// The transport, for errors.
+    name: &'static str,
+    /// The path's last segment and the `accept` header.
+    endpoint: &'static str,
+    accept: &'static str,
+    /// What ends an item: a blank line (SSE), a newline (NDJSON).
+    delimiter: &'static [u8],
+    /// The envelope an item carries, if it is a message.
+    envelope: fn(&[u8]) -> Option<&[u8]>,
+}
+
+/// An HTTP stream: one envelope per line (signal and keep-alive lines are not envelopes and
+/// fail to parse as one).
+const NDJSON: BodyItems = BodyItems {
+    name: "stream",
+    endpoint: "stream",
+    accept: "accept: application/x-ndjson",
+    delimiter: b"\n",
+    envelope: |line| Some(line),
+};
+
+/// SSE: the `data:` of each event that is not a signal.
+const SSE: BodyItems = BodyItems {
+    name: "SSE",
+    endpoint: "sse",
+    accept: "accept: text/event-stream",
+    delimiter: b"\n\n",
+    envelope: |block| {
+        let is_signal = block
+            .split(|&b| b == b'\n')
+            .any(|l| l == b"event: truncated" || l == b"event: reset");
+        let data = block
+            .split(|&b| b == b'\n')
+            .find_map(|l| l.strip_prefix(b"data: "));
+        data.filter(|_| !is_signal)
+    },
+};
+
 async fn ndjson(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
-    let path = format!("/topics/{}/stream?after=0", phase.topic_of(index));
-    let mut connection = Connection::new(phase.base_of(index));
-    let status = connection
-        .open_stream(&path, &["accept: application/x-ndjson"])
-        .await
-        .map_err(io_error)?;
-    if status != 200 {
-        return Err(BenchError::Client(format!("stream answered {status}")));
-    }
-    tracker.requests += 1;
-    let mut buffer: Vec<u8> = Vec::new();
-    loop {
-        let before = buffer.len();
-        let more = tokio::select! {
-            more = connection.next_data(&mut buffer) => more,
-            () = phase.stop.cancelled() => break,
-        };
-        if !more.map_err(io_error)? {
-            break;
-        }
-        tracker.bytes += (buffer.len() - before) as u64;
-        let mut start = 0;
-        while let Some(end) = buffer[before.max(start)..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|at| before.max(start) + at)
-        {
-            if let Ok(envelope) = serde_json::from_slice::<Envelope>(&buffer[start..end]) {
-                phase.record(index, tracker, &envelope);
-            }
-            start = end + 1;
-        }
-        buffer.drain(..start);
-    }
-    Ok(())
+    body_stream(&NDJSON, phase, index, tracker).await
 }
 
 async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
-    let path = format!("/topics/{}/sse?after=0", phase.topic_of(index));
+    body_stream(&SSE, phase, index, tracker).await
+}
+
+/// Reads a streamed body (SSE or NDJSON) until the phase stops, recording every envelope.
+async fn body_stream(
+    items: &BodyItems,
+    phase: &Phase,
+    index: usize,
+    tracker: &mut Tracker,
+) -> Result<(), BenchError> {
+    let path = format!(
+        "/topics/{}/{}?after=0",
+        phase.topic_of(index),
+        items.endpoint
+    );
     let mut connection = Connection::new(phase.base_of(index));
     let status = connection
-        .open_stream(&path, &["accept: text/event-stream"])
+        .open_stream(&path, &[items.accept])
         .await
         .map_err(io_error)?;
     if status != 200 {
-        return Err(BenchError::Client(format!("SSE answered {status}")));
+        return Err(BenchError::Client(format!(
+            "{} answered {status}",
+            items.name
+        )));
     }
     tracker.requests += 1;
+    let delimiter = items.delimiter;
     let mut buffer: Vec<u8> = Vec::new();
-    // Where the search for the end of the next event resumes.
+    // Where the search for the end of the next item resumes.
     let mut scanned = 0;
     loop {
         let before = buffer.len();
@@ -192,27 +215,20 @@ async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), B
         tracker.bytes += (buffer.len() - before) as u64;
         let mut start = 0;
         while let Some(end) = buffer[scanned.max(start)..]
-            .windows(2)
-            .position(|w| w == b"\n\n")
+            .windows(delimiter.len())
+            .position(|w| w == delimiter)
             .map(|at| scanned.max(start) + at)
         {
-            let block = &buffer[start..end];
-            let is_signal = block
-                .split(|&b| b == b'\n')
-                .any(|l| l == b"event: truncated" || l == b"event: reset");
-            let data = block
-                .split(|&b| b == b'\n')
-                .find_map(|l| l.strip_prefix(b"data: "));
-            if let (false, Some(data)) = (is_signal, data)
+            if let Some(data) = (items.envelope)(&buffer[start..end])
                 && let Ok(envelope) = serde_json::from_slice::<Envelope>(data)
             {
                 phase.record(index, tracker, &envelope);
             }
-            start = end + 2;
+            start = end + delimiter.len();
         }
         buffer.drain(..start);
-        // The end of an event may straddle two reads: look again from the last byte.
-        scanned = buffer.len().saturating_sub(1);
+        // The end of an item may straddle two reads: look again from its possible start.
+        scanned = buffer.len().saturating_sub(delimiter.len() - 1);
     }
     Ok(())
 }
