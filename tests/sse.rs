@@ -44,10 +44,38 @@ async fn sse_sends_comment_heartbeats() {
     };
     let server = start_with(config).await;
     let mut sse = server.sse("/topics/quiet/sse", None).await;
-    match sse.next_item().await.unwrap() {
+    let mut item = sse.next_item().await.unwrap();
+    if let SseItem::Cursor(_) = item {
+        item = sse.next_item().await.unwrap();
+    }
+    match item {
         SseItem::Comment(text) => assert_eq!(text, "keep-alive"),
         _ => panic!("expected a heartbeat comment"),
     }
+}
+
+/// A browser's `EventSource` opened without a cursor must learn where its stream starts:
+/// if the connection drops before the first message, it reconnects with `Last-Event-ID`
+/// and gets what was published meanwhile (docs/api.md).
+#[tokio::test]
+async fn sse_tells_the_browser_where_it_starts_before_any_message() {
+    let server = start().await;
+    server.publish_many("start", 4).await;
+    // From now: the stream starts after id 4.
+    let mut sse = server.sse("/topics/start/sse", None).await;
+    match sse.next_item().await.unwrap() {
+        SseItem::Cursor(id) => assert_eq!(id, "4"),
+        _ => panic!("expected an id-only block first"),
+    }
+    server.publish("start", json!("next")).await;
+    assert_eq!(sse.next_event().await.unwrap().id.as_deref(), Some("5"));
+    // From a cursor: the same block, with the cursor, then the messages after it.
+    let mut sse = server.sse("/topics/start/sse?after=2", None).await;
+    match sse.next_item().await.unwrap() {
+        SseItem::Cursor(id) => assert_eq!(id, "2"),
+        _ => panic!("expected an id-only block first"),
+    }
+    assert_eq!(sse.next_event().await.unwrap().id.as_deref(), Some("3"));
 }
 
 #[tokio::test]

@@ -81,6 +81,22 @@ impl Format {
         }
     }
 
+    /// What a stream sends once it knows where it starts, before any message: on SSE an
+    /// `id:` line alone, which sets the browser's `EventSource.lastEventId` to the cursor
+    /// without dispatching an event, so that a browser whose first connection drops before
+    /// any message reconnects with `Last-Event-ID` and misses nothing published meanwhile.
+    fn start(self, cursor: MessageId) -> Option<Bytes> {
+        match self {
+            Format::Sse | Format::SseChunked => {
+                let mut line = b"id: ".to_vec();
+                line.extend_from_slice(itoa::Buffer::new().format(cursor).as_bytes());
+                line.extend_from_slice(b"\n\n");
+                Some(self.body(&line))
+            }
+            Format::Ws | Format::Ndjson => None,
+        }
+    }
+
     /// Frames body bytes of an SSE stream (a comment, the `retry:` hint): as they are, or as
     /// one chunk of a chunked body.
     pub fn body(self, bytes: &[u8]) -> Bytes {
@@ -318,10 +334,18 @@ impl Outlet {
             Some(Some(entry)) => {
                 entry.sent = sent;
                 entry.from_client = from_client;
-                true
             }
-            _ => false,
+            _ => return false,
         }
+        // Queued under the same lock as the cursor is set: before any message of the sub.
+        if let Some(line) = self.format.start(sent)
+            && !state.sealed
+        {
+            state.pending.push_back(line);
+            state.busy = true;
+            state.active = true;
+        }
+        true
     }
 
     /// The cursor of a sub: the last id written or queued to it.

@@ -5,7 +5,8 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { createInterface } from "node:readline";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -220,3 +221,38 @@ for (const [served, expected] of [["sse,longpoll,poll", "sse"], ["stream,longpol
     }
   });
 }
+
+// The browser's own EventSource, opened without a cursor, whose connection drops before the
+// first message: it must come back with Last-Event-ID (the stream's opening `id:` line set
+// it) and receive what was published while it was away, not start "from now" again.
+test("a browser EventSource that loses its connection before any message misses nothing", async () => {
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), "pushhub-e2e-"));
+  const durable = ["--data-dir", dataDir, "--sse-retry", "3s"];
+  let server = await startServer("127.0.0.1:0", durable);
+  const { browser, page } = await openBrowser();
+  try {
+    await page.goto(`http://${server.addr}/healthz`);
+    await page.evaluate(() => new Promise((resolve) => {
+      window.got = [];
+      const source = new EventSource("/topics/away/sse");
+      source.onmessage = (event) => window.got.push(JSON.parse(event.data).data);
+      source.onopen = () => resolve();
+    }));
+    await page.waitForTimeout(300);
+    // The connection drops (a restart), and messages are published before the browser
+    // reconnects (it waits --sse-retry).
+    const addr = server.addr;
+    await stopServer(server);
+    server = await startServer(addr, durable);
+    for (const text of ["one", "two", "three"]) {
+      const response = await fetch(`http://${addr}/topics/away`, { method: "POST", body: text });
+      assert.equal(response.status, 201);
+    }
+    await page.waitForFunction(() => window.got.length >= 3, null, { timeout: 20000 });
+    assert.deepEqual(await page.evaluate(() => window.got), ["one", "two", "three"]);
+  } finally {
+    await browser.close();
+    await stopServer(server);
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+});

@@ -235,6 +235,8 @@ pub enum SseItem {
     Event(SseEvent),
     Comment(String),
     Retry(u64),
+    /// A block with an `id:` and no data: a browser sets `lastEventId` and dispatches nothing.
+    Cursor(String),
 }
 
 impl SseClient {
@@ -273,7 +275,7 @@ impl SseClient {
         loop {
             match self.next_item().await? {
                 SseItem::Event(event) => return Some(event),
-                SseItem::Comment(_) | SseItem::Retry(_) => continue,
+                SseItem::Comment(_) | SseItem::Retry(_) | SseItem::Cursor(_) => continue,
             }
         }
     }
@@ -299,6 +301,9 @@ fn parse_block(block: &str) -> SseItem {
             "retry" => return SseItem::Retry(value.parse().unwrap()),
             other => panic!("unexpected SSE field {other:?}"),
         }
+    }
+    if data_lines.is_empty() {
+        return SseItem::Cursor(event.id.expect("a block with neither data nor id"));
     }
     event.data = data_lines.join("\n");
     SseItem::Event(event)
