@@ -673,7 +673,11 @@ mod tests {
                         let text = std::str::from_utf8(&frame).unwrap();
                         let mut lines = text.lines();
                         let id = lines.next().unwrap().strip_prefix("id: ").unwrap();
-                        let event = lines.next().unwrap().strip_prefix("event: ").unwrap();
+                        // The stream's start (an `id:` line alone) is not a delivery.
+                        let Some(event) = lines.next().and_then(|l| l.strip_prefix("event: "))
+                        else {
+                            continue;
+                        };
                         seen.push(if event == "message" { id } else { event }.to_owned());
                     }
                 }
@@ -711,11 +715,25 @@ mod tests {
         outlet.poll_action(&mut std::task::Context::from_waker(std::task::Waker::noop()))
     }
 
+    /// Takes an SSE stream's start, the `id:` block queued before any message, and returns
+    /// the cursor it carries.
+    fn started(outlet: &Outlet) -> String {
+        let Poll::Ready(Action::Write(frames)) = action_now(outlet) else {
+            panic!("a stream starts with its cursor");
+        };
+        let text = String::from_utf8(frames.concat()).unwrap();
+        let block = text.split_once("id: ").expect("an id line").1;
+        let (cursor, rest) = block.split_once('\n').unwrap();
+        assert!(rest.starts_with('\n'), "an id line alone: {text:?}");
+        cursor.to_owned()
+    }
+
     #[tokio::test]
     async fn a_message_offered_during_a_catch_up_read_is_read_again() {
         let hub = hub(100, 16);
         let outlet = hub.outlet(None, Format::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
+        assert_eq!(started(&outlet), "0");
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
             panic!("a new subscriber reads its history first");
         };
@@ -749,6 +767,7 @@ mod tests {
         let hub = hub(100, 16);
         let outlet = hub.outlet(None, Format::SseChunked);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
+        assert_eq!(started(&outlet), "0");
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
             panic!("a new subscriber reads its history first");
         };
