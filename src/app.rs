@@ -187,23 +187,22 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
 
 /// `GET /metrics`: the hub's counters copied into the recorder, then everything rendered.
 async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoResponse {
-    let text = telemetry::render(|| {
-        let stats = app.hub.stats();
-        metrics::gauge!("pushhub_topics").set(stats.topics as f64);
-        metrics::gauge!("pushhub_open_connections").set(app.connections.open() as f64);
-        metrics::counter!("pushhub_publishes_total").absolute(stats.publishes);
-        for transport in TransportKind::ALL {
-            let name = transport.name();
-            metrics::gauge!("pushhub_subscribers", "transport" => name)
-                .set(stats.subscribers[transport] as f64);
-            metrics::counter!("pushhub_deliveries_total", "transport" => name)
-                .absolute(stats.deliveries[transport]);
-            metrics::counter!("pushhub_sent_bytes_total", "transport" => name)
-                .absolute(stats.bytes[transport]);
-            metrics::counter!("pushhub_requests_total", "transport" => name)
-                .absolute(stats.requests[transport]);
-        }
-    });
+    let stats = app.hub.stats();
+    metrics::gauge!("pushhub_topics").set(stats.topics as f64);
+    metrics::gauge!("pushhub_open_connections").set(app.connections.open() as f64);
+    metrics::counter!("pushhub_publishes_total").absolute(stats.publishes);
+    for transport in TransportKind::ALL {
+        let name = transport.name();
+        metrics::gauge!("pushhub_subscribers", "transport" => name)
+            .set(stats.subscribers[transport] as f64);
+        metrics::counter!("pushhub_deliveries_total", "transport" => name)
+            .absolute(stats.deliveries[transport]);
+        metrics::counter!("pushhub_sent_bytes_total", "transport" => name)
+            .absolute(stats.bytes[transport]);
+        metrics::counter!("pushhub_requests_total", "transport" => name)
+            .absolute(stats.requests[transport]);
+    }
+    let text = telemetry::render();
     (
         [(
             axum::http::header::CONTENT_TYPE,

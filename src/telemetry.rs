@@ -143,10 +143,9 @@ pub fn install() {
     handle();
 }
 
-/// The scrape: what is recorded where it happens, the counters `figures` copies in (the
-/// app's, taken at scrape time), and the delivery lag histogram.
-pub fn render(figures: impl FnOnce()) -> String {
-    figures();
+/// The scrape: what is recorded where it happens (and what the caller copied in just
+/// before, the app's counters taken at scrape time), and the delivery lag histogram.
+pub fn render() -> String {
     for transport in TransportKind::ALL {
         for (index, event) in ["opened", "closed"].into_iter().enumerate() {
             let count = STREAMS[transport.index()][index].load(Ordering::Relaxed);

@@ -31,7 +31,6 @@ use crate::{
     AppState,
     error::Error,
     gate::auth::Access,
-    hub::Format,
     message::{PerTransport, TransportKind},
     transport::{Params, body, boxed, io::Io, longpoll, ndjson, poll, sse, stream, ws},
 };
@@ -466,7 +465,7 @@ async fn write_park_answer(
 }
 
 async fn sse_call(call: Call<'_>, io: &mut Io) -> Next {
-    let response_head = response::head(StatusCode::OK, &sse::HEADERS, &call.meta, Length::Chunked);
+    let framing = &sse::FRAMING;
     let opened = sse::open(
         call.app,
         &call.access,
@@ -474,26 +473,16 @@ async fn sse_call(call: Call<'_>, io: &mut Io) -> Next {
         &call.params(),
         &call.head,
         io.shared_socket(),
-        Format::SseChunked,
-        Some(response_head),
+        framing.raw,
+        Some(body_head(framing, &call.meta)),
     )
     .await;
-    match opened {
-        Ok(opened) => Next::Stream(Box::new(Stream::Body {
-            opened,
-            framing: &sse::FRAMING,
-            close: call.close,
-            input: call.head.into_rest(),
-        })),
-        Err(error) => call.refuse(io, &error).await,
-    }
+    body_opened(call, io, framing, opened).await
 }
 
 async fn stream_call(call: Call<'_>, io: &mut Io) -> Next {
-    // No chunk framing: the body ends with the connection.
-    let mut headers = ndjson::HEADERS.to_vec();
-    headers.push(("connection", "close"));
-    let response_head = response::head(StatusCode::OK, &headers, &call.meta, Length::None);
+    let framing = &ndjson::FRAMING;
+    let head = body_head(framing, &call.meta);
     let params = call.params();
     let opened = ndjson::open(
         call.app,
@@ -501,14 +490,35 @@ async fn stream_call(call: Call<'_>, io: &mut Io) -> Next {
         &call.topic,
         &params,
         io.shared_socket(),
-        Some(response_head),
+        Some(head),
     )
     .await;
+    body_opened(call, io, framing, opened).await
+}
+
+/// The response head of a body stream on the raw socket: chunked, or (no chunk framing)
+/// with the body ending at the connection's close.
+fn body_head(framing: &body::Framing, meta: &Meta) -> Vec<u8> {
+    if framing.raw.chunked() {
+        return response::head(StatusCode::OK, framing.headers, meta, Length::Chunked);
+    }
+    let mut headers = framing.headers.to_vec();
+    headers.push(("connection", "close"));
+    response::head(StatusCode::OK, &headers, meta, Length::None)
+}
+
+/// Hands an opened body stream to the connection's loop, or refuses the request.
+async fn body_opened(
+    call: Call<'_>,
+    io: &mut Io,
+    framing: &'static body::Framing,
+    opened: Result<body::Opened, Error>,
+) -> Next {
     match opened {
         Ok(opened) => Next::Stream(Box::new(Stream::Body {
             opened,
-            framing: &ndjson::FRAMING,
-            close: true,
+            framing,
+            close: call.close,
             input: call.head.into_rest(),
         })),
         Err(error) => call.refuse(io, &error).await,
@@ -573,7 +583,7 @@ async fn run_body(
     };
     // After an expired token the connection may serve a pipelined request (if the body has
     // an end of its own); after a drain or a slow consumer's end it closes.
-    let keep = framing.reusable && matches!(finished, stream::Finish::Expired) && !close;
+    let keep = framing.raw.chunked() && matches!(finished, stream::Finish::Expired) && !close;
     keep_alive(finish(io, tail, !keep, stall).await, input)
 }
 
@@ -745,6 +755,7 @@ mod memory_budget {
     //! measured 1.87). This test fails when one outgrows the class it was measured at; the
     //! figures are in docs/benchmarks.md.
     use super::*;
+    use crate::hub::Format;
 
     #[tokio::test]
     async fn per_connection_futures_stay_within_their_size_classes() {

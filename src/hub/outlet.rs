@@ -53,6 +53,12 @@ pub enum Format {
 }
 
 impl Format {
+    /// Whether pushhub frames the body itself as HTTP/1.1 chunks: such a body has an end of
+    /// its own (the last chunk), and the connection may serve another request after it.
+    pub fn chunked(self) -> bool {
+        self == Format::SseChunked
+    }
+
     /// The transport that speaks this format, for counters and gauges.
     pub fn transport(self) -> TransportKind {
         match self {

@@ -23,25 +23,21 @@ use crate::{
     AppState,
     error::Error,
     hub::{End, Format, Outlet, OutletGuard},
-    message::{MessageId, TopicName, TransportKind, wire},
+    message::{MessageId, TopicName, wire},
 };
 
 /// How one body-streaming transport frames its stream.
 #[derive(Debug)]
 pub struct Framing {
-    /// The transport.
-    pub kind: TransportKind,
     /// Its response headers (besides the per-request ones).
     pub headers: &'static [(&'static str, &'static str)],
-    /// Its format on the raw HTTP/1.1 socket, where pushhub frames the body itself.
+    /// Its format on the raw HTTP/1.1 socket, where pushhub frames the body itself: chunked
+    /// ([`Format::chunked`]), or delimited by the connection's close.
     pub raw: Format,
     /// Its format in a body hyper frames (HTTP/2, or a connection hyper serves).
     pub body: Format,
     /// Sent when the token expires, just before the stream ends.
     pub expired: &'static [u8],
-    /// Whether the raw connection may serve another request once the stream has ended on
-    /// its own terms (a chunked body has an end; a body delimited by the close has not).
-    pub reusable: bool,
 }
 
 /// A stream set up and following its topic.
@@ -91,9 +87,9 @@ pub fn tail(framing: &Framing, format: Format, finish: Finish) -> Option<Vec<u8>
         }
     }
     if let Finish::Ended(End::SlowConsumer) = finish {
-        tracing::debug!(transport = %framing.kind, "ending the stream of a slow consumer");
+        tracing::debug!(transport = %format.transport(), "ending the stream of a slow consumer");
     }
-    if format == Format::SseChunked {
+    if format.chunked() {
         tail.extend_from_slice(wire::LAST_CHUNK);
     }
     Some(tail)
@@ -122,9 +118,15 @@ impl Peer for BodyPeer {
         topic: &TopicName,
         error: &Error,
     ) -> Result<(), Finish> {
-        tracing::warn!(%error, %topic, "ending stream");
-        Err(Finish::PeerGone)
+        Err(catch_up_failed(topic, error))
     }
+}
+
+/// A body stream cannot tell its client that one read failed: it ends, and the client
+/// reconnects with its cursor.
+fn catch_up_failed(topic: &TopicName, error: &Error) -> Finish {
+    tracing::warn!(%error, %topic, "ending stream");
+    Finish::PeerGone
 }
 
 /// The streaming response hyper serves: a [`Body`] fed by the opened stream, with the
@@ -191,12 +193,7 @@ impl Stream for Body {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(())) => this.catch_up = None,
                     Poll::Ready(Err((topic, error))) => {
-                        let mut peer = BodyPeer { max_input: 0 };
-                        let finish = peer
-                            .on_catch_up_failed(&this.outlet, &topic, &error)
-                            .err()
-                            .unwrap_or(Finish::PeerGone);
-                        return Poll::Ready(this.last(finish));
+                        return Poll::Ready(this.last(catch_up_failed(&topic, &error)));
                     }
                 }
             }

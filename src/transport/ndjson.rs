@@ -18,7 +18,7 @@ use super::{
     Params,
     body::{self, Framing, Opened},
 };
-use crate::{AppState, error::Error, gate::auth::Access, hub::Format, message::TransportKind};
+use crate::{AppState, error::Error, gate::auth::Access, hub::Format};
 
 /// The headers of a stream response (besides the per-request ones). `x-accel-buffering: no`
 /// asks nginx not to buffer the stream.
@@ -33,12 +33,10 @@ const EXPIRED: &[u8] = b"{\"type\":\"expired\",\"code\":\"token_expired\"}\n";
 
 /// How the stream frames itself: lines, in a body the connection's close ends on HTTP/1.1.
 pub static FRAMING: Framing = Framing {
-    kind: TransportKind::Stream,
     headers: &HEADERS,
     raw: Format::Ndjson,
     body: Format::Ndjson,
     expired: EXPIRED,
-    reusable: false,
 };
 
 /// Checks the request, creates the stream's outlet and subscribes it from `?after=` (or

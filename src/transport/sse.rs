@@ -21,7 +21,7 @@ use super::{
     HeaderSource, Params,
     body::{self, Framing, Opened},
 };
-use crate::{AppState, error::Error, gate::auth::Access, hub::Format, message::TransportKind};
+use crate::{AppState, error::Error, gate::auth::Access, hub::Format};
 
 /// The headers of an SSE response (besides the per-request ones). `x-accel-buffering: no`
 /// asks nginx not to buffer the stream.
@@ -38,12 +38,10 @@ const EXPIRED: &[u8] =
 
 /// How SSE frames its stream: chunks on the raw socket, so the connection outlives it.
 pub static FRAMING: Framing = Framing {
-    kind: TransportKind::Sse,
     headers: &HEADERS,
     raw: Format::SseChunked,
     body: Format::Sse,
     expired: EXPIRED,
-    reusable: true,
 };
 
 /// Checks the request, creates the stream's outlet and subscribes it from `Last-Event-ID`
