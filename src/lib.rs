@@ -66,6 +66,7 @@ pub mod config;
 pub mod error;
 pub mod gate;
 pub mod hub;
+pub mod link;
 pub mod message;
 pub mod store;
 pub mod telemetry;

@@ -17,6 +17,8 @@ const RULES: &[(&str, &[&str])] = &[
     ("telemetry", &["message"]),
     // Topics, cursors, fan-out: its own settings and error types, no HTTP, no CLI.
     ("hub", &["message", "store", "telemetry"]),
+    // The link emulator: bytes and HTTP/1.1 framing, nothing of the crate.
+    ("link", &[]),
 ];
 
 /// The source of a module (its file, or every file of its folder), without test modules:
