@@ -125,6 +125,12 @@ async fn bench(args: pushhub::bench::BenchArgs) -> anyhow::Result<()> {
         if let Some(floor) = &run.floor {
             println!("{}\n", report::floor_line(floor));
         }
+        if args.scenario == pushhub::bench::Scenario::Compare {
+            use pushhub::bench::compare;
+            println!("{}", compare::markdown(&args, &run.results));
+            println!("comparison: {}", args.out.join("comparison.md").display());
+            return Ok(());
+        }
         println!("{}", report::table(&run.results));
         for line in report::reading(&run.results) {
             println!("- {line}");

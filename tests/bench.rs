@@ -231,3 +231,113 @@ fn several_nodes_without_a_shared_store_are_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--redis"));
 }
+
+#[test]
+fn the_compare_scenario_gives_each_cell_a_verdict_its_link_explains() {
+    let (printed, out) = bench(
+        "compare",
+        &[
+            "--scenario",
+            "compare",
+            "--transports",
+            "ws,sse,longpoll",
+            "--link",
+            "3g",
+            "--via",
+            "none,buffering-proxy,no-websocket",
+            "--subscribers",
+            "3",
+            "--rate",
+            "20",
+            "--duration",
+            "2s",
+            "--drain-timeout",
+            "2s",
+        ],
+    );
+    let results = printed["results"].as_array().unwrap();
+    let cell = |link: &str, transport: &str| {
+        results
+            .iter()
+            .find(|r| r["link"] == link && r["transport"] == transport)
+            .unwrap_or_else(|| panic!("no cell {link} {transport}"))
+    };
+    assert_eq!(results.len(), 9);
+    // On 3g every technique delivers everything, one way of 100 ms ± 30 later at least.
+    for transport in ["ws", "sse", "longpoll"] {
+        let r = cell("3g", transport);
+        assert_eq!(
+            (r["lost"].as_u64(), r["duplicates"].as_u64()),
+            (Some(0), Some(0)),
+            "{r}"
+        );
+        assert!(r["latency_ms"]["p50"].as_f64().unwrap() >= 70.0, "{r}");
+        assert!(
+            r["wire_bytes_per_delivery"].as_f64().unwrap() > 100.0,
+            "{r}"
+        );
+    }
+    // A long poll pays a round trip per answer: slower than the WebSocket on the same link.
+    assert!(
+        cell("3g", "longpoll")["latency_ms"]["p50"].as_f64()
+            > cell("3g", "ws")["latency_ms"]["p50"].as_f64()
+    );
+    // The buffering proxy holds SSE (late, and the tail never arrives) but not whole answers.
+    let held = cell("3g+buffering-proxy", "sse");
+    assert!(
+        held["lost"].as_u64().unwrap() > 0 || held["latency_ms"]["p50"].as_f64().unwrap() > 500.0,
+        "{held}"
+    );
+    assert_eq!(cell("3g+buffering-proxy", "longpoll")["lost"], 0);
+    assert_eq!(cell("3g+buffering-proxy", "ws")["lost"], 0);
+    // The WebSocket cannot pass a proxy that refuses upgrades; SSE can.
+    let refused = cell("3g+no-websocket", "ws");
+    assert!(
+        refused["failure"].as_str().unwrap().contains("403"),
+        "{refused}"
+    );
+    assert_eq!(cell("3g+no-websocket", "sse")["lost"], 0);
+
+    let md = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+    assert!(md.contains("| 3g+no-websocket | ws | **broken** |"), "{md}");
+    assert!(
+        md.contains("| 3g+buffering-proxy | sse | **degraded** |"),
+        "{md}"
+    );
+    assert!(md.contains("| 3g | ws | **works** |"), "{md}");
+    let svg = std::fs::read_to_string(out.join("comparison.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains(">3g+no-websocket<"));
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn subscribers_behind_a_flaky_link_reconnect_and_resume_without_loss_or_repeats() {
+    let (printed, out) = bench(
+        "flaky",
+        &[
+            "--transports",
+            "ws,sse,poll",
+            "--link",
+            "flaky",
+            "--subscribers",
+            "8",
+            "--rate",
+            "50",
+            "--duration",
+            "6s",
+            "--poll-interval",
+            "200ms",
+        ],
+    );
+    for r in printed["results"].as_array().unwrap() {
+        // Every connection is cut after 2-8 s: over 6 s, some of the 8 subscribers' were
+        // (all 8 surviving has odds of 1 in 6,500).
+        assert!(r["link_cuts"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["reconnects"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["recovery_ms"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["lost"], 0, "{r}");
+        assert_eq!(r["duplicates"], 0, "{r}");
+        assert_eq!(r["deliveries"], r["expected_deliveries"], "{r}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

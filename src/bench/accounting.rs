@@ -28,6 +28,12 @@ pub struct Tracker {
     pub requests: u64,
     /// Body bytes received.
     pub bytes: u64,
+    /// Times the connection was lost and opened again (behind a link that cuts).
+    pub reconnects: u64,
+    /// Time from noticing a lost connection to being served again, µs.
+    pub recovery: Histogram<u64>,
+    /// When the connection was lost, µs since the epoch, until it is served again.
+    lost_at: Option<u64>,
 }
 
 impl Default for Tracker {
@@ -40,6 +46,9 @@ impl Default for Tracker {
             last_id: 0,
             requests: 0,
             bytes: 0,
+            reconnects: 0,
+            recovery: latency_histogram(),
+            lost_at: None,
         }
     }
 }
@@ -56,6 +65,37 @@ impl Tracker {
         self.received += 1;
         self.latency
             .saturating_record(now_us.saturating_sub(sent_us).max(1));
+    }
+
+    /// The connection was lost at `now_us` (the first of several failed attempts counts).
+    pub fn lost(&mut self, now_us: u64) {
+        self.lost_at.get_or_insert(now_us);
+    }
+
+    /// The subscriber is served again (a stream opened, a poll answered) at `now_us`: if it
+    /// had lost its connection, that is one reconnect, and the time since is its recovery.
+    pub fn served(&mut self, now_us: u64) {
+        if let Some(lost_at) = self.lost_at.take() {
+            self.reconnects += 1;
+            self.recovery
+                .saturating_record(now_us.saturating_sub(lost_at).max(1));
+        }
+    }
+
+    /// Adds `other`'s counts and histograms to these.
+    pub fn add(&mut self, other: &Tracker) {
+        self.latency
+            .add(&other.latency)
+            .expect("same histogram bounds");
+        self.recovery
+            .add(&other.recovery)
+            .expect("same histogram bounds");
+        self.received += other.received;
+        self.duplicates += other.duplicates;
+        self.missing += other.missing;
+        self.requests += other.requests;
+        self.bytes += other.bytes;
+        self.reconnects += other.reconnects;
     }
 
     /// Counts what never arrived up to `last_published`.
@@ -120,6 +160,20 @@ mod tests {
         assert_eq!((t.missing, t.last_id), (6, 10));
         t.finish(3);
         assert_eq!(t.missing, 6, "finishing below what was seen adds nothing");
+    }
+
+    #[test]
+    fn a_recovery_runs_from_the_first_loss_to_being_served_again() {
+        let mut t = Tracker::default();
+        t.served(1_000);
+        assert_eq!(t.reconnects, 0, "the first connection is not a reconnect");
+        t.lost(2_000);
+        // A refused attempt in between does not restart the clock.
+        t.lost(2_500);
+        t.served(7_000);
+        t.served(8_000);
+        assert_eq!(t.reconnects, 1);
+        assert_eq!(t.recovery.max(), 5_000);
     }
 
     #[test]

@@ -6,7 +6,11 @@ use std::{path::PathBuf, time::Duration};
 use clap::Args;
 use serde::Serialize;
 
-use crate::{config::parse_duration, message::TransportKind};
+use crate::{
+    config::parse_duration,
+    link::{Middleboxes, Profile},
+    message::TransportKind,
+};
 
 /// What a phase does once its subscribers are connected.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -22,6 +26,11 @@ pub enum Scenario {
     /// Search for the highest rate delivered with no loss: start at `--rate`, double while
     /// it holds, then bisect (within 15%) once it does not.
     Throughput,
+    /// Each transport on each link (`--link`, default `lan,3g,flaky`) and behind each
+    /// middlebox (`--via`, default `none,buffering-proxy,no-websocket`), publishing at
+    /// `--rate` for `--duration`: writes comparison.md and comparison.svg with a verdict per
+    /// cell (works, degraded and why, broken and why).
+    Compare,
 }
 
 /// Flags of `pushhub bench`.
@@ -56,6 +65,16 @@ pub struct BenchArgs {
         value_enum
     )]
     pub transports: Vec<TransportKind>,
+    /// Put the subscribers behind emulated links: `lan`, `wifi`, `4g`, `3g`, `satellite`,
+    /// `flaky` (comma-separated: each transport is measured on each). Latency is still
+    /// publish to receipt, so it carries the link.
+    #[arg(long, value_delimiter = ',', value_parser = parse_profile)]
+    pub link: Vec<Profile>,
+    /// Middleboxes between the subscribers and the server: `none`, `buffering-proxy`,
+    /// `no-websocket`, `idle-cutter` (or `idle-cutter=5s`); join with `+` to stack them,
+    /// separate with commas to measure each. Without `--link`, on `lan`.
+    #[arg(long, value_delimiter = ',')]
+    pub via: Vec<Middleboxes>,
     /// Topics of the `chat` scenario (the others use one topic).
     #[arg(long, default_value_t = 100)]
     pub topics: usize,
@@ -96,6 +115,53 @@ pub struct BenchArgs {
     /// worker per CPU it has; `shared` lets both use every CPU.
     #[arg(long, value_enum, default_value = "split")]
     pub cpus: CpuMode,
+}
+
+fn parse_profile(name: &str) -> Result<Profile, String> {
+    Profile::named(name).ok_or_else(|| {
+        format!(
+            "unknown link profile `{name}` (known: {})",
+            Profile::NAMES.join(", ")
+        )
+    })
+}
+
+impl BenchArgs {
+    /// The links each transport is measured on, in order: `None` for straight to the server.
+    pub fn links(&self) -> Vec<Option<crate::link::Link>> {
+        use crate::link::Link;
+        let compare = self.scenario == Scenario::Compare;
+        if self.link.is_empty() && self.via.is_empty() && !compare {
+            return vec![None];
+        }
+        let profiles = match (&self.link[..], compare) {
+            ([], true) => ["lan", "3g", "flaky"]
+                .iter()
+                .filter_map(|n| Profile::named(n))
+                .collect(),
+            ([], false) => vec![Profile::named("lan").expect("a profile")],
+            (profiles, _) => profiles.to_vec(),
+        };
+        let vias = match (&self.via[..], compare) {
+            ([], true) => ["none", "buffering-proxy", "no-websocket"]
+                .iter()
+                .filter_map(|v| v.parse().ok())
+                .collect(),
+            ([], false) => vec![Middleboxes::default()],
+            (vias, _) => vias.to_vec(),
+        };
+        profiles
+            .iter()
+            .flat_map(|profile| {
+                vias.iter().map(|middleboxes| {
+                    Some(Link {
+                        profile: profile.clone(),
+                        middleboxes: middleboxes.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
 }
 
 /// How the bench and its server share the CPUs (`--cpus`).

@@ -15,6 +15,7 @@
 
 pub mod accounting;
 mod args;
+pub mod compare;
 pub mod floor;
 pub mod http;
 mod phase;
@@ -22,6 +23,7 @@ pub mod procfs;
 mod publisher;
 pub mod report;
 mod result;
+mod route;
 mod server;
 mod subscriber;
 
@@ -37,6 +39,7 @@ use crate::message::TransportKind;
 use accounting::now_micros;
 use phase::{run_phase, wait_drained, wait_subscribed};
 use publisher::publish;
+use route::Route;
 use server::{Server, start_server};
 use subscriber::Phase;
 
@@ -62,23 +65,47 @@ pub async fn run(args: &BenchArgs) -> Result<Run, BenchError> {
         Some(start_server(args)?)
     };
     let mut results = Vec::new();
-    for &transport in &args.transports {
-        eprintln!(
-            "bench: {transport}: {} subscribers, {} msg/s for {:?}",
-            args.subscribers, args.rate, args.duration
-        );
-        let fresh = match &shared {
-            Some(_) => None,
-            None => Some(start_server(args)?),
-        };
-        let server = shared.as_ref().or(fresh.as_ref()).expect("one of them");
-        warm_up(args, server, &http, transport).await?;
-        let mut result = match args.scenario {
-            Scenario::Throughput => search_throughput(args, server, &http, transport).await?,
-            _ => run_phase(args, server, &http, transport, args.rate).await?,
-        };
-        result.floor_ratio = floor.as_ref().and_then(|floor| floor_ratio(&result, floor));
-        results.push(result);
+    for link in args.links() {
+        for &transport in &args.transports {
+            let on = link
+                .as_ref()
+                .map_or_else(String::new, |link| format!(" on {link}"));
+            eprintln!(
+                "bench: {transport}{on}: {} subscribers, {} msg/s for {:?}",
+                args.subscribers, args.rate, args.duration
+            );
+            let fresh = match &shared {
+                Some(_) => None,
+                None => Some(start_server(args)?),
+            };
+            let server = shared.as_ref().or(fresh.as_ref()).expect("one of them");
+            warm_up(args, server, &http, transport).await?;
+            let route = Route::open(link.as_ref(), server).await?;
+            let measured = match args.scenario {
+                Scenario::Throughput => {
+                    search_throughput(args, server, &route, &http, transport).await
+                }
+                _ => run_phase(args, server, &route, &http, transport, args.rate).await,
+            };
+            let mut result = match (measured, &link) {
+                (Ok(result), _) => result,
+                // Behind a link, a transport that cannot get through is a finding, not a
+                // failed run.
+                (Err(error), Some(link)) => {
+                    eprintln!("bench: {transport}{on}: {error}");
+                    PhaseResult::failed(
+                        transport.name(),
+                        args.rate,
+                        args.subscribers,
+                        Some(link.to_string()),
+                        error.to_string(),
+                    )
+                }
+                (Err(error), None) => return Err(error),
+            };
+            result.floor_ratio = floor.as_ref().and_then(|floor| floor_ratio(&result, floor));
+            results.push(result);
+        }
     }
     Ok(Run { floor, results })
 }
@@ -106,6 +133,8 @@ async fn measure_floor(args: &BenchArgs) -> Option<floor::Floor> {
             1.0 / args.poll_interval.as_secs_f64().max(0.001)
         }
         Scenario::Idle => return None,
+        // The comparison is about links, not the server's cost against the floor.
+        Scenario::Compare => return None,
         _ => args.rate,
     };
     let messages = ((rate * args.duration.as_secs_f64()).round() as usize).max(1);
@@ -166,6 +195,7 @@ async fn warm_up(
         bases: server.bases(),
         topics: vec![topic.clone()],
         poll_interval: args.poll_interval.min(Duration::from_millis(100)),
+        resume: false,
         progress: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
@@ -207,6 +237,7 @@ async fn warm_up(
 async fn search_throughput(
     args: &BenchArgs,
     server: &Server,
+    route: &Route,
     http: &reqwest::Client,
     transport: TransportKind,
 ) -> Result<PhaseResult, BenchError> {
@@ -215,7 +246,7 @@ async fn search_throughput(
     let mut failed_at: Option<f64> = None;
     let mut last = None;
     for _ in 0..12 {
-        let result = run_phase(args, server, http, transport, rate).await?;
+        let result = run_phase(args, server, route, http, transport, rate).await?;
         eprintln!(
             "bench: {transport} at {rate:.0} msg/s: {}",
             if result.overloaded() {

@@ -19,6 +19,7 @@ use super::{
     accounting::{Percentiles, Tracker, latency_histogram, now_micros},
     procfs::CpuTimes,
     publisher,
+    route::Route,
     server::{Server, rss_of},
     subscriber::{self, Phase},
 };
@@ -34,14 +35,16 @@ type Subscribers = JoinSet<Result<(usize, Tracker), BenchError>>;
 pub(super) async fn run_phase(
     args: &BenchArgs,
     server: &Server,
+    route: &Route,
     http: &reqwest::Client,
     transport: TransportKind,
     rate: f64,
 ) -> Result<PhaseResult, BenchError> {
     let phase = Arc::new(Phase {
-        bases: server.bases(),
+        bases: route.bases(),
         topics: topics(args, transport),
         poll_interval: args.poll_interval,
+        resume: route.link.is_some(),
         progress: (0..args.subscribers).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
@@ -66,9 +69,12 @@ pub(super) async fn run_phase(
 
     let watchers = Watchers::start(server, &phase, &progress, rss_connected);
     let requests_start = server_requests(http, &server.bases(), transport).await;
+    let wire_start = route.wire();
     let cpu_start = server.cpu_times();
     progress.set_message(match args.scenario {
-        Scenario::Fanout | Scenario::Throughput | Scenario::Chat => "publishing",
+        Scenario::Fanout | Scenario::Throughput | Scenario::Chat | Scenario::Compare => {
+            "publishing"
+        }
         Scenario::Idle => "idle",
     });
     progress.set_length(args.duration.as_millis() as u64);
@@ -82,6 +88,10 @@ pub(super) async fn run_phase(
         requests: requests_start.zip(server_requests(http, &server.bases(), transport).await),
         connect_cpu,
     };
+    let wire = route
+        .wire()
+        .zip(wire_start)
+        .map(|(end, start)| end.since(start));
     phase.stop.cancel();
     let peak_rss = watchers.stop().await;
     progress.finish_with_message(if load.drained { "done" } else { "not drained" });
@@ -109,7 +119,7 @@ pub(super) async fn run_phase(
         lost: seen.total.missing,
         duplicates: seen.total.duplicates,
         publish_errors: load.errors,
-        latency_ms: Percentiles::of(&seen.latency),
+        latency_ms: Percentiles::of(&seen.total.latency),
         nodes: server.nodes.len(),
         cross_node_latency_ms: (server.nodes.len() > 1).then(|| Percentiles::of(&seen.cross_node)),
         deliveries_per_second: deliveries as f64 / elapsed.as_secs_f64(),
@@ -118,6 +128,12 @@ pub(super) async fn run_phase(
         drained: load.drained,
         server: window.usage(deliveries, args.subscribers, peak_rss),
         floor_ratio: None,
+        link: route.link.as_ref().map(ToString::to_string),
+        wire_bytes_per_delivery: wire.map(|w| per_delivery(w.bytes)),
+        link_cuts: wire.map(|w| w.cuts),
+        reconnects: seen.total.reconnects,
+        recovery_ms: (seen.total.reconnects > 0).then(|| Percentiles::of(&seen.total.recovery)),
+        failure: None,
     })
 }
 
@@ -226,7 +242,7 @@ struct Load {
 /// Publishes at `rate` and waits for the drain, or (idle) waits out the duration.
 async fn apply_load(args: &BenchArgs, rate: f64, server: &Server, phase: &Phase) -> Load {
     match args.scenario {
-        Scenario::Fanout | Scenario::Throughput | Scenario::Chat => {
+        Scenario::Fanout | Scenario::Throughput | Scenario::Chat | Scenario::Compare => {
             let started = Instant::now();
             let (last_ids, published, errors) =
                 publisher::publish(args, rate, server.publisher_base(), &phase.topics).await;
@@ -298,8 +314,8 @@ impl Window {
 
 /// What the subscribers saw, added up.
 struct Seen {
+    /// Every subscriber's counts and latencies together.
     total: Tracker,
-    latency: hdrhistogram::Histogram<u64>,
     cross_node: hdrhistogram::Histogram<u64>,
 }
 
@@ -311,25 +327,17 @@ async fn collect(
 ) -> Result<Seen, BenchError> {
     let mut seen = Seen {
         total: Tracker::default(),
-        latency: latency_histogram(),
         cross_node: latency_histogram(),
     };
     while let Some(joined) = subscribers.join_next().await {
         let (index, mut tracker) = joined.map_err(|e| BenchError::Client(e.to_string()))??;
         tracker.finish(last_ids[index % last_ids.len()]);
-        seen.latency
-            .add(&tracker.latency)
-            .expect("same histogram bounds");
         if phase.is_cross_node(index) {
             seen.cross_node
                 .add(&tracker.latency)
                 .expect("same histogram bounds");
         }
-        seen.total.received += tracker.received;
-        seen.total.duplicates += tracker.duplicates;
-        seen.total.missing += tracker.missing;
-        seen.total.requests += tracker.requests;
-        seen.total.bytes += tracker.bytes;
+        seen.total.add(&tracker);
     }
     Ok(seen)
 }

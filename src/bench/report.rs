@@ -29,6 +29,7 @@ pub fn command_line(args: &BenchArgs) -> String {
             super::Scenario::Idle => "idle",
             super::Scenario::Throughput => "throughput",
             super::Scenario::Chat => "chat",
+            super::Scenario::Compare => "compare",
         },
         args.transports
             .iter()
@@ -41,6 +42,14 @@ pub fn command_line(args: &BenchArgs) -> String {
         args.payload_bytes,
         args.poll_interval.as_millis()
     );
+    if !args.link.is_empty() {
+        let names: Vec<&str> = args.link.iter().map(|p| p.name).collect();
+        let _ = write!(line, " --link {}", names.join(","));
+    }
+    if !args.via.is_empty() {
+        let vias: Vec<String> = args.via.iter().map(ToString::to_string).collect();
+        let _ = write!(line, " --via {}", vias.join(","));
+    }
     if args.nodes > 1 {
         let _ = write!(line, " --nodes {}", args.nodes);
     }
@@ -62,6 +71,9 @@ pub fn write_all(args: &BenchArgs, run: &Run) -> std::io::Result<()> {
     std::fs::write(args.out.join("results.json"), json(args, run))?;
     std::fs::write(args.out.join("report.md"), markdown(args, run))?;
     std::fs::write(args.out.join("latency.svg"), svg(&run.results))?;
+    if args.scenario == super::Scenario::Compare {
+        super::compare::write(args, &run.results)?;
+    }
     Ok(())
 }
 
@@ -438,6 +450,12 @@ mod tests {
                 rss_growth_kib: 512,
             }),
             floor_ratio: Some(cpu / 2.0),
+            link: None,
+            wire_bytes_per_delivery: None,
+            link_cuts: None,
+            reconnects: 0,
+            recovery_ms: None,
+            failure: None,
         }
     }
 
@@ -497,6 +515,8 @@ mod tests {
             server_args: vec!["--write-delay=5ms".into()],
             server_bin: None,
             cpus: crate::bench::CpuMode::Split,
+            link: Vec::new(),
+            via: Vec::new(),
         };
         let run = Run {
             floor: None,

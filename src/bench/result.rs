@@ -92,13 +92,68 @@ pub struct PhaseResult {
     /// Server CPU per delivery (per request, for pollers that got nothing) divided by the
     /// write floor measured in the same run.
     pub floor_ratio: Option<f64>,
+    /// The link the subscribers were behind (`3g+buffering-proxy`), if any.
+    pub link: Option<String>,
+    /// Behind a link: bytes that crossed it both ways per delivery, over the publish and
+    /// drain window: request and response heads, framing, bodies, heartbeats; what the
+    /// network carries, counted by the proxy in front of the server.
+    pub wire_bytes_per_delivery: Option<f64>,
+    /// Connections the link cut (or an idle cutter closed) in that window.
+    pub link_cuts: Option<u64>,
+    /// Times subscribers lost their connection and were served again.
+    pub reconnects: u64,
+    /// From noticing a lost connection to being served again, ms (when there were any).
+    pub recovery_ms: Option<Percentiles>,
+    /// Why the phase could not be measured (a subscriber refused, say), when it could not.
+    pub failure: Option<String>,
 }
 
 impl PhaseResult {
+    /// A phase that could not run, and why (behind a link, a refusal is a finding).
+    pub fn failed(
+        transport: &str,
+        rate: f64,
+        subscribers: usize,
+        link: Option<String>,
+        reason: String,
+    ) -> PhaseResult {
+        PhaseResult {
+            transport: transport.to_owned(),
+            rate,
+            publish_rate: 0.0,
+            subscribers,
+            published: 0,
+            deliveries: 0,
+            expected_deliveries: 0,
+            lost: 0,
+            duplicates: 0,
+            publish_errors: 0,
+            latency_ms: Percentiles::default(),
+            nodes: 1,
+            cross_node_latency_ms: None,
+            deliveries_per_second: 0.0,
+            requests_per_delivery: 0.0,
+            bytes_per_delivery: 0.0,
+            drained: false,
+            server: None,
+            floor_ratio: None,
+            link,
+            wire_bytes_per_delivery: None,
+            link_cuts: None,
+            reconnects: 0,
+            recovery_ms: None,
+            failure: Some(reason),
+        }
+    }
+
     /// Loss, duplicates or an incomplete drain mean the run overloaded the server (or the
     /// bench host): the report says so instead of presenting the figures as clean.
     pub fn overloaded(&self) -> bool {
-        self.lost > 0 || self.duplicates > 0 || !self.drained || self.publish_errors > 0
+        self.lost > 0
+            || self.duplicates > 0
+            || !self.drained
+            || self.publish_errors > 0
+            || self.failure.is_some()
     }
 
     /// The bench's own publisher fell more than 10% short of the asked rate: past this point

@@ -26,6 +26,10 @@ pub(crate) struct Phase {
     /// Topics of the phase; subscriber `i` follows `topics[i % topics.len()]`.
     pub(crate) topics: Vec<String>,
     pub(crate) poll_interval: Duration,
+    /// Whether a subscriber whose connection is lost connects again and resumes from the
+    /// last id it saw, as a real client does (behind an emulated link that cuts); without
+    /// it a lost connection is a failure of the run.
+    pub(crate) resume: bool,
     /// Highest id each subscriber has received, for the drain wait.
     pub(crate) progress: Vec<AtomicU64>,
     pub(crate) stop: CancellationToken,
@@ -73,43 +77,101 @@ impl Phase {
     }
 }
 
-/// Runs subscriber `index` of `transport` until the phase stops.
+/// How one connection of a subscriber ended.
+pub(crate) enum Ended {
+    /// The phase stopped.
+    Stopped,
+    /// The server (or a link) closed the connection.
+    Closed,
+    /// The connection failed at the network level: refused, reset, cut.
+    Failed(String),
+}
+
+/// The first wait before connecting again after a loss; it doubles while attempts fail.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MOST: Duration = Duration::from_secs(2);
+
+/// Runs subscriber `index` of `transport` until the phase stops. A connection the network
+/// loses is opened again from the last id seen when the phase resumes; an answer the server
+/// (or a proxy) gives with a refusing status ends the subscriber with that error.
 pub(crate) async fn run(
     transport: TransportKind,
     phase: Arc<Phase>,
     index: usize,
 ) -> Result<(usize, Tracker), BenchError> {
     let mut tracker = Tracker::default();
-    match transport {
-        TransportKind::Ws => websocket(&phase, index, &mut tracker).await?,
-        TransportKind::Sse => sse(&phase, index, &mut tracker).await?,
-        TransportKind::Stream => ndjson(&phase, index, &mut tracker).await?,
-        TransportKind::Longpoll | TransportKind::Poll => {
-            polling(transport, &phase, index, &mut tracker).await?
+    let mut retry = RETRY_FIRST;
+    loop {
+        let served_before = tracker.requests;
+        let ended = match transport {
+            TransportKind::Ws => websocket(&phase, index, &mut tracker).await?,
+            TransportKind::Sse => sse(&phase, index, &mut tracker).await?,
+            TransportKind::Stream => ndjson(&phase, index, &mut tracker).await?,
+            TransportKind::Longpoll | TransportKind::Poll => {
+                polling(transport, &phase, index, &mut tracker).await?
+            }
+        };
+        match ended {
+            Ended::Stopped => break,
+            Ended::Closed if !phase.resume => break,
+            Ended::Failed(reason) if !phase.resume => return Err(BenchError::Client(reason)),
+            Ended::Closed | Ended::Failed(_) => {}
         }
+        if phase.stop.is_cancelled() {
+            break;
+        }
+        tracker.lost(now_micros());
+        if tracker.requests > served_before {
+            retry = RETRY_FIRST;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry) => {}
+            () = phase.stop.cancelled() => break,
+        }
+        retry = (retry * 2).min(RETRY_MOST);
     }
     Ok((index, tracker))
 }
 
-async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
+/// The subscriber is served: counted, and a recovery ends if one was under way.
+fn served(tracker: &mut Tracker) {
+    tracker.requests += 1;
+    tracker.served(now_micros());
+}
+
+async fn websocket(
+    phase: &Phase,
+    index: usize,
+    tracker: &mut Tracker,
+) -> Result<Ended, BenchError> {
     let url = format!(
-        "{}/topics/{}/ws?after=0",
+        "{}/topics/{}/ws?after={}",
         phase.base_of(index).replacen("http", "ws", 1),
-        phase.topic_of(index)
+        phase.topic_of(index),
+        tracker.last_id
     );
     // A small read buffer: tungstenite zeroes the unused part of it on every read, and its
     // 128 KiB default made that zeroing most of the bench's own CPU, which then limited what
     // it could measure.
     let config =
         tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
-    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), false)
-        .await
-        .map_err(|e| BenchError::Client(format!("WebSocket connect: {e}")))?;
-    tracker.requests += 1;
-    loop {
+    use tokio_tungstenite::tungstenite::Error;
+    let mut socket =
+        match tokio_tungstenite::connect_async_with_config(&url, Some(config), false).await {
+            Ok((socket, _)) => socket,
+            Err(Error::Http(response)) => {
+                return Err(BenchError::Client(format!(
+                    "WebSocket connect: answered {}",
+                    response.status()
+                )));
+            }
+            Err(e) => return Ok(Ended::Failed(format!("WebSocket connect: {e}"))),
+        };
+    served(tracker);
+    let ended = loop {
         let frame = tokio::select! {
             frame = socket.next() => frame,
-            () = phase.stop.cancelled() => break,
+            () = phase.stop.cancelled() => break Ended::Stopped,
         };
         match frame {
             Some(Ok(WsMessage::Text(text))) => {
@@ -118,13 +180,13 @@ async fn websocket(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result
                     phase.record(index, tracker, &envelope);
                 }
             }
+            Some(Ok(WsMessage::Close(_))) | None => break Ended::Closed,
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(BenchError::Client(format!("WebSocket: {e}"))),
-            None => break,
+            Some(Err(e)) => break Ended::Failed(format!("WebSocket: {e}")),
         }
-    }
+    };
     let _ = socket.close(None).await;
-    Ok(())
+    Ok(ended)
 }
 
 /// How a streamed body separates its items, and where an item's envelope is.
@@ -167,11 +229,11 @@ const SSE: BodyItems = BodyItems {
     },
 };
 
-async fn ndjson(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
+async fn ndjson(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<Ended, BenchError> {
     body_stream(&NDJSON, phase, index, tracker).await
 }
 
-async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<(), BenchError> {
+async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<Ended, BenchError> {
     body_stream(&SSE, phase, index, tracker).await
 }
 
@@ -181,24 +243,30 @@ async fn body_stream(
     phase: &Phase,
     index: usize,
     tracker: &mut Tracker,
-) -> Result<(), BenchError> {
+) -> Result<Ended, BenchError> {
     let path = format!(
-        "/topics/{}/{}?after=0",
+        "/topics/{}/{}?after={}",
         phase.topic_of(index),
-        items.endpoint
+        items.endpoint,
+        tracker.last_id
     );
     let mut connection = Connection::new(phase.base_of(index));
-    let status = connection
-        .open_stream(&path, &[items.accept])
-        .await
-        .map_err(io_error)?;
+    let headers = [items.accept];
+    let opened = tokio::select! {
+        opened = connection.open_stream(&path, &headers) => opened,
+        () = phase.stop.cancelled() => return Ok(Ended::Stopped),
+    };
+    let status = match opened {
+        Ok(status) => status,
+        Err(e) => return Ok(Ended::Failed(format!("{}: {e}", items.name))),
+    };
     if status != 200 {
         return Err(BenchError::Client(format!(
             "{} answered {status}",
             items.name
         )));
     }
-    tracker.requests += 1;
+    served(tracker);
     let delimiter = items.delimiter;
     let mut buffer: Vec<u8> = Vec::new();
     // Where the search for the end of the next item resumes.
@@ -207,10 +275,12 @@ async fn body_stream(
         let before = buffer.len();
         let more = tokio::select! {
             more = connection.next_data(&mut buffer) => more,
-            () = phase.stop.cancelled() => break,
+            () = phase.stop.cancelled() => return Ok(Ended::Stopped),
         };
-        if !more.map_err(io_error)? {
-            break;
+        match more {
+            Ok(true) => {}
+            Ok(false) => return Ok(Ended::Closed),
+            Err(e) => return Ok(Ended::Failed(format!("{}: {e}", items.name))),
         }
         tracker.bytes += (buffer.len() - before) as u64;
         let mut start = 0;
@@ -230,7 +300,6 @@ async fn body_stream(
         // The end of an item may straddle two reads: look again from its possible start.
         scanned = buffer.len().saturating_sub(delimiter.len() - 1);
     }
-    Ok(())
 }
 
 async fn polling(
@@ -238,9 +307,9 @@ async fn polling(
     phase: &Phase,
     index: usize,
     tracker: &mut Tracker,
-) -> Result<(), BenchError> {
+) -> Result<Ended, BenchError> {
     let mut connection = Connection::new(phase.base_of(index));
-    let mut after = 0;
+    let mut after = tracker.last_id;
     while !phase.stop.is_cancelled() {
         let path = match kind {
             TransportKind::Longpoll => format!(
@@ -253,8 +322,12 @@ async fn polling(
             ),
         };
         let answer = tokio::select! {
-            answer = connection.get(&path) => answer.map_err(io_error)?,
+            answer = connection.get(&path) => answer,
             () = phase.stop.cancelled() => break,
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => return Ok(Ended::Failed(format!("{kind}: {e}"))),
         };
         if answer.status != 200 {
             return Err(BenchError::Client(format!(
@@ -263,7 +336,7 @@ async fn polling(
                 String::from_utf8_lossy(&answer.body)
             )));
         }
-        tracker.requests += 1;
+        served(tracker);
         tracker.bytes += answer.body.len() as u64;
         let answer: PollAnswer = serde_json::from_slice(&answer.body)
             .map_err(|e| BenchError::Client(format!("{kind} answer: {e}")))?;
@@ -278,9 +351,5 @@ async fn polling(
             }
         }
     }
-    Ok(())
-}
-
-fn io_error(e: std::io::Error) -> BenchError {
-    BenchError::Client(e.to_string())
+    Ok(Ended::Stopped)
 }

@@ -1,0 +1,396 @@
+//! `pushhub bench --scenario compare`: every transport on every link and middlebox, with a
+//! verdict per cell, written as comparison.md and comparison.svg.
+//!
+//! A cell works when every message arrived once, in about the time the link allows; it is
+//! degraded when messages were lost or repeated, the subscribers did not catch up, or the
+//! latency is far above what the link explains (a proxy held it); it is broken when the
+//! transport could not be used at all (refused) or most messages never arrived.
+
+use std::fmt::Write as _;
+
+use super::{BenchArgs, PhaseResult, report::command_line};
+use crate::link::Link;
+
+/// What a cell's figures say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Every message, once, in about the time the link allows.
+    Works,
+    /// Usable, but not as it should be; the reason.
+    Degraded(String),
+    /// Not usable; the reason.
+    Broken(String),
+}
+
+impl Verdict {
+    /// `works`, `degraded`, `broken`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Verdict::Works => "works",
+            Verdict::Degraded(_) => "degraded",
+            Verdict::Broken(_) => "broken",
+        }
+    }
+
+    /// Why, when not `works`.
+    pub fn reason(&self) -> &str {
+        match self {
+            Verdict::Works => "",
+            Verdict::Degraded(reason) | Verdict::Broken(reason) => reason,
+        }
+    }
+}
+
+/// The latency a cell should show, ms: the link's one-way delay, plus half the poll interval
+/// for short polling (a message waits for the next poll).
+fn expected_latency_ms(result: &PhaseResult, args: &BenchArgs) -> f64 {
+    let delay = result
+        .link
+        .as_deref()
+        .and_then(|l| l.parse::<Link>().ok())
+        .map_or(0.0, |l| l.profile.delay.as_secs_f64() * 1000.0);
+    let wait = if result.transport == "poll" {
+        args.poll_interval.as_secs_f64() * 1000.0 / 2.0
+    } else {
+        0.0
+    };
+    delay + wait
+}
+
+/// The verdict on one cell.
+pub fn verdict(result: &PhaseResult, args: &BenchArgs) -> Verdict {
+    if let Some(failure) = &result.failure {
+        return Verdict::Broken(failure.clone());
+    }
+    if result.expected_deliveries == 0 {
+        return Verdict::Broken("nothing was published".into());
+    }
+    let share = result.deliveries as f64 / result.expected_deliveries as f64;
+    if share < 0.5 {
+        return Verdict::Broken(format!(
+            "{:.0}% of the messages arrived before the drain timeout",
+            share * 100.0
+        ));
+    }
+    let mut reasons = Vec::new();
+    if result.lost > 0 {
+        reasons.push(format!("{} lost", result.lost));
+    }
+    if result.duplicates > 0 {
+        reasons.push(format!("{} duplicated", result.duplicates));
+    }
+    if !result.drained && result.lost == 0 {
+        reasons.push("subscribers had not caught up at the drain timeout".into());
+    }
+    let expected = expected_latency_ms(result, args);
+    let p50 = result.latency_ms.p50;
+    if p50 > 3.0 * expected + 25.0 {
+        reasons.push(format!(
+            "p50 {p50:.0} ms where the link explains {expected:.0} ms (held on the way)"
+        ));
+    }
+    if reasons.is_empty() {
+        Verdict::Works
+    } else {
+        Verdict::Degraded(reasons.join("; "))
+    }
+}
+
+/// The links of a run, in order of first appearance.
+fn links(results: &[PhaseResult]) -> Vec<String> {
+    let mut links: Vec<String> = Vec::new();
+    for r in results {
+        let link = r.link.clone().unwrap_or_else(|| "direct".into());
+        if !links.contains(&link) {
+            links.push(link);
+        }
+    }
+    links
+}
+
+/// The transports of a run, in order of first appearance.
+fn transports(results: &[PhaseResult]) -> Vec<String> {
+    let mut transports: Vec<String> = Vec::new();
+    for r in results {
+        if !transports.contains(&r.transport) {
+            transports.push(r.transport.clone());
+        }
+    }
+    transports
+}
+
+fn link_of(result: &PhaseResult) -> &str {
+    result.link.as_deref().unwrap_or("direct")
+}
+
+/// comparison.md: the command, the table with a verdict per cell, a reading per link.
+pub fn markdown(args: &BenchArgs, results: &[PhaseResult]) -> String {
+    let mut out = String::from("# pushhub: the push techniques compared on emulated links\n\n");
+    let _ = writeln!(out, "Command: `{}`\n", command_line(args));
+    let _ = writeln!(
+        out,
+        "{} subscribers per cell, {} msg/s for {:.1} s, {}-byte payloads; a fresh server per cell. \
+The subscribers sit behind the link (a proxy in the bench's process: delay ± jitter each way, \
+bandwidth cap, cuts, middleboxes); the publisher posts straight to the server. Latency is publish \
+to receipt, so it carries the link. \"wire B/deliv\" is every byte that crossed the link both ways \
+(request and response heads, framing, bodies, heartbeats) over the publish and drain window, per \
+delivery. \"recovery\" is the time from a subscriber noticing a lost connection to being served \
+again (subscribers resume from the last id they saw, as pushhub.js does).\n",
+        args.subscribers,
+        args.rate,
+        args.duration.as_secs_f64(),
+        args.payload_bytes,
+    );
+    out.push_str("| link | transport | verdict | p50 ms | p99 ms | lost | dup | cuts | reconnects | recovery p50 ms | req/deliv | wire B/deliv | server CPU µs/deliv | why |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for r in results {
+        let v = verdict(r, args);
+        let _ = writeln!(
+            out,
+            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            link_of(r),
+            r.transport,
+            v.word(),
+            figure(r, r.latency_ms.p50, 1),
+            figure(r, r.latency_ms.p99, 1),
+            r.lost,
+            r.duplicates,
+            r.link_cuts.map_or("n/a".into(), |c| c.to_string()),
+            r.reconnects,
+            r.recovery_ms
+                .map_or("n/a".into(), |p| format!("{:.0}", p.p50)),
+            figure(r, r.requests_per_delivery, 3),
+            r.wire_bytes_per_delivery
+                .filter(|_| r.deliveries > 0)
+                .map_or("n/a".into(), |b| format!("{b:.0}")),
+            r.server
+                .as_ref()
+                .filter(|_| r.deliveries > 0)
+                .map_or("n/a".into(), |s| format!("{:.1}", s.cpu_us_per_delivery)),
+            v.reason().replace('|', "/"),
+        );
+    }
+    out.push_str("\n## Reading\n\n");
+    for line in reading(args, results) {
+        let _ = writeln!(out, "- {line}");
+    }
+    out.push_str("\n![verdict, latency and bytes per cell](comparison.svg)\n");
+    out
+}
+
+/// A figure of a cell, or `n/a` when nothing was delivered.
+fn figure(result: &PhaseResult, value: f64, decimals: usize) -> String {
+    if result.deliveries == 0 {
+        "n/a".into()
+    } else {
+        format!("{value:.decimals$}")
+    }
+}
+
+/// Per link: the lowest latency and the fewest bytes among the cells that work, and what
+/// did not.
+pub fn reading(args: &BenchArgs, results: &[PhaseResult]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for link in links(results) {
+        let cells: Vec<(&PhaseResult, Verdict)> = results
+            .iter()
+            .filter(|r| link_of(r) == link)
+            .map(|r| (r, verdict(r, args)))
+            .collect();
+        let working: Vec<&PhaseResult> = cells
+            .iter()
+            .filter(|(_, v)| *v == Verdict::Works)
+            .map(|(r, _)| *r)
+            .collect();
+        let mut line = format!("**{link}**: ");
+        let fastest = working
+            .iter()
+            .min_by(|a, b| a.latency_ms.p50.total_cmp(&b.latency_ms.p50));
+        let leanest = working.iter().min_by(|a, b| {
+            let bytes = |r: &PhaseResult| r.wire_bytes_per_delivery.unwrap_or(r.bytes_per_delivery);
+            bytes(a).total_cmp(&bytes(b))
+        });
+        match (fastest, leanest) {
+            (Some(fastest), Some(leanest)) => {
+                let _ = write!(
+                    line,
+                    "fastest that works: {} (p50 {:.1} ms); fewest bytes: {} ({:.0} B per delivery)",
+                    fastest.transport,
+                    fastest.latency_ms.p50,
+                    leanest.transport,
+                    leanest
+                        .wire_bytes_per_delivery
+                        .unwrap_or(leanest.bytes_per_delivery)
+                );
+            }
+            _ => line.push_str("no transport worked cleanly"),
+        }
+        for (r, v) in &cells {
+            if *v != Verdict::Works {
+                let _ = write!(line, "; {} {}: {}", r.transport, v.word(), v.reason());
+            }
+        }
+        line.push('.');
+        lines.push(line);
+    }
+    lines
+}
+
+/// comparison.svg: a grid, links down, transports across; each cell coloured by its verdict
+/// and showing p50/p99 latency, wire bytes and requests per delivery.
+pub fn svg(args: &BenchArgs, results: &[PhaseResult]) -> String {
+    let links = links(results);
+    let transports = transports(results);
+    let (left, top, cell_w, cell_h) = (190.0, 70.0, 170.0, 76.0);
+    let width = left + cell_w * transports.len() as f64 + 20.0;
+    let height = top + cell_h * links.len() as f64 + 70.0;
+    let mut out = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif">
+<rect width="100%" height="100%" fill="white"/>
+<text x="12" y="24" font-size="16" font-weight="bold">Push techniques on emulated links: verdict, latency, bytes</text>
+<text x="12" y="44" font-size="11" fill="#555">{} subscribers per cell, {} msg/s for {:.0} s. Each cell: p50 / p99 latency (ms, publish to receipt), wire bytes per delivery (both ways, headers included), requests per delivery.</text>
+"##,
+        args.subscribers,
+        args.rate,
+        args.duration.as_secs_f64()
+    );
+    for (col, transport) in transports.iter().enumerate() {
+        let x = left + cell_w * col as f64 + cell_w / 2.0;
+        let _ = writeln!(
+            out,
+            r#"<text x="{x}" y="{}" font-size="13" font-weight="bold" text-anchor="middle">{transport}</text>"#,
+            top - 8.0
+        );
+    }
+    for (row, link) in links.iter().enumerate() {
+        let y = top + cell_h * row as f64;
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" font-size="12" text-anchor="end">{}</text>"#,
+            left - 8.0,
+            y + cell_h / 2.0 + 4.0,
+            escape(link)
+        );
+        for (col, transport) in transports.iter().enumerate() {
+            let Some(r) = results
+                .iter()
+                .find(|r| link_of(r) == link && &r.transport == transport)
+            else {
+                continue;
+            };
+            let x = left + cell_w * col as f64;
+            let v = verdict(r, args);
+            let fill = match v {
+                Verdict::Works => "#c8e6c9",
+                Verdict::Degraded(_) => "#ffe0b2",
+                Verdict::Broken(_) => "#ffcdd2",
+            };
+            let _ = writeln!(
+                out,
+                r#"<rect x="{x}" y="{y}" width="{}" height="{}" fill="{fill}" stroke="white" stroke-width="2"><title>{}: {}</title></rect>"#,
+                cell_w,
+                cell_h,
+                v.word(),
+                escape(v.reason())
+            );
+            let lines = if r.deliveries == 0 {
+                let reason = v.reason().trim_start_matches("client: ");
+                let mut lines = vec![v.word().to_uppercase()];
+                lines.extend(wrap(reason, 28, 3));
+                lines
+            } else {
+                vec![
+                    format!(
+                        "{} · {:.0} / {:.0} ms",
+                        v.word(),
+                        r.latency_ms.p50,
+                        r.latency_ms.p99
+                    ),
+                    format!(
+                        "{} B/deliv",
+                        r.wire_bytes_per_delivery
+                            .map_or("n/a".into(), |b| format!("{b:.0}"))
+                    ),
+                    format!("{:.3} req/deliv", r.requests_per_delivery),
+                    short(v.reason(), 26),
+                ]
+            };
+            for (i, text) in lines.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"#,
+                    x + cell_w / 2.0,
+                    y + 18.0 + 15.0 * i as f64,
+                    escape(text)
+                );
+            }
+        }
+    }
+    let legend_y = top + cell_h * links.len() as f64 + 24.0;
+    for (i, (fill, word)) in [
+        (
+            "#c8e6c9",
+            "works: every message once, in the time the link allows",
+        ),
+        ("#ffe0b2", "degraded: lost, repeated, late or held"),
+        ("#ffcdd2", "broken: refused, or most messages never arrived"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let y = legend_y + 16.0 * i as f64;
+        let _ = writeln!(
+            out,
+            r#"<rect x="12" y="{}" width="12" height="12" fill="{fill}"/><text x="30" y="{}" font-size="11">{word}</text>"#,
+            y - 10.0,
+            y
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// `text` in lines of at most `width` characters (split at spaces), at most `lines` of them.
+fn wrap(text: &str, width: usize, lines: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        match out.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => out.push(word.to_owned()),
+        }
+    }
+    if out.len() > lines {
+        out.truncate(lines);
+        if let Some(last) = out.last_mut() {
+            *last = short(&format!("{last} …"), width);
+        }
+    }
+    out
+}
+
+fn short(text: &str, most: usize) -> String {
+    if text.chars().count() <= most {
+        text.to_owned()
+    } else {
+        let mut cut: String = text.chars().take(most - 1).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Writes comparison.md and comparison.svg into `args.out`.
+pub fn write(args: &BenchArgs, results: &[PhaseResult]) -> std::io::Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("comparison.md"), markdown(args, results))?;
+    std::fs::write(args.out.join("comparison.svg"), svg(args, results))?;
+    Ok(())
+}
