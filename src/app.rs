@@ -66,6 +66,8 @@ pub struct App {
     pub publish_limiter: Arc<RateLimiter>,
     /// Places for parked long polls.
     pub parked_longpolls: Arc<tokio::sync::Semaphore>,
+    /// The emulated links clients reach through `<link>.localhost` (`--link-hosts`).
+    pub lanes: Option<Arc<crate::link::Lanes>>,
     /// Held (shared) by each publish while it appends; taken exclusively by a stream that is
     /// stopping, so that it drains only once every acknowledged publish is appended.
     publishing: Arc<tokio::sync::RwLock<()>>,
@@ -104,6 +106,9 @@ impl AppState {
             ),
             publish_limiter: Arc::new(RateLimiter::new(config.publish_rate)),
             parked_longpolls: Arc::new(tokio::sync::Semaphore::new(config.max_parked_longpolls)),
+            lanes: config
+                .serves_link_hosts()
+                .then(|| Arc::new(crate::link::Lanes::new(config.listen))),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             publishing: Arc::default(),

@@ -130,6 +130,12 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Serve host names such as `3g.localhost` or `flaky--buffering-proxy.localhost` through
+    /// an emulated link (the lab's per-lane link selector; see `pushhub bench --link`):
+    /// `auto` does while listening on a loopback address, `on` always, `off` never.
+    #[arg(long, env = "PUSHHUB_LINK_HOSTS", value_enum, default_value = "auto")]
+    pub link_hosts: LinkHosts,
+
     /// Open connections at most (all transports); past it new connections get 503.
     #[arg(long, env = "PUSHHUB_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -255,6 +261,7 @@ impl Default for Config {
             jwt_public_key: None,
             public_topics: Vec::new(),
             allowed_origins: Vec::new(),
+            link_hosts: LinkHosts::Auto,
             max_connections: 100_000,
             max_connections_per_ip: 0,
             publish_rate: 0,
@@ -394,6 +401,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Ok(Duration::from_secs(seconds));
     }
     humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// Whether `<link>.localhost` host names are served through emulated links.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkHosts {
+    /// While listening on a loopback address (where `*.localhost` names lead).
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+impl Config {
+    /// Whether this server serves `<link>.localhost` through emulated links.
+    pub fn serves_link_hosts(&self) -> bool {
+        match self.link_hosts {
+            LinkHosts::Auto => self.listen.ip().is_loopback(),
+            LinkHosts::On => true,
+            LinkHosts::Off => false,
+        }
+    }
 }
 
 /// A [`parse_duration`] of at most one second: a longer write delay would hold deliveries

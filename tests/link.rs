@@ -366,3 +366,78 @@ async fn a_no_websocket_proxy_refuses_the_upgrade_and_serves_the_rest() {
     assert_eq!(status, 200);
     assert_eq!(body["messages"][0]["data"]["n"], 1);
 }
+
+/// A client that reaches `host` (a `*.localhost` name) at `addr`, as browsers and curl do.
+fn client_for(host: &str, addr: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .resolve(host, addr)
+        .build()
+        .unwrap()
+}
+
+/// Times one poll of `topic` through `host`.
+async fn timed_poll(host: &str, addr: SocketAddr, topic: &str) -> (Duration, serde_json::Value) {
+    let client = client_for(host, addr);
+    let started = Instant::now();
+    let body: serde_json::Value = client
+        .get(format!(
+            "http://{host}:{}/topics/{topic}/poll?after=0",
+            addr.port()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (started.elapsed(), body)
+}
+
+#[tokio::test]
+async fn a_server_serves_link_host_names_through_their_link() {
+    let server = start().await;
+    server.publish("lanes", json!({"n": 1})).await;
+    // Straight: a fraction of a millisecond. Through `3g.localhost`: the handshake's round
+    // trip, then the request's way and the answer's, 100 ms ± 30 each.
+    let (direct, body) = timed_poll("localhost", server.addr, "lanes").await;
+    assert_eq!(body["messages"][0]["data"]["n"], 1);
+    let (linked, body) = timed_poll("3g.localhost", server.addr, "lanes").await;
+    assert_eq!(body["messages"][0]["data"]["n"], 1, "the same answer");
+    assert!(direct < Duration::from_millis(100), "{direct:?}");
+    assert!(
+        linked >= Duration::from_millis(340) && linked < Duration::from_secs(2),
+        "{linked:?}"
+    );
+    let lanes = server.state.lanes.as_ref().unwrap();
+    assert!(Counters::get(&lanes.counters().bytes_down) > 100);
+
+    // A middlebox joins with `--`: this proxy refuses the upgrade.
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(
+            b"GET /topics/lanes/ws HTTP/1.1\r\nhost: lan--no-websocket.localhost\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    socket.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 403"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[tokio::test]
+async fn link_hosts_are_plain_names_when_turned_off() {
+    let config = pushhub::Config {
+        link_hosts: pushhub::config::LinkHosts::Off,
+        ..Default::default()
+    };
+    let server = support::start_with(config).await;
+    assert!(server.state.lanes.is_none());
+    server.publish("plain", json!({"n": 1})).await;
+    let (took, body) = timed_poll("satellite.localhost", server.addr, "plain").await;
+    assert_eq!(body["messages"][0]["data"]["n"], 1);
+    assert!(took < Duration::from_millis(300), "{took:?}");
+}

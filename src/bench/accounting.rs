@@ -175,7 +175,11 @@ mod tests {
         assert_eq!(t.reconnects, 1);
         assert_eq!(t.recovery.len(), 1);
         // 5 ms, to the histogram's three significant digits.
-        assert!(t.recovery.max().abs_diff(5_000) <= 5, "{}", t.recovery.max());
+        assert!(
+            t.recovery.max().abs_diff(5_000) <= 5,
+            "{}",
+            t.recovery.max()
+        );
     }
 
     #[test]

@@ -85,6 +85,9 @@ enum Next {
     HandOver(Vec<u8>),
     /// Answer a long poll once it has something to say.
     Park(Box<Park>),
+    /// Serve the connection through the emulated link its host name asks for; these bytes
+    /// (its first request) were read from it already.
+    Link(Box<crate::link::Link>, Vec<u8>),
     /// Close the connection.
     Close,
 }
@@ -126,8 +129,10 @@ impl Connection {
         // The connection's own future holds only this loop's state; each request (and each
         // stream) gets a future of its own size, for as long as it runs.
         let mut buf = Vec::new();
+        let mut first = true;
         loop {
-            let next = boxed(|| request(&shared, peer, &mut io, buf)).await;
+            let next = boxed(|| request(&shared, peer, &mut io, buf, first)).await;
+            first = false;
             let next = match next {
                 Next::Park(park) => boxed(|| run_park(&shared.app, unbox(park), &mut io)).await,
                 // Unboxed first: the box is freed before the stream starts.
@@ -153,6 +158,9 @@ impl Connection {
                 Next::HandOver(read) => {
                     return boxed(|| hand_over(&shared, peer, io, read, false)).await;
                 }
+                Next::Link(link, read) => {
+                    return boxed(|| through_link(&shared, io, *link, read)).await;
+                }
                 Next::Stream(_) | Next::Park(_) | Next::Close => {
                     let _ = io.shutdown().await;
                     return;
@@ -170,8 +178,15 @@ fn unbox<T>(boxed: Box<T>) -> T {
 }
 
 /// Reads the next request (`buf`: what of it was read already) and serves it, or opens the
-/// stream it asks for.
-async fn request(shared: &Shared, peer: SocketAddr, io: &mut Io, buf: Vec<u8>) -> Next {
+/// stream it asks for. The `first` request of a connection may ask for an emulated link by
+/// its host name.
+async fn request(
+    shared: &Shared,
+    peer: SocketAddr,
+    io: &mut Io,
+    buf: Vec<u8>,
+    first: bool,
+) -> Next {
     // Borrowed, not cloned: a clone takes the token's lock, once per request.
     let head = tokio::select! {
         read = read_head(io, buf, &shared.app) => read,
@@ -182,6 +197,9 @@ async fn request(shared: &Shared, peer: SocketAddr, io: &mut Io, buf: Vec<u8>) -
         Some(Err(read)) => return Next::HandOver(read),
         None => return Next::Close,
     };
+    if first && let Some(link) = link_asked(shared, peer, &head) {
+        return Next::Link(Box::new(link), head.into_buffer());
+    }
     match route(&head, shared.served) {
         // Not boxed again: this request's future is itself boxed and gone once it answers
         // (a parked long poll or a stream continues in a future of its own).
@@ -194,6 +212,29 @@ async fn request(shared: &Shared, peer: SocketAddr, io: &mut Io, buf: Vec<u8>) -
             None => Next::HandOver(head.into_buffer()),
         },
     }
+}
+
+/// The emulated link a connection's first request names by its host (`3g.localhost`), when
+/// the server serves link hosts and the connection is not already one of a link's own.
+fn link_asked(shared: &Shared, peer: SocketAddr, head: &RequestHead) -> Option<crate::link::Link> {
+    let lanes = shared.app.lanes.as_ref()?;
+    let host = std::str::from_utf8(head.header("host")?).ok()?;
+    let link = crate::link::Lanes::link_of_host(host)?;
+    (!lanes.is_inner(peer)).then_some(link)
+}
+
+/// Serves the connection through `link` to this server (the request read so far goes first).
+/// Only a plain TCP connection can be: a TLS one is closed.
+async fn through_link(shared: &Shared, io: Io, link: crate::link::Link, read: Vec<u8>) {
+    let (Some(lanes), Io::Tcp(stream)) = (&shared.app.lanes, io) else {
+        return;
+    };
+    let Ok(stream) = Arc::try_unwrap(stream) else {
+        return;
+    };
+    lanes
+        .serve(stream, read, link, shared.app.shutdown.clone())
+        .await;
 }
 
 /// Serves the rest of the connection with hyper.

@@ -16,12 +16,14 @@
 //! This layer imports nothing of the crate: it knows bytes and HTTP/1.1 framing, not topics.
 
 mod framing;
+mod lanes;
 mod profile;
 mod proxy;
 mod shaper;
 
 use std::{fmt, str::FromStr, time::Duration};
 
+pub use lanes::Lanes;
 pub use profile::{Cuts, Profile};
 pub use proxy::{Counters, Proxy};
 

@@ -148,14 +148,17 @@ async fn accept_loop(
             link: link.clone(),
             counters: counters.clone(),
             seed,
+            upstream,
+            read: Vec::new(),
+            registry: None,
         };
-        tokio::spawn(connection.run(client, upstream, stop.child_token()));
+        tokio::spawn(connection.run(client, stop.child_token()));
     }
 }
 
 /// Whether a flaky link is in one of its blackouts `elapsed` after it started: the last
 /// `blackout_for` of every `blackout_every`.
-fn in_blackout(link: &Link, elapsed: Duration) -> bool {
+pub(super) fn in_blackout(link: &Link, elapsed: Duration) -> bool {
     let Some(cuts) = &link.profile.cuts else {
         return false;
     };
@@ -165,7 +168,7 @@ fn in_blackout(link: &Link, elapsed: Duration) -> bool {
 }
 
 /// Makes the socket's close a reset (RST) instead of a FIN: `SO_LINGER` with a zero timeout.
-fn reset(socket: &TcpStream) {
+pub(super) fn reset(socket: &TcpStream) {
     let _ = rustix::net::sockopt::set_socket_linger(socket, Some(Duration::ZERO));
 }
 
@@ -204,19 +207,38 @@ impl Activity {
     }
 }
 
+/// The local addresses of a server's own connections through its links (see
+/// [`super::Lanes`]): a server must not route them into a link again.
+pub(super) type Registry = Mutex<std::collections::HashSet<SocketAddr>>;
+
 /// One connection through the link.
-struct Connection {
-    link: Arc<Link>,
-    counters: Arc<Counters>,
-    seed: u64,
+pub(super) struct Connection {
+    pub(super) link: Arc<Link>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) seed: u64,
+    /// Where it goes.
+    pub(super) upstream: SocketAddr,
+    /// What was read from the client already (the first request, when a server routed the
+    /// connection here after reading it).
+    pub(super) read: Vec<u8>,
+    /// Where to note the upstream connection's local address while it lasts.
+    pub(super) registry: Option<Arc<Registry>>,
 }
 
 impl Connection {
-    async fn run(self, mut client: TcpStream, upstream: SocketAddr, stop: CancellationToken) {
-        let Ok(mut server) = TcpStream::connect(upstream).await else {
+    pub(super) async fn run(mut self, mut client: TcpStream, stop: CancellationToken) {
+        let Ok(mut server) = TcpStream::connect(self.upstream).await else {
             reset(&client);
             return;
         };
+        let registered = self.registry.clone().zip(server.local_addr().ok());
+        if let Some((registry, local)) = &registered {
+            registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(*local);
+        }
+        let read = std::mem::take(&mut self.read);
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         let profile = &self.link.profile;
@@ -235,7 +257,13 @@ impl Connection {
             let (server_read, server_write) = server.split();
             let pipes = async {
                 tokio::join!(
-                    self.read_requests(client_read, &up, &down, &up_tx, &down_tx, &activity),
+                    self.read_requests(
+                        read,
+                        client_read,
+                        [&up, &down],
+                        [&up_tx, &down_tx],
+                        &activity
+                    ),
                     self.read_responses(server_read, &down, &down_tx, &activity),
                     write(server_write, up_rx, &self.counters.bytes_up, &activity),
                     write(client_write, down_rx, &self.counters.bytes_down, &activity),
@@ -261,17 +289,22 @@ impl Connection {
         // Dropped without a shutdown: a FIN, or with the linger set above, a reset.
         drop(client);
         drop(server);
+        if let Some((registry, local)) = registered {
+            registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&local);
+        }
     }
 
     /// Client to server: requests (each head checked by a `no-websocket` proxy), WebSocket
     /// frames.
     async fn read_requests(
         &self,
+        read: Vec<u8>,
         mut from: impl AsyncRead + Unpin,
-        up: &Mutex<Shaper>,
-        down: &Mutex<Shaper>,
-        up_tx: &mpsc::Sender<Segment>,
-        down_tx: &mpsc::Sender<Segment>,
+        [up, down]: [&Mutex<Shaper>; 2],
+        [up_tx, down_tx]: [&mpsc::Sender<Segment>; 2],
         activity: &Activity,
     ) {
         let mut guard = self
@@ -279,12 +312,17 @@ impl Connection {
             .middleboxes
             .no_websocket
             .then(UpgradeGuard::default);
-        let mut buf = vec![0; 16 * 1024];
+        // What the server read already goes first.
+        let mut n = read.len();
+        let mut buf = read;
+        buf.resize(n.max(16 * 1024), 0);
         loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
+            if n == 0 {
+                n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+            }
             activity.touch();
             let forward = match guard.as_mut().map(|g| g.feed(&buf[..n])) {
                 None => buf[..n].to_vec(),
@@ -299,6 +337,7 @@ impl Connection {
             if send(up, up_tx, &forward).await.is_err() {
                 return;
             }
+            n = 0;
         }
         let _ = up_tx.send(Segment::End).await;
     }
