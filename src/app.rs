@@ -108,7 +108,7 @@ impl AppState {
             parked_longpolls: Arc::new(tokio::sync::Semaphore::new(config.max_parked_longpolls)),
             lanes: config
                 .serves_link_hosts()
-                .then(|| Arc::new(crate::link::Lanes::new(config.listen))),
+                .then(|| Arc::new(crate::link::Lanes::new())),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             publishing: Arc::default(),
@@ -149,6 +149,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/stats", get(stats))
+        .route("/links", get(links))
         .route("/metrics", get(metrics_text))
         .route(
             "/topics/{topic}",
@@ -219,6 +220,45 @@ async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoR
 
 async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {
     Json(app.hub.stats())
+}
+
+/// `GET /links`: the emulated links this server serves through `<link>.localhost` host names
+/// (the lab's per-lane selectors), and what crossed them.
+async fn links(State(app): State<AppState>) -> Json<serde_json::Value> {
+    use crate::link::{Counters, Middleboxes, Profile};
+    let profiles: Vec<serde_json::Value> = Profile::NAMES
+        .iter()
+        .filter_map(|name| Profile::named(name))
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "delay_ms": p.delay.as_secs_f64() * 1000.0,
+                "jitter_ms": p.jitter.as_secs_f64() * 1000.0,
+                "bandwidth_mbit": p.bandwidth_bps.map(|bps| bps as f64 / 1e6),
+                "cuts": p.cuts.is_some(),
+                "description": p.to_string(),
+            })
+        })
+        .collect();
+    let counters = app.lanes.as_ref().map(|lanes| {
+        let c = lanes.counters();
+        serde_json::json!({
+            "connections": Counters::get(&c.connections),
+            "refused": Counters::get(&c.refused),
+            "cuts": Counters::get(&c.cuts),
+            "idle_cuts": Counters::get(&c.idle_cuts),
+            "upgrades_refused": Counters::get(&c.upgrades_refused),
+            "bytes_up": Counters::get(&c.bytes_up),
+            "bytes_down": Counters::get(&c.bytes_down),
+        })
+    });
+    Json(serde_json::json!({
+        "enabled": app.lanes.is_some(),
+        "host": "{link}.localhost, middleboxes joined with --: 3g--buffering-proxy.localhost",
+        "profiles": profiles,
+        "middleboxes": Middleboxes::NAMES,
+        "counters": counters,
+    }))
 }
 
 async fn topic_info(

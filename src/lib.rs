@@ -103,6 +103,9 @@ pub async fn serve(
         (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
         _ => None,
     };
+    if let (Some(lanes), Ok(addr)) = (&state.lanes, listener.local_addr()) {
+        lanes.lead_to(addr);
+    }
     let stop = state.shutdown.clone();
     tokio::spawn(
         state

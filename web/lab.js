@@ -2,16 +2,20 @@
 // Each generated message carries {run, seq}; a lane checks the sequence numbers it receives
 // against those the server acknowledged, so "missing" and "duplicates" are measured, not
 // assumed.
-import { connect } from "/pushhub.js";
+import { connect, linkBase } from "/pushhub.js";
 
 const $ = (id) => document.getElementById(id);
 const topic = new URLSearchParams(location.search).get("topic") ?? "lab";
 const run = Math.random().toString(36).slice(2, 10);
-const NAMES = { ws: "WebSocket", sse: "SSE", stream: "HTTP stream", longpoll: "Long poll", poll: "Short poll" };
-const COLORS = { ws: "#2f6fdb", sse: "#2e9d5b", stream: "#6b46c1", longpoll: "#b7791f", poll: "#9b2c2c" };
+const NAMES = { ws: "WebSocket", sse: "SSE", stream: "HTTP stream", longpoll: "Long poll", poll: "Short poll", auto: "Auto" };
+const COLORS = { ws: "#2f6fdb", sse: "#2e9d5b", stream: "#6b46c1", longpoll: "#b7791f", poll: "#9b2c2c", auto: "#4a5568" };
 const TRANSPORTS = ["ws", "sse", "stream", "longpoll", "poll"];
 const CHART_POINTS = 120; // one per 500 ms: the last minute
+const CHART_MIN_POINTS = 20; // the axis spans at least 10 s
 const settings = { pollInterval: 1000, longPollTimeout: 25 };
+/** What `GET /links` says: whether lanes can use emulated links, and which. */
+let linkInfo = { enabled: false, profiles: [], middleboxes: [] };
+
 
 /** seq -> time the server acknowledged it. */
 const acked = new Map();
@@ -39,18 +43,55 @@ class Lane {
     this.points = [];
     this.folded = { requests: 0, bytes: 0, duplicates: 0 };
     this.status = "off";
+    this.link = "direct";
+    this.via = "none";
     this.el = $("lane-template").content.firstElementChild.cloneNode(true);
     this.el.dataset.lane = index;
     const toggle = this.el.querySelector("input[type=checkbox]");
-    const select = this.el.querySelector("select");
+    const select = this.el.querySelector('[data-select="transport"]');
     select.value = transport;
     toggle.addEventListener("change", () => (toggle.checked ? this.start() : this.stop()));
     select.addEventListener("change", () => this.switchTo(select.value));
+    const link = this.el.querySelector('[data-select="link"]');
+    const via = this.el.querySelector('[data-select="via"]');
+    link.addEventListener("change", () => this.moveTo(link.value, this.via));
+    via.addEventListener("change", () => this.moveTo(this.link, via.value));
     $("lanes").append(this.el);
+  }
+
+  /** Fills the link and middlebox selectors from `GET /links`. */
+  offerLinks(info) {
+    const link = this.el.querySelector('[data-select="link"]');
+    const via = this.el.querySelector('[data-select="via"]');
+    for (const p of info.profiles) {
+      const option = new Option(p.name, p.name);
+      option.title = p.description;
+      link.add(option);
+    }
+    for (const m of info.middleboxes) via.add(new Option(m, m));
+    link.disabled = via.disabled = !info.enabled;
+  }
+
+  /** Puts the lane on another link: it reconnects there from its last message id. */
+  moveTo(link, via) {
+    this.link = link;
+    this.via = via;
+    this.el.querySelector('[data-select="link"]').value = link;
+    this.el.querySelector('[data-select="via"]').value = via;
+    if (this.subscription) {
+      this.stop();
+      this.start();
+    }
+  }
+
+  /** The lane's link in words: "3g", "3g behind buffering-proxy", "direct". */
+  linkName() {
+    return this.via === "none" ? this.link : `${this.link === "direct" ? "lan" : this.link} behind ${this.via}`;
   }
 
   start() {
     const sub = connect({
+      base: linkBase(this.link, this.via, location),
       topic, transport: this.transport, after: this.cursor ?? startCursor,
       pollInterval: settings.pollInterval, longPollTimeout: settings.longPollTimeout,
       backoff: { initial: 300, max: 3000 },
@@ -59,6 +100,7 @@ class Lane {
     sub.on("signal", (s) => (s.type === "reset" ? this.resets++ : this.truncations++));
     sub.on("status", (s) => {
       this.state = s.state;
+      this.current = s.transport ?? this.current;
       this.status = s.state === "reconnecting" ? `reconnecting in ${s.delay} ms (${s.reason})`
         : s.state === "fallback" ? `fell back from ${s.from}` : `${s.state}${s.state === "open" ? ` from #${s.after}` : ""}`;
     });
@@ -118,7 +160,11 @@ class Lane {
     const set = (field, text) => { this.el.querySelector(`[data-field="${field}"]`).textContent = text; };
     this.el.dataset.state = this.state ?? "off";
     this.el.style.setProperty("--lane-color", COLORS[this.transport]);
-    this.el.querySelector(".name").textContent = NAMES[this.transport];
+    const current = this.transport === "auto" && this.subscription?.transport
+      ? `Auto → ${NAMES[this.subscription.transport] ?? this.subscription.transport}` : NAMES[this.transport];
+    this.el.querySelector(".name").textContent = current;
+    this.el.dataset.link = this.link;
+    this.el.dataset.via = this.via;
     this.el.querySelector(".status").textContent = this.status;
     set("received", f.received);
     set("missing", f.missing);
@@ -201,41 +247,65 @@ $("longpoll-timeout").addEventListener("change", (e) => {
   for (const lane of lanes) if (lane.subscription) lane.subscription.longPollTimeout = settings.longPollTimeout;
 });
 
-// Chart: median latency per half second, per lane, on a log scale from 1 ms to 10 s.
+// Chart: median latency per half second, per lane, on a log scale from 1 ms to 10 s. The time
+// axis spans the samples taken so far (at least 10 s, at most the last minute), labelled in
+// seconds before now; the legend says which transport and link each line is.
+let samples = 0;
 function drawChart() {
   const canvas = $("chart");
-  const width = (canvas.width = canvas.clientWidth * devicePixelRatio);
-  const height = (canvas.height = 220 * devicePixelRatio);
+  const dpr = devicePixelRatio;
+  const width = (canvas.width = canvas.clientWidth * dpr);
+  const height = (canvas.height = 240 * dpr);
   const ctx = canvas.getContext("2d");
-  const left = 48 * devicePixelRatio;
-  const y = (v) => height - ((Math.log10(Math.max(1, Math.min(10000, v)))) / 4) * (height - 20) - 10;
+  const left = 48 * dpr;
+  const bottom = 22 * dpr;
+  const plot = height - bottom;
+  const y = (v) => plot - ((Math.log10(Math.max(1, Math.min(10000, v)))) / 4) * (plot - 20 * dpr) - 10 * dpr;
   ctx.clearRect(0, 0, width, height);
-  ctx.font = `${11 * devicePixelRatio}px system-ui`;
+  ctx.font = `${11 * dpr}px system-ui`;
   ctx.fillStyle = "#6b7685";
   ctx.strokeStyle = "#eef0f3";
   for (const v of [1, 10, 100, 1000, 10000]) {
     ctx.beginPath(); ctx.moveTo(left, y(v)); ctx.lineTo(width, y(v)); ctx.stroke();
     ctx.fillText(v >= 1000 ? `${v / 1000} s` : `${v} ms`, 2, y(v) + 4);
   }
-  const step = (width - left) / (CHART_POINTS - 1);
+  // The window: the samples kept, fitted to the width.
+  const span = Math.max(CHART_MIN_POINTS, Math.min(CHART_POINTS, samples));
+  const step = (width - left - 8 * dpr) / (span - 1);
+  const x = (age) => width - 8 * dpr - age * step; // age: samples before the newest
+  const seconds = span / 2;
+  const tick = seconds <= 15 ? 2 : seconds <= 30 ? 5 : 10;
+  ctx.textAlign = "center";
+  for (let s = 0; s * 2 <= span - 1; s += tick) {
+    const at = x(s * 2);
+    ctx.beginPath(); ctx.moveTo(at, plot); ctx.lineTo(at, plot + 4 * dpr); ctx.stroke();
+    ctx.fillText(s === 0 ? "now" : `−${s} s`, at, plot + 16 * dpr);
+  }
+  ctx.textAlign = "start";
   for (const lane of lanes) {
     ctx.strokeStyle = COLORS[lane.transport];
-    ctx.lineWidth = 2 * devicePixelRatio;
+    ctx.lineWidth = 2 * dpr;
+    ctx.setLineDash(lane.link === "direct" && lane.via === "none" ? [] : [6 * dpr, 3 * dpr]);
     ctx.beginPath();
     let pen = false;
-    const offset = CHART_POINTS - lane.points.length;
     ctx.fillStyle = COLORS[lane.transport];
+    const n = lane.points.length;
     lane.points.forEach((v, i) => {
-      if (v === null) { pen = false; return; }
-      const x = left + (offset + i) * step;
-      if (pen) ctx.lineTo(x, y(v)); else ctx.moveTo(x, y(v));
+      const age = n - 1 - i;
+      if (v === null || age >= span) { pen = false; return; }
+      if (pen) ctx.lineTo(x(age), y(v)); else ctx.moveTo(x(age), y(v));
       // A dot too: short polls deliver in bursts, so their points often stand alone.
-      const r = 2.5 * devicePixelRatio;
-      ctx.fillRect(x - r, y(v) - r, 2 * r, 2 * r);
+      const r = 2.5 * dpr;
+      ctx.fillRect(x(age) - r, y(v) - r, 2 * r, 2 * r);
       pen = true;
     });
     ctx.stroke();
   }
+  ctx.setLineDash([]);
+  const legend = lanes.map((lane) =>
+    `<li style="--lane-color:${COLORS[lane.transport]}" data-lane="${lane.index}">` +
+    `${NAMES[lane.transport]} <small>on ${lane.linkName()}</small></li>`).join("");
+  if ($("legend").innerHTML !== legend) $("legend").innerHTML = legend;
 }
 
 // Server view
@@ -267,15 +337,29 @@ function render() {
 
 $("topic").textContent = topic;
 try {
+  linkInfo = await (await fetch("/links")).json();
+} catch {
+  linkInfo = { enabled: false, profiles: [], middleboxes: [] };
+}
+const loopback = /^(127\.|localhost$|\[::1\]$)/.test(location.hostname) || location.hostname === "::1";
+if (!linkInfo.enabled || !loopback) {
+  linkInfo.enabled = false;
+  $("links-hint").hidden = false;
+  $("links-hint").textContent = !loopback
+    ? "Emulated links need the lab opened on this machine (http://127.0.0.1 or http://localhost): they use *.localhost host names."
+    : "Emulated links are off on this server (--link-hosts off).";
+}
+for (const lane of lanes) lane.offerLinks(linkInfo);
+try {
   startCursor = (await (await fetch(`/topics/${topic}`)).json()).last_id;
 } catch {
   startCursor = 0;
 }
 for (const lane of lanes) lane.start();
 setInterval(render, 250);
-setInterval(() => { for (const lane of lanes) lane.samplePoint(); drawChart(); }, 500);
+setInterval(() => { for (const lane of lanes) lane.samplePoint(); samples++; drawChart(); }, 500);
 setInterval(refreshServer, 1000);
 refreshServer();
 render();
 // For tests and the curious: the lab's state.
-window.lab = { lanes, acked, topic, run };
+window.lab = { lanes, acked, topic, run, linkInfo };

@@ -35,6 +35,19 @@ export function backoffDelay(attempt, { initial = 500, max = 10000 } = {}, rando
   return Math.round(ceiling * (0.5 + random() / 2));
 }
 
+/**
+ * The origin that puts a subscription on the emulated `link` behind `via`: the server serves
+ * `3g.localhost` (and `3g--buffering-proxy.localhost`) through that emulated link, and
+ * browsers resolve every `*.localhost` name to this machine. "" (this page's origin) for
+ * `direct` and `none`. See `GET /links` and docs/api.md.
+ */
+export function linkBase(link, via, location) {
+  if (link === "direct" && via === "none") return "";
+  const label = [link === "direct" ? "lan" : link, ...(via === "none" ? [] : [via])].join("--");
+  const port = location.port ? `:${location.port}` : "";
+  return `${location.protocol}//${label}.localhost${port}`;
+}
+
 /** Opens a subscription; see {@link Subscription}. */
 export function connect(options) {
   return new Subscription(options);

@@ -26,8 +26,8 @@ use super::{
 /// A server's links for its own connections.
 #[derive(Debug)]
 pub struct Lanes {
-    /// The server's own address, where the links lead.
-    upstream: SocketAddr,
+    /// The server's own address, where the links lead, once it listens.
+    upstream: std::sync::OnceLock<SocketAddr>,
     /// The inner connections' local addresses.
     inner: Arc<Registry>,
     /// What crossed the links, all lanes together.
@@ -38,15 +38,35 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// Links that lead to the server at `upstream`.
-    pub fn new(upstream: SocketAddr) -> Lanes {
+    /// Links that will lead to the server once it says where it listens ([`Lanes::lead_to`]).
+    pub fn new() -> Lanes {
         Lanes {
-            upstream,
+            upstream: std::sync::OnceLock::new(),
             inner: Arc::default(),
             counters: Arc::default(),
             started: Instant::now(),
             seed: AtomicU64::new(fastrand::u64(..)),
         }
+    }
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lanes {
+    /// Where the links lead: the server's listening address (an unspecified address, such as
+    /// `0.0.0.0`, is reached on loopback). The first call decides.
+    pub fn lead_to(&self, mut listening: SocketAddr) {
+        if listening.ip().is_unspecified() {
+            listening.set_ip(match listening {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = self.upstream.set(listening);
     }
 
     /// The link a `Host` header names: `3g.localhost:8080` is `3g`, and
@@ -91,6 +111,10 @@ impl Lanes {
         self.counters
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(&upstream) = self.upstream.get() else {
+            reset(&client);
+            return;
+        };
         if in_blackout(&link, self.started.elapsed()) {
             self.counters
                 .refused
@@ -105,7 +129,7 @@ impl Lanes {
             link: Arc::new(link),
             counters: self.counters.clone(),
             seed,
-            upstream: self.upstream,
+            upstream,
             read,
             registry: Some(self.inner.clone()),
         };

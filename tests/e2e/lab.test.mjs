@@ -64,6 +64,8 @@ const lanes = (page) => page.evaluate(() => [...document.querySelectorAll(".lane
     requests: Number(field("requests")),
     requestsPerMessage: parseFloat(field("requests-per-message")),
     signals: field("signals"),
+    p50: parseFloat(field("p50")),
+    name: el.querySelector(".name").textContent,
   };
 }));
 
@@ -113,9 +115,9 @@ test("five lanes receive every message exactly once, across switches, toggles an
     await page.waitForTimeout(1200);
     // Lanes 1 to 3 rotate transports: SSE -> long poll, HTTP stream -> SSE, long poll ->
     // HTTP stream.
-    await page.selectOption('.lane[data-lane="1"] select', "longpoll");
-    await page.selectOption('.lane[data-lane="2"] select', "sse");
-    await page.selectOption('.lane[data-lane="3"] select', "stream");
+    await page.selectOption('.lane[data-lane="1"] [data-select="transport"]', "longpoll");
+    await page.selectOption('.lane[data-lane="2"] [data-select="transport"]', "sse");
+    await page.selectOption('.lane[data-lane="3"] [data-select="transport"]', "stream");
     await page.waitForTimeout(600);
     await page.uncheck('.lane[data-lane="1"] input[type=checkbox]');
     await page.waitForTimeout(500);
@@ -157,7 +159,7 @@ test("five lanes receive every message exactly once, across switches, toggles an
     server = await startServer(addr);
     const restartedAt = await page.evaluate(() => Date.now());
     await page.waitForTimeout(700);
-    await page.selectOption('.lane[data-lane="1"] select', "ws");
+    await page.selectOption('.lane[data-lane="1"] [data-select="transport"]', "ws");
     await page.waitForFunction(() => document.querySelector("#generator").dataset.running === "false",
       null, { timeout: 60000 });
     await page.waitForFunction((since) => {
@@ -254,5 +256,84 @@ test("a browser EventSource that loses its connection before any message misses 
     await browser.close();
     await stopServer(server);
     rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+// One lane on 3g beside lanes straight to the server: the 3g lane's latency carries the link
+// (100 ms ± 30 one way), the others' does not; a lane on `auto` behind a proxy that refuses
+// WebSocket upgrades falls back to SSE and misses nothing.
+test("a lab lane on 3g shows the link's delay, and auto falls back behind no-websocket", async () => {
+  const server = await startServer();
+  const { browser, page, errors } = await openBrowser();
+  try {
+    await page.goto(`http://${server.addr}/?topic=links`);
+    await allOpen(page);
+    await page.selectOption('.lane[data-lane="0"] [data-select="link"]', "3g");
+    await page.selectOption('.lane[data-lane="4"] [data-select="transport"]', "auto");
+    await page.selectOption('.lane[data-lane="4"] [data-select="via"]', "no-websocket");
+    await allOpen(page);
+    await generate(page, 10, 3);
+    await page.waitForFunction(() => document.querySelector("#generator").dataset.running === "false",
+      null, { timeout: 20000 });
+    await page.waitForFunction(() => [...document.querySelectorAll(".lane")].every((el) =>
+      Number(el.querySelector('[data-field="received"]').textContent) >= 30), null, { timeout: 20000 });
+    await page.waitForTimeout(3500); // past the lab's grace for counting a message missing
+    const shown = await lanes(page);
+    for (const lane of shown) {
+      assert.equal(lane.missing, 0, JSON.stringify(lane));
+      assert.equal(lane.duplicates, 0, JSON.stringify(lane));
+    }
+    assert.ok(shown[0].p50 >= 80, `the 3g lane's median: ${shown[0].p50} ms`);
+    assert.ok(shown[1].p50 < 50, `a direct lane's median: ${shown[1].p50} ms`);
+    assert.equal(shown[4].name, "Auto → SSE");
+    const legend = await page.textContent("#legend");
+    assert.match(legend, /WebSocket on 3g/);
+    assert.match(legend, /Auto on lan behind no-websocket/);
+    const counters = (await (await fetch(`http://${server.addr}/links`)).json()).counters;
+    assert.ok(counters.upgrades_refused >= 1, JSON.stringify(counters));
+    assert.ok(counters.bytes_down > 0, JSON.stringify(counters));
+    assert.deepEqual(errors.filter((e) => !NETWORK_NOISE.test(e)), []);
+  } finally {
+    await browser.close();
+    await stopServer(server);
+  }
+});
+
+// The browser's own EventSource, opened without a cursor on the flaky link (every connection
+// cut after 2-8 s, a fifth of them reset): its first connection is cut before any message,
+// and messages are published from then on, some while it is away. It must come back with
+// Last-Event-ID every time (the stream's opening id line set it) and miss nothing.
+test("a browser EventSource behind the flaky link misses nothing across its cuts", async () => {
+  const server = await startServer("127.0.0.1:0", ["--sse-retry", "300ms"]);
+  const port = server.addr.split(":").at(-1);
+  const { browser, page } = await openBrowser();
+  try {
+    await page.goto(`http://${server.addr}/healthz`);
+    await page.evaluate((port) => {
+      window.got = [];
+      window.cuts = 0;
+      const source = new EventSource(`http://flaky.localhost:${port}/topics/flaky-es/sse`);
+      source.onmessage = (event) => window.got.push(Number(JSON.parse(event.data).data));
+      source.onerror = () => { window.cuts++; window.log.push(["error", source.readyState, Date.now() % 100000]); };
+      source.onopen = () => window.log.push(["open", Date.now() % 100000]);
+      window.log = [];
+    }, port);
+    await page.waitForFunction(() => window.cuts >= 1, null, { timeout: 15000 });
+    assert.deepEqual(await page.evaluate(() => window.got), [], "cut before any message");
+    let published = 0;
+    const until = Date.now() + 9000;
+    while (Date.now() < until) {
+      const response = await fetch(`http://${server.addr}/topics/flaky-es`, { method: "POST", body: String(++published) });
+      assert.equal(response.status, 201);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await page.waitForFunction((n) => window.got.includes(n), published, { timeout: 20000 })
+      .catch(async (e) => { console.log(published, JSON.stringify(await page.evaluate(() => ({ got: window.got, cuts: window.cuts, log: window.log })))); throw e; });
+    const { got, cuts } = await page.evaluate(() => ({ got: window.got, cuts: window.cuts }));
+    assert.deepEqual(got, Array.from({ length: published }, (_, i) => i + 1));
+    assert.ok(cuts >= 2, `cut ${cuts} times`);
+  } finally {
+    await browser.close();
+    await stopServer(server);
   }
 });

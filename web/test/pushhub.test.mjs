@@ -2,7 +2,7 @@
 // Run: node --test web/test/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { connect, backoffDelay, utf8Length, TRANSPORTS } from "../pushhub.js";
+import { connect, backoffDelay, linkBase, utf8Length, TRANSPORTS } from "../pushhub.js";
 
 /** A controllable world: fake WebSocket, EventSource, fetch and timers. */
 function world({ topicLastId = 0, pollAnswers = [] } = {}) {
@@ -242,4 +242,12 @@ test("utf8Length counts bytes", () => {
   assert.equal(utf8Length("é"), 2);
   assert.equal(utf8Length("€"), 3);
   assert.equal(utf8Length("😀"), 4);
+});
+
+test("linkBase names the emulated link's host, on this page's port", () => {
+  const page = { protocol: "http:", port: "8080" };
+  assert.equal(linkBase("direct", "none", page), "");
+  assert.equal(linkBase("3g", "none", page), "http://3g.localhost:8080");
+  assert.equal(linkBase("flaky", "buffering-proxy", page), "http://flaky--buffering-proxy.localhost:8080");
+  assert.equal(linkBase("direct", "no-websocket", { protocol: "http:", port: "" }), "http://lan--no-websocket.localhost");
 });
