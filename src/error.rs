@@ -197,6 +197,12 @@ impl Error {
         }
     }
 
+    /// The store cannot serve the request yet (Redis is down): a retry will succeed once it is
+    /// back, so streams tell their clients to come back rather than refuse them.
+    pub fn is_store_unavailable(&self) -> bool {
+        matches!(self, Error::Store(StoreError::Unavailable(_)))
+    }
+
     /// Seconds for `Retry-After`: when a retry may succeed, for refusals that are temporary.
     pub fn retry_after(&self) -> Option<u64> {
         match self {

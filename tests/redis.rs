@@ -258,3 +258,138 @@ async fn redis_history_keeps_the_newest_messages_and_a_late_cursor_is_told_so() 
         [3, 4, 5]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_redis_is_down_every_transport_tells_its_clients_to_come_back() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let a = node(&redis);
+    let a = a.endpoint();
+    redis.kill();
+
+    // SSE: `200` and a stream that says when to come back, then ends. A browser's EventSource
+    // reconnects after `retry` with its Last-Event-ID; on a `503` it would give up for good.
+    // From now: the store cannot say where now is, so the stream cannot start.
+    // From a cursor: the stream starts there (its id line), and its catch-up cannot be read.
+    for (last_event_id, expected) in [
+        (
+            None,
+            "retry: 2000\n: message store unavailable; come back with your cursor\n\n",
+        ),
+        (
+            Some("7"),
+            "retry: 2000\n\nid: 7\n\n: message store unavailable; come back with your cursor\n\n",
+        ),
+    ] {
+        let mut request = a.http.get(a.url("/topics/d/sse"));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let body = tokio::time::timeout(support::PATIENCE, response.text())
+            .await
+            .expect("the stream ends")
+            .unwrap();
+        assert_eq!(body, expected);
+    }
+
+    // WebSocket: the handshake completes, and the session closes with 1013 (try again later).
+    let (mut ws, _) = tokio_tungstenite::connect_async(a.url("/topics/d/ws").replace("http", "ws"))
+        .await
+        .expect("the handshake completes");
+    match tokio::time::timeout(support::PATIENCE, ws.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Again);
+            assert_eq!(frame.reason, "store_unavailable");
+        }
+        other => panic!("expected a 1013 close, got {other:?}"),
+    }
+
+    // An HTTP stream from a cursor starts, and ends with a line saying why.
+    let response = a
+        .http
+        .get(a.url("/topics/d/stream?after=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.text().await.unwrap(),
+        "{\"type\":\"unavailable\",\"code\":\"store_unavailable\"}\n"
+    );
+    // Polls, long polls and an HTTP stream from now (read with fetch, which sees the status):
+    // 503 with Retry-After.
+    for path in [
+        "/topics/d/poll?after=0",
+        "/topics/d/longpoll?after=0&timeout=1",
+        "/topics/d/stream",
+    ] {
+        let response = a.http.get(a.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 503, "{path}");
+        assert_eq!(response.headers()["retry-after"], "1", "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "store_unavailable", "{path}");
+    }
+
+    // Back: the same SSE request is a live stream again.
+    redis.restart();
+    let mut sse = None;
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while sse.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SSE never recovered"
+        );
+        let response = a
+            .http
+            .get(a.url("/topics/d/sse?after=0"))
+            .send()
+            .await
+            .unwrap();
+        let mut body = Box::pin(response.bytes_stream());
+        // A live stream starts with its hint and its starting id; the unavailable answer
+        // has no id and ends.
+        let mut start = String::new();
+        while !start.contains("id: 0\n") {
+            match tokio::time::timeout(support::PATIENCE, body.next())
+                .await
+                .unwrap()
+            {
+                Some(chunk) => start.push_str(&String::from_utf8_lossy(&chunk.unwrap())),
+                None => break,
+            }
+        }
+        if start.contains("id: 0\n") {
+            sse = Some(body);
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eventually("a publish works again", || async {
+        a.http
+            .post(a.url("/topics/d"))
+            .json(&json!("back"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 201)
+    })
+    .await;
+    let mut body = sse.unwrap();
+    let mut seen = String::new();
+    while !seen.contains("\"back\"") {
+        let chunk = tokio::time::timeout(support::PATIENCE, body.next())
+            .await
+            .expect("the message arrives")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}

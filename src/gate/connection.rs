@@ -562,7 +562,19 @@ async fn body_opened(
             close: call.close,
             input: call.head.into_rest(),
         })),
-        Err(error) => call.refuse(io, &error).await,
+        Err(error) => {
+            let retry = call.app.transports.stream.sse_retry;
+            match body::unavailable(framing, framing.raw, &error, retry) {
+                Some(body) => {
+                    error.report(None);
+                    let mut answer = body_head(framing, &call.meta);
+                    answer.extend_from_slice(&body);
+                    let stall = call.app.config.stall_timeout;
+                    finish(io, answer, true, stall).await
+                }
+                None => call.refuse(io, &error).await,
+            }
+        }
     }
 }
 
@@ -590,6 +602,21 @@ async fn ws_call(call: Call<'_>, io: &mut Io) -> Next {
             opened,
             input: call.head.into_rest(),
         })),
+        // The store cannot serve the subscribe yet (Redis is down): complete the handshake
+        // and close with 1013 (try again later), which a client can act on; a refused
+        // handshake is only a failure to a browser.
+        Err(error) if error.is_store_unavailable() => {
+            error.report(None);
+            let mut answer = response::head(
+                StatusCode::SWITCHING_PROTOCOLS,
+                &headers,
+                &call.meta,
+                Length::None,
+            );
+            answer.extend_from_slice(&ws::frame::close_for(&error));
+            let stall = call.app.config.stall_timeout;
+            finish(io, answer, true, stall).await
+        }
         Err(error) => {
             let stall = call.app.config.stall_timeout;
             finish(io, response::error(&error, &call.meta), true, stall).await

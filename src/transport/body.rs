@@ -38,6 +38,13 @@ pub struct Framing {
     pub body: Format,
     /// Sent when the token expires, just before the stream ends.
     pub expired: &'static [u8],
+    /// Sent when the store cannot serve the stream's catch-up (Redis is down), just before
+    /// the stream ends.
+    pub unavailable: &'static [u8],
+    /// Whether a subscribe the store cannot serve yet is answered with a stream that tells
+    /// the client to come back (`200` and an SSE `retry:`: a browser's EventSource gives up
+    /// for good on any other answer) instead of `503`.
+    pub answers_unavailable: bool,
 }
 
 /// A stream set up and following its topic.
@@ -81,6 +88,7 @@ pub fn tail(framing: &Framing, format: Format, finish: Finish) -> Option<Vec<u8>
     let mut tail = Vec::new();
     match finish {
         Finish::Expired => tail.extend_from_slice(&format.body(framing.expired)),
+        Finish::Unavailable => tail.extend_from_slice(&format.body(framing.unavailable)),
         Finish::Ended(End::Drained | End::SlowConsumer) | Finish::Closed => {}
         Finish::Ended(End::Gone | End::Unresponsive) | Finish::PeerGone | Finish::Stalled => {
             return None;
@@ -122,11 +130,54 @@ impl Peer for BodyPeer {
     }
 }
 
-/// A body stream cannot tell its client that one read failed: it ends, and the client
-/// reconnects with its cursor.
+/// A body stream cannot tell its client that one read failed and go on: it ends, and the
+/// client reconnects with its cursor. A store that is down says so first.
 fn catch_up_failed(topic: &TopicName, error: &Error) -> Finish {
     tracing::warn!(%error, %topic, "ending stream");
-    Finish::PeerGone
+    if error.is_store_unavailable() {
+        Finish::Unavailable
+    } else {
+        Finish::PeerGone
+    }
+}
+
+/// The whole body of a stream that cannot start because the store cannot serve it yet (Redis
+/// is down): when the framing answers so, the `retry:` hint (`retry` ms) and a comment
+/// saying why, then its end. The client comes back after `retry` with its cursor
+/// (`Last-Event-ID`), as after any end of its stream; by then the store may be back.
+/// `None`: refuse with the error's status (`503` and `Retry-After`) instead.
+pub fn unavailable(
+    framing: &Framing,
+    format: Format,
+    error: &Error,
+    retry: std::time::Duration,
+) -> Option<Vec<u8>> {
+    if !framing.answers_unavailable || !error.is_store_unavailable() {
+        return None;
+    }
+    let mut text = format!("retry: {}\n", retry.as_millis()).into_bytes();
+    text.extend_from_slice(framing.unavailable);
+    let mut body = format.body(&text).to_vec();
+    if format.chunked() {
+        body.extend_from_slice(wire::LAST_CHUNK);
+    }
+    Some(body)
+}
+
+/// [`unavailable`]'s answer through hyper: `200` with the framing's headers and that body.
+pub fn unavailable_response(framing: &'static Framing, body: Vec<u8>) -> Response {
+    let mut response = Bytes::from(body).into_response();
+    with_headers(framing, &mut response);
+    response
+}
+
+fn with_headers(framing: &Framing, response: &mut Response) {
+    for (name, value) in framing.headers {
+        response.headers_mut().insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
 }
 
 /// The streaming response hyper serves: a [`Body`] fed by the opened stream, with the
@@ -140,12 +191,7 @@ pub fn response(framing: &'static Framing, opened: Opened) -> Response {
         ended: false,
     });
     let mut response = body.into_response();
-    for (name, value) in framing.headers {
-        response.headers_mut().insert(
-            HeaderName::from_static(name),
-            HeaderValue::from_static(value),
-        );
-    }
+    with_headers(framing, &mut response);
     response
 }
 

@@ -31,12 +31,18 @@ pub const HEADERS: [(&str, &str); 3] = [
 /// The last line of a stream whose token expired.
 const EXPIRED: &[u8] = b"{\"type\":\"expired\",\"code\":\"token_expired\"}\n";
 
+/// The last line of a stream whose catch-up the store could not serve (Redis is down).
+const UNAVAILABLE: &[u8] = b"{\"type\":\"unavailable\",\"code\":\"store_unavailable\"}\n";
+
 /// How the stream frames itself: lines, in a body the connection's close ends on HTTP/1.1.
 pub static FRAMING: Framing = Framing {
     headers: &HEADERS,
     raw: Format::Ndjson,
     body: Format::Ndjson,
     expired: EXPIRED,
+    unavailable: UNAVAILABLE,
+    // A `fetch()` reader sees the status: `503` with `Retry-After` tells it to come back.
+    answers_unavailable: false,
 };
 
 /// Checks the request, creates the stream's outlet and subscribes it from `?after=` (or

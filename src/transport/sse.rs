@@ -36,12 +36,19 @@ pub const HEADERS: [(&str, &str); 3] = [
 const EXPIRED: &[u8] =
     b"event: expired\ndata: {\"type\":\"expired\",\"code\":\"token_expired\"}\n\n";
 
+/// The last block of a stream whose catch-up the store could not serve (Redis is down): a
+/// comment, which EventSource ignores; the stream then ends and the browser comes back with
+/// its Last-Event-ID after `retry`.
+const UNAVAILABLE: &[u8] = b": message store unavailable; come back with your cursor\n\n";
+
 /// How SSE frames its stream: chunks on the raw socket, so the connection outlives it.
 pub static FRAMING: Framing = Framing {
     headers: &HEADERS,
     raw: Format::SseChunked,
     body: Format::Sse,
     expired: EXPIRED,
+    unavailable: UNAVAILABLE,
+    answers_unavailable: true,
 };
 
 /// Checks the request, creates the stream's outlet and subscribes it from `Last-Event-ID`
@@ -96,6 +103,18 @@ pub async fn sse(
         FRAMING.body,
         None,
     )
-    .await?;
-    Ok(body::response(&FRAMING, opened))
+    .await;
+    match opened {
+        Ok(opened) => Ok(body::response(&FRAMING, opened)),
+        Err(error) => {
+            let retry = app.transports.stream.sse_retry;
+            match body::unavailable(&FRAMING, FRAMING.body, &error, retry) {
+                Some(body) => {
+                    error.report(None);
+                    Ok(body::unavailable_response(&FRAMING, body))
+                }
+                None => Err(error),
+            }
+        }
+    }
 }

@@ -53,6 +53,9 @@ pub enum Finish {
     PeerGone,
     /// Writes made no progress for the stall limit.
     Stalled,
+    /// The store could not serve the stream's catch-up (Redis is down): the stream ends
+    /// cleanly, saying so, and the client comes back with its cursor.
+    Unavailable,
     /// The transport ended it (a WebSocket closing handshake or protocol violation: its
     /// close frame is queued and gets written before the connection closes).
     Closed,
@@ -136,7 +139,10 @@ impl Driver {
 pub fn flushes(finish: Finish) -> bool {
     matches!(
         finish,
-        Finish::Closed | Finish::Expired | Finish::Ended(End::SlowConsumer | End::Drained)
+        Finish::Closed
+            | Finish::Expired
+            | Finish::Unavailable
+            | Finish::Ended(End::SlowConsumer | End::Drained)
     )
 }
 

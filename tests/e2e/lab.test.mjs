@@ -337,3 +337,103 @@ test("a browser EventSource behind the flaky link misses nothing across its cuts
     await stopServer(server);
   }
 });
+
+/** A redis-server on a free port, persisting to `dir` (so a restart keeps the topic's ids). */
+async function startRedis(dir, port) {
+  if (!port) {
+    const net = await import("node:net");
+    port = await new Promise((resolve) => {
+      const probe = net.createServer().listen(0, "127.0.0.1", () => {
+        const { port } = probe.address();
+        probe.close(() => resolve(port));
+      });
+    });
+  }
+  const proc = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "",
+    "--appendonly", "yes", "--appendfsync", "always", "--dir", dir], { stdio: "ignore" });
+  for (let i = 0; i < 200; i++) {
+    const up = await new Promise(async (resolve) => {
+      const net = await import("node:net");
+      const socket = net.connect(port, "127.0.0.1", () => { socket.end(); resolve(true); });
+      socket.on("error", () => resolve(false));
+    });
+    if (up) return { proc, port };
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error("redis-server did not start");
+}
+
+// The browser's own EventSource on a node whose Redis goes down. One was open before (behind
+// the flaky link, its connection is cut and it reconnects during the outage); one is opened
+// during it, with no cursor (a page loaded while Redis is away). Each is answered 200 with
+// `retry:` and ended (not 503, on which a browser gives up for good), so both keep coming back,
+// and once Redis is back both receive what is published.
+test("browser EventSources that (re)connect while Redis is down get what is published after", async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "pushhub-e2e-redis-"));
+  let redis = await startRedis(dir);
+  const server = await startServer("127.0.0.1:0", ["--redis", `redis://127.0.0.1:${redis.port}/`, "--sse-retry", "300ms"]);
+  const port = server.addr.split(":").at(-1);
+  const publish = (text) => fetch(`http://${server.addr}/topics/outage`, { method: "POST", body: text });
+  const { browser, page } = await openBrowser();
+  try {
+    await page.goto(`http://${server.addr}/healthz`);
+    const open = (name, url) => page.evaluate(([name, url]) => {
+      window.sources ??= {};
+      const entry = { got: [], errors: 0, opens: 0, source: new EventSource(url) };
+      entry.source.onmessage = (event) => entry.got.push(JSON.parse(event.data).data);
+      entry.source.onerror = () => entry.errors++;
+      entry.source.onopen = () => entry.opens++;
+      window.sources[name] = entry;
+    }, [name, url]);
+    const state = (name) => page.evaluate((name) => {
+      const { got, errors, source } = window.sources[name];
+      return { got, errors, readyState: source.readyState };
+    }, name);
+    await open("before", `http://flaky.localhost:${port}/topics/outage/sse`);
+    await page.waitForFunction(() => window.sources.before.source.readyState === 1, null, { timeout: 10000 });
+    assert.equal((await publish("before")).status, 201);
+    await page.waitForFunction(() => window.sources.before.got.length === 1, null, { timeout: 10000 });
+
+    redis.proc.kill("SIGKILL");
+    await once(redis.proc, "exit");
+    assert.equal((await publish("lost")).status, 503, "publishes are refused while Redis is down");
+    await open("during", `http://${server.addr}/topics/outage/sse`);
+    // At least two reconnects of each during the outage (the flaky link cuts 2-8 s after
+    // each connect; the one opened during the outage is ended at once).
+    const seen = (await state("before")).errors;
+    await page.waitForFunction((n) => window.sources.before.errors >= n + 2
+      && window.sources.during.errors >= 2, seen, { timeout: 30000 });
+    for (const name of ["before", "during"]) {
+      assert.notEqual((await state(name)).readyState, 2, `the EventSource opened ${name} the outage gave up`);
+    }
+
+    redis = await startRedis(dir, redis.port);
+    // The one that never had a cursor follows "from now": from its first stream that starts,
+    // told apart from the ended answers of the outage by staying open for a second.
+    await page.waitForFunction(() => {
+      const during = window.sources.during;
+      const now = Date.now();
+      if (during.source.readyState !== 1 || during.opens !== during.seenOpens) {
+        during.seenOpens = during.opens;
+        during.since = now;
+        return false;
+      }
+      return now - during.since >= 1000;
+    }, null, { timeout: 20000, polling: 50 });
+    let status = 0;
+    for (let i = 0; i < 200 && status !== 201; i++) {
+      status = (await publish("after")).status;
+      if (status !== 201) await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(status, 201);
+    await page.waitForFunction(() => ["before", "during"].every((name) =>
+      window.sources[name].got.includes("after")), null, { timeout: 20000 });
+    assert.deepEqual((await state("before")).got, ["before", "after"]);
+    assert.deepEqual((await state("during")).got, ["after"]);
+  } finally {
+    await browser.close();
+    await stopServer(server);
+    redis.proc.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

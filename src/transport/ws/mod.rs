@@ -228,12 +228,15 @@ async fn upgrade(
     // The session starts once hyper hands the connection over, after the `101`; a client
     // following from now starts from the newest id as of now, so whatever is published once
     // it sees the handshake complete reaches it.
+    // A store that cannot say where "now" is (Redis is down) does not refuse the handshake:
+    // the session closes with 1013 (try again later) instead, which a client can act on.
     let home = match home {
-        Some((topic, None)) => {
-            let now = app.hub.last_id(&topic).await?;
-            Some((topic, Some(now)))
-        }
-        home => home,
+        Some((topic, None)) => match app.hub.last_id(&topic).await.map_err(Error::from) {
+            Ok(now) => Ok(Some((topic, Some(now)))),
+            Err(error) if error.is_store_unavailable() => Err(error),
+            Err(error) => return Err(error),
+        },
+        home => Ok(home),
     };
     let peer = params.peer_ip();
     tokio::spawn(async move {
@@ -242,7 +245,11 @@ async fn upgrade(
         };
         let (mut io, input) = crate::gate::reclaim(upgraded);
         let socket = io.shared_socket();
-        match open(&app, access, home, peer, socket, Bytes::new()).await {
+        let opened = match home {
+            Ok(home) => open(&app, access, home, peer, socket, Bytes::new()).await,
+            Err(error) => Err(error),
+        };
+        match opened {
             Ok(opened) => run(&app, opened, &mut io, input).await,
             Err(error) => {
                 tracing::warn!(%error, "WebSocket session could not start");

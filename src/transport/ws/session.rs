@@ -227,6 +227,7 @@ pub fn close_frame(finish: Finish) -> Option<Bytes> {
         Finish::Ended(End::Drained) => (close_code::AWAY, "server shutting down"),
         Finish::Ended(End::SlowConsumer) => (close_code::AGAIN, "subscriber fell too far behind"),
         Finish::Expired => (close_code::TOKEN_EXPIRED, "token expired"),
+        Finish::Unavailable => (close_code::AGAIN, "store_unavailable"),
         Finish::Ended(End::Gone | End::Unresponsive)
         | Finish::PeerGone
         | Finish::Stalled
