@@ -202,24 +202,18 @@ pub fn reading(args: &BenchArgs, results: &[PhaseResult]) -> Vec<String> {
             .map(|(r, _)| *r)
             .collect();
         let mut line = format!("**{link}**: ");
-        let fastest = working
-            .iter()
-            .min_by(|a, b| a.latency_ms.p50.total_cmp(&b.latency_ms.p50));
-        let leanest = working.iter().min_by(|a, b| {
-            let bytes = |r: &PhaseResult| r.wire_bytes_per_delivery.unwrap_or(r.bytes_per_delivery);
-            bytes(a).total_cmp(&bytes(b))
-        });
-        match (fastest, leanest) {
-            (Some(fastest), Some(leanest)) => {
+        let wire = |r: &PhaseResult| r.wire_bytes_per_delivery.unwrap_or(r.bytes_per_delivery);
+        let fastest = tied(&working, |r| r.latency_ms.p50);
+        let leanest = tied(&working, wire);
+        match (fastest.first(), leanest.first()) {
+            (Some(fast), Some(lean)) => {
                 let _ = write!(
                     line,
                     "fastest that works: {} (p50 {:.1} ms); fewest bytes: {} ({:.0} B per delivery)",
-                    fastest.transport,
-                    fastest.latency_ms.p50,
-                    leanest.transport,
-                    leanest
-                        .wire_bytes_per_delivery
-                        .unwrap_or(leanest.bytes_per_delivery)
+                    names(&fastest),
+                    fast.latency_ms.p50,
+                    names(&leanest),
+                    wire(lean)
                 );
             }
             _ => line.push_str("no transport worked cleanly"),
@@ -233,6 +227,34 @@ pub fn reading(args: &BenchArgs, results: &[PhaseResult]) -> Vec<String> {
         lines.push(line);
     }
     lines
+}
+
+/// The results within 5% of the lowest `figure` (the machine's noise is larger than that),
+/// lowest first.
+fn tied<'a>(
+    results: &[&'a PhaseResult],
+    figure: impl Fn(&PhaseResult) -> f64,
+) -> Vec<&'a PhaseResult> {
+    let Some(best) = results.iter().map(|r| figure(r)).min_by(f64::total_cmp) else {
+        return Vec::new();
+    };
+    let mut tied: Vec<&PhaseResult> = results
+        .iter()
+        .copied()
+        .filter(|r| figure(r) <= best * 1.05)
+        .collect();
+    tied.sort_by(|a, b| figure(a).total_cmp(&figure(b)));
+    tied
+}
+
+/// `ws`, `ws and sse`, `ws, sse and stream`.
+fn names(results: &[&PhaseResult]) -> String {
+    let names: Vec<&str> = results.iter().map(|r| r.transport.as_str()).collect();
+    match names.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 /// comparison.svg: a grid, links down, transports across; each cell coloured by its verdict
@@ -393,4 +415,96 @@ pub fn write(args: &BenchArgs, results: &[PhaseResult]) -> std::io::Result<()> {
     std::fs::write(args.out.join("comparison.md"), markdown(args, results))?;
     std::fs::write(args.out.join("comparison.svg"), svg(args, results))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::accounting::Percentiles;
+
+    fn cell(link: &str, transport: &str, p50: f64, lost: u64, wire: f64) -> PhaseResult {
+        let mut r = PhaseResult::failed(transport, 20.0, 10, Some(link.into()), String::new());
+        r.failure = None;
+        r.published = 100;
+        r.expected_deliveries = 1000;
+        r.deliveries = 1000 - lost;
+        r.lost = lost;
+        r.drained = lost == 0;
+        r.latency_ms = Percentiles {
+            p50,
+            p99: p50 * 2.0,
+            ..Percentiles::default()
+        };
+        r.wire_bytes_per_delivery = Some(wire);
+        r
+    }
+
+    fn args() -> BenchArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        Cli::parse_from(["bench", "--poll-interval", "1s"]).bench
+    }
+
+    #[test]
+    fn verdicts_follow_what_the_link_explains() {
+        let args = args();
+        // 3g explains ~100 ms one way; a poll adds half its interval.
+        assert_eq!(
+            verdict(&cell("3g", "ws", 104.0, 0, 190.0), &args),
+            Verdict::Works
+        );
+        assert_eq!(
+            verdict(&cell("3g", "poll", 700.0, 0, 210.0), &args),
+            Verdict::Works
+        );
+        let held = verdict(&cell("3g+buffering-proxy", "sse", 1200.0, 0, 230.0), &args);
+        assert!(
+            matches!(&held, Verdict::Degraded(why) if why.contains("held on the way")),
+            "{held:?}"
+        );
+        let lossy = verdict(&cell("flaky", "sse", 7.0, 3, 230.0), &args);
+        assert!(
+            matches!(&lossy, Verdict::Degraded(why) if why.starts_with("3 lost")),
+            "{lossy:?}"
+        );
+        let mostly_lost = verdict(&cell("lan", "sse", 2.0, 600, 230.0), &args);
+        assert!(matches!(mostly_lost, Verdict::Broken(_)));
+        let refused = PhaseResult::failed(
+            "ws",
+            20.0,
+            10,
+            Some("lan+no-websocket".into()),
+            "answered 403".into(),
+        );
+        assert_eq!(
+            verdict(&refused, &args),
+            Verdict::Broken("answered 403".into())
+        );
+    }
+
+    #[test]
+    fn the_reading_names_ties_within_five_percent_and_what_did_not_work() {
+        let args = args();
+        let results = [
+            cell("3g", "ws", 102.1, 0, 194.0),
+            cell("3g", "stream", 102.0, 0, 194.5),
+            cell("3g", "longpoll", 210.0, 0, 291.0),
+            PhaseResult::failed("sse", 20.0, 10, Some("3g".into()), "answered 403".into()),
+        ];
+        let lines = reading(&args, &results);
+        assert_eq!(
+            lines,
+            [
+                "**3g**: fastest that works: stream and ws (p50 102.0 ms); fewest bytes: ws and stream (194 B per delivery); sse broken: answered 403."
+            ]
+        );
+        let svg = svg(&args, &results);
+        assert!(svg.contains(">3g<") && svg.contains(">longpoll<") && svg.contains(">BROKEN<"));
+        let md = markdown(&args, &results);
+        assert!(md.contains("| 3g | sse | **broken** | n/a |"), "{md}");
+    }
 }

@@ -15,6 +15,7 @@
 
 pub mod accounting;
 mod args;
+mod chart;
 pub mod compare;
 pub mod floor;
 pub mod http;

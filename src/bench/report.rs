@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::{BenchArgs, PhaseResult, Run};
-use crate::message::TransportKind;
 
 #[derive(Serialize)]
 struct Document<'a> {
@@ -288,7 +287,7 @@ pub fn markdown(args: &BenchArgs, run: &Run) -> String {
     for line in reading(results) {
         let _ = writeln!(out, "- {line}");
     }
-    out.push_str("\n![latency and CPU per transport](latency.svg)\n");
+    out.push_str("\n![latency, server CPU and memory, bytes and requests per delivery, per transport](latency.svg)\n");
     out
 }
 
@@ -310,101 +309,9 @@ pub fn cross_node_table(results: &[PhaseResult]) -> String {
     out
 }
 
-/// One bar of the chart.
-fn bar(out: &mut String, x: f64, top: f64, width: f64, height: f64, fill: &str, opacity: f64) {
-    let _ = writeln!(
-        out,
-        r#"<rect x="{x:.1}" y="{top:.1}" width="{width:.1}" height="{height:.1}" fill="{fill}" opacity="{opacity}"/>"#
-    );
-}
-
-/// One centred label of the chart.
-fn label(out: &mut String, x: f64, y: f64, size: u32, text: &str) {
-    let _ = writeln!(
-        out,
-        r#"<text x="{x:.1}" y="{y:.1}" text-anchor="middle" font-size="{size}">{text}</text>"#
-    );
-}
-
-/// A bar chart: latency p50/p99 (log scale) and server CPU µs per delivery, per transport.
+/// The chart of a run's results (`latency.svg`).
 pub fn svg(results: &[PhaseResult]) -> String {
-    let (width, height) = (720.0, 320.0);
-    let panel = (width - 80.0) / 2.0;
-    let base = height - 50.0;
-    let plot = base - 40.0;
-    let mut out = format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="#fff"/>
-<text x="40" y="20" font-weight="bold">latency p50 / p99 (ms, log scale)</text>
-<text x="{x2}" y="20" font-weight="bold">server CPU per delivery (µs)</text>
-"##,
-        x2 = 60.0 + panel
-    );
-    let colour = |t: &str| match t.parse() {
-        Ok(TransportKind::Ws) => "#2f6fdb",
-        Ok(TransportKind::Sse) => "#2e9d5b",
-        Ok(TransportKind::Longpoll) => "#b7791f",
-        Ok(TransportKind::Stream) => "#6b46c1",
-        Ok(TransportKind::Poll) | Err(_) => "#9b2c2c",
-    };
-    let slot = panel / results.len().max(1) as f64;
-    // Latency panel: log10 from 0.01 ms to 10 s.
-    let log_y = |ms: f64| base - ((ms.max(0.01).log10() + 2.0) / 6.0).clamp(0.0, 1.0) * plot;
-    let max_cpu = results
-        .iter()
-        .filter_map(|r| r.server.as_ref().map(|s| s.cpu_us_per_delivery))
-        .fold(0.0, f64::max);
-    for (i, r) in results.iter().enumerate() {
-        let fill = colour(&r.transport);
-        let x = 40.0 + i as f64 * slot;
-        let (p50, p99) = (r.latency_ms.p50, r.latency_ms.p99);
-        bar(
-            &mut out,
-            x + 4.0,
-            log_y(p99),
-            slot - 8.0,
-            base - log_y(p99),
-            fill,
-            0.45,
-        );
-        bar(
-            &mut out,
-            x + 4.0,
-            log_y(p50),
-            slot - 8.0,
-            base - log_y(p50),
-            fill,
-            1.0,
-        );
-        label(&mut out, x + slot / 2.0, base + 16.0, 12, &r.transport);
-        label(
-            &mut out,
-            x + slot / 2.0,
-            base + 30.0,
-            10,
-            &format!("{p50:.2}/{p99:.2}"),
-        );
-        // CPU panel: linear from 0 to the largest value.
-        let x = 60.0 + panel + i as f64 * slot;
-        label(&mut out, x + slot / 2.0, base + 16.0, 12, &r.transport);
-        if let Some(server) = &r.server {
-            let h = if max_cpu > 0.0 {
-                server.cpu_us_per_delivery / max_cpu * plot
-            } else {
-                0.0
-            };
-            bar(&mut out, x + 4.0, base - h, slot - 8.0, h, fill, 1.0);
-            label(
-                &mut out,
-                x + slot / 2.0,
-                base + 30.0,
-                10,
-                &format!("{:.2}", server.cpu_us_per_delivery),
-            );
-        }
-    }
-    out.push_str("</svg>\n");
-    out
+    super::chart::svg(results)
 }
 
 #[cfg(test)]
@@ -542,6 +449,23 @@ mod tests {
         let svg = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
         assert!(
             svg.starts_with("<svg") && svg.contains(">poll<") && svg.trim_end().ends_with("</svg>")
+        );
+        // Every compared figure has its panel, with its unit; the shades are explained.
+        for title in [
+            "latency p50 / p99, ms (log)",
+            "server CPU per delivery, µs",
+            "server memory per subscriber, KiB",
+            "bytes per delivery",
+            "requests per delivery (log)",
+            "latency: solid p50, light p99",
+        ] {
+            assert!(svg.contains(title), "{title}");
+        }
+        // Values on the bars (poll's 12 µs of CPU, its 450/900 ms latency), ticks on the axes.
+        assert!(svg.contains(">12<") && svg.contains(">450/900<"), "{svg}");
+        assert!(
+            svg.contains(">1000<") && svg.contains(">0.01<"),
+            "log ticks"
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -437,3 +437,34 @@ test("browser EventSources that (re)connect while Redis is down get what is publ
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// The generator publishes over one WebSocket with acknowledgements: 1,000 and 5,000 msg/s are
+// real rates (a run of 2 s takes about 2 s and every message is acknowledged), or the page
+// says what held it back.
+test("the generator reaches 1000 and 5000 msg/s over its WebSocket, or says what held it back", async () => {
+  const server = await startServer();
+  const { browser, page, errors } = await openBrowser();
+  try {
+    await page.goto(`http://${server.addr}/?topic=rates`);
+    await allOpen(page);
+    for (const rate of [1000, 5000]) {
+      const before = await page.evaluate(() => window.lab.acked.size);
+      const started = Date.now();
+      await generate(page, rate, 2);
+      await page.waitForFunction(() => document.querySelector("#generator").dataset.running === "false",
+        null, { timeout: 30000 });
+      const seconds = (Date.now() - started) / 1000;
+      const acked = (await page.evaluate(() => window.lab.acked.size)) - before;
+      const limit = (await page.textContent("#generator-limit")).trim();
+      console.log(`# generator at ${rate} msg/s: ${acked} acknowledged in ${seconds.toFixed(2)} s${limit ? `; ${limit}` : ""}`);
+      assert.equal(acked, rate * 2, `${rate}: every message acknowledged`);
+      assert.ok(seconds <= 2 * 1.1 + 0.6 || limit.length > 0, `${rate} msg/s took ${seconds} s and the page said nothing`);
+    }
+    const stats = await (await fetch(`http://${server.addr}/stats`)).json();
+    assert.equal(stats.publishes, 12000);
+    assert.deepEqual(errors.filter((e) => !NETWORK_NOISE.test(e)), []);
+  } finally {
+    await browser.close();
+    await stopServer(server);
+  }
+});
