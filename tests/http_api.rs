@@ -589,3 +589,68 @@ async fn switched_off_transports_answer_404() {
     let ws = tokio_tungstenite::connect_async(format!("ws://{}/topics/t/ws", server.addr)).await;
     assert!(ws.is_err(), "a WebSocket upgrade must be refused");
 }
+
+/// Sends `request` on a fresh connection and reads until `done` says the answer is complete;
+/// returns what was read.
+async fn exchange(addr: std::net::SocketAddr, request: &[u8], done: fn(&[u8]) -> bool) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0; 4096];
+    while !done(&got) {
+        let n = tokio::time::timeout(support::PATIENCE, socket.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed after {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+fn head_len(answer: &[u8]) -> usize {
+    answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4
+}
+
+#[tokio::test]
+async fn stats_count_the_http_heads_each_transport_puts_on_the_wire() {
+    let server = start().await;
+    server.publish("heads", json!({"n": 1})).await;
+    let heads = |stats: &Value, t: &str| stats["head_bytes"][t].as_u64().unwrap();
+
+    // A poll: its request head and its answer's head (the body is in `bytes`).
+    let request = b"GET /topics/heads/poll?after=0 HTTP/1.1\r\nhost: x\r\nuser-agent: test\r\n\r\n";
+    let answer = exchange(server.addr, request, |got| {
+        got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}")
+    })
+    .await;
+    let (_, stats) = server.get("/stats").await;
+    assert_eq!(
+        heads(&stats, "poll"),
+        (request.len() + head_len(&answer)) as u64
+    );
+
+    // An SSE stream: its request head and its response head, once.
+    let request =
+        b"GET /topics/heads/sse?after=1 HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n";
+    let answer = exchange(server.addr, request, |got| {
+        got.windows(4).any(|w| w == b"\r\n\r\n")
+    })
+    .await;
+    let (_, stats) = server.get("/stats").await;
+    assert_eq!(
+        heads(&stats, "sse"),
+        (request.len() + head_len(&answer)) as u64
+    );
+    // Refusals count whole: a bad cursor's 400 with its JSON body.
+    let request = b"GET /topics/heads/longpoll?after=x HTTP/1.1\r\nhost: x\r\n\r\n";
+    let answer = exchange(server.addr, request, |got| got.ends_with(b"}")).await;
+    assert!(answer.starts_with(b"HTTP/1.1 400"));
+    let (_, stats) = server.get("/stats").await;
+    assert_eq!(
+        heads(&stats, "longpoll"),
+        (request.len() + answer.len()) as u64
+    );
+    assert_eq!(heads(&stats, "ws"), 0);
+}

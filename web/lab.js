@@ -17,6 +17,16 @@ const settings = { pollInterval: 1000, longPollTimeout: 25 };
 let linkInfo = { enabled: false, profiles: [], middleboxes: [] };
 
 
+/** The server's latest `GET /stats`. */
+let serverStats = null;
+
+/** Wire bytes per delivery of `transport` as the server counts them: bodies and HTTP heads. */
+function serverBytesPerDelivery(transport) {
+  const deliveries = serverStats?.deliveries?.[transport] ?? 0;
+  if (!deliveries) return null;
+  return (serverStats.bytes[transport] + (serverStats.head_bytes?.[transport] ?? 0)) / deliveries;
+}
+
 /** seq -> time the server acknowledged it. */
 const acked = new Map();
 let nextSeq = 0;
@@ -177,6 +187,8 @@ class Lane {
     set("requests", f.requests);
     set("bytes", bytes(f.bytes));
     set("bytes-per-message", f.received ? `${Math.round(f.bytes / f.received)} B` : "–");
+    const wire = serverBytesPerDelivery(this.subscription?.transport ?? this.transport);
+    set("server-bytes-per-message", wire === null ? "–" : `${Math.round(wire)} B`);
     set("requests-per-message", f.received ? (f.requests / f.received).toFixed(3) : "–");
     set("signals", `${this.resets} / ${this.truncations}`);
   }
@@ -379,10 +391,16 @@ function drawChart() {
 async function refreshServer() {
   try {
     const stats = await (await fetch("/stats", { cache: "no-store" })).json();
-    for (const row of ["subscribers", "deliveries", "requests", "bytes"]) {
+    serverStats = stats;
+    for (const row of ["subscribers", "deliveries", "requests", "bytes", "head_bytes", "wire_per_message"]) {
       const cells = document.querySelectorAll(`#server tr[data-row="${row}"] td`);
       TRANSPORTS.forEach((t, i) => {
-        cells[i].textContent = row === "bytes" ? bytes(stats[row][t]) : stats[row][t];
+        if (row === "wire_per_message") {
+          const wire = serverBytesPerDelivery(t);
+          cells[i].textContent = wire === null ? "–" : `${Math.round(wire)} B`;
+        } else {
+          cells[i].textContent = row.endsWith("bytes") ? bytes(stats[row][t]) : stats[row][t];
+        }
       });
     }
     $("server-status").textContent = `${stats.topics} topics, ${stats.publishes} messages published since start`;

@@ -326,6 +326,8 @@ async fn serve_app(
 /// One request to a hot endpoint, checked as far as every endpoint checks it.
 struct Call<'a> {
     app: &'a AppState,
+    /// The endpoint's transport.
+    transport: TransportKind,
     peer: SocketAddr,
     topic: String,
     head: RequestHead,
@@ -343,7 +345,14 @@ impl Call<'_> {
     /// Answers with `error`; what comes next.
     async fn refuse(self, io: &mut Io, error: &Error) -> Next {
         let stall = self.app.config.stall_timeout;
-        finish(io, response::error(error, &self.meta), self.close, stall).await
+        let answer = response::error(error, &self.meta);
+        self.heads(answer.len());
+        finish(io, answer, self.close, stall).await
+    }
+
+    /// Counts `bytes` of heads (or of a whole error answer) for this endpoint's transport.
+    fn heads(&self, bytes: usize) {
+        self.app.hub.record_heads(self.transport, bytes);
     }
 }
 
@@ -360,15 +369,19 @@ async fn dispatch(
     let app = &shared.app;
     let meta = Meta::of(&head, &app.origins);
     let close = head.wants_close();
+    app.hub.record_heads(endpoint, head.len());
     let access = match Access::for_request(&app.auth, &head, head.query()) {
         Ok(access) => access,
         Err(error) => {
             let stall = app.config.stall_timeout;
-            return finish(io, response::error(&error, &meta), close, stall).await;
+            let answer = response::error(&error, &meta);
+            app.hub.record_heads(endpoint, answer.len());
+            return finish(io, answer, close, stall).await;
         }
     };
     let call = Call {
         app,
+        transport: endpoint,
         peer,
         topic: topic.unwrap_or_default(),
         head,
@@ -387,7 +400,9 @@ async fn dispatch(
 
 async fn poll_call(call: Call<'_>, io: &mut Io) -> Next {
     let answer = poll::answer(call.app, &call.access, &call.topic, &call.params()).await;
+    let body = answer.as_ref().map_or(0, Vec::len);
     let response = answered(answer, &call.meta);
+    call.heads(response.len() - body);
     let stall = call.app.config.stall_timeout;
     keep_alive(
         finish(io, response, call.close, stall).await,
@@ -482,6 +497,8 @@ async fn write_park_answer(
     match answer {
         Ok(longpoll::Answer::Body(body)) => {
             let response = response::full(StatusCode::OK, &poll::HEADERS, &meta, &body);
+            app.hub
+                .record_heads(TransportKind::Longpoll, response.len() - body.len());
             keep_alive(finish(io, response, close, stall).await, rest)
         }
         Ok(longpoll::Answer::Answered) => {
@@ -498,15 +515,18 @@ async fn write_park_answer(
                 Next::KeepAlive(rest)
             }
         }
-        Err(error) => keep_alive(
-            finish(io, response::error(&error, &meta), close, stall).await,
-            rest,
-        ),
+        Err(error) => {
+            let answer = response::error(&error, &meta);
+            app.hub.record_heads(TransportKind::Longpoll, answer.len());
+            keep_alive(finish(io, answer, close, stall).await, rest)
+        }
     }
 }
 
 async fn sse_call(call: Call<'_>, io: &mut Io) -> Next {
     let framing = &sse::FRAMING;
+    let head = body_head(framing, &call.meta);
+    let head_len = head.len();
     let opened = sse::open(
         call.app,
         &call.access,
@@ -515,15 +535,16 @@ async fn sse_call(call: Call<'_>, io: &mut Io) -> Next {
         &call.head,
         io.shared_socket(),
         framing.raw,
-        Some(body_head(framing, &call.meta)),
+        Some(head),
     )
     .await;
-    body_opened(call, io, framing, opened).await
+    body_opened(call, io, framing, head_len, opened).await
 }
 
 async fn stream_call(call: Call<'_>, io: &mut Io) -> Next {
     let framing = &ndjson::FRAMING;
     let head = body_head(framing, &call.meta);
+    let head_len = head.len();
     let params = call.params();
     let opened = ndjson::open(
         call.app,
@@ -534,7 +555,7 @@ async fn stream_call(call: Call<'_>, io: &mut Io) -> Next {
         Some(head),
     )
     .await;
-    body_opened(call, io, framing, opened).await
+    body_opened(call, io, framing, head_len, opened).await
 }
 
 /// The response head of a body stream on the raw socket: chunked, or (no chunk framing)
@@ -553,15 +574,19 @@ async fn body_opened(
     call: Call<'_>,
     io: &mut Io,
     framing: &'static body::Framing,
+    head_len: usize,
     opened: Result<body::Opened, Error>,
 ) -> Next {
     match opened {
-        Ok(opened) => Next::Stream(Box::new(Stream::Body {
-            opened,
-            framing,
-            close: call.close,
-            input: call.head.into_rest(),
-        })),
+        Ok(opened) => {
+            call.heads(head_len);
+            Next::Stream(Box::new(Stream::Body {
+                opened,
+                framing,
+                close: call.close,
+                input: call.head.into_rest(),
+            }))
+        }
         Err(error) => {
             let retry = call.app.transports.stream.sse_retry;
             match body::unavailable(framing, framing.raw, &error, retry) {
@@ -569,6 +594,7 @@ async fn body_opened(
                     error.report(None);
                     let mut answer = body_head(framing, &call.meta);
                     answer.extend_from_slice(&body);
+                    call.heads(answer.len());
                     let stall = call.app.config.stall_timeout;
                     finish(io, answer, true, stall).await
                 }
@@ -596,12 +622,16 @@ async fn ws_call(call: Call<'_>, io: &mut Io) -> Next {
     let socket = io.shared_socket();
     let peer = Some(call.peer.ip());
     let access = call.access.clone();
+    let switching_len = switching.len();
     let opened = ws::open(call.app, access, home, peer, socket, Bytes::from(switching)).await;
     match opened {
-        Ok(opened) => Next::Stream(Box::new(Stream::Ws {
-            opened,
-            input: call.head.into_rest(),
-        })),
+        Ok(opened) => {
+            call.heads(switching_len);
+            Next::Stream(Box::new(Stream::Ws {
+                opened,
+                input: call.head.into_rest(),
+            }))
+        }
         // The store cannot serve the subscribe yet (Redis is down): complete the handshake
         // and close with 1013 (try again later), which a client can act on; a refused
         // handshake is only a failure to a browser.
@@ -614,12 +644,15 @@ async fn ws_call(call: Call<'_>, io: &mut Io) -> Next {
                 Length::None,
             );
             answer.extend_from_slice(&ws::frame::close_for(&error));
+            call.heads(answer.len());
             let stall = call.app.config.stall_timeout;
             finish(io, answer, true, stall).await
         }
         Err(error) => {
             let stall = call.app.config.stall_timeout;
-            finish(io, response::error(&error, &call.meta), true, stall).await
+            let answer = response::error(&error, &call.meta);
+            call.heads(answer.len());
+            finish(io, answer, true, stall).await
         }
     }
 }

@@ -507,6 +507,11 @@ impl Hub {
         self.counters.delivered(transport, messages, bytes);
     }
 
+    /// Counts `bytes` of HTTP heads (a request's, an answer's) of `transport`.
+    pub fn record_heads(&self, transport: TransportKind, bytes: usize) {
+        self.counters.heads(transport, bytes as u64);
+    }
+
     /// Messages delivered over `transport` so far (cheaper than [`Hub::stats`]).
     pub fn deliveries(&self, transport: TransportKind) -> u64 {
         self.counters.deliveries(transport)

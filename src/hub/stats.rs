@@ -56,6 +56,7 @@ pub(crate) struct Counters {
     pub(crate) publishes: AtomicU64,
     deliveries: Striped,
     bytes: Striped,
+    heads: Striped,
     requests: Striped,
 }
 
@@ -65,6 +66,10 @@ impl Counters {
             self.deliveries.add(transport, messages);
         }
         self.bytes.add(transport, bytes);
+    }
+
+    pub(crate) fn heads(&self, transport: TransportKind, bytes: u64) {
+        self.heads.add(transport, bytes);
     }
 
     pub(crate) fn request(&self, transport: TransportKind) {
@@ -89,6 +94,11 @@ pub struct HubStats {
     pub deliveries: TransportCounts,
     /// Body bytes sent since start (messages, signals, heartbeats, poll envelopes).
     pub bytes: TransportCounts,
+    /// HTTP head bytes since start, both ways: request heads read and response heads written
+    /// (and whole error answers) on the HTTP/1.1 path the five transports' requests take.
+    /// With `bytes`, what the wire carried for each transport, but for TCP/TLS framing and
+    /// what clients send on an open stream (WebSocket pongs).
+    pub head_bytes: TransportCounts,
     /// Requests (polls) or connections (streams) accepted since start.
     pub requests: TransportCounts,
 }
@@ -101,6 +111,7 @@ impl Counters {
             subscribers,
             deliveries: self.deliveries.snapshot(),
             bytes: self.bytes.snapshot(),
+            head_bytes: self.heads.snapshot(),
             requests: self.requests.snapshot(),
         }
     }

@@ -295,6 +295,9 @@ impl Respond for DirectAnswer {
         let body_len = tail.len() - tail.iter().position(|&b| b == b'{').unwrap_or(0);
         count_answer(&self.app, TransportKind::Longpoll, messages, body_len);
         let total = self.head.len() + tail.len();
+        self.app
+            .hub
+            .record_heads(TransportKind::Longpoll, total - body_len);
         if written == total {
             // Answered: its place goes back now, not when its task next runs.
             self.release_place();

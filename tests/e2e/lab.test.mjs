@@ -137,6 +137,16 @@ test("five lanes receive every message exactly once, across switches, toggles an
     await page.waitForTimeout(1100);
     const delivered = await page.$$eval('#server tr[data-row="deliveries"] td', (tds) => tds.map((td) => Number(td.textContent)));
     assert.ok(delivered.every((n) => n > 0), `server deliveries per transport: ${delivered}`);
+    // Wire bytes as the server counts them, beside what the page sees: a long poll pays HTTP
+    // heads on every answer, which the page cannot see; a WebSocket frame is what the page
+    // sees, plus a few bytes.
+    const perMessage = await page.evaluate(() => [...document.querySelectorAll(".lane")].map((el) => ({
+      page: parseFloat(el.querySelector('[data-field="bytes-per-message"]').textContent),
+      server: parseFloat(el.querySelector('[data-field="server-bytes-per-message"]').textContent),
+    })));
+    assert.ok(perMessage[1].server > perMessage[1].page + 50, `long poll: ${JSON.stringify(perMessage[1])}`);
+    assert.ok(Math.abs(perMessage[0].server - perMessage[0].page) < 0.3 * perMessage[0].page,
+      `WebSocket: ${JSON.stringify(perMessage[0])}`);
     assert.deepEqual(errors, [], "console errors before the restart");
 
     mkdirSync(path.join(root, "docs/img"), { recursive: true });
