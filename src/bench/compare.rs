@@ -134,19 +134,19 @@ The subscribers sit behind the link (a proxy in the bench's process: delay ± ji
 bandwidth cap, cuts, middleboxes); the publisher posts straight to the server. Latency is publish \
 to receipt, so it carries the link. \"wire B/deliv\" is every byte that crossed the link both ways \
 (request and response heads, framing, bodies, heartbeats) over the publish and drain window, per \
-delivery. \"recovery\" is the time from a subscriber noticing a lost connection to being served \
+delivery. \"wire B/deliv (server)\" is what the server counted for the transport (`GET /stats`: body bytes and HTTP heads both ways) over the same window: it misses what clients send on an open connection (WebSocket pongs) and the few bytes a stream opens with (`retry:`, its first `id:`). \"recovery\" is the time from a subscriber noticing a lost connection to being served \
 again (subscribers resume from the last id they saw, as pushhub.js does).\n",
         args.subscribers,
         args.rate,
         args.duration.as_secs_f64(),
         args.payload_bytes,
     );
-    out.push_str("| link | transport | verdict | p50 ms | p99 ms | lost | dup | cuts | reconnects | recovery p50 ms | req/deliv | wire B/deliv | server CPU µs/deliv | why |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    out.push_str("| link | transport | verdict | p50 ms | p99 ms | lost | dup | cuts | reconnects | recovery p50 ms | req/deliv | wire B/deliv (link) | wire B/deliv (server) | server CPU µs/deliv | why |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in results {
         let v = verdict(r, args);
         let _ = writeln!(
             out,
-            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             link_of(r),
             r.transport,
             v.word(),
@@ -160,6 +160,9 @@ again (subscribers resume from the last id they saw, as pushhub.js does).\n",
                 .map_or("n/a".into(), |p| format!("{:.0}", p.p50)),
             figure(r, r.requests_per_delivery, 3),
             r.wire_bytes_per_delivery
+                .filter(|_| r.deliveries > 0)
+                .map_or("n/a".into(), |b| format!("{b:.0}")),
+            r.server_wire_bytes_per_delivery
                 .filter(|_| r.deliveries > 0)
                 .map_or("n/a".into(), |b| format!("{b:.0}")),
             r.server

@@ -68,7 +68,7 @@ pub(super) async fn run_phase(
         .map(|(end, start)| end.saturating_sub(start) as f64 / 1000.0 / args.subscribers as f64);
 
     let watchers = Watchers::start(server, &phase, &progress, rss_connected);
-    let requests_start = server_requests(http, &server.bases(), transport).await;
+    let counted_start = server_counts(http, &server.bases(), transport).await;
     let wire_start = route.wire();
     let cpu_start = server.cpu_times();
     progress.set_message(match args.scenario {
@@ -85,7 +85,7 @@ pub(super) async fn run_phase(
     let window = Window {
         cpu: cpu_start.zip(server.cpu_times()),
         rss: (rss_before, rss_connected, server.rss_kib()),
-        requests: requests_start.zip(server_requests(http, &server.bases(), transport).await),
+        counted: counted_start.zip(server_counts(http, &server.bases(), transport).await),
         connect_cpu,
     };
     let wire = route
@@ -130,6 +130,9 @@ pub(super) async fn run_phase(
         floor_ratio: None,
         link: route.link.as_ref().map(ToString::to_string),
         wire_bytes_per_delivery: wire.map(|w| per_delivery(w.bytes)),
+        server_wire_bytes_per_delivery: window
+            .counted
+            .map(|(start, end)| per_delivery(end.wire_bytes.saturating_sub(start.wire_bytes))),
         link_cuts: wire.map(|w| w.cuts),
         reconnects: seen.total.reconnects,
         recovery_ms: (seen.total.reconnects > 0).then(|| Percentiles::of(&seen.total.recovery)),
@@ -275,8 +278,8 @@ struct Window {
     cpu: Option<(CpuTimes, CpuTimes)>,
     /// RSS before connecting, once connected, at the end, KiB.
     rss: (Option<u64>, Option<u64>, Option<u64>),
-    /// The server's request counts at its start and end.
-    requests: Option<(u64, u64)>,
+    /// The server's counts at its start and end.
+    counted: Option<(Counted, Counted)>,
     /// Server CPU per connect, µs.
     connect_cpu: Option<f64>,
 }
@@ -289,7 +292,9 @@ impl Window {
         };
         let used = end.since(start);
         let cpu = used.total().as_secs_f64();
-        let requests = self.requests.map(|(start, end)| end.saturating_sub(start));
+        let requests = self
+            .counted
+            .map(|(start, end)| end.requests.saturating_sub(start.requests));
         Some(ServerUsage {
             cpu_seconds: cpu,
             cpu_system_share: if cpu > 0.0 {
@@ -342,13 +347,24 @@ async fn collect(
     Ok(seen)
 }
 
-/// The requests the nodes have counted for `transport` since they started (`GET /stats`).
-async fn server_requests(
+/// What the nodes have counted for one transport since they started (`GET /stats`).
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    requests: u64,
+    /// Body bytes and HTTP head bytes, both ways: what the server put on the wire.
+    wire_bytes: u64,
+}
+
+/// The nodes' counts for `transport`, summed.
+async fn server_counts(
     http: &reqwest::Client,
     bases: &[String],
     transport: TransportKind,
-) -> Option<u64> {
-    let mut total = 0;
+) -> Option<Counted> {
+    let mut total = Counted {
+        requests: 0,
+        wire_bytes: 0,
+    };
     for base in bases {
         let stats: serde_json::Value = http
             .get(format!("{base}/stats"))
@@ -358,7 +374,10 @@ async fn server_requests(
             .json()
             .await
             .ok()?;
-        total += stats["requests"][transport.name()].as_u64()?;
+        let name = transport.name();
+        total.requests += stats["requests"][name].as_u64()?;
+        total.wire_bytes +=
+            stats["bytes"][name].as_u64()? + stats["head_bytes"][name].as_u64().unwrap_or(0);
     }
     Some(total)
 }

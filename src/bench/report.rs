@@ -359,6 +359,7 @@ mod tests {
             floor_ratio: Some(cpu / 2.0),
             link: None,
             wire_bytes_per_delivery: None,
+            server_wire_bytes_per_delivery: None,
             link_cuts: None,
             reconnects: 0,
             recovery_ms: None,

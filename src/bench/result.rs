@@ -98,6 +98,9 @@ pub struct PhaseResult {
     /// drain window: request and response heads, framing, bodies, heartbeats; what the
     /// network carries, counted by the proxy in front of the server.
     pub wire_bytes_per_delivery: Option<f64>,
+    /// The same as the server counts it (`GET /stats`: body bytes plus HTTP heads both ways)
+    /// per delivery, over the same window; with or without a link.
+    pub server_wire_bytes_per_delivery: Option<f64>,
     /// Connections the link cut (or an idle cutter closed) in that window.
     pub link_cuts: Option<u64>,
     /// Times subscribers lost their connection and were served again.
@@ -139,6 +142,7 @@ impl PhaseResult {
             floor_ratio: None,
             link,
             wire_bytes_per_delivery: None,
+            server_wire_bytes_per_delivery: None,
             link_cuts: None,
             reconnects: 0,
             recovery_ms: None,
