@@ -271,6 +271,8 @@ async function generate(rate, seconds) {
     last = now;
     const due = Math.min(total, Math.floor(((now - started) * rate) / 1000) + 1);
     if (link.socket.readyState !== WebSocket.OPEN) {
+      // Time spent reconnecting is not the page being slow.
+      last = Infinity;
       // Not connected (yet, or the server went away): what falls due meanwhile fails, as a
       // refused publish would; reconnect and go on.
       try {
@@ -295,11 +297,12 @@ async function generate(rate, seconds) {
     if (sent < due && pending.size >= WINDOW) limits.window++;
     await new Promise((r) => setTimeout(r, 4));
   }
+  // The rate the sending kept, before waiting for the last acknowledgements.
+  const achieved = sent / ((performance.now() - started) / 1000);
   const deadline = performance.now() + 5000;
   while ((publisher?.pending.size ?? 0) > 0 && performance.now() < deadline) {
     await new Promise((r) => setTimeout(r, 10));
   }
-  const achieved = sent / ((performance.now() - started) / 1000);
   if (achieved < 0.9 * rate) {
     $("generator-limit").textContent = limits.window >= limits.page
       ? `${Math.round(achieved)} of ${rate} msg/s: held back by acknowledgements (${WINDOW} in flight): the server or its socket is the limit`
@@ -456,11 +459,13 @@ try {
   linkInfo = { enabled: false, profiles: [], middleboxes: [] };
 }
 const loopback = /^(127\.|localhost$|\[::1\]$)/.test(location.hostname) || location.hostname === "::1";
-if (!linkInfo.enabled || !loopback) {
+// Link hosts are served on plain HTTP only (a TLS connection is not put on a link).
+const plain = location.protocol === "http:";
+if (!linkInfo.enabled || !loopback || !plain) {
   linkInfo.enabled = false;
   $("links-hint").hidden = false;
-  $("links-hint").textContent = !loopback
-    ? "Emulated links need the lab opened on this machine (http://127.0.0.1 or http://localhost): they use *.localhost host names."
+  $("links-hint").textContent = !loopback || !plain
+    ? "Emulated links need the lab opened on this machine over plain HTTP (http://127.0.0.1 or http://localhost): they use *.localhost host names."
     : "Emulated links are off on this server (--link-hosts off).";
 }
 for (const lane of lanes) lane.offerLinks(linkInfo);

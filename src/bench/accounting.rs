@@ -20,8 +20,12 @@ pub struct Tracker {
     pub received: u64,
     /// Messages received again (id not above the last one).
     pub duplicates: u64,
-    /// Ids skipped between two deliveries.
+    /// Ids skipped between two deliveries, and (after [`Tracker::finish`]) those never
+    /// received at all.
     pub missing: u64,
+    /// Of `missing`, the tail never received by the end: held somewhere (a buffering proxy)
+    /// or not caught up by the drain timeout, rather than skipped.
+    pub undelivered: u64,
     /// Highest id received.
     pub last_id: u64,
     /// HTTP requests (polls) or connections (streams) made.
@@ -43,6 +47,7 @@ impl Default for Tracker {
             received: 0,
             duplicates: 0,
             missing: 0,
+            undelivered: 0,
             last_id: 0,
             requests: 0,
             bytes: 0,
@@ -93,6 +98,7 @@ impl Tracker {
         self.received += other.received;
         self.duplicates += other.duplicates;
         self.missing += other.missing;
+        self.undelivered += other.undelivered;
         self.requests += other.requests;
         self.bytes += other.bytes;
         self.reconnects += other.reconnects;
@@ -102,6 +108,7 @@ impl Tracker {
     pub fn finish(&mut self, last_published: u64) {
         if last_published > self.last_id {
             self.missing += last_published - self.last_id;
+            self.undelivered += last_published - self.last_id;
             self.last_id = last_published;
         }
     }
@@ -157,7 +164,7 @@ mod tests {
             (4, 2, 2, 6)
         );
         t.finish(10);
-        assert_eq!((t.missing, t.last_id), (6, 10));
+        assert_eq!((t.missing, t.last_id, t.undelivered), (6, 10, 4));
         t.finish(3);
         assert_eq!(t.missing, 6, "finishing below what was seen adds nothing");
     }

@@ -73,13 +73,19 @@ pub fn verdict(result: &PhaseResult, args: &BenchArgs) -> Verdict {
         ));
     }
     let mut reasons = Vec::new();
-    if result.lost > 0 {
-        reasons.push(format!("{} lost", result.lost));
+    let skipped = result.lost.saturating_sub(result.undelivered);
+    if skipped > 0 {
+        reasons.push(format!("{skipped} lost"));
     }
     if result.duplicates > 0 {
         reasons.push(format!("{} duplicated", result.duplicates));
     }
-    if !result.drained && result.lost == 0 {
+    if result.undelivered > 0 {
+        reasons.push(format!(
+            "{} not delivered by the drain timeout (held on the way, or behind)",
+            result.undelivered
+        ));
+    } else if !result.drained {
         reasons.push("subscribers had not caught up at the drain timeout".into());
     }
     let expected = expected_latency_ms(result, args);
@@ -433,6 +439,7 @@ mod tests {
         r.deliveries = 1000 - lost;
         r.lost = lost;
         r.drained = lost == 0;
+        r.undelivered = 0;
         r.latency_ms = Percentiles {
             p50,
             p99: p50 * 2.0,

@@ -198,6 +198,7 @@ async fn warm_up(
         poll_interval: args.poll_interval.min(Duration::from_millis(100)),
         resume: false,
         progress: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
+        served: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
     let mut subscribers = JoinSet::new();
@@ -209,7 +210,7 @@ async fn warm_up(
     wait_subscribed(
         http,
         &server.bases(),
-        &topics,
+        &phase,
         transport,
         SUBSCRIBERS,
         &mut subscribers,

@@ -46,6 +46,7 @@ pub(super) async fn run_phase(
         poll_interval: args.poll_interval,
         resume: route.link.is_some(),
         progress: (0..args.subscribers).map(|_| Default::default()).collect(),
+        served: (0..args.subscribers).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
     let rss_before = server.rss_kib();
@@ -55,7 +56,7 @@ pub(super) async fn run_phase(
     wait_subscribed(
         http,
         &server.bases(),
-        &phase.topics,
+        &phase,
         transport,
         args.subscribers,
         &mut subscribers,
@@ -117,6 +118,7 @@ pub(super) async fn run_phase(
             .map(|i| load.last_ids[i % load.last_ids.len()])
             .sum(),
         lost: seen.total.missing,
+        undelivered: seen.total.undelivered,
         duplicates: seen.total.duplicates,
         publish_errors: load.errors,
         latency_ms: Percentiles::of(&seen.total.latency),
@@ -382,15 +384,18 @@ async fn server_counts(
     Some(total)
 }
 
-/// Waits until the server counts every subscriber of the phase.
+/// Waits until the server counts every subscriber of the phase, or (behind a link that cuts,
+/// where all of them may never be connected at the same moment) until each has been served
+/// at least once.
 pub(super) async fn wait_subscribed(
     http: &reqwest::Client,
     bases: &[String],
-    topics: &[String],
+    phase: &Phase,
     transport: TransportKind,
     expected: usize,
     subscribers: &mut JoinSet<Result<(usize, Tracker), BenchError>>,
 ) -> Result<(), BenchError> {
+    let topics = &phase.topics;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         // A subscriber that ended already could not connect.
@@ -419,7 +424,8 @@ pub(super) async fn wait_subscribed(
                 .map_err(|e| BenchError::Server(e.to_string()))?;
             counted += info["subscribers"][transport.name()].as_u64().unwrap_or(0) as usize;
         }
-        if counted >= expected {
+        let all_served = phase.resume && phase.served.iter().all(|s| s.load(Ordering::Relaxed));
+        if counted >= expected || all_served {
             return Ok(());
         }
         if Instant::now() > deadline {

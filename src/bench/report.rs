@@ -329,6 +329,7 @@ mod tests {
             deliveries: 1000 - lost,
             expected_deliveries: 1000,
             lost,
+            undelivered: 0,
             duplicates: 0,
             publish_errors: 0,
             latency_ms: Percentiles {

@@ -68,6 +68,9 @@ pub struct PhaseResult {
     pub expected_deliveries: u64,
     /// Messages never received, all subscribers together.
     pub lost: u64,
+    /// Of `lost`, the tail not received by the end of the drain (held on the way, or not
+    /// caught up), as opposed to ids skipped.
+    pub undelivered: u64,
     /// Messages received more than once.
     pub duplicates: u64,
     /// Publishes the server refused or failed.
@@ -129,6 +132,7 @@ impl PhaseResult {
             deliveries: 0,
             expected_deliveries: 0,
             lost: 0,
+            undelivered: 0,
             duplicates: 0,
             publish_errors: 0,
             latency_ms: Percentiles::default(),

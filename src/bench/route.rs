@@ -97,9 +97,17 @@ async fn resolve(base: &str) -> Result<SocketAddr, BenchError> {
         .split_once("://")
         .map_or(base, |(_, rest)| rest)
         .trim_end_matches('/');
-    tokio::net::lookup_host(host)
+    // `localhost` may resolve to ::1 first while the server listens on 127.0.0.1: the first
+    // address that takes a connection is the server's.
+    let addrs = tokio::net::lookup_host(host)
         .await
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| BenchError::Setup(format!("cannot resolve {base} for the link proxy")))
+        .map_err(|e| BenchError::Setup(format!("cannot resolve {base}: {e}")))?;
+    for addr in addrs {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(addr);
+        }
+    }
+    Err(BenchError::Setup(format!(
+        "no address of {base} takes a connection for the link proxy"
+    )))
 }

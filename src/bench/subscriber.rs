@@ -32,6 +32,9 @@ pub(crate) struct Phase {
     pub(crate) resume: bool,
     /// Highest id each subscriber has received, for the drain wait.
     pub(crate) progress: Vec<AtomicU64>,
+    /// Subscribers served at least once (a stream opened, a poll answered): behind a link
+    /// that cuts, "all connected at once" may never be seen, so the phase waits for this.
+    pub(crate) served: Vec<std::sync::atomic::AtomicBool>,
     pub(crate) stop: CancellationToken,
 }
 
@@ -102,7 +105,7 @@ pub(crate) async fn run(
     let mut tracker = Tracker::default();
     let mut retry = RETRY_FIRST;
     loop {
-        let served_before = tracker.requests;
+        let received_before = tracker.received;
         let ended = match transport {
             TransportKind::Ws => websocket(&phase, index, &mut tracker).await?,
             TransportKind::Sse => sse(&phase, index, &mut tracker).await?,
@@ -111,6 +114,9 @@ pub(crate) async fn run(
                 polling(transport, &phase, index, &mut tracker).await?
             }
         };
+        if tracker.requests > 0 {
+            phase.served[index].store(true, Ordering::Relaxed);
+        }
         match ended {
             Ended::Stopped => break,
             Ended::Closed if !phase.resume => break,
@@ -120,8 +126,13 @@ pub(crate) async fn run(
         if phase.stop.is_cancelled() {
             break;
         }
-        tracker.lost(now_micros());
-        if tracker.requests > served_before {
+        // A loss is one only after the subscriber was served once (a first connection that
+        // fails is not a reconnect); the backoff starts over only after a connection that
+        // delivered something (one answered and closed at once is no recovery).
+        if tracker.requests > 0 {
+            tracker.lost(now_micros());
+        }
+        if tracker.received > received_before {
             retry = RETRY_FIRST;
         }
         tokio::select! {

@@ -72,8 +72,12 @@ impl ResponseHold {
                 release = self.parsed;
             }
         }
-        if self.state == Response::Tunnel || self.held.len() >= self.limit {
+        if self.state == Response::Tunnel {
             release = self.held.len();
+        } else if self.held.len() >= self.limit {
+            // A full buffer goes, but only as far as the framing was read: a partial
+            // chunk-size line or head stays, so the next bytes are read from where it ends.
+            release = release.max(self.parsed);
         }
         self.parsed = self.parsed.saturating_sub(release);
         self.held.drain(..release).collect()
@@ -340,6 +344,35 @@ mod tests {
         assert!(sent >= 8192, "{sent}");
         assert_eq!(fed, (8192 - 51) / event.len() + 1);
         assert_eq!(hold.finish(), b"");
+    }
+
+    #[test]
+    fn a_full_buffer_goes_without_losing_its_place_in_the_chunk_framing() {
+        // A chunked stream whose 8 KiB mark falls inside a chunk-size line: the held bytes go
+        // up to that line, the framing goes on from it, and the stream stays held (not a
+        // tunnel) afterwards.
+        let mut hold = ResponseHold::new(64);
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let chunk = |n: usize| {
+            let mut c = format!("{n:x}\r\n").into_bytes();
+            c.extend(std::iter::repeat_n(b'x', n));
+            c.extend_from_slice(b"\r\n");
+            c
+        };
+        let mut input = head.to_vec();
+        input.extend(chunk(31));
+        input.extend(chunk(31));
+        // Cut inside the next size line ("1f"): the "1" arrives now, the "f" later.
+        input.extend_from_slice(b"1");
+        let out = hold.feed(&input);
+        assert_eq!(out, &input[..input.len() - 1]);
+        let mut rest = b"f\r\n".to_vec();
+        rest.extend(std::iter::repeat_n(b'x', 31));
+        rest.extend_from_slice(b"\r\n");
+        // Not yet 64 bytes held: held, not tunnelled.
+        assert!(hold.feed(&rest).is_empty());
+        assert_eq!(hold.state, Response::Chunked(Chunk::Size));
+        assert_eq!(hold.feed(b"0\r\n\r\n").len(), 1 + rest.len() + 5);
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl Lanes {
             reset(&client);
             return;
         };
-        if in_blackout(&link, self.started.elapsed()) {
+        if link.profile.cuts.is_some() && in_blackout(&link, self.started.elapsed()) {
             self.counters
                 .refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

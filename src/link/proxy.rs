@@ -125,7 +125,7 @@ async fn accept_loop(
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) {
-    let started = Instant::now();
+    let started = blackout_clock(&link);
     let mut seed = fastrand::u64(..);
     loop {
         let accepted = tokio::select! {
@@ -156,7 +156,20 @@ async fn accept_loop(
     }
 }
 
-/// Whether a flaky link is in one of its blackouts `elapsed` after it started: the last
+/// The start of a link's blackout cycle: a random point of its period before now, so that a
+/// run shorter than the period (a bench cell) meets a blackout as often as real time spent on
+/// the link would (a tenth of it for `flaky`), not never.
+pub(super) fn blackout_clock(link: &Link) -> Instant {
+    let now = Instant::now();
+    match &link.profile.cuts {
+        Some(cuts) => now
+            .checked_sub(cuts.blackout_every.mul_f64(fastrand::f64()))
+            .unwrap_or(now),
+        None => now,
+    }
+}
+
+/// Whether a flaky link is in one of its blackouts `elapsed` after its cycle started: the last
 /// `blackout_for` of every `blackout_every`.
 pub(super) fn in_blackout(link: &Link, elapsed: Duration) -> bool {
     let Some(cuts) = &link.profile.cuts else {
@@ -286,15 +299,17 @@ impl Connection {
             Ending::Cut { reset: false } => Counters::add(&self.counters.cuts, 1),
             Ending::Idle => Counters::add(&self.counters.idle_cuts, 1),
         }
-        // Dropped without a shutdown: a FIN, or with the linger set above, a reset.
-        drop(client);
-        drop(server);
+        // Forgotten before the socket closes: once it has, another connection may get its
+        // address.
         if let Some((registry, local)) = registered {
             registry
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&local);
         }
+        // Dropped without a shutdown: a FIN, or with the linger set above, a reset.
+        drop(client);
+        drop(server);
     }
 
     /// Client to server: requests (each head checked by a `no-websocket` proxy), WebSocket
