@@ -8,6 +8,7 @@
 //! ([`io::Io`]); and the loop every streaming connection runs ([`stream`]).
 
 pub mod body;
+pub mod durable;
 pub mod io;
 pub mod longpoll;
 pub mod ndjson;

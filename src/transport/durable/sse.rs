@@ -1,0 +1,158 @@
+//! The SSE framing Durable Streams specifies, written by hand because the suite reads it
+//! byte for byte: `event: data` then one `data:` line (no space after the colon) per line of
+//! the payload, split on every kind of line break so that a payload cannot end its event or
+//! forge one; `event: control` with a flat one-line JSON object; binary payloads in standard
+//! padded base64.
+
+use super::offset::Offset;
+
+/// Appends a `data` event carrying `payload`.
+pub fn data_event(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(b"event: data\n");
+    let mut rest = payload;
+    loop {
+        let end = rest.iter().position(|&b| b == b'\n' || b == b'\r');
+        let line = &rest[..end.unwrap_or(rest.len())];
+        out.extend_from_slice(b"data:");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        let Some(end) = end else { break };
+        // `\r\n` is one break.
+        let skip = if rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n') {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + skip..];
+    }
+    out.push(b'\n');
+}
+
+/// Where a reader stands, for a `control` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control<'a> {
+    /// The stream is open: the next offset, the cursor, and whether the reader is at the
+    /// tail.
+    Open {
+        /// Where the next read starts.
+        next: Offset,
+        /// The `Stream-Cursor` value (decimal) that keeps caches apart.
+        cursor: &'a str,
+        /// The reader has everything up to the tail.
+        up_to_date: bool,
+    },
+    /// The stream is closed and the reader has everything: the last event of the response.
+    Closed {
+        /// The stream's final offset.
+        next: Offset,
+    },
+}
+
+/// Appends a `control` event.
+pub fn control_event(out: &mut Vec<u8>, control: &Control<'_>) {
+    out.extend_from_slice(b"event: control\ndata:");
+    let text = match control {
+        Control::Open {
+            next,
+            cursor,
+            up_to_date,
+        } => {
+            let mut text = format!(r#"{{"streamNextOffset":"{next}","streamCursor":"{cursor}""#);
+            if *up_to_date {
+                text.push_str(r#","upToDate":true"#);
+            }
+            text.push('}');
+            text
+        }
+        Control::Closed { next } => {
+            format!(r#"{{"streamNextOffset":"{next}","streamClosed":true}}"#)
+        }
+    };
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\n\n");
+}
+
+/// Standard base64 with padding, as a binary stream's SSE data is sent.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> shift) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(f: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut out = Vec::new();
+        f(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn data_lines_split_on_every_line_break_and_cannot_forge_an_event() {
+        assert_eq!(
+            text(|o| data_event(o, b"line1\nline2")),
+            "event: data\ndata:line1\ndata:line2\n\n"
+        );
+        assert_eq!(
+            text(|o| data_event(o, b"a\r\nb\rc\n")),
+            "event: data\ndata:a\ndata:b\ndata:c\ndata:\n\n"
+        );
+        let forged = text(|o| data_event(o, b"x\n\nevent: control\ndata: {}"));
+        assert_eq!(
+            forged,
+            "event: data\ndata:x\ndata:\ndata:event: control\ndata:data: {}\n\n"
+        );
+        // No line of the event starts a new field: every line is a `data:` line.
+        assert!(
+            forged
+                .lines()
+                .skip(1)
+                .filter(|l| !l.is_empty())
+                .all(|l| l.starts_with("data:"))
+        );
+    }
+
+    #[test]
+    fn control_events_are_flat_one_line_objects() {
+        let next = Offset(12);
+        assert_eq!(
+            text(|o| control_event(
+                o,
+                &Control::Open {
+                    next,
+                    cursor: "12345",
+                    up_to_date: true
+                }
+            )),
+            "event: control\ndata:{\"streamNextOffset\":\"0000000000000000_0000000000000012\",\"streamCursor\":\"12345\",\"upToDate\":true}\n\n"
+        );
+        assert_eq!(
+            text(|o| control_event(o, &Control::Closed { next })),
+            "event: control\ndata:{\"streamNextOffset\":\"0000000000000000_0000000000000012\",\"streamClosed\":true}\n\n"
+        );
+    }
+
+    #[test]
+    fn base64_is_standard_and_padded() {
+        assert_eq!(base64(b"Hello"), "SGVsbG8=");
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(&[0, 255, 254, 253]), "AP/+/Q==");
+    }
+}
