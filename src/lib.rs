@@ -40,6 +40,8 @@
 //! - [`config`]: every tunable, with flags, environment variables and defaults; it builds each
 //!   layer's settings. [`error`]: the HTTP answer of every layer's errors, in one place.
 //! - [`web`]: the embedded demo page. [`bench`]: `pushhub bench`, the load benchmark.
+//! - [`link`]: the link emulator (delay, bandwidth, cuts, middleboxes) the bench puts its
+//!   subscribers behind and the lab's lanes reach through `<link>.localhost`; a leaf.
 //!
 //! # Where history lives
 //!
