@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use axum::http::{HeaderValue, header};
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, Path, State},
@@ -13,6 +14,7 @@ use axum::{
 use tokio_util::sync::CancellationToken;
 use tower_http::{
     request_id::{PropagateRequestIdLayer, SetRequestIdLayer},
+    set_header::SetResponseHeaderLayer,
     trace::TraceLayer,
 };
 
@@ -68,6 +70,9 @@ pub struct App {
     pub parked_longpolls: Arc<tokio::sync::Semaphore>,
     /// The emulated links clients reach through `<link>.localhost` (`--link-hosts`).
     pub lanes: Option<Arc<crate::link::Lanes>>,
+    /// The Durable Streams this process has touched: their write locks, last accesses and
+    /// wake-ups.
+    pub streams: Arc<transport::durable::Streams>,
     /// Held (shared) by each publish while it appends; taken exclusively by a stream that is
     /// stopping, so that it drains only once every acknowledged publish is appended.
     publishing: Arc<tokio::sync::RwLock<()>>,
@@ -109,6 +114,7 @@ impl AppState {
             lanes: config
                 .serves_link_hosts()
                 .then(|| Arc::new(crate::link::Lanes::new())),
+            streams: Arc::default(),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             publishing: Arc::default(),
@@ -131,6 +137,21 @@ impl App {
             return Err(Error::ShuttingDown);
         }
         Ok(self.hub.publish(topic, event, payload).await?)
+    }
+
+    /// Applies a stream write (a Durable Streams append, create, close or delete) under the
+    /// same rule as a publish: refused once the server is stopping, and drained before the
+    /// streams are.
+    pub async fn write_stream(
+        &self,
+        topic: &message::TopicName,
+        write: store::StreamWrite,
+    ) -> Result<store::StreamWritten, Error> {
+        let _appending = self.publishing.read().await;
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(self.hub.write_stream(topic, write).await?)
     }
 
     /// Waits until every publish admitted before the stop has been appended.
@@ -169,11 +190,27 @@ pub fn router(state: AppState) -> Router {
                 .route("/ws", get(transport::ws::multiplexed_ws)),
         };
     }
-    router
+    let mut router = router
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(state.origins.cors_layer())
+        .layer(state.origins.cors_layer());
+    if let Some(path) = config.durable_path() {
+        // Its own CORS (the protocol's methods and headers) and the headers the protocol
+        // puts on every answer, errors included.
+        let streams = transport::durable::routes(path)
+            .layer(state.origins.durable_cors_layer())
+            .layer(SetResponseHeaderLayer::overriding(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(SetResponseHeaderLayer::if_not_present(
+                header::HeaderName::from_static("cross-origin-resource-policy"),
+                HeaderValue::from_static("cross-origin"),
+            ));
+        router = router.merge(streams);
+    }
+    router
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(gate::response::RequestIds))

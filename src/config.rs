@@ -11,7 +11,9 @@ use crate::{
     hub::{FanoutSettings, HubSettings, SlowConsumerPolicy},
     message::TransportKind,
     store::{FsyncPolicy, Retention},
-    transport::settings::{PollSettings, PublishSettings, StreamSettings, TransportSettings},
+    transport::settings::{
+        DurableSettings, PollSettings, PublishSettings, StreamSettings, TransportSettings,
+    },
 };
 
 /// Server configuration. `Config::default()` is what `pushhub serve` runs with when given no
@@ -233,6 +235,32 @@ pub struct Config {
     /// core the process may use.
     #[arg(long, env = "PUSHHUB_WORKERS", default_value_t = 0)]
     pub workers: usize,
+
+    /// Where the Durable Streams protocol is served (streams are `<path>/{name}`); `off` does
+    /// not serve it.
+    #[arg(long, env = "PUSHHUB_DS_PATH", default_value = "/v1/stream", value_parser = parse_ds_path)]
+    pub ds_path: String,
+
+    /// Largest Durable Streams append (`POST`/`PUT` body), in bytes.
+    #[arg(long, env = "PUSHHUB_DS_MAX_BODY", default_value_t = 16 * 1024 * 1024)]
+    pub ds_max_body: usize,
+
+    /// How long a Durable Streams long poll (`live=long-poll`) waits before `204`, and how
+    /// often an idle Durable Streams SSE read sends a keep-alive control event.
+    #[arg(long, env = "PUSHHUB_DS_LONG_POLL_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub ds_long_poll_timeout: Duration,
+}
+
+/// `--ds-path`: `off`, or an absolute path (its trailing slash dropped).
+fn parse_ds_path(value: &str) -> Result<String, String> {
+    if value == "off" {
+        return Ok(value.to_owned());
+    }
+    let path = value.trim_end_matches('/');
+    if !path.starts_with('/') || path.len() < 2 || path.contains(['?', '#', '{', '}', '*']) {
+        return Err("use `off` or an absolute path such as /v1/stream".into());
+    }
+    Ok(path.to_owned())
 }
 
 impl Default for Config {
@@ -281,6 +309,9 @@ impl Default for Config {
             fsync: FsyncPolicy::Batch,
             fsync_window: Duration::ZERO,
             redis: None,
+            ds_path: "/v1/stream".into(),
+            ds_max_body: 16 * 1024 * 1024,
+            ds_long_poll_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -352,8 +383,13 @@ impl Config {
         }
     }
 
+    /// Where the Durable Streams protocol is served, unless `--ds-path off`.
+    pub fn durable_path(&self) -> Option<&str> {
+        (self.ds_path != "off").then_some(self.ds_path.as_str())
+    }
+
     /// The transports' settings: poll limits and timeouts, stream and WebSocket limits, the
-    /// publish body limit.
+    /// publish body limit, the Durable Streams path, body limit and long-poll wait.
     pub fn transport_settings(&self) -> TransportSettings {
         TransportSettings {
             poll: PollSettings {
@@ -371,6 +407,11 @@ impl Config {
             },
             publish: PublishSettings {
                 max_body: self.max_body,
+            },
+            durable: DurableSettings {
+                path: self.durable_path().map(str::to_owned),
+                max_body: self.ds_max_body,
+                long_poll_timeout: self.ds_long_poll_timeout,
             },
         }
     }

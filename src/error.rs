@@ -10,7 +10,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::{hub::HubError, store::StoreError};
+use crate::{hub::HubError, store::StoreError, transport::durable::DurableError};
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,9 @@ pub enum Error {
     /// The message store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A Durable Streams request the protocol refuses.
+    #[error(transparent)]
+    Durable(#[from] DurableError),
 }
 
 #[derive(Serialize)]
@@ -151,6 +154,8 @@ impl Error {
             }
             Error::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(StoreError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Store(StoreError::Sealed) => StatusCode::CONFLICT,
+            Error::Durable(error) => error.status(),
         }
     }
 
@@ -180,6 +185,8 @@ impl Error {
             Error::TooManySubscriptions { .. } => "too_many_subscriptions",
             Error::Store(StoreError::Unavailable(_)) => "store_unavailable",
             Error::Store(StoreError::Internal(_)) => "store_error",
+            Error::Store(StoreError::Sealed) => "stream_closed",
+            Error::Durable(error) => error.code(),
         }
     }
 
@@ -251,6 +258,9 @@ impl Error {
     /// temporary refusals, `WWW-Authenticate` on 401.
     pub fn headers(&self) -> smallvec::SmallVec<[(&'static str, String); 2]> {
         let mut headers = smallvec::SmallVec::new();
+        if let Error::Durable(error) = self {
+            headers.extend(error.headers());
+        }
         let status = self.status();
         if status == StatusCode::UPGRADE_REQUIRED {
             headers.push(("upgrade", "websocket".to_owned()));

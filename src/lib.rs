@@ -115,6 +115,14 @@ pub async fn serve(
             .clone()
             .run_sweeper(state.config.sweep_interval, stop.clone()),
     );
+    if state.transports.durable.path.is_some() {
+        tokio::spawn(
+            state
+                .streams
+                .clone()
+                .run_sweeper(state.clone(), stop.clone()),
+        );
+    }
     let app = router(state.clone());
     let stopping = {
         let state = state.clone();

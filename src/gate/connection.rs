@@ -266,6 +266,16 @@ fn app_request(
     {
         return None;
     }
+    // A Durable Streams SSE read streams for as long as the client stays: hyper writes it,
+    // where this path writes whole answers within the stall timeout.
+    if app
+        .config
+        .durable_path()
+        .is_some_and(|prefix| path.starts_with(prefix))
+        && head.query().contains("live=sse")
+    {
+        return None;
+    }
     let length = match head.header("content-length") {
         None => 0,
         Some(value) => {

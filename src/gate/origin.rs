@@ -96,6 +96,59 @@ impl OriginPolicy {
             ])
             .max_age(std::time::Duration::from_secs(3600))
     }
+
+    /// The CORS layer of the Durable Streams routes: the protocol's methods, request headers
+    /// (its writers' and readers' headers, `If-None-Match`) and the response headers a
+    /// browser client must see.
+    pub fn durable_cors_layer(&self) -> CorsLayer {
+        const ALLOWED: [&str; 14] = [
+            "content-type",
+            "authorization",
+            "if-none-match",
+            "stream-seq",
+            "stream-ttl",
+            "stream-expires-at",
+            "stream-closed",
+            "producer-id",
+            "producer-epoch",
+            "producer-seq",
+            "stream-forked-from",
+            "stream-fork-offset",
+            "stream-fork-sub-offset",
+            "last-event-id",
+        ];
+        const EXPOSED: [&str; 12] = [
+            "stream-next-offset",
+            "stream-cursor",
+            "stream-up-to-date",
+            "stream-closed",
+            "stream-ttl",
+            "stream-expires-at",
+            "stream-sse-data-encoding",
+            "producer-epoch",
+            "producer-seq",
+            "producer-expected-seq",
+            "producer-received-seq",
+            "etag",
+        ];
+        let names = |names: &[&'static str]| {
+            names
+                .iter()
+                .map(|name| header::HeaderName::from_static(name))
+                .collect::<Vec<_>>()
+        };
+        self.cors_layer()
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::HEAD,
+                Method::OPTIONS,
+            ])
+            .allow_headers(names(&ALLOWED))
+            .expose_headers(names(&EXPOSED))
+    }
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub use stats::{HubStats, TransportCounts};
 
 use crate::{
     message::{EventName, Message, MessageId, Payload, TopicName, TransportKind, now_millis},
-    store::{LogRead, Store, TopicLog},
+    store::{LogRead, Store, StreamState, StreamWrite, StreamWritten, TopicLog},
 };
 use fanout::{Fanout, Follower, Outcome, TopicLive, Waiter};
 use presence::Presence;
@@ -481,6 +481,44 @@ impl Hub {
         }
         start?;
         Ok(sub)
+    }
+
+    /// The topic's stream state (see [`StreamState`]), if it is a stream.
+    pub async fn stream_state(&self, topic: &TopicName) -> Result<Option<StreamState>, HubError> {
+        let topic = self.topic(topic);
+        Ok(topic.log.stream().await?)
+    }
+
+    /// Applies a [`StreamWrite`] to the topic: its messages reach every subscriber like
+    /// publishes, and are counted as publishes.
+    pub async fn write_stream(
+        &self,
+        topic: &TopicName,
+        write: StreamWrite,
+    ) -> Result<StreamWritten, HubError> {
+        let topic = self.topic(topic);
+        let written = topic.log.write_stream(write).await?;
+        self.counters.publishes.fetch_add(
+            written.messages.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(written)
+    }
+
+    /// Reads the topic's log after `after` (at most `limit` messages), as it is now, following
+    /// it first when it is shared, so that what a reader reads next is also offered live.
+    pub async fn read(
+        &self,
+        topic: &TopicName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<LogRead, HubError> {
+        let topic = self.topic(topic);
+        topic.follow().await;
+        if let Some(read) = topic.log.read_now(after, limit) {
+            return Ok(read?);
+        }
+        Ok(topic.log.read(after, limit).await?)
     }
 
     /// The topic's newest id now: where a reader that starts "from now" begins.

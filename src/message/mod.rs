@@ -314,6 +314,18 @@ impl Message {
         ))
     }
 
+    /// The payload's compact JSON, as published: the `data` field of the envelope.
+    pub fn data(&self) -> &str {
+        let (mut id, mut time) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let head = r#"{"id":,"topic":"","event":"","data":"#.len()
+            + id.format(self.id).len()
+            + self.topic.as_str().len()
+            + self.event.as_str().len();
+        let tail = r#","time":}"#.len() + time.format(self.time).len();
+        std::str::from_utf8(&self.envelope[head..self.envelope.len() - tail])
+            .expect("the envelope is built from UTF-8 text")
+    }
+
     /// The envelope `{"id","topic","event","data","time"}` as compact JSON: the body of a
     /// WebSocket frame and an element of a poll answer.
     pub fn envelope(&self) -> &Bytes {
@@ -363,6 +375,16 @@ pub fn now_micros() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_is_the_payload_inside_the_envelope() {
+        let topic = TopicName::parse("t.1").unwrap();
+        for payload in [r#"{"a":[1,2]}"#, r#""x,\"time\":1}""#, "7"] {
+            let data = Payload::from_json(payload).unwrap();
+            let message = Message::new(123, topic.clone(), EventName::default_event(), 99, &data);
+            assert_eq!(message.data(), data.as_str());
+        }
+    }
 
     #[test]
     fn names_follow_the_charset_and_length_rule() {

@@ -3,8 +3,10 @@
 //!
 //! Layout: keyspace `messages` maps `topic \0 id` (id big-endian, so a topic's messages are
 //! one ordered key range) to the [record](super::record); keyspace `heads` maps `topic` to
-//! its last id and oldest retained id. Both change in one atomic batch, so after a crash the
-//! counter never lags a stored message and ids never repeat.
+//! its last id and oldest retained id; keyspace `streams` maps a topic that is a stream to
+//! its [`StreamState`] (a seal byte, then the record). They change in one atomic batch, so
+//! after a crash the counter never lags a stored message and ids never repeat, and a stream's
+//! state never disagrees with its history.
 //!
 //! One writer thread owns every write. Publishes queue to it; it takes what has queued
 //! (with `--fsync batch`, also what arrives within `--fsync-window`), assigns ids, writes one
@@ -27,7 +29,10 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use tokio::sync::oneshot;
 
-use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
+use super::{
+    Live, LogHead, LogRead, Retention, Store, StoreError, StreamState, StreamWrite, StreamWritten,
+    TopicLog, record,
+};
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
 /// Publishes written with one journal write and one `fdatasync`, at most.
@@ -63,7 +68,24 @@ struct Shared {
     db: Database,
     messages: Keyspace,
     heads: Keyspace,
-    appends: mpsc::Sender<Append>,
+    streams: Keyspace,
+    appends: mpsc::Sender<Job>,
+}
+
+/// What the writer is asked to do.
+enum Job {
+    /// A publish.
+    Append(Append),
+    /// A change of a topic's stream state, done alone in its own batch.
+    Stream(StreamJob),
+}
+
+/// A [`StreamWrite`] waiting for the writer.
+struct StreamJob {
+    topic: TopicName,
+    write: StreamWrite,
+    live: Arc<dyn Live>,
+    done: oneshot::Sender<Result<StreamWritten, StoreError>>,
 }
 
 /// A publish waiting for the writer.
@@ -150,6 +172,16 @@ impl DiskStore {
         let options = || KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES);
         let messages = db.keyspace("messages", options).map_err(io_error)?;
         let heads = db.keyspace("heads", options).map_err(io_error)?;
+        let streams = db.keyspace("streams", options).map_err(io_error)?;
+        let mut sealed = HashMap::new();
+        for entry in streams.iter() {
+            let (key, value) = entry.into_inner().map_err(io_error)?;
+            let name = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|name| TopicName::parse(name).ok())
+                .ok_or_else(|| StoreError::Internal("corrupt stream key".into()))?;
+            sealed.insert(name, value.first() == Some(&1));
+        }
         let mut topics = HashMap::new();
         for entry in heads.iter() {
             let (key, value) = entry.into_inner().map_err(io_error)?;
@@ -166,6 +198,8 @@ impl DiskStore {
             db: db.clone(),
             messages: messages.clone(),
             heads: heads.clone(),
+            streams: streams.clone(),
+            stream_seals: sealed,
             retention,
             fsync,
             window,
@@ -180,6 +214,7 @@ impl DiskStore {
                 db,
                 messages,
                 heads,
+                streams,
                 appends,
             }),
         })
@@ -214,14 +249,38 @@ impl TopicLog for DiskLog {
         let gone = || StoreError::Unavailable("the store writer has stopped".into());
         self.shared
             .appends
-            .send(Append {
+            .send(Job::Append(Append {
                 topic: self.topic.clone(),
                 event,
                 data: data.clone(),
                 time,
                 live: self.live.clone(),
                 done,
-            })
+            }))
+            .map_err(|_| gone())?;
+        written.await.map_err(|_| gone())?
+    }
+
+    async fn stream(&self) -> Result<Option<StreamState>, StoreError> {
+        let value = self
+            .shared
+            .streams
+            .get(self.topic.as_str())
+            .map_err(io_error)?;
+        Ok(value.map(|value| decode_stream(&value)))
+    }
+
+    async fn write_stream(&self, write: StreamWrite) -> Result<StreamWritten, StoreError> {
+        let (done, written) = oneshot::channel();
+        let gone = || StoreError::Unavailable("the store writer has stopped".into());
+        self.shared
+            .appends
+            .send(Job::Stream(StreamJob {
+                topic: self.topic.clone(),
+                write,
+                live: self.live.clone(),
+                done,
+            }))
             .map_err(|_| gone())?;
         written.await.map_err(|_| gone())?
     }
@@ -258,6 +317,21 @@ impl TopicLog for DiskLog {
 /// is near what was just written, so it is in memory (8 MiB memtables hold tens of
 /// thousands of small messages).
 const HOT_IDS: u64 = 1024;
+
+/// A stream state as stored: a seal byte (1 sealed, 0 open), then the record.
+fn encode_stream(state: &StreamState) -> Vec<u8> {
+    let mut value = Vec::with_capacity(1 + state.record.len());
+    value.push(u8::from(state.sealed));
+    value.extend_from_slice(&state.record);
+    value
+}
+
+fn decode_stream(value: &[u8]) -> StreamState {
+    StreamState {
+        sealed: value.first() == Some(&1),
+        record: Bytes::copy_from_slice(value.get(1..).unwrap_or_default()),
+    }
+}
 
 /// A topic's head as last committed.
 fn read_head(snapshot: &Snapshot, shared: &Shared, topic: &TopicName) -> Result<Head, StoreError> {
@@ -308,6 +382,9 @@ struct Writer {
     db: Database,
     messages: Keyspace,
     heads: Keyspace,
+    streams: Keyspace,
+    /// The topics that are streams (kept whole, never trimmed), and whether each is sealed.
+    stream_seals: HashMap<TopicName, bool>,
     retention: Retention,
     fsync: FsyncPolicy,
     window: Duration,
@@ -316,12 +393,21 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, queue: mpsc::Receiver<Append>) {
+    fn run(mut self, queue: mpsc::Receiver<Job>) {
         let mut next_expiry = Instant::now() + EXPIRE_INTERVAL;
+        // A stream job taken while a group was gathering, done right after that group.
+        let mut pending: Option<StreamJob> = None;
         loop {
+            if let Some(job) = pending.take() {
+                self.write_stream(job);
+            }
             let wait = next_expiry.saturating_duration_since(Instant::now());
             let first = match queue.recv_timeout(wait) {
-                Ok(append) => append,
+                Ok(Job::Append(append)) => append,
+                Ok(Job::Stream(job)) => {
+                    self.write_stream(job);
+                    continue;
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.expire();
                     next_expiry = Instant::now() + EXPIRE_INTERVAL;
@@ -337,7 +423,11 @@ impl Writer {
                 }
                 while group.len() < MAX_GROUP {
                     match queue.try_recv() {
-                        Ok(append) => group.push(append),
+                        Ok(Job::Append(append)) => group.push(append),
+                        Ok(Job::Stream(job)) => {
+                            pending = Some(job);
+                            break;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -355,6 +445,10 @@ impl Writer {
         let mut heads: HashMap<TopicName, (Head, Head)> = HashMap::new();
         let mut written = Vec::with_capacity(group.len());
         for append in group {
+            if self.stream_seals.get(&append.topic) == Some(&true) {
+                let _ = append.done.send(Err(StoreError::Sealed));
+                continue;
+            }
             let (_, head) = heads.entry(append.topic.clone()).or_insert_with(|| {
                 let head = self.topics.get(&append.topic).copied().unwrap_or_default();
                 (head, head)
@@ -373,6 +467,10 @@ impl Writer {
         let max = self.retention.max_messages.max(1) as u64;
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
         for (topic, (before, after)) in heads.iter_mut() {
+            if self.stream_seals.contains_key(topic) {
+                // A stream keeps everything.
+                continue;
+            }
             after.first_retained = after
                 .first_retained
                 .max(after.last_id.saturating_sub(max) + 1);
@@ -416,6 +514,67 @@ impl Writer {
         }
     }
 
+    /// Applies one [`StreamWrite`] in a batch of its own, synced, then answers it.
+    fn write_stream(&mut self, job: StreamJob) {
+        let StreamJob {
+            topic,
+            write,
+            live,
+            done,
+        } = job;
+        let before = self.topics.get(&topic).copied().unwrap_or_default();
+        let mut head = before;
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        if write.clear {
+            for id in head.first_retained..=head.last_id {
+                batch.remove(&self.messages, message_key(&topic, id));
+            }
+            head.first_retained = head.last_id + 1;
+        }
+        let mut messages = Vec::with_capacity(write.messages.len());
+        for (event, data) in write.messages {
+            head.last_id += 1;
+            let record = record::encode(write.time, &event, &data);
+            batch.insert(
+                &self.messages,
+                message_key(&topic, head.last_id),
+                record.as_slice(),
+            );
+            messages.push(Arc::new(Message::new(
+                head.last_id,
+                topic.clone(),
+                event,
+                write.time,
+                &data,
+            )));
+        }
+        match &write.state {
+            Some(state) => batch.insert(&self.streams, topic.as_str(), encode_stream(state)),
+            None => batch.remove(&self.streams, topic.as_str()),
+        }
+        if head != before {
+            batch.insert(&self.heads, topic.as_str(), head.encode());
+        }
+        let answer = match batch.commit() {
+            Ok(()) => {
+                self.topics.insert(topic.clone(), head);
+                match &write.state {
+                    Some(state) => self.stream_seals.insert(topic, state.sealed),
+                    None => self.stream_seals.remove(&topic),
+                };
+                for message in &messages {
+                    live.deliver(message);
+                }
+                Ok(StreamWritten {
+                    messages,
+                    head: head.log_head(),
+                })
+            }
+            Err(error) => Err(io_error(error)),
+        };
+        let _ = done.send(answer);
+    }
+
     /// Deletes what age retention (and a count limit lowered since the last run) no longer
     /// keeps.
     fn expire(&mut self) {
@@ -427,6 +586,9 @@ impl Writer {
         let mut batch = self.db.batch();
         let mut changed = Vec::new();
         for (topic, head) in &self.topics {
+            if self.stream_seals.contains_key(topic) {
+                continue;
+            }
             let mut first = head.first_retained;
             let floor = head.last_id.saturating_sub(max) + 1;
             while first <= head.last_id {

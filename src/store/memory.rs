@@ -7,7 +7,10 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog};
+use super::{
+    Live, LogHead, LogRead, Retention, Store, StoreError, StreamState, StreamWrite, StreamWritten,
+    TopicLog,
+};
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
 /// Keeps history in process memory. Ids restart at 1 when the process restarts or when an
@@ -49,6 +52,8 @@ struct LogState {
     /// Retained messages; ids are contiguous, so `messages[i].id == first_id + i`.
     messages: VecDeque<Arc<Message>>,
     last_id: MessageId,
+    /// Set while the topic is a stream: it keeps everything, and refuses appends once sealed.
+    stream: Option<StreamState>,
 }
 
 impl LogState {
@@ -60,6 +65,9 @@ impl LogState {
     }
 
     fn expire(&mut self, retention: &Retention, now_ms: u64) {
+        if self.stream.is_some() {
+            return;
+        }
         while self.messages.len() > retention.max_messages {
             self.messages.pop_front();
         }
@@ -73,6 +81,23 @@ impl LogState {
 }
 
 impl MemoryLog {
+    /// Appends one message under the lock and hands it on (under the lock, so that
+    /// concurrent publishers hand their messages on in id order).
+    fn push(
+        &self,
+        state: &mut LogState,
+        event: EventName,
+        data: &Payload,
+        time: u64,
+    ) -> Arc<Message> {
+        let id = state.last_id + 1;
+        let message = Arc::new(Message::new(id, self.topic.clone(), event, time, data));
+        state.last_id = id;
+        state.messages.push_back(message.clone());
+        self.live.deliver(&message);
+        message
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
         // A panic while holding this lock cannot leave the ring inconsistent (every mutation
         // is a single push or pop), so a poisoned lock is still safe to use.
@@ -89,14 +114,34 @@ impl TopicLog for MemoryLog {
         time: u64,
     ) -> Result<Arc<Message>, StoreError> {
         let mut state = self.lock();
-        let id = state.last_id + 1;
-        let message = Arc::new(Message::new(id, self.topic.clone(), event, time, data));
-        state.last_id = id;
-        state.messages.push_back(message.clone());
+        if state.stream.as_ref().is_some_and(|s| s.sealed) {
+            return Err(StoreError::Sealed);
+        }
+        let message = self.push(&mut state, event, data, time);
         state.expire(&self.retention, time);
-        // Under the lock, so that concurrent publishers hand their messages on in id order.
-        self.live.deliver(&message);
         Ok(message)
+    }
+
+    async fn stream(&self) -> Result<Option<StreamState>, StoreError> {
+        Ok(self.lock().stream.clone())
+    }
+
+    async fn write_stream(&self, write: StreamWrite) -> Result<StreamWritten, StoreError> {
+        let mut state = self.lock();
+        if write.clear {
+            state.messages.clear();
+        }
+        let messages = write
+            .messages
+            .into_iter()
+            .map(|(event, data)| self.push(&mut state, event, &data, write.time))
+            .collect();
+        state.stream = write.state;
+        state.expire(&self.retention, write.time);
+        Ok(StreamWritten {
+            messages,
+            head: state.head(),
+        })
     }
 
     async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
@@ -128,7 +173,7 @@ impl TopicLog for MemoryLog {
     fn release_if_idle(&self, now_ms: u64) -> bool {
         let mut state = self.lock();
         state.expire(&self.retention, now_ms);
-        state.messages.is_empty()
+        state.messages.is_empty() && state.stream.is_none()
     }
 }
 

@@ -25,6 +25,7 @@ mod redis;
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
@@ -41,6 +42,46 @@ pub enum StoreError {
     /// The store failed in a way a retry will not fix.
     #[error("store failure: {0}")]
     Internal(String),
+    /// The topic is a closed stream: it takes no more appends.
+    #[error("the topic is a closed stream and takes no more messages")]
+    Sealed,
+}
+
+/// A topic's stream state, kept beside its history for the layer that serves it as a
+/// stream (Durable Streams): an opaque record the store never reads, and whether the log is
+/// sealed. While a topic has one, its log retains everything (no count or age retention)
+/// and a sealed log refuses every append, whoever publishes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamState {
+    /// What the stream layer stored (its metadata, encoded as it likes).
+    pub record: Bytes,
+    /// No append is accepted any more.
+    pub sealed: bool,
+}
+
+/// One atomic change of a topic's stream state, in this order: drop the retained history
+/// (`clear`), append `messages` (ids assigned in order), then set or remove the state. A
+/// crash leaves all of it or none of it.
+#[derive(Debug, Default)]
+pub struct StreamWrite {
+    /// Drops every retained message first (the stream was deleted or is recreated); ids
+    /// still continue from the last one.
+    pub clear: bool,
+    /// Messages to append, each an event name and a payload.
+    pub messages: Vec<(EventName, Payload)>,
+    /// Their publish time (milliseconds since the epoch).
+    pub time: u64,
+    /// The new state; `None` removes it, returning the topic to ordinary retention.
+    pub state: Option<StreamState>,
+}
+
+/// What a [`StreamWrite`] appended, and the log's ends after it.
+#[derive(Debug, Default)]
+pub struct StreamWritten {
+    /// The appended messages, in id order.
+    pub messages: Vec<Arc<Message>>,
+    /// The log's ends after the write.
+    pub head: LogHead,
 }
 
 /// How much history a topic keeps.
@@ -129,6 +170,14 @@ pub trait TopicLog: Send + Sync + 'static {
     /// a reader that reads history next misses nothing. A local log has nothing to do: it
     /// delivers its own appends.
     async fn follow(&self) {}
+
+    /// The topic's stream state, if it has one.
+    async fn stream(&self) -> Result<Option<StreamState>, StoreError>;
+
+    /// Applies `write` atomically: ignores the seal of the state it replaces (the stream layer
+    /// decides who may append to a closed stream), hands the appended messages to the
+    /// [`Live`] sink like any append.
+    async fn write_stream(&self, write: StreamWrite) -> Result<StreamWritten, StoreError>;
 }
 
 /// A sink that drops what it is given, for tests of a log alone.

@@ -13,6 +13,19 @@ pub struct TransportSettings {
     pub stream: StreamSettings,
     /// `POST /topics/{t}` and the WebSocket `publish` command.
     pub publish: PublishSettings,
+    /// The Durable Streams protocol.
+    pub durable: DurableSettings,
+}
+
+/// The Durable Streams protocol.
+#[derive(Clone, Debug)]
+pub struct DurableSettings {
+    /// Where it is served (`/v1/stream`); `None`: not served.
+    pub path: Option<String>,
+    /// The largest append body, in bytes.
+    pub max_body: usize,
+    /// How long a long poll waits, and how often an idle SSE read gets a keep-alive.
+    pub long_poll_timeout: Duration,
 }
 
 /// Short and long polls.

@@ -7,12 +7,17 @@ use bytes::Bytes;
 use super::super::{StoreError, record};
 use crate::message::{Message, TopicName};
 
-/// Appends, trims and publishes, atomically. KEYS: seq, log. ARGV: channel, record,
-/// max messages, age cutoff in ms (0: none), age limit in ms (0: none).
+/// Appends, trims and publishes, atomically. KEYS: seq, log, stream. ARGV: channel, record,
+/// max messages, age cutoff in ms (0: none), age limit in ms (0: none). A topic that is a
+/// stream is not trimmed; a sealed one refuses the append (returns -1).
 pub(super) const PUBLISH_SCRIPT: &str = r"
+local stream = redis.call('GET', KEYS[3])
+if stream and string.byte(stream, 1) == 49 then return -1 end
 local id = redis.call('INCR', KEYS[1])
 local member = id .. '\n' .. ARGV[2]
 redis.call('ZADD', KEYS[2], id, member)
+redis.call('PUBLISH', ARGV[1], member)
+if stream then return id end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', id - tonumber(ARGV[3]))
 local cutoff = tonumber(ARGV[4])
 while cutoff > 0 do
@@ -22,15 +27,44 @@ while cutoff > 0 do
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, 0)
 end
 if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
-redis.call('PUBLISH', ARGV[1], member)
 return id
 ";
 
-/// Reads a topic's ends and the messages after a cursor, from one moment. KEYS: seq, log.
-/// ARGV: after, limit, age cutoff in ms (0: none). Returns {last id, first retained, members}.
+/// Applies a stream write atomically. KEYS: seq, log, stream. ARGV: channel, clear (0/1),
+/// state (`0`/`1` seal byte then the record; empty removes it), then one record per message.
+/// Returns {last id, first retained, ids appended...}.
+pub(super) const STREAM_SCRIPT: &str = r"
+if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
+local ids = {}
+for i = 4, #ARGV do
+  local id = redis.call('INCR', KEYS[1])
+  local member = id .. '\n' .. ARGV[i]
+  redis.call('ZADD', KEYS[2], id, member)
+  redis.call('PUBLISH', ARGV[1], member)
+  ids[#ids + 1] = id
+end
+if ARGV[3] == '' then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], ARGV[3])
+  redis.call('PERSIST', KEYS[2])
+end
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local first = last + 1
+if oldest[2] then first = tonumber(oldest[2]) end
+local out = {last, first}
+for _, id in ipairs(ids) do out[#out + 1] = id end
+return out
+";
+
+/// Reads a topic's ends and the messages after a cursor, from one moment. KEYS: seq, log,
+/// stream. ARGV: after, limit, age cutoff in ms (0: none; a stream has none). Returns
+/// {last id, first retained, members}.
 pub(super) const READ_SCRIPT: &str = r"
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local cutoff = tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[3]) == 1 then cutoff = 0 end
 local first = last + 1
 local rank = 0
 while true do
@@ -59,6 +93,11 @@ pub(super) fn seq_key(topic: &TopicName) -> String {
 
 pub(super) fn log_key(topic: &TopicName) -> String {
     format!("pushhub:{{{topic}}}:log")
+}
+
+/// The topic's stream state (a seal byte `0`/`1`, then the record), while it is a stream.
+pub(super) fn stream_key(topic: &TopicName) -> String {
+    format!("pushhub:{{{topic}}}:stream")
 }
 
 pub(super) fn channel(topic: &TopicName) -> String {

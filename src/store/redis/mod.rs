@@ -37,9 +37,15 @@ use bytes::Bytes;
 use redis::{Client, Script, aio::ConnectionManager};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Live, LogHead, LogRead, Retention, Store, StoreError, TopicLog, record};
+use super::{
+    Live, LogHead, LogRead, Retention, Store, StoreError, StreamState, StreamWrite, StreamWritten,
+    TopicLog, record,
+};
 use crate::message::{EventName, Message, MessageId, Payload, TopicName, now_millis};
-use keys::{PUBLISH_SCRIPT, READ_SCRIPT, channel, decode_member, log_key, seq_key};
+use keys::{
+    PUBLISH_SCRIPT, READ_SCRIPT, STREAM_SCRIPT, channel, decode_member, log_key, seq_key,
+    stream_key,
+};
 use listener::{Follow, Listener, MAX_BACKOFF};
 use tail::{SharedTail, TAIL_CAPACITY, Tail, lock};
 
@@ -59,6 +65,7 @@ struct Shared {
     commands: ConnectionManager,
     publish: Script,
     read: Script,
+    stream: Script,
     retention: Retention,
     listener: mpsc::UnboundedSender<Follow>,
 }
@@ -80,6 +87,7 @@ impl Shared {
         let mut invocation = self.read.key(seq_key(topic));
         invocation
             .key(log_key(topic))
+            .key(stream_key(topic))
             .arg(after.min(1 << 53))
             .arg(limit)
             .arg(self.cutoff());
@@ -120,6 +128,7 @@ impl RedisStore {
             commands,
             publish: Script::new(PUBLISH_SCRIPT),
             read: Script::new(READ_SCRIPT),
+            stream: Script::new(STREAM_SCRIPT),
             retention,
             listener,
         });
@@ -136,6 +145,7 @@ impl Store for RedisStore {
             live,
             shared: self.shared.clone(),
             following: AtomicBool::new(false),
+            streaming: AtomicBool::new(false),
             tail: Arc::new(std::sync::Mutex::new(Tail {
                 messages: VecDeque::new(),
                 capacity,
@@ -149,6 +159,8 @@ struct RedisLog {
     live: Arc<dyn Live>,
     shared: Arc<Shared>,
     following: AtomicBool,
+    /// The topic was last seen to be a stream: its local tail applies no age cutoff.
+    streaming: AtomicBool,
     tail: SharedTail,
 }
 
@@ -175,15 +187,17 @@ impl TopicLog for RedisLog {
         let mut invocation = self.shared.publish.key(seq_key(&self.topic));
         invocation
             .key(log_key(&self.topic))
+            .key(stream_key(&self.topic))
             .arg(channel(&self.topic))
             .arg(record)
             .arg(retention.max_messages.max(1))
             .arg(self.shared.cutoff())
             .arg(age_ms);
-        let id: u64 = invocation
+        let id: i64 = invocation
             .invoke_async(&mut commands)
             .await
             .map_err(unavailable)?;
+        let id = u64::try_from(id).map_err(|_| StoreError::Sealed)?;
         Ok(Arc::new(Message::new(
             id,
             self.topic.clone(),
@@ -201,9 +215,76 @@ impl TopicLog for RedisLog {
     }
 
     fn read_now(&self, after: MessageId, limit: usize) -> Option<Result<LogRead, StoreError>> {
-        lock(&self.tail)
-            .read(after, limit, self.shared.cutoff())
-            .map(Ok)
+        let cutoff = if self.streaming.load(Ordering::Relaxed) {
+            0
+        } else {
+            self.shared.cutoff()
+        };
+        lock(&self.tail).read(after, limit, cutoff).map(Ok)
+    }
+
+    async fn stream(&self) -> Result<Option<StreamState>, StoreError> {
+        let mut commands = self.shared.commands.clone();
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(stream_key(&self.topic))
+            .query_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        let state = value.map(|value| StreamState {
+            sealed: value.first() == Some(&b'1'),
+            record: Bytes::copy_from_slice(value.get(1..).unwrap_or_default()),
+        });
+        self.streaming.store(state.is_some(), Ordering::Relaxed);
+        Ok(state)
+    }
+
+    async fn write_stream(&self, write: StreamWrite) -> Result<StreamWritten, StoreError> {
+        let mut commands = self.shared.commands.clone();
+        let mut invocation = self.shared.stream.key(seq_key(&self.topic));
+        let state = write.state.as_ref().map_or_else(Vec::new, |state| {
+            let mut value = vec![if state.sealed { b'1' } else { b'0' }];
+            value.extend_from_slice(&state.record);
+            value
+        });
+        invocation
+            .key(log_key(&self.topic))
+            .key(stream_key(&self.topic))
+            .arg(channel(&self.topic))
+            .arg(if write.clear { "1" } else { "0" })
+            .arg(state);
+        for (event, data) in &write.messages {
+            invocation.arg(record::encode(write.time, event, data));
+        }
+        let answer: Vec<u64> = invocation
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        self.streaming
+            .store(write.state.is_some(), Ordering::Relaxed);
+        let (head, ids) = match answer.as_slice() {
+            [last_id, first_retained, ids @ ..] => (
+                LogHead {
+                    last_id: *last_id,
+                    first_retained: *first_retained,
+                },
+                ids,
+            ),
+            _ => return Err(StoreError::Internal("redis: bad stream answer".into())),
+        };
+        let messages = ids
+            .iter()
+            .zip(write.messages)
+            .map(|(&id, (event, data))| {
+                Arc::new(Message::new(
+                    id,
+                    self.topic.clone(),
+                    event,
+                    write.time,
+                    &data,
+                ))
+            })
+            .collect();
+        Ok(StreamWritten { messages, head })
     }
 
     fn release_if_idle(&self, _now_ms: u64) -> bool {

@@ -1,18 +1,163 @@
 //! Durable Streams (ElectricSQL's open protocol for offset-addressed, append-only HTTP
-//! streams) on the hub: issue 14, in progress. docs/durable-streams.md has the design and
-//! what is built; this module holds, so far, the protocol's pure parts, each tested against
-//! what the conformance suite (`@durable-streams/server-conformance-tests` 0.3.6) checks:
+//! streams), served under `--ds-path` (`/v1/stream`) on the same hub as the other
+//! transports: a stream is a topic, an append is a message, and an offset is a place in
+//! the topic's history, so what is appended here reaches every pushhub subscriber of the
+//! topic and what is published there can be read here. docs/durable-streams.md has the
+//! design; the protocol as its conformance suite checks it is in
+//! docs/durable-streams-protocol.md.
 //!
-//! - [`offset`]: the opaque offsets (`0000000000000000_0000000000000042`), the `-1` and `now`
-//!   sentinels and their validation;
-//! - [`content`]: content types (stored verbatim, compared normalised, JSON mode or bytes),
-//!   JSON bodies flattened one level into values, and the numeric header formats;
-//! - [`sse`]: the SSE framing the protocol specifies (`event: data` / `event: control`,
-//!   `data:` lines split on every line break, base64 for binary streams).
-//!
-//! Not yet served: the endpoints under `/v1/stream/`, stream metadata in the stores,
-//! producers, closing, TTLs and forks.
+//! - [`offset`]: the opaque offsets and their validation;
+//! - [`content`]: content types, JSON mode, JSON bodies flattened into values;
+//! - [`meta`]: a stream's metadata (stored beside its history) and the rules that read it;
+//! - [`streams`]: per-stream write locks, access times and wake-ups, retiring streams;
+//! - [`read`]: catch-up, long-poll and SSE reads, `HEAD`;
+//! - [`write`]: create and fork, append and close, delete;
+//! - [`sse`]: the protocol's SSE framing;
+//! - [`error`]: what the protocol refuses.
 
 pub mod content;
+pub mod error;
+pub mod meta;
 pub mod offset;
+pub mod read;
 pub mod sse;
+pub mod streams;
+pub mod write;
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Path, RawQuery, State},
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::any,
+};
+use futures::StreamExt;
+
+pub use error::DurableError;
+pub use streams::Streams;
+
+use crate::{AppState, error::Error, gate::auth::Access, message::TopicName};
+
+/// A refused body is read up to this many times the limit before the answer, so that the
+/// client sees the `413` instead of a reset while it is still sending.
+const DRAIN_FACTOR: usize = 4;
+
+/// The routes of the protocol, under `path`.
+pub fn routes(path: &str) -> Router<AppState> {
+    Router::new().route(&format!("{path}/{{*name}}"), any(serve))
+}
+
+/// The query of a read: every parameter with its decoded value, so that a repeated one can
+/// be refused.
+#[derive(Debug, Default)]
+pub struct Query {
+    pairs: Vec<(String, String)>,
+}
+
+impl Query {
+    fn parse(raw: Option<&str>) -> Self {
+        Self {
+            pairs: form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        }
+    }
+
+    /// The value of `name`: `None` when absent, `400` when it is given more than once.
+    pub fn single(&self, name: &str) -> Result<Option<&str>, DurableError> {
+        let mut values = self.pairs.iter().filter(|(k, _)| k == name);
+        let first = values.next().map(|(_, v)| v.as_str());
+        if values.next().is_some() {
+            return Err(DurableError::bad(format!("{name} is given more than once")));
+        }
+        Ok(first)
+    }
+}
+
+/// Reads a body up to `limit` bytes; a longer one is read on (up to a bound) and refused.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
+    let mut data = body.into_data_stream();
+    let mut buffer = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk.map_err(|e| Error::InvalidBody(e.to_string()))?;
+        seen += chunk.len();
+        if seen <= limit {
+            buffer.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_mul(DRAIN_FACTOR) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(DurableError::TooLarge { limit }.into());
+    }
+    Ok(Bytes::from(buffer))
+}
+
+/// Serves one request to a stream.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    State(app): State<AppState>,
+    access: Access,
+    method: Method,
+    uri: Uri,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    params: super::Params<'static>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let answer = async {
+        let topic = TopicName::parse(&name)?;
+        let client = access.client_key(params.peer_ip());
+        match method {
+            Method::GET => {
+                access.check_subscribe(&topic)?;
+                read::get(
+                    &app,
+                    &topic,
+                    &Query::parse(query.as_deref()),
+                    &headers,
+                    client,
+                )
+                .await
+            }
+            Method::HEAD => {
+                access.check_subscribe(&topic)?;
+                read::head(&app, &topic).await
+            }
+            Method::PUT | Method::POST => {
+                access.check_publish(&topic)?;
+                app.publish_limiter.check(&client)?;
+                let body = read_body(body, app.transports.durable.max_body).await?;
+                if method == Method::PUT {
+                    write::put(&app, &topic, &headers, body, location(&app, &headers, &uri)).await
+                } else {
+                    write::post(&app, &topic, &headers, body).await
+                }
+            }
+            Method::DELETE => {
+                access.check_publish(&topic)?;
+                write::delete(&app, &topic).await
+            }
+            Method::OPTIONS => Ok(StatusCode::NO_CONTENT.into_response()),
+            _ => Err(Error::MethodNotAllowed),
+        }
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The absolute URL of the stream a `PUT` created, as its client reached it.
+fn location(app: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map_or_else(|| app.config.listen.to_string(), str::to_owned);
+    let scheme = if app.config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{host}{}", uri.path())
+}

@@ -12,7 +12,7 @@ use std::fmt;
 const DIGITS: usize = 16;
 
 /// A position in a stream: after the message with this id (0: before the first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Offset(pub u64);
 
 /// Where a read starts, as the `offset` parameter says.

@@ -72,6 +72,44 @@ pub fn control_event(out: &mut Vec<u8>, control: &Control<'_>) {
     out.extend_from_slice(b"\n\n");
 }
 
+/// Decodes standard padded base64 (as [`base64`] writes it); `None` on anything else.
+pub fn unbase64(text: &[u8]) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    }
+    if !text.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    for (index, quad) in text.chunks(4).enumerate() {
+        let last = index == text.len() / 4 - 1;
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        out.push((n >> 16) as u8);
+        if pad < 2 {
+            out.push((n >> 8) as u8);
+        }
+        if pad < 1 {
+            out.push(n as u8);
+        }
+    }
+    Some(out)
+}
+
 /// Standard base64 with padding, as a binary stream's SSE data is sent.
 pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -99,6 +137,18 @@ mod tests {
         let mut out = Vec::new();
         f(&mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn base64_round_trips_and_refuses_what_it_did_not_write() {
+        for len in 0..300 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            assert_eq!(unbase64(base64(&bytes).as_bytes()), Some(bytes));
+        }
+        assert_eq!(base64(b"Hello"), "SGVsbG8=");
+        for bad in ["SGVsbG8", "SGV=bG8=", "S===", "SGVs!G8="] {
+            assert_eq!(unbase64(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

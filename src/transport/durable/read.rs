@@ -1,0 +1,585 @@
+//! Reading a stream: the messages after an offset, stitched across fork links, and the
+//! protocol's three reads of them: catch-up (`GET`), long poll (`live=long-poll`) and SSE
+//! (`live=sse`); and `HEAD`.
+
+use std::{borrow::Cow, sync::Arc, time::Duration};
+
+use axum::{
+    body::{Body, Bytes},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::Response,
+};
+use futures::future::BoxFuture;
+
+use super::{
+    Query,
+    content::Mode,
+    error::DurableError,
+    meta::{self, Meta},
+    offset::{Offset, Start},
+    sse::{self, Control},
+    streams::{Local, Streams},
+};
+use crate::{
+    AppState,
+    error::Error,
+    hub::Parking,
+    message::{Message, TopicName, now_millis},
+};
+
+/// Messages one read returns at most; a longer backlog is paged (without `Up-To-Date`).
+const READ_LIMIT: usize = 4096;
+
+/// One message of a stream, with the offset after it.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    /// The offset after this message.
+    pub end: Offset,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+/// A read's messages and where the stream stood.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// Messages after the asked offset, in order.
+    pub pieces: Vec<Piece>,
+    /// The stream's tail when read.
+    pub tail: Offset,
+    /// Not everything up to the tail was returned (the page was full).
+    pub more: bool,
+}
+
+impl Read {
+    /// Where the next read starts: after the last message returned, else at the tail.
+    pub fn next(&self) -> Offset {
+        self.pieces.last().map_or(self.tail, |p| p.end)
+    }
+}
+
+/// The messages of the stream `topic` after `after`, at most `limit` and none past `upto`:
+/// first what it inherited from its fork source (up to the fork offset), then its own.
+pub fn collect<'a>(
+    app: &'a AppState,
+    topic: &'a TopicName,
+    meta: &'a Meta,
+    after: Offset,
+    upto: Option<Offset>,
+    limit: usize,
+) -> BoxFuture<'a, Result<Read, Error>> {
+    Box::pin(async move {
+        let mut pieces = Vec::new();
+        if let Some(fork) = meta.fork.as_ref().filter(|_| after.0 < meta.start) {
+            let source = TopicName::parse(&fork.source).map_err(Error::from)?;
+            let Some((source_meta, _)) = Streams::load(app, &source).await? else {
+                return Err(crate::store::StoreError::Internal(format!(
+                    "fork source {source} of {topic} is missing"
+                ))
+                .into());
+            };
+            let cap = Offset(meta.start.min(upto.map_or(u64::MAX, |u| u.0)));
+            let inherited = collect(app, &source, &source_meta, after, Some(cap), limit).await?;
+            pieces = inherited.pieces;
+            if inherited.more || pieces.len() >= limit || pieces.last().is_some_and(|p| p.end < cap)
+            {
+                let tail = own_tail(app, topic, meta).await?;
+                return Ok(Read {
+                    pieces,
+                    tail,
+                    more: true,
+                });
+            }
+        }
+        let from = after.max(Offset(meta.start));
+        if upto.is_some_and(|upto| from >= upto) {
+            // Nothing of this stream's own is in range.
+            return Ok(Read {
+                pieces,
+                tail: upto.unwrap_or(from),
+                more: false,
+            });
+        }
+        let room = limit - pieces.len();
+        let read = app.hub.read(topic, meta.id_at(from), room).await?;
+        let mut tail = meta.tail(read.head.last_id);
+        let mut more = read
+            .messages
+            .last()
+            .is_some_and(|last| last.id < read.head.last_id);
+        for message in read.messages {
+            if message.id <= meta.base {
+                continue;
+            }
+            let end = meta.offset_after(message.id);
+            if upto.is_some_and(|upto| end > upto) {
+                more = false;
+                break;
+            }
+            pieces.push(Piece { end, message });
+        }
+        if let Some(upto) = upto {
+            tail = tail.min(upto);
+            more &= pieces.last().is_some_and(|p| p.end < upto);
+        }
+        Ok(Read { pieces, tail, more })
+    })
+}
+
+pub(super) async fn own_tail(
+    app: &AppState,
+    topic: &TopicName,
+    meta: &Meta,
+) -> Result<Offset, Error> {
+    let read = app.hub.read(topic, u64::MAX, 0).await?;
+    Ok(meta.tail(read.head.last_id).max(Offset(meta.start)))
+}
+
+/// The bytes of a message of a text or binary stream: base64-decoded when it holds bytes
+/// (event `bytes`), the text of a JSON string, or the JSON itself for anything else (a
+/// pushhub publish of an object, say).
+pub fn bytes_of(message: &Message) -> Cow<'_, [u8]> {
+    let data = message.data().as_bytes();
+    if message.event.as_str() == "bytes"
+        && let Some(decoded) = data
+            .strip_prefix(b"\"")
+            .and_then(|d| d.strip_suffix(b"\""))
+            .and_then(sse::unbase64)
+    {
+        return Cow::Owned(decoded);
+    }
+    if data.first() == Some(&b'"')
+        && let Ok(text) = serde_json::from_slice::<Cow<'_, str>>(data)
+    {
+        return match text {
+            Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+            Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+        };
+    }
+    Cow::Borrowed(data)
+}
+
+/// The JSON values of a message of a JSON stream, comma-separated: the elements of a
+/// multi-value append (event `values`), else the message's one value.
+pub fn values_of(message: &Message) -> &str {
+    let data = message.data();
+    if message.event.as_str() == "values" && data.len() >= 2 {
+        &data[1..data.len() - 1]
+    } else {
+        data
+    }
+}
+
+/// The body of a read of `pieces`: a JSON array of every value in JSON mode, the bytes
+/// concatenated otherwise.
+pub fn render(mode: Mode, pieces: &[Piece]) -> Vec<u8> {
+    let mut out = Vec::new();
+    if mode == Mode::Json {
+        out.push(b'[');
+        for piece in pieces {
+            let values = values_of(&piece.message);
+            if values.is_empty() {
+                continue;
+            }
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.extend_from_slice(values.as_bytes());
+        }
+        out.push(b']');
+    } else {
+        for piece in pieces {
+            out.extend_from_slice(&bytes_of(&piece.message));
+        }
+    }
+    out
+}
+
+/// A response with the protocol's stream headers.
+pub(super) struct Answer {
+    builder: axum::http::response::Builder,
+}
+
+impl Answer {
+    pub(super) fn new(status: StatusCode) -> Self {
+        Self {
+            builder: Response::builder().status(status),
+        }
+    }
+
+    pub(super) fn header(mut self, name: &'static str, value: impl AsRef<str>) -> Self {
+        if let Ok(value) = HeaderValue::from_str(value.as_ref()) {
+            self.builder = self.builder.header(name, value);
+        }
+        self
+    }
+
+    pub(super) fn header_if(self, on: bool, name: &'static str, value: impl AsRef<str>) -> Self {
+        if on { self.header(name, value) } else { self }
+    }
+
+    pub(super) fn body(self, body: impl Into<Body>) -> Response {
+        self.builder
+            .body(body.into())
+            .unwrap_or_else(|_| Response::new(Body::empty()))
+    }
+}
+
+/// The validator of a catch-up answer: the stream's identity (its topic and the topic id it
+/// starts after, which changes when the path is deleted and created again), the offset asked,
+/// the offset reached, and whether it showed the stream closed.
+fn etag(topic: &TopicName, meta: &Meta, asked: &str, next: Offset, closed: bool) -> String {
+    let closed = if closed { ":c" } else { "" };
+    format!("\"{topic}:{}:{asked}:{next}{closed}\"", meta.base)
+}
+
+/// `HEAD`: the stream's metadata.
+pub(super) async fn head(app: &AppState, topic: &TopicName) -> Result<Response, Error> {
+    let meta = app.streams.open(app, topic).await?;
+    let tail = own_tail(app, topic, &meta).await?;
+    Ok(Answer::new(StatusCode::OK)
+        .header("content-type", &meta.content_type)
+        .header("stream-next-offset", tail.to_string())
+        .header("cache-control", "no-store")
+        .header_if(meta.closed, "stream-closed", "true")
+        .header_if(
+            meta.ttl.is_some(),
+            "stream-ttl",
+            meta.ttl.unwrap_or_default().to_string(),
+        )
+        .header_if(
+            meta.expires_at.is_some(),
+            "stream-expires-at",
+            meta.expires_at.clone().unwrap_or_default(),
+        )
+        .header("etag", etag(topic, &meta, "-1", tail, meta.closed))
+        .body(Body::empty()))
+}
+
+/// How a `GET` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Live {
+    CatchUp,
+    LongPoll,
+    Sse,
+}
+
+/// `GET`: a catch-up read, a long poll or an SSE stream, per `live`.
+pub(super) async fn get(
+    app: &AppState,
+    topic: &TopicName,
+    query: &Query,
+    headers: &HeaderMap,
+    client: String,
+) -> Result<Response, Error> {
+    let live = match query.single("live")? {
+        None => Live::CatchUp,
+        Some("long-poll") => Live::LongPoll,
+        Some("sse") => Live::Sse,
+        Some(other) => {
+            return Err(
+                DurableError::bad(format!("live must be long-poll or sse, not {other:?}")).into(),
+            );
+        }
+    };
+    let offset = query.single("offset")?;
+    if live != Live::CatchUp && offset.is_none() {
+        return Err(DurableError::bad("a live read needs an offset").into());
+    }
+    let meta = app.streams.open(app, topic).await?;
+    let local = app.streams.local(topic);
+    local.touch();
+    let start = match offset {
+        None => Start::Beginning,
+        Some(text) => super::offset::parse(text).map_err(|e| DurableError::bad(e.to_string()))?,
+    };
+    let cursor = query.single("cursor")?.map(str::to_owned);
+    match live {
+        Live::CatchUp => catch_up(app, topic, meta, start, offset, headers).await,
+        Live::LongPoll => long_poll(app, topic, meta, start, cursor, local, client).await,
+        Live::Sse => Ok(sse_stream(app, topic, meta, start, cursor, client).await),
+    }
+}
+
+/// Resolves where a read starts.
+async fn start_offset(
+    app: &AppState,
+    topic: &TopicName,
+    meta: &Meta,
+    start: Start,
+) -> Result<Offset, Error> {
+    Ok(match start {
+        Start::Beginning => Offset::ZERO,
+        Start::At(offset) => offset,
+        Start::Now | Start::Beyond => own_tail(app, topic, meta).await?,
+    })
+}
+
+async fn catch_up(
+    app: &AppState,
+    topic: &TopicName,
+    meta: Meta,
+    start: Start,
+    asked: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, Error> {
+    let mode = meta.content().mode();
+    if start == Start::Now {
+        let tail = own_tail(app, topic, &meta).await?;
+        let body = if mode == Mode::Json { &b"[]"[..] } else { b"" };
+        return Ok(Answer::new(StatusCode::OK)
+            .header("content-type", &meta.content_type)
+            .header("stream-next-offset", tail.to_string())
+            .header("stream-up-to-date", "true")
+            .header("cache-control", "no-store")
+            .header_if(meta.closed, "stream-closed", "true")
+            .body(Bytes::from_static(body)));
+    }
+    let from = start_offset(app, topic, &meta, start).await?;
+    let read = collect(app, topic, &meta, from, None, READ_LIMIT).await?;
+    let next = read.next();
+    let up_to_date = !read.more;
+    let closed = meta.closed && up_to_date;
+    let tag = etag(topic, &meta, asked.unwrap_or("-1"), next, closed);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == tag.as_bytes())
+    {
+        return Ok(Answer::new(StatusCode::NOT_MODIFIED)
+            .header("etag", tag)
+            .body(Body::empty()));
+    }
+    Ok(Answer::new(StatusCode::OK)
+        .header("content-type", &meta.content_type)
+        .header("stream-next-offset", next.to_string())
+        .header_if(up_to_date, "stream-up-to-date", "true")
+        .header_if(closed, "stream-closed", "true")
+        .header("etag", tag)
+        .body(render(mode, &read.pieces)))
+}
+
+fn random() -> u64 {
+    fastrand::u64(..)
+}
+
+/// Waits until the stream's own topic has a message after `tail`, the stream changes (a
+/// close, a delete), `timeout` passes or the server stops. `true` unless it timed out or the
+/// server is stopping.
+async fn wait(
+    app: &AppState,
+    topic: &TopicName,
+    meta: &Meta,
+    tail: Offset,
+    local: &Local,
+    timeout: Duration,
+    client: &str,
+) -> Result<bool, Error> {
+    let changed = local.changed.notified();
+    tokio::pin!(changed);
+    changed.as_mut().enable();
+    let after = meta.id_at(tail);
+    let parked = match app.hub.park(topic, Some(after), 1, client, None).await? {
+        Parking::Parked(parked) => parked,
+        Parking::Ready(_) | Parking::Answered => return Ok(true),
+    };
+    tokio::select! {
+        () = parked.news() => Ok(true),
+        () = &mut changed => Ok(true),
+        () = tokio::time::sleep(timeout) => Ok(false),
+        () = app.shutdown.cancelled() => Ok(false),
+    }
+}
+
+async fn long_poll(
+    app: &AppState,
+    topic: &TopicName,
+    mut meta: Meta,
+    start: Start,
+    cursor: Option<String>,
+    local: Arc<Local>,
+    client: String,
+) -> Result<Response, Error> {
+    let mode = meta.content().mode();
+    let timeout = app.transports.durable.long_poll_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut from = start_offset(app, topic, &meta, start).await?;
+    loop {
+        let read = collect(app, topic, &meta, from, None, READ_LIMIT).await?;
+        let next_cursor = meta::cursor(cursor.as_deref(), now_millis(), random()).to_string();
+        if !read.pieces.is_empty() {
+            let up_to_date = !read.more;
+            return Ok(Answer::new(StatusCode::OK)
+                .header("content-type", &meta.content_type)
+                .header("stream-next-offset", read.next().to_string())
+                .header_if(up_to_date, "stream-up-to-date", "true")
+                .header_if(meta.closed && up_to_date, "stream-closed", "true")
+                .header("stream-cursor", next_cursor)
+                .body(render(mode, &read.pieces)));
+        }
+        let timed_out = meta.closed
+            || tokio::time::Instant::now() >= deadline
+            || !wait(
+                app,
+                topic,
+                &meta,
+                read.tail,
+                &local,
+                deadline - tokio::time::Instant::now(),
+                &client,
+            )
+            .await?;
+        if timed_out {
+            return Ok(Answer::new(StatusCode::NO_CONTENT)
+                .header("stream-next-offset", read.tail.to_string())
+                .header("stream-up-to-date", "true")
+                .header_if(meta.closed, "stream-closed", "true")
+                .header_if(!meta.closed, "stream-cursor", next_cursor)
+                .body(Body::empty()));
+        }
+        local.touch();
+        meta = app.streams.open(app, topic).await?;
+        from = read.tail;
+    }
+}
+
+/// What an SSE read holds between events.
+struct SseRead {
+    app: AppState,
+    topic: TopicName,
+    local: Arc<Local>,
+    client: String,
+    cursor: Option<String>,
+    from: Offset,
+    /// The reader was told it is up to date at `from`.
+    told: bool,
+    done: bool,
+}
+
+async fn sse_stream(
+    app: &AppState,
+    topic: &TopicName,
+    meta: Meta,
+    start: Start,
+    cursor: Option<String>,
+    client: String,
+) -> Response {
+    let binary = meta.content().mode() == Mode::Binary;
+    let from = match start_offset(app, topic, &meta, start).await {
+        Ok(from) => from,
+        Err(error) => return axum::response::IntoResponse::into_response(error),
+    };
+    let state = SseRead {
+        app: app.clone(),
+        topic: topic.clone(),
+        local: app.streams.local(topic),
+        client,
+        cursor,
+        from,
+        told: false,
+        done: false,
+    };
+    let events = futures::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        let chunk = state.next_chunk().await;
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), state))
+    });
+    Answer::new(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header_if(binary, "stream-sse-data-encoding", "base64")
+        .body(Body::from_stream(events))
+}
+
+impl SseRead {
+    /// The next chunk to send: events, each data event with its control event in the same
+    /// chunk; an empty chunk ends nothing (it is skipped by the writer).
+    async fn next_chunk(&mut self) -> Vec<u8> {
+        let timeout = self.app.transports.durable.long_poll_timeout;
+        loop {
+            let mut out = Vec::new();
+            let meta = match self.app.streams.open(&self.app, &self.topic).await {
+                Ok(meta) => meta,
+                Err(_) => {
+                    // Deleted or expired while read: the stream ends.
+                    self.done = true;
+                    return out;
+                }
+            };
+            let read =
+                match collect(&self.app, &self.topic, &meta, self.from, None, READ_LIMIT).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        self.done = true;
+                        return out;
+                    }
+                };
+            let cursor = meta::cursor(self.cursor.as_deref(), now_millis(), random()).to_string();
+            let up_to_date = !read.more;
+            if !read.pieces.is_empty() {
+                let body = render(meta.content().mode(), &read.pieces);
+                if meta.content().mode() == Mode::Binary {
+                    sse::data_event(&mut out, sse::base64(&body).as_bytes());
+                } else {
+                    sse::data_event(&mut out, &body);
+                }
+                self.from = read.next();
+                self.local.touch();
+            }
+            if meta.closed && up_to_date {
+                sse::control_event(&mut out, &Control::Closed { next: read.next() });
+                self.done = true;
+                return out;
+            }
+            if !read.pieces.is_empty() || !self.told {
+                sse::control_event(
+                    &mut out,
+                    &Control::Open {
+                        next: read.next(),
+                        cursor: &cursor,
+                        up_to_date,
+                    },
+                );
+                self.told = up_to_date;
+                self.cursor = Some(cursor.clone());
+                if !up_to_date || !out.is_empty() {
+                    return out;
+                }
+            }
+            self.from = self.from.min(read.tail);
+            match wait(
+                &self.app,
+                &self.topic,
+                &meta,
+                read.tail,
+                &self.local,
+                timeout,
+                &self.client,
+            )
+            .await
+            {
+                Ok(true) => continue,
+                Ok(false) if self.app.shutdown.is_cancelled() => {
+                    self.done = true;
+                    return out;
+                }
+                Ok(false) => {
+                    // Idle for a whole wait: a keep-alive control event.
+                    sse::control_event(
+                        &mut out,
+                        &Control::Open {
+                            next: read.tail,
+                            cursor: &cursor,
+                            up_to_date: true,
+                        },
+                    );
+                    return out;
+                }
+                Err(_) => {
+                    self.done = true;
+                    return out;
+                }
+            }
+        }
+    }
+}

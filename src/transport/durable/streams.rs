@@ -1,0 +1,208 @@
+//! The streams this process serves: per stream, the lock that orders its writes (so that a
+//! producer's check and its append, or an append and a close, are one step), the time it was
+//! last read or written (the sliding TTL), and a wake-up for readers waiting on a change that
+//! appends nothing (a close, a delete). Also what outlives one request: loading a stream's
+//! metadata with its lifetime applied, deleting a stream and releasing its fork source, and
+//! the sweeper that expires streams nobody touches.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{error::DurableError, meta::Meta};
+use crate::{
+    App,
+    error::Error,
+    message::{TopicName, now_millis},
+    store::{StreamState, StreamWrite},
+};
+
+/// How often streams with a lifetime are checked for expiry.
+const SWEEP_EVERY: Duration = Duration::from_millis(200);
+
+/// The registry of streams touched by this process.
+#[derive(Debug, Default)]
+pub struct Streams {
+    locals: Mutex<HashMap<TopicName, Arc<Local>>>,
+}
+
+/// What this process keeps for one stream.
+#[derive(Debug, Default)]
+pub struct Local {
+    /// Held by every write (create, append, close, delete) for its whole check-then-write.
+    pub write: tokio::sync::Mutex<()>,
+    /// The last read or append seen here, unix milliseconds.
+    pub accessed: AtomicU64,
+    /// Woken on every change readers wait for besides an append (close, delete).
+    pub changed: Notify,
+    /// The stream has a TTL or an expiry: the sweeper looks at it.
+    lifetime: AtomicBool,
+}
+
+impl Local {
+    /// Notes a read or an append now.
+    pub fn touch(&self) {
+        self.accessed.fetch_max(now_millis(), Ordering::Relaxed);
+    }
+}
+
+impl Streams {
+    /// The local state of `topic`, created on first use.
+    pub fn local(&self, topic: &TopicName) -> Arc<Local> {
+        let mut locals = self.locals.lock().unwrap_or_else(|e| e.into_inner());
+        locals.entry(topic.clone()).or_default().clone()
+    }
+
+    fn forget(&self, topic: &TopicName) {
+        let mut locals = self.locals.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(local) = locals.remove(topic) {
+            local.changed.notify_waiters();
+        }
+    }
+
+    /// The stream's metadata as stored, whatever its state; `None` if the topic is no stream.
+    pub async fn load(app: &App, topic: &TopicName) -> Result<Option<(Meta, bool)>, Error> {
+        let Some(StreamState { record, sealed }) = app.hub.stream_state(topic).await? else {
+            return Ok(None);
+        };
+        let meta = Meta::decode(&record).map_err(crate::store::StoreError::Internal)?;
+        Ok(Some((meta, sealed)))
+    }
+
+    /// The metadata of a stream that can be read or written now: `404` when there is none
+    /// or its lifetime is over (`410` if forks still read it), `410` when it was deleted
+    /// while forks remained.
+    pub async fn open(&self, app: &App, topic: &TopicName) -> Result<Meta, Error> {
+        let Some((meta, _)) = Self::load(app, topic).await? else {
+            return Err(DurableError::NotFound.into());
+        };
+        let local = self.local(topic);
+        local.lifetime.store(
+            meta.ttl.is_some() || meta.expires_ms.is_some(),
+            Ordering::Relaxed,
+        );
+        if meta.deleted {
+            return Err(DurableError::Gone.into());
+        }
+        if meta.expired(now_millis(), local.accessed.load(Ordering::Relaxed)) {
+            return Err(if meta.forks > 0 {
+                DurableError::Gone
+            } else {
+                DurableError::NotFound
+            }
+            .into());
+        }
+        Ok(meta)
+    }
+
+    /// Stores `meta` as the stream's state, appending nothing.
+    pub async fn save(app: &App, topic: &TopicName, meta: &Meta) -> Result<(), Error> {
+        app.write_stream(
+            topic,
+            StreamWrite {
+                time: now_millis(),
+                state: Some(StreamState {
+                    record: meta.encode(),
+                    sealed: meta.closed,
+                }),
+                ..StreamWrite::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Ends a stream whose lifetime is over or that was deleted, the caller holding its
+    /// write lock: hidden (kept for its forks, `410`) while forks remain, else removed with
+    /// its history, releasing its own fork source.
+    pub async fn retire(&self, app: &App, topic: &TopicName, mut meta: Meta) -> Result<(), Error> {
+        if meta.forks > 0 {
+            if !meta.deleted {
+                meta.deleted = true;
+                Self::save(app, topic, &meta).await?;
+            }
+            self.local(topic).changed.notify_waiters();
+            return Ok(());
+        }
+        app.write_stream(
+            topic,
+            StreamWrite {
+                clear: true,
+                time: now_millis(),
+                ..StreamWrite::default()
+            },
+        )
+        .await?;
+        self.forget(topic);
+        if let Some(source) = meta.fork.and_then(|f| TopicName::parse(&f.source).ok()) {
+            Box::pin(self.release(app, &source)).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops one fork's reference on `source`; a source deleted or expired meanwhile goes
+    /// with its last fork (and so on up the chain).
+    async fn release(&self, app: &App, source: &TopicName) -> Result<(), Error> {
+        let local = self.local(source);
+        let _writing = local.write.lock().await;
+        let Some((mut meta, _)) = Self::load(app, source).await? else {
+            return Ok(());
+        };
+        meta.forks = meta.forks.saturating_sub(1);
+        let over =
+            meta.deleted || meta.expired(now_millis(), local.accessed.load(Ordering::Relaxed));
+        if meta.forks == 0 && over {
+            self.retire(app, source, meta).await
+        } else {
+            Self::save(app, source, &meta).await
+        }
+    }
+
+    /// Expires, every 200 ms, the streams with a lifetime that are over: readers and
+    /// writers would see them as gone anyway; this frees their history and releases their
+    /// fork sources even when nobody asks for them again.
+    pub async fn run_sweeper(self: Arc<Self>, app: crate::AppState, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let candidates: Vec<(TopicName, Arc<Local>)> = {
+                let locals = self.locals.lock().unwrap_or_else(|e| e.into_inner());
+                locals
+                    .iter()
+                    .filter(|(_, local)| local.lifetime.load(Ordering::Relaxed))
+                    .map(|(topic, local)| (topic.clone(), local.clone()))
+                    .collect()
+            };
+            for (topic, local) in candidates {
+                if let Err(error) = self.expire(&app, &topic, &local).await {
+                    tracing::warn!(%topic, %error, "expiring a stream failed");
+                }
+            }
+        }
+    }
+
+    async fn expire(&self, app: &App, topic: &TopicName, local: &Local) -> Result<(), Error> {
+        let _writing = local.write.lock().await;
+        let Some((meta, _)) = Self::load(app, topic).await? else {
+            self.forget(topic);
+            return Ok(());
+        };
+        let accessed = local.accessed.load(Ordering::Relaxed);
+        if meta.deleted || !meta.expired(now_millis(), accessed) {
+            return Ok(());
+        }
+        self.retire(app, topic, meta).await
+    }
+}
