@@ -505,8 +505,9 @@ impl Hub {
         Ok(written)
     }
 
-    /// Reads the topic's log after `after` (at most `limit` messages), as it is now, following
-    /// it first when it is shared, so that what a reader reads next is also offered live.
+    /// Reads the topic's log after `after` (at most `limit` messages) from the store itself,
+    /// so that it includes every append acknowledged before it (a shared log's local tail
+    /// may lag), following it first, so that what comes next is also offered live.
     pub async fn read(
         &self,
         topic: &TopicName,
@@ -515,9 +516,6 @@ impl Hub {
     ) -> Result<LogRead, HubError> {
         let topic = self.topic(topic);
         topic.follow().await;
-        if let Some(read) = topic.log.read_now(after, limit) {
-            return Ok(read?);
-        }
         Ok(topic.log.read(after, limit).await?)
     }
 

@@ -208,9 +208,8 @@ impl TopicLog for RedisLog {
     }
 
     async fn read(&self, after: MessageId, limit: usize) -> Result<LogRead, StoreError> {
-        if let Some(read) = self.read_now(after, limit) {
-            return read;
-        }
+        // From Redis itself: the local tail may not have received this node's own latest
+        // appends yet; `read_now` answers from it where that is good enough.
         self.shared.read(&self.topic, after, limit).await
     }
 
