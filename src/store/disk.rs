@@ -683,6 +683,62 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_stream_keeps_everything_its_state_survives_a_reopen_and_a_seal_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = Payload::from_json(r#"{"n":1}"#).unwrap();
+        let event = EventName::default_event;
+        {
+            let store = open(dir.path(), 2, None);
+            let log = store.open(&topic("s"), super::super::nowhere());
+            log.append(event(), &data, 1).await.unwrap();
+            let written = log
+                .write_stream(StreamWrite {
+                    clear: true,
+                    messages: vec![(event(), data.clone()), (event(), data.clone())],
+                    time: 1,
+                    state: Some(StreamState {
+                        record: Bytes::from_static(b"meta"),
+                        sealed: false,
+                    }),
+                })
+                .await
+                .unwrap();
+            assert_eq!(written.head.first_retained, 2, "clear dropped id 1");
+            for _ in 0..3 {
+                log.append(event(), &data, 1).await.unwrap();
+            }
+            assert_eq!(
+                ids(&log, 0).await,
+                [2, 3, 4, 5, 6],
+                "a stream is not trimmed to --history-size 2"
+            );
+            log.write_stream(StreamWrite {
+                state: Some(StreamState {
+                    record: Bytes::from_static(b"closed"),
+                    sealed: true,
+                }),
+                ..StreamWrite::default()
+            })
+            .await
+            .unwrap();
+        }
+        let store = open(dir.path(), 2, None);
+        let log = store.open(&topic("s"), super::super::nowhere());
+        let state = log.stream().await.unwrap().unwrap();
+        assert_eq!((&state.record[..], state.sealed), (&b"closed"[..], true));
+        assert!(matches!(
+            log.append(event(), &data, 1).await,
+            Err(StoreError::Sealed)
+        ));
+        assert_eq!(ids(&log, 0).await, [2, 3, 4, 5, 6]);
+        // Removing the state returns the topic to ordinary retention and appends.
+        log.write_stream(StreamWrite::default()).await.unwrap();
+        assert!(log.stream().await.unwrap().is_none());
+        log.append(event(), &data, 1).await.unwrap();
+        assert_eq!(ids(&log, 0).await, [6, 7]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn history_and_counters_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 3, None);
