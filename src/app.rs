@@ -188,6 +188,8 @@ pub fn router(state: AppState) -> Router {
             TransportKind::Ws => router
                 .route(&path, get(transport::ws::topic_ws))
                 .route("/ws", get(transport::ws::multiplexed_ws)),
+            // Served under `--ds-path` below; `--transports` never lists them.
+            TransportKind::DsSse | TransportKind::DsLongpoll => router,
         };
     }
     let mut router = router

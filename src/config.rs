@@ -31,7 +31,7 @@ pub struct Config {
         env = "PUSHHUB_TRANSPORTS",
         value_delimiter = ',',
         default_value = "poll,longpoll,sse,ws,stream",
-        value_enum
+        value_parser = parse_served_transport
     )]
     pub transports: Vec<TransportKind>,
 
@@ -251,6 +251,20 @@ pub struct Config {
     pub ds_long_poll_timeout: Duration,
 }
 
+/// A transport `--transports` can switch: pushhub's own (Durable Streams reads are served,
+/// or not, with `--ds-path`).
+fn parse_served_transport(value: &str) -> Result<TransportKind, String> {
+    match value.parse::<TransportKind>() {
+        Ok(kind) if !kind.is_durable() => Ok(kind),
+        Ok(kind) => Err(format!(
+            "{kind} is served under --ds-path, not switched by --transports"
+        )),
+        Err(_) => Err(format!(
+            "unknown transport {value:?}: use poll, longpoll, sse, ws or stream"
+        )),
+    }
+}
+
 /// `--ds-path`: `off`, or an absolute path (its trailing slash dropped).
 fn parse_ds_path(value: &str) -> Result<String, String> {
     if value == "off" {
@@ -267,7 +281,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            transports: TransportKind::ALL.to_vec(),
+            transports: TransportKind::NATIVE.to_vec(),
             history_size: 1000,
             history_max_age: Duration::from_secs(3600),
             max_body: 64 * 1024,
@@ -372,6 +386,9 @@ impl Config {
 
     /// Whether `transport` is served.
     pub fn serves(&self, transport: TransportKind) -> bool {
+        if transport.is_durable() {
+            return self.durable_path().is_some();
+        }
         self.transports.contains(&transport)
     }
 

@@ -101,6 +101,39 @@ fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
 }
 
 #[test]
+fn durable_streams_reads_are_benched_beside_the_native_transports() {
+    let (printed, _) = bench(
+        "ds",
+        &[
+            "--transports",
+            "ds-sse,ds-longpoll,sse",
+            "--subscribers",
+            "20",
+            "--rate",
+            "100",
+            "--duration",
+            "500ms",
+        ],
+    );
+    let results = printed["results"].as_array().unwrap();
+    let transports: Vec<&str> = results
+        .iter()
+        .map(|r| r["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(transports, ["ds-sse", "ds-longpoll", "sse"]);
+    for r in results {
+        let t = r["transport"].as_str().unwrap();
+        assert_eq!(r["published"], 50, "{t}");
+        assert_eq!(r["deliveries"], 1000, "{t}: 20 subscribers x 50 appends");
+        assert_eq!(r["lost"], 0, "{t}");
+        assert_eq!(r["duplicates"], 0, "{t}");
+        assert_eq!(r["drained"], true, "{t}");
+        assert!(r["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(r["server"]["cpu_us_per_delivery"].as_f64().is_some(), "{t}");
+    }
+}
+
+#[test]
 fn bench_refuses_a_remote_url_without_allow_remote() {
     let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
         .args([

@@ -165,7 +165,8 @@ async fn topic_info_counts_subscribers_per_transport() {
     assert_eq!(
         body,
         json!({"topic": "info", "last_id": 3, "oldest_id": 1,
-               "subscribers": {"poll": 2, "longpoll": 0, "sse": 1, "ws": 2, "stream": 1}})
+               "subscribers": {"poll": 2, "longpoll": 0, "sse": 1, "ws": 2, "stream": 1,
+                               "ds-sse": 0, "ds-longpoll": 0}})
     );
 
     drop(_sse);
@@ -556,11 +557,11 @@ async fn stats_count_subscribers_deliveries_requests_and_bytes_per_transport() {
     assert_eq!(stats["subscribers"]["poll"], 1);
     assert_eq!(
         stats["deliveries"],
-        json!({"poll": 2, "longpoll": 1, "sse": 2, "ws": 2, "stream": 2})
+        json!({"poll": 2, "longpoll": 1, "sse": 2, "ws": 2, "stream": 2, "ds-sse": 0, "ds-longpoll": 0})
     );
     assert_eq!(
         stats["requests"],
-        json!({"poll": 2, "longpoll": 1, "sse": 1, "ws": 1, "stream": 1})
+        json!({"poll": 2, "longpoll": 1, "sse": 1, "ws": 1, "stream": 1, "ds-sse": 0, "ds-longpoll": 0})
     );
     for transport in ["poll", "longpoll", "sse", "ws", "stream"] {
         assert!(

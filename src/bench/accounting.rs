@@ -38,6 +38,9 @@ pub struct Tracker {
     pub recovery: Histogram<u64>,
     /// When the connection was lost, µs since the epoch, until it is served again.
     lost_at: Option<u64>,
+    /// Where a Durable Streams reader resumes: the opaque offset its server last gave
+    /// (offsets are the server's business: pushhub counts messages, others count bytes).
+    pub offset: Option<String>,
 }
 
 impl Default for Tracker {
@@ -54,6 +57,7 @@ impl Default for Tracker {
             reconnects: 0,
             recovery: latency_histogram(),
             lost_at: None,
+            offset: None,
         }
     }
 }

@@ -36,6 +36,8 @@ pub(super) fn colour(transport: &str) -> &'static str {
         Ok(TransportKind::Sse) => "#2e9d5b",
         Ok(TransportKind::Longpoll) => "#b7791f",
         Ok(TransportKind::Stream) => "#6b46c1",
+        Ok(TransportKind::DsSse) => "#0e7c86",
+        Ok(TransportKind::DsLongpoll) => "#c05621",
         Ok(TransportKind::Poll) | Err(_) => "#9b2c2c",
     }
 }

@@ -32,6 +32,8 @@ pub struct Response {
     pub status: u16,
     /// The body, de-chunked.
     pub body: Vec<u8>,
+    /// A Durable Streams server's `Stream-Next-Offset`, when it sent one.
+    pub next_offset: Option<String>,
 }
 
 /// How a body is delimited.
@@ -48,6 +50,7 @@ struct Head {
     status: u16,
     framing: Framing,
     close: bool,
+    next_offset: Option<String>,
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -133,6 +136,7 @@ impl Connection {
         Ok(Response {
             status: head.status,
             body,
+            next_offset: head.next_offset,
         })
     }
 
@@ -203,7 +207,11 @@ impl Connection {
                     let status = response.code.unwrap_or(0);
                     let mut framing = Framing::Close;
                     let mut close = false;
+                    let mut next_offset = None;
                     for header in response.headers.iter() {
+                        if header.name.eq_ignore_ascii_case("stream-next-offset") {
+                            next_offset = std::str::from_utf8(header.value).ok().map(str::to_owned);
+                        }
                         if header.name.eq_ignore_ascii_case("content-length") {
                             let len = std::str::from_utf8(header.value)
                                 .ok()
@@ -216,11 +224,16 @@ impl Connection {
                             close = header.value.eq_ignore_ascii_case(b"close");
                         }
                     }
+                    if matches!(status, 100..=199 | 204 | 304) {
+                        // No body, whatever the headers say (a 204 has no length).
+                        framing = Framing::Length(0);
+                    }
                     self.buf.drain(..len);
                     return Ok(Head {
                         status,
                         framing,
                         close,
+                        next_offset,
                     });
                 }
                 httparse::Status::Partial => self.fill().await?,

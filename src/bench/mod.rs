@@ -201,6 +201,9 @@ async fn warm_up(
         served: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
+    if transport.is_durable() {
+        phase::create_stream(http, server.publisher_base(), &topic).await?;
+    }
     let mut subscribers = JoinSet::new();
     for index in 0..SUBSCRIBERS {
         let phase = phase.clone();
@@ -225,6 +228,7 @@ async fn warm_up(
         MESSAGES as f64 * 10.0,
         server.publisher_base(),
         &topics,
+        transport,
     )
     .await;
     wait_drained(&phase, &last_ids, Duration::from_secs(10)).await;

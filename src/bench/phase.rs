@@ -49,6 +49,13 @@ pub(super) async fn run_phase(
         served: (0..args.subscribers).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
+    if transport.is_durable() {
+        // A Durable Streams read needs a stream: the phase's topics become JSON streams, and
+        // the publisher's publishes are their appends.
+        for topic in &phase.topics {
+            create_stream(http, server.publisher_base(), topic).await?;
+        }
+    }
     let rss_before = server.rss_kib();
     let progress = progress_bar(args, transport);
     let connect_cpu_start = server.cpu_ns();
@@ -81,7 +88,7 @@ pub(super) async fn run_phase(
     progress.set_length(args.duration.as_millis() as u64);
     progress.set_position(0);
     let started = Instant::now();
-    let load = apply_load(args, rate, server, &phase).await;
+    let load = apply_load(args, rate, server, &phase, transport).await;
     let elapsed = started.elapsed();
     let window = Window {
         cpu: cpu_start.zip(server.cpu_times()),
@@ -140,6 +147,27 @@ pub(super) async fn run_phase(
         recovery_ms: (seen.total.reconnects > 0).then(|| Percentiles::of(&seen.total.recovery)),
         failure: None,
     })
+}
+
+/// Creates `topic` as a Durable Streams JSON stream.
+pub(super) async fn create_stream(
+    http: &reqwest::Client,
+    base: &str,
+    topic: &str,
+) -> Result<(), BenchError> {
+    let response = http
+        .put(format!("{base}/v1/stream/{topic}"))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .map_err(|e| BenchError::Client(format!("creating stream {topic}: {e}")))?;
+    if response.status() != 201 {
+        return Err(BenchError::Client(format!(
+            "creating stream {topic}: answered {}",
+            response.status()
+        )));
+    }
+    Ok(())
 }
 
 /// Fresh topics for a phase: one, or `--topics` of them for the chat scenario.
@@ -245,12 +273,24 @@ struct Load {
 }
 
 /// Publishes at `rate` and waits for the drain, or (idle) waits out the duration.
-async fn apply_load(args: &BenchArgs, rate: f64, server: &Server, phase: &Phase) -> Load {
+async fn apply_load(
+    args: &BenchArgs,
+    rate: f64,
+    server: &Server,
+    phase: &Phase,
+    transport: TransportKind,
+) -> Load {
     match args.scenario {
         Scenario::Fanout | Scenario::Throughput | Scenario::Chat | Scenario::Compare => {
             let started = Instant::now();
-            let (last_ids, published, errors) =
-                publisher::publish(args, rate, server.publisher_base(), &phase.topics).await;
+            let (last_ids, published, errors) = publisher::publish(
+                args,
+                rate,
+                server.publisher_base(),
+                &phase.topics,
+                transport,
+            )
+            .await;
             let publish_rate = published as f64 / started.elapsed().as_secs_f64();
             let drained = wait_drained(phase, &last_ids, args.drain_timeout).await;
             Load {
@@ -408,10 +448,18 @@ pub(super) async fn wait_subscribed(
                 Err(e) => BenchError::Client(e.to_string()),
             });
         }
+        let all_served = phase.served.iter().all(|s| s.load(Ordering::Relaxed));
+        // A Durable Streams reader resumes by offset, so once served (its SSE response open,
+        // its first catch-up read answered) it misses nothing; and the server may not be
+        // pushhub (the Node reference server has no /topics).
+        if transport.is_durable() && all_served {
+            return Ok(());
+        }
         let mut counted = 0;
         for (base, topic) in bases
             .iter()
             .flat_map(|b| topics.iter().map(move |t| (b, t)))
+            .filter(|_| !transport.is_durable())
         {
             let info: serde_json::Value = http
                 .get(format!("{base}/topics/{topic}"))
@@ -424,8 +472,7 @@ pub(super) async fn wait_subscribed(
                 .map_err(|e| BenchError::Server(e.to_string()))?;
             counted += info["subscribers"][transport.name()].as_u64().unwrap_or(0) as usize;
         }
-        let all_served = phase.resume && phase.served.iter().all(|s| s.load(Ordering::Relaxed));
-        if counted >= expected || all_served {
+        if counted >= expected || (phase.resume && all_served) {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::task::JoinSet;
 
 use super::{BenchArgs, accounting::now_micros, http};
+use crate::message::TransportKind;
 
 /// Publishes in flight at once.
 const PUBLISH_CONCURRENCY: usize = 16;
@@ -13,11 +14,14 @@ const PUBLISH_CONCURRENCY: usize = 16;
 /// Publishes `rate × duration` messages at a steady pace, over `PUBLISH_CONCURRENCY`
 /// keep-alive connections; returns the highest id per topic, how many were acknowledged,
 /// and how many failed.
+/// For a Durable Streams transport the messages are appends (`POST /v1/stream/{t}`) and a
+/// topic's last id is how many of them were acknowledged (the topics are fresh).
 pub(super) async fn publish(
     args: &BenchArgs,
     rate: f64,
     base: &str,
     topics: &[String],
+    transport: TransportKind,
 ) -> (Vec<u64>, u64, u64) {
     let count = (rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
     let padding = "x".repeat(args.payload_bytes.saturating_sub(30));
@@ -35,7 +39,11 @@ pub(super) async fn publish(
             break;
         };
         let slot = i as usize % topics.len();
-        let path = format!("/topics/{}", topics[slot]);
+        let path = if transport.is_durable() {
+            format!("/v1/stream/{}", topics[slot])
+        } else {
+            format!("/topics/{}", topics[slot])
+        };
         let body = format!(r#"{{"t":{},"p":"{padding}"}}"#, now_micros());
         let give_back = give_back.clone();
         posts.spawn(async move {
@@ -45,9 +53,13 @@ pub(super) async fn publish(
             if !(200..300).contains(&answer.status) {
                 return None;
             }
+            if answer.status == 204 {
+                // A Durable Streams append: acknowledged, counted below.
+                return Some((slot, None));
+            }
             let id =
                 serde_json::from_slice::<serde_json::Value>(&answer.body).ok()?["id"].as_u64()?;
-            Some((slot, id))
+            Some((slot, Some(id)))
         });
     }
     let (mut last_ids, mut ok, mut failed) = (vec![0; topics.len()], 0, 0);
@@ -55,7 +67,10 @@ pub(super) async fn publish(
         match joined.ok().flatten() {
             Some((slot, id)) => {
                 ok += 1;
-                last_ids[slot] = last_ids[slot].max(id);
+                last_ids[slot] = match id {
+                    Some(id) => last_ids[slot].max(id),
+                    None => last_ids[slot] + 1,
+                };
             }
             None => failed += 1,
         }

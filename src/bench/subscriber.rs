@@ -50,6 +50,13 @@ struct Payload {
     t: u64,
 }
 
+/// A Durable Streams SSE control event: where the reader stands.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Control {
+    stream_next_offset: String,
+}
+
 #[derive(Deserialize)]
 struct PollAnswer {
     messages: Vec<Envelope>,
@@ -75,9 +82,28 @@ impl Phase {
     }
 
     fn record(&self, index: usize, tracker: &mut Tracker, envelope: &Envelope) {
-        tracker.on_message(envelope.id, envelope.data.t, now_micros());
+        self.record_at(index, tracker, envelope.id, envelope.data.t);
+    }
+
+    fn record_at(&self, index: usize, tracker: &mut Tracker, id: u64, published: u64) {
+        tracker.on_message(id, published, now_micros());
         self.progress[index].store(tracker.last_id, Ordering::Relaxed);
     }
+
+    /// Records the values a Durable Streams read returned after the reader's last id: one
+    /// value per publish, so the stream's n-th value is the (fresh) topic's id n.
+    fn record_values(&self, index: usize, tracker: &mut Tracker, values: &[Payload]) {
+        for value in values {
+            let id = tracker.last_id + 1;
+            self.record_at(index, tracker, id, value.t);
+        }
+    }
+}
+
+/// Where a Durable Streams reader starts: the offset its server last gave, else the
+/// beginning (the phase's streams are fresh).
+fn ds_offset(tracker: &Tracker) -> &str {
+    tracker.offset.as_deref().unwrap_or("-1")
 }
 
 /// How one connection of a subscriber ended.
@@ -110,7 +136,8 @@ pub(crate) async fn run(
             TransportKind::Ws => websocket(&phase, index, &mut tracker).await?,
             TransportKind::Sse => sse(&phase, index, &mut tracker).await?,
             TransportKind::Stream => ndjson(&phase, index, &mut tracker).await?,
-            TransportKind::Longpoll | TransportKind::Poll => {
+            TransportKind::DsSse => body_stream(&DS_SSE, &phase, index, &mut tracker).await?,
+            TransportKind::Longpoll | TransportKind::Poll | TransportKind::DsLongpoll => {
                 polling(transport, &phase, index, &mut tracker).await?
             }
         };
@@ -145,9 +172,10 @@ pub(crate) async fn run(
 }
 
 /// The subscriber is served: counted, and a recovery ends if one was under way.
-fn served(tracker: &mut Tracker) {
+fn served(phase: &Phase, index: usize, tracker: &mut Tracker) {
     tracker.requests += 1;
     tracker.served(now_micros());
+    phase.served[index].store(true, Ordering::Relaxed);
 }
 
 async fn websocket(
@@ -178,7 +206,7 @@ async fn websocket(
             }
             Err(e) => return Ok(Ended::Failed(format!("WebSocket connect: {e}"))),
         };
-    served(tracker);
+    served(phase, index, tracker);
     let ended = loop {
         let frame = tokio::select! {
             frame = socket.next() => frame,
@@ -200,43 +228,88 @@ async fn websocket(
     Ok(ended)
 }
 
-/// How a streamed body separates its items, and where an item's envelope is.
+/// How a streamed body is asked for, separates its items, and what an item carries.
 struct BodyItems {
     /// The transport, for errors.
     name: &'static str,
-    /// The path's last segment and the `accept` header.
-    endpoint: &'static str,
+    /// The path to open, from where the subscriber stands.
+    path: fn(&Phase, usize, &Tracker) -> String,
+    /// The `accept` header.
     accept: &'static str,
     /// What ends an item: a blank line (SSE), a newline (NDJSON).
     delimiter: &'static [u8],
-    /// The envelope an item carries, if it is a message.
-    envelope: fn(&[u8]) -> Option<&[u8]>,
+    /// Records the messages one item carries, if any.
+    record: fn(&Phase, usize, &mut Tracker, &[u8]),
+}
+
+/// The path of one of pushhub's own streaming endpoints.
+fn native_path(phase: &Phase, index: usize, endpoint: &str, after: u64) -> String {
+    format!("/topics/{}/{endpoint}?after={after}", phase.topic_of(index))
+}
+
+/// Records an item that is a whole envelope.
+fn record_envelope(phase: &Phase, index: usize, tracker: &mut Tracker, item: &[u8]) {
+    if let Ok(envelope) = serde_json::from_slice::<Envelope>(item) {
+        phase.record(index, tracker, &envelope);
+    }
 }
 
 /// An HTTP stream: one envelope per line (signal and keep-alive lines are not envelopes and
 /// fail to parse as one).
 const NDJSON: BodyItems = BodyItems {
     name: "stream",
-    endpoint: "stream",
+    path: |phase, index, tracker| native_path(phase, index, "stream", tracker.last_id),
     accept: "accept: application/x-ndjson",
     delimiter: b"\n",
-    envelope: |line| Some(line),
+    record: record_envelope,
 };
 
 /// SSE: the `data:` of each event that is not a signal.
 const SSE: BodyItems = BodyItems {
     name: "SSE",
-    endpoint: "sse",
+    path: |phase, index, tracker| native_path(phase, index, "sse", tracker.last_id),
     accept: "accept: text/event-stream",
     delimiter: b"\n\n",
-    envelope: |block| {
+    record: |phase, index, tracker, block| {
         let is_signal = block
             .split(|&b| b == b'\n')
             .any(|l| l == b"event: truncated" || l == b"event: reset");
         let data = block
             .split(|&b| b == b'\n')
             .find_map(|l| l.strip_prefix(b"data: "));
-        data.filter(|_| !is_signal)
+        if let Some(data) = data.filter(|_| !is_signal) {
+            record_envelope(phase, index, tracker, data);
+        }
+    },
+};
+
+/// A Durable Streams SSE read: each `data` event is a JSON array of the values after the
+/// reader's offset (its `data:` lines joined); `control` events only say where it stands.
+const DS_SSE: BodyItems = BodyItems {
+    name: "ds-sse",
+    path: |phase, index, tracker| {
+        format!(
+            "/v1/stream/{}?offset={}&live=sse",
+            phase.topic_of(index),
+            ds_offset(tracker)
+        )
+    },
+    accept: "accept: text/event-stream",
+    delimiter: b"\n\n",
+    record: |phase, index, tracker, block| {
+        let mut lines = block.split(|&b| b == b'\n');
+        let event = lines.next();
+        let data: Vec<&[u8]> = lines.filter_map(|l| l.strip_prefix(b"data:")).collect();
+        let data = data.join(&b'\n');
+        if event == Some(&b"event: data"[..]) {
+            if let Ok(values) = serde_json::from_slice::<Vec<Payload>>(&data) {
+                phase.record_values(index, tracker, &values);
+            }
+        } else if event == Some(&b"event: control"[..])
+            && let Ok(control) = serde_json::from_slice::<Control>(&data)
+        {
+            tracker.offset = Some(control.stream_next_offset);
+        }
     },
 };
 
@@ -248,19 +321,15 @@ async fn sse(phase: &Phase, index: usize, tracker: &mut Tracker) -> Result<Ended
     body_stream(&SSE, phase, index, tracker).await
 }
 
-/// Reads a streamed body (SSE or NDJSON) until the phase stops, recording every envelope.
+/// Reads a streamed body (SSE, NDJSON, Durable Streams SSE) until the phase stops,
+/// recording every message.
 async fn body_stream(
     items: &BodyItems,
     phase: &Phase,
     index: usize,
     tracker: &mut Tracker,
 ) -> Result<Ended, BenchError> {
-    let path = format!(
-        "/topics/{}/{}?after={}",
-        phase.topic_of(index),
-        items.endpoint,
-        tracker.last_id
-    );
+    let path = (items.path)(phase, index, tracker);
     let mut connection = Connection::new(phase.base_of(index));
     let headers = [items.accept];
     let opened = tokio::select! {
@@ -277,7 +346,7 @@ async fn body_stream(
             items.name
         )));
     }
-    served(tracker);
+    served(phase, index, tracker);
     let delimiter = items.delimiter;
     let mut buffer: Vec<u8> = Vec::new();
     // Where the search for the end of the next item resumes.
@@ -300,11 +369,7 @@ async fn body_stream(
             .position(|w| w == delimiter)
             .map(|at| scanned.max(start) + at)
         {
-            if let Some(data) = (items.envelope)(&buffer[start..end])
-                && let Ok(envelope) = serde_json::from_slice::<Envelope>(data)
-            {
-                phase.record(index, tracker, &envelope);
-            }
+            (items.record)(phase, index, tracker, &buffer[start..end]);
             start = end + delimiter.len();
         }
         buffer.drain(..start);
@@ -321,11 +386,23 @@ async fn polling(
 ) -> Result<Ended, BenchError> {
     let mut connection = Connection::new(phase.base_of(index));
     let mut after = tracker.last_id;
+    // A Durable Streams reader catches up first (answered at once), then long-polls.
+    let mut caught_up = kind != TransportKind::DsLongpoll;
     while !phase.stop.is_cancelled() {
         let path = match kind {
+            TransportKind::DsLongpoll if !caught_up => format!(
+                "/v1/stream/{}?offset={}",
+                phase.topic_of(index),
+                ds_offset(tracker)
+            ),
             TransportKind::Longpoll => format!(
                 "/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
                 phase.topic_of(index)
+            ),
+            TransportKind::DsLongpoll => format!(
+                "/v1/stream/{}?offset={}&live=long-poll",
+                phase.topic_of(index),
+                ds_offset(tracker)
             ),
             _ => format!(
                 "/topics/{}/poll?after={after}&limit=1000&client=bench-{index}",
@@ -340,15 +417,29 @@ async fn polling(
             Ok(answer) => answer,
             Err(e) => return Ok(Ended::Failed(format!("{kind}: {e}"))),
         };
-        if answer.status != 200 {
+        let durable = kind == TransportKind::DsLongpoll;
+        if !(answer.status == 200 || durable && answer.status == 204) {
             return Err(BenchError::Client(format!(
                 "{kind} answered {}: {}",
                 answer.status,
                 String::from_utf8_lossy(&answer.body)
             )));
         }
-        served(tracker);
+        served(phase, index, tracker);
         tracker.bytes += answer.body.len() as u64;
+        if durable {
+            // 204: the wait ended with nothing new; 200: the values after the offset.
+            if answer.status == 200 {
+                let values: Vec<Payload> = serde_json::from_slice(&answer.body)
+                    .map_err(|e| BenchError::Client(format!("{kind} answer: {e}")))?;
+                phase.record_values(index, tracker, &values);
+            }
+            if let Some(offset) = answer.next_offset {
+                tracker.offset = Some(offset);
+            }
+            caught_up = true;
+            continue;
+        }
         let answer: PollAnswer = serde_json::from_slice(&answer.body)
             .map_err(|e| BenchError::Client(format!("{kind} answer: {e}")))?;
         for envelope in &answer.messages {

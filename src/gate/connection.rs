@@ -200,7 +200,7 @@ async fn request(
     if first && let Some(link) = link_asked(shared, peer, &head) {
         return Next::Link(Box::new(link), head.into_buffer());
     }
-    match route(&head, shared.served) {
+    match route(&head, shared.served, shared.app.config.durable_path()) {
         // Not boxed again: this request's future is itself boxed and gone once it answers
         // (a parked long poll or a stream continues in a future of its own).
         Some((endpoint, topic)) => {
@@ -405,6 +405,7 @@ async fn dispatch(
         TransportKind::Sse => sse_call(call, io).await,
         TransportKind::Ws => ws_call(call, io).await,
         TransportKind::Stream => stream_call(call, io).await,
+        TransportKind::DsSse | TransportKind::DsLongpoll => durable_call(call, io).await,
     }
 }
 
@@ -707,6 +708,70 @@ fn answered(answer: Result<Vec<u8>, Error>, meta: &Meta) -> Vec<u8> {
 }
 
 /// Writes a response (within the stall limit); what comes next.
+/// A Durable Streams live read on the raw socket: a long poll's whole answer, or an SSE
+/// stream written event by event, with the protocol's headers on every answer.
+async fn durable_call(call: Call<'_>, io: &mut Io) -> Next {
+    use crate::transport::durable::{self, read::Live, read::SECURITY_HEADERS};
+    let stall = call.app.config.stall_timeout;
+    let refuse = |error: &Error, call: &Call<'_>| {
+        let answer = response::error_with(error, &call.meta, &SECURITY_HEADERS);
+        call.heads(answer.len());
+        answer
+    };
+    let topic = match crate::message::TopicName::parse(&call.topic) {
+        Ok(topic) => topic,
+        Err(invalid) => return finish(io, refuse(&invalid.into(), &call), call.close, stall).await,
+    };
+    if let Err(error) = call.access.check_subscribe(&topic) {
+        return finish(io, refuse(&error, &call), call.close, stall).await;
+    }
+    let query = durable::Query::parse(Some(call.head.query()));
+    let client = call.access.client_key(Some(call.peer.ip()));
+    let live = boxed(|| durable::read::live(call.app, &topic, &query, client)).await;
+    fn with_security<'a>(headers: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+        let mut all: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        all.extend_from_slice(&SECURITY_HEADERS);
+        all
+    }
+    match live {
+        Err(error) => finish(io, refuse(&error, &call), call.close, stall).await,
+        Ok(Live::Reply(reply)) => {
+            let headers = with_security(&reply.headers);
+            let answer = response::full(reply.status, &headers, &call.meta, &reply.body);
+            call.heads(answer.len() - reply.body.len());
+            finish(io, answer, call.close, stall).await
+        }
+        Ok(Live::Sse { headers, mut read }) => {
+            let head = response::head(
+                StatusCode::OK,
+                &with_security(&headers),
+                &call.meta,
+                Length::Chunked,
+            );
+            call.heads(head.len());
+            if io.write_all_within(&head, stall).await.is_err() {
+                return Next::Close;
+            }
+            drop(headers);
+            let close = call.close;
+            drop(call);
+            while let Some(chunk) = read.next_chunk().await {
+                if chunk.is_empty() {
+                    continue;
+                }
+                let mut framed = Vec::with_capacity(chunk.len() + 16);
+                crate::message::wire::push_chunk_start(&mut framed, chunk.len());
+                framed.extend_from_slice(&chunk);
+                framed.extend_from_slice(b"\r\n");
+                if io.write_all_within(&framed, stall).await.is_err() {
+                    return Next::Close;
+                }
+            }
+            finish(io, b"0\r\n\r\n".to_vec(), close, stall).await
+        }
+    }
+}
+
 async fn finish(io: &mut Io, response: Vec<u8>, close: bool, stall: Duration) -> Next {
     match io.write_all_within(&response, stall).await {
         Ok(()) if !close => Next::KeepAlive(Vec::new()),
@@ -752,7 +817,11 @@ async fn read_head(
 
 /// The endpoint a request head asks for, if pushhub serves it on the raw socket, and its
 /// `{topic}` segment, percent-decoded.
-fn route(head: &RequestHead, served: Served) -> Option<(TransportKind, Option<Cow<'_, str>>)> {
+fn route<'a>(
+    head: &'a RequestHead,
+    served: Served,
+    durable: Option<&str>,
+) -> Option<(TransportKind, Option<Cow<'a, str>>)> {
     if !head.is_plain_get() {
         return None;
     }
@@ -762,9 +831,27 @@ fn route(head: &RequestHead, served: Served) -> Option<(TransportKind, Option<Co
             .has(TransportKind::Ws)
             .then_some((TransportKind::Ws, None));
     }
+    if let Some(name) = durable
+        .and_then(|prefix| path.strip_prefix(prefix))
+        .and_then(|rest| rest.strip_prefix('/'))
+    {
+        // A Durable Streams live read; anything else there goes to the router.
+        let query = head.query();
+        let endpoint = if query.contains("live=sse") {
+            TransportKind::DsSse
+        } else if query.contains("live=long-poll") {
+            TransportKind::DsLongpoll
+        } else {
+            return None;
+        };
+        if name.is_empty() || !served.has(endpoint) {
+            return None;
+        }
+        return Some((endpoint, Some(percent_decode(name)?)));
+    }
     let (topic, kind) = path.strip_prefix("/topics/")?.split_once('/')?;
     let endpoint: TransportKind = kind.parse().ok()?;
-    if topic.is_empty() || !served.has(endpoint) {
+    if topic.is_empty() || endpoint.is_durable() || !served.has(endpoint) {
         return None;
     }
     let topic = percent_decode(topic)?;
@@ -820,7 +907,8 @@ mod tests {
         let (Parsed::Head(head), _) = RequestHead::parse(request.as_bytes().to_vec()) else {
             panic!("not a head: {request}");
         };
-        route(&head, Served::of(&crate::Config::default()))
+        let config = crate::Config::default();
+        route(&head, Served::of(&config), config.durable_path())
             .map(|(e, t)| (e, t.map(Cow::into_owned)))
     }
 
@@ -842,7 +930,20 @@ mod tests {
             routed("GET /topics/a/stream?after=0 HTTP/1.1\r\n\r\n"),
             Some((TransportKind::Stream, Some("a".into())))
         );
+        assert_eq!(
+            routed("GET /v1/stream/a.b?offset=-1&live=sse HTTP/1.1\r\n\r\n"),
+            Some((TransportKind::DsSse, Some("a.b".into())))
+        );
+        assert_eq!(
+            routed("GET /v1/stream/x?live=long-poll&offset=now HTTP/1.1\r\n\r\n"),
+            Some((TransportKind::DsLongpoll, Some("x".into())))
+        );
         for other in [
+            "GET /v1/stream/a?offset=-1 HTTP/1.1\r\n\r\n",
+            "HEAD /v1/stream/a?offset=-1&live=sse HTTP/1.1\r\n\r\n",
+            "POST /v1/stream/a?live=sse HTTP/1.1\r\n\r\n",
+            "GET /v1/stream/?live=sse HTTP/1.1\r\n\r\n",
+            "GET /topics/a/ds-sse HTTP/1.1\r\n\r\n",
             "POST /topics/a HTTP/1.1\r\n\r\n",
             "GET /topics/a HTTP/1.1\r\n\r\n",
             "GET /topics//poll HTTP/1.1\r\n\r\n",

@@ -166,11 +166,17 @@ pub fn full(status: StatusCode, headers: &[(&str, &str)], meta: &Meta, body: &[u
 /// An error as a complete response: its status, its JSON body and its headers, as
 /// [`Error`]'s `IntoResponse` answers on hyper's side. Counted and logged there too.
 pub fn error(error: &Error, meta: &Meta) -> Vec<u8> {
+    error_with(error, meta, &[])
+}
+
+/// [`error`], with `more` headers (those a protocol puts on every answer).
+pub fn error_with(error: &Error, meta: &Meta, more: &[(&str, &str)]) -> Vec<u8> {
     error.report(Some(meta.request_id()));
     let body = error.body_json();
     let extra = error.headers();
     let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
     headers.extend(extra.iter().map(|(n, v)| (*n, v.as_str())));
+    headers.extend_from_slice(more);
     full(error.status(), &headers, meta, body.as_bytes())
 }
 

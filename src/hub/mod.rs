@@ -111,6 +111,8 @@ pub struct ParkedPoll {
     limit: usize,
     from_client: bool,
     since: std::time::Instant,
+    /// Who parked it: a long poll, or a Durable Streams read waiting.
+    transport: TransportKind,
 }
 
 impl std::fmt::Debug for ParkedPoll {
@@ -318,6 +320,7 @@ impl Hub {
     /// The steps are separate so that a parked poll holds only its [`ParkedPoll`] (one entry
     /// in the topic's follower list) and the caller's timer, not the state of the reads
     /// before and after: no CPU while it waits, and little memory.
+    #[allow(clippy::too_many_arguments)]
     pub async fn park(
         &self,
         topic: &TopicName,
@@ -325,11 +328,12 @@ impl Hub {
         limit: usize,
         client: &str,
         respond: Option<Arc<dyn Respond>>,
+        transport: TransportKind,
     ) -> Result<Parking, HubError> {
         let topic = self.topic(topic);
         topic
             .presence
-            .touch(TransportKind::Longpoll, client, self.settings.poller_window);
+            .touch(transport, client, self.settings.poller_window);
         topic.follow().await;
         let (after, from_client) = match after {
             Some(after) => (after, true),
@@ -353,6 +357,7 @@ impl Hub {
             limit,
             from_client,
             since: std::time::Instant::now(),
+            transport,
         };
         let batch = parked.topic.read_batch(after, limit, from_client).await;
         // A writer may have answered the poll during that read (the fan-out answers parked
@@ -364,9 +369,7 @@ impl Hub {
                 Outcome::Waiting | Outcome::News => batch.map(Parking::Ready),
             };
         }
-        parked
-            .waiter
-            .count(parked.topic.presence.stream(TransportKind::Longpoll));
+        parked.waiter.count(parked.topic.presence.stream(transport));
         Ok(Parking::Parked(parked))
     }
 
@@ -383,7 +386,7 @@ impl Hub {
             parked
                 .topic
                 .presence
-                .touch(TransportKind::Longpoll, client, window);
+                .touch(parked.transport, client, window);
         }
         if outcome == Outcome::Answered {
             return Ok(Waited::Answered);
@@ -413,7 +416,17 @@ impl Hub {
         shutdown: &CancellationToken,
         respond: Option<Arc<dyn Respond>>,
     ) -> Result<Waited, HubError> {
-        let parked = match self.park(topic, after, limit, client, respond).await? {
+        let parked = match self
+            .park(
+                topic,
+                after,
+                limit,
+                client,
+                respond,
+                TransportKind::Longpoll,
+            )
+            .await?
+        {
             Parking::Ready(batch) => return Ok(Waited::Batch(batch)),
             Parking::Answered => return Ok(Waited::Answered),
             Parking::Parked(parked) => parked,

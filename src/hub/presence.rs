@@ -32,6 +32,10 @@ pub(crate) struct Presence {
     ws: Arc<AtomicUsize>,
     stream: Arc<AtomicUsize>,
     parked: Arc<AtomicUsize>,
+    /// Durable Streams readers: SSE reads and long polls, counted while they wait.
+    ds_sse: Arc<AtomicUsize>,
+    ds_parked: Arc<AtomicUsize>,
+    ds_longpoll: PollerSet,
 }
 
 #[derive(Default)]
@@ -99,6 +103,8 @@ impl Presence {
             TransportKind::Ws => Gauge::hold(&self.ws, transport),
             TransportKind::Stream => Gauge::hold(&self.stream, transport),
             TransportKind::Longpoll => Gauge::hold(&self.parked, transport),
+            TransportKind::DsSse => Gauge::hold(&self.ds_sse, transport),
+            TransportKind::DsLongpoll => Gauge::hold(&self.ds_parked, transport),
             // `Hub::outlet` takes any transport; a short poll held open is not counted.
             TransportKind::Poll => Gauge(None, transport),
         }
@@ -110,7 +116,11 @@ impl Presence {
         match transport {
             TransportKind::Poll => self.poll.touch(client, now, window),
             TransportKind::Longpoll => self.longpoll.touch(client, now, window),
-            TransportKind::Sse | TransportKind::Ws | TransportKind::Stream => {}
+            TransportKind::DsLongpoll => self.ds_longpoll.touch(client, now, window),
+            TransportKind::Sse
+            | TransportKind::Ws
+            | TransportKind::Stream
+            | TransportKind::DsSse => {}
         }
     }
 
@@ -125,6 +135,11 @@ impl Presence {
             TransportKind::Sse => self.sse.load(Ordering::Relaxed),
             TransportKind::Ws => self.ws.load(Ordering::Relaxed),
             TransportKind::Stream => self.stream.load(Ordering::Relaxed),
+            TransportKind::DsSse => self.ds_sse.load(Ordering::Relaxed),
+            TransportKind::DsLongpoll => self
+                .ds_longpoll
+                .count(now, window)
+                .max(self.ds_parked.load(Ordering::Relaxed)),
         })
     }
 
@@ -133,6 +148,7 @@ impl Presence {
         let now = Instant::now();
         self.poll.prune(now, window);
         self.longpoll.prune(now, window);
+        self.ds_longpoll.prune(now, window);
         self.counts(window) == Subscribers::default()
     }
 }

@@ -24,14 +24,30 @@ pub enum TransportKind {
     Ws,
     /// HTTP streaming, one JSON envelope per line: `GET /topics/{t}/stream`.
     Stream,
+    /// A Durable Streams SSE read: `GET /v1/stream/{t}?live=sse`.
+    DsSse,
+    /// A Durable Streams long poll: `GET /v1/stream/{t}?live=long-poll`.
+    DsLongpoll,
 }
 
 impl TransportKind {
     /// How many kinds there are.
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 7;
 
     /// Every kind, in the order of [`TransportKind::index`].
     pub const ALL: [TransportKind; Self::COUNT] = [
+        TransportKind::Poll,
+        TransportKind::Longpoll,
+        TransportKind::Sse,
+        TransportKind::Ws,
+        TransportKind::Stream,
+        TransportKind::DsSse,
+        TransportKind::DsLongpoll,
+    ];
+
+    /// pushhub's own transports, under `/topics/{t}/...` (what `--transports` switches);
+    /// the Durable Streams reads are served under `--ds-path`.
+    pub const NATIVE: [TransportKind; 5] = [
         TransportKind::Poll,
         TransportKind::Longpoll,
         TransportKind::Sse,
@@ -47,7 +63,14 @@ impl TransportKind {
             TransportKind::Sse => "sse",
             TransportKind::Ws => "ws",
             TransportKind::Stream => "stream",
+            TransportKind::DsSse => "ds-sse",
+            TransportKind::DsLongpoll => "ds-longpoll",
         }
+    }
+
+    /// Whether this is a Durable Streams read rather than one of pushhub's own transports.
+    pub const fn is_durable(self) -> bool {
+        matches!(self, TransportKind::DsSse | TransportKind::DsLongpoll)
     }
 
     /// Its place in [`TransportKind::ALL`] and in a [`PerTransport`].
@@ -64,7 +87,7 @@ impl fmt::Display for TransportKind {
 
 /// A name that is not one of [`TransportKind::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown transport {0:?}: use poll, longpoll, sse, ws or stream")]
+#[error("unknown transport {0:?}: use poll, longpoll, sse, ws, stream, ds-sse or ds-longpoll")]
 pub struct UnknownTransport(pub String);
 
 impl FromStr for TransportKind {
@@ -144,7 +167,7 @@ mod tests {
         counts[TransportKind::Sse] = 3;
         assert_eq!(
             serde_json::to_string(&counts).unwrap(),
-            r#"{"poll":0,"longpoll":0,"sse":3,"ws":0,"stream":0}"#
+            r#"{"poll":0,"longpoll":0,"sse":3,"ws":0,"stream":0,"ds-sse":0,"ds-longpoll":0}"#
         );
     }
 }

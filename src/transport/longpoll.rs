@@ -131,6 +131,7 @@ impl Prepared {
                 request.limit,
                 &request.client,
                 direct.map(|d| d as Arc<dyn Respond>),
+                TransportKind::Longpoll,
             )
             .await?;
         Ok(match parking {

@@ -56,7 +56,8 @@ pub struct Query {
 }
 
 impl Query {
-    fn parse(raw: Option<&str>) -> Self {
+    /// Splits and decodes a raw query string.
+    pub fn parse(raw: Option<&str>) -> Self {
         Self {
             pairs: form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))

@@ -24,7 +24,7 @@ use crate::{
     AppState,
     error::Error,
     hub::Parking,
-    message::{Message, TopicName, now_millis},
+    message::{Message, TopicName, TransportKind, now_millis},
 };
 
 /// Messages one read returns at most; a longer backlog is paged (without `Up-To-Date`).
@@ -194,6 +194,54 @@ pub fn render(mode: Mode, pieces: &[Piece]) -> Vec<u8> {
     out
 }
 
+/// The headers the protocol puts on every answer, besides CORS's `Access-Control-Allow-Origin`:
+/// what the router's layers add on hyper's side, and the gate writes itself on its own.
+pub const SECURITY_HEADERS: [(&str, &str); 3] = [
+    ("x-content-type-options", "nosniff"),
+    ("cross-origin-resource-policy", "cross-origin"),
+    (
+        "access-control-expose-headers",
+        "stream-next-offset,stream-cursor,stream-up-to-date,stream-closed,stream-ttl,\
+         stream-expires-at,stream-sse-data-encoding,producer-epoch,producer-seq,\
+         producer-expected-seq,producer-received-seq,etag",
+    ),
+];
+
+/// A whole answer, whoever writes it: the router (as an axum response) or the gate.
+#[derive(Debug)]
+pub struct Reply {
+    /// Its status.
+    pub status: StatusCode,
+    /// The protocol's headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Its body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    fn into_response(self) -> Response {
+        let mut answer = Answer::new(self.status);
+        for (name, value) in self.headers {
+            answer = answer.header(name, value);
+        }
+        answer.body(self.body)
+    }
+}
+
+/// A live read's answer: a long poll's whole answer, or an SSE stream to write event by event.
+#[derive(Debug)]
+pub enum Live {
+    /// A whole answer.
+    Reply(Reply),
+    /// `200` with these headers, then what [`SseRead::next_chunk`] gives.
+    Sse {
+        /// The protocol's headers (content type, cache control, data encoding).
+        headers: Vec<(&'static str, String)>,
+        /// The stream's state.
+        read: SseRead,
+    },
+}
+
 /// A response with the protocol's stream headers.
 pub(super) struct Answer {
     builder: axum::http::response::Builder,
@@ -255,14 +303,6 @@ pub(super) async fn head(app: &AppState, topic: &TopicName) -> Result<Response, 
         .body(Body::empty()))
 }
 
-/// How a `GET` reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Live {
-    CatchUp,
-    LongPoll,
-    Sse,
-}
-
 /// `GET`: a catch-up read, a long poll or an SSE stream, per `live`.
 pub(super) async fn get(
     app: &AppState,
@@ -271,33 +311,83 @@ pub(super) async fn get(
     headers: &HeaderMap,
     client: String,
 ) -> Result<Response, Error> {
-    let live = match query.single("live")? {
-        None => Live::CatchUp,
-        Some("long-poll") => Live::LongPoll,
-        Some("sse") => Live::Sse,
-        Some(other) => {
-            return Err(
-                DurableError::bad(format!("live must be long-poll or sse, not {other:?}")).into(),
-            );
-        }
-    };
-    let offset = query.single("offset")?;
-    if live != Live::CatchUp && offset.is_none() {
-        return Err(DurableError::bad("a live read needs an offset").into());
+    if query.single("live")?.is_some() {
+        return Ok(match live(app, topic, query, client).await? {
+            Live::Reply(reply) => reply.into_response(),
+            Live::Sse { headers, read } => {
+                let mut answer = Answer::new(StatusCode::OK);
+                for (name, value) in headers {
+                    answer = answer.header(name, value);
+                }
+                answer.body(Body::from_stream(read.into_stream()))
+            }
+        });
     }
     let meta = app.streams.open(app, topic).await?;
-    let local = app.streams.local(topic);
-    local.touch();
+    app.streams.local(topic).touch();
+    let offset = query.single("offset")?;
     let start = match offset {
         None => Start::Beginning,
         Some(text) => super::offset::parse(text).map_err(|e| DurableError::bad(e.to_string()))?,
     };
+    catch_up(app, topic, meta, start, offset, headers).await
+}
+
+/// A live read (`live=long-poll` or `live=sse`), served by the router or by the gate.
+pub async fn live(
+    app: &AppState,
+    topic: &TopicName,
+    query: &Query,
+    client: String,
+) -> Result<Live, Error> {
+    let kind = match query.single("live")? {
+        Some("long-poll") => TransportKind::DsLongpoll,
+        Some("sse") => TransportKind::DsSse,
+        other => {
+            return Err(DurableError::bad(format!(
+                "live must be long-poll or sse, not {}",
+                other.unwrap_or_default()
+            ))
+            .into());
+        }
+    };
+    app.hub.record_request(kind);
+    let Some(offset) = query.single("offset")? else {
+        return Err(DurableError::bad("a live read needs an offset").into());
+    };
+    let local = app.streams.local(topic);
+    let meta = app.streams.open_local(app, topic, &local).await?;
+    local.touch();
+    let start = super::offset::parse(offset).map_err(|e| DurableError::bad(e.to_string()))?;
     let cursor = query.single("cursor")?.map(str::to_owned);
-    match live {
-        Live::CatchUp => catch_up(app, topic, meta, start, offset, headers).await,
-        Live::LongPoll => long_poll(app, topic, meta, start, cursor, local, client).await,
-        Live::Sse => Ok(sse_stream(app, topic, meta, start, cursor, client).await),
+    if kind == TransportKind::DsLongpoll {
+        return Ok(Live::Reply(
+            long_poll(app, topic, meta, start, cursor, local, client).await?,
+        ));
     }
+    let binary = meta.content().mode() == Mode::Binary;
+    let from = start_offset(app, topic, &meta, start).await?;
+    let mut headers = vec![
+        ("content-type", "text/event-stream".to_owned()),
+        ("cache-control", "no-cache".to_owned()),
+    ];
+    if binary {
+        headers.push(("stream-sse-data-encoding", "base64".to_owned()));
+    }
+    Ok(Live::Sse {
+        headers,
+        read: SseRead {
+            app: app.clone(),
+            topic: topic.clone(),
+            local,
+            client,
+            cursor,
+            from,
+            told: false,
+            delivered: 0,
+            done: false,
+        },
+    })
 }
 
 /// Resolves where a read starts.
@@ -364,6 +454,7 @@ fn random() -> u64 {
 /// Waits until the stream's own topic has a message after `tail`, the stream changes (a
 /// close, a delete), `timeout` passes or the server stops. `true` unless it timed out or the
 /// server is stopping.
+#[allow(clippy::too_many_arguments)]
 async fn wait(
     app: &AppState,
     topic: &TopicName,
@@ -372,12 +463,17 @@ async fn wait(
     local: &Local,
     timeout: Duration,
     client: &str,
+    transport: TransportKind,
 ) -> Result<bool, Error> {
     let changed = local.changed.notified();
     tokio::pin!(changed);
     changed.as_mut().enable();
     let after = meta.id_at(tail);
-    let parked = match app.hub.park(topic, Some(after), 1, client, None).await? {
+    let parked = match app
+        .hub
+        .park(topic, Some(after), 1, client, None, transport)
+        .await?
+    {
         Parking::Parked(parked) => parked,
         Parking::Ready(_) | Parking::Answered => return Ok(true),
     };
@@ -397,7 +493,7 @@ async fn long_poll(
     cursor: Option<String>,
     local: Arc<Local>,
     client: String,
-) -> Result<Response, Error> {
+) -> Result<Reply, Error> {
     let mode = meta.content().mode();
     let timeout = app.transports.durable.long_poll_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -407,13 +503,28 @@ async fn long_poll(
         let next_cursor = meta::cursor(cursor.as_deref(), now_millis(), random()).to_string();
         if !read.pieces.is_empty() {
             let up_to_date = !read.more;
-            return Ok(Answer::new(StatusCode::OK)
-                .header("content-type", &meta.content_type)
-                .header("stream-next-offset", read.next().to_string())
-                .header_if(up_to_date, "stream-up-to-date", "true")
-                .header_if(meta.closed && up_to_date, "stream-closed", "true")
-                .header("stream-cursor", next_cursor)
-                .body(render(mode, &read.pieces)));
+            let body = render(mode, &read.pieces);
+            app.hub.record_delivery(
+                TransportKind::DsLongpoll,
+                read.pieces.len() as u64,
+                body.len() as u64,
+            );
+            let mut headers = vec![
+                ("content-type", meta.content_type.clone()),
+                ("stream-next-offset", read.next().to_string()),
+                ("stream-cursor", next_cursor),
+            ];
+            if up_to_date {
+                headers.push(("stream-up-to-date", "true".into()));
+            }
+            if meta.closed && up_to_date {
+                headers.push(("stream-closed", "true".into()));
+            }
+            return Ok(Reply {
+                status: StatusCode::OK,
+                headers,
+                body,
+            });
         }
         let timed_out = meta.closed
             || tokio::time::Instant::now() >= deadline
@@ -425,24 +536,33 @@ async fn long_poll(
                 &local,
                 deadline - tokio::time::Instant::now(),
                 &client,
+                TransportKind::DsLongpoll,
             )
             .await?;
         if timed_out {
-            return Ok(Answer::new(StatusCode::NO_CONTENT)
-                .header("stream-next-offset", read.tail.to_string())
-                .header("stream-up-to-date", "true")
-                .header_if(meta.closed, "stream-closed", "true")
-                .header_if(!meta.closed, "stream-cursor", next_cursor)
-                .body(Body::empty()));
+            let mut headers = vec![
+                ("stream-next-offset", read.tail.to_string()),
+                ("stream-up-to-date", "true".to_owned()),
+            ];
+            if meta.closed {
+                headers.push(("stream-closed", "true".into()));
+            } else {
+                headers.push(("stream-cursor", next_cursor));
+            }
+            return Ok(Reply {
+                status: StatusCode::NO_CONTENT,
+                headers,
+                body: Vec::new(),
+            });
         }
         local.touch();
-        meta = app.streams.open(app, topic).await?;
+        meta = app.streams.open_local(app, topic, &local).await?;
         from = read.tail;
     }
 }
 
 /// What an SSE read holds between events.
-struct SseRead {
+pub struct SseRead {
     app: AppState,
     topic: TopicName,
     local: Arc<Local>,
@@ -451,54 +571,55 @@ struct SseRead {
     from: Offset,
     /// The reader was told it is up to date at `from`.
     told: bool,
+    /// Messages in the chunk being built, counted as deliveries once it is sent.
+    delivered: u64,
     done: bool,
 }
 
-async fn sse_stream(
-    app: &AppState,
-    topic: &TopicName,
-    meta: Meta,
-    start: Start,
-    cursor: Option<String>,
-    client: String,
-) -> Response {
-    let binary = meta.content().mode() == Mode::Binary;
-    let from = match start_offset(app, topic, &meta, start).await {
-        Ok(from) => from,
-        Err(error) => return axum::response::IntoResponse::into_response(error),
-    };
-    let state = SseRead {
-        app: app.clone(),
-        topic: topic.clone(),
-        local: app.streams.local(topic),
-        client,
-        cursor,
-        from,
-        told: false,
-        done: false,
-    };
-    let events = futures::stream::unfold(state, |mut state| async move {
-        if state.done {
-            return None;
-        }
-        let chunk = state.next_chunk().await;
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), state))
-    });
-    Answer::new(StatusCode::OK)
-        .header("content-type", "text/event-stream")
-        .header("cache-control", "no-cache")
-        .header_if(binary, "stream-sse-data-encoding", "base64")
-        .body(Body::from_stream(events))
+impl std::fmt::Debug for SseRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseRead")
+            .field("topic", &self.topic)
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SseRead {
-    /// The next chunk to send: events, each data event with its control event in the same
-    /// chunk; an empty chunk ends nothing (it is skipped by the writer).
-    async fn next_chunk(&mut self) -> Vec<u8> {
+    /// The next chunk to send, counted as delivered; `None` once the stream has ended (the
+    /// stream was closed and read to its end, deleted, or the server is stopping).
+    pub async fn next_chunk(&mut self) -> Option<Vec<u8>> {
+        if self.done {
+            return None;
+        }
+        self.delivered = 0;
+        let chunk = self.events().await;
+        self.app
+            .hub
+            .record_delivery(TransportKind::DsSse, self.delivered, chunk.len() as u64);
+        Some(chunk)
+    }
+
+    /// The chunks as a body stream (empty chunks are skipped by the writers).
+    fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+        futures::stream::unfold(self, |mut read| async move {
+            let chunk = read.next_chunk().await?;
+            Some((Ok(Bytes::from(chunk)), read))
+        })
+    }
+
+    /// Events: each data event with its control event in the same chunk; empty when there
+    /// is nothing to say (the stream ended).
+    async fn events(&mut self) -> Vec<u8> {
         let timeout = self.app.transports.durable.long_poll_timeout;
         loop {
             let mut out = Vec::new();
-            let meta = match self.app.streams.open(&self.app, &self.topic).await {
+            let meta = match self
+                .app
+                .streams
+                .open_local(&self.app, &self.topic, &self.local)
+                .await
+            {
                 Ok(meta) => meta,
                 Err(_) => {
                     // Deleted or expired while read: the stream ends.
@@ -525,6 +646,7 @@ impl SseRead {
                 }
                 self.from = read.next();
                 self.local.touch();
+                self.delivered = read.pieces.len() as u64;
             }
             if meta.closed && up_to_date {
                 sse::control_event(&mut out, &Control::Closed { next: read.next() });
@@ -555,6 +677,7 @@ impl SseRead {
                 &self.local,
                 timeout,
                 &self.client,
+                TransportKind::DsSse,
             )
             .await
             {

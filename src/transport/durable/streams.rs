@@ -45,6 +45,8 @@ pub struct Local {
     pub changed: Notify,
     /// The stream has a TTL or an expiry: the sweeper looks at it.
     lifetime: AtomicBool,
+    /// The last stored record decoded here, and what it decoded to.
+    decoded: Mutex<Option<(bytes::Bytes, Meta)>>,
 }
 
 impl Local {
@@ -81,10 +83,20 @@ impl Streams {
     /// or its lifetime is over (`410` if forks still read it), `410` when it was deleted
     /// while forks remained.
     pub async fn open(&self, app: &App, topic: &TopicName) -> Result<Meta, Error> {
-        let Some((meta, _)) = Self::load(app, topic).await? else {
+        self.open_local(app, topic, &self.local(topic)).await
+    }
+
+    /// [`Streams::open`] for a caller that holds the stream's [`Local`] already (a reader
+    /// between its events), without looking it up again.
+    pub async fn open_local(
+        &self,
+        app: &App,
+        topic: &TopicName,
+        local: &Local,
+    ) -> Result<Meta, Error> {
+        let Some(meta) = Self::load_cached(app, topic, local).await? else {
             return Err(DurableError::NotFound.into());
         };
-        let local = self.local(topic);
         local.lifetime.store(
             meta.ttl.is_some() || meta.expires_ms.is_some(),
             Ordering::Relaxed,
@@ -101,6 +113,27 @@ impl Streams {
             .into());
         }
         Ok(meta)
+    }
+
+    /// The stream's metadata, decoded only when its stored record changed since the last
+    /// decode in this process (a reader wakes for every append; the record rarely changes).
+    async fn load_cached(
+        app: &App,
+        topic: &TopicName,
+        local: &Local,
+    ) -> Result<Option<Meta>, Error> {
+        let Some(StreamState { record, .. }) = app.hub.stream_state(topic).await? else {
+            return Ok(None);
+        };
+        let mut cached = local.decoded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((bytes, meta)) = cached.as_ref()
+            && *bytes == record
+        {
+            return Ok(Some(meta.clone()));
+        }
+        let meta = Meta::decode(&record).map_err(crate::store::StoreError::Internal)?;
+        *cached = Some((record, meta.clone()));
+        Ok(Some(meta))
     }
 
     /// Stores `meta` as the stream's state, appending nothing.
