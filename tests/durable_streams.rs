@@ -9,6 +9,8 @@ mod support;
 
 use std::time::Duration;
 
+use jsonwebtoken::{EncodingKey, Header, encode};
+use pushhub::{Config, gate::auth::unix_now};
 use serde_json::{Value, json};
 use support::{Endpoint, PATIENCE, RedisServer, spawn_binary};
 
@@ -249,4 +251,134 @@ async fn redis_nodes_share_streams_appends_and_closes() {
         .unwrap();
     assert_eq!(refused.status(), 409);
     assert_eq!(refused.headers()["stream-closed"], "true");
+}
+
+const SECRET: &str = "ds-secret";
+
+fn token(grants: Value) -> String {
+    let claims = json!({"exp": unix_now() + 600, "sub": "ds", "pushhub": grants});
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Status and error code of an answer.
+async fn refusal(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    (status, body["code"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn tokens_body_limits_and_shutdown_apply_to_streams_as_to_topics() {
+    let server = support::start_with(Config {
+        jwt_secret: Some(SECRET.into()),
+        ds_max_body: 1024,
+        ds_long_poll_timeout: Duration::from_secs(30),
+        ..Config::default()
+    })
+    .await;
+    let node = &server.endpoint;
+    let url = node.url("/v1/stream/secret");
+    let writer = token(json!({"publish": ["secret"], "subscribe": ["secret"]}));
+    let reader = token(json!({"subscribe": ["secret"]}));
+
+    // Writes need a token that may publish; reads one that may subscribe.
+    let anonymous = node.http.put(&url).send().await.unwrap();
+    assert_eq!(refusal(anonymous).await, (401, "unauthorized".into()));
+    let read_only = node
+        .http
+        .put(&url)
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(read_only).await, (403, "forbidden".into()));
+    let created = node
+        .http
+        .put(&url)
+        .bearer_auth(&writer)
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let anonymous = node
+        .http
+        .get(format!("{url}?offset=-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(anonymous).await, (401, "unauthorized".into()));
+    // The raw path's live reads check tokens too, and keep the protocol's headers on refusals.
+    let anonymous = node
+        .http
+        .get(format!("{url}?offset=-1&live=sse"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(refusal(anonymous).await, (401, "unauthorized".into()));
+
+    // An append over --ds-max-body is refused whole, and nothing of it is kept.
+    let too_big = node
+        .http
+        .post(&url)
+        .bearer_auth(&writer)
+        .header("content-type", "text/plain")
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(too_big).await, (413, "payload_too_large".into()));
+    let read = node
+        .http
+        .get(format!("{url}?offset=-1"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.headers()["stream-next-offset"], OFFSET_ZERO);
+
+    // A stopping server answers waiting long polls and ends SSE reads.
+    let long_poll = node
+        .http
+        .get(format!("{url}?offset=now&live=long-poll"))
+        .bearer_auth(&reader)
+        .send();
+    let long_poll = tokio::spawn(long_poll);
+    let sse = node
+        .http
+        .get(format!("{url}?offset=now&live=sse"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    support::eventually("both readers waiting", || async {
+        use pushhub::message::TransportKind as T;
+        let s = server.subscribers("secret").await;
+        s[T::DsSse] == 1 && s[T::DsLongpoll] == 1
+    })
+    .await;
+    let stopped = tokio::time::Instant::now();
+    server.stop().await;
+    let answered = tokio::time::timeout(PATIENCE, long_poll)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(answered.status(), 204);
+    let body = tokio::time::timeout(PATIENCE, sse.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body.contains("event: control"), "{body}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "readers end with the server, not at their 30-s wait"
+    );
 }
