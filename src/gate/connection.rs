@@ -355,7 +355,13 @@ impl Call<'_> {
     /// Answers with `error`; what comes next.
     async fn refuse(self, io: &mut Io, error: &Error) -> Next {
         let stall = self.app.config.stall_timeout;
-        let answer = response::error(error, &self.meta);
+        // Durable Streams puts its security headers on every answer, refusals included.
+        let more: &[(&str, &str)] = if self.transport.is_durable() {
+            &crate::transport::durable::read::SECURITY_HEADERS
+        } else {
+            &[]
+        };
+        let answer = response::error_with(error, &self.meta, more);
         self.heads(answer.len());
         finish(io, answer, self.close, stall).await
     }
@@ -713,28 +719,24 @@ fn answered(answer: Result<Vec<u8>, Error>, meta: &Meta) -> Vec<u8> {
 async fn durable_call(call: Call<'_>, io: &mut Io) -> Next {
     use crate::transport::durable::{self, read::Live, read::SECURITY_HEADERS};
     let stall = call.app.config.stall_timeout;
-    let refuse = |error: &Error, call: &Call<'_>| {
-        let answer = response::error_with(error, &call.meta, &SECURITY_HEADERS);
-        call.heads(answer.len());
-        answer
-    };
     let topic = match crate::message::TopicName::parse(&call.topic) {
         Ok(topic) => topic,
-        Err(invalid) => return finish(io, refuse(&invalid.into(), &call), call.close, stall).await,
+        Err(invalid) => return call.refuse(io, &invalid.into()).await,
     };
     if let Err(error) = call.access.check_subscribe(&topic) {
-        return finish(io, refuse(&error, &call), call.close, stall).await;
+        return call.refuse(io, &error).await;
     }
-    let query = durable::Query::parse(Some(call.head.query()));
+    let params = call.params();
     let client = call.access.client_key(Some(call.peer.ip()));
-    let live = boxed(|| durable::read::live(call.app, &topic, &query, client)).await;
+    let live = boxed(|| durable::read::live(call.app, &topic, &params, client)).await;
+    drop(params);
     fn with_security<'a>(headers: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
         let mut all: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         all.extend_from_slice(&SECURITY_HEADERS);
         all
     }
     match live {
-        Err(error) => finish(io, refuse(&error, &call), call.close, stall).await,
+        Err(error) => call.refuse(io, &error).await,
         Ok(Live::Reply(reply)) => {
             let headers = with_security(&reply.headers);
             let answer = response::full(reply.status, &headers, &call.meta, &reply.body);
@@ -759,10 +761,7 @@ async fn durable_call(call: Call<'_>, io: &mut Io) -> Next {
                 if chunk.is_empty() {
                     continue;
                 }
-                let mut framed = Vec::with_capacity(chunk.len() + 16);
-                crate::message::wire::push_chunk_start(&mut framed, chunk.len());
-                framed.extend_from_slice(&chunk);
-                framed.extend_from_slice(b"\r\n");
+                let framed = crate::message::wire::chunk(&chunk);
                 if io.write_all_within(&framed, stall).await.is_err() {
                     return Next::Close;
                 }

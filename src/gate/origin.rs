@@ -117,20 +117,6 @@ impl OriginPolicy {
             "stream-fork-sub-offset",
             "last-event-id",
         ];
-        const EXPOSED: [&str; 12] = [
-            "stream-next-offset",
-            "stream-cursor",
-            "stream-up-to-date",
-            "stream-closed",
-            "stream-ttl",
-            "stream-expires-at",
-            "stream-sse-data-encoding",
-            "producer-epoch",
-            "producer-seq",
-            "producer-expected-seq",
-            "producer-received-seq",
-            "etag",
-        ];
         let names = |names: &[&'static str]| {
             names
                 .iter()
@@ -147,7 +133,12 @@ impl OriginPolicy {
                 Method::OPTIONS,
             ])
             .allow_headers(names(&ALLOWED))
-            .expose_headers(names(&EXPOSED))
+            .expose_headers(
+                crate::transport::durable::read::EXPOSED_HEADERS
+                    .split(',')
+                    .map(header::HeaderName::from_static)
+                    .collect::<Vec<_>>(),
+            )
     }
 }
 

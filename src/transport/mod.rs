@@ -148,28 +148,38 @@ impl<'a> Params<'a> {
         self.peer.map(|p| p.ip())
     }
 
+    fn text(&self, (start, end): (u32, u32)) -> &str {
+        &self.query[start as usize..end as usize]
+    }
+
+    /// The pairs whose decoded name is `name`, in query order.
+    fn named<'s>(&'s self, name: &'s str) -> impl DoubleEndedIterator<Item = &'s QueryPair> {
+        self.pairs.iter().filter(move |pair| {
+            let key = self.text(pair.name);
+            if pair.escaped {
+                form_decode(key) == name
+            } else {
+                key == name
+            }
+        })
+    }
+
+    /// How many times parameter `name` is given.
+    pub fn count(&self, name: &str) -> usize {
+        self.named(name).count()
+    }
+
     /// The last value of parameter `name`, decoded.
     pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
-        let text = |(start, end): (u32, u32)| &self.query[start as usize..end as usize];
-        self.pairs
-            .iter()
-            .rev()
-            .find(|pair| {
-                let key = text(pair.name);
-                if pair.escaped {
-                    form_decode(key) == name
-                } else {
-                    key == name
-                }
-            })
-            .map(|pair| {
-                let value = text(pair.value);
-                if pair.escaped {
-                    Cow::Owned(form_decode(value))
-                } else {
-                    Cow::Borrowed(value)
-                }
-            })
+        let text = |span| self.text(span);
+        self.named(name).next_back().map(|pair| {
+            let value = text(pair.value);
+            if pair.escaped {
+                Cow::Owned(form_decode(value))
+            } else {
+                Cow::Borrowed(value)
+            }
+        })
     }
 
     /// `after`: a message id, as plain decimal digits.

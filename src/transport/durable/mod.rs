@@ -27,7 +27,7 @@ pub mod write;
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{Path, RawQuery, State},
+    extract::{Path, State},
     http::{HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     routing::any,
@@ -37,6 +37,9 @@ use futures::StreamExt;
 pub use error::DurableError;
 pub use streams::Streams;
 
+use std::borrow::Cow;
+
+use super::Params;
 use crate::{AppState, error::Error, gate::auth::Access, message::TopicName};
 
 /// A refused body is read up to this many times the limit before the answer, so that the
@@ -48,32 +51,16 @@ pub fn routes(path: &str) -> Router<AppState> {
     Router::new().route(&format!("{path}/{{*name}}"), any(serve))
 }
 
-/// The query of a read: every parameter with its decoded value, so that a repeated one can
-/// be refused.
-#[derive(Debug, Default)]
-pub struct Query {
-    pairs: Vec<(String, String)>,
-}
-
-impl Query {
-    /// Splits and decodes a raw query string.
-    pub fn parse(raw: Option<&str>) -> Self {
-        Self {
-            pairs: form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect(),
-        }
+/// The value of query parameter `name`: `None` when absent, `400` when it is given more than
+/// once (the protocol refuses `?offset=a&offset=b`).
+pub fn single<'p>(
+    params: &'p Params<'_>,
+    name: &str,
+) -> Result<Option<Cow<'p, str>>, DurableError> {
+    if params.count(name) > 1 {
+        return Err(DurableError::bad(format!("{name} is given more than once")));
     }
-
-    /// The value of `name`: `None` when absent, `400` when it is given more than once.
-    pub fn single(&self, name: &str) -> Result<Option<&str>, DurableError> {
-        let mut values = self.pairs.iter().filter(|(k, _)| k == name);
-        let first = values.next().map(|(_, v)| v.as_str());
-        if values.next().is_some() {
-            return Err(DurableError::bad(format!("{name} is given more than once")));
-        }
-        Ok(first)
-    }
+    Ok(params.get(name))
 }
 
 /// Reads a body up to `limit` bytes; a longer one is read on (up to a bound) and refused.
@@ -104,8 +91,7 @@ async fn serve(
     method: Method,
     uri: Uri,
     Path(name): Path<String>,
-    RawQuery(query): RawQuery,
-    params: super::Params<'static>,
+    params: Params<'static>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -115,14 +101,7 @@ async fn serve(
         match method {
             Method::GET => {
                 access.check_subscribe(&topic)?;
-                read::get(
-                    &app,
-                    &topic,
-                    &Query::parse(query.as_deref()),
-                    &headers,
-                    client,
-                )
-                .await
+                read::get(&app, &topic, &params, &headers, client).await
             }
             Method::HEAD => {
                 access.check_subscribe(&topic)?;

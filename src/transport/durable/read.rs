@@ -12,11 +12,11 @@ use axum::{
 use futures::future::BoxFuture;
 
 use super::{
-    Query,
     content::Mode,
     error::DurableError,
     meta::{self, Meta},
     offset::{Offset, Start},
+    single,
     sse::{self, Control},
     streams::{Local, Streams},
 };
@@ -25,6 +25,7 @@ use crate::{
     error::Error,
     hub::Parking,
     message::{Message, TopicName, TransportKind, now_millis},
+    transport::Params,
 };
 
 /// Messages one read returns at most; a longer backlog is paged (without `Up-To-Date`).
@@ -199,13 +200,14 @@ pub fn render(mode: Mode, pieces: &[Piece]) -> Vec<u8> {
 pub const SECURITY_HEADERS: [(&str, &str); 3] = [
     ("x-content-type-options", "nosniff"),
     ("cross-origin-resource-policy", "cross-origin"),
-    (
-        "access-control-expose-headers",
-        "stream-next-offset,stream-cursor,stream-up-to-date,stream-closed,stream-ttl,\
-         stream-expires-at,stream-sse-data-encoding,producer-epoch,producer-seq,\
-         producer-expected-seq,producer-received-seq,etag",
-    ),
+    ("access-control-expose-headers", EXPOSED_HEADERS),
 ];
+
+/// The response headers a browser client must be allowed to read (CORS), comma-separated: the
+/// gate sends them as they are, the router's CORS layer splits them.
+pub const EXPOSED_HEADERS: &str = "stream-next-offset,stream-cursor,stream-up-to-date,\
+    stream-closed,stream-ttl,stream-expires-at,stream-sse-data-encoding,producer-epoch,\
+    producer-seq,producer-expected-seq,producer-received-seq,etag";
 
 /// A whole answer, whoever writes it: the router (as an axum response) or the gate.
 #[derive(Debug)]
@@ -307,11 +309,11 @@ pub(super) async fn head(app: &AppState, topic: &TopicName) -> Result<Response, 
 pub(super) async fn get(
     app: &AppState,
     topic: &TopicName,
-    query: &Query,
+    query: &Params<'_>,
     headers: &HeaderMap,
     client: String,
 ) -> Result<Response, Error> {
-    if query.single("live")?.is_some() {
+    if single(query, "live")?.is_some() {
         return Ok(match live(app, topic, query, client).await? {
             Live::Reply(reply) => reply.into_response(),
             Live::Sse { headers, read } => {
@@ -323,24 +325,25 @@ pub(super) async fn get(
             }
         });
     }
-    let meta = app.streams.open(app, topic).await?;
-    app.streams.local(topic).touch();
-    let offset = query.single("offset")?;
-    let start = match offset {
+    let local = app.streams.local(topic);
+    let meta = app.streams.open_local(app, topic, &local).await?;
+    local.touch();
+    let offset = single(query, "offset")?;
+    let start = match offset.as_deref() {
         None => Start::Beginning,
         Some(text) => super::offset::parse(text).map_err(|e| DurableError::bad(e.to_string()))?,
     };
-    catch_up(app, topic, meta, start, offset, headers).await
+    catch_up(app, topic, meta, start, offset.as_deref(), headers).await
 }
 
 /// A live read (`live=long-poll` or `live=sse`), served by the router or by the gate.
 pub async fn live(
     app: &AppState,
     topic: &TopicName,
-    query: &Query,
+    query: &Params<'_>,
     client: String,
 ) -> Result<Live, Error> {
-    let kind = match query.single("live")? {
+    let kind = match single(query, "live")?.as_deref() {
         Some("long-poll") => TransportKind::DsLongpoll,
         Some("sse") => TransportKind::DsSse,
         other => {
@@ -352,14 +355,14 @@ pub async fn live(
         }
     };
     app.hub.record_request(kind);
-    let Some(offset) = query.single("offset")? else {
+    let Some(offset) = single(query, "offset")? else {
         return Err(DurableError::bad("a live read needs an offset").into());
     };
     let local = app.streams.local(topic);
     let meta = app.streams.open_local(app, topic, &local).await?;
     local.touch();
-    let start = super::offset::parse(offset).map_err(|e| DurableError::bad(e.to_string()))?;
-    let cursor = query.single("cursor")?.map(str::to_owned);
+    let start = super::offset::parse(&offset).map_err(|e| DurableError::bad(e.to_string()))?;
+    let cursor = single(query, "cursor")?.map(Cow::into_owned);
     if kind == TransportKind::DsLongpoll {
         return Ok(Live::Reply(
             long_poll(app, topic, meta, start, cursor, local, client).await?,
