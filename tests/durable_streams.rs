@@ -382,3 +382,209 @@ async fn tokens_body_limits_and_shutdown_apply_to_streams_as_to_topics() {
         "readers end with the server, not at their 30-s wait"
     );
 }
+
+/// A Durable Streams SSE read, parsed block by block: `(event, data)` with the `data:` lines
+/// joined by newlines.
+struct DsSse {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl DsSse {
+    async fn open(node: &Endpoint, name: &str, query: &str) -> Self {
+        let response = node
+            .http
+            .get(node.url(&format!("/v1/stream/{name}?{query}&live=sse")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event; `None` when the response ends.
+    async fn next(&mut self) -> Option<(String, String)> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = String::new();
+                let mut data = Vec::new();
+                for line in block.lines().filter(|l| !l.is_empty()) {
+                    if let Some(name) = line.strip_prefix("event: ") {
+                        event = name.to_owned();
+                    } else if let Some(line) = line.strip_prefix("data:") {
+                        data.push(line);
+                    } else {
+                        panic!("unexpected line {line:?} in {block:?}");
+                    }
+                }
+                return Some((event, data.join("\n")));
+            }
+            match tokio::time::timeout(PATIENCE, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Ok(Some(Err(_)) | None) => {
+                    assert!(self.buffer.is_empty(), "a partial event: {:?}", self.buffer);
+                    return None;
+                }
+                Err(_) => panic!("SSE read silent for {PATIENCE:?}"),
+            }
+        }
+    }
+
+    /// Every event until the response ends.
+    async fn until_end(mut self) -> Vec<(String, String)> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next().await {
+            events.push(event);
+        }
+        events
+    }
+}
+
+async fn post(node: &Endpoint, name: &str, body: String, close: bool) -> reqwest::Response {
+    let mut request = node
+        .http
+        .post(node.url(&format!("/v1/stream/{name}")))
+        .header("content-type", "application/json")
+        .body(body);
+    if close {
+        request = request.header("stream-closed", "true");
+    }
+    request.send().await.unwrap()
+}
+
+/// The values a JSON stream's SSE events carry, in order, and its control events.
+fn values_and_controls(events: &[(String, String)]) -> (Vec<Value>, Vec<Value>) {
+    let (mut values, mut controls) = (Vec::new(), Vec::new());
+    for (event, data) in events {
+        let data: Value = serde_json::from_str(data).unwrap();
+        match event.as_str() {
+            "data" => values.extend(data.as_array().unwrap().iter().cloned()),
+            "control" => controls.push(data),
+            other => panic!("unexpected event {other}"),
+        }
+    }
+    (values, controls)
+}
+
+#[tokio::test]
+async fn live_sse_reads_follow_appends_and_end_right_after_the_closing_one() {
+    let server = support::start_with(Config {
+        ds_long_poll_timeout: Duration::from_millis(400),
+        ..Config::default()
+    })
+    .await;
+    let node = &server.endpoint;
+    assert_eq!(put(node, "feed", "application/json", b"[]").await, 201);
+    // A backlog longer than a catch-up page (4096 messages): the reader from the start reads
+    // the first page itself and the rest through its subscription.
+    const BACKLOG: u64 = 4100;
+    for i in 0..BACKLOG {
+        assert_eq!(post(node, "feed", i.to_string(), false).await.status(), 204);
+    }
+    let interval = (unix_now() * 1000 - 1_728_432_000_000) / 20_000;
+    let ahead = interval + 1000;
+    let mut readers = vec![DsSse::open(node, "feed", "offset=-1").await];
+    for _ in 0..3 {
+        readers.push(DsSse::open(node, "feed", "offset=now").await);
+    }
+    readers.push(DsSse::open(node, "feed", &format!("offset=now&cursor={ahead}")).await);
+    support::eventually("every reader following the stream", || async {
+        server.subscribers("feed").await[pushhub::message::TransportKind::DsSse] == 5
+    })
+    .await;
+    let live: Vec<u64> = (BACKLOG..BACKLOG + 6).collect();
+    for i in &live[..5] {
+        assert_eq!(post(node, "feed", i.to_string(), false).await.status(), 204);
+    }
+    // The last append closes the stream.
+    let closed = post(node, "feed", live[5].to_string(), true).await;
+    assert_eq!(closed.status(), 204);
+    let last = closed.headers()["stream-next-offset"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+
+    let mut reads = Vec::new();
+    for reader in readers {
+        reads.push(reader.until_end().await);
+    }
+    let expected_all: Vec<Value> = (0..BACKLOG + 6).map(|i| json!(i)).collect();
+    let expected_live: Vec<Value> = live.iter().map(|i| json!(i)).collect();
+    for (index, events) in reads.iter().enumerate() {
+        let (values, controls) = values_and_controls(events);
+        let expected = if index == 0 {
+            &expected_all
+        } else {
+            &expected_live
+        };
+        assert_eq!(
+            &values, expected,
+            "reader {index}: every value once, in order"
+        );
+        // Offsets only move forward, and the response ends with the closing control event.
+        let offsets: Vec<&str> = controls
+            .iter()
+            .map(|c| c["streamNextOffset"].as_str().unwrap())
+            .collect();
+        assert!(offsets.is_sorted(), "reader {index}: {offsets:?}");
+        let closing = controls.last().unwrap();
+        assert_eq!(closing["streamClosed"], true, "reader {index}: {closing}");
+        assert_eq!(closing["streamNextOffset"], last.as_str());
+        assert_eq!(events.last().unwrap().0, "control");
+        for control in &controls[..controls.len() - 1] {
+            let cursor: u64 = control["streamCursor"].as_str().unwrap().parse().unwrap();
+            if index == 4 {
+                // Asked with a cursor of the future: always answered with a later one.
+                assert!(cursor > ahead, "{control}");
+            } else {
+                assert!(cursor >= interval && cursor < ahead, "{control}");
+            }
+        }
+    }
+    // The readers that came without a cursor got the same events, byte for byte (one
+    // encoding per append, shared).
+    assert_eq!(reads[1], reads[2]);
+    assert_eq!(reads[2], reads[3]);
+    // The first control event, then per append a data event and its control event, then
+    // the closing control event.
+    assert_eq!(reads[1].len(), 1 + 6 * 2 + 1, "{:?}", reads[1]);
+
+    // A quiet reader gets keep-alive control events at its offset; a delete ends its read.
+    assert_eq!(put(node, "quiet", "application/json", b"[]").await, 201);
+    let mut quiet = DsSse::open(node, "quiet", "offset=now").await;
+    let (event, first) = quiet.next().await.unwrap();
+    assert_eq!(event, "control");
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["upToDate"], true);
+    let (event, keep_alive) = quiet.next().await.unwrap();
+    assert_eq!(event, "control");
+    let keep_alive: Value = serde_json::from_str(&keep_alive).unwrap();
+    assert_eq!(keep_alive["streamNextOffset"], first["streamNextOffset"]);
+    assert_eq!(keep_alive["upToDate"], true);
+    assert_eq!(post(node, "quiet", "7".into(), false).await.status(), 204);
+    loop {
+        let (event, data) = quiet.next().await.unwrap();
+        if event == "data" {
+            assert_eq!(data, "[7]");
+            break;
+        }
+    }
+    let deleted = node
+        .http
+        .delete(node.url("/v1/stream/quiet"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let rest = quiet.until_end().await;
+    assert!(
+        rest.iter().all(|(event, _)| event == "control"),
+        "nothing but control events after the last value: {rest:?}"
+    );
+}

@@ -54,6 +54,32 @@ async fn tls_connect_alpn(
         .expect("TLS handshake with the server's certificate")
 }
 
+/// An HTTP/2 connection over TLS (checked to be HTTP/2), sending bodies of type `B`.
+async fn h2_connect<B>(
+    addr: std::net::SocketAddr,
+    cert: &rcgen::Certificate,
+) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = tls_connect_alpn(addr, cert, &[b"h2"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "HTTP/2 chosen"
+    );
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// Appends what `stream` sends to `seen` until it contains `needle`.
 async fn read_until(stream: &mut TlsStream<TcpStream>, seen: &mut String, needle: &str) {
     let mut buffer = [0u8; 4096];
@@ -210,19 +236,7 @@ async fn sse_and_long_polls_work_over_http2() {
     use hyper::body::Bytes;
 
     let (server, generated, dir) = tls_server("h2").await;
-    let tls = tls_connect_alpn(server.addr, &generated.cert, &[b"h2"]).await;
-    assert_eq!(
-        tls.get_ref().1.alpn_protocol(),
-        Some(&b"h2"[..]),
-        "HTTP/2 chosen"
-    );
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_connect(server.addr, &generated.cert).await;
     let get = |path: &str| {
         hyper::Request::get(format!("https://localhost{path}"))
             .body(Empty::<Bytes>::new())
@@ -278,6 +292,55 @@ async fn sse_and_long_polls_work_over_http2() {
     let body = poll.into_body().collect().await.unwrap().to_bytes();
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["last_id"], 1);
+
+    // A Durable Streams SSE read over HTTP/2 (served through hyper, not the raw socket)
+    // follows its stream and ends with the closing control event.
+    use http_body_util::Full;
+    let mut sender = h2_connect(server.addr, &generated.cert).await;
+    let request = |method: hyper::Method, path: &str, body: &'static str, close: bool| {
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("https://localhost/v1/stream/{path}"))
+            .header("content-type", "application/json");
+        if close {
+            request = request.header("stream-closed", "true");
+        }
+        request
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    use hyper::Method;
+    let created = sender
+        .send_request(request(Method::PUT, "h2s", "", false))
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let sse = sender
+        .send_request(request(Method::GET, "h2s?offset=-1&live=sse", "", false))
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let reading = tokio::spawn(async move { sse.into_body().collect().await.unwrap().to_bytes() });
+    support::eventually("the reader following its stream", || async {
+        server.subscribers("h2s").await[TransportKind::DsSse] == 1
+    })
+    .await;
+    for (body, close) in [("[1,2]", false), ("3", true)] {
+        let appended = sender
+            .send_request(request(Method::POST, "h2s", body, close))
+            .await
+            .unwrap();
+        assert_eq!(appended.status(), 204);
+    }
+    let body = tokio::time::timeout(PATIENCE, reading)
+        .await
+        .expect("the read ends with its stream")
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.contains("event: data\ndata:[1,2]\n\n"), "{text}");
+    assert!(text.contains("event: data\ndata:[3]\n\n"), "{text}");
+    assert!(text.ends_with("\"streamClosed\":true}\n\n"), "{text}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

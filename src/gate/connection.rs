@@ -678,7 +678,7 @@ async fn ws_call(call: Call<'_>, io: &mut Io) -> Next {
 /// request.
 async fn run_body(
     app: &AppState,
-    opened: body::Opened,
+    mut opened: body::Opened,
     framing: &'static body::Framing,
     mut input: Vec<u8>,
     close: bool,
@@ -688,20 +688,26 @@ async fn run_body(
     let settings = stream::Settings {
         stall,
         read_chunk: 512,
-        expires: opened.expires,
     };
     let mut peer = body::BodyPeer {
         max_input: app.config.max_header_bytes,
     };
     let outlet = opened.outlet.0.clone();
-    let finished = stream::run(io, &outlet, &mut peer, &settings, &mut input).await;
+    let driver = opened.driver();
+    let finished = stream::run(io, &outlet, &mut peer, &settings, driver, &mut input).await;
     drop(opened);
     let Some(tail) = body::tail(framing, framing.raw, finished) else {
         return Next::Close;
     };
-    // After an expired token the connection may serve a pipelined request (if the body has
-    // an end of its own); after a drain or a slow consumer's end it closes.
-    let keep = framing.raw.chunked() && matches!(finished, stream::Finish::Expired) && !close;
+    // After an expired token or the end of what it followed (a closed Durable Stream) the
+    // connection may serve a pipelined request (if the body has an end of its own); after a
+    // drain or a slow consumer's end it closes.
+    let keep = framing.raw.chunked()
+        && matches!(
+            finished,
+            stream::Finish::Expired | stream::Finish::Ended(crate::hub::End::Finished)
+        )
+        && !close;
     keep_alive(finish(io, tail, !keep, stall).await, input)
 }
 
@@ -743,30 +749,21 @@ async fn durable_call(call: Call<'_>, io: &mut Io) -> Next {
             call.heads(answer.len() - reply.body.len());
             finish(io, answer, call.close, stall).await
         }
-        Ok(Live::Sse { headers, mut read }) => {
+        Ok(Live::Sse { headers, start }) => {
             let head = response::head(
                 StatusCode::OK,
                 &with_security(&headers),
                 &call.meta,
                 Length::Chunked,
             );
-            call.heads(head.len());
-            if io.write_all_within(&head, stall).await.is_err() {
-                return Next::Close;
-            }
             drop(headers);
-            let close = call.close;
-            drop(call);
-            while let Some(chunk) = read.next_chunk().await {
-                if chunk.is_empty() {
-                    continue;
-                }
-                let framed = crate::message::wire::chunk(&chunk);
-                if io.write_all_within(&framed, stall).await.is_err() {
-                    return Next::Close;
-                }
-            }
-            finish(io, b"0\r\n\r\n".to_vec(), close, stall).await
+            let head_len = head.len();
+            // Boxed: a parked long poll, served by this same function, holds its state
+            // while it waits; opening a stream's state is needed only while it runs.
+            let socket = io.shared_socket();
+            let format = crate::hub::Format::DsSseChunked;
+            let opened = boxed(|| start.open(socket, format, Some(head))).await;
+            body_opened(call, io, &durable::sse::FRAMING, head_len, opened).await
         }
     }
 }
@@ -990,6 +987,7 @@ mod memory_budget {
         let opened = body::Opened {
             outlet,
             expires: None,
+            watch: None,
         };
         let future = run_body(&app, opened, &sse::FRAMING, Vec::new(), false, &mut io);
         sizes.push(("run_body", std::mem::size_of_val(&future), 640));

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use cursor::{Batch, Signal};
 pub use error::HubError;
 pub use fanout::{AnswerCache, FanoutSettings, Respond, Responded, default_shards};
-pub use outlet::{Action, CatchUp, End, Format, Outlet, OutletGuard, SubId};
+pub use outlet::{Action, CatchUp, End, Format, Framer, Outlet, OutletGuard, SubId};
 pub use presence::Subscribers;
 pub use stats::{HubStats, TransportCounts};
 
@@ -446,6 +446,25 @@ impl Hub {
             &self.fanout,
             socket,
             format,
+            None,
+            format.transport(),
+            &self.settings,
+        ))
+    }
+
+    /// An outlet whose messages `framer` writes, in `format` ([`Format::DsSse`] or
+    /// [`Format::DsSseChunked`]).
+    pub fn framed_outlet(
+        &self,
+        socket: Option<Arc<TcpStream>>,
+        format: Format,
+        framer: Arc<dyn Framer>,
+    ) -> OutletGuard {
+        OutletGuard(Outlet::new(
+            &self.fanout,
+            socket,
+            format,
+            Some(framer),
             format.transport(),
             &self.settings,
         ))
@@ -712,16 +731,19 @@ mod tests {
         }
     }
 
+    /// What the outlet asks its connection's task to do next (within 5 s).
+    async fn next_action(outlet: &Outlet) -> Action {
+        tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| outlet.poll_action(cx)))
+            .await
+            .expect("an action")
+    }
+
     /// Drives an outlet the way a connection's task does, and returns what it was sent: the
     /// id of each message, the event name of each signal.
     async fn take(outlet: &Outlet, count: usize) -> Vec<String> {
         let mut seen = Vec::new();
         while seen.len() < count {
-            let action =
-                tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| outlet.poll_action(cx)))
-                    .await
-                    .expect("an action");
-            match action {
+            match next_action(outlet).await {
                 Action::Write(frames) => {
                     for frame in frames {
                         let text = std::str::from_utf8(&frame).unwrap();
@@ -917,6 +939,68 @@ mod tests {
         assert_eq!(take(&outlet, 10).await, expected);
         let end = poll_fn(|cx| outlet.poll_action(cx)).await;
         assert!(matches!(end, Action::End(End::Drained)), "{end:?}");
+    }
+
+    /// A framer that writes `m<id>;` for each message.
+    struct Ids;
+
+    impl Framer for Ids {
+        fn frame(&self, message: &Arc<Message>) -> bytes::Bytes {
+            format!("m{};", message.id).into()
+        }
+    }
+
+    /// Everything a framed outlet writes until it ends, and how it ends.
+    async fn written_until_end(outlet: &Outlet) -> (String, End) {
+        let mut text = String::new();
+        loop {
+            match next_action(outlet).await {
+                Action::Write(frames) => {
+                    text.push_str(std::str::from_utf8(&frames.concat()).unwrap())
+                }
+                Action::CatchUp(catch_up) => outlet.catch_up(catch_up).await.unwrap(),
+                Action::End(end) => return (text, end),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_outlet_ends_right_after_its_last_message_live_or_from_the_log() {
+        // The last message still to come when the end is asked for (it arrives live, or from
+        // the log if the catch-up reads it): everything up to it, then the last bytes.
+        let hub = hub(100, 16);
+        let outlet = hub.framed_outlet(None, Format::DsSse, Arc::new(Ids));
+        let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
+        publish(&hub, 2).await;
+        outlet.finish_after(sub, 4, "end".into());
+        publish(&hub, 2).await;
+        // Offered after the last one: never written.
+        publish(&hub, 1).await;
+        let (text, end) = written_until_end(&outlet).await;
+        assert_eq!(text, "m1;m2;m3;m4;end");
+        assert_eq!(end, End::Finished);
+
+        // Already sent when the end is asked for: the last bytes at once.
+        let outlet = hub.framed_outlet(None, Format::DsSse, Arc::new(Ids));
+        let sub = hub.subscribe(&name(), Some(3), &outlet).await.unwrap();
+        let mut text = String::new();
+        loop {
+            match action_now(&outlet) {
+                Poll::Ready(Action::Write(frames)) => {
+                    text.push_str(std::str::from_utf8(&frames.concat()).unwrap());
+                }
+                Poll::Ready(Action::CatchUp(catch_up)) => outlet.catch_up(catch_up).await.unwrap(),
+                Poll::Ready(Action::End(end)) => panic!("ended: {end:?}"),
+                Poll::Pending => break,
+            }
+        }
+        assert_eq!(text, "m4;m5;");
+        outlet.finish_after(sub, 5, "end".into());
+        publish(&hub, 1).await;
+        assert_eq!(
+            written_until_end(&outlet).await,
+            ("end".to_owned(), End::Finished)
+        );
     }
 
     #[tokio::test]

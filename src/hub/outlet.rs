@@ -50,13 +50,26 @@ pub enum Format {
     /// NDJSON lines (HTTP streaming): one envelope per line, in a body delimited by its end
     /// (the connection's close on HTTP/1.1, the stream's end on HTTP/2).
     Ndjson,
+    /// Durable Streams SSE events, in a body someone else frames. Their bytes depend on the
+    /// stream's offsets, which the hub does not know: the outlet's [`Framer`] writes them.
+    DsSse,
+    /// Durable Streams SSE events, each message's as one HTTP/1.1 chunk (its [`Framer`]'s).
+    DsSseChunked,
+}
+
+/// Writes the bytes of a message for an outlet whose format is a protocol's own
+/// ([`Format::DsSse`]): the fan-out asks it once per message and connection, so an
+/// implementation shares what it encodes between the connections that get the same bytes.
+pub trait Framer: Send + Sync {
+    /// The bytes that carry `message` (as one chunk if the outlet's format is chunked).
+    fn frame(&self, message: &Arc<Message>) -> Bytes;
 }
 
 impl Format {
     /// Whether pushhub frames the body itself as HTTP/1.1 chunks: such a body has an end of
     /// its own (the last chunk), and the connection may serve another request after it.
     pub fn chunked(self) -> bool {
-        self == Format::SseChunked
+        matches!(self, Format::SseChunked | Format::DsSseChunked)
     }
 
     /// The transport that speaks this format, for counters and gauges.
@@ -65,25 +78,31 @@ impl Format {
             Format::Ws => TransportKind::Ws,
             Format::Sse | Format::SseChunked => TransportKind::Sse,
             Format::Ndjson => TransportKind::Stream,
+            Format::DsSse | Format::DsSseChunked => TransportKind::DsSse,
         }
     }
 
     /// The bytes that carry `message` in this format: shared, framed once at publish.
-    fn message(self, message: &Message) -> &Bytes {
+    /// `None` for a format whose bytes its outlet's [`Framer`] writes.
+    fn message(self, message: &Message) -> Option<&Bytes> {
         match self {
-            Format::Ws => message.ws_frame(),
-            Format::Sse => message.sse_frame(),
-            Format::SseChunked => message.sse_chunk(),
-            Format::Ndjson => message.ndjson_line(),
+            Format::Ws => Some(message.ws_frame()),
+            Format::Sse => Some(message.sse_frame()),
+            Format::SseChunked => Some(message.sse_chunk()),
+            Format::Ndjson => Some(message.ndjson_line()),
+            Format::DsSse | Format::DsSseChunked => None,
         }
     }
 
-    /// A cursor signal in this format ([`Signal`] renders it).
-    pub fn signal(self, topic: &TopicName, signal: &Signal) -> Bytes {
+    /// A cursor signal in this format ([`Signal`] renders it); `None` for Durable Streams,
+    /// whose streams keep every message (a stream's topic is never trimmed, and a deleted
+    /// stream's readers are ended by its protocol, not told of a reset).
+    pub fn signal(self, topic: &TopicName, signal: &Signal) -> Option<Bytes> {
         match self {
-            Format::Ws => signal.ws_frame(topic),
-            Format::Sse | Format::SseChunked => self.body(&signal.sse_event(topic)),
-            Format::Ndjson => signal.ndjson_line(topic),
+            Format::Ws => Some(signal.ws_frame(topic)),
+            Format::Sse | Format::SseChunked => Some(self.body(&signal.sse_event(topic))),
+            Format::Ndjson => Some(signal.ndjson_line(topic)),
+            Format::DsSse | Format::DsSseChunked => None,
         }
     }
 
@@ -99,7 +118,7 @@ impl Format {
                 line.extend_from_slice(b"\n\n");
                 Some(self.body(&line))
             }
-            Format::Ws | Format::Ndjson => None,
+            Format::Ws | Format::Ndjson | Format::DsSse | Format::DsSseChunked => None,
         }
     }
 
@@ -107,20 +126,24 @@ impl Format {
     /// one chunk of a chunked body.
     pub fn body(self, bytes: &[u8]) -> Bytes {
         match self {
-            Format::SseChunked => wire::chunk(bytes),
-            Format::Sse | Format::Ws | Format::Ndjson => Bytes::copy_from_slice(bytes),
+            Format::SseChunked | Format::DsSseChunked => wire::chunk(bytes),
+            Format::Sse | Format::Ws | Format::Ndjson | Format::DsSse => {
+                Bytes::copy_from_slice(bytes)
+            }
         }
     }
 
     /// What keeps an idle connection alive, and proves the peer is there: a WebSocket ping,
-    /// an SSE comment, or an NDJSON `keepalive` line.
-    pub(super) fn heartbeat(self) -> Bytes {
-        match self {
+    /// an SSE comment, or an NDJSON `keepalive` line. `None` for Durable Streams, whose
+    /// keep-alive is a control event at the reader's offset, which its protocol sends.
+    pub(super) fn heartbeat(self) -> Option<Bytes> {
+        Some(match self {
             Format::Ws => Bytes::from_static(b"\x89\x00"),
             Format::Sse => Bytes::from_static(b": keep-alive\n\n"),
             Format::SseChunked => Bytes::from_static(b"e\r\n: keep-alive\n\n\r\n"),
             Format::Ndjson => Bytes::from_static(b"{\"type\":\"keepalive\"}\n"),
-        }
+            Format::DsSse | Format::DsSseChunked => return None,
+        })
     }
 }
 
@@ -135,6 +158,9 @@ pub enum End {
     Unresponsive,
     /// The server is stopping, and everything published before the stop has been written.
     Drained,
+    /// What it follows has ended (a closed or deleted Durable Stream): everything up to the
+    /// end was written, then its last bytes ([`Outlet::finish_after`]).
+    Finished,
 }
 
 /// What a connection's task must do next.
@@ -213,6 +239,15 @@ struct State {
     active: bool,
     /// The ping round this connection has not answered yet (0: none).
     unanswered_ping: u32,
+    /// Bytes to end with once a sub has been sent a given message ([`Outlet::finish_after`]).
+    finale: Option<Finale>,
+}
+
+/// The end of an outlet that waits for a sub to reach a message.
+struct Finale {
+    sub: usize,
+    last: MessageId,
+    bytes: Bytes,
 }
 
 /// One streaming connection's delivery state.
@@ -221,6 +256,8 @@ pub struct Outlet {
     /// The connection's socket, when writers may write to it directly.
     socket: Option<Arc<TcpStream>>,
     format: Format,
+    /// Writes messages in a format the hub does not know ([`Format::DsSse`]).
+    framer: Option<Arc<dyn Framer>>,
     transport: TransportKind,
     /// The fan-out shard that serves this connection.
     pub(super) shard: usize,
@@ -249,6 +286,7 @@ impl Outlet {
         fanout: &Arc<Fanout>,
         socket: Option<Arc<TcpStream>>,
         format: Format,
+        framer: Option<Arc<dyn Framer>>,
         transport: TransportKind,
         settings: &super::HubSettings,
     ) -> Arc<Self> {
@@ -264,6 +302,7 @@ impl Outlet {
             }),
             socket,
             format,
+            framer,
             transport,
             shard,
             registry_slot: fanout.register(shard, me.clone()),
@@ -284,6 +323,15 @@ impl Outlet {
         // Every critical section leaves the state consistent between statements that could
         // panic, so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bytes that carry `message` to this connection.
+    fn frame(&self, message: &Arc<Message>) -> Bytes {
+        match (self.format.message(message), &self.framer) {
+            (Some(frame), _) => frame.clone(),
+            (None, Some(framer)) => framer.frame(message),
+            (None, None) => unreachable!("an outlet of a framed format is made with its framer"),
+        }
     }
 
     /// How this outlet frames messages.
@@ -408,6 +456,7 @@ impl Outlet {
         if state.end.is_some() || state.sealed {
             return;
         }
+        let stop = Self::stop(&state.finale, sub);
         let Some(Some(entry)) = state.subs.get_mut(sub) else {
             return;
         };
@@ -427,16 +476,20 @@ impl Outlet {
             if message.id <= entry.sent {
                 continue;
             }
+            if message.id > stop {
+                break;
+            }
             if message.id != entry.sent + 1 {
                 // A message is missing (delivered out of order, or never offered): the log
                 // has it.
                 gap = true;
                 break;
             }
-            frames.push(self.format.message(message).clone());
+            frames.push(self.frame(message));
             entry.sent = message.id;
         }
         let last_sent = entry.sent;
+        let finished = Self::finale_due(&mut state.finale, sub, last_sent);
         if gap {
             entry.lost = true;
             entry.seen = entry.seen.max(newest);
@@ -467,6 +520,16 @@ impl Outlet {
             frames.insert(0, Bytes::from(header));
             frames.push(Bytes::from_static(b"\r\n"));
         }
+        if let Some(last) = finished {
+            // The message the outlet was to end after: its last bytes follow in the same
+            // write, and nothing else is accepted.
+            if !last.is_empty() {
+                frames.push(last);
+            }
+            state.sealed = true;
+            state.end.get_or_insert(End::Finished);
+            Self::wake(state);
+        }
         if !state.busy
             && state.pending.is_empty()
             && let Some(socket) = &self.socket
@@ -492,8 +555,9 @@ impl Outlet {
                 return;
             }
         }
-        if state.pending.len() + accepted > self.queue_limit {
-            // The connection is not keeping up: the policy decides.
+        if state.pending.len() + accepted > self.queue_limit && !state.sealed {
+            // The connection is not keeping up: the policy decides (unless these are its
+            // last messages).
             if self.disconnect_slow {
                 crate::telemetry::slow_consumer("disconnect");
                 state.end.get_or_insert(End::SlowConsumer);
@@ -583,6 +647,51 @@ impl Outlet {
     /// to write what is queued and end. What is already queued stays, in order.
     pub fn seal(&self) {
         self.lock().sealed = true;
+    }
+
+    /// Ends the outlet once sub `sub` has been sent message `last` (at once if it has):
+    /// `bytes` are written after everything before them, and nothing after. For a source
+    /// that ends (a Durable Stream closed at `last`), whose last messages may still be on
+    /// their way through the fan-out or in the log.
+    pub fn finish_after(&self, sub: SubId, last: MessageId, bytes: Bytes) {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.sealed || state.end.is_some() {
+            return;
+        }
+        let Some(Some(entry)) = state.subs.get(sub.0) else {
+            return;
+        };
+        if entry.sent >= last {
+            if !bytes.is_empty() {
+                state.pending.push_back(bytes);
+            }
+            state.busy = true;
+            state.sealed = true;
+            state.end = Some(End::Finished);
+        } else {
+            state.finale = Some(Finale {
+                sub: sub.0,
+                last,
+                bytes,
+            });
+        }
+        Self::wake(state);
+    }
+
+    /// The last message sub `sub` may be sent: the one it ends after, if it is to end.
+    fn stop(finale: &Option<Finale>, sub: usize) -> MessageId {
+        finale
+            .as_ref()
+            .filter(|f| f.sub == sub)
+            .map_or(MessageId::MAX, |f| f.last)
+    }
+
+    /// The last bytes to queue now that sub `sub` was sent up to `sent`, if they are due.
+    fn finale_due(finale: &mut Option<Finale>, sub: usize, sent: MessageId) -> Option<Bytes> {
+        finale
+            .take_if(|f| f.sub == sub && sent >= f.last)
+            .map(|f| f.bytes)
     }
 
     fn wake(state: &mut State) {
@@ -676,6 +785,7 @@ impl Outlet {
         if state.sealed {
             return Ok(());
         }
+        let stop = Self::stop(&state.finale, sub);
         let Some(Some(entry)) = state.subs.get_mut(sub) else {
             return Ok(());
         };
@@ -685,9 +795,9 @@ impl Outlet {
         let batch = batch?;
         entry.from_client = false;
         if let Some(signal) = &batch.signal {
-            state
-                .pending
-                .push_back(self.format.signal(&topic.name, signal));
+            if let Some(bytes) = self.format.signal(&topic.name, signal) {
+                state.pending.push_back(bytes);
+            }
             entry.sent = signal.resume_after();
         }
         let mut delivered = 0u64;
@@ -696,10 +806,13 @@ impl Outlet {
             if message.id <= entry.sent {
                 continue;
             }
-            let frame = self.format.message(message);
+            if message.id > stop {
+                break;
+            }
+            let frame = self.frame(message);
             bytes += frame.len() as u64;
             delivered += 1;
-            state.pending.push_back(frame.clone());
+            state.pending.push_back(frame);
             entry.sent = message.id;
         }
         if batch.messages.is_empty() {
@@ -711,6 +824,14 @@ impl Outlet {
         // that the read may not have found. (Were older offers kept, an id from before ids
         // restarted, a reset, would keep the sub reading forever.)
         entry.lost = batch.more || entry.seen > entry.sent;
+        let sent = entry.sent;
+        if let Some(last) = Self::finale_due(&mut state.finale, sub, sent) {
+            if !last.is_empty() {
+                state.pending.push_back(last);
+            }
+            state.sealed = true;
+            state.end.get_or_insert(End::Finished);
+        }
         if delivered > 0 || !state.pending.is_empty() {
             state.active = true;
         }
@@ -742,8 +863,8 @@ impl Outlet {
             state.active = false;
             idle
         };
-        if idle {
-            self.send(self.format.heartbeat());
+        if idle && let Some(heartbeat) = self.format.heartbeat() {
+            self.send(heartbeat);
         }
     }
 
@@ -758,7 +879,9 @@ impl Outlet {
                 state.unanswered_ping = round;
             }
         }
-        self.send(self.format.heartbeat());
+        if let Some(ping) = self.format.heartbeat() {
+            self.send(ping);
+        }
     }
 
     /// Ticker duty: ends the connection if round `round`'s ping is still unanswered.

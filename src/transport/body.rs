@@ -48,12 +48,30 @@ pub struct Framing {
 }
 
 /// A stream set up and following its topic.
-#[derive(Debug)]
 pub struct Opened {
     /// The stream's outlet.
     pub outlet: OutletGuard,
     /// When the client's token expires.
     pub expires: Option<Instant>,
+    /// The transport's watch over the stream's source, if it has one.
+    pub watch: Option<stream::Watch>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("outlet", &self.outlet)
+            .field("expires", &self.expires)
+            .field("watch", &self.watch.is_some())
+            .finish()
+    }
+}
+
+impl Opened {
+    /// The [`Driver`] of the stream, which owns its expiry and watch from here on.
+    pub fn driver(&mut self) -> Driver {
+        Driver::new(self.expires, self.watch.take())
+    }
 }
 
 /// Creates the stream's outlet in `format`, queues `head` (the raw path's response head) and
@@ -79,7 +97,11 @@ pub async fn open(
     }
     app.hub.subscribe(topic, after, &outlet).await?;
     app.hub.record_request(format.transport());
-    Ok(Opened { outlet, expires })
+    Ok(Opened {
+        outlet,
+        expires,
+        watch: None,
+    })
 }
 
 /// What a stream sends last, per the reason it ends: the `expired` notice, and on a chunked
@@ -89,7 +111,7 @@ pub fn tail(framing: &Framing, format: Format, finish: Finish) -> Option<Vec<u8>
     match finish {
         Finish::Expired => tail.extend_from_slice(&format.body(framing.expired)),
         Finish::Unavailable => tail.extend_from_slice(&format.body(framing.unavailable)),
-        Finish::Ended(End::Drained | End::SlowConsumer) | Finish::Closed => {}
+        Finish::Ended(End::Drained | End::SlowConsumer | End::Finished) | Finish::Closed => {}
         Finish::Ended(End::Gone | End::Unresponsive) | Finish::PeerGone | Finish::Stalled => {
             return None;
         }
@@ -182,11 +204,12 @@ fn with_headers(framing: &Framing, response: &mut Response) {
 
 /// The streaming response hyper serves: a [`Body`] fed by the opened stream, with the
 /// transport's headers.
-pub fn response(framing: &'static Framing, opened: Opened) -> Response {
+pub fn response(framing: &'static Framing, mut opened: Opened) -> Response {
+    let driver = opened.driver();
     let body = axum::body::Body::from_stream(Body {
         outlet: opened.outlet,
         catch_up: None,
-        driver: Driver::new(opened.expires),
+        driver,
         framing,
         ended: false,
     });

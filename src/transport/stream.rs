@@ -38,8 +38,6 @@ pub struct Settings {
     pub stall: Duration,
     /// Read size; the buffer exists only while there is input to read.
     pub read_chunk: usize,
-    /// The token's expiry: the stream ends then.
-    pub expires: Option<Instant>,
 }
 
 /// Why a stream ended.
@@ -84,7 +82,16 @@ pub trait Peer: Send {
 /// the outlet asks for, and how a catch-up that fails is undone.
 pub struct Driver {
     expiry: Option<Pin<Box<Sleep>>>,
+    /// The transport's own watch over what the stream follows (a Durable Stream's close or
+    /// delete), which acts on the outlet; polled with it, dropped once it completes. Boxed
+    /// again to a thin pointer: every WebSocket and SSE connection holds a driver, few have a
+    /// watch.
+    watch: Option<Box<Watch>>,
 }
+
+/// A transport's watch over a stream's source, run with the stream: it acts through the
+/// outlet (a keep-alive, the stream's end) and completes when it has nothing left to watch.
+pub type Watch = futures::future::BoxFuture<'static, ()>;
 
 /// What a stream does next.
 pub enum Next {
@@ -98,9 +105,10 @@ pub enum Next {
 
 impl Driver {
     /// A driver for a stream whose token expires at `expires`.
-    pub fn new(expires: Option<Instant>) -> Self {
+    pub fn new(expires: Option<Instant>, watch: Option<Watch>) -> Self {
         Self {
             expiry: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            watch: watch.map(Box::new),
         }
     }
 
@@ -111,6 +119,11 @@ impl Driver {
             && expiry.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Next::Finish(Finish::Expired));
+        }
+        if let Some(watch) = self.watch.as_mut()
+            && watch.as_mut().as_mut().poll(cx).is_ready()
+        {
+            self.watch = None;
         }
         outlet.poll_action(cx).map(|action| match action {
             Action::Write(frames) => Next::Write(frames),
@@ -142,7 +155,7 @@ pub fn flushes(finish: Finish) -> bool {
         Finish::Closed
             | Finish::Expired
             | Finish::Unavailable
-            | Finish::Ended(End::SlowConsumer | End::Drained)
+            | Finish::Ended(End::SlowConsumer | End::Drained | End::Finished)
     )
 }
 
@@ -159,10 +172,10 @@ pub async fn run<P: Peer>(
     outlet: &Arc<Outlet>,
     peer: &mut P,
     settings: &Settings,
+    mut driver: Driver,
     input: &mut Vec<u8>,
 ) -> Finish {
     let mut writer = Writer::default();
-    let mut driver = Driver::new(settings.expires);
     loop {
         let step = poll_fn(|cx| {
             loop {

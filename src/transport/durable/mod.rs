@@ -17,6 +17,7 @@
 
 pub mod content;
 pub mod error;
+pub mod follow;
 pub mod meta;
 pub mod offset;
 pub mod read;

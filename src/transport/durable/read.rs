@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use super::{
     content::Mode,
     error::DurableError,
+    follow::SseStart,
     meta::{self, Meta},
     offset::{Offset, Start},
     single,
@@ -23,9 +24,9 @@ use super::{
 use crate::{
     AppState,
     error::Error,
-    hub::Parking,
+    hub::{Format, Parking},
     message::{Message, TopicName, TransportKind, now_millis},
-    transport::Params,
+    transport::{Params, body},
 };
 
 /// Messages one read returns at most; a longer backlog is paged (without `Up-To-Date`).
@@ -72,7 +73,7 @@ pub fn collect<'a>(
         let mut pieces = Vec::new();
         if let Some(fork) = meta.fork.as_ref().filter(|_| after.0 < meta.start) {
             let source = TopicName::parse(&fork.source).map_err(Error::from)?;
-            let Some((source_meta, _)) = Streams::load(app, &source).await? else {
+            let Some(source_meta) = Streams::load(app, &source).await? else {
                 return Err(crate::store::StoreError::Internal(format!(
                     "fork source {source} of {topic} is missing"
                 ))
@@ -235,12 +236,14 @@ impl Reply {
 pub enum Live {
     /// A whole answer.
     Reply(Reply),
-    /// `200` with these headers, then what [`SseRead::next_chunk`] gives.
+    /// `200` with these headers, then the events of a read that follows the stream
+    /// ([`SseStart::open`]).
     Sse {
         /// The protocol's headers (content type, cache control, data encoding).
         headers: Vec<(&'static str, String)>,
-        /// The stream's state.
-        read: SseRead,
+        /// The catch-up, and where the read follows the stream from (boxed: a long poll's
+        /// answer, the other variant, is what the gate holds while it writes).
+        start: Box<SseStart>,
     },
 }
 
@@ -316,12 +319,15 @@ pub(super) async fn get(
     if single(query, "live")?.is_some() {
         return Ok(match live(app, topic, query, client).await? {
             Live::Reply(reply) => reply.into_response(),
-            Live::Sse { headers, read } => {
-                let mut answer = Answer::new(StatusCode::OK);
+            Live::Sse { headers, start } => {
+                let opened = start.open(None, Format::DsSse, None).await?;
+                let mut response = body::response(&sse::FRAMING, opened);
                 for (name, value) in headers {
-                    answer = answer.header(name, value);
+                    if let Ok(value) = HeaderValue::from_str(&value) {
+                        response.headers_mut().insert(name, value);
+                    }
                 }
-                answer.body(Body::from_stream(read.into_stream()))
+                response
             }
         });
     }
@@ -368,6 +374,19 @@ pub async fn live(
             long_poll(app, topic, meta, start, cursor, local, client).await?,
         ));
     }
+    // Boxed: what starting an SSE read holds is not part of every parked long poll.
+    Box::pin(sse(app, topic, meta, start, cursor, local)).await
+}
+
+/// Starts a live SSE read: its catch-up, and where it follows the stream from.
+async fn sse(
+    app: &AppState,
+    topic: &TopicName,
+    meta: Meta,
+    start: Start,
+    cursor: Option<String>,
+    local: Arc<Local>,
+) -> Result<Live, Error> {
     let binary = meta.content().mode() == Mode::Binary;
     let from = start_offset(app, topic, &meta, start).await?;
     let mut headers = vec![
@@ -377,20 +396,96 @@ pub async fn live(
     if binary {
         headers.push(("stream-sse-data-encoding", "base64".to_owned()));
     }
+    let asked = cursor.as_deref().and_then(|c| c.parse::<u64>().ok());
+    let caught_up = sse_catch_up(app, topic, &meta, from, cursor.as_deref()).await?;
+    if caught_up.ended {
+        // Closed, and read to its end: the whole answer.
+        return Ok(Live::Reply(Reply {
+            status: StatusCode::OK,
+            headers,
+            body: caught_up.events,
+        }));
+    }
+    local.touch();
     Ok(Live::Sse {
         headers,
-        read: SseRead {
+        start: Box::new(SseStart {
             app: app.clone(),
             topic: topic.clone(),
             local,
-            client,
-            cursor,
-            from,
-            told: false,
-            delivered: 0,
-            done: false,
-        },
+            after: meta.id_at(caught_up.next.max(Offset(meta.start))),
+            meta,
+            events: caught_up.events,
+            delivered: caught_up.delivered,
+            asked,
+        }),
     })
+}
+
+/// What an SSE read sends before it follows its stream.
+struct SseCatchUp {
+    events: Vec<u8>,
+    delivered: u64,
+    /// Where the read goes on.
+    next: Offset,
+    /// The stream is closed and was read to its end: nothing follows.
+    ended: bool,
+}
+
+/// The events of an SSE read's catch-up from `from`: each page's `data` event with its
+/// `control` event, until the read reaches the stream's own messages (a fork's inherited
+/// ones are read here, from its source), or the tail, or the close.
+async fn sse_catch_up(
+    app: &AppState,
+    topic: &TopicName,
+    meta: &Meta,
+    mut from: Offset,
+    asked: Option<&str>,
+) -> Result<SseCatchUp, Error> {
+    let mode = meta.content().mode();
+    let mut events = Vec::new();
+    let mut delivered = 0;
+    loop {
+        let read = collect(app, topic, meta, from, None, READ_LIMIT).await?;
+        let up_to_date = !read.more;
+        if !read.pieces.is_empty() {
+            let body = render(mode, &read.pieces);
+            if mode == Mode::Binary {
+                sse::data_event(&mut events, sse::base64(&body).as_bytes());
+            } else {
+                sse::data_event(&mut events, &body);
+            }
+            delivered += read.pieces.len() as u64;
+        }
+        from = read.next();
+        if meta.closed && up_to_date {
+            sse::control_event(&mut events, &Control::Closed { next: from });
+            return Ok(SseCatchUp {
+                events,
+                delivered,
+                next: from,
+                ended: true,
+            });
+        }
+        let cursor = meta::cursor(asked, now_millis(), random()).to_string();
+        sse::control_event(
+            &mut events,
+            &Control::Open {
+                next: from,
+                cursor: &cursor,
+                up_to_date,
+            },
+        );
+        // The rest of the stream's own messages is the subscription's to read.
+        if up_to_date || from.0 >= meta.start {
+            return Ok(SseCatchUp {
+                events,
+                delivered,
+                next: from,
+                ended: false,
+            });
+        }
+    }
 }
 
 /// Resolves where a read starts.
@@ -561,151 +656,5 @@ async fn long_poll(
         local.touch();
         meta = app.streams.open_local(app, topic, &local).await?;
         from = read.tail;
-    }
-}
-
-/// What an SSE read holds between events.
-pub struct SseRead {
-    app: AppState,
-    topic: TopicName,
-    local: Arc<Local>,
-    client: String,
-    cursor: Option<String>,
-    from: Offset,
-    /// The reader was told it is up to date at `from`.
-    told: bool,
-    /// Messages in the chunk being built, counted as deliveries once it is sent.
-    delivered: u64,
-    done: bool,
-}
-
-impl std::fmt::Debug for SseRead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SseRead")
-            .field("topic", &self.topic)
-            .field("from", &self.from)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SseRead {
-    /// The next chunk to send, counted as delivered; `None` once the stream has ended (the
-    /// stream was closed and read to its end, deleted, or the server is stopping).
-    pub async fn next_chunk(&mut self) -> Option<Vec<u8>> {
-        if self.done {
-            return None;
-        }
-        self.delivered = 0;
-        let chunk = self.events().await;
-        self.app
-            .hub
-            .record_delivery(TransportKind::DsSse, self.delivered, chunk.len() as u64);
-        Some(chunk)
-    }
-
-    /// The chunks as a body stream (empty chunks are skipped by the writers).
-    fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
-        futures::stream::unfold(self, |mut read| async move {
-            let chunk = read.next_chunk().await?;
-            Some((Ok(Bytes::from(chunk)), read))
-        })
-    }
-
-    /// Events: each data event with its control event in the same chunk; empty when there
-    /// is nothing to say (the stream ended).
-    async fn events(&mut self) -> Vec<u8> {
-        let timeout = self.app.transports.durable.long_poll_timeout;
-        loop {
-            let mut out = Vec::new();
-            let meta = match self
-                .app
-                .streams
-                .open_local(&self.app, &self.topic, &self.local)
-                .await
-            {
-                Ok(meta) => meta,
-                Err(_) => {
-                    // Deleted or expired while read: the stream ends.
-                    self.done = true;
-                    return out;
-                }
-            };
-            let read =
-                match collect(&self.app, &self.topic, &meta, self.from, None, READ_LIMIT).await {
-                    Ok(read) => read,
-                    Err(_) => {
-                        self.done = true;
-                        return out;
-                    }
-                };
-            let cursor = meta::cursor(self.cursor.as_deref(), now_millis(), random()).to_string();
-            let up_to_date = !read.more;
-            if !read.pieces.is_empty() {
-                let body = render(meta.content().mode(), &read.pieces);
-                if meta.content().mode() == Mode::Binary {
-                    sse::data_event(&mut out, sse::base64(&body).as_bytes());
-                } else {
-                    sse::data_event(&mut out, &body);
-                }
-                self.from = read.next();
-                self.local.touch();
-                self.delivered = read.pieces.len() as u64;
-            }
-            if meta.closed && up_to_date {
-                sse::control_event(&mut out, &Control::Closed { next: read.next() });
-                self.done = true;
-                return out;
-            }
-            if !read.pieces.is_empty() || !self.told {
-                sse::control_event(
-                    &mut out,
-                    &Control::Open {
-                        next: read.next(),
-                        cursor: &cursor,
-                        up_to_date,
-                    },
-                );
-                self.told = up_to_date;
-                self.cursor = Some(cursor.clone());
-                if !up_to_date || !out.is_empty() {
-                    return out;
-                }
-            }
-            self.from = self.from.min(read.tail);
-            match wait(
-                &self.app,
-                &self.topic,
-                &meta,
-                read.tail,
-                &self.local,
-                timeout,
-                &self.client,
-                TransportKind::DsSse,
-            )
-            .await
-            {
-                Ok(true) => continue,
-                Ok(false) if self.app.shutdown.is_cancelled() => {
-                    self.done = true;
-                    return out;
-                }
-                Ok(false) => {
-                    // Idle for a whole wait: a keep-alive control event.
-                    sse::control_event(
-                        &mut out,
-                        &Control::Open {
-                            next: read.tail,
-                            cursor: &cursor,
-                            up_to_date: true,
-                        },
-                    );
-                    return out;
-                }
-                Err(_) => {
-                    self.done = true;
-                    return out;
-                }
-            }
-        }
     }
 }

@@ -5,6 +5,20 @@
 //! padded base64.
 
 use super::offset::Offset;
+use crate::{hub::Format, transport::body::Framing};
+
+/// How a live SSE read frames its body: chunks on the raw socket, so that a client may send
+/// its next request on the same connection once a closed stream's read ends. Its headers
+/// depend on the stream (the data encoding), so the framing lists none.
+pub static FRAMING: Framing = Framing {
+    headers: &[],
+    raw: Format::DsSseChunked,
+    body: Format::DsSse,
+    // Never sent (a live read has no token expiry); comments, which SSE parsers skip.
+    expired: b": token expired\n\n",
+    unavailable: b": message store unavailable; come back with your offset\n\n",
+    answers_unavailable: false,
+};
 
 /// Appends a `data` event carrying `payload`.
 pub fn data_event(out: &mut Vec<u8>, payload: &[u8]) {

@@ -17,7 +17,7 @@ use std::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{error::DurableError, meta::Meta};
+use super::{error::DurableError, follow::Frames, meta::Meta};
 use crate::{
     App,
     error::Error,
@@ -47,9 +47,20 @@ pub struct Local {
     lifetime: AtomicBool,
     /// The last stored record decoded here, and what it decoded to.
     decoded: Mutex<Option<(bytes::Bytes, Meta)>>,
+    /// The SSE events of the stream's newest messages, shared by its live readers here.
+    frames: Mutex<Option<Arc<Frames>>>,
 }
 
 impl Local {
+    /// The shared SSE events of the stream `meta` describes.
+    pub fn frames(&self, meta: &Meta) -> Arc<Frames> {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        match frames.as_ref() {
+            Some(kept) if kept.fits(meta) => kept.clone(),
+            _ => frames.insert(Arc::new(Frames::new(meta))).clone(),
+        }
+    }
+
     /// Notes a read or an append now.
     pub fn touch(&self) {
         self.accessed.fetch_max(now_millis(), Ordering::Relaxed);
@@ -71,12 +82,12 @@ impl Streams {
     }
 
     /// The stream's metadata as stored, whatever its state; `None` if the topic is no stream.
-    pub async fn load(app: &App, topic: &TopicName) -> Result<Option<(Meta, bool)>, Error> {
-        let Some(StreamState { record, sealed }) = app.hub.stream_state(topic).await? else {
+    pub async fn load(app: &App, topic: &TopicName) -> Result<Option<Meta>, Error> {
+        let Some(StreamState { record, .. }) = app.hub.stream_state(topic).await? else {
             return Ok(None);
         };
         let meta = Meta::decode(&record).map_err(crate::store::StoreError::Internal)?;
-        Ok(Some((meta, sealed)))
+        Ok(Some(meta))
     }
 
     /// The metadata of a stream that can be read or written now: `404` when there is none
@@ -186,7 +197,7 @@ impl Streams {
     async fn release(&self, app: &App, source: &TopicName) -> Result<(), Error> {
         let local = self.local(source);
         let _writing = local.write.lock().await;
-        let Some((mut meta, _)) = Self::load(app, source).await? else {
+        let Some(mut meta) = Self::load(app, source).await? else {
             return Ok(());
         };
         meta.forks = meta.forks.saturating_sub(1);
@@ -228,7 +239,7 @@ impl Streams {
 
     async fn expire(&self, app: &App, topic: &TopicName, local: &Local) -> Result<(), Error> {
         let _writing = local.write.lock().await;
-        let Some((meta, _)) = Self::load(app, topic).await? else {
+        let Some(meta) = Self::load(app, topic).await? else {
             self.forget(topic);
             return Ok(());
         };

@@ -214,7 +214,7 @@ pub(super) async fn put(
     let create = Create::parse(app, headers)?;
     let local = app.streams.local(topic);
     let _writing = local.write.lock().await;
-    if let Some((meta, _)) = Streams::load(app, topic).await? {
+    if let Some(meta) = Streams::load(app, topic).await? {
         let accessed = local.accessed.load(std::sync::atomic::Ordering::Relaxed);
         if meta.deleted {
             return Err(DurableError::Conflict("the stream was deleted; its forks remain").into());

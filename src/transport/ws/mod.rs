@@ -154,7 +154,6 @@ pub async fn run(app: &AppState, opened: Opened, io: &mut Io, mut input: Vec<u8>
         // Either is cut off after this long, and its resources freed.
         stall: app.transports.stream.ws_pong_timeout,
         read_chunk: app.transports.stream.ws_read_buffer,
-        expires,
     };
     // Bytes that arrived with the handshake are handled first.
     let early = if input.is_empty() {
@@ -165,7 +164,10 @@ pub async fn run(app: &AppState, opened: Opened, io: &mut Io, mut input: Vec<u8>
     };
     let finish = match early {
         Err(finish) => finish,
-        Ok(()) => stream::run(io, &outlet, &mut session, &settings, &mut input).await,
+        Ok(()) => {
+            let driver = stream::Driver::new(expires, None);
+            stream::run(io, &outlet, &mut session, &settings, driver, &mut input).await
+        }
     };
     super::boxed(|| close(io, &outlet, finish, settings.stall)).await;
 }

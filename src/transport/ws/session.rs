@@ -228,7 +228,8 @@ pub fn close_frame(finish: Finish) -> Option<Bytes> {
         Finish::Ended(End::SlowConsumer) => (close_code::AGAIN, "subscriber fell too far behind"),
         Finish::Expired => (close_code::TOKEN_EXPIRED, "token expired"),
         Finish::Unavailable => (close_code::AGAIN, "store_unavailable"),
-        Finish::Ended(End::Gone | End::Unresponsive)
+        // A WebSocket follows no source that ends.
+        Finish::Ended(End::Gone | End::Unresponsive | End::Finished)
         | Finish::PeerGone
         | Finish::Stalled
         | Finish::Closed => return None,

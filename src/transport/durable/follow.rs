@@ -1,0 +1,299 @@
+//! A live SSE read (`live=sse`) that follows its stream through the hub's fan-out, as the
+//! native SSE transport does: once the reader has caught up, each append's `data` event and
+//! the `control` event after it are encoded once for every reader of the stream on this node
+//! ([`Frames`]) and written by the fan-out straight to each reader's socket. No reader's task
+//! wakes for an append; it wakes only for what the fan-out cannot see: a close or a delete
+//! (which end the response after the stream's last message), and a keep-alive after a quiet
+//! `--ds-long-poll-timeout`.
+//!
+//! The catch-up before that (which may stitch in what a fork inherited from its source) is
+//! read and written by the reader itself ([`SseStart`]); the hub's subscription then resumes
+//! after the offset it reached, so that nothing is lost or repeated between the two.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use axum::body::Bytes;
+
+use super::{
+    content::Mode,
+    meta::{self, Meta},
+    offset::Offset,
+    read::{self, Piece},
+    sse::{self, Control},
+    streams::Local,
+};
+use crate::{
+    AppState,
+    error::Error,
+    hub::{Format, Framer, Outlet, SubId},
+    message::{Message, MessageId, TopicName, TransportKind, now_millis, wire},
+    transport::{body, stream::Watch},
+};
+
+/// Messages whose events are kept per stream: the fan-out asks for the newest few, in
+/// order, one walk after another.
+const KEPT: usize = 8;
+
+/// The SSE events of a stream's messages, encoded once for all of its readers on this node
+/// (those whose cursor is the current interval's: every reader that came without one, or
+/// with one from an earlier interval).
+#[derive(Debug)]
+pub struct Frames {
+    /// The stream's topic id its own offsets start after (see [`Meta::base`]).
+    base: MessageId,
+    /// Its first own offset (see [`Meta::start`]).
+    start: u64,
+    mode: Mode,
+    recent: Mutex<VecDeque<Encoded>>,
+}
+
+#[derive(Debug)]
+struct Encoded {
+    id: MessageId,
+    interval: u64,
+    /// The events as one HTTP/1.1 chunk.
+    chunk: Bytes,
+    /// The events alone (a slice of `chunk`).
+    events: Bytes,
+}
+
+impl Frames {
+    /// The frames for a stream described by `meta`.
+    pub fn new(meta: &Meta) -> Self {
+        Self {
+            base: meta.base,
+            start: meta.start,
+            mode: meta.content().mode(),
+            recent: Mutex::new(VecDeque::with_capacity(KEPT)),
+        }
+    }
+
+    /// Whether these frames are the ones of the stream `meta` describes (a stream deleted and
+    /// created again at the same path starts after another id).
+    pub fn fits(&self, meta: &Meta) -> bool {
+        self.base == meta.base && self.start == meta.start && self.mode == meta.content().mode()
+    }
+
+    /// The offset after message `id`, as [`Meta::offset_after`].
+    fn offset_after(&self, id: MessageId) -> Offset {
+        Offset(self.start + id.saturating_sub(self.base))
+    }
+
+    /// `message`'s `data` event and the `control` event after it (up to date, with the
+    /// `Stream-Cursor` `cursor`), as one chunk and as the events alone.
+    fn encode(&self, message: &Arc<Message>, cursor: &str) -> (Bytes, Bytes) {
+        let end = self.offset_after(message.id);
+        let piece = Piece {
+            end,
+            message: message.clone(),
+        };
+        let body = read::render(self.mode, std::slice::from_ref(&piece));
+        let mut events = Vec::with_capacity(body.len() + 160);
+        if self.mode == Mode::Binary {
+            sse::data_event(&mut events, sse::base64(&body).as_bytes());
+        } else {
+            sse::data_event(&mut events, &body);
+        }
+        sse::control_event(
+            &mut events,
+            &Control::Open {
+                next: end,
+                cursor,
+                up_to_date: true,
+            },
+        );
+        let chunk = wire::chunk(&events);
+        let start = chunk.len() - 2 - events.len();
+        let events = chunk.slice(start..chunk.len() - 2);
+        (chunk, events)
+    }
+
+    /// `message`'s events for the readers of interval `interval`, encoded by the first to
+    /// ask; `true` when this call encoded them.
+    fn shared(&self, message: &Arc<Message>, interval: u64, chunked: bool) -> (Bytes, bool) {
+        let pick = |e: &Encoded| if chunked { &e.chunk } else { &e.events }.clone();
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = recent
+            .iter()
+            .find(|e| e.id == message.id && e.interval == interval)
+        {
+            return (pick(found), false);
+        }
+        let (chunk, events) = self.encode(message, itoa::Buffer::new().format(interval));
+        let encoded = Encoded {
+            id: message.id,
+            interval,
+            chunk,
+            events,
+        };
+        let bytes = pick(&encoded);
+        if recent.len() == KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(encoded);
+        (bytes, true)
+    }
+}
+
+/// One reader's [`Framer`]: the stream's shared events, or events of its own when the
+/// cursor it came with is already the current interval's (it then gets a later one).
+struct ReaderFramer {
+    frames: Arc<Frames>,
+    local: Arc<Local>,
+    chunked: bool,
+    /// The `cursor` the reader asked with.
+    asked: Option<u64>,
+}
+
+impl Framer for ReaderFramer {
+    fn frame(&self, message: &Arc<Message>) -> Bytes {
+        let now = now_millis();
+        let interval = meta::cursor(None, now, 0);
+        if let Some(asked) = self.asked.filter(|&asked| asked >= interval) {
+            let cursor = meta::cursor(Some(&asked.to_string()), now, fastrand::u64(..));
+            let (chunk, events) = self.frames.encode(message, &cursor.to_string());
+            return if self.chunked { chunk } else { events };
+        }
+        let (bytes, fresh) = self.frames.shared(message, interval, self.chunked);
+        if fresh {
+            // Once per append, not per reader: readers keep the stream's TTL sliding.
+            self.local.touch();
+        }
+        bytes
+    }
+}
+
+/// An SSE read's start: what the reader gets before it follows the fan-out.
+#[derive(Debug)]
+pub struct SseStart {
+    pub(super) app: AppState,
+    pub(super) topic: TopicName,
+    pub(super) local: Arc<Local>,
+    pub(super) meta: Meta,
+    /// The catch-up's events, unframed.
+    pub(super) events: Vec<u8>,
+    /// Messages in them.
+    pub(super) delivered: u64,
+    /// The topic id to follow the stream from.
+    pub(super) after: MessageId,
+    /// The `cursor` the reader asked with.
+    pub(super) asked: Option<u64>,
+}
+
+impl SseStart {
+    /// Opens the read's outlet in `format` ([`Format::DsSseChunked`] on the raw socket, with
+    /// its response `head`; [`Format::DsSse`] in a body hyper frames), queues the catch-up,
+    /// and follows the stream from where the catch-up ended.
+    pub async fn open(
+        self: Box<Self>,
+        socket: Option<Arc<tokio::net::TcpStream>>,
+        format: Format,
+        head: Option<Vec<u8>>,
+    ) -> Result<body::Opened, Error> {
+        let frames = self.local.frames(&self.meta);
+        let framer = Arc::new(ReaderFramer {
+            frames,
+            local: self.local.clone(),
+            chunked: format.chunked(),
+            asked: self.asked,
+        });
+        let outlet = self.app.hub.framed_outlet(socket, format, framer);
+        if let Some(head) = head {
+            outlet.push(Bytes::from(head));
+        }
+        if !self.events.is_empty() {
+            outlet.push(format.body(&self.events));
+        }
+        self.app.hub.record_delivery(
+            TransportKind::DsSse,
+            self.delivered,
+            self.events.len() as u64,
+        );
+        let sub = self
+            .app
+            .hub
+            .subscribe(&self.topic, Some(self.after), &outlet)
+            .await?;
+        let watch: Watch = Box::pin(watch(
+            self.app,
+            self.topic,
+            self.local,
+            self.meta,
+            outlet.0.clone(),
+            sub,
+            self.asked,
+        ));
+        Ok(body::Opened {
+            outlet,
+            expires: None,
+            watch: Some(watch),
+        })
+    }
+}
+
+/// Watches what the fan-out cannot see for one reader: the stream closed (the response ends
+/// after its last message, with the closing `control` event), deleted or expired (it ends),
+/// or quiet for `--ds-long-poll-timeout` (a keep-alive `control` event at the reader's
+/// offset; the stream's state is read again then, so a close made on another node is seen
+/// within that time). A shutdown is the outlet's drain.
+async fn watch(
+    app: AppState,
+    topic: TopicName,
+    local: Arc<Local>,
+    mut meta: Meta,
+    outlet: Arc<Outlet>,
+    sub: SubId,
+    asked: Option<u64>,
+) {
+    let timeout = app.transports.durable.long_poll_timeout;
+    let format = outlet.format();
+    loop {
+        let changed = local.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if meta.closed {
+            let Ok(tail) = read::own_tail(&app, &topic, &meta).await else {
+                outlet.finish_after(sub, 0, Bytes::new());
+                return;
+            };
+            let mut last = Vec::new();
+            sse::control_event(&mut last, &Control::Closed { next: tail });
+            outlet.finish_after(sub, meta.id_at(tail), format.body(&last));
+            return;
+        }
+        let quiet = tokio::select! {
+            () = &mut changed => false,
+            () = tokio::time::sleep(timeout) => true,
+        };
+        meta = match app.streams.open_local(&app, &topic, &local).await {
+            Ok(meta) => meta,
+            Err(_) => {
+                // Deleted or expired: the response ends after what was sent.
+                outlet.finish_after(sub, 0, Bytes::new());
+                return;
+            }
+        };
+        if quiet && !meta.closed {
+            let at = outlet.cursor(sub).map_or(Offset(meta.start), |id| {
+                meta.offset_after(id).max(Offset(meta.start))
+            });
+            let asked = asked.map(|asked| asked.to_string());
+            let cursor = meta::cursor(asked.as_deref(), now_millis(), fastrand::u64(..));
+            let cursor = cursor.to_string();
+            let mut keep_alive = Vec::new();
+            sse::control_event(
+                &mut keep_alive,
+                &Control::Open {
+                    next: at,
+                    cursor: &cursor,
+                    up_to_date: true,
+                },
+            );
+            outlet.send(format.body(&keep_alive));
+            local.touch();
+        }
+    }
+}
