@@ -208,8 +208,9 @@ async fn redis_nodes_share_streams_appends_and_closes() {
         return;
     };
     let a = spawn_binary(&["--redis", &redis.url()], &[]);
+    // B's readers wait 60 s: whatever ends them sooner came from A.
     let b = spawn_binary(
-        &["--redis", &redis.url(), "--ds-long-poll-timeout", "10s"],
+        &["--redis", &redis.url(), "--ds-long-poll-timeout", "60s"],
         &[],
     );
     let (a, b) = (a.endpoint(), b.endpoint());
@@ -232,7 +233,21 @@ async fn redis_nodes_share_streams_appends_and_closes() {
         .unwrap()
         .unwrap();
     assert_eq!((status, &body[..]), (200, &b"again"[..]));
-    // B sees A's close, and refuses appends after it.
+    // Readers on B waiting at the tail (an SSE read, a long poll) end as soon as A closes
+    // the stream, not at their wait's end.
+    let (_, tail, _) = read(&b, "shared", "-1").await;
+    let mut sse = DsSse::open(&b, "shared", &format!("offset={tail}")).await;
+    assert_eq!(sse.next().await.unwrap().0, "control");
+    let waiting = {
+        let url = b.url(&format!("/v1/stream/shared?offset={tail}&live=long-poll"));
+        let http = b.http.clone();
+        tokio::spawn(async move {
+            let response = http.get(url).send().await.unwrap();
+            let closed = response.headers().get("stream-closed").cloned();
+            (response.status().as_u16(), closed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let closed = a
         .http
         .post(a.url("/v1/stream/shared"))
@@ -241,6 +256,16 @@ async fn redis_nodes_share_streams_appends_and_closes() {
         .await
         .unwrap();
     assert_eq!(closed.status(), 204);
+    let rest = sse.until_end().await;
+    let (event, data) = rest.last().expect("the closing control event");
+    assert_eq!(event, "control");
+    assert!(data.contains(r#""streamClosed":true"#), "{data}");
+    let (status, closed) = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("the long poll answered at the close")
+        .unwrap();
+    assert_eq!((status, closed.unwrap()), (204, "true".parse().unwrap()));
+    // B refuses appends after A's close.
     let refused = b
         .http
         .post(b.url("/v1/stream/shared"))

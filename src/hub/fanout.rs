@@ -162,6 +162,8 @@ pub(crate) struct TopicLive {
     /// Followers per shard, read without the lock to skip empty shards.
     counts: Box<[AtomicUsize]>,
     fanout: Arc<Fanout>,
+    /// Woken when another node closes or removes the topic's stream state.
+    pub(super) state_changed: tokio::sync::Notify,
 }
 
 impl TopicLive {
@@ -172,6 +174,7 @@ impl TopicLive {
             followers: (0..shards).map(|_| Mutex::default()).collect(),
             counts: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             fanout: fanout.clone(),
+            state_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -217,6 +220,10 @@ impl Live for TopicLive {
                 self.fanout.shards[shard].enqueue(me, message.clone());
             }
         }
+    }
+
+    fn state_changed(&self) {
+        self.state_changed.notify_waiters();
     }
 }
 

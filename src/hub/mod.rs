@@ -185,6 +185,17 @@ pub struct Topic {
     followed: tokio::sync::OnceCell<()>,
 }
 
+/// A handle on a topic's stream-state notices ([`Hub::state_notices`]).
+#[derive(Debug)]
+pub struct StateNotices(Arc<Topic>);
+
+impl StateNotices {
+    /// Completes at the next notice after it is enabled (or first polled).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.live.state_changed.notified()
+    }
+}
+
 impl std::fmt::Debug for Topic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Topic")
@@ -513,6 +524,13 @@ impl Hub {
         }
         start?;
         Ok(sub)
+    }
+
+    /// Notices of the topic's stream state being closed or removed by another node sharing
+    /// the store (a Durable Stream closed or deleted there). They arrive while the topic is
+    /// followed on this node (a subscriber or a parked poll), which is when someone waits.
+    pub fn state_notices(&self, topic: &TopicName) -> StateNotices {
+        StateNotices(self.topic(topic))
     }
 
     /// The topic's stream state (see [`StreamState`]), if it is a stream.

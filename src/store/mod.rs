@@ -122,6 +122,11 @@ pub struct LogRead {
 pub trait Live: Send + Sync + 'static {
     /// Takes one message. Must not block: it is called where the log orders its appends.
     fn deliver(&self, message: &Arc<Message>);
+
+    /// The topic's stream state was closed or removed by another process sharing the store
+    /// (a Durable Stream closed or deleted on another node). Only a shared store calls it,
+    /// and only for topics it follows here. Must not block.
+    fn state_changed(&self) {}
 }
 
 /// Opens topic logs. One store serves the whole hub.

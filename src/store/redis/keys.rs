@@ -32,7 +32,9 @@ return id
 
 /// Applies a stream write atomically. KEYS: seq, log, stream. ARGV: channel, clear (0/1),
 /// state (`0`/`1` seal byte then the record; empty removes it), then one record per message.
-/// Returns {last id, first retained, ids appended...}.
+/// Returns {last id, first retained, ids appended...}. A write that seals or removes the
+/// state, or changes it without appending, also publishes [`STATE_NOTICE`] on the channel,
+/// after its messages, so that other nodes' readers waiting on the stream look at it again.
 pub(super) const STREAM_SCRIPT: &str = r"
 if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
 local ids = {}
@@ -49,6 +51,9 @@ else
   redis.call('SET', KEYS[3], ARGV[3])
   redis.call('PERSIST', KEYS[2])
 end
+if #ARGV < 4 or ARGV[3] == '' or string.byte(ARGV[3], 1) == 49 then
+  redis.call('PUBLISH', ARGV[1], 'state')
+end
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 local first = last + 1
@@ -57,6 +62,10 @@ local out = {last, first}
 for _, id in ipairs(ids) do out[#out + 1] = id end
 return out
 ";
+
+/// What [`STREAM_SCRIPT`] publishes on a topic's channel when its stream state changes in a
+/// way readers wait for: no message member looks like it (members start with an id).
+pub(super) const STATE_NOTICE: &[u8] = b"state";
 
 /// Reads a topic's ends and the messages after a cursor, from one moment. KEYS: seq, log,
 /// stream. ARGV: after, limit, age cutoff in ms (0: none; a stream has none). Returns

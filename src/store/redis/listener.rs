@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::super::{Live, StoreError};
 use super::{
     COMMAND_TIMEOUT, Shared,
-    keys::{channel, decode_member, topic_of_channel},
+    keys::{STATE_NOTICE, channel, decode_member, topic_of_channel},
     tail::{SharedTail, lock},
 };
 use crate::message::{Message, MessageId, TopicName};
@@ -279,6 +279,10 @@ impl Listener {
         let Some(followed) = self.topics.get_mut(&topic) else {
             return;
         };
+        if payload == STATE_NOTICE {
+            followed.live.state_changed();
+            return;
+        }
         match decode_member(&topic, Bytes::copy_from_slice(payload)) {
             Ok(message) => followed.deliver(Arc::new(message)),
             Err(error) => tracing::warn!(%error, "redis: undecodable message"),

@@ -235,10 +235,10 @@ impl SseStart {
 }
 
 /// Watches what the fan-out cannot see for one reader: the stream closed (the response ends
-/// after its last message, with the closing `control` event), deleted or expired (it ends),
-/// or quiet for `--ds-long-poll-timeout` (a keep-alive `control` event at the reader's
-/// offset; the stream's state is read again then, so a close made on another node is seen
-/// within that time). A shutdown is the outlet's drain.
+/// after its last message, with the closing `control` event) or deleted or expired (it ends),
+/// here or on another node sharing the store; or quiet for `--ds-long-poll-timeout` (a
+/// keep-alive `control` event at the reader's offset, and the stream's state read again). A
+/// shutdown is the outlet's drain.
 async fn watch(
     app: AppState,
     topic: TopicName,
@@ -250,10 +250,14 @@ async fn watch(
 ) {
     let timeout = app.transports.durable.long_poll_timeout;
     let format = outlet.format();
+    let elsewhere = app.hub.state_notices(&topic);
     loop {
         let changed = local.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        let changed_elsewhere = elsewhere.notified();
+        tokio::pin!(changed_elsewhere);
+        changed_elsewhere.as_mut().enable();
         if meta.closed {
             let Ok(tail) = read::own_tail(&app, &topic, &meta).await else {
                 outlet.finish_after(sub, 0, Bytes::new());
@@ -266,6 +270,7 @@ async fn watch(
         }
         let quiet = tokio::select! {
             () = &mut changed => false,
+            () = &mut changed_elsewhere => false,
             () = tokio::time::sleep(timeout) => true,
         };
         meta = match app.streams.open_local(&app, &topic, &local).await {

@@ -550,7 +550,7 @@ fn random() -> u64 {
 }
 
 /// Waits until the stream's own topic has a message after `tail`, the stream changes (a
-/// close, a delete), `timeout` passes or the server stops. `true` unless it timed out or the
+/// close, a delete, here or on another node sharing the store), `timeout` passes or the server stops. `true` unless it timed out or the
 /// server is stopping.
 #[allow(clippy::too_many_arguments)]
 async fn wait(
@@ -566,6 +566,10 @@ async fn wait(
     let changed = local.changed.notified();
     tokio::pin!(changed);
     changed.as_mut().enable();
+    let elsewhere = app.hub.state_notices(topic);
+    let changed_elsewhere = elsewhere.notified();
+    tokio::pin!(changed_elsewhere);
+    changed_elsewhere.as_mut().enable();
     let after = meta.id_at(tail);
     let parked = match app
         .hub
@@ -578,6 +582,7 @@ async fn wait(
     tokio::select! {
         () = parked.news() => Ok(true),
         () = &mut changed => Ok(true),
+        () = &mut changed_elsewhere => Ok(true),
         () = tokio::time::sleep(timeout) => Ok(false),
         () = app.shutdown.cancelled() => Ok(false),
     }
