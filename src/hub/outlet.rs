@@ -489,7 +489,6 @@ impl Outlet {
             entry.sent = message.id;
         }
         let last_sent = entry.sent;
-        let finished = Self::finale_due(&mut state.finale, sub, last_sent);
         if gap {
             entry.lost = true;
             entry.seen = entry.seen.max(newest);
@@ -500,6 +499,7 @@ impl Outlet {
             }
             return;
         }
+        let finished = Self::finale_due(&mut state.finale, sub, last_sent);
         let accepted = frames.len();
         if self.format == Format::SseChunked && accepted > 1 {
             // Several events in one write make one chunk: a chunk header for all of them, the
@@ -663,12 +663,8 @@ impl Outlet {
             return;
         };
         if entry.sent >= last {
-            if !bytes.is_empty() {
-                state.pending.push_back(bytes);
-            }
+            Self::queue_finale(state, bytes);
             state.busy = true;
-            state.sealed = true;
-            state.end = Some(End::Finished);
         } else {
             state.finale = Some(Finale {
                 sub: sub.0,
@@ -692,6 +688,15 @@ impl Outlet {
         finale
             .take_if(|f| f.sub == sub && sent >= f.last)
             .map(|f| f.bytes)
+    }
+
+    /// Queues an outlet's last bytes and ends it: nothing is accepted after them.
+    fn queue_finale(state: &mut State, bytes: Bytes) {
+        if !bytes.is_empty() {
+            state.pending.push_back(bytes);
+        }
+        state.sealed = true;
+        state.end.get_or_insert(End::Finished);
     }
 
     fn wake(state: &mut State) {
@@ -826,11 +831,7 @@ impl Outlet {
         entry.lost = batch.more || entry.seen > entry.sent;
         let sent = entry.sent;
         if let Some(last) = Self::finale_due(&mut state.finale, sub, sent) {
-            if !last.is_empty() {
-                state.pending.push_back(last);
-            }
-            state.sealed = true;
-            state.end.get_or_insert(End::Finished);
+            Self::queue_finale(state, last);
         }
         if delivered > 0 || !state.pending.is_empty() {
             state.active = true;

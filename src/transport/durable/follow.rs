@@ -29,7 +29,7 @@ use crate::{
     AppState,
     error::Error,
     hub::{Format, Framer, Outlet, SubId},
-    message::{Message, MessageId, TopicName, TransportKind, now_millis, wire},
+    message::{Message, MessageId, TopicName, now_millis, wire},
     transport::{body, stream::Watch},
 };
 
@@ -90,13 +90,8 @@ impl Frames {
             end,
             message: message.clone(),
         };
-        let body = read::render(self.mode, std::slice::from_ref(&piece));
-        let mut events = Vec::with_capacity(body.len() + 160);
-        if self.mode == Mode::Binary {
-            sse::data_event(&mut events, sse::base64(&body).as_bytes());
-        } else {
-            sse::data_event(&mut events, &body);
-        }
+        let mut events = Vec::new();
+        read::data_event(&mut events, self.mode, std::slice::from_ref(&piece));
         sse::control_event(
             &mut events,
             &Control::Open {
@@ -173,10 +168,8 @@ pub struct SseStart {
     pub(super) topic: TopicName,
     pub(super) local: Arc<Local>,
     pub(super) meta: Meta,
-    /// The catch-up's events, unframed.
+    /// The catch-up's events, unframed (counted as delivered by whoever read them).
     pub(super) events: Vec<u8>,
-    /// Messages in them.
-    pub(super) delivered: u64,
     /// The topic id to follow the stream from.
     pub(super) after: MessageId,
     /// The `cursor` the reader asked with.
@@ -207,11 +200,6 @@ impl SseStart {
         if !self.events.is_empty() {
             outlet.push(format.body(&self.events));
         }
-        self.app.hub.record_delivery(
-            TransportKind::DsSse,
-            self.delivered,
-            self.events.len() as u64,
-        );
         let sub = self
             .app
             .hub

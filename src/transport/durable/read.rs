@@ -196,6 +196,17 @@ pub fn render(mode: Mode, pieces: &[Piece]) -> Vec<u8> {
     out
 }
 
+/// Appends the SSE `data` event that carries `pieces`: their [`render`]ing, in base64 for a
+/// binary stream.
+pub fn data_event(out: &mut Vec<u8>, mode: Mode, pieces: &[Piece]) {
+    let body = render(mode, pieces);
+    if mode == Mode::Binary {
+        sse::data_event(out, sse::base64(&body).as_bytes());
+    } else {
+        sse::data_event(out, &body);
+    }
+}
+
 /// The headers the protocol puts on every answer, besides CORS's `Access-Control-Allow-Origin`:
 /// what the router's layers add on hyper's side, and the gate writes itself on its own.
 pub const SECURITY_HEADERS: [(&str, &str); 3] = [
@@ -398,6 +409,11 @@ async fn sse(
     }
     let asked = cursor.as_deref().and_then(|c| c.parse::<u64>().ok());
     let caught_up = sse_catch_up(app, topic, &meta, from, cursor.as_deref()).await?;
+    app.hub.record_delivery(
+        TransportKind::DsSse,
+        caught_up.delivered,
+        caught_up.events.len() as u64,
+    );
     if caught_up.ended {
         // Closed, and read to its end: the whole answer.
         return Ok(Live::Reply(Reply {
@@ -406,7 +422,6 @@ async fn sse(
             body: caught_up.events,
         }));
     }
-    local.touch();
     Ok(Live::Sse {
         headers,
         start: Box::new(SseStart {
@@ -416,7 +431,6 @@ async fn sse(
             after: meta.id_at(caught_up.next.max(Offset(meta.start))),
             meta,
             events: caught_up.events,
-            delivered: caught_up.delivered,
             asked,
         }),
     })
@@ -449,12 +463,7 @@ async fn sse_catch_up(
         let read = collect(app, topic, meta, from, None, READ_LIMIT).await?;
         let up_to_date = !read.more;
         if !read.pieces.is_empty() {
-            let body = render(mode, &read.pieces);
-            if mode == Mode::Binary {
-                sse::data_event(&mut events, sse::base64(&body).as_bytes());
-            } else {
-                sse::data_event(&mut events, &body);
-            }
+            data_event(&mut events, mode, &read.pieces);
             delivered += read.pieces.len() as u64;
         }
         from = read.next();
