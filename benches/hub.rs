@@ -17,7 +17,7 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pushhub::{
-    hub::{Action, Format, Hub, HubSettings, OutletGuard},
+    hub::{Action, Hub, HubSettings, Native, OutletGuard},
     message::{EventName, Message, Payload, TopicName, TransportKind},
     store::{Live, MemoryStore, Retention, Store},
 };
@@ -156,7 +156,7 @@ fn fanout(c: &mut Criterion) {
                         // connection that has already sent its handshake.
                         socket.writable().await.unwrap();
                     }
-                    let outlet = hub.outlet(socket, Format::Ws);
+                    let outlet = hub.outlet(socket, Native::Ws);
                     hub.subscribe(&topic, None, &outlet).await.unwrap();
                     settle(&outlet).await;
                     outlets.push(outlet);

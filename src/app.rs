@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::http::{HeaderValue, header};
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Path, State},
+    extract::{DefaultBodyLimit, FromRef, Path, State},
     routing::get,
 };
 use tokio_util::sync::CancellationToken;
@@ -19,18 +19,16 @@ use tower_http::{
 };
 
 use crate::{
+    access::{Access, Auth, OriginPolicy, RateLimiter},
     config::Config,
     error::Error,
-    gate,
-    gate::auth::{Access, Auth},
-    gate::limits::{ConnectionLimits, RateLimiter},
-    gate::origin::OriginPolicy,
-    gate::server::StartError,
+    gate::{Gate, limits::ConnectionLimits, server::StartError},
     hub::{self, Hub, TopicInfo},
+    link::Lanes,
     message::{self, TransportKind},
     store::{self, DiskStore, MemoryStore, RedisStore},
     telemetry,
-    transport::{self, settings::TransportSettings},
+    transport::{self, TransportParts, TransportState},
     web,
 };
 
@@ -53,8 +51,9 @@ pub struct App {
     pub hub: Arc<Hub>,
     /// The configuration the server runs with (the gate's limits and timeouts, the store's).
     pub config: Arc<Config>,
-    /// What the transports take from it.
-    pub transports: TransportSettings,
+    /// What the transports share: the hub, their settings, the stop signal, the policies
+    /// they apply per topic and per publish.
+    pub transport: TransportState,
     /// Fired when the server stops: every long-lived response (long poll, SSE, WebSocket)
     /// selects on it and ends.
     pub shutdown: CancellationToken,
@@ -64,99 +63,113 @@ pub struct App {
     pub origins: Arc<OriginPolicy>,
     /// Open connections, in total and per IP.
     pub connections: Arc<ConnectionLimits>,
-    /// Publishes per second per client.
-    pub publish_limiter: Arc<RateLimiter>,
-    /// Places for parked long polls.
-    pub parked_longpolls: Arc<tokio::sync::Semaphore>,
     /// The emulated links clients reach through `<link>.localhost` (`--link-hosts`).
-    pub lanes: Option<Arc<crate::link::Lanes>>,
-    /// The Durable Streams this process has touched: their write locks, last accesses and
-    /// wake-ups.
-    pub streams: Arc<transport::durable::Streams>,
-    /// Held (shared) by each publish while it appends; taken exclusively by a stream that is
-    /// stopping, so that it drains only once every acknowledged publish is appended.
-    publishing: Arc<tokio::sync::RwLock<()>>,
+    pub lanes: Option<Arc<Lanes>>,
 }
 
 impl AppState {
     /// State for a server with the store its configuration names (memory, `--data-dir` or
     /// `--redis`). Fails on unusable auth settings or a store that cannot be opened.
     pub fn new(config: Config) -> Result<Self, StartError> {
-        let store: Arc<dyn store::Store> = match &config.data_dir {
-            Some(dir) => Arc::new(DiskStore::open(
-                dir,
-                config.retention(),
-                config.fsync,
-                config.fsync_window,
-            )?),
-            None => match &config.redis {
-                Some(url) => Arc::new(RedisStore::open(url, config.retention())?),
-                None => Arc::new(MemoryStore::new(config.retention())),
-            },
-        };
-        let auth = Auth::new(
+        let store = open_store(&config)?;
+        let auth = Arc::new(Auth::new(
             config.jwt_secret.as_deref(),
             config.jwt_public_key.as_deref(),
             &config.public_topics,
-        )?;
+        )?);
         telemetry::install();
+        let hub = Hub::new(store, config.hub_settings());
+        let shutdown = CancellationToken::new();
+        let origins = Arc::new(OriginPolicy::new(&config.allowed_origins, config.listen));
+        let transport = TransportState::new(TransportParts {
+            hub: hub.clone(),
+            settings: config.transport_settings(),
+            shutdown: shutdown.clone(),
+            auth: auth.clone(),
+            origins: origins.clone(),
+            publish_limiter: Arc::new(RateLimiter::new(config.publish_rate)),
+            max_parked_longpolls: config.max_parked_longpolls,
+        });
         Ok(Self(Arc::new(App {
-            hub: Hub::new(store, config.hub_settings()),
-            transports: config.transport_settings(),
-            auth: Arc::new(auth),
-            origins: Arc::new(OriginPolicy::new(&config.allowed_origins, config.listen)),
+            hub,
+            transport,
+            auth,
+            origins,
             connections: ConnectionLimits::new(
                 config.max_connections,
                 config.max_connections_per_ip,
             ),
-            publish_limiter: Arc::new(RateLimiter::new(config.publish_rate)),
-            parked_longpolls: Arc::new(tokio::sync::Semaphore::new(config.max_parked_longpolls)),
-            lanes: config
-                .serves_link_hosts()
-                .then(|| Arc::new(crate::link::Lanes::new())),
-            streams: Arc::default(),
+            lanes: config.serves_link_hosts().then(|| Arc::new(Lanes::new())),
             config: Arc::new(config),
-            shutdown: CancellationToken::new(),
-            publishing: Arc::default(),
+            shutdown,
         })))
+    }
+
+    /// What the gate runs with: its settings, the transports, the connection limits, the
+    /// emulated links and this app's router.
+    pub fn gate(&self) -> Gate {
+        Gate {
+            settings: self.config.gate_settings(),
+            transports: self.transport.clone(),
+            connections: self.connections.clone(),
+            lanes: self.lanes.clone(),
+            router: router(self.clone()),
+        }
     }
 }
 
+/// The store the configuration names: `--data-dir`, else `--redis`, else memory.
+fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, StartError> {
+    Ok(match &config.data_dir {
+        Some(dir) => Arc::new(DiskStore::open(
+            dir,
+            config.retention(),
+            config.fsync,
+            config.fsync_window,
+        )?),
+        None => match &config.redis {
+            Some(url) => Arc::new(RedisStore::open(url, config.retention())?),
+            None => Arc::new(MemoryStore::new(config.retention())),
+        },
+    })
+}
+
 impl App {
-    /// Publishes, unless the server is stopping (503 `shutting_down`): a publish is either
-    /// refused or appended before any stream drains for the stop, so an acknowledged message
-    /// reaches every subscriber still connected.
+    /// Publishes, unless the server is stopping (503 `shutting_down`): the transports' one
+    /// publish rule ([`transport::Transports::publish`]).
     pub async fn publish(
         &self,
         topic: &message::TopicName,
         event: message::EventName,
         payload: &message::Payload,
     ) -> Result<Arc<message::Message>, Error> {
-        let _appending = self.publishing.read().await;
-        if self.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        Ok(self.hub.publish(topic, event, payload).await?)
-    }
-
-    /// Applies a stream write (a Durable Streams append, create, close or delete) under the
-    /// same rule as a publish: refused once the server is stopping, and drained before the
-    /// streams are.
-    pub async fn write_stream(
-        &self,
-        topic: &message::TopicName,
-        write: store::StreamWrite,
-    ) -> Result<store::StreamWritten, Error> {
-        let _appending = self.publishing.read().await;
-        if self.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        Ok(self.hub.write_stream(topic, write).await?)
+        self.transport.publish(topic, event, payload).await
     }
 
     /// Waits until every publish admitted before the stop has been appended.
     pub async fn publishes_settled(&self) {
-        drop(self.publishing.write().await);
+        self.transport.publishes_settled().await;
+    }
+}
+
+/// The transports' handlers take only their own state.
+impl FromRef<AppState> for TransportState {
+    fn from_ref(app: &AppState) -> Self {
+        app.transport.clone()
+    }
+}
+
+/// The token policy, for the [`Access`] extractor.
+impl FromRef<AppState> for Arc<Auth> {
+    fn from_ref(app: &AppState) -> Self {
+        app.auth.clone()
+    }
+}
+
+/// The origin policy, for the WebSocket `Origin` extractor.
+impl FromRef<AppState> for Arc<OriginPolicy> {
+    fn from_ref(app: &AppState) -> Self {
+        app.origins.clone()
     }
 }
 
@@ -201,7 +214,7 @@ pub fn router(state: AppState) -> Router {
         // Its own CORS (the protocol's methods and headers) and the headers the protocol
         // puts on every answer, errors included.
         let streams = transport::durable::routes(path)
-            .layer(state.origins.durable_cors_layer())
+            .layer(transport::durable::cors_layer(&state.origins))
             .layer(SetResponseHeaderLayer::overriding(
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
@@ -215,7 +228,9 @@ pub fn router(state: AppState) -> Router {
     router
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(gate::response::RequestIds))
+        .layer(SetRequestIdLayer::x_request_id(
+            transport::response::RequestIds,
+        ))
         .with_state(state)
 }
 

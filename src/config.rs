@@ -8,11 +8,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 
 use crate::{
+    gate::GateSettings,
     hub::{FanoutSettings, HubSettings, SlowConsumerPolicy},
-    message::TransportKind,
+    message::{PerTransport, TransportKind},
     store::{FsyncPolicy, Retention},
     transport::settings::{
-        DurableSettings, PollSettings, PublishSettings, StreamSettings, TransportSettings,
+        ConnectionSettings, DurableSettings, PollSettings, PublishSettings, StreamSettings,
+        TransportSettings,
     },
 };
 
@@ -406,7 +408,8 @@ impl Config {
     }
 
     /// The transports' settings: poll limits and timeouts, stream and WebSocket limits, the
-    /// publish body limit, the Durable Streams path, body limit and long-poll wait.
+    /// publish body limit, the Durable Streams path, body limit and long-poll wait, and what
+    /// every raw connection obeys (the stall limit, pipelined input kept).
     pub fn transport_settings(&self) -> TransportSettings {
         TransportSettings {
             poll: PollSettings {
@@ -429,7 +432,29 @@ impl Config {
                 path: self.durable_path().map(str::to_owned),
                 max_body: self.ds_max_body,
                 long_poll_timeout: self.ds_long_poll_timeout,
+                default_host: self.listen.to_string(),
+                https: self.tls_cert.is_some(),
             },
+            connection: ConnectionSettings {
+                stall_timeout: self.stall_timeout,
+                max_pending_input: self.max_header_bytes,
+            },
+        }
+    }
+
+    /// The gate's settings: request heads and bodies, stalls, workers and the stop's grace,
+    /// which endpoints are served, TLS.
+    pub fn gate_settings(&self) -> GateSettings {
+        GateSettings {
+            header_timeout: self.header_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_body: self.max_body,
+            stall_timeout: self.stall_timeout,
+            shutdown_grace: self.shutdown_grace,
+            workers: self.worker_count(),
+            served: PerTransport::from_fn(|kind| self.serves(kind)),
+            durable_path: self.durable_path().map(str::to_owned),
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
         }
     }
 

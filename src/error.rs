@@ -10,7 +10,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::{hub::HubError, store::StoreError, transport::durable::DurableError};
+use crate::{hub::HubError, store::StoreError};
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -97,9 +97,24 @@ pub enum Error {
     /// The message store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A Durable Streams request the protocol refuses.
-    #[error(transparent)]
-    Durable(#[from] DurableError),
+    /// A refusal a protocol defines with a status, code and headers of its own (Durable
+    /// Streams: `transport::durable::DurableError` converts into it).
+    #[error("{}", .0.message)]
+    Protocol(Box<Refusal>),
+}
+
+/// A protocol's own refusal, as it is answered: the layer that speaks the protocol decides
+/// status, code and headers, and this layer answers it like every other error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The stable machine-readable code.
+    pub code: &'static str,
+    /// The text shown to the client.
+    pub message: String,
+    /// Headers the answer carries.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 #[derive(Serialize)]
@@ -155,7 +170,7 @@ impl Error {
             Error::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(StoreError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Store(StoreError::Sealed) => StatusCode::CONFLICT,
-            Error::Durable(error) => error.status(),
+            Error::Protocol(refusal) => refusal.status,
         }
     }
 
@@ -186,7 +201,7 @@ impl Error {
             Error::Store(StoreError::Unavailable(_)) => "store_unavailable",
             Error::Store(StoreError::Internal(_)) => "store_error",
             Error::Store(StoreError::Sealed) => "stream_closed",
-            Error::Durable(error) => error.code(),
+            Error::Protocol(refusal) => refusal.code,
         }
     }
 
@@ -258,8 +273,8 @@ impl Error {
     /// temporary refusals, `WWW-Authenticate` on 401.
     pub fn headers(&self) -> smallvec::SmallVec<[(&'static str, String); 2]> {
         let mut headers = smallvec::SmallVec::new();
-        if let Error::Durable(error) = self {
-            headers.extend(error.headers());
+        if let Error::Protocol(refusal) = self {
+            headers.extend(refusal.headers.iter().cloned());
         }
         let status = self.status();
         if status == StatusCode::UPGRADE_REQUIRED {

@@ -1,9 +1,10 @@
-//! pushhub: one hub, four ways to push each message to a browser.
+//! pushhub: one hub, five ways to push each message to a browser, plus Durable Streams.
 //!
 //! A publisher posts a message to a topic; the hub gives it the topic's next id and exposes it
-//! at once through short polling, long polling, Server-Sent Events and WebSocket. All four
-//! speak the same JSON envelope and resume from the same cursor (the message id), so a client
-//! can switch transport mid-stream and lose nothing.
+//! at once through short polling, long polling, Server-Sent Events, WebSocket and HTTP
+//! streaming (NDJSON). All five speak the same JSON envelope and resume from the same cursor
+//! (the message id), so a client can switch transport mid-stream and lose nothing. The same
+//! topics are also served through the Durable Streams protocol (`/v1/stream` by default).
 //!
 //! # How a message flows
 //!
@@ -24,7 +25,8 @@
 //!
 //! # Layout
 //!
-//! Layers import only downward (docs/architecture.md; `tests/layers.rs` checks the low ones):
+//! Layers import only downward, bottom first here (docs/architecture.md; `tests/layers.rs`
+//! checks every module):
 //!
 //! - [`message`]: envelope, names, ids, encodings, [`message::TransportKind`]; imports nothing
 //!   of the crate.
@@ -32,16 +34,22 @@
 //! - [`store`]: where history lives, behind the [`store::Store`] trait.
 //! - [`hub`]: topics, publish, subscribe from a cursor, fan-out, subscriber counts; its own
 //!   settings and error type, no HTTP, no CLI.
-//! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws` and the stream driver: thin
-//!   adapters over the hub, with their own settings.
-//! - [`app`]: the shared state, the one publish path, the router and the small handlers.
-//! - [`gate`]: what runs before a handler, in order: accept loop and workers, connection
-//!   limits, TLS, request heads, the raw fast path or hyper, token, origin, rate limits.
-//! - [`config`]: every tunable, with flags, environment variables and defaults; it builds each
-//!   layer's settings. [`error`]: the HTTP answer of every layer's errors, in one place.
-//! - [`web`]: the embedded demo page. [`bench`]: `pushhub bench`, the load benchmark.
 //! - [`link`]: the link emulator (delay, bandwidth, cuts, middleboxes) the bench puts its
 //!   subscribers behind and the lab's lanes reach through `<link>.localhost`; a leaf.
+//! - [`web`]: the embedded demo page.
+//! - [`error`]: the HTTP answer of every layer's errors, in one place.
+//! - [`access`]: who the caller is and what it may do: tokens ([`access::Access`]), origins,
+//!   the publish rate; applied by the gate and the transports alike.
+//! - [`transport`]: `publish`, `poll`, `longpoll`, `sse`, `ws`, `ndjson` and Durable Streams
+//!   (`durable`), each whole (the call the gate hands it, its raw-socket path, its hyper
+//!   handler), and the stream driver: thin adapters over the hub, with their own settings.
+//! - [`gate`]: what runs before a transport, in order: accept loop and workers, connection
+//!   limits, TLS, request heads, the raw fast path or hyper, admission (token, WebSocket
+//!   origin).
+//! - [`config`]: every tunable, with flags, environment variables and defaults; it builds each
+//!   layer's settings.
+//! - [`app`]: the shared state, the one publish path, the router and the small handlers.
+//! - [`bench`]: `pushhub bench`, the load benchmark.
 //!
 //! # Where history lives
 //!
@@ -62,6 +70,7 @@
 //! free of HTTP and of policy, so its hot path (publish, fan-out) is what the benchmarks
 //! measure.
 
+pub mod access;
 pub mod app;
 pub mod bench;
 pub mod config;
@@ -101,9 +110,10 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let tls = match (&state.config.tls_cert, &state.config.tls_key) {
-        (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
-        _ => None,
+    let gate = state.gate();
+    let tls = match &gate.settings.tls {
+        Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
+        None => None,
     };
     if let (Some(lanes), Ok(addr)) = (&state.lanes, listener.local_addr()) {
         lanes.lead_to(addr);
@@ -115,15 +125,15 @@ pub async fn serve(
             .clone()
             .run_sweeper(state.config.sweep_interval, stop.clone()),
     );
-    if state.transports.durable.path.is_some() {
+    if state.transport.settings.durable.path.is_some() {
         tokio::spawn(
             state
+                .transport
                 .streams
                 .clone()
-                .run_sweeper(state.clone(), stop.clone()),
+                .run_sweeper(state.transport.clone(), stop.clone()),
         );
     }
-    let app = router(state.clone());
     let stopping = {
         let state = state.clone();
         async move {
@@ -142,5 +152,5 @@ pub async fn serve(
             });
         }
     };
-    server::serve_workers(listener, app, &state, tls, stopping).await
+    server::serve_workers(listener, gate, tls, stopping).await
 }

@@ -18,7 +18,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[command(
     name = "pushhub",
     version,
-    about = "One hub, four push transports, one cursor"
+    about = "One hub, five push transports plus Durable Streams, one cursor"
 )]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {

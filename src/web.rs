@@ -7,8 +7,6 @@ use axum::{
     routing::get,
 };
 
-use crate::AppState;
-
 /// Each asset: URL path, content type, bytes.
 const ASSETS: &[(&str, &str, &[u8])] = &[
     (
@@ -33,8 +31,8 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
     ),
 ];
 
-/// Routes serving every embedded asset.
-pub fn routes() -> Router<AppState> {
+/// Routes serving every embedded asset, for a router of any state.
+pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     ASSETS
         .iter()
         .fold(Router::new(), |router, &(path, content_type, bytes)| {

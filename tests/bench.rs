@@ -257,6 +257,20 @@ fn a_three_node_bench_spreads_subscribers_and_reports_cross_node_latency() {
 }
 
 #[test]
+fn a_server_that_cannot_start_is_reported_with_its_own_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+        .args(["bench", "--duration", "1s", "--server-arg=--no-such-flag"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("server exited before listening") && stderr.contains("--no-such-flag"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn several_nodes_without_a_shared_store_are_refused() {
     let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
         .args(["bench", "--nodes", "2", "--duration", "1s"])

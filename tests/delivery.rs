@@ -291,7 +291,7 @@ async fn a_request_pipelined_behind_an_sse_stream_is_answered_when_the_stream_en
     .await;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &json!({"exp": pushhub::gate::auth::unix_now() + 2, "pushhub": {"subscribe": ["pipe2"]}}),
+        &json!({"exp": pushhub::access::unix_now() + 2, "pushhub": {"subscribe": ["pipe2"]}}),
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap();
@@ -386,7 +386,7 @@ async fn a_token_that_expires_in_the_middle_of_a_frame_ends_the_stream_after_it(
         )
         .unwrap()
     };
-    let now = pushhub::gate::auth::unix_now();
+    let now = pushhub::access::unix_now();
     let reader = sign(json!({"exp": now + 3, "pushhub": {"subscribe": ["late"]}}));
     let writer = sign(json!({"exp": now + 60, "pushhub": {"publish": ["late"]}}));
     let mut sse = small_window(server.addr).await;

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use jsonwebtoken::{EncodingKey, Header, encode};
-use pushhub::{Config, gate::auth::unix_now};
+use pushhub::{Config, access::unix_now};
 use serde_json::{Value, json};
 use support::{Endpoint, PATIENCE, RedisServer, spawn_binary};
 

@@ -12,8 +12,8 @@ use std::borrow::Cow;
 
 use proptest::prelude::*;
 use pushhub::{
-    gate::head::{Parsed, RequestHead},
     message::{Payload, TopicName, wire::opcode},
+    transport::head::{Parsed, RequestHead},
     transport::{
         Params, parse_cursor,
         ws::frame::{Event, FrameReader, client_frame},

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header, encode};
-use pushhub::{Config, gate::auth::unix_now, hub::SlowConsumerPolicy, message::TransportKind};
+use pushhub::{Config, access::unix_now, hub::SlowConsumerPolicy, message::TransportKind};
 use serde_json::{Value, json};
 use support::{PATIENCE, SseItem, TestServer, eventually, start_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

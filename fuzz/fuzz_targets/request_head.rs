@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pushhub::gate::head::{Parsed, RequestHead};
+use pushhub::transport::head::{Parsed, RequestHead};
 
 fuzz_target!(|bytes: &[u8]| {
     if let (Parsed::Head(head), _) = RequestHead::parse(bytes.to_vec()) {

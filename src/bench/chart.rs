@@ -184,16 +184,38 @@ impl Panel {
 
 /// The chart of a run's results.
 pub(super) fn svg(results: &[PhaseResult]) -> String {
-    let labels: Vec<String> = results
+    let labels = labels(results);
+    let colours: Vec<&str> = results.iter().map(|r| colour(&r.transport)).collect();
+    let panels = panels(results);
+    let columns = 3;
+    let mut out = header(panels.len(), columns);
+    for (i, panel) in panels.iter().enumerate() {
+        let x = 10.0 + PANEL_W * (i % columns) as f64;
+        let y = 10.0 + PANEL_H * (i / columns) as f64;
+        panel.draw(&mut out, x, y, &labels, &colours);
+    }
+    // The legend, in the free slot.
+    legend(&mut out, results, panels.len(), columns);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The label under each bar: the transport, and the link it ran behind, if any.
+fn labels(results: &[PhaseResult]) -> Vec<String> {
+    results
         .iter()
         .map(|r| match &r.link {
             Some(link) => format!("{}@{link}", r.transport),
             None => r.transport.clone(),
         })
-        .collect();
-    let colours: Vec<&str> = results.iter().map(|r| colour(&r.transport)).collect();
+        .collect()
+}
+
+/// The panels, in the order they are laid out: latency, server CPU, server memory, bytes and
+/// requests per delivery. A figure that needs a delivery is n/a for a result without any.
+fn panels(results: &[PhaseResult]) -> [Panel; 5] {
     let delivered = |r: &PhaseResult| r.deliveries > 0;
-    let panels = [
+    [
         Panel {
             title: "latency p50 / p99, ms (log)",
             scale: Scale::Log {
@@ -248,24 +270,25 @@ pub(super) fn svg(results: &[PhaseResult]) -> String {
                 .map(|r| delivered(r).then_some((r.requests_per_delivery, None)))
                 .collect(),
         },
-    ];
-    let columns = 3;
-    let rows =
-        panels.len().div_ceil(columns).max(1) + usize::from(panels.len().is_multiple_of(columns));
+    ]
+}
+
+/// The SVG's opening: sized for `panels` panels in rows of `columns`, plus the legend's slot
+/// (a row of its own when the panels fill their last row).
+fn header(panels: usize, columns: usize) -> String {
+    let rows = panels.div_ceil(columns).max(1) + usize::from(panels.is_multiple_of(columns));
     let width = PANEL_W * columns as f64 + 20.0;
     let height = PANEL_H * rows as f64 + 20.0;
-    let mut out = format!(
+    format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="#fff"/>
 "##
-    );
-    for (i, panel) in panels.iter().enumerate() {
-        let x = 10.0 + PANEL_W * (i % columns) as f64;
-        let y = 10.0 + PANEL_H * (i / columns) as f64;
-        panel.draw(&mut out, x, y, &labels, &colours);
-    }
-    // The legend, in the free slot.
-    let slot = panels.len();
+    )
+}
+
+/// The legend, in grid slot `slot` (the first after the panels): each transport's colour in
+/// order of first appearance, the two shades of the latency bars, and what n/a means.
+fn legend(out: &mut String, results: &[PhaseResult], slot: usize, columns: usize) {
     let (lx, ly) = (
         10.0 + PANEL_W * (slot % columns) as f64,
         10.0 + PANEL_H * (slot / columns) as f64,
@@ -305,8 +328,6 @@ pub(super) fn svg(results: &[PhaseResult]) -> String {
         r##"<text x="{lx:.1}" y="{:.1}" font-size="10" fill="#555">n/a: not measured (no server PID, or nothing delivered)</text>"##,
         y + 20.0
     );
-    out.push_str("</svg>\n");
-    out
 }
 
 #[cfg(test)]

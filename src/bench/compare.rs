@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use super::{BenchArgs, PhaseResult, report::command_line};
+use super::{BenchArgs, PhaseResult, command::command_line};
 use crate::link::Link;
 
 /// What a cell's figures say.
@@ -269,115 +269,176 @@ fn names(results: &[&PhaseResult]) -> String {
 /// comparison.svg: a grid, links down, transports across; each cell coloured by its verdict
 /// and showing p50/p99 latency, wire bytes and requests per delivery.
 pub fn svg(args: &BenchArgs, results: &[PhaseResult]) -> String {
-    let links = links(results);
-    let transports = transports(results);
-    let (left, top, cell_w, cell_h) = (190.0, 70.0, 170.0, 76.0);
-    let width = left + cell_w * transports.len() as f64 + 20.0;
-    let height = top + cell_h * links.len() as f64 + 70.0;
-    let mut out = format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif">
+    let grid = Grid::new(args, results);
+    let mut out = grid.header();
+    grid.column_heads(&mut out);
+    for (row, link) in grid.links.iter().enumerate() {
+        grid.row(&mut out, row, link);
+    }
+    grid.legend(&mut out);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The width of comparison.svg's column of link names, px.
+const LEFT: f64 = 190.0;
+/// The height above its first row (title and transport names), px.
+const TOP: f64 = 70.0;
+/// A cell's width, px.
+const CELL_W: f64 = 170.0;
+/// A cell's height, px.
+const CELL_H: f64 = 76.0;
+
+/// comparison.svg's grid: the run it draws, its links (rows) and its transports (columns),
+/// each in order of first appearance.
+struct Grid<'a> {
+    args: &'a BenchArgs,
+    results: &'a [PhaseResult],
+    links: Vec<String>,
+    transports: Vec<String>,
+}
+
+impl<'a> Grid<'a> {
+    /// The grid of `results`.
+    fn new(args: &'a BenchArgs, results: &'a [PhaseResult]) -> Self {
+        Grid {
+            args,
+            results,
+            links: links(results),
+            transports: transports(results),
+        }
+    }
+
+    /// The SVG's opening, sized for the grid, with the title and what a cell shows.
+    fn header(&self) -> String {
+        let width = LEFT + CELL_W * self.transports.len() as f64 + 20.0;
+        let height = TOP + CELL_H * self.links.len() as f64 + 70.0;
+        format!(
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif">
 <rect width="100%" height="100%" fill="white"/>
 <text x="12" y="24" font-size="16" font-weight="bold">Push techniques on emulated links: verdict, latency, bytes</text>
 <text x="12" y="44" font-size="11" fill="#555">{} subscribers per cell, {} msg/s for {:.0} s. Each cell: p50 / p99 latency (ms, publish to receipt), wire bytes per delivery (both ways, headers included), requests per delivery.</text>
 "##,
-        args.subscribers,
-        args.rate,
-        args.duration.as_secs_f64()
-    );
-    for (col, transport) in transports.iter().enumerate() {
-        let x = left + cell_w * col as f64 + cell_w / 2.0;
-        let _ = writeln!(
-            out,
-            r#"<text x="{x}" y="{}" font-size="13" font-weight="bold" text-anchor="middle">{transport}</text>"#,
-            top - 8.0
-        );
+            self.args.subscribers,
+            self.args.rate,
+            self.args.duration.as_secs_f64()
+        )
     }
-    for (row, link) in links.iter().enumerate() {
-        let y = top + cell_h * row as f64;
+
+    /// The transports' names above their columns.
+    fn column_heads(&self, out: &mut String) {
+        for (col, transport) in self.transports.iter().enumerate() {
+            let x = LEFT + CELL_W * col as f64 + CELL_W / 2.0;
+            let _ = writeln!(
+                out,
+                r#"<text x="{x}" y="{}" font-size="13" font-weight="bold" text-anchor="middle">{transport}</text>"#,
+                TOP - 8.0
+            );
+        }
+    }
+
+    /// Row `row`: the link's name, then its cell for each transport that ran on it.
+    fn row(&self, out: &mut String, row: usize, link: &str) {
+        let y = TOP + CELL_H * row as f64;
         let _ = writeln!(
             out,
             r#"<text x="{}" y="{}" font-size="12" text-anchor="end">{}</text>"#,
-            left - 8.0,
-            y + cell_h / 2.0 + 4.0,
+            LEFT - 8.0,
+            y + CELL_H / 2.0 + 4.0,
             escape(link)
         );
-        for (col, transport) in transports.iter().enumerate() {
-            let Some(r) = results
+        for (col, transport) in self.transports.iter().enumerate() {
+            let Some(r) = self
+                .results
                 .iter()
                 .find(|r| link_of(r) == link && &r.transport == transport)
             else {
                 continue;
             };
-            let x = left + cell_w * col as f64;
-            let v = verdict(r, args);
-            let fill = match v {
-                Verdict::Works => "#c8e6c9",
-                Verdict::Degraded(_) => "#ffe0b2",
-                Verdict::Broken(_) => "#ffcdd2",
-            };
-            let _ = writeln!(
-                out,
-                r#"<rect x="{x}" y="{y}" width="{}" height="{}" fill="{fill}" stroke="white" stroke-width="2"><title>{}: {}</title></rect>"#,
-                cell_w,
-                cell_h,
-                v.word(),
-                escape(v.reason())
-            );
-            let lines = if r.deliveries == 0 {
-                let reason = v.reason().trim_start_matches("client: ");
-                let mut lines = vec![v.word().to_uppercase()];
-                lines.extend(wrap(reason, 28, 3));
-                lines
-            } else {
-                vec![
-                    format!(
-                        "{} · {:.0} / {:.0} ms",
-                        v.word(),
-                        r.latency_ms.p50,
-                        r.latency_ms.p99
-                    ),
-                    format!(
-                        "{} B/deliv",
-                        r.wire_bytes_per_delivery
-                            .map_or("n/a".into(), |b| format!("{b:.0}"))
-                    ),
-                    format!("{:.3} req/deliv", r.requests_per_delivery),
-                    short(v.reason(), 26),
-                ]
-            };
-            for (i, text) in lines.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"#,
-                    x + cell_w / 2.0,
-                    y + 18.0 + 15.0 * i as f64,
-                    escape(text)
-                );
-            }
+            let x = LEFT + CELL_W * col as f64;
+            self.cell(out, r, x, y);
         }
     }
-    let legend_y = top + cell_h * links.len() as f64 + 24.0;
-    for (i, (fill, word)) in [
-        (
-            "#c8e6c9",
-            "works: every message once, in the time the link allows",
-        ),
-        ("#ffe0b2", "degraded: lost, repeated, late or held"),
-        ("#ffcdd2", "broken: refused, or most messages never arrived"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let y = legend_y + 16.0 * i as f64;
+
+    /// One cell at (`x`, `y`): a box in its verdict's colour (the reason as its tooltip), and
+    /// its figures, or the reason when nothing was delivered.
+    fn cell(&self, out: &mut String, r: &PhaseResult, x: f64, y: f64) {
+        let v = verdict(r, self.args);
+        let fill = match v {
+            Verdict::Works => "#c8e6c9",
+            Verdict::Degraded(_) => "#ffe0b2",
+            Verdict::Broken(_) => "#ffcdd2",
+        };
         let _ = writeln!(
             out,
-            r#"<rect x="12" y="{}" width="12" height="12" fill="{fill}"/><text x="30" y="{}" font-size="11">{word}</text>"#,
-            y - 10.0,
-            y
+            r#"<rect x="{x}" y="{y}" width="{}" height="{}" fill="{fill}" stroke="white" stroke-width="2"><title>{}: {}</title></rect>"#,
+            CELL_W,
+            CELL_H,
+            v.word(),
+            escape(v.reason())
         );
+        for (i, text) in cell_lines(r, &v).iter().enumerate() {
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"#,
+                x + CELL_W / 2.0,
+                y + 18.0 + 15.0 * i as f64,
+                escape(text)
+            );
+        }
     }
-    out.push_str("</svg>\n");
-    out
+
+    /// What each verdict's colour means, under the grid.
+    fn legend(&self, out: &mut String) {
+        let legend_y = TOP + CELL_H * self.links.len() as f64 + 24.0;
+        for (i, (fill, word)) in [
+            (
+                "#c8e6c9",
+                "works: every message once, in the time the link allows",
+            ),
+            ("#ffe0b2", "degraded: lost, repeated, late or held"),
+            ("#ffcdd2", "broken: refused, or most messages never arrived"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let y = legend_y + 16.0 * i as f64;
+            let _ = writeln!(
+                out,
+                r#"<rect x="12" y="{}" width="12" height="12" fill="{fill}"/><text x="30" y="{}" font-size="11">{word}</text>"#,
+                y - 10.0,
+                y
+            );
+        }
+    }
+}
+
+/// The text lines of a cell: the verdict and the reason, wrapped, when nothing was delivered;
+/// else the verdict with p50 / p99, wire bytes and requests per delivery, and the reason cut
+/// short.
+fn cell_lines(r: &PhaseResult, v: &Verdict) -> Vec<String> {
+    if r.deliveries == 0 {
+        let reason = v.reason().trim_start_matches("client: ");
+        let mut lines = vec![v.word().to_uppercase()];
+        lines.extend(wrap(reason, 28, 3));
+        lines
+    } else {
+        vec![
+            format!(
+                "{} · {:.0} / {:.0} ms",
+                v.word(),
+                r.latency_ms.p50,
+                r.latency_ms.p99
+            ),
+            format!(
+                "{} B/deliv",
+                r.wire_bytes_per_delivery
+                    .map_or("n/a".into(), |b| format!("{b:.0}"))
+            ),
+            format!("{:.3} req/deliv", r.requests_per_delivery),
+            short(v.reason(), 26),
+        ]
+    }
 }
 
 /// `text` in lines of at most `width` characters (split at spaces), at most `lines` of them.

@@ -16,6 +16,7 @@
 pub mod accounting;
 mod args;
 mod chart;
+mod command;
 pub mod compare;
 pub mod floor;
 pub mod http;

@@ -19,7 +19,7 @@ use super::{
     accounting::{Percentiles, Tracker, latency_histogram, now_micros},
     procfs::CpuTimes,
     publisher,
-    route::Route,
+    route::{Route, Wire},
     server::{Server, rss_of},
     subscriber::{self, Phase},
 };
@@ -40,113 +40,211 @@ pub(super) async fn run_phase(
     transport: TransportKind,
     rate: f64,
 ) -> Result<PhaseResult, BenchError> {
-    let phase = Arc::new(Phase {
-        bases: route.bases(),
-        topics: topics(args, transport),
-        poll_interval: args.poll_interval,
-        resume: route.link.is_some(),
-        progress: (0..args.subscribers).map(|_| Default::default()).collect(),
-        served: (0..args.subscribers).map(|_| Default::default()).collect(),
-        stop: CancellationToken::new(),
-    });
-    if transport.is_durable() {
-        // A Durable Streams read needs a stream: the phase's topics become JSON streams, and
-        // the publisher's publishes are their appends.
-        for topic in &phase.topics {
-            create_stream(http, server.publisher_base(), topic).await?;
-        }
-    }
+    let run = PhaseRun {
+        args,
+        server,
+        route,
+        http,
+        transport,
+        rate,
+    };
+    let phase = run.prepare().await?;
     let rss_before = server.rss_kib();
     let progress = progress_bar(args, transport);
-    let connect_cpu_start = server.cpu_ns();
-    let mut subscribers = connect(args, &phase, transport, &progress).await;
-    wait_subscribed(
-        http,
-        &server.bases(),
-        &phase,
-        transport,
-        args.subscribers,
-        &mut subscribers,
-    )
-    .await?;
-    let rss_connected = server.rss_kib();
-    let connect_cpu = server
-        .cpu_ns()
-        .zip(connect_cpu_start)
-        .map(|(end, start)| end.saturating_sub(start) as f64 / 1000.0 / args.subscribers as f64);
-
-    let watchers = Watchers::start(server, &phase, &progress, rss_connected);
-    let counted_start = server_counts(http, &server.bases(), transport).await;
-    let wire_start = route.wire();
-    let cpu_start = server.cpu_times();
-    progress.set_message(match args.scenario {
-        Scenario::Fanout | Scenario::Throughput | Scenario::Chat | Scenario::Compare => {
-            "publishing"
-        }
-        Scenario::Idle => "idle",
-    });
-    progress.set_length(args.duration.as_millis() as u64);
-    progress.set_position(0);
-    let started = Instant::now();
-    let load = apply_load(args, rate, server, &phase, transport).await;
-    let elapsed = started.elapsed();
-    let window = Window {
-        cpu: cpu_start.zip(server.cpu_times()),
-        rss: (rss_before, rss_connected, server.rss_kib()),
-        counted: counted_start.zip(server_counts(http, &server.bases(), transport).await),
-        connect_cpu,
-    };
-    let wire = route
-        .wire()
-        .zip(wire_start)
-        .map(|(end, start)| end.since(start));
+    let (subscribers, connected) = run.connect_all(&phase, &progress, rss_before).await?;
+    let watchers = Watchers::start(server, &phase, &progress, connected.rss);
+    let measured = run.measure(&phase, &progress, connected).await;
     phase.stop.cancel();
     let peak_rss = watchers.stop().await;
-    progress.finish_with_message(if load.drained { "done" } else { "not drained" });
-
-    let seen = collect(subscribers, &phase, &load.last_ids).await?;
-    let deliveries = seen.total.received;
-    let per_delivery = |v: u64| {
-        if deliveries == 0 {
-            0.0
-        } else {
-            v as f64 / deliveries as f64
-        }
+    let status = if measured.load.drained {
+        "done"
+    } else {
+        "not drained"
     };
-    Ok(PhaseResult {
-        transport: transport.name().to_owned(),
-        rate,
-        publish_rate: load.publish_rate,
-        subscribers: args.subscribers,
-        published: load.published,
-        deliveries,
-        // Fresh topics: a topic's last id is how many messages it got.
-        expected_deliveries: (0..args.subscribers)
-            .map(|i| load.last_ids[i % load.last_ids.len()])
-            .sum(),
-        lost: seen.total.missing,
-        undelivered: seen.total.undelivered,
-        duplicates: seen.total.duplicates,
-        publish_errors: load.errors,
-        latency_ms: Percentiles::of(&seen.total.latency),
-        nodes: server.nodes.len(),
-        cross_node_latency_ms: (server.nodes.len() > 1).then(|| Percentiles::of(&seen.cross_node)),
-        deliveries_per_second: deliveries as f64 / elapsed.as_secs_f64(),
-        requests_per_delivery: per_delivery(seen.total.requests),
-        bytes_per_delivery: per_delivery(seen.total.bytes),
-        drained: load.drained,
-        server: window.usage(deliveries, args.subscribers, peak_rss),
-        floor_ratio: None,
-        link: route.link.as_ref().map(ToString::to_string),
-        wire_bytes_per_delivery: wire.map(|w| per_delivery(w.bytes)),
-        server_wire_bytes_per_delivery: window
-            .counted
-            .map(|(start, end)| per_delivery(end.wire_bytes.saturating_sub(start.wire_bytes))),
-        link_cuts: wire.map(|w| w.cuts),
-        reconnects: seen.total.reconnects,
-        recovery_ms: (seen.total.reconnects > 0).then(|| Percentiles::of(&seen.total.recovery)),
-        failure: None,
-    })
+    progress.finish_with_message(status);
+    let seen = collect(subscribers, &phase, &measured.load.last_ids).await?;
+    Ok(run.result(&measured, &seen, peak_rss))
+}
+
+/// One phase being run: what it runs against (the run's settings, the server, the
+/// subscribers' route to it, the HTTP client), the transport and the publish rate.
+struct PhaseRun<'a> {
+    args: &'a BenchArgs,
+    server: &'a Server,
+    route: &'a Route,
+    http: &'a reqwest::Client,
+    transport: TransportKind,
+    rate: f64,
+}
+
+/// What connecting the subscribers cost the server.
+#[derive(Debug, Clone, Copy)]
+struct Connected {
+    /// RSS before the first subscriber connected, KiB.
+    rss_before: Option<u64>,
+    /// RSS once the server counted them all, KiB.
+    rss: Option<u64>,
+    /// Server CPU per connect, µs.
+    cpu_us_per_connect: Option<f64>,
+}
+
+/// What the measured window (publish and drain, or idle) gave.
+struct Measured {
+    /// What the load did.
+    load: Load,
+    /// How long it took.
+    elapsed: Duration,
+    /// What the server spent.
+    window: Window,
+    /// What crossed the link, when there is one.
+    wire: Option<Wire>,
+}
+
+impl PhaseRun<'_> {
+    /// The phase's shared state: fresh topics, and a progress and a served flag per
+    /// subscriber. For Durable Streams, its topics are also created as streams.
+    async fn prepare(&self) -> Result<Arc<Phase>, BenchError> {
+        let phase = Arc::new(Phase {
+            bases: self.route.bases(),
+            topics: topics(self.args, self.transport),
+            poll_interval: self.args.poll_interval,
+            resume: self.route.link.is_some(),
+            progress: (0..self.args.subscribers)
+                .map(|_| Default::default())
+                .collect(),
+            served: (0..self.args.subscribers)
+                .map(|_| Default::default())
+                .collect(),
+            stop: CancellationToken::new(),
+        });
+        if self.transport.is_durable() {
+            // A Durable Streams read needs a stream: the phase's topics become JSON streams, and
+            // the publisher's publishes are their appends.
+            for topic in &phase.topics {
+                create_stream(self.http, self.server.publisher_base(), topic).await?;
+            }
+        }
+        Ok(phase)
+    }
+
+    /// Connects every subscriber and waits until the server counts them all; returns their
+    /// tasks and what connecting them cost the server (RSS from `rss_before`, CPU).
+    async fn connect_all(
+        &self,
+        phase: &Arc<Phase>,
+        progress: &indicatif::ProgressBar,
+        rss_before: Option<u64>,
+    ) -> Result<(Subscribers, Connected), BenchError> {
+        let (args, server) = (self.args, self.server);
+        let connect_cpu_start = server.cpu_ns();
+        let mut subscribers = connect(args, phase, self.transport, progress).await;
+        wait_subscribed(
+            self.http,
+            &server.bases(),
+            phase,
+            self.transport,
+            args.subscribers,
+            &mut subscribers,
+        )
+        .await?;
+        let rss = server.rss_kib();
+        let count = args.subscribers as f64;
+        let cpu_us_per_connect = server
+            .cpu_ns()
+            .zip(connect_cpu_start)
+            .map(|(end, start)| end.saturating_sub(start) as f64 / 1000.0 / count);
+        let connected = Connected {
+            rss_before,
+            rss,
+            cpu_us_per_connect,
+        };
+        Ok((subscribers, connected))
+    }
+
+    /// Applies the load (publish and drain, or stay idle), reading the server's CPU, RSS and
+    /// counts and the link's counters on both sides of it.
+    async fn measure(
+        &self,
+        phase: &Phase,
+        progress: &indicatif::ProgressBar,
+        connected: Connected,
+    ) -> Measured {
+        let (server, http, transport) = (self.server, self.http, self.transport);
+        let counted_start = server_counts(http, &server.bases(), transport).await;
+        let wire_start = self.route.wire();
+        let cpu_start = server.cpu_times();
+        show_load(self.args, progress);
+        let started = Instant::now();
+        let load = apply_load(self.args, self.rate, server, phase, transport).await;
+        let elapsed = started.elapsed();
+        let window = Window {
+            cpu: cpu_start.zip(server.cpu_times()),
+            rss: (connected.rss_before, connected.rss, server.rss_kib()),
+            counted: counted_start.zip(server_counts(http, &server.bases(), transport).await),
+            connect_cpu: connected.cpu_us_per_connect,
+        };
+        let wire = self
+            .route
+            .wire()
+            .zip(wire_start)
+            .map(|(end, start)| end.since(start));
+        Measured {
+            load,
+            elapsed,
+            window,
+            wire,
+        }
+    }
+
+    /// The phase's result: what the load did, what the server spent (`peak_rss` its highest
+    /// RSS, KiB) and what the subscribers saw, per delivery where it says so.
+    fn result(&self, measured: &Measured, seen: &Seen, peak_rss: u64) -> PhaseResult {
+        let (args, load, window) = (self.args, &measured.load, &measured.window);
+        let wire = measured.wire;
+        let deliveries = seen.total.received;
+        let per_delivery = |v: u64| {
+            if deliveries == 0 {
+                0.0
+            } else {
+                v as f64 / deliveries as f64
+            }
+        };
+        PhaseResult {
+            transport: self.transport.name().to_owned(),
+            rate: self.rate,
+            publish_rate: load.publish_rate,
+            subscribers: args.subscribers,
+            published: load.published,
+            deliveries,
+            // Fresh topics: a topic's last id is how many messages it got.
+            expected_deliveries: (0..args.subscribers)
+                .map(|i| load.last_ids[i % load.last_ids.len()])
+                .sum(),
+            lost: seen.total.missing,
+            undelivered: seen.total.undelivered,
+            duplicates: seen.total.duplicates,
+            publish_errors: load.errors,
+            latency_ms: Percentiles::of(&seen.total.latency),
+            nodes: self.server.nodes.len(),
+            cross_node_latency_ms: (self.server.nodes.len() > 1)
+                .then(|| Percentiles::of(&seen.cross_node)),
+            deliveries_per_second: deliveries as f64 / measured.elapsed.as_secs_f64(),
+            requests_per_delivery: per_delivery(seen.total.requests),
+            bytes_per_delivery: per_delivery(seen.total.bytes),
+            drained: load.drained,
+            server: window.usage(deliveries, args.subscribers, peak_rss),
+            floor_ratio: None,
+            link: self.route.link.as_ref().map(ToString::to_string),
+            wire_bytes_per_delivery: wire.map(|w| per_delivery(w.bytes)),
+            server_wire_bytes_per_delivery: window
+                .counted
+                .map(|(start, end)| per_delivery(end.wire_bytes.saturating_sub(start.wire_bytes))),
+            link_cuts: wire.map(|w| w.cuts),
+            reconnects: seen.total.reconnects,
+            recovery_ms: (seen.total.reconnects > 0).then(|| Percentiles::of(&seen.total.recovery)),
+            failure: None,
+        }
+    }
 }
 
 /// Creates `topic` as a Durable Streams JSON stream.
@@ -190,6 +288,18 @@ fn progress_bar(args: &BenchArgs, transport: TransportKind) -> indicatif::Progre
     progress.set_prefix(transport.name());
     progress.set_message("connecting");
     progress
+}
+
+/// Turns the progress bar from counting connections to counting the load's milliseconds.
+fn show_load(args: &BenchArgs, progress: &indicatif::ProgressBar) {
+    progress.set_message(match args.scenario {
+        Scenario::Fanout | Scenario::Throughput | Scenario::Chat | Scenario::Compare => {
+            "publishing"
+        }
+        Scenario::Idle => "idle",
+    });
+    progress.set_length(args.duration.as_millis() as u64);
+    progress.set_position(0);
 }
 
 /// Starts every subscriber, `RAMP_BATCH` at a time: a ramp, not a connect storm.

@@ -7,6 +7,8 @@ use serde::Serialize;
 
 use super::{BenchArgs, PhaseResult, Run};
 
+pub use super::command::command_line;
+
 #[derive(Serialize)]
 struct Document<'a> {
     command: String,
@@ -17,51 +19,6 @@ struct Document<'a> {
     poll_interval_ms: u128,
     floor: Option<&'a super::floor::Floor>,
     results: &'a [PhaseResult],
-}
-
-/// The command line that reproduces a run.
-pub fn command_line(args: &BenchArgs) -> String {
-    let mut line = format!(
-        "pushhub bench --scenario {} --transports {} --subscribers {} --rate {} --duration {}s --payload-bytes {} --poll-interval {}ms",
-        match args.scenario {
-            super::Scenario::Fanout => "fanout",
-            super::Scenario::Idle => "idle",
-            super::Scenario::Throughput => "throughput",
-            super::Scenario::Chat => "chat",
-            super::Scenario::Compare => "compare",
-        },
-        args.transports
-            .iter()
-            .map(|t| t.name())
-            .collect::<Vec<_>>()
-            .join(","),
-        args.subscribers,
-        args.rate,
-        args.duration.as_secs_f64(),
-        args.payload_bytes,
-        args.poll_interval.as_millis()
-    );
-    if !args.link.is_empty() {
-        let names: Vec<&str> = args.link.iter().map(|p| p.name).collect();
-        let _ = write!(line, " --link {}", names.join(","));
-    }
-    if !args.via.is_empty() {
-        let vias: Vec<String> = args.via.iter().map(ToString::to_string).collect();
-        let _ = write!(line, " --via {}", vias.join(","));
-    }
-    if args.nodes > 1 {
-        let _ = write!(line, " --nodes {}", args.nodes);
-    }
-    if !args.url.is_empty() {
-        let _ = write!(line, " --url {}", args.url.join(","));
-    }
-    if args.cpus == super::CpuMode::Shared {
-        line.push_str(" --cpus shared");
-    }
-    for arg in &args.server_args {
-        let _ = write!(line, " --server-arg={arg}");
-    }
-    line
 }
 
 /// Writes `results.json`, `report.md` and `latency.svg` into `args.out`.
@@ -138,21 +95,36 @@ pub fn table(results: &[PhaseResult]) -> String {
 
 /// A short reading of the table: who won on what, and by how much.
 pub fn reading(results: &[PhaseResult]) -> Vec<String> {
-    let mut lines = Vec::new();
-    let overloaded: Vec<&str> = results
+    let mut lines = publisher_limits(results);
+    lines.extend(delivery_summary(results));
+    lines.extend(rankings(results));
+    lines.extend(floor_comparisons(results));
+    lines.extend(server_notes(results));
+    lines
+}
+
+/// One line per transport whose run the bench's own publisher held back: its figures say
+/// where this host stops, not where the server does.
+fn publisher_limits(results: &[PhaseResult]) -> Vec<String> {
+    results
         .iter()
-        .filter(|r| r.overloaded())
-        .map(|r| r.transport.as_str())
-        .collect();
-    for r in results.iter().filter(|r| r.publisher_limited()) {
-        lines.push(format!(
-            "{}: the bench publisher reached only {:.0} of {:.0} msg/s, so the server's limit for it lies above what this host can drive.",
-            r.transport, r.publish_rate, r.rate
-        ));
-    }
+        .filter(|r| r.publisher_limited())
+        .map(|r| {
+            format!(
+                "{}: the bench publisher reached only {:.0} of {:.0} msg/s, so the server's limit for it lies above what this host can drive.",
+                r.transport, r.publish_rate, r.rate
+            )
+        })
+        .collect()
+}
+
+/// Whether every message arrived once (or nothing was published), else one line per
+/// overloaded transport, so that its other figures are not read as clean.
+fn delivery_summary(results: &[PhaseResult]) -> Vec<String> {
+    let mut lines = Vec::new();
     if results.iter().all(|r| r.published == 0) {
         lines.push("Idle run: subscribers connected, nothing published; the figures are the cost of holding connections.".into());
-    } else if overloaded.is_empty() {
+    } else if !results.iter().any(|r| r.overloaded()) {
         lines.push("Every transport delivered every message to every subscriber exactly once (0 lost, 0 duplicated).".into());
     } else {
         for r in results.iter().filter(|r| r.overloaded()) {
@@ -162,48 +134,75 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
             ));
         }
     }
-    let compare = |label: &str,
-                   unit: &str,
-                   value: &dyn Fn(&PhaseResult) -> Option<f64>|
-     -> Option<String> {
-        let mut ranked: Vec<(&str, f64)> = results
-            .iter()
-            .filter_map(|r| value(r).map(|v| (r.transport.as_str(), v)))
-            .collect();
-        if ranked.len() < 2 {
-            return None;
-        }
-        ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let (best, best_value) = ranked[0];
-        let (worst, worst_value) = ranked[ranked.len() - 1];
-        let ratio = if best_value > 0.0 {
-            format!("{:.1}×", worst_value / best_value)
-        } else {
-            "far".into()
-        };
-        Some(format!(
-            "Lowest {label}: **{best}** ({best_value:.2} {unit}); highest: {worst} ({worst_value:.2} {unit}), {ratio} more."
-        ))
-    };
+    lines
+}
+
+/// The lowest and highest transport on each compared figure: the delivery figures when
+/// anything was delivered (else the idle CPU), and the memory per subscriber.
+fn rankings(results: &[PhaseResult]) -> Vec<String> {
+    let mut lines = Vec::new();
     if results.iter().any(|r| r.deliveries > 0) {
-        lines.extend(compare("p99 latency", "ms", &|r| Some(r.latency_ms.p99)));
-        lines.extend(compare("server CPU per delivery", "µs", &|r| {
+        lines.extend(ranking(results, "p99 latency", "ms", &|r| {
+            Some(r.latency_ms.p99)
+        }));
+        lines.extend(ranking(results, "server CPU per delivery", "µs", &|r| {
             r.server.as_ref().map(|s| s.cpu_us_per_delivery)
         }));
-        lines.extend(compare("bytes per delivery", "B", &|r| {
+        lines.extend(ranking(results, "bytes per delivery", "B", &|r| {
             Some(r.bytes_per_delivery)
         }));
-        lines.extend(compare("requests per delivery", "requests", &|r| {
-            Some(r.requests_per_delivery)
-        }));
+        lines.extend(ranking(
+            results,
+            "requests per delivery",
+            "requests",
+            &|r| Some(r.requests_per_delivery),
+        ));
     } else {
-        lines.extend(compare("server CPU while idle", "s", &|r| {
+        lines.extend(ranking(results, "server CPU while idle", "s", &|r| {
             r.server.as_ref().map(|s| s.cpu_seconds)
         }));
     }
-    lines.extend(compare("server memory per subscriber", "KiB", &|r| {
-        r.server.as_ref().map(|s| s.rss_per_subscriber_kib)
-    }));
+    lines.extend(ranking(
+        results,
+        "server memory per subscriber",
+        "KiB",
+        &|r| r.server.as_ref().map(|s| s.rss_per_subscriber_kib),
+    ));
+    lines
+}
+
+/// The lowest and the highest `value` among the results that have one, and how many times
+/// the one the other; `None` with fewer than two to compare.
+fn ranking(
+    results: &[PhaseResult],
+    label: &str,
+    unit: &str,
+    value: &dyn Fn(&PhaseResult) -> Option<f64>,
+) -> Option<String> {
+    let mut ranked: Vec<(&str, f64)> = results
+        .iter()
+        .filter_map(|r| value(r).map(|v| (r.transport.as_str(), v)))
+        .collect();
+    if ranked.len() < 2 {
+        return None;
+    }
+    ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let (best, best_value) = ranked[0];
+    let (worst, worst_value) = ranked[ranked.len() - 1];
+    let ratio = if best_value > 0.0 {
+        format!("{:.1}×", worst_value / best_value)
+    } else {
+        "far".into()
+    };
+    Some(format!(
+        "Lowest {label}: **{best}** ({best_value:.2} {unit}); highest: {worst} ({worst_value:.2} {unit}), {ratio} more."
+    ))
+}
+
+/// Each transport's server CPU against the write floor, per delivery (per request when
+/// nothing was delivered).
+fn floor_comparisons(results: &[PhaseResult]) -> Vec<String> {
+    let mut lines = Vec::new();
     for r in results {
         if let Some(ratio) = r.floor_ratio {
             let what = if r.deliveries > 0 {
@@ -222,6 +221,13 @@ pub fn reading(results: &[PhaseResult]) -> Vec<String> {
             ));
         }
     }
+    lines
+}
+
+/// Per transport the server was measured for: the cost of an empty request when nothing was
+/// delivered, and how its RSS moved while messages were published.
+fn server_notes(results: &[PhaseResult]) -> Vec<String> {
+    let mut lines = Vec::new();
     for r in results {
         let Some(server) = &r.server else { continue };
         if let (0, Some(requests), Some(cost)) =

@@ -3,8 +3,10 @@
 //! addresses, PIDs, CPU time and RSS.
 
 use std::{
+    collections::VecDeque,
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStderr, Command, Stdio},
+    thread::JoinHandle,
 };
 
 use super::{BenchArgs, BenchError, affinity, cpu_split, procfs};
@@ -135,21 +137,30 @@ pub(super) fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
         .env("PUSHHUB_LOG", "pushhub=info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn();
     if let Some(own) = restore {
         affinity::pin(&own)?;
     }
     let mut child = child?;
     let stdout = child.stdout.take().expect("stdout is piped");
+    // Read from the start, so that a server writing much to stderr never blocks on the pipe;
+    // kept for the error when it exits before listening.
+    let stderr = keep_tail(child.stderr.take().expect("stderr is piped"));
     let mut lines = BufReader::new(stdout).lines();
+    let mut said = VecDeque::new();
     let addr = loop {
-        let line = lines
-            .next()
-            .ok_or_else(|| BenchError::Server("server exited before listening".into()))??;
+        let Some(line) = lines.next() else {
+            return Err(exited_before_listening(&mut child, stderr, said));
+        };
+        let line = line?;
         if let Some(rest) = line.split("listening on http://").nth(1) {
             break rest.split('/').next().unwrap_or_default().to_owned();
         }
+        if said.len() == TAIL_LINES {
+            said.pop_front();
+        }
+        said.push_back(line);
     };
     std::thread::spawn(move || lines.for_each(drop));
     Ok(Node {
@@ -157,4 +168,48 @@ pub(super) fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
         pid: Some(child.id()),
         child: Some(child),
     })
+}
+
+/// Lines of a child's output kept for the error that explains why it did not start.
+const TAIL_LINES: usize = 20;
+
+/// Reads `stderr` to its end in a thread of its own, keeping its last lines.
+fn keep_tail(stderr: ChildStderr) -> JoinHandle<VecDeque<String>> {
+    std::thread::spawn(move || {
+        let mut tail = VecDeque::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+        tail
+    })
+}
+
+/// The error of a server that ended its output before saying where it listens: its exit
+/// status and what it said (its stderr, where clap and the server's own errors go, else its
+/// last log lines), so a mistyped `--server-arg` shows the server's own complaint.
+fn exited_before_listening(
+    child: &mut Child,
+    stderr: JoinHandle<VecDeque<String>>,
+    stdout: VecDeque<String>,
+) -> BenchError {
+    let status = child
+        .wait()
+        .map_or_else(|e| format!("status unknown: {e}"), |s| s.to_string());
+    let stderr = stderr.join().unwrap_or_default();
+    let said = if stderr.iter().any(|l| !l.trim().is_empty()) {
+        stderr
+    } else {
+        stdout
+    };
+    let said: Vec<String> = said.into_iter().filter(|l| !l.trim().is_empty()).collect();
+    let mut message = format!("server exited before listening ({status})");
+    if !said.is_empty() {
+        message.push_str(", saying:\n");
+        message.push_str(&said.join("\n"));
+    }
+    BenchError::Server(message)
 }

@@ -7,7 +7,6 @@
 
 use std::{future::Future, io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use axum::Router;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -15,16 +14,12 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
-use crate::{
-    AppState,
-    error::Error,
-    gate::limits::ConnectionPermit,
-    gate::{
-        connection::{Connection, Served, Shared},
-        hyper::Protocols,
-    },
-    transport::io::Io,
+use super::{
+    Gate,
+    connection::{Connection, Shared},
+    limits::{ConnectionLimits, ConnectionPermit},
 };
+use crate::{error::Error, transport::io::Io};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +29,7 @@ pub enum StartError {
     Tls(String),
     /// The auth settings are unusable.
     #[error(transparent)]
-    Auth(#[from] crate::gate::auth::AuthConfigError),
+    Auth(#[from] crate::access::AuthConfigError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -63,30 +58,52 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, StartError> 
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `router` on `listener` until `stop` fires, with `--workers` workers: this task's
+/// Serves `gate` on `listener` until `stop` fires, with `--workers` workers: this task's
 /// runtime is worker 0, each other worker a thread with a single-threaded runtime of its own.
 /// Worker 0 accepts every connection and hands them out round-robin: a connection lives on
 /// one worker, and so does the fan-out shard that writes to it, so a delivery never wakes
 /// another thread; and a new connection wakes one worker (sharing the listening socket
 /// would wake them all). Once stopped, each worker lets its open connections finish
 /// (long-lived ones end themselves on the same signal) for at most `--shutdown-grace`.
-pub(crate) async fn serve_workers(
+pub async fn serve_workers(
     listener: TcpListener,
-    router: Router,
-    state: &AppState,
+    gate: Gate,
     tls: Option<TlsAcceptor>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let config = &state.config;
-    let shared = Arc::new(Shared {
-        served: Served::of(config),
-        app: state.clone(),
-        router,
-        protocols: Arc::new(Protocols::new(config)),
-    });
+    let limits = gate.connections.clone();
+    let grace = gate.settings.shutdown_grace;
+    let workers = gate.settings.workers;
+    let shared = Arc::new(Shared::new(gate));
+    let (others, finished) = start_workers(workers, &shared, &tls)?;
+    shared.transports.hub.start_worker(0);
+    let here = Worker {
+        connections: TaskTracker::new(),
+        handshake_timeout: shared.settings.header_timeout,
+        shared,
+        tls,
+    };
+    accept(&listener, &limits, &here, &others, stop).await;
+    drop(listener);
+    // The other workers stop taking connections when their channel closes.
+    drop(others);
+    wind_down(here.connections, grace).await;
+    for ended in finished {
+        let _ = ended.await;
+    }
+    Ok(())
+}
+
+/// Starts workers 1 to `count - 1`, each on a thread of its own: the channels that hand them
+/// connections, and a signal each sends once its connections have finished.
+fn start_workers(
+    count: usize,
+    shared: &Arc<Shared>,
+    tls: &Option<TlsAcceptor>,
+) -> io::Result<(Vec<Hand>, Vec<tokio::sync::oneshot::Receiver<()>>)> {
     let mut others = Vec::new();
     let mut finished = Vec::new();
-    for index in 1..config.worker_count() {
+    for index in 1..count {
         let (hand, incoming) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
         let (done, ended) = tokio::sync::oneshot::channel::<()>();
         let (shared, tls) = (shared.clone(), tls.clone());
@@ -105,10 +122,30 @@ pub(crate) async fn serve_workers(
         others.push(hand);
         finished.push(ended);
     }
-    state.hub.start_worker(0);
-    let handshake_timeout = config.header_timeout;
-    let limits = state.connections.clone();
-    let connections = TaskTracker::new();
+    Ok((others, finished))
+}
+
+/// The channel that hands a worker its connections.
+type Hand = tokio::sync::mpsc::UnboundedSender<Accepted>;
+
+/// What one worker serves its connections with.
+struct Worker {
+    /// Its open connections, waited for when it stops.
+    connections: TaskTracker,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+}
+
+/// Accepts until `stop`: refuses connections over the limits, hands the others out
+/// round-robin (`here`, worker 0, takes its turn).
+async fn accept(
+    listener: &TcpListener,
+    limits: &Arc<ConnectionLimits>,
+    here: &Worker,
+    others: &[Hand],
+    stop: impl Future<Output = ()>,
+) {
     let mut next = 0usize;
     tokio::pin!(stop);
     loop {
@@ -123,59 +160,52 @@ pub(crate) async fn serve_workers(
                     continue;
                 }
             },
-            () = &mut stop => break,
+            () = &mut stop => return,
         };
         let _ = stream.set_nodelay(true);
-        let admitted = match limits.admit(peer.ip()) {
+        let permit = match limits.admit(peer.ip()) {
             Ok(permit) => permit,
-            Err(refusal) if tls.is_some() => {
-                connections.spawn(refuse_tls(stream, refusal));
+            Err(refusal) if here.tls.is_some() => {
+                here.connections.spawn(refuse_tls(stream, refusal));
                 continue;
             }
             Err(refusal) => {
-                connections.spawn(refuse(stream, refusal));
+                here.connections.spawn(refuse(stream, refusal));
                 continue;
             }
         };
         next = next.wrapping_add(1);
         let target = next % (others.len() + 1);
         if target == 0 {
-            spawn_connection(
-                &connections,
-                &shared,
-                stream,
-                peer,
-                admitted,
-                &tls,
-                handshake_timeout,
-            );
-            continue;
-        }
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::warn!(%error, %peer, "could not hand a connection over");
-                continue;
-            }
-        };
-        let accepted = Accepted {
-            stream,
-            peer,
-            permit: admitted,
-        };
-        if let Err(unsent) = others[target - 1].send(accepted) {
-            // That worker is gone: serve the connection here.
-            spawn_accepted(&connections, &shared, unsent.0, &tls, handshake_timeout);
+            here.spawn(stream, peer, permit);
+        } else {
+            hand_over(here, &others[target - 1], stream, peer, permit);
         }
     }
-    drop(listener);
-    // The other workers stop taking connections when their channel closes.
-    drop(others);
-    wind_down(connections, config.shutdown_grace).await;
-    for ended in finished {
-        let _ = ended.await;
+}
+
+/// Hands a connection to another worker (or serves it here if that worker is gone).
+fn hand_over(
+    here: &Worker,
+    to: &Hand,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+) {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, %peer, "could not hand a connection over");
+            return;
+        }
+    };
+    if let Err(unsent) = to.send(Accepted {
+        stream,
+        peer,
+        permit,
+    }) {
+        here.spawn_accepted(unsent.0);
     }
-    Ok(())
 }
 
 /// A connection accepted by worker 0 for another worker.
@@ -193,72 +223,58 @@ async fn worker(
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
 ) {
-    shared.app.hub.start_worker(index);
-    let handshake_timeout = shared.app.config.header_timeout;
-    let connections = TaskTracker::new();
-    while let Some(accepted) = incoming.recv().await {
-        spawn_accepted(&connections, &shared, accepted, &tls, handshake_timeout);
-    }
-    wind_down(connections, shared.app.config.shutdown_grace).await;
-}
-
-/// Serves one admitted connection on this worker, holding its place until it ends. Each
-/// kind of connection is its own task type, so a plain connection's task carries no room
-/// for a TLS handshake.
-fn spawn_connection(
-    connections: &TaskTracker,
-    shared: &Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    permit: ConnectionPermit,
-    tls: &Option<TlsAcceptor>,
-    handshake_timeout: Duration,
-) {
-    let connection = Connection {
-        shared: shared.clone(),
-        peer,
+    shared.transports.hub.start_worker(index);
+    let grace = shared.settings.shutdown_grace;
+    let here = Worker {
+        connections: TaskTracker::new(),
+        handshake_timeout: shared.settings.header_timeout,
+        shared,
+        tls,
     };
-    match tls {
-        None => {
-            connections.spawn(async move {
-                connection.serve(Io::Tcp(Arc::new(stream)), false).await;
-                drop(permit);
-            });
-        }
-        Some(tls) => {
-            let tls = tls.clone();
-            connections.spawn(async move {
-                serve_tls(connection, stream, tls, handshake_timeout).await;
-                drop(permit);
-            });
-        }
+    while let Some(accepted) = incoming.recv().await {
+        here.spawn_accepted(accepted);
     }
+    wind_down(here.connections, grace).await;
 }
 
-/// Serves a connection handed over from worker 0 on the calling worker's runtime.
-fn spawn_accepted(
-    connections: &TaskTracker,
-    shared: &Arc<Shared>,
-    accepted: Accepted,
-    tls: &Option<TlsAcceptor>,
-    handshake_timeout: Duration,
-) {
-    let Accepted {
-        stream,
-        peer,
-        permit,
-    } = accepted;
-    match TcpStream::from_std(stream) {
-        Ok(stream) => spawn_connection(
-            connections,
-            shared,
+impl Worker {
+    /// Serves one admitted connection on this worker, holding its place until it ends. Each
+    /// kind of connection is its own task type, so a plain connection's task carries no room
+    /// for a TLS handshake.
+    fn spawn(&self, stream: TcpStream, peer: SocketAddr, permit: ConnectionPermit) {
+        let connection = Connection {
+            shared: self.shared.clone(),
+            peer,
+        };
+        match &self.tls {
+            None => {
+                self.connections.spawn(async move {
+                    connection.serve(Io::Tcp(Arc::new(stream)), false).await;
+                    drop(permit);
+                });
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                let handshake_timeout = self.handshake_timeout;
+                self.connections.spawn(async move {
+                    serve_tls(connection, stream, tls, handshake_timeout).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    /// Serves a connection handed over from worker 0 on this worker's runtime.
+    fn spawn_accepted(&self, accepted: Accepted) {
+        let Accepted {
             stream,
             peer,
             permit,
-            tls,
-            handshake_timeout,
-        ),
-        Err(error) => tracing::warn!(%error, %peer, "could not take a connection"),
+        } = accepted;
+        match TcpStream::from_std(stream) {
+            Ok(stream) => self.spawn(stream, peer, permit),
+            Err(error) => tracing::warn!(%error, %peer, "could not take a connection"),
+        }
     }
 }
 

@@ -16,9 +16,10 @@
 //!
 //! Parked long polls follow topics too, as [`Waiter`]s: a writer only wakes them.
 //!
-//! One ticker task per shard, on the shard's worker, serves its connections' timers: SSE
-//! heartbeats, WebSocket pings and their pong deadlines walk the shard's registry, so an
-//! idle connection costs no timer.
+//! One ticker task per shard ([`super::ticker`]), on the shard's worker, serves its
+//! connections' timers by walking the shard's registry, so an idle connection costs no
+//! timer. Parked long polls and the answers the fan-out writes them are in
+//! [`super::waiter`]; what a walk counts, in [`super::tally`].
 
 use std::{
     future::poll_fn,
@@ -26,23 +27,22 @@ use std::{
         Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    task::{Context, Poll, Waker},
+    task::{Poll, Waker},
     time::Duration,
 };
 
-use bytes::Bytes;
 use smallvec::SmallVec;
-use tokio::time::Instant;
 
 use super::{
-    outlet::{Format, Outlet},
-    presence::Gauge,
+    outlet::Outlet,
     stats::Counters,
+    tally::Tally,
+    ticker::{self, Intervals},
+    waiter::{AnswerCache, Waiter},
 };
 use crate::{
-    message::{Message, MessageId, PerTransport, TransportKind, now_millis},
+    message::{Message, TransportKind, now_millis},
     store::Live,
-    telemetry::LagTally,
 };
 
 /// Followers handed out per lock of a topic's follower list: the writer copies this many
@@ -227,229 +227,6 @@ impl Live for TopicLive {
     }
 }
 
-/// Answers a parked long poll from the fan-out itself: the writer that has a topic's new
-/// messages in hand writes the answer straight to the poller's socket, instead of waking the
-/// poller's task to read them back from the log, encode them and write them. Implemented by
-/// the transport that knows the wire format; `Hub::wait_or_answer` takes one.
-pub trait Respond: Send + Sync {
-    /// Answers with `messages` (the first right after the poller's cursor, at most its
-    /// limit); `newest` is the topic's newest id (past the last of `messages` when the limit
-    /// left some out). [`Responded::No`] leaves the answer to
-    /// the poller's task. `cache` is shared by the pollers of one walk, which mostly get the
-    /// same answer: an implementation keeps what it encoded there.
-    fn respond(
-        &self,
-        messages: &[Arc<Message>],
-        newest: MessageId,
-        cache: &mut AnswerCache,
-    ) -> Responded;
-}
-
-/// What [`Respond::respond`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Responded {
-    /// The whole answer is written: nothing is left for the poller's task.
-    Written,
-    /// The answer is begun and the socket would block: the poller's task finishes it.
-    Begun,
-    /// Nothing was written: the poller's task answers.
-    No,
-}
-
-/// Answers encoded during one writer walk, for pollers that get the same one.
-#[derive(Default)]
-pub struct AnswerCache {
-    entries: SmallVec<[(MessageId, usize, MessageId, Bytes); 2]>,
-}
-
-impl AnswerCache {
-    /// The answer for the messages starting after `after`, `count` of them, with the topic's
-    /// newest id `newest`, encoded by `encode` the first time it is asked for.
-    pub fn get_or_encode(
-        &mut self,
-        after: MessageId,
-        count: usize,
-        newest: MessageId,
-        encode: impl FnOnce() -> Bytes,
-    ) -> Bytes {
-        if let Some((.., answer)) = self
-            .entries
-            .iter()
-            .find(|(a, c, n, _)| (*a, *c, *n) == (after, count, newest))
-        {
-            return answer.clone();
-        }
-        let answer = encode();
-        self.entries.push((after, count, newest, answer.clone()));
-        answer
-    }
-
-    fn clear(&mut self) {
-        self.entries.clear();
-    }
-}
-
-/// A parked long poll: woken once a message newer than its cursor is offered, unless its
-/// responder answers it right there.
-pub(super) struct Waiter {
-    state: Mutex<WaiterState>,
-    respond: Option<Arc<dyn Respond>>,
-    limit: usize,
-}
-
-struct WaiterState {
-    after: MessageId,
-    outcome: Outcome,
-    waker: Option<Waker>,
-    /// Counts the poll as a parked subscriber until it is answered.
-    gauge: Option<Gauge>,
-}
-
-/// Where a parked long poll stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Outcome {
-    /// Nothing new yet.
-    Waiting,
-    /// Something newer was published: the poller reads it and answers.
-    News,
-    /// Its responder answered it (wholly, or begun for the poller's task to finish).
-    Answered,
-}
-
-impl Waiter {
-    pub(super) fn new(
-        after: MessageId,
-        limit: usize,
-        respond: Option<Arc<dyn Respond>>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            state: Mutex::new(WaiterState {
-                after,
-                outcome: Outcome::Waiting,
-                waker: None,
-                gauge: None,
-            }),
-            respond,
-            limit: limit.max(1),
-        })
-    }
-
-    pub(super) fn offer(&self, messages: &[Arc<Message>], cache: &mut AnswerCache) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let newest = messages.last().map_or(0, |m| m.id);
-        if newest <= state.after || state.outcome != Outcome::Waiting {
-            return;
-        }
-        let first = messages.iter().position(|m| m.id > state.after);
-        if let (Some(respond), Some(first)) = (&self.respond, first) {
-            // Only an exact continuation is answered here; a gap is the log's to fill.
-            if messages[first].id == state.after + 1 {
-                let fresh = &messages[first..];
-                let take = fresh.len().min(self.limit);
-                match respond.respond(&fresh[..take], newest, cache) {
-                    Responded::Written => {
-                        state.outcome = Outcome::Answered;
-                        // Answered in full: no longer parked, although its task has not
-                        // run yet.
-                        state.gauge = None;
-                        // The poller's task is not woken: its connection's next request is
-                        // what wakes it.
-                        return;
-                    }
-                    Responded::Begun => state.outcome = Outcome::Answered,
-                    Responded::No => state.outcome = Outcome::News,
-                }
-            } else {
-                state.outcome = Outcome::News;
-            }
-        } else {
-            state.outcome = Outcome::News;
-        }
-        if let Some(waker) = state.waker.take() {
-            waker.wake();
-        }
-    }
-
-    /// Counts the poll as parked (`gauge`) until it is answered or [`Waiter::uncount`].
-    pub(super) fn count(&self, gauge: Gauge) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.outcome == Outcome::Waiting {
-            state.gauge = Some(gauge);
-        }
-    }
-
-    /// Stops counting the poll as parked.
-    pub(super) fn uncount(&self) {
-        let gauge = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .gauge
-            .take();
-        drop(gauge);
-    }
-
-    /// Takes the answer back from the writers: from here on no writer answers this poll or
-    /// wakes it. Returns what happened before, so that the poller answers only if no
-    /// responder did ([`Outcome::Answered`]: it already has).
-    pub(super) fn claim(&self) -> Outcome {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let before = state.outcome;
-        if before == Outcome::Waiting {
-            state.outcome = Outcome::News;
-        }
-        before
-    }
-
-    /// Ready once a newer message was offered (and maybe answered).
-    pub(super) fn poll_news(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.outcome != Outcome::Waiting {
-            return Poll::Ready(());
-        }
-        match &mut state.waker {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            slot => *slot = Some(cx.waker().clone()),
-        }
-        Poll::Pending
-    }
-}
-
-/// What a writer counts during one walk, added to the shared counters once at its end.
-#[derive(Default)]
-pub(super) struct Tally {
-    deliveries: PerTransport<u64>,
-    bytes: PerTransport<u64>,
-    lag: LagTally,
-    now_ms: u64,
-}
-
-impl Tally {
-    pub(super) fn delivered(
-        &mut self,
-        transport: TransportKind,
-        messages: usize,
-        frames: &[Bytes],
-        published_ms: u64,
-    ) {
-        self.deliveries[transport] += messages as u64;
-        self.bytes[transport] += frames.iter().map(|f| f.len() as u64).sum::<u64>();
-        self.lag
-            .record(transport, self.now_ms.saturating_sub(published_ms));
-    }
-
-    fn flush(&mut self, counters: &Counters) {
-        for transport in TransportKind::ALL {
-            let (deliveries, bytes) = (self.deliveries[transport], self.bytes[transport]);
-            if deliveries > 0 || bytes > 0 {
-                counters.delivered(transport, deliveries, bytes);
-            }
-        }
-        self.lag.flush();
-        *self = Self::default();
-    }
-}
-
 /// What one shard's writer is asked to deliver.
 #[derive(Default)]
 struct Queue {
@@ -527,6 +304,16 @@ impl Shard {
     }
 }
 
+impl ticker::Streams for Fanout {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn each_stream(&self, index: usize, visit: &mut dyn FnMut(&Outlet)) {
+        self.shards[index].each_stream(visit);
+    }
+}
+
 /// The fan-out of one hub: its shards, their writers and tickers.
 pub(crate) struct Fanout {
     shards: Box<[Arc<Shard>]>,
@@ -572,7 +359,12 @@ impl Fanout {
                 self.counters.clone(),
                 self.settings.write_delay,
             ));
-            tokio::spawn(tick_loop(self.me.clone(), index, self.settings.clone()));
+            let intervals = Intervals {
+                heartbeat: self.settings.heartbeat,
+                ping_interval: self.settings.ping_interval,
+                pong_timeout: self.settings.pong_timeout,
+            };
+            tokio::spawn(ticker::tick_loop(self.me.clone(), index, intervals));
         }
     }
 
@@ -731,67 +523,5 @@ async fn write_loop(
         frames.clear();
         answers.clear();
         tally.flush(&counters);
-    }
-}
-
-/// Heartbeats, pings and pong deadlines for every connection of shard `index`, from one
-/// timer on the shard's worker: no timer per connection, and each worker writes the
-/// heartbeats of its own connections.
-async fn tick_loop(fanout: Weak<Fanout>, index: usize, settings: FanoutSettings) {
-    let start = Instant::now();
-    let mut next_heartbeat = start + settings.heartbeat;
-    let mut next_ping = start + settings.ping_interval;
-    let mut pong_checks: std::collections::VecDeque<(Instant, u32)> = Default::default();
-    let mut round: u32 = 0;
-    loop {
-        let due = pong_checks
-            .front()
-            .map_or(next_heartbeat.min(next_ping), |(at, _)| {
-                (*at).min(next_heartbeat).min(next_ping)
-            });
-        tokio::time::sleep_until(due).await;
-        let Some(fanout) = fanout.upgrade() else {
-            return;
-        };
-        if fanout.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let shard = &fanout.shards[index];
-        let now = Instant::now();
-        if now >= next_heartbeat {
-            shard.each_stream(|outlet| {
-                if outlet.format() != Format::Ws {
-                    outlet.heartbeat_if_idle();
-                }
-            });
-            next_heartbeat = now + settings.heartbeat;
-        }
-        if now >= next_ping {
-            round = round.wrapping_add(1).max(1);
-            shard.each_stream(|outlet| {
-                if outlet.format() == Format::Ws {
-                    outlet.ping(round);
-                }
-            });
-            pong_checks.push_back((now + settings.pong_timeout, round));
-            next_ping = now + settings.ping_interval;
-        }
-        while let Some(&(at, checked)) = pong_checks.front() {
-            if at > now {
-                break;
-            }
-            pong_checks.pop_front();
-            shard.each_stream(|outlet| {
-                if outlet.format() == Format::Ws {
-                    outlet.check_pong(checked);
-                }
-            });
-        }
-    }
-}
-
-impl std::fmt::Debug for AnswerCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AnswerCache").finish_non_exhaustive()
     }
 }

@@ -11,9 +11,13 @@
 mod cursor;
 mod error;
 mod fanout;
+mod format;
 mod outlet;
 mod presence;
 mod stats;
+mod tally;
+mod ticker;
+mod waiter;
 
 use std::{
     collections::HashMap,
@@ -33,18 +37,21 @@ use tokio_util::sync::CancellationToken;
 
 pub use cursor::{Batch, Signal};
 pub use error::HubError;
-pub use fanout::{AnswerCache, FanoutSettings, Respond, Responded, default_shards};
-pub use outlet::{Action, CatchUp, End, Format, Framer, Outlet, OutletGuard, SubId};
+pub use fanout::{FanoutSettings, default_shards};
+pub use format::{Format, Framer, Native};
+pub use outlet::{Action, CatchUp, End, Outlet, OutletGuard, SubId};
 pub use presence::Subscribers;
 pub use stats::{HubStats, TransportCounts};
+pub use waiter::{AnswerCache, Respond, Responded};
 
 use crate::{
     message::{EventName, Message, MessageId, Payload, TopicName, TransportKind, now_millis},
     store::{LogRead, Store, StreamState, StreamWrite, StreamWritten, TopicLog},
 };
-use fanout::{Fanout, Follower, Outcome, TopicLive, Waiter};
+use fanout::{Fanout, Follower, TopicLive};
 use presence::Presence;
 use stats::Counters;
+use waiter::{Outcome, Waiter};
 
 /// Registry shards: publishes and subscribes on different topics rarely contend.
 const SHARDS: usize = 64;
@@ -162,6 +169,22 @@ pub struct TopicInfo {
     pub oldest_id: Option<MessageId>,
     /// Subscribers per transport.
     pub subscribers: Subscribers,
+}
+
+/// What a poll asks of a topic: where it stands, how much it takes, and who asks with which
+/// transport (for the topic's subscriber counts).
+#[derive(Debug, Clone, Copy)]
+pub struct PollQuery<'a> {
+    /// The topic read.
+    pub topic: &'a TopicName,
+    /// The client's cursor; `None`: from the newest message as of now.
+    pub after: Option<MessageId>,
+    /// Messages per answer at most.
+    pub limit: usize,
+    /// Who is polling.
+    pub client: &'a str,
+    /// Through which transport.
+    pub transport: TransportKind,
 }
 
 /// Publishes messages and feeds subscribers. Cheap to share behind an `Arc`.
@@ -331,16 +354,18 @@ impl Hub {
     /// The steps are separate so that a parked poll holds only its [`ParkedPoll`] (one entry
     /// in the topic's follower list) and the caller's timer, not the state of the reads
     /// before and after: no CPU while it waits, and little memory.
-    #[allow(clippy::too_many_arguments)]
     pub async fn park(
         &self,
-        topic: &TopicName,
-        after: Option<MessageId>,
-        limit: usize,
-        client: &str,
+        query: PollQuery<'_>,
         respond: Option<Arc<dyn Respond>>,
-        transport: TransportKind,
     ) -> Result<Parking, HubError> {
+        let PollQuery {
+            topic,
+            after,
+            limit,
+            client,
+            transport,
+        } = query;
         let topic = self.topic(topic);
         topic
             .presence
@@ -416,28 +441,15 @@ impl Hub {
 
     /// A whole long poll: [`Hub::park`], then a wait for news, `timeout` or `shutdown`, then
     /// [`Hub::unpark`].
-    #[allow(clippy::too_many_arguments)]
     pub async fn wait_or_answer(
         &self,
-        topic: &TopicName,
-        after: Option<MessageId>,
-        limit: usize,
+        query: PollQuery<'_>,
         timeout: Duration,
-        client: &str,
         shutdown: &CancellationToken,
         respond: Option<Arc<dyn Respond>>,
     ) -> Result<Waited, HubError> {
-        let parked = match self
-            .park(
-                topic,
-                after,
-                limit,
-                client,
-                respond,
-                TransportKind::Longpoll,
-            )
-            .await?
-        {
+        let client = query.client;
+        let parked = match self.park(query, respond).await? {
             Parking::Ready(batch) => return Ok(Waited::Batch(batch)),
             Parking::Answered => return Ok(Waited::Answered),
             Parking::Parked(parked) => parked,
@@ -452,12 +464,13 @@ impl Hub {
 
     /// A new streaming connection, writing to `socket` directly when it is given (plain TCP),
     /// else through its task. Detached from every topic when the guard drops.
-    pub fn outlet(&self, socket: Option<Arc<TcpStream>>, format: Format) -> OutletGuard {
+    pub fn outlet(&self, socket: Option<Arc<TcpStream>>, native: Native) -> OutletGuard {
+        let format = Format::from(native);
         OutletGuard(Outlet::new(
             &self.fanout,
             socket,
             format,
-            None,
+            format::Frames::Native(native),
             format.transport(),
             &self.settings,
         ))
@@ -475,7 +488,7 @@ impl Hub {
             &self.fanout,
             socket,
             format,
-            Some(framer),
+            format::Frames::Framer(framer),
             format.transport(),
             &self.settings,
         ))
@@ -785,7 +798,7 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_fan_out_is_delivered_in_id_order() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::Sse);
+        let outlet = hub.outlet(None, Native::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         publish(&hub, 1).await;
         // The subscriber is now past its initial history read, on the live path.
@@ -797,7 +810,7 @@ mod tests {
         let third = topic.log.read(2, 1).await.unwrap().messages;
         assert_eq!(third[0].id, 3);
         let mut frames = Vec::new();
-        let mut tally = fanout::Tally::default();
+        let mut tally = tally::Tally::default();
         outlet.deliver(sub.index(), &topic.live, &third, &mut frames, &mut tally);
         assert_eq!(take(&outlet, 2).await, ["2", "3"]);
         publish(&hub, 1).await;
@@ -825,7 +838,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_offered_during_a_catch_up_read_is_read_again() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::Sse);
+        let outlet = hub.outlet(None, Native::Sse);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         assert_eq!(started(&outlet), "0");
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
@@ -841,7 +854,7 @@ mod tests {
             0,
             &Payload::from_text("x"),
         );
-        let mut tally = fanout::Tally::default();
+        let mut tally = tally::Tally::default();
         outlet.deliver(
             sub.index(),
             &topic.live,
@@ -859,7 +872,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_repeats_ids_is_written_once_in_one_chunk() {
         let hub = hub(100, 16);
-        let outlet = hub.outlet(None, Format::SseChunked);
+        let outlet = hub.outlet(None, Native::SseChunked);
         let sub = hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         assert_eq!(started(&outlet), "0");
         let Poll::Ready(Action::CatchUp(catch_up)) = action_now(&outlet) else {
@@ -873,7 +886,7 @@ mod tests {
         let topic = hub.topic(&name());
         let two = topic.log.read(0, 2).await.unwrap().messages;
         let batch = [two.clone(), two].concat();
-        let mut tally = fanout::Tally::default();
+        let mut tally = tally::Tally::default();
         outlet.deliver(
             sub.index(),
             &topic.live,
@@ -924,7 +937,7 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_subscriber_catches_up_from_history() {
         let hub = hub(100, 4);
-        let outlet = hub.outlet(None, Format::Sse);
+        let outlet = hub.outlet(None, Native::Sse);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 50).await;
         tokio::task::yield_now().await;
@@ -935,7 +948,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscriber_behind_history_gets_truncated_once() {
         let hub = hub(5, 2);
-        let outlet = hub.outlet(None, Format::Sse);
+        let outlet = hub.outlet(None, Native::Sse);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         publish(&hub, 20).await;
         assert_eq!(
@@ -949,7 +962,7 @@ mod tests {
     #[tokio::test]
     async fn the_drain_delivers_what_was_published_then_ends() {
         let hub = hub(100, 4);
-        let outlet = hub.outlet(None, Format::Sse);
+        let outlet = hub.outlet(None, Native::Sse);
         hub.subscribe(&name(), Some(0), &outlet).await.unwrap();
         publish(&hub, 10).await;
         hub.drain();
@@ -1024,7 +1037,7 @@ mod tests {
     #[tokio::test]
     async fn sweep_keeps_topics_in_use() {
         let hub = hub(5, 2);
-        let outlet = hub.outlet(None, Format::Ws);
+        let outlet = hub.outlet(None, Native::Ws);
         hub.subscribe(&name(), None, &outlet).await.unwrap();
         assert_eq!(hub.sweep(), 0, "a subscribed topic is kept");
         drop(outlet);

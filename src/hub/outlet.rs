@@ -32,120 +32,13 @@ use smallvec::SmallVec;
 use tokio::net::TcpStream;
 
 use super::{
-    Signal, Topic,
-    fanout::{Fanout, Tally},
+    Topic,
+    fanout::Fanout,
+    format::{Format, Frames},
     presence::Gauge,
+    tally::Tally,
 };
 use crate::message::{Message, MessageId, TopicName, TransportKind, wire};
-
-/// How a connection frames what it is sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// WebSocket text frames.
-    Ws,
-    /// SSE events, in a body whose framing someone else does (hyper, HTTP/2).
-    Sse,
-    /// SSE events, each as an HTTP/1.1 chunk of a chunked body written by pushhub itself.
-    SseChunked,
-    /// NDJSON lines (HTTP streaming): one envelope per line, in a body delimited by its end
-    /// (the connection's close on HTTP/1.1, the stream's end on HTTP/2).
-    Ndjson,
-    /// Durable Streams SSE events, in a body someone else frames. Their bytes depend on the
-    /// stream's offsets, which the hub does not know: the outlet's [`Framer`] writes them.
-    DsSse,
-    /// Durable Streams SSE events, each message's as one HTTP/1.1 chunk (its [`Framer`]'s).
-    DsSseChunked,
-}
-
-/// Writes the bytes of a message for an outlet whose format is a protocol's own
-/// ([`Format::DsSse`]): the fan-out asks it once per message and connection, so an
-/// implementation shares what it encodes between the connections that get the same bytes.
-pub trait Framer: Send + Sync {
-    /// The bytes that carry `message` (as one chunk if the outlet's format is chunked).
-    fn frame(&self, message: &Arc<Message>) -> Bytes;
-}
-
-impl Format {
-    /// Whether pushhub frames the body itself as HTTP/1.1 chunks: such a body has an end of
-    /// its own (the last chunk), and the connection may serve another request after it.
-    pub fn chunked(self) -> bool {
-        matches!(self, Format::SseChunked | Format::DsSseChunked)
-    }
-
-    /// The transport that speaks this format, for counters and gauges.
-    pub fn transport(self) -> TransportKind {
-        match self {
-            Format::Ws => TransportKind::Ws,
-            Format::Sse | Format::SseChunked => TransportKind::Sse,
-            Format::Ndjson => TransportKind::Stream,
-            Format::DsSse | Format::DsSseChunked => TransportKind::DsSse,
-        }
-    }
-
-    /// The bytes that carry `message` in this format: shared, framed once at publish.
-    /// `None` for a format whose bytes its outlet's [`Framer`] writes.
-    fn message(self, message: &Message) -> Option<&Bytes> {
-        match self {
-            Format::Ws => Some(message.ws_frame()),
-            Format::Sse => Some(message.sse_frame()),
-            Format::SseChunked => Some(message.sse_chunk()),
-            Format::Ndjson => Some(message.ndjson_line()),
-            Format::DsSse | Format::DsSseChunked => None,
-        }
-    }
-
-    /// A cursor signal in this format ([`Signal`] renders it); `None` for Durable Streams,
-    /// whose streams keep every message (a stream's topic is never trimmed, and a deleted
-    /// stream's readers are ended by its protocol, not told of a reset).
-    pub fn signal(self, topic: &TopicName, signal: &Signal) -> Option<Bytes> {
-        match self {
-            Format::Ws => Some(signal.ws_frame(topic)),
-            Format::Sse | Format::SseChunked => Some(self.body(&signal.sse_event(topic))),
-            Format::Ndjson => Some(signal.ndjson_line(topic)),
-            Format::DsSse | Format::DsSseChunked => None,
-        }
-    }
-
-    /// What a stream sends once it knows where it starts, before any message: on SSE an
-    /// `id:` line alone, which sets the browser's `EventSource.lastEventId` to the cursor
-    /// without dispatching an event, so that a browser whose first connection drops before
-    /// any message reconnects with `Last-Event-ID` and misses nothing published meanwhile.
-    fn start(self, cursor: MessageId) -> Option<Bytes> {
-        match self {
-            Format::Sse | Format::SseChunked => {
-                let mut line = b"id: ".to_vec();
-                line.extend_from_slice(itoa::Buffer::new().format(cursor).as_bytes());
-                line.extend_from_slice(b"\n\n");
-                Some(self.body(&line))
-            }
-            Format::Ws | Format::Ndjson | Format::DsSse | Format::DsSseChunked => None,
-        }
-    }
-
-    /// Frames body bytes of an SSE stream (a comment, the `retry:` hint): as they are, or as
-    /// one chunk of a chunked body.
-    pub fn body(self, bytes: &[u8]) -> Bytes {
-        match self {
-            Format::SseChunked | Format::DsSseChunked => wire::chunk(bytes),
-            Format::Sse | Format::Ws | Format::Ndjson | Format::DsSse => {
-                Bytes::copy_from_slice(bytes)
-            }
-        }
-    }
-
-    /// What keeps an idle connection alive, and proves the peer is there: a WebSocket ping,
-    /// an SSE comment, or an NDJSON `keepalive` line. `None` for Durable Streams, whose
-    /// keep-alive is a control event at the reader's offset, which its protocol sends.
-    pub(super) fn heartbeat(self) -> Option<Bytes> {
-        Some(match self {
-            Format::Ws => Bytes::from_static(b"\x89\x00"),
-            Format::Sse => Bytes::from_static(b": keep-alive\n\n"),
-            Format::SseChunked => Bytes::from_static(b"e\r\n: keep-alive\n\n\r\n"),
-            Format::Ndjson => Bytes::from_static(b"{\"type\":\"keepalive\"}\n"),
-            Format::DsSse | Format::DsSseChunked => return None,
-        })
-    }
-}
 
 /// Why an outlet must end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,8 +149,8 @@ pub struct Outlet {
     /// The connection's socket, when writers may write to it directly.
     socket: Option<Arc<TcpStream>>,
     format: Format,
-    /// Writes messages in a format the hub does not know ([`Format::DsSse`]).
-    framer: Option<Arc<dyn Framer>>,
+    /// Where its messages' bytes come from.
+    frames: Frames,
     transport: TransportKind,
     /// The fan-out shard that serves this connection.
     pub(super) shard: usize,
@@ -278,6 +171,46 @@ impl std::fmt::Debug for Outlet {
     }
 }
 
+/// What [`Outlet::take`] took of an offer: the sub's cursor before and after, and whether a
+/// message was missing.
+struct Taken {
+    first_sent: MessageId,
+    last_sent: MessageId,
+    gap: bool,
+}
+
+/// One offer to a sub, once taken: what writing or queueing it needs.
+struct Offer {
+    sub: usize,
+    /// Messages accepted.
+    accepted: usize,
+    taken: Taken,
+    /// The newest id offered.
+    newest: MessageId,
+    /// The first message's publish time (latency).
+    time: u64,
+}
+
+/// Several SSE events in one write make one chunk: a chunk header for all of them, the
+/// shared unchunked frames, the chunk's end. Nothing is copied. The events are the ones
+/// [`Outlet::take`] accepted, picked again by the same rule (each the successor of the one
+/// before), so a repeated id is not sent twice.
+fn one_chunk(messages: &[Arc<Message>], taken: &Taken, frames: &mut Vec<Bytes>) {
+    frames.clear();
+    let mut next = taken.first_sent + 1;
+    for message in messages {
+        if message.id == next && message.id <= taken.last_sent {
+            frames.push(message.sse_frame().clone());
+            next += 1;
+        }
+    }
+    let len: usize = frames.iter().map(Bytes::len).sum();
+    let mut header = Vec::with_capacity(12);
+    wire::push_chunk_start(&mut header, len);
+    frames.insert(0, Bytes::from(header));
+    frames.push(Bytes::from_static(b"\r\n"));
+}
+
 /// The most bytes one [`Action::Write`] hands out: a bound on one `writev`.
 const WRITE_BATCH: usize = 64;
 
@@ -286,7 +219,7 @@ impl Outlet {
         fanout: &Arc<Fanout>,
         socket: Option<Arc<TcpStream>>,
         format: Format,
-        framer: Option<Arc<dyn Framer>>,
+        frames: Frames,
         transport: TransportKind,
         settings: &super::HubSettings,
     ) -> Arc<Self> {
@@ -302,7 +235,7 @@ impl Outlet {
             }),
             socket,
             format,
-            framer,
+            frames,
             transport,
             shard,
             registry_slot: fanout.register(shard, me.clone()),
@@ -327,11 +260,7 @@ impl Outlet {
 
     /// The bytes that carry `message` to this connection.
     fn frame(&self, message: &Arc<Message>) -> Bytes {
-        match (self.format.message(message), &self.framer) {
-            (Some(frame), _) => frame.clone(),
-            (None, Some(framer)) => framer.frame(message),
-            (None, None) => unreachable!("an outlet of a framed format is made with its framer"),
-        }
+        self.frames.frame(message)
     }
 
     /// How this outlet frames messages.
@@ -443,6 +372,9 @@ impl Outlet {
     }
 
     /// Called by a fan-out writer: offers `messages` (one topic's, in id order) to sub `sub`.
+    /// In steps: take the successors of the sub's cursor ([`Outlet::take`]), join several
+    /// SSE chunks into one ([`one_chunk`]), seal after a finale, then write them straight to
+    /// the socket ([`Outlet::write_direct`]) or queue them ([`Outlet::enqueue`]).
     pub(super) fn deliver(
         &self,
         sub: usize,
@@ -469,56 +401,17 @@ impl Outlet {
             entry.seen = entry.seen.max(newest);
             return;
         }
-        let first_sent = entry.sent;
-        frames.clear();
-        let mut gap = false;
-        for message in messages {
-            if message.id <= entry.sent {
-                continue;
-            }
-            if message.id > stop {
-                break;
-            }
-            if message.id != entry.sent + 1 {
-                // A message is missing (delivered out of order, or never offered): the log
-                // has it.
-                gap = true;
-                break;
-            }
-            frames.push(self.frame(message));
-            entry.sent = message.id;
-        }
-        let last_sent = entry.sent;
-        if gap {
-            entry.lost = true;
-            entry.seen = entry.seen.max(newest);
-        }
+        let taken = self.take(entry, messages, stop, newest, frames);
         if frames.is_empty() {
-            if gap {
+            if taken.gap {
                 Self::wake(state);
             }
             return;
         }
-        let finished = Self::finale_due(&mut state.finale, sub, last_sent);
+        let finished = Self::finale_due(&mut state.finale, sub, taken.last_sent);
         let accepted = frames.len();
         if self.format == Format::SseChunked && accepted > 1 {
-            // Several events in one write make one chunk: a chunk header for all of them, the
-            // shared unchunked frames, the chunk's end. Nothing is copied. The events are the
-            // ones the loop above accepted, picked again by the same rule (each the successor
-            // of the one before), so a repeated id is not sent twice.
-            frames.clear();
-            let mut next = first_sent + 1;
-            for message in messages {
-                if message.id == next && message.id <= last_sent {
-                    frames.push(message.sse_frame().clone());
-                    next += 1;
-                }
-            }
-            let len: usize = frames.iter().map(Bytes::len).sum();
-            let mut header = Vec::with_capacity(12);
-            wire::push_chunk_start(&mut header, len);
-            frames.insert(0, Bytes::from(header));
-            frames.push(Bytes::from_static(b"\r\n"));
+            one_chunk(messages, &taken, frames);
         }
         if let Some(last) = finished {
             // The message the outlet was to end after: its last bytes follow in the same
@@ -530,50 +423,118 @@ impl Outlet {
             state.end.get_or_insert(End::Finished);
             Self::wake(state);
         }
-        if !state.busy
-            && state.pending.is_empty()
-            && let Some(socket) = &self.socket
-        {
-            {
-                match write_now(socket, frames) {
-                    Ok(written) => {
-                        tally.delivered(self.transport, accepted, frames, messages[0].time);
-                        state.active = true;
-                        if queue_rest(&mut state.pending, frames, written) {
-                            crate::telemetry::blocked_write();
-                            state.busy = true;
-                            Self::wake(state);
-                        } else if gap {
-                            Self::wake(state);
-                        }
-                    }
-                    Err(_) => {
-                        state.end = Some(End::Gone);
-                        Self::wake(state);
-                    }
+        let offer = Offer {
+            sub,
+            accepted,
+            taken,
+            newest,
+            time: messages[0].time,
+        };
+        match &self.socket {
+            Some(socket) if !state.busy && state.pending.is_empty() => {
+                self.write_direct(state, socket, frames, &offer, tally);
+            }
+            _ => self.enqueue(state, frames, &offer, tally),
+        }
+    }
+
+    /// Takes from `messages` the successors of the sub's cursor, up to `stop`, framed into
+    /// `frames`, and moves the cursor; a message missing in between marks the sub lost (the
+    /// log has it).
+    fn take(
+        &self,
+        entry: &mut Sub,
+        messages: &[Arc<Message>],
+        stop: MessageId,
+        newest: MessageId,
+        frames: &mut Vec<Bytes>,
+    ) -> Taken {
+        let first_sent = entry.sent;
+        frames.clear();
+        let mut gap = false;
+        for message in messages {
+            if message.id <= entry.sent {
+                continue;
+            }
+            if message.id > stop {
+                break;
+            }
+            if message.id != entry.sent + 1 {
+                // Delivered out of order, or never offered.
+                gap = true;
+                break;
+            }
+            frames.push(self.frame(message));
+            entry.sent = message.id;
+        }
+        if gap {
+            entry.lost = true;
+            entry.seen = entry.seen.max(newest);
+        }
+        Taken {
+            first_sent,
+            last_sent: entry.sent,
+            gap,
+        }
+    }
+
+    /// Writes an offer's frames straight to the socket (nothing is queued before them); what
+    /// the socket does not take is queued and the connection's task woken to finish it.
+    fn write_direct(
+        &self,
+        state: &mut State,
+        socket: &TcpStream,
+        frames: &[Bytes],
+        offer: &Offer,
+        tally: &mut Tally,
+    ) {
+        match write_now(socket, frames) {
+            Ok(written) => {
+                tally.delivered(self.transport, offer.accepted, frames, offer.time);
+                state.active = true;
+                if queue_rest(&mut state.pending, frames, written) {
+                    crate::telemetry::blocked_write();
+                    state.busy = true;
+                    Self::wake(state);
+                } else if offer.taken.gap {
+                    Self::wake(state);
                 }
-                return;
+            }
+            Err(_) => {
+                state.end = Some(End::Gone);
+                Self::wake(state);
             }
         }
-        if state.pending.len() + accepted > self.queue_limit && !state.sealed {
-            // The connection is not keeping up: the policy decides (unless these are its
-            // last messages).
+    }
+
+    /// Queues an offer's frames for the connection's task, unless that would overflow its
+    /// queue: then the slow-consumer policy decides (end it, or take the offer back and have
+    /// the sub read its backlog from the log).
+    fn enqueue(
+        &self,
+        state: &mut State,
+        frames: &mut Vec<Bytes>,
+        offer: &Offer,
+        tally: &mut Tally,
+    ) {
+        if state.pending.len() + offer.accepted > self.queue_limit && !state.sealed {
+            // The connection is not keeping up (unless these are its last messages).
             if self.disconnect_slow {
                 crate::telemetry::slow_consumer("disconnect");
                 state.end.get_or_insert(End::SlowConsumer);
             } else {
                 crate::telemetry::slow_consumer("resync");
-                let Some(Some(entry)) = state.subs.get_mut(sub) else {
+                let Some(Some(entry)) = state.subs.get_mut(offer.sub) else {
                     return;
                 };
-                entry.sent = first_sent;
+                entry.sent = offer.taken.first_sent;
                 entry.lost = true;
-                entry.seen = entry.seen.max(newest);
+                entry.seen = entry.seen.max(offer.newest);
             }
             Self::wake(state);
             return;
         }
-        tally.delivered(self.transport, accepted, frames, messages[0].time);
+        tally.delivered(self.transport, offer.accepted, frames, offer.time);
         state.pending.extend(frames.drain(..));
         state.active = true;
         if !state.busy {
@@ -586,12 +547,19 @@ impl Outlet {
     /// once when the socket is free, else queued behind what is pending. Never dropped for
     /// the queue bound: these are few and small.
     pub fn send(&self, bytes: Bytes) {
+        self.send_marked(bytes, true);
+    }
+
+    /// [`Outlet::send`]; `activity`: whether the bytes count as traffic that makes the next
+    /// heartbeat unneeded (a heartbeat itself does not, or an idle stream would get one every
+    /// other interval).
+    fn send_marked(&self, bytes: Bytes, activity: bool) {
         let mut state = self.lock();
         let state = &mut *state;
         if state.end == Some(End::Gone) || state.sealed {
             return;
         }
-        state.active = true;
+        state.active |= activity;
         if !state.busy
             && state.pending.is_empty()
             && let Some(socket) = &self.socket
@@ -865,7 +833,7 @@ impl Outlet {
             idle
         };
         if idle && let Some(heartbeat) = self.format.heartbeat() {
-            self.send(heartbeat);
+            self.send_marked(heartbeat, false);
         }
     }
 

@@ -1,8 +1,9 @@
 //! The transports that stream events in one HTTP response body: SSE and NDJSON (HTTP
 //! streaming). They differ only in framing, which each describes in a [`Framing`]; opening
 //! the stream, its last bytes, the peer that watches the request side, and the body hyper
-//! polls (HTTP/2, or a connection hyper serves) are written once, here. On the raw socket
-//! the gate runs the same outlet through [`super::stream::run`].
+//! polls (HTTP/2, or a connection hyper serves) are written once, here, and so is the raw
+//! socket's side: the call's answer ([`opened`]) and the stream's loop ([`run`], through
+//! [`super::stream::run`]).
 
 use std::{
     pin::Pin,
@@ -12,17 +13,22 @@ use std::{
 
 use axum::{
     body::Bytes,
-    http::{HeaderName, HeaderValue},
+    http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use futures::{FutureExt, Stream, future::BoxFuture};
 use tokio::{net::TcpStream, time::Instant};
 
-use super::stream::{self, Driver, Finish, Next, Peer};
+use super::{
+    TransportState,
+    call::{Call, Next as CallNext, Then, finish, keep_alive},
+    io::Io,
+    response::{self, Length, Meta},
+    stream::{self, Driver, Finish, Next, Peer},
+};
 use crate::{
-    AppState,
     error::Error,
-    hub::{End, Format, Outlet, OutletGuard},
+    hub::{End, Format, Native, Outlet, OutletGuard},
     message::{MessageId, TopicName, wire},
 };
 
@@ -74,34 +80,161 @@ impl Opened {
     }
 }
 
-/// Creates the stream's outlet in `format`, queues `head` (the raw path's response head) and
-/// `hello`, and subscribes it to `topic` from `after` (or now). The request was checked by
-/// the transport (permission, cursor) before.
-#[allow(clippy::too_many_arguments)]
+/// Where a body stream is written: its socket (on the raw path, so the fan-out writes to it
+/// directly), its format (`F`: a [`Native`] one, or a protocol's own [`Format`]), and the
+/// response head queued before anything else (raw path).
+#[derive(Debug)]
+pub struct Wire<F = Native> {
+    /// The plain TCP socket the fan-out may write to.
+    pub socket: Option<Arc<TcpStream>>,
+    /// The stream's wire format.
+    pub format: F,
+    /// The response head, when this server frames the response itself.
+    pub head: Option<Vec<u8>>,
+}
+
+impl<F> Wire<F> {
+    /// A body hyper frames (HTTP/2, or a connection hyper serves): no socket, no head.
+    pub fn hyper(format: F) -> Self {
+        Self {
+            socket: None,
+            format,
+            head: None,
+        }
+    }
+}
+
+/// Creates the stream's outlet on `wire`, queues its head and `hello`, and subscribes it to
+/// `topic` from `after` (or now) until `expires`. The request was checked by the transport
+/// (permission, cursor) before.
 pub async fn open(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     after: Option<MessageId>,
-    socket: Option<Arc<TcpStream>>,
-    format: Format,
-    head: Option<Vec<u8>>,
+    wire: Wire,
     hello: Option<&[u8]>,
     expires: Option<Instant>,
 ) -> Result<Opened, Error> {
+    let Wire {
+        socket,
+        format,
+        head,
+    } = wire;
     let outlet = app.hub.outlet(socket, format);
     if let Some(head) = head {
         outlet.push(Bytes::from(head));
     }
     if let Some(hello) = hello {
-        outlet.push(format.body(hello));
+        outlet.push(Format::from(format).body(hello));
     }
     app.hub.subscribe(topic, after, &outlet).await?;
-    app.hub.record_request(format.transport());
+    app.hub.record_request(Format::from(format).transport());
     Ok(Opened {
         outlet,
         expires,
         watch: None,
     })
+}
+
+/// The raw socket's wire for a body stream of `framing` in `format` (its raw format), with
+/// its response head.
+pub fn raw_wire<F>(format: F, framing: &Framing, call: &Call<'_>, io: &Io) -> Wire<F> {
+    Wire {
+        socket: io.shared_socket(),
+        format,
+        head: Some(raw_head(framing, &call.meta)),
+    }
+}
+
+/// The response head of a body stream on the raw socket: chunked, or (no chunk framing)
+/// with the body ending at the connection's close.
+pub fn raw_head(framing: &Framing, meta: &Meta) -> Vec<u8> {
+    if framing.raw.chunked() {
+        return response::head(StatusCode::OK, framing.headers, meta, Length::Chunked);
+    }
+    let mut headers = framing.headers.to_vec();
+    headers.push(("connection", "close"));
+    response::head(StatusCode::OK, &headers, meta, Length::None)
+}
+
+/// A body stream running on the raw socket: all such a connection holds while it lasts.
+#[derive(Debug)]
+pub struct Running {
+    opened: Opened,
+    framing: &'static Framing,
+    /// Bytes of the client's next request, read already.
+    input: Vec<u8>,
+    /// The client asked to close after this response.
+    close: bool,
+}
+
+/// Hands an opened body stream (whose head, `head_len` bytes, is queued) to the
+/// connection, or refuses the call: a store that cannot serve the stream yet gets the
+/// framing's come-back answer when it has one.
+pub async fn opened(
+    call: Call<'_>,
+    io: &mut Io,
+    framing: &'static Framing,
+    head_len: usize,
+    opened: Result<Opened, Error>,
+) -> CallNext {
+    match opened {
+        Ok(opened) => {
+            call.heads(head_len);
+            CallNext::Then(Box::new(Then::Body(Running {
+                opened,
+                framing,
+                close: call.close,
+                input: call.head.into_rest(),
+            })))
+        }
+        Err(error) => {
+            let retry = call.state.settings.stream.sse_retry;
+            match unavailable(framing, framing.raw, &error, retry) {
+                Some(body) => {
+                    error.report(None);
+                    let mut answer = raw_head(framing, &call.meta);
+                    answer.extend_from_slice(&body);
+                    call.heads(answer.len());
+                    call.answer_and_close(io, answer).await
+                }
+                None => call.refuse(io, &error).await,
+            }
+        }
+    }
+}
+
+/// Runs an SSE or NDJSON stream on the raw socket; after a stream with an end of its own
+/// (chunked), the connection may serve a pipelined request.
+pub async fn run(state: &TransportState, running: Running, io: &mut Io) -> CallNext {
+    let Running {
+        mut opened,
+        framing,
+        mut input,
+        close,
+    } = running;
+    let connection = &state.settings.connection;
+    let settings = stream::Settings {
+        stall: connection.stall_timeout,
+        read_chunk: 512,
+    };
+    let mut peer = BodyPeer {
+        max_input: connection.max_pending_input,
+    };
+    let outlet = opened.outlet.0.clone();
+    let driver = opened.driver();
+    let finished = stream::run(io, &outlet, &mut peer, &settings, driver, &mut input).await;
+    drop(opened);
+    let Some(tail) = tail(framing, framing.raw, finished) else {
+        return CallNext::Close;
+    };
+    // After an expired token or the end of what it followed (a closed Durable Stream) the
+    // connection may serve a pipelined request (if the body has an end of its own); after a
+    // drain or a slow consumer's end it closes.
+    let keep = framing.raw.chunked()
+        && matches!(finished, Finish::Expired | Finish::Ended(End::Finished))
+        && !close;
+    keep_alive(finish(io, tail, !keep, settings.stall).await, input)
 }
 
 /// What a stream sends last, per the reason it ends: the `expired` notice, and on a chunked

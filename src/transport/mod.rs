@@ -1,32 +1,46 @@
-//! The four push transports, thin adapters over the [`Hub`](crate::hub::Hub).
+//! The push transports, thin adapters over the [`Hub`](crate::hub::Hub): five techniques
+//! (short polling [`poll`], long polling [`longpoll`], Server-Sent Events [`sse`], WebSocket
+//! [`ws`], HTTP streaming of NDJSON [`ndjson`]), plus the Durable Streams protocol on the same
+//! topics ([`durable`]), and publishing ([`publish`]).
 //!
-//! Each endpoint is written once and served two ways: on the raw socket by the gate (plain
-//! HTTP/1.1, the fast path: [`crate::gate`]) and through axum (HTTP/2, and connections hyper
-//! serves). What they share lives here: the query parameters (`after`, `limit`, `timeout`,
-//! `event`, `client`), parsed strictly and rejected with the same error codes everywhere;
-//! the request headers, whoever parsed them ([`HeaderSource`]); the connection's byte stream
-//! ([`io::Io`]); and the loop every streaming connection runs ([`stream`]).
+//! Each endpoint is written once and served two ways: on the raw socket (plain HTTP/1.1, the
+//! fast path), where the gate ([`crate::gate`]) admits a request and hands the transport one
+//! [`call::Call`], and through axum (HTTP/2, and connections hyper serves). What they share
+//! lives here: the call contract ([`call`]); the transports' state ([`state`]: the hub, the
+//! settings, the policies they apply per topic and per publish); the raw request head
+//! ([`head`]) and raw answers ([`response`]); the query parameters (`after`, `limit`,
+//! `timeout`, `event`, `client`), parsed strictly and rejected with the same error codes
+//! everywhere; the request headers, whoever parsed them ([`HeaderSource`]); the connection's
+//! byte stream and the IO adapters ([`io`]: [`io::Io`], bytes replayed in front, what hyper
+//! is given and taking it back); and the loop every streaming connection runs ([`stream`]).
 
 pub mod body;
+pub mod call;
 pub mod durable;
+pub mod head;
 pub mod io;
 pub mod longpoll;
 pub mod ndjson;
 pub mod poll;
 pub mod publish;
+pub mod response;
 pub mod settings;
 pub mod sse;
+pub mod state;
 pub mod stream;
 pub mod ws;
+
+pub use state::{TransportParts, TransportState, Transports};
 
 use std::{borrow::Cow, net::SocketAddr, time::Duration};
 
 use axum::{
     extract::{ConnectInfo, FromRequestParts},
-    http::{HeaderMap, request::Parts},
+    http::request::Parts,
 };
 
 use crate::{
+    access::HeaderSource,
     error::Error,
     message::{MessageId, TopicName},
 };
@@ -39,18 +53,6 @@ use settings::PollSettings;
 /// handling, a catch-up read, a client command).
 pub(crate) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
     Box::pin(make())
-}
-
-/// Request headers, whoever parsed them: hyper (`HeaderMap`) or the gate's own head parser.
-pub trait HeaderSource: Sync {
-    /// The value of the header `name` (lowercase), if present.
-    fn header(&self, name: &str) -> Option<&[u8]>;
-}
-
-impl HeaderSource for HeaderMap {
-    fn header(&self, name: &str) -> Option<&[u8]> {
-        self.get(name).map(|v| v.as_bytes())
-    }
 }
 
 /// The query parameters of a request (the last value wins when one repeats), plus the peer

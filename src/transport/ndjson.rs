@@ -15,10 +15,16 @@ use axum::{
 };
 
 use super::{
-    Params,
-    body::{self, Framing, Opened},
+    Params, TransportState,
+    body::{self, Framing, Opened, Wire},
+    call::{Call, Next},
+    io::Io,
 };
-use crate::{AppState, error::Error, gate::auth::Access, hub::Format};
+use crate::{
+    access::Access,
+    error::Error,
+    hub::{Format, Native},
+};
 
 /// The headers of a stream response (besides the per-request ones). `x-accel-buffering: no`
 /// asks nginx not to buffer the stream.
@@ -45,31 +51,41 @@ pub static FRAMING: Framing = Framing {
     answers_unavailable: false,
 };
 
-/// Checks the request, creates the stream's outlet and subscribes it from `?after=` (or
-/// now). `head` (the raw path's response head) is written first, then history and live
-/// lines.
+/// An NDJSON stream on the raw socket: opened here, then run by the connection
+/// ([`body::run`]).
+pub async fn serve(call: Call<'_>, io: &mut Io) -> Next {
+    let wire = body::raw_wire(Native::Ndjson, &FRAMING, &call, io);
+    let head_len = wire.head.as_ref().map_or(0, Vec::len);
+    let params = call.params();
+    let opened = open(call.state, &call.access, call.topic(), &params, wire).await;
+    drop(params);
+    body::opened(call, io, &FRAMING, head_len, opened).await
+}
+
+/// Checks the request, creates the stream's outlet on `wire` and subscribes it from
+/// `?after=` (or now). The wire's head (the raw path's response head) is written first, then
+/// history and live lines.
 pub async fn open(
-    app: &AppState,
+    app: &TransportState,
     access: &Access,
     topic: &str,
     params: &Params<'_>,
-    socket: Option<std::sync::Arc<tokio::net::TcpStream>>,
-    head: Option<Vec<u8>>,
+    wire: Wire,
 ) -> Result<Opened, Error> {
     let topic = super::topic(topic)?;
     access.check_subscribe(&topic)?;
     let after = params.after()?;
     let expires = access.expires_at();
-    body::open(app, &topic, after, socket, FRAMING.raw, head, None, expires).await
+    body::open(app, &topic, after, wire, None, expires).await
 }
 
 /// The stream through axum (HTTP/2, or a connection hyper serves).
 pub async fn stream(
-    State(app): State<AppState>,
+    State(app): State<TransportState>,
     access: Access,
     Path(topic): Path<String>,
     params: Params<'static>,
 ) -> Result<Response, Error> {
-    let opened = open(&app, &access, &topic, &params, None, None).await?;
+    let opened = open(&app, &access, &topic, &params, Wire::hyper(Native::Ndjson)).await?;
     Ok(body::response(&FRAMING, opened))
 }

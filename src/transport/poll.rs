@@ -3,17 +3,23 @@
 
 use axum::{
     extract::{Path, State},
-    http::{HeaderValue, header},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 
-use super::{Params, settings::PollSettings};
+use super::{
+    Params,
+    call::{Call, Next},
+    io::Io,
+    response as raw,
+    settings::PollSettings,
+};
 use crate::{
-    AppState,
+    access::Access,
     error::Error,
-    gate::auth::Access,
-    hub::{Batch, Signal},
+    hub::{Batch, PollQuery, Signal},
     message::{MessageId, TopicName, TransportKind},
+    transport::TransportState,
 };
 
 /// The headers of a poll or long-poll answer (besides the per-request ones).
@@ -36,6 +42,17 @@ pub struct PollRequest {
 }
 
 impl PollRequest {
+    /// What it asks of the hub, through `transport`.
+    pub fn query(&self, transport: TransportKind) -> PollQuery<'_> {
+        PollQuery {
+            topic: &self.topic,
+            after: self.after,
+            limit: self.limit,
+            client: &self.client,
+            transport,
+        }
+    }
+
     /// Validates the path and the shared query parameters.
     pub fn parse(topic: &str, params: &Params, settings: &PollSettings) -> Result<Self, Error> {
         Ok(Self {
@@ -49,7 +66,7 @@ impl PollRequest {
 
 /// Answers with the messages after `after` (none without `after`, just `last_id`).
 pub async fn poll(
-    State(app): State<AppState>,
+    State(app): State<TransportState>,
     access: Access,
     Path(topic): Path<String>,
     params: Params<'static>,
@@ -57,14 +74,25 @@ pub async fn poll(
     Ok(json_response(answer(&app, &access, &topic, &params).await?))
 }
 
+/// A short poll on the raw socket: one whole answer, then the connection's next request.
+pub async fn serve(call: Call<'_>, io: &mut Io) -> Next {
+    let answer = answer(call.state, &call.access, call.topic(), &call.params()).await;
+    let response = match &answer {
+        Ok(body) => raw::full(StatusCode::OK, &HEADERS, &call.meta, body),
+        Err(error) => raw::error(error, &call.meta),
+    };
+    call.heads(response.len() - answer.as_ref().map_or(0, Vec::len));
+    call.answer(io, response).await
+}
+
 /// The body of a short poll's answer, whichever server asked.
 pub async fn answer(
-    app: &AppState,
+    app: &TransportState,
     access: &Access,
     topic: &str,
     params: &Params<'_>,
 ) -> Result<Vec<u8>, Error> {
-    let request = PollRequest::parse(topic, params, &app.transports.poll)?;
+    let request = PollRequest::parse(topic, params, &app.settings.poll)?;
     access.check_subscribe(&request.topic)?;
     let batch = app
         .hub
@@ -97,7 +125,7 @@ pub fn json_response(body: Vec<u8>) -> Response {
 ///
 /// Written by hand from the envelopes encoded at publish time, so an answer to many pollers
 /// costs copies, not serializations.
-pub fn encode_batch(app: &AppState, transport: TransportKind, batch: &Batch) -> Vec<u8> {
+pub fn encode_batch(app: &TransportState, transport: TransportKind, batch: &Batch) -> Vec<u8> {
     let body = encode_body(
         &batch.messages,
         batch.last_id,
@@ -113,7 +141,7 @@ pub fn encode_batch(app: &AppState, transport: TransportKind, batch: &Batch) -> 
 /// Counts an answer of `messages` in `bytes` (and the lag of its first message, for long
 /// polls, which wait for it).
 pub fn count_answer(
-    app: &AppState,
+    app: &TransportState,
     transport: TransportKind,
     messages: &[std::sync::Arc<crate::message::Message>],
     bytes: usize,

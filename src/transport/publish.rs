@@ -14,10 +14,10 @@ use std::{net::IpAddr, sync::Arc};
 
 use super::Params;
 use crate::{
-    App, AppState,
+    access::Access,
     error::Error,
-    gate::auth::Access,
     message::{EventName, Message, MessageId, Payload, TopicName},
+    transport::{TransportState, Transports},
 };
 
 /// What a publisher is told: where its message landed.
@@ -49,7 +49,7 @@ impl<'a> From<&'a Message> for Published<'a> {
 /// `event` must be a valid name (`message` when absent), and `payload` must read; checked in
 /// that order, so the same request is refused with the same error whatever carried it.
 pub async fn publish_as(
-    app: &App,
+    app: &Transports,
     access: &Access,
     peer: Option<IpAddr>,
     topic: &TopicName,
@@ -69,7 +69,7 @@ pub async fn publish_as(
 /// Publishes the body: JSON as is when sent as `application/json` (or `+json`), any other
 /// body as a JSON string of its UTF-8 text.
 pub async fn publish(
-    State(app): State<AppState>,
+    State(app): State<TransportState>,
     access: Access,
     Path(topic): Path<String>,
     params: Params<'static>,
@@ -82,7 +82,7 @@ pub async fn publish(
         let body = body.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 Error::PayloadTooLarge {
-                    limit: app.transports.publish.max_body,
+                    limit: app.settings.publish.max_body,
                 }
             } else {
                 Error::InvalidBody(rejection.body_text())

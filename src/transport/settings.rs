@@ -15,6 +15,18 @@ pub struct TransportSettings {
     pub publish: PublishSettings,
     /// The Durable Streams protocol.
     pub durable: DurableSettings,
+    /// What every connection a transport serves on the raw socket obeys.
+    pub connection: ConnectionSettings,
+}
+
+/// What every connection a transport serves on the raw socket obeys.
+#[derive(Clone, Debug)]
+pub struct ConnectionSettings {
+    /// A write that makes no progress for this long ends the connection.
+    pub stall_timeout: std::time::Duration,
+    /// The most bytes of a client's next (pipelined) request kept while a stream or a parked
+    /// long poll runs; a client that sends more is cut off.
+    pub max_pending_input: usize,
 }
 
 /// The Durable Streams protocol.
@@ -26,6 +38,11 @@ pub struct DurableSettings {
     pub max_body: usize,
     /// How long a long poll waits, and how often an idle SSE read gets a keep-alive.
     pub long_poll_timeout: Duration,
+    /// The host of a created stream's `Location` when the request names none (the address
+    /// the server listens on).
+    pub default_host: String,
+    /// Whether clients reach the server over TLS (the scheme of `Location`).
+    pub https: bool,
 }
 
 /// Short and long polls.

@@ -1,27 +1,30 @@
 //! `GET /topics/{topic}/sse`: Server-Sent Events.
 //!
 //! The stream's outlet is fed by the fan-out; a slow reader is handled by the hub's policy
-//! (it reads its backlog from history by cursor). On the raw socket ([`crate::gate`]) events
+//! (it reads its backlog from history by cursor). On the raw socket ([`serve`]) events
 //! are HTTP/1.1 chunks framed once per message; through hyper (HTTP/2, or a connection hyper
 //! serves) the same outlet feeds a response body ([`super::body`]). The stream ends on
 //! shutdown (after everything published before it is written), on token expiry (with an
 //! `expired` event), or for a slow consumer under `--slow-consumer disconnect`; clients
 //! reconnect with `Last-Event-ID`.
 
-use std::sync::Arc;
-
 use axum::{
     extract::{Path, State},
     http::HeaderMap,
     response::Response,
 };
-use tokio::net::TcpStream;
 
 use super::{
-    HeaderSource, Params,
-    body::{self, Framing, Opened},
+    Params, TransportState,
+    body::{self, Framing, Opened, Wire},
+    call::{Call, Next},
+    io::Io,
 };
-use crate::{AppState, error::Error, gate::auth::Access, hub::Format};
+use crate::{
+    access::{Access, HeaderSource},
+    error::Error,
+    hub::{Format, Native},
+};
 
 /// The headers of an SSE response (besides the per-request ones). `x-accel-buffering: no`
 /// asks nginx not to buffer the stream.
@@ -51,63 +54,60 @@ pub static FRAMING: Framing = Framing {
     answers_unavailable: true,
 };
 
-/// Checks the request, creates the stream's outlet and subscribes it from `Last-Event-ID`
-/// (or `?after=`, or now). `head` (the raw path's response head) is written first, then the
-/// `retry:` hint, then history and live events.
-#[allow(clippy::too_many_arguments)]
+/// An SSE stream on the raw socket: opened here, then run by the connection
+/// ([`body::run`]).
+pub async fn serve(call: Call<'_>, io: &mut Io) -> Next {
+    let wire = body::raw_wire(Native::SseChunked, &FRAMING, &call, io);
+    let head_len = wire.head.as_ref().map_or(0, Vec::len);
+    let params = call.params();
+    let opened = open(
+        call.state,
+        &call.access,
+        call.topic(),
+        &params,
+        &call.head,
+        wire,
+    )
+    .await;
+    drop(params);
+    body::opened(call, io, &FRAMING, head_len, opened).await
+}
+
+/// Checks the request, creates the stream's outlet on `wire` and subscribes it from
+/// `Last-Event-ID` (or `?after=`, or now). The wire's head (the raw path's response head) is
+/// written first, then the `retry:` hint, then history and live events.
 pub async fn open(
-    app: &AppState,
+    app: &TransportState,
     access: &Access,
     topic: &str,
     params: &Params<'_>,
     headers: &dyn HeaderSource,
-    socket: Option<Arc<TcpStream>>,
-    format: Format,
-    head: Option<Vec<u8>>,
+    wire: Wire,
 ) -> Result<Opened, Error> {
     let topic = super::topic(topic)?;
     access.check_subscribe(&topic)?;
     // A browser reconnecting sends the URL it first used plus the id it last saw: the
     // header is the newer of the two.
     let after = super::sse_cursor(headers, params)?;
-    let hello = format!("retry: {}\n\n", app.transports.stream.sse_retry.as_millis());
+    let hello = format!("retry: {}\n\n", app.settings.stream.sse_retry.as_millis());
     let expires = access.expires_at();
-    body::open(
-        app,
-        &topic,
-        after,
-        socket,
-        format,
-        head,
-        Some(hello.as_bytes()),
-        expires,
-    )
-    .await
+    body::open(app, &topic, after, wire, Some(hello.as_bytes()), expires).await
 }
 
 /// The stream through axum (HTTP/2, or a connection hyper serves).
 pub async fn sse(
-    State(app): State<AppState>,
+    State(app): State<TransportState>,
     access: Access,
     Path(topic): Path<String>,
     params: Params<'static>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let opened = open(
-        &app,
-        &access,
-        &topic,
-        &params,
-        &headers,
-        None,
-        FRAMING.body,
-        None,
-    )
-    .await;
+    let wire = Wire::hyper(Native::Sse);
+    let opened = open(&app, &access, &topic, &params, &headers, wire).await;
     match opened {
         Ok(opened) => Ok(body::response(&FRAMING, opened)),
         Err(error) => {
-            let retry = app.transports.stream.sse_retry;
+            let retry = app.settings.stream.sse_retry;
             match body::unavailable(&FRAMING, FRAMING.body, &error, retry) {
                 Some(body) => {
                     error.report(None);

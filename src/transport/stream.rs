@@ -352,3 +352,289 @@ impl std::fmt::Debug for Next {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The stream loop and the WebSocket session over an in-memory pipe, on Tokio's paused
+    //! clock (a test waits no real second: the runtime jumps to the next timer once every
+    //! task is idle): the token's expiry, heartbeats, the stall limit and close codes. And
+    //! the direct-write path, which needs a real socket, over a loopback TCP pair on the real
+    //! clock.
+
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use axum::http::HeaderMap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::{
+        access::Access,
+        hub::Native,
+        message::{EventName, Payload},
+        transport::{
+            TransportState,
+            body::{self, BodyPeer, Wire},
+            ws::{self, Running, Start},
+        },
+    };
+
+    const SECRET: &str = "s3cret";
+
+    fn state(config: crate::Config) -> TransportState {
+        crate::AppState::new(config).unwrap().transport.clone()
+    }
+
+    fn topic() -> TopicName {
+        TopicName::parse("t").unwrap()
+    }
+
+    async fn publish(state: &TransportState, n: usize) {
+        for i in 0..n {
+            let payload = Payload::from_text(&format!("message {i} {}", "x".repeat(100)));
+            state
+                .publish(&topic(), EventName::default_event(), &payload)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A caller whose token expires `seconds` from now (on the wall clock, as tokens do).
+    fn expiring_access(state: &TransportState, seconds: u64) -> Access {
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + seconds;
+        let claims = serde_json::json!({"exp": exp, "pushhub": {"subscribe": ["t"]}});
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+        Access::for_request(&state.auth, &HeaderMap::new(), &format!("token={token}")).unwrap()
+    }
+
+    /// A per-topic WebSocket session on `t`, running on the server end of an in-memory pipe
+    /// of `buffer` bytes; the client end is returned.
+    async fn ws_session(
+        state: &TransportState,
+        access: Access,
+        buffer: usize,
+    ) -> (tokio::task::JoinHandle<()>, DuplexStream) {
+        let (client, server) = tokio::io::duplex(buffer);
+        let start = Start {
+            access,
+            home: Some((topic(), None)),
+            peer: None,
+            socket: None,
+            head: Bytes::new(),
+        };
+        let opened = ws::open(state, start).await.unwrap();
+        let state = state.clone();
+        let session = tokio::spawn(async move {
+            let mut io = Io::Other(Box::new(server));
+            let running = Running {
+                opened,
+                input: Vec::new(),
+            };
+            ws::run(&state, running, &mut io).await;
+        });
+        (session, client)
+    }
+
+    /// Reads server frames (unmasked) until a close frame; returns its code.
+    async fn close_code(client: &mut DuplexStream) -> u16 {
+        loop {
+            let mut head = [0u8; 2];
+            client
+                .read_exact(&mut head)
+                .await
+                .expect("a frame before the end");
+            let len = match head[1] & 0x7F {
+                126 => usize::from(client.read_u16().await.unwrap()),
+                127 => usize::try_from(client.read_u64().await.unwrap()).unwrap(),
+                n => usize::from(n),
+            };
+            let mut payload = vec![0; len];
+            client.read_exact(&mut payload).await.unwrap();
+            if head[0] & 0x0F == 0x8 {
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_websocket_closes_4001_when_its_token_expires() {
+        // Pings far apart: this client answers none, and must not be cut off for that first.
+        let state = state(crate::Config {
+            jwt_secret: Some(SECRET.into()),
+            ws_ping_interval: Duration::from_secs(3600),
+            ..Default::default()
+        });
+        let access = expiring_access(&state, 60);
+        let started = Instant::now();
+        let (session, mut client) = ws_session(&state, access, 64 * 1024).await;
+        assert_eq!(close_code(&mut client).await, 4001);
+        let lasted = started.elapsed();
+        assert!(
+            lasted >= Duration::from_secs(58) && lasted <= Duration::from_secs(61),
+            "closed after {lasted:?}, not at the token's expiry"
+        );
+        session.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_websocket_closes_1001_when_the_server_drains() {
+        let state = state(crate::Config::default());
+        let access = Access::for_request(&state.auth, &HeaderMap::new(), "").unwrap();
+        let (session, mut client) = ws_session(&state, access, 64 * 1024).await;
+        publish(&state, 3).await;
+        state.hub.drain();
+        assert_eq!(close_code(&mut client).await, 1001);
+        session.await.unwrap();
+    }
+
+    /// An SSE stream on `t` over the server end of an in-memory pipe, run by the stream loop;
+    /// returns how it finished.
+    async fn sse_stream(
+        state: &TransportState,
+        buffer: usize,
+        stall: Duration,
+    ) -> (tokio::task::JoinHandle<Finish>, DuplexStream) {
+        let (client, server) = tokio::io::duplex(buffer);
+        let wire = Wire::hyper(Native::Sse);
+        let mut opened = body::open(state, &topic(), None, wire, None, None)
+            .await
+            .unwrap();
+        let stream = tokio::spawn(async move {
+            let mut io = Io::Other(Box::new(server));
+            let settings = Settings {
+                stall,
+                read_chunk: 512,
+            };
+            let outlet = opened.outlet.0.clone();
+            let driver = opened.driver();
+            let mut peer = BodyPeer { max_input: 1024 };
+            run(
+                &mut io,
+                &outlet,
+                &mut peer,
+                &settings,
+                driver,
+                &mut Vec::new(),
+            )
+            .await
+        });
+        (stream, client)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_gets_a_heartbeat_each_interval() {
+        let state = state(crate::Config {
+            heartbeat: Duration::from_secs(15),
+            ..Default::default()
+        });
+        let (stream, mut client) = sse_stream(&state, 64 * 1024, Duration::from_secs(30)).await;
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        let mut beats = Vec::new();
+        while beats.len() < 2 {
+            let mut chunk = [0u8; 256];
+            let n = client.read(&mut chunk).await.unwrap();
+            seen.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if text.matches(": keep-alive").count() > beats.len() {
+                beats.push(started.elapsed());
+            }
+        }
+        // The shard's ticker beats a connection that was idle for a whole interval: the
+        // first within two intervals of its opening write, then one every interval (a
+        // heartbeat is not traffic that makes the next one unneeded: before that was fixed,
+        // they came every other interval, [30s, 60s]).
+        assert!(beats[0] <= Duration::from_secs(30), "{beats:?}");
+        assert_eq!(beats[1] - beats[0], Duration::from_secs(15), "{beats:?}");
+        drop(client);
+        assert_eq!(stream.await.unwrap(), Finish::PeerGone);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_is_cut_off_after_the_stall_limit() {
+        let state = state(crate::Config::default());
+        let stall = Duration::from_secs(30);
+        // 256 bytes of pipe, and a client that never reads: the writes block.
+        let (stream, _client) = sse_stream(&state, 256, stall).await;
+        let started = Instant::now();
+        publish(&state, 20).await;
+        assert_eq!(stream.await.unwrap(), Finish::Stalled);
+        let lasted = started.elapsed();
+        assert!(
+            lasted >= stall && lasted < stall + Duration::from_secs(1),
+            "cut off after {lasted:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_websocket_client_close_is_answered_with_a_close() {
+        let state = state(crate::Config::default());
+        let access = Access::for_request(&state.auth, &HeaderMap::new(), "").unwrap();
+        let (session, mut client) = ws_session(&state, access, 64 * 1024).await;
+        // A masked close frame, code 1000 (mask 0: the payload as is).
+        client
+            .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])
+            .await
+            .unwrap();
+        assert_eq!(close_code(&mut client).await, 1000);
+        session.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_fan_out_writes_to_an_idle_socket_itself() {
+        let state = state(crate::Config::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let socket = Arc::new(listener.accept().await.unwrap().0);
+        let wire = Wire {
+            socket: Some(socket.clone()),
+            format: Native::Sse,
+            head: None,
+        };
+        let opened = body::open(&state, &topic(), None, wire, None, None)
+            .await
+            .unwrap();
+        // The connection's task does what its outlet asks (its start, the opening `id:`
+        // line) until nothing is left, as its loop does; from then on no task of the
+        // connection runs.
+        let outlet = opened.outlet.0.clone();
+        loop {
+            let action = poll_fn(|cx| Poll::Ready(outlet.poll_action(cx))).await;
+            match action {
+                Poll::Ready(Action::Write(frames)) => {
+                    for frame in frames {
+                        assert_eq!(socket.try_write(&frame).unwrap(), frame.len());
+                    }
+                }
+                Poll::Ready(Action::CatchUp(catch_up)) => outlet.catch_up(catch_up).await.unwrap(),
+                Poll::Ready(other) => panic!("{other:?}"),
+                Poll::Pending => break,
+            }
+        }
+        publish(&state, 2).await;
+        // Both messages arrive, written by the fan-out's writer straight to the socket.
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while String::from_utf8_lossy(&seen).matches("data: ").count() < 2 {
+            let mut chunk = [0u8; 1024];
+            let read = tokio::time::timeout_at(deadline, client.read(&mut chunk)).await;
+            let n = read.expect("the fan-out wrote the messages").unwrap();
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&seen);
+        assert!(
+            text.contains("id: 1\n") && text.contains("id: 2\n"),
+            "{text}"
+        );
+        assert_eq!(
+            state.hub.stats().deliveries[crate::message::TransportKind::Sse],
+            2
+        );
+    }
+}

@@ -1,9 +1,11 @@
 //! What the Durable Streams protocol refuses, with the status and headers it specifies.
-//! `crate::error` maps these into the one HTTP error answer, like every other refusal.
+//! Each converts into the one HTTP error ([`Error::Protocol`]), answered like every other
+//! refusal.
 
 use axum::http::StatusCode;
 
 use super::offset::Offset;
+use crate::error::{Error, Refusal};
 
 /// A request the protocol refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,5 +106,16 @@ impl DurableError {
     /// Shorthand for a [`DurableError::BadRequest`].
     pub fn bad(reason: impl Into<String>) -> Self {
         DurableError::BadRequest(reason.into())
+    }
+}
+
+impl From<DurableError> for Error {
+    fn from(error: DurableError) -> Self {
+        Error::Protocol(Box::new(Refusal {
+            status: error.status(),
+            code: error.code(),
+            message: error.to_string(),
+            headers: error.headers(),
+        }))
     }
 }

@@ -26,10 +26,10 @@ use super::{
     streams::Local,
 };
 use crate::{
-    AppState,
     error::Error,
     hub::{Format, Framer, Outlet, SubId},
     message::{Message, MessageId, TopicName, now_millis, wire},
+    transport::TransportState,
     transport::{body, stream::Watch},
 };
 
@@ -164,7 +164,7 @@ impl Framer for ReaderFramer {
 /// An SSE read's start: what the reader gets before it follows the fan-out.
 #[derive(Debug)]
 pub struct SseStart {
-    pub(super) app: AppState,
+    pub(super) app: TransportState,
     pub(super) topic: TopicName,
     pub(super) local: Arc<Local>,
     pub(super) meta: Meta,
@@ -177,15 +177,15 @@ pub struct SseStart {
 }
 
 impl SseStart {
-    /// Opens the read's outlet in `format` ([`Format::DsSseChunked`] on the raw socket, with
-    /// its response `head`; [`Format::DsSse`] in a body hyper frames), queues the catch-up,
+    /// Opens the read's outlet on `wire` ([`crate::hub::Format::DsSseChunked`] on the raw
+    /// socket, with its response head; [`crate::hub::Format::DsSse`] in a body hyper frames), queues the catch-up,
     /// and follows the stream from where the catch-up ended.
-    pub async fn open(
-        self: Box<Self>,
-        socket: Option<Arc<tokio::net::TcpStream>>,
-        format: Format,
-        head: Option<Vec<u8>>,
-    ) -> Result<body::Opened, Error> {
+    pub async fn open(self: Box<Self>, wire: body::Wire<Format>) -> Result<body::Opened, Error> {
+        let body::Wire {
+            socket,
+            format,
+            head,
+        } = wire;
         let frames = self.local.frames(&self.meta);
         let framer = Arc::new(ReaderFramer {
             frames,
@@ -228,7 +228,7 @@ impl SseStart {
 /// keep-alive `control` event at the reader's offset, and the stream's state read again). A
 /// shutdown is the outlet's drain.
 async fn watch(
-    app: AppState,
+    app: TransportState,
     topic: TopicName,
     local: Arc<Local>,
     mut meta: Meta,
@@ -236,7 +236,7 @@ async fn watch(
     sub: SubId,
     asked: Option<u64>,
 ) {
-    let timeout = app.transports.durable.long_poll_timeout;
+    let timeout = app.settings.durable.long_poll_timeout;
     let format = outlet.format();
     let elsewhere = app.hub.state_notices(&topic);
     loop {

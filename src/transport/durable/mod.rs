@@ -11,6 +11,7 @@
 //! - [`meta`]: a stream's metadata (stored beside its history) and the rules that read it;
 //! - [`streams`]: per-stream write locks, access times and wake-ups, retiring streams;
 //! - [`read`]: catch-up, long-poll and SSE reads, `HEAD`;
+//! - `raw`: live reads on the raw socket, the call the gate hands over;
 //! - [`write`]: create and fork, append and close, delete;
 //! - [`sse`]: the protocol's SSE framing;
 //! - [`error`]: what the protocol refuses.
@@ -20,6 +21,7 @@ pub mod error;
 pub mod follow;
 pub mod meta;
 pub mod offset;
+mod raw;
 pub mod read;
 pub mod sse;
 pub mod streams;
@@ -28,7 +30,7 @@ pub mod write;
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{Path, State},
+    extract::{FromRef, Path, State},
     http::{HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     routing::any,
@@ -36,20 +38,80 @@ use axum::{
 use futures::StreamExt;
 
 pub use error::DurableError;
+pub use raw::serve;
 pub use streams::Streams;
 
 use std::borrow::Cow;
 
 use super::Params;
-use crate::{AppState, error::Error, gate::auth::Access, message::TopicName};
+use crate::{
+    access::{Access, Auth, OriginPolicy},
+    error::Error,
+    message::TopicName,
+    transport::TransportState,
+};
+use axum::http::header;
+use std::sync::Arc;
+use tower_http::cors::CorsLayer;
 
 /// A refused body is read up to this many times the limit before the answer, so that the
 /// client sees the `413` instead of a reset while it is still sending.
 const DRAIN_FACTOR: usize = 4;
 
-/// The routes of the protocol, under `path`.
-pub fn routes(path: &str) -> Router<AppState> {
-    Router::new().route(&format!("{path}/{{*name}}"), any(serve))
+/// The routes of the protocol, under `path`, for a router whose state holds the transports'
+/// and the token policy.
+pub fn routes<S>(path: &str) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    TransportState: FromRef<S>,
+    Arc<Auth>: FromRef<S>,
+{
+    Router::new().route(&format!("{path}/{{*name}}"), any(handle))
+}
+
+/// The CORS layer of the Durable Streams routes: the protocol's methods, request headers
+/// (its writers' and readers' headers, `If-None-Match`) and the response headers a
+/// browser client must see.
+pub fn cors_layer(origins: &OriginPolicy) -> CorsLayer {
+    const ALLOWED: [&str; 14] = [
+        "content-type",
+        "authorization",
+        "if-none-match",
+        "stream-seq",
+        "stream-ttl",
+        "stream-expires-at",
+        "stream-closed",
+        "producer-id",
+        "producer-epoch",
+        "producer-seq",
+        "stream-forked-from",
+        "stream-fork-offset",
+        "stream-fork-sub-offset",
+        "last-event-id",
+    ];
+    let names = |names: &[&'static str]| {
+        names
+            .iter()
+            .map(|name| header::HeaderName::from_static(name))
+            .collect::<Vec<_>>()
+    };
+    origins
+        .cors_layer()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::HEAD,
+            Method::OPTIONS,
+        ])
+        .allow_headers(names(&ALLOWED))
+        .expose_headers(
+            read::EXPOSED_HEADERS
+                .split(',')
+                .map(header::HeaderName::from_static)
+                .collect::<Vec<_>>(),
+        )
 }
 
 /// The value of query parameter `name`: `None` when absent, `400` when it is given more than
@@ -84,18 +146,16 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
     Ok(Bytes::from(buffer))
 }
 
-/// Serves one request to a stream.
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    State(app): State<AppState>,
+/// Serves one request to a stream, through the router.
+async fn handle(
+    State(app): State<TransportState>,
     access: Access,
-    method: Method,
-    uri: Uri,
     Path(name): Path<String>,
     params: Params<'static>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Response {
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let answer = async {
         let topic = TopicName::parse(&name)?;
         let client = access.client_key(params.peer_ip());
@@ -111,7 +171,7 @@ async fn serve(
             Method::PUT | Method::POST => {
                 access.check_publish(&topic)?;
                 app.publish_limiter.check(&client)?;
-                let body = read_body(body, app.transports.durable.max_body).await?;
+                let body = read_body(body, app.settings.durable.max_body).await?;
                 if method == Method::PUT {
                     write::put(&app, &topic, &headers, body, location(&app, &headers, &uri)).await
                 } else {
@@ -130,15 +190,12 @@ async fn serve(
 }
 
 /// The absolute URL of the stream a `PUT` created, as its client reached it.
-fn location(app: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
+fn location(app: &TransportState, headers: &HeaderMap, uri: &Uri) -> String {
+    let durable = &app.settings.durable;
     let host = headers
         .get("host")
         .and_then(|h| h.to_str().ok())
-        .map_or_else(|| app.config.listen.to_string(), str::to_owned);
-    let scheme = if app.config.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+        .map_or_else(|| durable.default_host.clone(), str::to_owned);
+    let scheme = if durable.https { "https" } else { "http" };
     format!("{scheme}://{host}{}", uri.path())
 }

@@ -22,10 +22,10 @@ use super::{
     streams::{Local, Streams},
 };
 use crate::{
-    AppState,
     error::Error,
-    hub::{Format, Parking},
-    message::{Message, TopicName, TransportKind, now_millis},
+    hub::{Format, Parking, PollQuery},
+    message::{Message, MessageId, TopicName, TransportKind, now_millis},
+    transport::TransportState,
     transport::{Params, body},
 };
 
@@ -62,7 +62,7 @@ impl Read {
 /// The messages of the stream `topic` after `after`, at most `limit` and none past `upto`:
 /// first what it inherited from its fork source (up to the fork offset), then its own.
 pub fn collect<'a>(
-    app: &'a AppState,
+    app: &'a TransportState,
     topic: &'a TopicName,
     meta: &'a Meta,
     after: Offset,
@@ -128,7 +128,7 @@ pub fn collect<'a>(
 }
 
 pub(super) async fn own_tail(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     meta: &Meta,
 ) -> Result<Offset, Error> {
@@ -297,7 +297,7 @@ fn etag(topic: &TopicName, meta: &Meta, asked: &str, next: Offset, closed: bool)
 }
 
 /// `HEAD`: the stream's metadata.
-pub(super) async fn head(app: &AppState, topic: &TopicName) -> Result<Response, Error> {
+pub(super) async fn head(app: &TransportState, topic: &TopicName) -> Result<Response, Error> {
     let meta = app.streams.open(app, topic).await?;
     let tail = own_tail(app, topic, &meta).await?;
     Ok(Answer::new(StatusCode::OK)
@@ -321,7 +321,7 @@ pub(super) async fn head(app: &AppState, topic: &TopicName) -> Result<Response, 
 
 /// `GET`: a catch-up read, a long poll or an SSE stream, per `live`.
 pub(super) async fn get(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     query: &Params<'_>,
     headers: &HeaderMap,
@@ -331,7 +331,7 @@ pub(super) async fn get(
         return Ok(match live(app, topic, query, client).await? {
             Live::Reply(reply) => reply.into_response(),
             Live::Sse { headers, start } => {
-                let opened = start.open(None, Format::DsSse, None).await?;
+                let opened = start.open(body::Wire::hyper(Format::DsSse)).await?;
                 let mut response = body::response(&sse::FRAMING, opened);
                 for (name, value) in headers {
                     if let Ok(value) = HeaderValue::from_str(&value) {
@@ -355,7 +355,7 @@ pub(super) async fn get(
 
 /// A live read (`live=long-poll` or `live=sse`), served by the router or by the gate.
 pub async fn live(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     query: &Params<'_>,
     client: String,
@@ -391,7 +391,7 @@ pub async fn live(
 
 /// Starts a live SSE read: its catch-up, and where it follows the stream from.
 async fn sse(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     meta: Meta,
     start: Start,
@@ -450,7 +450,7 @@ struct SseCatchUp {
 /// `control` event, until the read reaches the stream's own messages (a fork's inherited
 /// ones are read here, from its source), or the tail, or the close.
 async fn sse_catch_up(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     meta: &Meta,
     mut from: Offset,
@@ -499,7 +499,7 @@ async fn sse_catch_up(
 
 /// Resolves where a read starts.
 async fn start_offset(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     meta: &Meta,
     start: Start,
@@ -512,7 +512,7 @@ async fn start_offset(
 }
 
 async fn catch_up(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     meta: Meta,
     start: Start,
@@ -558,19 +558,16 @@ fn random() -> u64 {
     fastrand::u64(..)
 }
 
-/// Waits until the stream's own topic has a message after `tail`, the stream changes (a
-/// close, a delete, here or on another node sharing the store), `timeout` passes or the server stops. `true` unless it timed out or the
-/// server is stopping.
-#[allow(clippy::too_many_arguments)]
+/// Waits until the stream's own topic has a message after id `after`, the stream changes (a
+/// close, a delete, here or on another node sharing the store), `timeout` passes or the
+/// server stops. `true` unless it timed out or the server is stopping.
 async fn wait(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
-    meta: &Meta,
-    tail: Offset,
     local: &Local,
+    after: MessageId,
     timeout: Duration,
     client: &str,
-    transport: TransportKind,
 ) -> Result<bool, Error> {
     let changed = local.changed.notified();
     tokio::pin!(changed);
@@ -579,12 +576,14 @@ async fn wait(
     let changed_elsewhere = elsewhere.notified();
     tokio::pin!(changed_elsewhere);
     changed_elsewhere.as_mut().enable();
-    let after = meta.id_at(tail);
-    let parked = match app
-        .hub
-        .park(topic, Some(after), 1, client, None, transport)
-        .await?
-    {
+    let query = PollQuery {
+        topic,
+        after: Some(after),
+        limit: 1,
+        client,
+        transport: TransportKind::DsLongpoll,
+    };
+    let parked = match app.hub.park(query, None).await? {
         Parking::Parked(parked) => parked,
         Parking::Ready(_) | Parking::Answered => return Ok(true),
     };
@@ -598,7 +597,7 @@ async fn wait(
 }
 
 async fn long_poll(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     mut meta: Meta,
     start: Start,
@@ -607,7 +606,7 @@ async fn long_poll(
     client: String,
 ) -> Result<Reply, Error> {
     let mode = meta.content().mode();
-    let timeout = app.transports.durable.long_poll_timeout;
+    let timeout = app.settings.durable.long_poll_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut from = start_offset(app, topic, &meta, start).await?;
     loop {
@@ -643,12 +642,10 @@ async fn long_poll(
             || !wait(
                 app,
                 topic,
-                &meta,
-                read.tail,
                 &local,
+                meta.id_at(read.tail),
                 deadline - tokio::time::Instant::now(),
                 &client,
-                TransportKind::DsLongpoll,
             )
             .await?;
         if timed_out {

@@ -71,12 +71,12 @@ pub fn control_event(out: &mut Vec<u8>, control: &Control<'_>) {
             cursor,
             up_to_date,
         } => {
-            let mut text = format!(r#"{{"streamNextOffset":"{next}","streamCursor":"{cursor}""#);
-            if *up_to_date {
-                text.push_str(r#","upToDate":true"#);
-            }
-            text.push('}');
-            text
+            let up = if *up_to_date {
+                r#","upToDate":true"#
+            } else {
+                ""
+            };
+            format!(r#"{{"streamNextOffset":"{next}","streamCursor":"{cursor}"{up}}}"#)
         }
         Control::Closed { next } => {
             format!(r#"{{"streamNextOffset":"{next}","streamClosed":true}}"#)

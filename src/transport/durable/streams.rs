@@ -19,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{error::DurableError, follow::Frames, meta::Meta};
 use crate::{
-    App,
     error::Error,
     message::{TopicName, now_millis},
     store::{StreamState, StreamWrite},
+    transport::Transports,
 };
 
 /// How often streams with a lifetime are checked for expiry.
@@ -82,7 +82,7 @@ impl Streams {
     }
 
     /// The stream's metadata as stored, whatever its state; `None` if the topic is no stream.
-    pub async fn load(app: &App, topic: &TopicName) -> Result<Option<Meta>, Error> {
+    pub async fn load(app: &Transports, topic: &TopicName) -> Result<Option<Meta>, Error> {
         let Some(StreamState { record, .. }) = app.hub.stream_state(topic).await? else {
             return Ok(None);
         };
@@ -93,7 +93,7 @@ impl Streams {
     /// The metadata of a stream that can be read or written now: `404` when there is none
     /// or its lifetime is over (`410` if forks still read it), `410` when it was deleted
     /// while forks remained.
-    pub async fn open(&self, app: &App, topic: &TopicName) -> Result<Meta, Error> {
+    pub async fn open(&self, app: &Transports, topic: &TopicName) -> Result<Meta, Error> {
         self.open_local(app, topic, &self.local(topic)).await
     }
 
@@ -101,7 +101,7 @@ impl Streams {
     /// between its events), without looking it up again.
     pub async fn open_local(
         &self,
-        app: &App,
+        app: &Transports,
         topic: &TopicName,
         local: &Local,
     ) -> Result<Meta, Error> {
@@ -129,7 +129,7 @@ impl Streams {
     /// The stream's metadata, decoded only when its stored record changed since the last
     /// decode in this process (a reader wakes for every append; the record rarely changes).
     async fn load_cached(
-        app: &App,
+        app: &Transports,
         topic: &TopicName,
         local: &Local,
     ) -> Result<Option<Meta>, Error> {
@@ -148,7 +148,7 @@ impl Streams {
     }
 
     /// Stores `meta` as the stream's state, appending nothing.
-    pub async fn save(app: &App, topic: &TopicName, meta: &Meta) -> Result<(), Error> {
+    pub async fn save(app: &Transports, topic: &TopicName, meta: &Meta) -> Result<(), Error> {
         app.write_stream(
             topic,
             StreamWrite {
@@ -167,7 +167,12 @@ impl Streams {
     /// Ends a stream whose lifetime is over or that was deleted, the caller holding its
     /// write lock: hidden (kept for its forks, `410`) while forks remain, else removed with
     /// its history, releasing its own fork source.
-    pub async fn retire(&self, app: &App, topic: &TopicName, mut meta: Meta) -> Result<(), Error> {
+    pub async fn retire(
+        &self,
+        app: &Transports,
+        topic: &TopicName,
+        mut meta: Meta,
+    ) -> Result<(), Error> {
         if meta.forks > 0 {
             if !meta.deleted {
                 meta.deleted = true;
@@ -194,7 +199,7 @@ impl Streams {
 
     /// Drops one fork's reference on `source`; a source deleted or expired meanwhile goes
     /// with its last fork (and so on up the chain).
-    async fn release(&self, app: &App, source: &TopicName) -> Result<(), Error> {
+    async fn release(&self, app: &Transports, source: &TopicName) -> Result<(), Error> {
         let local = self.local(source);
         let _writing = local.write.lock().await;
         let Some(mut meta) = Self::load(app, source).await? else {
@@ -213,7 +218,11 @@ impl Streams {
     /// Expires, every 200 ms, the streams with a lifetime that are over: readers and
     /// writers would see them as gone anyway; this frees their history and releases their
     /// fork sources even when nobody asks for them again.
-    pub async fn run_sweeper(self: Arc<Self>, app: crate::AppState, stop: CancellationToken) {
+    pub async fn run_sweeper(
+        self: Arc<Self>,
+        app: crate::transport::TransportState,
+        stop: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -237,7 +246,12 @@ impl Streams {
         }
     }
 
-    async fn expire(&self, app: &App, topic: &TopicName, local: &Local) -> Result<(), Error> {
+    async fn expire(
+        &self,
+        app: &Transports,
+        topic: &TopicName,
+        local: &Local,
+    ) -> Result<(), Error> {
         let _writing = local.write.lock().await;
         let Some(meta) = Self::load(app, topic).await? else {
             self.forget(topic);

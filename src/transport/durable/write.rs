@@ -13,13 +13,13 @@ use super::{
     offset::{self, Offset, Start},
     read::{Answer, bytes_of, collect, own_tail, values_of},
     sse,
-    streams::Streams,
+    streams::{Local, Streams},
 };
 use crate::{
-    AppState,
     error::Error,
     message::{EventName, Payload, TopicName, now_millis},
     store::{StreamState, StreamWrite},
+    transport::TransportState,
 };
 
 /// The largest producer epoch or sequence number (JavaScript's safe integers).
@@ -127,7 +127,7 @@ struct Create {
 }
 
 impl Create {
-    fn parse(app: &AppState, headers: &HeaderMap) -> Result<Self, DurableError> {
+    fn parse(app: &TransportState, headers: &HeaderMap) -> Result<Self, DurableError> {
         let content_given = header(headers, "content-type")?;
         let ttl = header(headers, "stream-ttl")?
             .map(|v| content::plain_number(v).ok_or_else(|| DurableError::bad("bad Stream-TTL")))
@@ -164,7 +164,7 @@ impl Create {
         }
         let fork = source
             .map(|path| {
-                let prefix = app.transports.durable.path.as_deref().unwrap_or_default();
+                let prefix = app.settings.durable.path.as_deref().unwrap_or_default();
                 path.strip_prefix(prefix)
                     .and_then(|rest| rest.strip_prefix('/'))
                     .and_then(|name| TopicName::parse(name).ok())
@@ -205,7 +205,7 @@ impl Create {
 
 /// `PUT`: creates the stream, or confirms an identical one.
 pub(super) async fn put(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     headers: &HeaderMap,
     body: Bytes,
@@ -214,29 +214,8 @@ pub(super) async fn put(
     let create = Create::parse(app, headers)?;
     let local = app.streams.local(topic);
     let _writing = local.write.lock().await;
-    if let Some(meta) = Streams::load(app, topic).await? {
-        let accessed = local.accessed.load(std::sync::atomic::Ordering::Relaxed);
-        if meta.deleted {
-            return Err(DurableError::Conflict("the stream was deleted; its forks remain").into());
-        }
-        if meta.expired(now_millis(), accessed) {
-            let forked = meta.forks > 0;
-            app.streams.retire(app, topic, meta).await?;
-            if forked {
-                return Err(DurableError::Conflict("the stream expired; its forks remain").into());
-            }
-        } else if create.matches(&meta) {
-            let tail = own_tail(app, topic, &meta).await?;
-            return Ok(Answer::new(StatusCode::OK)
-                .header("content-type", &meta.content_type)
-                .header("stream-next-offset", tail.to_string())
-                .header_if(meta.closed, "stream-closed", "true")
-                .body(axum::body::Body::empty()));
-        } else {
-            return Err(
-                DurableError::Conflict("the stream exists with another configuration").into(),
-            );
-        }
+    if let Some(answer) = existing(app, topic, &local, &create).await? {
+        return Ok(answer);
     }
     let now = now_millis();
     let mut meta = Meta {
@@ -250,25 +229,7 @@ pub(super) async fn put(
     };
     let mut messages = Vec::new();
     if let Some((source, offset, sub)) = &create.fork {
-        let (source_meta, prefix) = fork_source(app, &create, source, *offset, *sub).await?;
-        if !create.content_given {
-            meta.content_type = source_meta.content_type.clone();
-        }
-        if create.ttl.is_none() && create.expires.is_none() {
-            meta.ttl = source_meta.ttl;
-            meta.expires_at = source_meta.expires_at.clone();
-            meta.expires_ms = source_meta.expires_ms;
-        }
-        let at = match offset {
-            Some(offset) => *offset,
-            None => own_tail(app, source, &source_meta).await?,
-        };
-        meta.start = at.0;
-        meta.fork = Some(ForkOf {
-            source: source.to_string(),
-            offset: at.0,
-            sub: *sub,
-        });
+        let prefix = inherit(app, &create, &mut meta, (source, *offset, *sub)).await?;
         messages.extend(prefix);
     }
     let mode = meta.content().mode();
@@ -280,20 +241,8 @@ pub(super) async fn put(
     if let Some((source, _, _)) = &create.fork {
         add_fork(app, source).await?;
     }
-    let written = app
-        .write_stream(
-            topic,
-            StreamWrite {
-                clear: true,
-                messages,
-                time: now,
-                state: Some(StreamState {
-                    record: meta.encode(),
-                    sealed: meta.closed,
-                }),
-            },
-        )
-        .await?;
+    let write = stream_write(&meta, messages, true, now);
+    let written = app.write_stream(topic, write).await?;
     local.touch();
     Ok(Answer::new(StatusCode::CREATED)
         .header("location", location)
@@ -306,17 +255,85 @@ pub(super) async fn put(
         .body(axum::body::Body::empty()))
 }
 
+/// What a `PUT` meets where a stream exists: `Some` answer when it confirms an identical
+/// one; `None` when the path is free (nothing there, or an expired stream just retired); a
+/// conflict otherwise.
+async fn existing(
+    app: &TransportState,
+    topic: &TopicName,
+    local: &Local,
+    create: &Create,
+) -> Result<Option<Response>, Error> {
+    let Some(meta) = Streams::load(app, topic).await? else {
+        return Ok(None);
+    };
+    let accessed = local.accessed.load(std::sync::atomic::Ordering::Relaxed);
+    if meta.deleted {
+        return Err(DurableError::Conflict("the stream was deleted; its forks remain").into());
+    }
+    if meta.expired(now_millis(), accessed) {
+        let forked = meta.forks > 0;
+        app.streams.retire(app, topic, meta).await?;
+        if forked {
+            return Err(DurableError::Conflict("the stream expired; its forks remain").into());
+        }
+        return Ok(None);
+    }
+    if !create.matches(&meta) {
+        return Err(DurableError::Conflict("the stream exists with another configuration").into());
+    }
+    let tail = own_tail(app, topic, &meta).await?;
+    Ok(Some(
+        Answer::new(StatusCode::OK)
+            .header("content-type", &meta.content_type)
+            .header("stream-next-offset", tail.to_string())
+            .header_if(meta.closed, "stream-closed", "true")
+            .body(axum::body::Body::empty()),
+    ))
+}
+
+/// A fork's share of its source: the content type and lifetime it inherits (unless the
+/// `PUT` names its own), where it starts, and its first own message when a sub-offset keeps
+/// part of the source's next append.
+async fn inherit(
+    app: &TransportState,
+    create: &Create,
+    meta: &mut Meta,
+    (source, offset, sub): (&TopicName, Option<Offset>, u64),
+) -> Result<Option<(EventName, Payload)>, Error> {
+    let (source_meta, prefix) = fork_source(app, create, source, offset, sub).await?;
+    if !create.content_given {
+        meta.content_type = source_meta.content_type.clone();
+    }
+    if create.ttl.is_none() && create.expires.is_none() {
+        meta.ttl = source_meta.ttl;
+        meta.expires_at = source_meta.expires_at.clone();
+        meta.expires_ms = source_meta.expires_ms;
+    }
+    let at = match offset {
+        Some(offset) => offset,
+        None => own_tail(app, source, &source_meta).await?,
+    };
+    meta.start = at.0;
+    meta.fork = Some(ForkOf {
+        source: source.to_string(),
+        offset: at.0,
+        sub,
+    });
+    Ok(prefix)
+}
+
 /// Checks a fork's source and offsets; returns the source's metadata and the fork's first
 /// own message when a sub-offset keeps part of the source's next append.
 async fn fork_source(
-    app: &AppState,
+    app: &TransportState,
     create: &Create,
     source: &TopicName,
     offset: Option<Offset>,
     sub: u64,
 ) -> Result<(Meta, Option<(EventName, Payload)>), Error> {
     let source_meta = match app.streams.open(app, source).await {
-        Err(Error::Durable(DurableError::Gone)) => {
+        Err(error) if error.code() == DurableError::Gone.code() => {
             return Err(DurableError::Conflict("the fork source was deleted").into());
         }
         other => other?,
@@ -361,7 +378,7 @@ async fn fork_source(
 }
 
 /// Counts one more fork on `source` (under the source's own write lock).
-async fn add_fork(app: &AppState, source: &TopicName) -> Result<(), Error> {
+async fn add_fork(app: &TransportState, source: &TopicName) -> Result<(), Error> {
     let local = app.streams.local(source);
     let _writing = local.write.lock().await;
     let mut meta = app.streams.open(app, source).await?;
@@ -371,52 +388,30 @@ async fn add_fork(app: &AppState, source: &TopicName) -> Result<(), Error> {
 
 /// `POST`: appends, appends and closes, or closes.
 pub(super) async fn post(
-    app: &AppState,
+    app: &TransportState,
     topic: &TopicName,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, Error> {
-    let producer = producer(headers)?;
-    let close = is_true(headers, "stream-closed")?;
-    if body.is_empty() && !close {
-        return Err(DurableError::bad("an append needs a body").into());
-    }
-    let content_given = header(headers, "content-type")?;
-    if !body.is_empty() && content_given.is_none() {
-        return Err(DurableError::bad("an append needs a Content-Type").into());
-    }
-    let seq = header(headers, "stream-seq")?;
+    let Append {
+        producer,
+        close,
+        content_given,
+        seq,
+    } = Append::parse(headers, &body)?;
     let local = app.streams.local(topic);
     let _writing = local.write.lock().await;
     let mut meta = app.streams.open(app, topic).await?;
     local.touch();
-    let producer_headers = |answer: Answer, epoch: u64, seq: u64| {
-        answer
-            .header("producer-epoch", epoch.to_string())
-            .header("producer-seq", seq.to_string())
-    };
     if meta.closed {
-        let tail = own_tail(app, topic, &meta).await?;
-        if let Some(write) = producer
-            .as_ref()
-            .filter(|p| meta.closed_by.as_ref() == Some(*p))
-        {
-            // A retry of the append that closed the stream.
-            let answer = Answer::new(StatusCode::NO_CONTENT)
-                .header("stream-next-offset", tail.to_string())
-                .header("stream-closed", "true");
-            return Ok(
-                producer_headers(answer, write.epoch, write.seq).body(axum::body::Body::empty())
-            );
-        }
-        if close && body.is_empty() && producer.is_none() {
-            // Closing is idempotent.
-            return Ok(Answer::new(StatusCode::NO_CONTENT)
-                .header("stream-next-offset", tail.to_string())
-                .header("stream-closed", "true")
-                .body(axum::body::Body::empty()));
-        }
-        return Err(DurableError::Closed { next: tail }.into());
+        return closed(
+            app,
+            topic,
+            &meta,
+            producer.as_ref(),
+            close && body.is_empty(),
+        )
+        .await;
     }
     if !body.is_empty() && !ContentType::parse(content_given).same_as(&meta.content()) {
         return Err(DurableError::Conflict("the content type differs from the stream's").into());
@@ -428,8 +423,9 @@ pub(super) async fn post(
                 let tail = own_tail(app, topic, &meta).await?;
                 let answer = Answer::new(StatusCode::NO_CONTENT)
                     .header("stream-next-offset", tail.to_string());
-                return Ok(producer_headers(answer, state.epoch, state.seq)
-                    .body(axum::body::Body::empty()));
+                return Ok(
+                    with_producer(answer, state.epoch, state.seq).body(axum::body::Body::empty())
+                );
             }
             ProducerCheck::Accept(state) => Some((write.id.clone(), state)),
         },
@@ -439,28 +435,13 @@ pub(super) async fn post(
     if let Some((id, state)) = &accepted {
         meta.producers.insert(id.clone(), *state);
     }
-    if let Some(seq) = seq {
-        meta.seq = Some(seq.to_owned());
-    }
+    meta.seq = seq.map(str::to_owned).or(meta.seq.take());
     if close {
-        meta.closed = true;
-        meta.closed_by = producer.clone();
+        (meta.closed, meta.closed_by) = (true, producer.clone());
     }
     meta.accessed_ms = now_millis();
-    let written = app
-        .write_stream(
-            topic,
-            StreamWrite {
-                clear: false,
-                messages,
-                time: meta.accessed_ms,
-                state: Some(StreamState {
-                    record: meta.encode(),
-                    sealed: meta.closed,
-                }),
-            },
-        )
-        .await?;
+    let write = stream_write(&meta, messages, false, meta.accessed_ms);
+    let written = app.write_stream(topic, write).await?;
     if close {
         local.changed.notify_waiters();
     }
@@ -476,13 +457,97 @@ pub(super) async fn post(
         )
         .header_if(close, "stream-closed", "true");
     if let Some((_, state)) = accepted {
-        answer = producer_headers(answer, state.epoch, state.seq);
+        answer = with_producer(answer, state.epoch, state.seq);
     }
     Ok(answer.body(axum::body::Body::empty()))
 }
 
+/// What a `POST`'s headers ask, checked against its body.
+struct Append<'h> {
+    producer: Option<ProducerWrite>,
+    /// `Stream-Closed: true`.
+    close: bool,
+    content_given: Option<&'h str>,
+    seq: Option<&'h str>,
+}
+
+impl<'h> Append<'h> {
+    /// Reads the headers; a `POST` needs a body unless it closes, and a body needs a type.
+    fn parse(headers: &'h HeaderMap, body: &Bytes) -> Result<Self, DurableError> {
+        let producer = producer(headers)?;
+        let close = is_true(headers, "stream-closed")?;
+        if body.is_empty() && !close {
+            return Err(DurableError::bad("an append needs a body"));
+        }
+        let content_given = header(headers, "content-type")?;
+        if !body.is_empty() && content_given.is_none() {
+            return Err(DurableError::bad("an append needs a Content-Type"));
+        }
+        let seq = header(headers, "stream-seq")?;
+        Ok(Self {
+            producer,
+            close,
+            content_given,
+            seq,
+        })
+    }
+}
+
+/// A write of `messages` with the stream's state `meta` (sealed when closed), atomically;
+/// `clear`: the topic's history goes first (a stream created where one was).
+fn stream_write(
+    meta: &Meta,
+    messages: Vec<(EventName, Payload)>,
+    clear: bool,
+    time: u64,
+) -> StreamWrite {
+    StreamWrite {
+        clear,
+        messages,
+        time,
+        state: Some(StreamState {
+            record: meta.encode(),
+            sealed: meta.closed,
+        }),
+    }
+}
+
+/// A producer's epoch and sequence number on an answer.
+fn with_producer(answer: Answer, epoch: u64, seq: u64) -> Answer {
+    answer
+        .header("producer-epoch", epoch.to_string())
+        .header("producer-seq", seq.to_string())
+}
+
+/// A `POST` to a closed stream: a retry of the append that closed it, or a plain close
+/// (`just_close`: no body, no producer), succeeds again; anything else is refused with the
+/// stream's final offset.
+async fn closed(
+    app: &TransportState,
+    topic: &TopicName,
+    meta: &Meta,
+    producer: Option<&ProducerWrite>,
+    just_close: bool,
+) -> Result<Response, Error> {
+    let tail = own_tail(app, topic, meta).await?;
+    let closed = || {
+        Answer::new(StatusCode::NO_CONTENT)
+            .header("stream-next-offset", tail.to_string())
+            .header("stream-closed", "true")
+    };
+    if let Some(write) = producer.filter(|p| meta.closed_by.as_ref() == Some(*p)) {
+        // A retry of the append that closed the stream.
+        return Ok(with_producer(closed(), write.epoch, write.seq).body(axum::body::Body::empty()));
+    }
+    if just_close && producer.is_none() {
+        // Closing is idempotent.
+        return Ok(closed().body(axum::body::Body::empty()));
+    }
+    Err(DurableError::Closed { next: tail }.into())
+}
+
 /// `DELETE`: removes the stream, or hides it while forks still read it.
-pub(super) async fn delete(app: &AppState, topic: &TopicName) -> Result<Response, Error> {
+pub(super) async fn delete(app: &TransportState, topic: &TopicName) -> Result<Response, Error> {
     let local = app.streams.local(topic);
     let _writing = local.write.lock().await;
     let meta = app.streams.open(app, topic).await?;

@@ -29,13 +29,19 @@ use tokio::net::TcpStream;
 
 pub use session::{Session, close_frame};
 
-use super::{HeaderSource, Params, io::Io, stream};
+use super::{
+    Params,
+    call::{Call, Next as CallNext, Then},
+    io::Io,
+    response::{self, Length},
+    stream,
+};
 use crate::{
-    AppState,
+    access::{Access, HeaderSource, origin::WebSocketOrigin},
     error::Error,
-    gate::auth::Access,
-    hub::{Format, OutletGuard},
+    hub::{Native, OutletGuard},
     message::{TopicName, TransportKind},
+    transport::TransportState,
 };
 
 /// Checks an upgrade request and returns its `Sec-WebSocket-Accept` value; anything that is
@@ -86,16 +92,14 @@ pub struct Opened {
 pub type Home = (TopicName, Option<crate::message::MessageId>);
 
 /// Checks a handshake for `topic` (per-topic) or none (multiplexed), in the order clients
-/// are answered: origin, topic, permission, cursor, then the handshake itself. Returns the
-/// accept key, and the topic and cursor.
+/// are answered: topic, permission, cursor, then the handshake itself (the `Origin` was
+/// checked at admission, before). Returns the accept key, and the topic and cursor.
 pub fn check(
-    app: &AppState,
     access: &Access,
     topic: Option<&str>,
     params: &Params,
     headers: &dyn HeaderSource,
 ) -> Result<(String, Option<Home>), Error> {
-    app.origins.check_websocket(headers)?;
     let home = match topic {
         Some(topic) => {
             let topic = super::topic(topic)?;
@@ -107,18 +111,33 @@ pub fn check(
     Ok((accept_key(headers)?, home))
 }
 
-/// Opens the session of a checked handshake: the outlet (with `head`, the `101` answer,
-/// queued first) and, on the per-topic endpoint, its subscription. Subscribing before the
-/// `101` is sent means whatever is published once the client sees the handshake reaches it.
-pub async fn open(
-    app: &AppState,
-    access: Access,
-    home: Option<Home>,
-    peer: Option<IpAddr>,
-    socket: Option<Arc<TcpStream>>,
-    head: Bytes,
-) -> Result<Opened, Error> {
-    let outlet = app.hub.outlet(socket, Format::Ws);
+/// What a checked handshake opens a session with.
+#[derive(Debug)]
+pub struct Start {
+    /// The caller's verdict, kept for the session's life.
+    pub access: Access,
+    /// The topic a per-topic connection follows, and its cursor.
+    pub home: Option<Home>,
+    /// The client's address (per-client publish limits).
+    pub peer: Option<IpAddr>,
+    /// The plain TCP socket the fan-out may write to.
+    pub socket: Option<Arc<TcpStream>>,
+    /// The `101` answer, when this server writes it (raw path); empty otherwise.
+    pub head: Bytes,
+}
+
+/// Opens the session of a checked handshake: the outlet (with the `101` answer queued
+/// first) and, on the per-topic endpoint, its subscription. Subscribing before the `101` is
+/// sent means whatever is published once the client sees the handshake reaches it.
+pub async fn open(app: &TransportState, start: Start) -> Result<Opened, Error> {
+    let Start {
+        access,
+        home,
+        peer,
+        socket,
+        head,
+    } = start;
+    let outlet = app.hub.outlet(socket, Native::Ws);
     if !head.is_empty() {
         outlet.push(head);
     }
@@ -141,19 +160,88 @@ pub async fn open(
     })
 }
 
+/// A WebSocket call on the raw socket: checks the handshake, opens the session with the
+/// `101` answer queued first, and hands it to the connection ([`run`]).
+pub async fn serve(call: Call<'_>, io: &mut Io) -> CallNext {
+    let topic = (!call.topic().is_empty()).then_some(call.topic());
+    let checked = check(&call.access, topic, &call.params(), &call.head);
+    let (accept, home) = match checked {
+        Ok(checked) => checked,
+        Err(error) => return call.refuse(io, &error).await,
+    };
+    let headers = upgrade_headers(&accept);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let switching = response::head(
+        StatusCode::SWITCHING_PROTOCOLS,
+        &headers,
+        &call.meta,
+        Length::None,
+    );
+    let switching_len = switching.len();
+    let session = Start {
+        access: call.access.clone(),
+        home,
+        peer: Some(call.peer.ip()),
+        socket: io.shared_socket(),
+        head: Bytes::from(switching),
+    };
+    match open(call.state, session).await {
+        Ok(opened) => {
+            call.heads(switching_len);
+            CallNext::Then(Box::new(Then::Ws(Running {
+                opened,
+                input: call.head.into_rest(),
+            })))
+        }
+        // The store cannot serve the subscribe yet (Redis is down): complete the handshake
+        // and close with 1013 (try again later), which a client can act on; a refused
+        // handshake is only a failure to a browser.
+        Err(error) if error.is_store_unavailable() => {
+            error.report(None);
+            let mut answer = response::head(
+                StatusCode::SWITCHING_PROTOCOLS,
+                &headers,
+                &call.meta,
+                Length::None,
+            );
+            answer.extend_from_slice(&frame::close_for(&error));
+            call.heads(answer.len());
+            call.answer_and_close(io, answer).await
+        }
+        Err(error) => {
+            let answer = response::error(&error, &call.meta);
+            call.heads(answer.len());
+            call.answer_and_close(io, answer).await
+        }
+    }
+}
+
+/// An opened session on the raw socket, with the bytes the client sent after its handshake:
+/// all such a connection holds while it lasts.
+#[derive(Debug)]
+pub struct Running {
+    /// The session.
+    pub opened: Opened,
+    /// Bytes the client already sent.
+    pub input: Vec<u8>,
+}
+
 /// Runs an opened session over `io` until it ends, then closes with the code its end calls
-/// for. `input` holds bytes the client already sent.
-pub async fn run(app: &AppState, opened: Opened, io: &mut Io, mut input: Vec<u8>) {
-    let Opened {
-        outlet,
-        mut session,
-        expires,
-    } = opened;
+/// for; the connection closes after it.
+pub async fn run(app: &TransportState, running: Running, io: &mut Io) -> CallNext {
+    let Running {
+        opened: Opened {
+            outlet,
+            mut session,
+            expires,
+        },
+        mut input,
+    } = running;
     let settings = stream::Settings {
         // A peer that stops reading stalls our writes; one that vanished answers no ping.
         // Either is cut off after this long, and its resources freed.
-        stall: app.transports.stream.ws_pong_timeout,
-        read_chunk: app.transports.stream.ws_read_buffer,
+        stall: app.settings.stream.ws_pong_timeout,
+        read_chunk: app.settings.stream.ws_read_buffer,
     };
     // Bytes that arrived with the handshake are handled first.
     let early = if input.is_empty() {
@@ -170,6 +258,7 @@ pub async fn run(app: &AppState, opened: Opened, io: &mut Io, mut input: Vec<u8>
         }
     };
     super::boxed(|| close(io, &outlet, finish, settings.stall)).await;
+    CallNext::Close
 }
 
 /// Ends a session: its close frame (the one `finish` calls for, or the answer to the
@@ -193,8 +282,9 @@ async fn close(
 
 /// `GET /topics/{topic}/ws` through axum (a connection hyper serves).
 pub async fn topic_ws(
-    State(app): State<AppState>,
+    State(app): State<TransportState>,
     access: Access,
+    _: WebSocketOrigin,
     Path(topic): Path<String>,
     params: Params<'static>,
     request: Request,
@@ -204,8 +294,9 @@ pub async fn topic_ws(
 
 /// `GET /ws` through axum.
 pub async fn multiplexed_ws(
-    State(app): State<AppState>,
+    State(app): State<TransportState>,
     access: Access,
+    _: WebSocketOrigin,
     params: Params<'static>,
     request: Request,
 ) -> Result<Response, Error> {
@@ -215,14 +306,14 @@ pub async fn multiplexed_ws(
 /// Answers `101` and runs the session on the connection hyper hands over. A plain TCP
 /// connection is taken back from hyper whole, so the fan-out writes to it directly.
 async fn upgrade(
-    app: AppState,
+    app: TransportState,
     access: Access,
     topic: Option<&str>,
     params: Params<'static>,
     mut request: Request,
 ) -> Result<Response, Error> {
     let headers: &HeaderMap = request.headers();
-    let (accept, home) = check(&app, &access, topic, &params, headers)?;
+    let (accept, home) = check(&access, topic, &params, headers)?;
     let on_upgrade = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -245,14 +336,25 @@ async fn upgrade(
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let (mut io, input) = crate::gate::reclaim(upgraded);
+        let (mut io, input) = super::io::reclaim(upgraded);
         let socket = io.shared_socket();
         let opened = match home {
-            Ok(home) => open(&app, access, home, peer, socket, Bytes::new()).await,
+            Ok(home) => {
+                let start = Start {
+                    access,
+                    home,
+                    peer,
+                    socket,
+                    head: Bytes::new(),
+                };
+                open(&app, start).await
+            }
             Err(error) => Err(error),
         };
         match opened {
-            Ok(opened) => run(&app, opened, &mut io, input).await,
+            Ok(opened) => {
+                run(&app, Running { opened, input }, &mut io).await;
+            }
             Err(error) => {
                 tracing::warn!(%error, "WebSocket session could not start");
                 let _ = io.write_all(&frame::close_for(&error)).await;

@@ -15,11 +15,11 @@ use serde_json::{Value, json, value::RawValue};
 
 use super::frame::{Event, FrameReader, close_code};
 use crate::{
-    AppState,
+    access::Access,
     error::Error,
-    gate::auth::Access,
     hub::{Outlet, SubId},
     message::{MessageId, Payload, TopicName, wire},
+    transport::TransportState,
     transport::{
         publish::{Published, publish_as},
         stream::{Finish, Peer},
@@ -28,7 +28,7 @@ use crate::{
 
 /// One WebSocket connection's protocol state.
 pub struct Session {
-    app: AppState,
+    app: TransportState,
     /// The token the connection opened with: checked again by every command.
     access: Access,
     peer: Option<IpAddr>,
@@ -43,12 +43,12 @@ pub struct Session {
 impl Session {
     /// A session for a connection from `peer`, publishing to `home` by default.
     pub fn new(
-        app: AppState,
+        app: TransportState,
         access: Access,
         peer: Option<IpAddr>,
         home: Option<TopicName>,
     ) -> Self {
-        let frames = FrameReader::new(app.transports.stream.ws_max_message);
+        let frames = FrameReader::new(app.settings.stream.ws_max_message);
         Self {
             app,
             access,
@@ -133,7 +133,7 @@ impl Session {
             "subscribe" => {
                 let topic = TopicName::parse(&command.required_string("topic")?)?;
                 self.access.check_subscribe(&topic)?;
-                let limit = self.app.transports.stream.max_subscriptions;
+                let limit = self.app.settings.stream.max_subscriptions;
                 let following = self.subs.iter().any(|(t, _)| *t == topic);
                 if !following && self.subs.len() >= limit {
                     return Err(Error::TooManySubscriptions { limit });

@@ -4,6 +4,16 @@
 //! same socket the connection's task reads from (both use tokio's `&self` socket calls, which
 //! keep their own readiness per direction). Anything else (TLS, a connection hyper upgraded)
 //! is a boxed stream the task alone reads and writes.
+//!
+//! The small IO adapters live beside it, one per file, as in hyper's `common/io`:
+//! [`rewind`] (bytes already read, replayed in front of a stream) and [`hyper`] (the stall
+//! guard on what hyper serves, and taking an upgraded connection back from hyper).
+
+pub mod hyper;
+pub mod rewind;
+
+pub use self::hyper::{HyperIo, StallGuard, reclaim};
+pub use rewind::Rewind;
 
 use std::{
     io::{self, IoSlice},

@@ -223,7 +223,7 @@ impl RequestHead {
     }
 }
 
-impl crate::transport::HeaderSource for RequestHead {
+impl crate::access::HeaderSource for RequestHead {
     fn header(&self, name: &str) -> Option<&[u8]> {
         RequestHead::header(self, name)
     }

@@ -12,7 +12,7 @@ use std::sync::{
 use axum::http::StatusCode;
 
 use super::head::RequestHead;
-use crate::{error::Error, gate::origin::OriginPolicy, message::wire::push_hex};
+use crate::{access::OriginPolicy, error::Error, message::wire::push_hex};
 
 /// The next request id: the process start time and a counter, in hex, unique per process
 /// without a random source. Shared by hyper's requests (through [`RequestIds`]) and the raw

@@ -17,11 +17,15 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::{FromRef, FromRequestParts},
+    http::request::Parts,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
-use crate::{AppState, error::Error, message::TopicName, transport::HeaderSource};
+use super::HeaderSource;
+use crate::{error::Error, message::TopicName};
 
 /// A topic pattern of a token or of `--public-topics`: an exact name, or a prefix ending in
 /// `*` (`news.*` matches `news.sport`; `*` matches every topic).
@@ -293,13 +297,16 @@ impl Access {
     }
 }
 
-/// The same, for axum handlers.
-impl FromRequestParts<AppState> for Access {
+/// The same, for axum handlers, whatever the router's state, as long as it holds the policy.
+impl<S: Send + Sync> FromRequestParts<S> for Access
+where
+    Arc<Auth>: FromRef<S>,
+{
     type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Error> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
         Access::for_request(
-            &app.auth,
+            &Arc::<Auth>::from_ref(state),
             &parts.headers,
             parts.uri.query().unwrap_or_default(),
         )

@@ -3,12 +3,16 @@
 //! user visits could open a WebSocket to the gateway with the user's cookies or network
 //! position: cross-site WebSocket hijacking).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
-use axum::http::{HeaderValue, Method, header};
+use axum::{
+    extract::{FromRef, FromRequestParts},
+    http::{HeaderValue, Method, header, request::Parts},
+};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{error::Error, transport::HeaderSource};
+use super::HeaderSource;
+use crate::error::Error;
 
 /// The origin allowlist of `--allowed-origins`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,49 +100,23 @@ impl OriginPolicy {
             ])
             .max_age(std::time::Duration::from_secs(3600))
     }
+}
 
-    /// The CORS layer of the Durable Streams routes: the protocol's methods, request headers
-    /// (its writers' and readers' headers, `If-None-Match`) and the response headers a
-    /// browser client must see.
-    pub fn durable_cors_layer(&self) -> CorsLayer {
-        const ALLOWED: [&str; 14] = [
-            "content-type",
-            "authorization",
-            "if-none-match",
-            "stream-seq",
-            "stream-ttl",
-            "stream-expires-at",
-            "stream-closed",
-            "producer-id",
-            "producer-epoch",
-            "producer-seq",
-            "stream-forked-from",
-            "stream-fork-offset",
-            "stream-fork-sub-offset",
-            "last-event-id",
-        ];
-        let names = |names: &[&'static str]| {
-            names
-                .iter()
-                .map(|name| header::HeaderName::from_static(name))
-                .collect::<Vec<_>>()
-        };
-        self.cors_layer()
-            .allow_methods([
-                Method::GET,
-                Method::POST,
-                Method::PUT,
-                Method::DELETE,
-                Method::HEAD,
-                Method::OPTIONS,
-            ])
-            .allow_headers(names(&ALLOWED))
-            .expose_headers(
-                crate::transport::durable::read::EXPOSED_HEADERS
-                    .split(',')
-                    .map(header::HeaderName::from_static)
-                    .collect::<Vec<_>>(),
-            )
+/// An extractor for WebSocket handshakes hyper serves: passes when the request's `Origin` is
+/// allowed ([`OriginPolicy::check_websocket`]), else refuses with 403 `origin_not_allowed`.
+/// The raw path's gate makes the same check before it hands the call over.
+#[derive(Debug, Clone, Copy)]
+pub struct WebSocketOrigin;
+
+impl<S: Send + Sync> FromRequestParts<S> for WebSocketOrigin
+where
+    Arc<OriginPolicy>: FromRef<S>,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        Arc::<OriginPolicy>::from_ref(state).check_websocket(&parts.headers)?;
+        Ok(WebSocketOrigin)
     }
 }
 
