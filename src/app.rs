@@ -47,20 +47,12 @@ impl std::ops::Deref for AppState {
 
 /// The state behind an [`AppState`].
 pub struct App {
-    /// The hub.
-    pub hub: Arc<Hub>,
     /// The configuration the server runs with (the gate's limits and timeouts, the store's).
     pub config: Arc<Config>,
-    /// What the transports share: the hub, their settings, the stop signal, the policies
-    /// they apply per topic and per publish.
+    /// What the transports share, and so the whole server: the hub, the stop signal (every
+    /// long-lived response selects on it and ends), who may publish and subscribe where, which
+    /// browser origins may call the API and open WebSockets.
     pub transport: TransportState,
-    /// Fired when the server stops: every long-lived response (long poll, SSE, WebSocket)
-    /// selects on it and ends.
-    pub shutdown: CancellationToken,
-    /// Who may publish and subscribe where.
-    pub auth: Arc<Auth>,
-    /// Which browser origins may call the API and open WebSockets.
-    pub origins: Arc<OriginPolicy>,
     /// Open connections, in total and per IP.
     pub connections: Arc<ConnectionLimits>,
     /// The emulated links clients reach through `<link>.localhost` (`--link-hosts`).
@@ -91,17 +83,13 @@ impl AppState {
             max_parked_longpolls: config.max_parked_longpolls,
         });
         Ok(Self(Arc::new(App {
-            hub,
             transport,
-            auth,
-            origins,
             connections: ConnectionLimits::new(
                 config.max_connections,
                 config.max_connections_per_ip,
             ),
             lanes: config.serves_link_hosts().then(|| Arc::new(Lanes::new())),
             config: Arc::new(config),
-            shutdown,
         })))
     }
 
@@ -162,14 +150,14 @@ impl FromRef<AppState> for TransportState {
 /// The token policy, for the [`Access`] extractor.
 impl FromRef<AppState> for Arc<Auth> {
     fn from_ref(app: &AppState) -> Self {
-        app.auth.clone()
+        app.transport.auth.clone()
     }
 }
 
 /// The origin policy, for the WebSocket `Origin` extractor.
 impl FromRef<AppState> for Arc<OriginPolicy> {
     fn from_ref(app: &AppState) -> Self {
-        app.origins.clone()
+        app.transport.origins.clone()
     }
 }
 
@@ -209,12 +197,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(state.origins.cors_layer());
+        .layer(state.transport.origins.cors_layer());
     if let Some(path) = config.durable_path() {
         // Its own CORS (the protocol's methods and headers) and the headers the protocol
         // puts on every answer, errors included.
         let streams = transport::durable::routes(path)
-            .layer(transport::durable::cors_layer(&state.origins))
+            .layer(transport::durable::cors_layer(&state.transport.origins))
             .layer(SetResponseHeaderLayer::overriding(
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
@@ -247,7 +235,7 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
 
 /// `GET /metrics`: the hub's counters copied into the recorder, then everything rendered.
 async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoResponse {
-    let stats = app.hub.stats();
+    let stats = app.transport.hub.stats();
     metrics::gauge!("pushhub_topics").set(stats.topics as f64);
     metrics::gauge!("pushhub_open_connections").set(app.connections.open() as f64);
     metrics::counter!("pushhub_publishes_total").absolute(stats.publishes);
@@ -273,7 +261,7 @@ async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoR
 }
 
 async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {
-    Json(app.hub.stats())
+    Json(app.transport.hub.stats())
 }
 
 /// `GET /links`: the emulated links this server serves through `<link>.localhost` host names
@@ -322,7 +310,7 @@ async fn topic_info(
 ) -> Result<Json<TopicInfo>, Error> {
     let topic = transport::topic(&topic)?;
     access.check_subscribe(&topic)?;
-    Ok(Json(app.hub.info(&topic).await?))
+    Ok(Json(app.transport.hub.info(&topic).await?))
 }
 
 impl std::fmt::Debug for App {

@@ -8,7 +8,8 @@
 //!
 //! # How a message flows
 //!
-//! 1. A transport parses the request ([`transport`]) and calls [`App::publish`], which
+//! 1. A transport parses the request ([`transport`]) and calls
+//!    [`transport::Transports::publish`], which
 //!    checks the server is not stopping and calls [`hub::Hub::publish`].
 //! 2. The hub asks the topic's log ([`store::TopicLog`]) to append it. The log assigns the
 //!    id and keeps bounded history; [`message::Message`] frames it once per wire format
@@ -118,9 +119,10 @@ pub async fn serve(
     if let (Some(lanes), Ok(addr)) = (&state.lanes, listener.local_addr()) {
         lanes.lead_to(addr);
     }
-    let stop = state.shutdown.clone();
+    let stop = state.transport.shutdown.clone();
     tokio::spawn(
         state
+            .transport
             .hub
             .clone()
             .run_sweeper(state.config.sweep_interval, stop.clone()),
@@ -139,16 +141,16 @@ pub async fn serve(
         async move {
             tokio::select! {
                 () = shutdown => {}
-                () = state.shutdown.cancelled() => {}
+                () = state.transport.shutdown.cancelled() => {}
             }
             // Long polls and idle connections end on this; streams stop their heartbeats,
             // and once every publish admitted before the stop is appended, write what they
             // have not been sent and end. The accept loop then waits for them.
-            state.shutdown.cancel();
-            state.hub.stop_timers();
+            state.transport.shutdown.cancel();
+            state.transport.hub.stop_timers();
             tokio::spawn(async move {
                 state.publishes_settled().await;
-                state.hub.drain();
+                state.transport.hub.drain();
             });
         }
     };

@@ -187,6 +187,7 @@ async fn joining_during_a_publish_storm_misses_and_repeats_nothing() {
         support::eventually("the storm to progress", || async {
             server
                 .state
+                .transport
                 .hub
                 .info(&pushhub::message::TopicName::parse("storm").unwrap())
                 .await
@@ -291,7 +292,7 @@ async fn idle_topics_are_dropped_and_restart_at_one_with_a_reset() {
     server.publish("kept", json!("x")).await;
     assert_eq!(ws.next_envelope().await["id"], 1);
 
-    let hub = server.state.hub.clone();
+    let hub = server.state.transport.hub.clone();
     support::eventually("the idle topic to be dropped", || async {
         hub.topic_count() == 1
     })

@@ -214,8 +214,9 @@ fn segments_after(code: &str, prefix: &str) -> BTreeSet<String> {
     };
     let mut found = BTreeSet::new();
     for (at, _) in code.match_indices(prefix) {
-        // A whole path: not the tail of `my_crate::`.
-        if code[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_') {
+        // A whole path: not the tail of `my_crate::` (nor the second `super::` of a longer
+        // climb, which another prefix reads).
+        if code[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':') {
             continue;
         }
         let rest = code[at + prefix.len()..].trim_start();
@@ -320,6 +321,88 @@ fn broken_edges(root: &Path, order: &[String]) -> Vec<String> {
         }
     }
     broken
+}
+
+/// Pairs of files in one folder of `root/src` that import each other (through `super::`
+/// or the folder's `crate::` path). A folder's `mod.rs` is its module's root, which declares
+/// the others: its children reaching its items is the shape of a Rust module, not a pair.
+fn mutual_siblings(root: &Path) -> Vec<String> {
+    let src = root.join("src");
+    let mut broken = Vec::new();
+    let mut dirs = vec![src.clone()];
+    while let Some(dir) = dirs.pop() {
+        let mut files = Vec::new();
+        let mut names = BTreeSet::new();
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if path.is_dir() {
+                dirs.push(path);
+                names.insert(stem);
+            } else if path.extension().is_some_and(|e| e == "rs") && stem != "mod" {
+                names.insert(stem.clone());
+                files.push((stem, path));
+            }
+        }
+        let module = dir
+            .strip_prefix(&src)
+            .unwrap()
+            .display()
+            .to_string()
+            .replace('/', "::");
+        let imported: BTreeMap<String, BTreeSet<String>> = files
+            .iter()
+            .map(|(stem, path)| {
+                let code = without_tests(&code_only(&fs::read_to_string(path).unwrap()));
+                let mut found = segments_after(&code, "super::");
+                if !module.is_empty() {
+                    found.extend(segments_after(&code, &format!("crate::{module}::")));
+                }
+                found.retain(|name| names.contains(name) && name != stem);
+                (stem.clone(), found)
+            })
+            .collect();
+        for (a, imports) in &imported {
+            for b in imports {
+                if a < b && imported.get(b).is_some_and(|back| back.contains(a)) {
+                    let dir = dir.strip_prefix(root).unwrap_or(&dir).display().to_string();
+                    broken.push(format!("{dir}: {a}.rs and {b}.rs import each other"));
+                }
+            }
+        }
+    }
+    broken
+}
+
+#[test]
+fn no_two_files_of_a_folder_import_each_other() {
+    let broken = mutual_siblings(&root());
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
+
+#[test]
+fn two_files_importing_each_other_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = dir.path().join("src/hub");
+    fs::create_dir_all(&hub).unwrap();
+    fs::write(
+        hub.join("mod.rs"),
+        "mod fanout;\nmod outlet;\nmod cursor;\n",
+    )
+    .unwrap();
+    fs::write(
+        hub.join("fanout.rs"),
+        "use super::{cursor, outlet::Outlet};\n",
+    )
+    .unwrap();
+    fs::write(hub.join("outlet.rs"), "use crate::hub::fanout::Fanout;\n").unwrap();
+    fs::write(hub.join("cursor.rs"), "use super::Topic;\n").unwrap();
+    assert_eq!(
+        mutual_siblings(dir.path()),
+        ["src/hub: fanout.rs and outlet.rs import each other"]
+    );
 }
 
 #[test]

@@ -108,7 +108,14 @@ async fn every_profile_delays_each_way_by_its_figure() {
             } else {
                 21
             };
-            let (first, rtt) = round_trips(Link::new(profile.clone()), rounds).await;
+            // Delays only: the flaky link's cuts and blackouts (tested below) would reset
+            // this connection whenever it opens inside a blackout, 3 s of every 30 at a
+            // random phase, one run in ten.
+            let delays = Profile {
+                cuts: None,
+                ..profile.clone()
+            };
+            let (first, rtt) = round_trips(Link::new(delays), rounds).await;
             (profile, first, rtt)
         });
     }

@@ -1,11 +1,13 @@
-//! One admitted connection: read each request head, serve the streaming and polling
-//! endpoints on the raw socket, pass other requests to the axum router, and hand anything
-//! unusual to hyper.
+//! One admitted connection: read each request head, route it, admit it and hand the
+//! streaming and polling endpoints to their transport on the raw socket (one
+//! [`Call`]; the transport serves it and says what comes next), pass other requests to the
+//! axum router, and hand anything unusual to hyper. Nothing here knows how a transport
+//! answers.
 //!
-//! Serving the hot endpoints here is what lets a streaming connection keep only what it
-//! needs: no hyper connection state or 8 KiB read buffer, no tungstenite buffers, just its
-//! socket, its outlet and a small task; and a poll answer costs one read and one write with
-//! nothing but the parse, the hub and the encoding in between.
+//! Serving the hot endpoints on the raw socket is what lets a streaming connection keep
+//! only what it needs: no hyper connection state or 8 KiB read buffer, no tungstenite
+//! buffers, just its socket, its outlet and a small task; and a poll answer costs one read
+//! and one write with nothing but the parse, the hub and the encoding in between.
 //!
 //! Other requests (publishes, topic info, the lab's assets) go through the same axum router
 //! and tower layers as always, with pushhub reading their `Content-Length` body and writing
@@ -29,8 +31,8 @@ use crate::{
     link::{Lanes, Link},
     message::TransportKind,
     transport::{
-        self, TransportState, boxed,
-        call::{self, Call, Then},
+        self, Then, TransportState, boxed,
+        call::{self, Call},
         head::{Parsed, RequestHead},
         io::Io,
         response::{self, Meta},
@@ -345,7 +347,7 @@ async fn hand_call(
         access,
         close,
     };
-    call::serve(call, io).await.into()
+    transport::serve(call, io).await.into()
 }
 
 /// Reads the next request head: `Some(Ok)` a head, `Some(Err(bytes))` something for hyper,

@@ -34,7 +34,7 @@ use std::{
 use smallvec::SmallVec;
 
 use super::{
-    outlet::Outlet,
+    outlet::{ListId, Outlet, Shards},
     stats::Counters,
     tally::Tally,
     ticker::{self, Intervals},
@@ -304,6 +304,24 @@ impl Shard {
     }
 }
 
+impl Shards for Fanout {
+    fn pick_shard(&self) -> usize {
+        Fanout::pick_shard(self)
+    }
+
+    fn is_draining(&self) -> bool {
+        Fanout::is_draining(self)
+    }
+
+    fn register(&self, shard: usize, outlet: Weak<Outlet>) -> usize {
+        Fanout::register(self, shard, outlet)
+    }
+
+    fn unregister(&self, shard: usize, slot: usize) {
+        Fanout::unregister(self, shard, slot)
+    }
+}
+
 impl ticker::Streams for Fanout {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
@@ -503,7 +521,8 @@ async fn write_loop(
                 for follower in &chunk {
                     match follower {
                         Follower::Stream { outlet, sub } => {
-                            outlet.deliver(*sub, &topic, &messages, &mut frames, &mut tally);
+                            let list = ListId::of(&topic);
+                            outlet.deliver(*sub, list, &messages, &mut frames, &mut tally);
                         }
                         Follower::Waiter(waiter) => waiter.offer(&messages, &mut answers),
                     }

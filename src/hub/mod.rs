@@ -133,11 +133,18 @@ impl std::fmt::Debug for ParkedPoll {
 
 impl ParkedPoll {
     /// Ready once a message newer than the cursor was offered (and maybe answered).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: polling only registers the waker; the poll stays parked until
+    /// [`Hub::unpark`].
     pub fn poll_news(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.waiter.poll_news(cx)
     }
 
     /// Completes once a message newer than the cursor was offered (and maybe answered).
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`ParkedPoll::poll_news`].
     pub async fn news(&self) {
         std::future::poll_fn(|cx| self.poll_news(cx)).await;
     }
@@ -467,7 +474,7 @@ impl Hub {
     pub fn outlet(&self, socket: Option<Arc<TcpStream>>, native: Native) -> OutletGuard {
         let format = Format::from(native);
         OutletGuard(Outlet::new(
-            &self.fanout,
+            self.fanout.clone(),
             socket,
             format,
             format::Frames::Native(native),
@@ -485,7 +492,7 @@ impl Hub {
         framer: Arc<dyn Framer>,
     ) -> OutletGuard {
         OutletGuard(Outlet::new(
-            &self.fanout,
+            self.fanout.clone(),
             socket,
             format,
             format::Frames::Framer(framer),
@@ -811,7 +818,13 @@ mod tests {
         assert_eq!(third[0].id, 3);
         let mut frames = Vec::new();
         let mut tally = tally::Tally::default();
-        outlet.deliver(sub.index(), &topic.live, &third, &mut frames, &mut tally);
+        outlet.deliver(
+            sub.index(),
+            outlet::ListId::of(&topic.live),
+            &third,
+            &mut frames,
+            &mut tally,
+        );
         assert_eq!(take(&outlet, 2).await, ["2", "3"]);
         publish(&hub, 1).await;
         assert_eq!(take(&outlet, 1).await, ["4"], "2 and 3 are not repeated");
@@ -857,7 +870,7 @@ mod tests {
         let mut tally = tally::Tally::default();
         outlet.deliver(
             sub.index(),
-            &topic.live,
+            outlet::ListId::of(&topic.live),
             &[Arc::new(early)],
             &mut Vec::new(),
             &mut tally,
@@ -889,7 +902,7 @@ mod tests {
         let mut tally = tally::Tally::default();
         outlet.deliver(
             sub.index(),
-            &topic.live,
+            outlet::ListId::of(&topic.live),
             &batch,
             &mut Vec::new(),
             &mut tally,

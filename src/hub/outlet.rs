@@ -23,7 +23,7 @@
 use std::{
     collections::VecDeque,
     io::{self, IoSlice},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, Weak},
     task::{Context, Poll, Waker},
 };
 
@@ -33,7 +33,6 @@ use tokio::net::TcpStream;
 
 use super::{
     Topic,
-    fanout::Fanout,
     format::{Format, Frames},
     presence::Gauge,
     tally::Tally,
@@ -159,7 +158,7 @@ pub struct Outlet {
     queue_limit: usize,
     disconnect_slow: bool,
     catch_up_batch: usize,
-    fanout: Arc<Fanout>,
+    fanout: Arc<dyn Shards>,
 }
 
 impl std::fmt::Debug for Outlet {
@@ -168,6 +167,33 @@ impl std::fmt::Debug for Outlet {
             .field("format", &self.format)
             .field("shard", &self.shard)
             .finish_non_exhaustive()
+    }
+}
+
+/// The fan-out an outlet belongs to, as the outlet sees it: which shard serves a new
+/// connection, where it registers for the ticker's walks and the drain, and whether it must
+/// drain at once. (The fan-out implements it; naming it here, not the fan-out's type, keeps
+/// the two files from importing each other.)
+pub(super) trait Shards: Send + Sync {
+    /// The shard for a new connection.
+    fn pick_shard(&self) -> usize;
+    /// Whether the server is draining (a new outlet drains at once).
+    fn is_draining(&self) -> bool;
+    /// Adds an outlet to its shard's registry; returns its slot.
+    fn register(&self, shard: usize, outlet: Weak<Outlet>) -> usize;
+    /// Removes the outlet in `slot` of `shard`'s registry.
+    fn unregister(&self, shard: usize, slot: usize);
+}
+
+/// Which follower list an offer comes from, by address: a sub's slot may have been reused
+/// for another topic after the writer read the list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ListId(usize);
+
+impl ListId {
+    /// The identity of the list behind `list`.
+    pub(super) fn of<T>(list: &Arc<T>) -> Self {
+        Self(Arc::as_ptr(list).cast::<()>() as usize)
     }
 }
 
@@ -216,7 +242,7 @@ const WRITE_BATCH: usize = 64;
 
 impl Outlet {
     pub(super) fn new(
-        fanout: &Arc<Fanout>,
+        fanout: Arc<dyn Shards>,
         socket: Option<Arc<TcpStream>>,
         format: Format,
         frames: Frames,
@@ -378,7 +404,7 @@ impl Outlet {
     pub(super) fn deliver(
         &self,
         sub: usize,
-        live: &super::fanout::TopicLive,
+        live: ListId,
         messages: &[Arc<Message>],
         frames: &mut Vec<Bytes>,
         tally: &mut Tally,
@@ -392,7 +418,7 @@ impl Outlet {
         let Some(Some(entry)) = state.subs.get_mut(sub) else {
             return;
         };
-        if !std::ptr::eq(&*entry.topic.live, live) {
+        if ListId::of(&entry.topic.live) != live {
             // The slot was reused for another topic after the writer read the follower list.
             return;
         }

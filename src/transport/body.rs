@@ -20,8 +20,8 @@ use futures::{FutureExt, Stream, future::BoxFuture};
 use tokio::{net::TcpStream, time::Instant};
 
 use super::{
-    TransportState,
-    call::{Call, Next as CallNext, Then, finish, keep_alive},
+    Then, TransportState,
+    call::{Call, Next as CallNext, finish, keep_alive},
     io::Io,
     response::{self, Length, Meta},
     stream::{self, Driver, Finish, Next, Peer},

@@ -1,9 +1,10 @@
 //! HTTP/1.1 request heads, read with `httparse` before hyper sees the connection.
 //!
 //! pushhub reads the head of each request on a plain HTTP/1.1 connection itself, to decide
-//! who serves it: the streaming and polling endpoints on the raw socket ([`super::route`]),
-//! everything else by hyper and axum with the bytes already read replayed in front
-//! ([`super::rewind`]). So this parser only needs to be right about the requests it keeps;
+//! who serves it (the gate routes: `gate/connection.rs`): the streaming and polling
+//! endpoints on the raw socket, where the head travels with the call to the transport
+//! ([`super::call::Call`]), everything else by hyper and axum with the bytes already read
+//! replayed in front ([`super::io::rewind`]). So this parser only needs to be right about the requests it keeps;
 //! anything unusual (a body, HTTP/1.0, `Expect`, too many headers, a malformed head) goes to
 //! hyper, which answers it as it always has.
 

@@ -42,9 +42,49 @@ use axum::{
 use crate::{
     access::HeaderSource,
     error::Error,
-    message::{MessageId, TopicName},
+    message::{MessageId, TopicName, TransportKind},
 };
 use settings::PollSettings;
+
+/// What a call started, to run once the request's future is gone: all such a connection
+/// holds while it lasts.
+#[derive(Debug)]
+pub enum Then {
+    /// A long poll waiting for its answer.
+    Park(longpoll::Park),
+    /// An SSE or NDJSON stream: events in one response body.
+    Body(body::Running),
+    /// A WebSocket session.
+    Ws(ws::Running),
+}
+
+/// A boxed future of a connection's next step.
+pub type Step<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = call::Next> + Send + 'a>>;
+
+impl Then {
+    /// Runs it on `io`: each kind in a future of its own size, boxed here (a future built in
+    /// an async function and then boxed still takes its full size in the caller's state).
+    pub fn run<'a>(self, state: &'a TransportState, io: &'a mut io::Io) -> Step<'a> {
+        match self {
+            Then::Park(park) => Box::pin(longpoll::run_park(state, park, io)),
+            Then::Body(running) => Box::pin(body::run(state, running, io)),
+            Then::Ws(running) => Box::pin(ws::run(state, running, io)),
+        }
+    }
+}
+
+/// Serves one call: the transport its endpoint names answers it, parks it or opens its
+/// stream.
+pub async fn serve(call: call::Call<'_>, io: &mut io::Io) -> call::Next {
+    match call.transport {
+        TransportKind::Poll => poll::serve(call, io).await,
+        TransportKind::Longpoll => longpoll::serve(call, io).await,
+        TransportKind::Sse => sse::serve(call, io).await,
+        TransportKind::Stream => ndjson::serve(call, io).await,
+        TransportKind::Ws => ws::serve(call, io).await,
+        TransportKind::DsSse | TransportKind::DsLongpoll => durable::serve(call, io).await,
+    }
+}
 
 /// Boxes the future `make` builds, building it inside this (non-async) function: a future
 /// built in an async function and then boxed still takes its full size in the caller's

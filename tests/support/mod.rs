@@ -71,7 +71,13 @@ impl TestServer {
     /// The hub's subscriber counts of `topic`.
     pub async fn subscribers(&self, topic: &str) -> pushhub::hub::Subscribers {
         let topic = pushhub::message::TopicName::parse(topic).unwrap();
-        self.state.hub.info(&topic).await.unwrap().subscribers
+        self.state
+            .transport
+            .hub
+            .info(&topic)
+            .await
+            .unwrap()
+            .subscribers
     }
 
     /// Stops the server the way a signal would, and waits for it to finish.

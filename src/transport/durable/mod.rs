@@ -10,7 +10,10 @@
 //! - [`content`]: content types, JSON mode, JSON bodies flattened into values;
 //! - [`meta`]: a stream's metadata (stored beside its history) and the rules that read it;
 //! - [`streams`]: per-stream write locks, access times and wake-ups, retiring streams;
-//! - [`read`]: catch-up, long-poll and SSE reads, `HEAD`;
+//! - [`read`]: reading a stream (stitched across forks), its encodings, catch-up, `HEAD`;
+//! - [`live`]: `GET`, and the live reads: long poll and SSE;
+//! - [`follow`]: a live SSE read following its stream through the fan-out; [`frames`]: its
+//!   events, encoded once per append for every reader;
 //! - `raw`: live reads on the raw socket, the call the gate hands over;
 //! - [`write`]: create and fork, append and close, delete;
 //! - [`sse`]: the protocol's SSE framing;
@@ -19,6 +22,8 @@
 pub mod content;
 pub mod error;
 pub mod follow;
+pub mod frames;
+pub mod live;
 pub mod meta;
 pub mod offset;
 mod raw;
@@ -162,7 +167,7 @@ async fn handle(
         match method {
             Method::GET => {
                 access.check_subscribe(&topic)?;
-                read::get(&app, &topic, &params, &headers, client).await
+                live::get(&app, &topic, &params, &headers, client).await
             }
             Method::HEAD => {
                 access.check_subscribe(&topic)?;

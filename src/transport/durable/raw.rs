@@ -4,7 +4,10 @@
 
 use axum::http::StatusCode;
 
-use super::read::{self, Live, SECURITY_HEADERS};
+use super::{
+    live::{self, Live},
+    read::SECURITY_HEADERS,
+};
 use crate::{
     hub::Format,
     message::TopicName,
@@ -27,7 +30,7 @@ pub async fn serve(call: Call<'_>, io: &mut Io) -> Next {
     }
     let params = call.params();
     let client = call.access.client_key(Some(call.peer.ip()));
-    let live = boxed(|| read::live(call.state, &topic, &params, client)).await;
+    let live = boxed(|| live::live(call.state, &topic, &params, client)).await;
     drop(params);
     match live {
         Err(error) => call.refuse(io, &error).await,

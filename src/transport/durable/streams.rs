@@ -17,7 +17,7 @@ use std::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{error::DurableError, follow::Frames, meta::Meta};
+use super::{error::DurableError, frames::Frames, meta::Meta};
 use crate::{
     error::Error,
     message::{TopicName, now_millis},

@@ -62,6 +62,9 @@ impl Io {
     /// Ready when a read may find something: for plain TCP, the socket's read readiness, so
     /// that an idle connection waits without holding a read buffer; always for other streams,
     /// which can only be polled by reading.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only registers interest.
     pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Io::Tcp(stream) => stream.poll_read_ready(cx),
@@ -99,6 +102,10 @@ impl Io {
     }
 
     /// Reads once into `buf`, waiting until something arrives.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: bytes are appended to `buf` only when the read completes, so a read
+    /// cancelled in a `select!` loses nothing.
     pub async fn read_into(&mut self, buf: &mut Vec<u8>, chunk: usize) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_read_into(cx, buf, chunk)).await
     }

@@ -172,6 +172,9 @@ impl Waiting {
     }
 
     /// Ready once a message newer than the poll's cursor was published.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`crate::hub::ParkedPoll::poll_news`].
     pub fn poll_news(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.parked.poll_news(cx)
     }

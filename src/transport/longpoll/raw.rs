@@ -11,8 +11,8 @@ use crate::{
     error::Error,
     message::TransportKind,
     transport::{
-        TransportState, boxed,
-        call::{Call, Next, Then, finish, keep_alive},
+        Then, TransportState, boxed,
+        call::{Call, Next, finish, keep_alive},
         io::Io,
         poll,
         response::{self, Length, Meta},

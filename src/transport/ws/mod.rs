@@ -30,8 +30,8 @@ use tokio::net::TcpStream;
 pub use session::{Session, close_frame};
 
 use super::{
-    Params,
-    call::{Call, Next as CallNext, Then},
+    Params, Then,
+    call::{Call, Next as CallNext},
     io::Io,
     response::{self, Length},
     stream,
