@@ -347,6 +347,16 @@ async fn tokens_body_limits_and_shutdown_apply_to_streams_as_to_topics() {
         .unwrap();
     assert_eq!(anonymous.headers()["x-content-type-options"], "nosniff");
     assert_eq!(refusal(anonymous).await, (401, "unauthorized".into()));
+    // So does a token the gate refuses before the call reaches the transport.
+    let forged = node
+        .http
+        .get(format!("{url}?offset=-1&live=long-poll"))
+        .bearer_auth("not.a.token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(refusal(forged).await, (401, "invalid_token".into()));
 
     // An append over --ds-max-body is refused whole, and nothing of it is kept.
     let too_big = node

@@ -330,11 +330,13 @@ async fn hand_call(
     let access = match admit(state, admission) {
         Ok(access) => access,
         Err(error) => {
-            let answer = response::error(&error, &meta);
-            state.hub.record_heads(transport, answer.len());
-            let rest = head.into_rest();
-            let stall = shared.settings.stall_timeout;
-            return call::keep_alive(call::finish(io, answer, close, stall).await, rest).into();
+            let refusal = call::Refusal {
+                state,
+                transport,
+                meta: &meta,
+                close,
+            };
+            return refusal.answer(io, &error, head).await.into();
         }
     };
     let call = Call {

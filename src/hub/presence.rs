@@ -1,6 +1,7 @@
 //! Who is subscribed to a topic, per transport.
 //!
-//! Streaming subscribers (SSE, WebSocket) are counted while connected. Pollers have no
+//! Streaming subscribers (SSE, WebSocket, the NDJSON stream, Durable Streams SSE reads) are
+//! counted while connected. Pollers have no
 //! connection to count, so a poller counts while its last request is younger than the
 //! poller window; a parked long-poll counts until it is answered.
 
@@ -16,8 +17,9 @@ use std::{
 use crate::message::{PerTransport, TransportKind};
 
 /// Subscriber counts of one topic, per transport: distinct short pollers seen within the
-/// poller window; distinct long pollers seen within the window, or parked now if more; open
-/// SSE streams; WebSocket subscriptions (a multiplexed connection counts once per topic).
+/// poller window; distinct long pollers seen within the window, or parked now if more (also
+/// for Durable Streams long polls); open SSE, NDJSON and Durable Streams SSE streams;
+/// WebSocket subscriptions (a multiplexed connection counts once per topic).
 pub type Subscribers = PerTransport<usize>;
 
 /// A poller map holds at most this many clients per topic and transport, so a client that

@@ -108,7 +108,8 @@ impl Serialize for TransportKind {
 }
 
 /// One value per transport kind, indexed by [`TransportKind`]; serialized as an object keyed
-/// by the kinds' names (`{"poll": .., "longpoll": .., "sse": .., "ws": ..}`).
+/// by the kinds' names, in [`TransportKind::ALL`]'s order (`{"poll": .., "longpoll": ..,
+/// "sse": .., "ws": .., "stream": .., "ds-sse": .., "ds-longpoll": ..}`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PerTransport<T>([T; TransportKind::COUNT]);
 

@@ -77,17 +77,13 @@ impl Call<'_> {
 
     /// Answers with `error`; what comes next.
     pub async fn refuse(self, io: &mut Io, error: &Error) -> Next {
-        // Durable Streams puts its security headers on every answer, refusals included.
-        let more: &[(&str, &str)] = if self.transport.is_durable() {
-            &durable::read::SECURITY_HEADERS
-        } else {
-            &[]
+        let refusal = Refusal {
+            state: self.state,
+            transport: self.transport,
+            meta: &self.meta,
+            close: self.close,
         };
-        let answer = response::error_with(error, &self.meta, more);
-        self.heads(answer.len());
-        let rest = self.head.into_rest();
-        let stall = self.state.settings.connection.stall_timeout;
-        keep_alive(finish(io, answer, self.close, stall).await, rest)
+        refusal.answer(io, error, self.head).await
     }
 
     /// Counts `bytes` of heads (or of a whole error answer) for this endpoint's transport.
@@ -110,6 +106,40 @@ impl Call<'_> {
     pub async fn answer_and_close(self, io: &mut Io, answer: Vec<u8>) -> Next {
         let stall = self.stall();
         finish(io, answer, true, stall).await
+    }
+}
+
+/// A request to a transport's endpoint refused before or after it became a call (admission
+/// refuses before: a bad token, a WebSocket's Origin): answered the same way either way.
+#[derive(Debug)]
+pub struct Refusal<'a> {
+    /// What the transports share.
+    pub state: &'a TransportState,
+    /// The endpoint's transport.
+    pub transport: TransportKind,
+    /// The request id and CORS headers of the answer.
+    pub meta: &'a Meta,
+    /// The client asked to close after this response.
+    pub close: bool,
+}
+
+impl Refusal<'_> {
+    /// Answers `error` (with the protocol's security headers on a Durable Streams endpoint),
+    /// counts it, and keeps the bytes of a pipelined next request after `head`.
+    pub async fn answer(self, io: &mut Io, error: &Error, head: RequestHead) -> Next {
+        // Durable Streams puts its security headers on every answer, refusals included.
+        let more: &[(&str, &str)] = if self.transport.is_durable() {
+            &durable::read::SECURITY_HEADERS
+        } else {
+            &[]
+        };
+        let answer = response::error_with(error, self.meta, more);
+        self.state.hub.record_heads(self.transport, answer.len());
+        let stall = self.state.settings.connection.stall_timeout;
+        keep_alive(
+            finish(io, answer, self.close, stall).await,
+            head.into_rest(),
+        )
     }
 }
 
