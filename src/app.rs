@@ -1,5 +1,5 @@
-//! The application: the state every handler shares ([`AppState`]), the one publish path
-//! ([`App::publish`]), and the router with the small handlers (`/healthz`, `/stats`,
+//! The application: the state every handler shares ([`AppState`]: the configuration, the
+//! transports' state, the connection limits, the link lanes), and the router with the small handlers (`/healthz`, `/stats`,
 //! `/metrics`, `/topics/{t}`). It builds each layer from the configuration and wires them;
 //! the transports it routes to sit below it, the gate and `main` above.
 

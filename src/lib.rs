@@ -49,8 +49,9 @@
 //!   origin).
 //! - [`config`]: every tunable, with flags, environment variables and defaults; it builds each
 //!   layer's settings.
-//! - [`app`]: the shared state, the one publish path, the router and the small handlers.
-//! - [`bench`]: `pushhub bench`, the load benchmark.
+//! - [`app`]: the shared state, the router and the small handlers (the one publish path is
+//!   the transports': [`transport::publish::publish_as`]).
+//! - [`bench`](mod@bench): `pushhub bench`, the load benchmark.
 //!
 //! # Where history lives
 //!
@@ -59,7 +60,8 @@
 //! thread acknowledges a publish only after `fdatasync`), and in Redis (`--redis`,
 //! [`store::RedisStore`]: ids from a Lua script, so several nodes share topics). A log that
 //! learns of messages from other nodes delivers them itself, through
-//! [`store::TopicLog::follow`], into the same live ring step 3 fills; from there on, nothing
+//! [`store::TopicLog::follow`], to the same `Live` sink step 3 fills (the topic's followers
+//! per fan-out shard); from there on, nothing
 //! differs, and the transports never know which store runs.
 //!
 //! # Production concerns, and where they sit

@@ -6,7 +6,7 @@
 //! atomics for `/stats`; the app copies them into the recorder when scraped (`app.rs`), so a
 //! delivery pays nothing extra. Events that are rare (rejections, slow consumers, stream opens
 //! and closes) are recorded where they happen. The delivery lag histogram is pushhub's own:
-//! a fan-out writer counts the lags of a whole walk in a local [`LagTally`] and adds it to
+//! a fan-out writer counts the lags of a whole walk in a local `LagTally` and adds it to
 //! the shared buckets once, so a delivery costs an array increment, not an atomic operation.
 
 use std::{

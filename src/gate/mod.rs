@@ -9,8 +9,11 @@
 //!    that stops reading is cut off after `--stall-timeout`.
 //! 3. The route ([`connection`]): the streaming and polling endpoints (`GET` of
 //!    `/topics/{t}/poll|longpoll|sse|stream|ws`, `/ws`, and the Durable Streams live reads
-//!    under `--ds-path`) are served on the raw socket; everything else (and HTTP/2) goes to
-//!    hyper and axum ([`hyper`]) with the bytes already read replayed in front.
+//!    under `--ds-path`) are handed to their transport on the raw socket; other requests with
+//!    a plain body (publishes, topic info, the lab's assets) go to the axum router on the
+//!    same connection; HTTP/2 and anything unusual (chunked or oversized bodies, `Expect`,
+//!    HTTP/1.0, malformed heads) go to hyper ([`hyper`]) with the bytes already read
+//!    replayed in front.
 //! 4. Admission ([`admit`]): the token, verified once (giving a
 //!    [`crate::access::Access`]), and the `Origin` of a WebSocket handshake. Then the gate
 //!    hands the transport one [`crate::transport::call::Call`] and steps aside: the

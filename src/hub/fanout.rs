@@ -14,7 +14,8 @@
 //! Connections are spread over the shards round-robin; with one shard per core, the shards
 //! write in parallel.
 //!
-//! Parked long polls follow topics too, as [`Waiter`]s: a writer only wakes them.
+//! Parked long polls follow topics too, as [`Waiter`]s: a writer answers one itself through
+//! its responder when it can, and otherwise wakes it.
 //!
 //! One ticker task per shard ([`super::ticker`]), on the shard's worker, serves its
 //! connections' timers by walking the shard's registry, so an idle connection costs no

@@ -4,7 +4,7 @@
 //! [`Hub::park`] (long polling) and [`Hub::subscribe`] (streams), and turn what they get
 //! into their wire format; the cursor rules live here once, for all of them.
 //!
-//! A streaming connection is an [`Outlet`]: the fan-out ([`fanout`]) writes each new message
+//! A streaming connection is an [`Outlet`]: the fan-out (`fanout.rs`) writes each new message
 //! straight to it, and its own task only works when a write would block or a topic must be
 //! read back from its log ([`Outlet::poll_action`]).
 

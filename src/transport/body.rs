@@ -335,7 +335,7 @@ fn with_headers(framing: &Framing, response: &mut Response) {
     }
 }
 
-/// The streaming response hyper serves: a [`Body`] fed by the opened stream, with the
+/// The streaming response hyper serves: a `Body` fed by the opened stream, with the
 /// transport's headers.
 pub fn response(framing: &'static Framing, mut opened: Opened) -> Response {
     let driver = opened.driver();

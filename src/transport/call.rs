@@ -1,5 +1,6 @@
 //! The contract between the gate and the transports on the raw socket: the gate reads a
-//! request's head, admits it (limits, token, origin) and routes it; then it hands the
+//! request's head, routes it and admits it (the token, a WebSocket's `Origin`; connection
+//! limits were applied at accept); then it hands the
 //! transport one [`Call`] (the socket stays with the connection, passed beside it), and the
 //! transport's own file does everything after that: it answers, parks a long poll, or opens
 //! a stream, and says what the connection does next ([`Next`]).

@@ -3,14 +3,16 @@
 //! [`ws`], HTTP streaming of NDJSON [`ndjson`]), plus the Durable Streams protocol on the same
 //! topics ([`durable`]), and publishing ([`publish`]).
 //!
-//! Each endpoint is written once and served two ways: on the raw socket (plain HTTP/1.1, the
-//! fast path), where the gate ([`crate::gate`]) admits a request and hands the transport one
-//! [`call::Call`], and through axum (HTTP/2, and connections hyper serves). What they share
+//! Each endpoint is written once and served two ways: the hot reads (poll, long poll, SSE,
+//! NDJSON, WebSocket, Durable Streams live reads) on the raw socket (plain HTTP/1.1, the fast
+//! path), where the gate ([`crate::gate`]) admits a request and hands the transport one
+//! [`call::Call`]; and every endpoint through axum (HTTP/2, connections hyper serves, and the
+//! publishes and Durable Streams writes the router serves on the raw connection). What they share
 //! lives here: the call contract ([`call`]); the transports' state ([`state`]: the hub, the
 //! settings, the policies they apply per topic and per publish); the raw request head
 //! ([`head`]) and raw answers ([`response`]); the query parameters (`after`, `limit`,
 //! `timeout`, `event`, `client`), parsed strictly and rejected with the same error codes
-//! everywhere; the request headers, whoever parsed them ([`HeaderSource`]); the connection's
+//! everywhere, read through [`HeaderSource`] (defined in [`crate::access`]); the connection's
 //! byte stream and the IO adapters ([`io`]: [`io::Io`], bytes replayed in front, what hyper
 //! is given and taking it back); and the loop every streaming connection runs ([`stream`]).
 

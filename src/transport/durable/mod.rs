@@ -15,7 +15,7 @@
 //! - [`follow`]: a live SSE read following its stream through the fan-out; [`frames`]: its
 //!   events, encoded once per append for every reader;
 //! - `raw`: live reads on the raw socket, the call the gate hands over;
-//! - [`write`]: create and fork, append and close, delete;
+//! - [`write`](mod@write): create and fork, append and close, delete;
 //! - [`sse`]: the protocol's SSE framing;
 //! - [`error`]: what the protocol refuses.
 

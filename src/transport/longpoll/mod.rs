@@ -2,8 +2,8 @@
 //!
 //! - here: checking and admitting a long poll ([`prepare`]), parking it in the hub and
 //!   reading its answer ([`Prepared`], [`Waiting`]), and the handler hyper serves;
-//! - [`raw`]: the raw socket's call: the parked connection's wait, and writing its answer;
-//! - [`direct`]: the answer the fan-out writes itself on a plain TCP socket.
+//! - `raw`: the raw socket's call: the parked connection's wait, and writing its answer;
+//! - `direct`: the answer the fan-out writes itself on a plain TCP socket.
 
 mod direct;
 mod raw;
