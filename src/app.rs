@@ -133,11 +133,6 @@ impl App {
     ) -> Result<Arc<message::Message>, Error> {
         self.transport.publish(topic, event, payload).await
     }
-
-    /// Waits until every publish admitted before the stop has been appended.
-    pub async fn publishes_settled(&self) {
-        self.transport.publishes_settled().await;
-    }
 }
 
 /// The transports' handlers take only their own state.

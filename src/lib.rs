@@ -151,7 +151,7 @@ pub async fn serve(
             state.transport.shutdown.cancel();
             state.transport.hub.stop_timers();
             tokio::spawn(async move {
-                state.publishes_settled().await;
+                state.transport.publishes_settled().await;
                 state.transport.hub.drain();
             });
         }

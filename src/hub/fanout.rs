@@ -306,20 +306,35 @@ impl Shard {
 }
 
 impl Shards for Fanout {
+    /// The shard for a new connection: the calling worker's, else round-robin.
     fn pick_shard(&self) -> usize {
-        Fanout::pick_shard(self)
+        match WORKER.with(std::cell::Cell::get) {
+            Some(shard) => shard,
+            None => self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len(),
+        }
     }
 
     fn is_draining(&self) -> bool {
-        Fanout::is_draining(self)
+        self.draining.load(Ordering::Acquire)
     }
 
+    /// Adds a streaming outlet to its shard's registry (starting the shards' writers if the
+    /// hub runs without workers); returns its slot.
     fn register(&self, shard: usize, outlet: Weak<Outlet>) -> usize {
-        Fanout::register(self, shard, outlet)
+        self.start();
+        self.shards[shard]
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(outlet)
     }
 
     fn unregister(&self, shard: usize, slot: usize) {
-        Fanout::unregister(self, shard, slot)
+        self.shards[shard]
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(slot);
     }
 }
 
@@ -395,36 +410,6 @@ impl Fanout {
                 self.start_shard(index);
             }
         }
-    }
-
-    /// The shard for a new connection: the calling worker's, else round-robin.
-    pub(super) fn pick_shard(&self) -> usize {
-        match WORKER.with(std::cell::Cell::get) {
-            Some(shard) => shard,
-            None => self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len(),
-        }
-    }
-
-    /// Adds a streaming outlet to its shard's registry; returns its slot.
-    pub(super) fn register(&self, shard: usize, outlet: Weak<Outlet>) -> usize {
-        self.start();
-        self.shards[shard]
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(outlet)
-    }
-
-    pub(super) fn unregister(&self, shard: usize, slot: usize) {
-        self.shards[shard]
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(slot);
-    }
-
-    pub(super) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
     }
 
     /// Counts deliveries made outside a writer's walk (catch-up reads).

@@ -49,6 +49,7 @@ use crate::{
     store::{LogRead, Store, StreamState, StreamWrite, StreamWritten, TopicLog},
 };
 use fanout::{Fanout, Follower, TopicLive};
+use outlet::Shards as _;
 use presence::Presence;
 use stats::Counters;
 use waiter::{Outcome, Waiter};
