@@ -116,7 +116,10 @@ fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, StartError> {
             config.fsync_window,
         )?),
         None => match &config.redis {
-            Some(url) => Arc::new(RedisStore::open(url, config.retention())?),
+            Some(_) => Arc::new(RedisStore::connect(
+                &config.redis_options().expect("--redis is set"),
+                config.retention(),
+            )?),
             None => Arc::new(MemoryStore::new(config.retention())),
         },
     })

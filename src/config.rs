@@ -11,7 +11,7 @@ use crate::{
     gate::GateSettings,
     hub::{FanoutSettings, HubSettings, SlowConsumerPolicy},
     message::{PerTransport, TransportKind},
-    store::{FsyncPolicy, Retention},
+    store::{FsyncPolicy, RedisMode, RedisOptions, Retention},
     transport::settings::{
         ConnectionSettings, DurableSettings, PollSettings, PublishSettings, StreamSettings,
         TransportSettings,
@@ -225,9 +225,27 @@ pub struct Config {
     pub fsync_window: Duration,
 
     /// Share topics with every node on this Redis (`redis://host:port/db`): ids are assigned
-    /// in Redis, history is kept there, and each node fans out what any node publishes.
+    /// in Redis, history is kept there, and each node fans out what any node publishes. A
+    /// Redis Cluster takes a comma-separated list of seed nodes
+    /// (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`).
     #[arg(long, env = "PUSHHUB_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
+
+    /// Whether `--redis` is one primary or a Redis Cluster: `auto` takes several seeds, or a
+    /// seed that says `cluster_enabled:1`, as a cluster.
+    #[arg(long, env = "PUSHHUB_REDIS_MODE", value_enum, default_value_t = RedisMode::Auto)]
+    pub redis_mode: RedisMode,
+
+    /// Answer a publish `201` only once this many replicas of its primary have it (Redis
+    /// `WAIT`), so a failover cannot lose it; fewer within `--redis-replica-timeout` is a 503
+    /// (the message may still be kept and delivered). Only the shard's full replica count
+    /// protects against any single failover. 0: answer when the primary has it.
+    #[arg(long, env = "PUSHHUB_REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: u32,
+
+    /// How long a publish waits for `--redis-min-replicas` replicas (never 0).
+    #[arg(long, env = "PUSHHUB_REDIS_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub redis_replica_timeout: Duration,
 
     /// How long open streams get to close after a shutdown signal before the process exits.
     #[arg(long, env = "PUSHHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
@@ -325,6 +343,9 @@ impl Default for Config {
             fsync: FsyncPolicy::Batch,
             fsync_window: Duration::ZERO,
             redis: None,
+            redis_mode: RedisMode::Auto,
+            redis_min_replicas: 0,
+            redis_replica_timeout: Duration::from_secs(1),
             ds_path: "/v1/stream".into(),
             ds_max_body: 16 * 1024 * 1024,
             ds_long_poll_timeout: Duration::from_secs(20),
@@ -357,6 +378,24 @@ impl clap::ValueEnum for TransportKind {
 
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+/// The command line's names for how `--redis` is reached.
+impl clap::ValueEnum for RedisMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[RedisMode::Auto, RedisMode::Single, RedisMode::Cluster]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(match self {
+            RedisMode::Auto => clap::builder::PossibleValue::new("auto")
+                .help("A cluster if several seeds are given or the seed says cluster_enabled:1"),
+            RedisMode::Single => clap::builder::PossibleValue::new("single")
+                .help("One primary (with or without replicas): classic pub/sub"),
+            RedisMode::Cluster => clap::builder::PossibleValue::new("cluster")
+                .help("A Redis Cluster (7 or later): sharded pub/sub, routing by slot"),
+        })
     }
 }
 
@@ -400,6 +439,22 @@ impl Config {
             max_messages: usize::try_from(self.history_size).unwrap_or(usize::MAX),
             max_age: (!self.history_max_age.is_zero()).then_some(self.history_max_age),
         }
+    }
+
+    /// How to reach Redis, when `--redis` is set: its seeds, split at commas.
+    pub fn redis_options(&self) -> Option<RedisOptions> {
+        let urls = self.redis.as_ref()?;
+        Some(RedisOptions {
+            urls: urls
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            mode: self.redis_mode,
+            min_replicas: self.redis_min_replicas,
+            replica_timeout: self.redis_replica_timeout,
+        })
     }
 
     /// Where the Durable Streams protocol is served, unless `--ds-path off`.

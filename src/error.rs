@@ -170,6 +170,7 @@ impl Error {
             Error::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(StoreError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Store(StoreError::Sealed) => StatusCode::CONFLICT,
+            Error::Store(StoreError::Conflict) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Protocol(refusal) => refusal.status,
         }
     }
@@ -201,6 +202,7 @@ impl Error {
             Error::Store(StoreError::Unavailable(_)) => "store_unavailable",
             Error::Store(StoreError::Internal(_)) => "store_error",
             Error::Store(StoreError::Sealed) => "stream_closed",
+            Error::Store(StoreError::Conflict) => "stream_contended",
             Error::Protocol(refusal) => refusal.code,
         }
     }

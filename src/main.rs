@@ -105,10 +105,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn store_description(config: &pushhub::Config) -> String {
     match (&config.data_dir, &config.redis) {
         (Some(dir), _) => format!("disk at {} (--fsync {:?})", dir.display(), config.fsync),
-        (None, Some(url)) => {
-            let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
-            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-            format!("redis at {scheme}://{host}")
+        (None, Some(urls)) => {
+            let hosts: Vec<String> = urls
+                .split(',')
+                .map(|url| {
+                    let (scheme, rest) = url.trim().split_once("://").unwrap_or(("redis", url));
+                    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                    format!("{scheme}://{host}")
+                })
+                .collect();
+            format!(
+                "redis at {} (--redis-mode {:?}, --redis-min-replicas {})",
+                hosts.join(","),
+                config.redis_mode,
+                config.redis_min_replicas
+            )
         }
         (None, None) => "memory (history is lost on restart; see --data-dir)".to_owned(),
     }

@@ -623,3 +623,47 @@ async fn live_sse_reads_follow_appends_and_end_right_after_the_closing_one() {
         "nothing but control events after the last value: {rest:?}"
     );
 }
+
+/// One idempotent producer appending the same sequence numbers through two nodes at once:
+/// each sequence is accepted once (200) and answered as a duplicate (204) on the other node,
+/// and the stream holds each append once. Without the compare-and-set on the stream's state
+/// (`StreamExpect::Version`), both nodes read the same producer state and both accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_producer_through_two_nodes_is_accepted_once_per_sequence() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = spawn_binary(&["--redis", &redis.url()], &[]);
+    let b = spawn_binary(&["--redis", &redis.url()], &[]);
+    let (a, b) = (a.endpoint(), b.endpoint());
+    assert_eq!(put(&a, "once", "text/plain", b"").await, 201);
+    const APPENDS: u64 = 60;
+    let send = |node: Endpoint, seq: u64| async move {
+        node.http
+            .post(node.url("/v1/stream/once"))
+            .header("content-type", "text/plain")
+            .header("producer-id", "p1")
+            .header("producer-epoch", "0")
+            .header("producer-seq", seq.to_string())
+            .body(format!("<{seq}>"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    for seq in 0..APPENDS {
+        let (from_a, from_b) = tokio::join!(send(a.clone(), seq), send(b.clone(), seq));
+        let mut statuses = [from_a, from_b];
+        statuses.sort_unstable();
+        assert_eq!(
+            statuses,
+            [200, 204],
+            "seq {seq}: one node accepts, the other sees a duplicate"
+        );
+    }
+    let (status, _, body) = read(&b, "once", "-1").await;
+    assert_eq!(status, 200);
+    let expected: String = (0..APPENDS).map(|seq| format!("<{seq}>")).collect();
+    assert_eq!(String::from_utf8(body).unwrap(), expected);
+}

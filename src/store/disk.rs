@@ -328,6 +328,7 @@ fn encode_stream(state: &StreamState) -> Vec<u8> {
 
 fn decode_stream(value: &[u8]) -> StreamState {
     StreamState {
+        version: 0,
         sealed: value.first() == Some(&1),
         record: Bytes::copy_from_slice(value.get(1..).unwrap_or_default()),
     }
@@ -699,7 +700,9 @@ mod tests {
                     state: Some(StreamState {
                         record: Bytes::from_static(b"meta"),
                         sealed: false,
+                        version: 0,
                     }),
+                    ..StreamWrite::default()
                 })
                 .await
                 .unwrap();
@@ -716,6 +719,7 @@ mod tests {
                 state: Some(StreamState {
                     record: Bytes::from_static(b"closed"),
                     sealed: true,
+                    version: 0,
                 }),
                 ..StreamWrite::default()
             })

@@ -31,7 +31,7 @@ use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
 pub use disk::{DiskStore, FsyncPolicy};
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{RedisMode, RedisOptions, RedisStore};
 
 /// What a store failed with. How each is answered over HTTP is `error.rs`'s business.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,10 @@ pub enum StoreError {
     /// The topic is a closed stream: it takes no more appends.
     #[error("the topic is a closed stream and takes no more messages")]
     Sealed,
+    /// A [`StreamWrite`] expected a state version that another process has moved on from:
+    /// nothing was written; read the state again and decide again.
+    #[error("the stream changed since it was read")]
+    Conflict,
 }
 
 /// A topic's stream state, kept beside its history for the layer that serves it as a
@@ -57,6 +61,10 @@ pub struct StreamState {
     pub record: Bytes,
     /// No append is accepted any more.
     pub sealed: bool,
+    /// How many writes the state has seen, as the store counts them: what a
+    /// [`StreamExpect::Version`] names. Not part of what is stored; a store shared by several
+    /// processes sets it when it reads (local stores, whose writers take turns, leave 0).
+    pub version: u64,
 }
 
 /// One atomic change of a topic's stream state, in this order: drop the retained history
@@ -73,6 +81,22 @@ pub struct StreamWrite {
     pub time: u64,
     /// The new state; `None` removes it, returning the topic to ordinary retention.
     pub state: Option<StreamState>,
+    /// What the state must still be for the write to apply, else it fails with
+    /// [`StoreError::Conflict`]: a compare-and-set that makes a decision taken on one node
+    /// atomic across every node sharing the store.
+    pub expect: StreamExpect,
+}
+
+/// The condition of a [`StreamWrite`] on the state its writer read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamExpect {
+    /// Write whatever the state is.
+    #[default]
+    Any,
+    /// The topic has no stream state (a stream is being created where none is).
+    Absent,
+    /// The state is still at this [`StreamState::version`].
+    Version(u64),
 }
 
 /// What a [`StreamWrite`] appended, and the log's ends after it.

@@ -458,47 +458,50 @@ pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
     ServerProcess { child, addr, log }
 }
 
-/// A real `redis-server` on a free loopback port, with an append-only file synced on every
-/// write in its own directory, so a restart keeps everything it acknowledged.
-pub struct RedisServer {
-    child: Child,
-    pub port: u16,
-    dir: tempfile::TempDir,
+/// Whether `redis-server` can run here. Without it the Redis tests skip (and say so), unless
+/// `PUSHHUB_REQUIRE_REDIS` is set (as `.ci/run` does): then its absence fails the test.
+pub fn redis_installed() -> bool {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return true;
+    }
+    assert!(
+        std::env::var_os("PUSHHUB_REQUIRE_REDIS").is_none(),
+        "PUSHHUB_REQUIRE_REDIS is set but redis-server is not installed"
+    );
+    eprintln!(
+        "SKIPPED: redis-server is not installed (apt-get install -y redis-server); \
+         the Redis tests did not run"
+    );
+    false
 }
 
-impl RedisServer {
-    /// Starts one. Returns `None` (and says why) when `redis-server` is not installed, unless
-    /// `PUSHHUB_REQUIRE_REDIS` is set (as `.ci/run` does): then its absence fails the test.
-    pub fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("PUSHHUB_REQUIRE_REDIS").is_none(),
-                "PUSHHUB_REQUIRE_REDIS is set but redis-server is not installed"
-            );
-            eprintln!(
-                "SKIPPED: redis-server is not installed (apt-get install -y redis-server); \
-                 the Redis tests did not run"
-            );
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Self::spawn(port, dir.path());
-        let server = Self { child, port, dir };
-        server.wait_ready();
-        Some(server)
-    }
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
-    fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        Command::new("redis-server")
+/// One `redis-server` process, run under a watchdog shell that kills it when the test
+/// process goes away in any way (its end of the watchdog's stdin closes): a test killed -9
+/// leaves no Redis behind.
+struct RedisProcess {
+    watchdog: Child,
+    pid: String,
+}
+
+impl RedisProcess {
+    fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Self {
+        let mut watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(r#"redis-server "$@" >/dev/null 2>&1 & pid=$!; echo $pid; read _; kill -9 $pid"#)
+            .arg("redis-watchdog")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args([
                 "--save",
@@ -510,31 +513,100 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(dir)
-            .stdout(Stdio::null())
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start redis-server")
+            .expect("start redis-server");
+        let mut pid = String::new();
+        BufReader::new(watchdog.stdout.take().unwrap())
+            .read_line(&mut pid)
+            .unwrap();
+        Self {
+            watchdog,
+            pid: pid.trim().to_owned(),
+        }
     }
 
-    fn wait_ready(&self) {
-        use std::io::{Read, Write};
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            let pong = std::net::TcpStream::connect(("127.0.0.1", self.port)).and_then(|mut s| {
-                s.write_all(b"PING\r\n")?;
-                let mut reply = [0; 5];
-                s.read_exact(&mut reply)?;
-                Ok(reply)
-            });
-            if matches!(pong, Ok(reply) if &reply == b"+PONG") {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server not ready"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+    /// SIGKILL: an outage, not a clean stop.
+    fn kill(mut self) {
+        let _ = Command::new("kill").args(["-9", &self.pid]).status();
+        drop(self.watchdog.stdin.take());
+        let _ = self.watchdog.wait();
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        if let Some(stdin) = self.watchdog.stdin.take() {
+            drop(stdin);
+            let _ = self.watchdog.wait();
         }
+    }
+}
+
+/// Waits until a Redis on `port` answers `PING`.
+fn wait_redis_ready(port: u16) {
+    wait_redis_says(port, b"PING\r\n", "+PONG");
+}
+
+/// Sends `command` to the Redis on `port` until its reply contains `expected`.
+pub fn wait_redis_says(port: u16, command: &[u8], expected: &str) {
+    wait_redis_says_any(port, command, &[expected]);
+}
+
+/// Sends `command` to the Redis on `port` until its reply contains one of `expected`.
+pub fn wait_redis_says_any(port: u16, command: &[u8], expected: &[&str]) {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + PATIENCE * 3;
+    loop {
+        let reply = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.write_all(command)?;
+            let mut reply = vec![0; 4096];
+            let n = s.read(&mut reply)?;
+            Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
+        });
+        if matches!(&reply, Ok(reply) if expected.iter().any(|e| reply.contains(e))) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis on {port} never said {expected:?}: {reply:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real `redis-server` on a free loopback port, with an append-only file synced on every
+/// write in its own directory, so a restart keeps everything it acknowledged.
+pub struct RedisServer {
+    process: Option<RedisProcess>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts one, or returns `None` when Redis cannot run here (see [`redis_installed`]).
+    pub fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with more `redis-server` arguments (`--replicaof`, ...).
+    pub fn start_with(extra: &[&str]) -> Option<Self> {
+        if !redis_installed() {
+            return None;
+        }
+        let mut server = Self {
+            process: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart();
+        Some(server)
     }
 
     pub fn url(&self) -> String {
@@ -543,19 +615,119 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL: an outage, not a clean stop).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(process) = self.process.take() {
+            process.kill();
+        }
     }
 
     /// Starts it again on the same port and data.
     pub fn restart(&mut self) {
-        self.child = Self::spawn(self.port, self.dir.path());
-        self.wait_ready();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.process = Some(RedisProcess::spawn(self.port, self.dir.path(), &extra));
+        wait_redis_ready(self.port);
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
+/// A real Redis Cluster on loopback: `primaries` primaries with one replica each, every
+/// node with an append-only file (a killed primary comes back with its data, never empty)
+/// and a 1.5 s `cluster-node-timeout`. Every process is killed when this is dropped, or
+/// when the test process dies.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts one, or returns `None` when Redis cannot run here (see [`redis_installed`]).
+    pub fn start(primaries: usize) -> Option<Self> {
+        if !redis_installed() {
+            return None;
+        }
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1500",
+        ];
+        let nodes: Vec<RedisServer> = (0..primaries * 2)
+            .map(|_| RedisServer::start_with(&args).unwrap())
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli --cluster create");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let cluster = Self { nodes };
+        cluster.wait_healthy();
+        Some(cluster)
+    }
+
+    /// Every node as a seed list for `--redis`.
+    pub fn seeds(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(RedisServer::url).collect();
+        urls.join(",")
+    }
+
+    fn live_port(&self) -> String {
+        self.nodes
+            .iter()
+            .find(|n| n.process.is_some())
+            .expect("a live node")
+            .port
+            .to_string()
+    }
+
+    /// The cluster slot of `key`.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.live_port(), "cluster", "keyslot", key])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// The node that is primary for `key`'s slot now, as a live node sees it.
+    pub fn primary_of(&self, key: &str) -> usize {
+        let slot = self.slot_of(key);
+        let live = self.live_port();
+        let out = Command::new("redis-cli")
+            .args(["-p", &live, "cluster", "slots"])
+            .output()
+            .unwrap();
+        // Lines: start, end, primary ip, primary port, primary id, then replicas.
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let mut i = 0;
+        while i + 3 < lines.len() {
+            let (start, end) = (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>());
+            if let (Ok(start), Ok(end)) = (start, end)
+                && (start..=end).contains(&slot)
+                && let Ok(port) = lines[i + 3].parse::<u16>()
+            {
+                return self.nodes.iter().position(|n| n.port == port).unwrap();
+            }
+            i += 1;
+        }
+        panic!("no primary for slot {slot}: {lines:?}");
+    }
+
+    /// Waits until every live node reports the cluster healthy, and every shard's replica
+    /// is in sync with its primary.
+    pub fn wait_healthy(&self) {
+        for node in self.nodes.iter().filter(|n| n.process.is_some()) {
+            wait_redis_says(node.port, b"CLUSTER INFO\r\n", "cluster_state:ok");
+            wait_redis_says_any(
+                node.port,
+                b"INFO replication\r\n",
+                &["connected_slaves:1", "master_link_status:up"],
+            );
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! What pushhub keeps in Redis, and how: the key scheme (a `{topic}` hash tag, so one
-//! topic's keys share a Redis Cluster slot), the two Lua scripts Redis runs atomically, and
+//! topic's keys share a Redis Cluster slot), the Lua scripts Redis runs atomically, and
 //! the sorted-set member that carries a message (`id\nrecord`).
 
 use bytes::Bytes;
@@ -8,15 +8,18 @@ use super::super::{StoreError, record};
 use crate::message::{Message, TopicName};
 
 /// Appends, trims and publishes, atomically. KEYS: seq, log, stream. ARGV: channel, record,
-/// max messages, age cutoff in ms (0: none), age limit in ms (0: none). A topic that is a
-/// stream is not trimmed; a sealed one refuses the append (returns -1).
+/// max messages, age cutoff in ms (0: none), age limit in ms (0: none), the publish command
+/// (`PUBLISH`, `SPUBLISH` in a cluster, empty: the node publishes once replicas have the
+/// write), the topic's name. A topic that is a stream is not trimmed; a sealed one refuses
+/// the append (returns -1). A topic's first id is announced on [`CREATED_CHANNEL`].
 pub(super) const PUBLISH_SCRIPT: &str = r"
 local stream = redis.call('GET', KEYS[3])
 if stream and string.byte(stream, 1) == 49 then return -1 end
 local id = redis.call('INCR', KEYS[1])
+if id == 1 then redis.call('PUBLISH', 'pushhub:topics', ARGV[7]) end
 local member = id .. '\n' .. ARGV[2]
 redis.call('ZADD', KEYS[2], id, member)
-redis.call('PUBLISH', ARGV[1], member)
+if ARGV[6] ~= '' then redis.call(ARGV[6], ARGV[1], member) end
 if stream then return id end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', id - tonumber(ARGV[3]))
 local cutoff = tonumber(ARGV[4])
@@ -30,19 +33,36 @@ if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
 return id
 ";
 
-/// Applies a stream write atomically. KEYS: seq, log, stream. ARGV: channel, clear (0/1),
-/// state (`0`/`1` seal byte then the record; empty removes it), then one record per message.
-/// Returns {last id, first retained, ids appended...}. A write that seals or removes the
-/// state, or changes it without appending, also publishes [`STATE_NOTICE`] on the channel,
-/// after its messages, so that other nodes' readers waiting on the stream look at it again.
+/// The classic channel (broadcast to every node of a cluster, unlike a topic's sharded one)
+/// on which a topic's first message announces the topic's name: how a node learns of topics
+/// created elsewhere, which sharded pub/sub (it has no pattern subscribe) cannot tell it.
+pub(super) const CREATED_CHANNEL: &str = "pushhub:topics";
+
+/// Applies a stream write atomically, if the state is still the one its writer read.
+/// KEYS: seq, log, stream, version. ARGV: channel, clear (0/1), state (`0`/`1` seal byte then
+/// the record; empty removes it), the version read (empty: write whatever it is), the
+/// publish command (as [`PUBLISH_SCRIPT`]'s), the topic's name, then one record per message.
+/// Returns {-1} when the version moved (another node wrote meanwhile), else {last id, first
+/// retained, notice (0/1), ids appended...}. A write that seals or removes the state, or
+/// changes it without appending, wants [`STATE_NOTICE`] published on the channel after its
+/// messages (notice 1; the script publishes it when it publishes), so that other nodes'
+/// readers waiting on the stream look at it again.
 pub(super) const STREAM_SCRIPT: &str = r"
+local version = tonumber(redis.call('GET', KEYS[4]) or '0')
+if ARGV[4] == 'absent' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
+elseif ARGV[4] ~= '' and tonumber(ARGV[4]) ~= version then
+  return {-1}
+end
+redis.call('INCR', KEYS[4])
 if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
 local ids = {}
-for i = 4, #ARGV do
+for i = 7, #ARGV do
   local id = redis.call('INCR', KEYS[1])
+  if id == 1 then redis.call('PUBLISH', 'pushhub:topics', ARGV[6]) end
   local member = id .. '\n' .. ARGV[i]
   redis.call('ZADD', KEYS[2], id, member)
-  redis.call('PUBLISH', ARGV[1], member)
+  if ARGV[5] ~= '' then redis.call(ARGV[5], ARGV[1], member) end
   ids[#ids + 1] = id
 end
 if ARGV[3] == '' then
@@ -51,14 +71,16 @@ else
   redis.call('SET', KEYS[3], ARGV[3])
   redis.call('PERSIST', KEYS[2])
 end
-if #ARGV < 4 or ARGV[3] == '' or string.byte(ARGV[3], 1) == 49 then
-  redis.call('PUBLISH', ARGV[1], 'state')
+local notice = 0
+if #ARGV < 7 or ARGV[3] == '' or string.byte(ARGV[3], 1) == 49 then
+  notice = 1
+  if ARGV[5] ~= '' then redis.call(ARGV[5], ARGV[1], 'state') end
 end
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 local first = last + 1
 if oldest[2] then first = tonumber(oldest[2]) end
-local out = {last, first}
+local out = {last, first, notice}
 for _, id in ipairs(ids) do out[#out + 1] = id end
 return out
 ";
@@ -107,6 +129,12 @@ pub(super) fn log_key(topic: &TopicName) -> String {
 /// The topic's stream state (a seal byte `0`/`1`, then the record), while it is a stream.
 pub(super) fn stream_key(topic: &TopicName) -> String {
     format!("pushhub:{{{topic}}}:stream")
+}
+
+/// How many times the topic's stream state was written: the version a compare-and-set of
+/// the state compares. Kept when the state is removed, so a version is never reused.
+pub(super) fn version_key(topic: &TopicName) -> String {
+    format!("pushhub:{{{topic}}}:sver")
 }
 
 pub(super) fn channel(topic: &TopicName) -> String {

@@ -1,24 +1,32 @@
-//! The shared store: topics kept in Redis, so that any number of nodes serve the same topics.
+//! The shared store: topics kept in Redis (one primary, or a Redis Cluster), so that any
+//! number of nodes serve the same topics.
 //!
 //! Per topic, Redis holds a counter (`pushhub:{topic}:seq`), the retained history as a sorted
 //! set scored by id (`pushhub:{topic}:log`, members `id\nrecord`), and a channel
-//! (`pushhub:{topic}:live`). A publish is one Lua script, run atomically by Redis: it
-//! increments the counter, adds the message, trims the set by count and age, and publishes the
-//! member on the channel. Ids are therefore assigned cluster-wide, and Redis publishes each
-//! topic's messages in id order.
+//! (`pushhub:{topic}:live`). The `{topic}` hash tag puts all of a topic's keys and its channel
+//! in one cluster slot. A publish is one Lua script, run atomically by the slot's primary: it
+//! increments the counter, adds the message, trims the set by count and age, and publishes
+//! the member on the channel (`PUBLISH`; `SPUBLISH` in a cluster, so a message travels only
+//! within its shard). Ids are therefore assigned cluster-wide, and each topic's messages are
+//! published in id order. A topic's first id is also announced on a classic channel
+//! ([`RedisStore::created_topics`]), which reaches every node of a cluster.
 //!
-//! Each node keeps one pub/sub connection ([`Listener`]) and subscribes to the channel of each
-//! topic that has live subscribers in it, once, however many subscribers it has; every
-//! message (its own publishes too) reaches local subscribers through that subscription, so
-//! they all see one order. Redis traffic grows with nodes × active topics, not with
-//! subscribers.
+//! Each node subscribes to the channel of each topic that has live subscribers on it, once,
+//! however many subscribers it has ([`Listener`]); every message (its own publishes too)
+//! reaches local subscribers through that subscription, so they all see one order.
 //!
-//! When Redis is unreachable, publishes and reads fail with `503 store_unavailable`: a `201`
-//! is only sent for a message Redis has stored. Subscribers stay connected. The listener
-//! reconnects with backoff, subscribes again to every followed topic, and replays what was
-//! published after the last message it saw, so subscribers resume by cursor with no loss.
-//! The keys use a `{topic}` hash tag, so one topic's keys share a Redis Cluster slot.
+//! When Redis (or the slot's primary) is unreachable, publishes and reads fail with
+//! `503 store_unavailable`: a `201` is only sent for a message Redis has stored. With
+//! `--redis-min-replicas N` a publish is answered `201` only once `WAIT` says N replicas have
+//! it, and only then published to subscribers, so a failover can take back no message a
+//! subscriber saw. Subscribers stay connected through an outage or a failover; the listener
+//! replays what they missed from the log.
+//!
+//! Durable Streams writes carry the version of the stream state they were decided on, and
+//! the script refuses a write whose version moved ([`StoreError::Conflict`]): the
+//! compare-and-set that makes producer and `Stream-Seq` checks atomic across nodes.
 
+mod connection;
 mod keys;
 mod listener;
 mod tail;
@@ -29,40 +37,58 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{Client, Script, aio::ConnectionManager};
-use tokio::sync::{mpsc, oneshot};
+use redis::{Cmd, Pipeline, Script, Value, aio::ConnectionLike};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Live, LogHead, LogRead, Retention, Store, StoreError, StreamState, StreamWrite, StreamWritten,
-    TopicLog, record,
+    Live, LogHead, LogRead, Retention, Store, StoreError, StreamExpect, StreamState, StreamWrite,
+    StreamWritten, TopicLog, record,
 };
 use crate::message::{EventName, Message, MessageId, Payload, TopicName, now_millis};
+use connection::{COMMAND_TIMEOUT, Connection, not_run};
+pub use connection::{RedisMode, RedisOptions};
 use keys::{
-    PUBLISH_SCRIPT, READ_SCRIPT, STREAM_SCRIPT, channel, decode_member, log_key, seq_key,
-    stream_key,
+    PUBLISH_SCRIPT, READ_SCRIPT, STATE_NOTICE, STREAM_SCRIPT, channel, decode_member, log_key,
+    seq_key, stream_key, version_key,
 };
-use listener::{Follow, Listener, MAX_BACKOFF};
+use listener::{Follow, Listener};
 use tail::{SharedTail, TAIL_CAPACITY, Tail, lock};
-
-/// How long a Redis command may take before the publish or read fails with 503.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn unavailable(error: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {error}"))
 }
 
-/// Topics in Redis, shared by every node pointed at the same server.
+/// A script's answer as `T`.
+fn parse<T: redis::FromRedisValue>(value: Value) -> Result<T, StoreError> {
+    redis::from_redis_value(value).map_err(|e| StoreError::Internal(format!("redis: {e}")))
+}
+
+/// `EVALSHA` of `script` on `keys`; the caller adds the arguments. Routed by its first key.
+fn evalsha(script: &Script, keys: &[String]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// Topics in Redis (one primary or a cluster), shared by every node pointed at it.
 pub struct RedisStore {
     shared: Arc<Shared>,
+    created: broadcast::Sender<TopicName>,
 }
 
 struct Shared {
-    commands: ConnectionManager,
+    commands: Connection,
+    /// With `--redis-min-replicas`: where a write and its `WAIT` go, on the slot's primary.
+    writes: Option<Connection>,
+    min_replicas: u32,
+    replica_timeout_ms: u64,
+    /// The command a script publishes a topic's messages with (`PUBLISH`; `SPUBLISH` in a
+    /// cluster, where it reaches only the topic's shard).
+    publish_command: &'static str,
     publish: Script,
     read: Script,
     stream: Script,
@@ -75,6 +101,17 @@ impl Shared {
         self.retention.max_age.map_or(0, |age| {
             now_millis().saturating_sub(age.as_millis() as u64).max(1)
         })
+    }
+
+    /// The command a write script publishes with: none when replicas must confirm first
+    /// (the node publishes once `WAIT` says they have it, so no subscriber ever sees a
+    /// message a failover could take back and hand its id to another).
+    fn script_publishes(&self) -> &'static str {
+        if self.writes.is_some() {
+            ""
+        } else {
+            self.publish_command
+        }
     }
 
     async fn read(
@@ -107,33 +144,153 @@ impl Shared {
             },
         })
     }
+
+    /// Runs a write script (`cmd`, an [`evalsha`] of `script` on `key`'s slot). With
+    /// `--redis-min-replicas N` the script and a `WAIT N timeout` go pipelined to the slot's
+    /// primary, and fewer than N confirmations is a 503: the write may still be kept (and
+    /// delivered later), but no `201` is given for what a failover could lose.
+    async fn write(
+        &self,
+        key: &str,
+        script: &Script,
+        code: &str,
+        cmd: Cmd,
+    ) -> Result<Value, StoreError> {
+        let mut commands = self.commands.clone();
+        let mut loaded = false;
+        loop {
+            let outcome = match &self.writes {
+                None => commands
+                    .req_packed_command(&cmd)
+                    .await
+                    .and_then(Value::extract_error),
+                Some(writes) => self.replicated(writes.clone(), key, &cmd).await?,
+            };
+            match outcome {
+                // A primary that never ran the script (new, restarted, promoted): load it
+                // there and run it again; it did not run, so it cannot run twice.
+                Err(error) if not_run(&error) && !loaded => {
+                    loaded = true;
+                    let mut load = Pipeline::new();
+                    load.cmd("SCRIPT").arg("LOAD").arg(code);
+                    let hash: Vec<Value> =
+                        commands.on_primary(key, &load).await.map_err(unavailable)?;
+                    debug_assert!(
+                        matches!(hash.first(), Some(Value::BulkString(h)) if h == script.get_hash().as_bytes())
+                    );
+                }
+                other => return other.map_err(unavailable),
+            }
+        }
+    }
+
+    /// The script, then `WAIT`, as one pipeline on the slot's primary. The inner result is
+    /// the script's; the outer error is a refusal (too few replicas, or Redis unreachable).
+    async fn replicated(
+        &self,
+        mut writes: Connection,
+        key: &str,
+        cmd: &Cmd,
+    ) -> Result<redis::RedisResult<Value>, StoreError> {
+        let mut pipeline = Pipeline::new();
+        pipeline
+            .add_command(cmd.clone())
+            .cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(self.replica_timeout_ms);
+        let mut values = writes
+            .on_primary(key, &pipeline)
+            .await
+            .map_err(unavailable)?
+            .into_iter();
+        let (Some(written), Some(acked)) = (values.next(), values.next()) else {
+            return Err(StoreError::Internal(
+                "redis: short answer to a write".into(),
+            ));
+        };
+        let written = written.extract_error();
+        if written.is_err() {
+            return Ok(written);
+        }
+        let acked: u64 = parse(acked.extract_error().map_err(unavailable)?)?;
+        if acked < u64::from(self.min_replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "redis: {acked} of {} replicas confirmed the write within {} ms; it may still \
+                 be kept and delivered",
+                self.min_replicas, self.replica_timeout_ms
+            )));
+        }
+        Ok(written)
+    }
+
+    /// Publishes members the script left unpublished (with `--redis-min-replicas`), once
+    /// their write is confirmed, in id order.
+    async fn publish_confirmed(
+        &self,
+        topic: &TopicName,
+        members: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        if self.writes.is_none() || members.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = Pipeline::new();
+        for member in members {
+            pipeline
+                .cmd(self.publish_command)
+                .arg(channel(topic))
+                .arg(member.as_slice())
+                .ignore();
+        }
+        let mut commands = self.commands.clone();
+        commands
+            .on_primary(&channel(topic), &pipeline)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
 }
 
 impl RedisStore {
-    /// Connects to `url` lazily (a node starts, and answers 503, while Redis is down) and
-    /// starts the listener. Must be called inside a Tokio runtime.
+    /// Connects to one primary at `url` lazily (a node starts, and answers 503, while Redis
+    /// is down) and starts the listener. Must be called inside a Tokio runtime.
     pub fn open(url: &str, retention: Retention) -> Result<Self, StoreError> {
-        let client =
-            Client::open(url).map_err(|e| StoreError::Internal(format!("--redis {url}: {e}")))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(MAX_BACKOFF);
-        let commands = client
-            .get_connection_manager_lazy(config)
-            .map_err(unavailable)?;
+        Self::connect(&RedisOptions::single(url), retention)
+    }
+
+    /// Connects as `options` say (one primary or a cluster, replicas to wait for), lazily,
+    /// and starts the listener. Must be called inside a Tokio runtime.
+    pub fn connect(options: &RedisOptions, retention: Retention) -> Result<Self, StoreError> {
+        let links = connection::connect(options)?;
         let (listener, follows) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            commands,
+            commands: links.commands,
+            writes: links.writes,
+            min_replicas: options.min_replicas,
+            // `WAIT 0` would wait for ever: the timeout is never 0.
+            replica_timeout_ms: (options.replica_timeout.as_millis() as u64).max(1),
+            publish_command: if links.cluster { "SPUBLISH" } else { "PUBLISH" },
             publish: Script::new(PUBLISH_SCRIPT),
             read: Script::new(READ_SCRIPT),
             stream: Script::new(STREAM_SCRIPT),
             retention,
             listener,
         });
-        Listener::spawn(client, Arc::downgrade(&shared), follows);
-        Ok(Self { shared })
+        let (created, _) = broadcast::channel(1024);
+        Listener::spawn(
+            links.subscriber,
+            links.pushes,
+            Arc::downgrade(&shared),
+            follows,
+            created.clone(),
+        );
+        Ok(Self { shared, created })
+    }
+
+    /// Names of topics as their first message is stored, by any node: how a node learns of
+    /// topics created elsewhere (a topic's own channel is sharded, and sharded pub/sub has no
+    /// pattern subscribe).
+    pub fn created_topics(&self) -> broadcast::Receiver<TopicName> {
+        self.created.subscribe()
     }
 }
 
@@ -180,24 +337,31 @@ impl TopicLog for RedisLog {
         data: &Payload,
         time: u64,
     ) -> Result<Arc<Message>, StoreError> {
+        let shared = &self.shared;
         let record = record::encode(time, &event, data);
-        let retention = &self.shared.retention;
+        let retention = &shared.retention;
         let age_ms = retention.max_age.map_or(0, |age| age.as_millis() as u64);
-        let mut commands = self.shared.commands.clone();
-        let mut invocation = self.shared.publish.key(seq_key(&self.topic));
-        invocation
-            .key(log_key(&self.topic))
-            .key(stream_key(&self.topic))
-            .arg(channel(&self.topic))
-            .arg(record)
+        let keys = [
+            seq_key(&self.topic),
+            log_key(&self.topic),
+            stream_key(&self.topic),
+        ];
+        let mut cmd = evalsha(&shared.publish, &keys);
+        cmd.arg(channel(&self.topic))
+            .arg(&record)
             .arg(retention.max_messages.max(1))
-            .arg(self.shared.cutoff())
-            .arg(age_ms);
-        let id: i64 = invocation
-            .invoke_async(&mut commands)
-            .await
-            .map_err(unavailable)?;
+            .arg(shared.cutoff())
+            .arg(age_ms)
+            .arg(shared.script_publishes())
+            .arg(self.topic.as_str());
+        let answer = shared
+            .write(&keys[0], &shared.publish, PUBLISH_SCRIPT, cmd)
+            .await?;
+        let id: i64 = parse(answer)?;
         let id = u64::try_from(id).map_err(|_| StoreError::Sealed)?;
+        let mut member = format!("{id}\n").into_bytes();
+        member.extend_from_slice(&record);
+        shared.publish_confirmed(&self.topic, &[member]).await?;
         Ok(Arc::new(Message::new(
             id,
             self.topic.clone(),
@@ -224,58 +388,90 @@ impl TopicLog for RedisLog {
 
     async fn stream(&self) -> Result<Option<StreamState>, StoreError> {
         let mut commands = self.shared.commands.clone();
-        let value: Option<Vec<u8>> = redis::cmd("GET")
+        let (value, version): (Option<Vec<u8>>, Option<u64>) = redis::cmd("MGET")
             .arg(stream_key(&self.topic))
+            .arg(version_key(&self.topic))
             .query_async(&mut commands)
             .await
             .map_err(unavailable)?;
         let state = value.map(|value| StreamState {
             sealed: value.first() == Some(&b'1'),
             record: Bytes::copy_from_slice(value.get(1..).unwrap_or_default()),
+            version: version.unwrap_or(0),
         });
         self.streaming.store(state.is_some(), Ordering::Relaxed);
         Ok(state)
     }
 
     async fn write_stream(&self, write: StreamWrite) -> Result<StreamWritten, StoreError> {
-        let mut commands = self.shared.commands.clone();
-        let mut invocation = self.shared.stream.key(seq_key(&self.topic));
+        let shared = &self.shared;
+        let keys = [
+            seq_key(&self.topic),
+            log_key(&self.topic),
+            stream_key(&self.topic),
+            version_key(&self.topic),
+        ];
         let state = write.state.as_ref().map_or_else(Vec::new, |state| {
             let mut value = vec![if state.sealed { b'1' } else { b'0' }];
             value.extend_from_slice(&state.record);
             value
         });
-        invocation
-            .key(log_key(&self.topic))
-            .key(stream_key(&self.topic))
-            .arg(channel(&self.topic))
+        let mut cmd = evalsha(&shared.stream, &keys);
+        cmd.arg(channel(&self.topic))
             .arg(if write.clear { "1" } else { "0" })
-            .arg(state);
-        for (event, data) in &write.messages {
-            invocation.arg(record::encode(write.time, event, data));
+            .arg(state)
+            .arg(match write.expect {
+                StreamExpect::Any => String::new(),
+                StreamExpect::Absent => "absent".into(),
+                StreamExpect::Version(version) => version.to_string(),
+            })
+            .arg(shared.script_publishes())
+            .arg(self.topic.as_str());
+        let records: Vec<Vec<u8>> = write
+            .messages
+            .iter()
+            .map(|(event, data)| record::encode(write.time, event, data))
+            .collect();
+        for record in &records {
+            cmd.arg(record);
         }
-        let answer: Vec<u64> = invocation
-            .invoke_async(&mut commands)
-            .await
-            .map_err(unavailable)?;
-        self.streaming
-            .store(write.state.is_some(), Ordering::Relaxed);
-        let (head, ids) = match answer.as_slice() {
-            [last_id, first_retained, ids @ ..] => (
+        let answer = shared
+            .write(&keys[0], &shared.stream, STREAM_SCRIPT, cmd)
+            .await?;
+        let answer: Vec<i64> = parse(answer)?;
+        let (head, notice, ids) = match answer.as_slice() {
+            [-1] => return Err(StoreError::Conflict),
+            [last_id, first_retained, notice, ids @ ..] => (
                 LogHead {
-                    last_id: *last_id,
-                    first_retained: *first_retained,
+                    last_id: *last_id as u64,
+                    first_retained: *first_retained as u64,
                 },
+                *notice == 1,
                 ids,
             ),
             _ => return Err(StoreError::Internal("redis: bad stream answer".into())),
         };
+        self.streaming
+            .store(write.state.is_some(), Ordering::Relaxed);
+        let mut members: Vec<Vec<u8>> = ids
+            .iter()
+            .zip(&records)
+            .map(|(id, record)| {
+                let mut member = format!("{id}\n").into_bytes();
+                member.extend_from_slice(record);
+                member
+            })
+            .collect();
+        if notice {
+            members.push(STATE_NOTICE.to_vec());
+        }
+        shared.publish_confirmed(&self.topic, &members).await?;
         let messages = ids
             .iter()
             .zip(write.messages)
             .map(|(&id, (event, data))| {
                 Arc::new(Message::new(
-                    id,
+                    id as u64,
                     self.topic.clone(),
                     event,
                     write.time,

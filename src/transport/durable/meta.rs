@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{content::ContentType, error::DurableError, offset::Offset};
 use crate::message::MessageId;
+use crate::store::StreamExpect;
 
 /// A stream's metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +56,10 @@ pub struct Meta {
     pub producers: BTreeMap<String, ProducerState>,
     /// The last read or append, unix milliseconds (the sliding TTL counts from it).
     pub accessed_ms: u64,
+    /// The store's version of the state this was read from (not stored): a write decided
+    /// on this reading applies only if the state is still at it (see [`Meta::expect`]).
+    #[serde(skip)]
+    pub version: u64,
 }
 
 /// Where a fork's inherited data comes from.
@@ -99,6 +104,12 @@ pub enum ProducerCheck {
 }
 
 impl Meta {
+    /// The condition a write decided on this reading puts on the stored state: still the
+    /// version it was read at, so two nodes deciding at once cannot both write.
+    pub fn expect(&self) -> StreamExpect {
+        StreamExpect::Version(self.version)
+    }
+
     /// The stream's tail offset, given its topic's last message id.
     pub fn tail(&self, last_id: MessageId) -> Offset {
         Offset(self.start + last_id.saturating_sub(self.base))

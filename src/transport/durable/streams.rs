@@ -83,11 +83,14 @@ impl Streams {
 
     /// The stream's metadata as stored, whatever its state; `None` if the topic is no stream.
     pub async fn load(app: &Transports, topic: &TopicName) -> Result<Option<Meta>, Error> {
-        let Some(StreamState { record, .. }) = app.hub.stream_state(topic).await? else {
+        let Some(StreamState {
+            record, version, ..
+        }) = app.hub.stream_state(topic).await?
+        else {
             return Ok(None);
         };
         let meta = Meta::decode(&record).map_err(crate::store::StoreError::Internal)?;
-        Ok(Some(meta))
+        Ok(Some(Meta { version, ..meta }))
     }
 
     /// The metadata of a stream that can be read or written now: `404` when there is none
@@ -133,18 +136,24 @@ impl Streams {
         topic: &TopicName,
         local: &Local,
     ) -> Result<Option<Meta>, Error> {
-        let Some(StreamState { record, .. }) = app.hub.stream_state(topic).await? else {
+        let Some(StreamState {
+            record, version, ..
+        }) = app.hub.stream_state(topic).await?
+        else {
             return Ok(None);
         };
         let mut cached = local.decoded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((bytes, meta)) = cached.as_ref()
             && *bytes == record
         {
-            return Ok(Some(meta.clone()));
+            return Ok(Some(Meta {
+                version,
+                ..meta.clone()
+            }));
         }
         let meta = Meta::decode(&record).map_err(crate::store::StoreError::Internal)?;
         *cached = Some((record, meta.clone()));
-        Ok(Some(meta))
+        Ok(Some(Meta { version, ..meta }))
     }
 
     /// Stores `meta` as the stream's state, appending nothing.
@@ -156,7 +165,9 @@ impl Streams {
                 state: Some(StreamState {
                     record: meta.encode(),
                     sealed: meta.closed,
+                    version: 0,
                 }),
+                expect: meta.expect(),
                 ..StreamWrite::default()
             },
         )
@@ -186,6 +197,7 @@ impl Streams {
             StreamWrite {
                 clear: true,
                 time: now_millis(),
+                expect: meta.expect(),
                 ..StreamWrite::default()
             },
         )

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     error::Error,
     message::{EventName, Payload, TopicName, now_millis},
-    store::{StreamState, StreamWrite},
+    store::{StoreError, StreamExpect, StreamState, StreamWrite},
     transport::TransportState,
 };
 
@@ -203,8 +203,38 @@ impl Create {
     }
 }
 
+/// How many times a write is decided again when another node changed the stream between
+/// the read it was decided on and the write.
+const DECIDE_AGAIN: usize = 8;
+
+/// Runs `decide` (read the stream's state, decide, write on condition that the state did not
+/// move) until no other node wrote in between: how producer and `Stream-Seq` checks hold
+/// across nodes. Past [`DECIDE_AGAIN`] tries the answer is 503 `stream_contended`.
+async fn decided<Fut>(mut decide: impl FnMut() -> Fut) -> Result<Response, Error>
+where
+    Fut: std::future::Future<Output = Result<Response, Error>>,
+{
+    for _ in 1..DECIDE_AGAIN {
+        match decide().await {
+            Err(Error::Store(StoreError::Conflict)) => continue,
+            other => return other,
+        }
+    }
+    decide().await
+}
+
 /// `PUT`: creates the stream, or confirms an identical one.
 pub(super) async fn put(
+    app: &TransportState,
+    topic: &TopicName,
+    headers: &HeaderMap,
+    body: Bytes,
+    location: String,
+) -> Result<Response, Error> {
+    decided(|| put_once(app, topic, headers, body.clone(), location.clone())).await
+}
+
+async fn put_once(
     app: &TransportState,
     topic: &TopicName,
     headers: &HeaderMap,
@@ -393,6 +423,15 @@ pub(super) async fn post(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, Error> {
+    decided(|| post_once(app, topic, headers, body.clone())).await
+}
+
+async fn post_once(
+    app: &TransportState,
+    topic: &TopicName,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, Error> {
     let Append {
         producer,
         close,
@@ -495,20 +534,28 @@ impl<'h> Append<'h> {
 
 /// A write of `messages` with the stream's state `meta` (sealed when closed), atomically;
 /// `clear`: the topic's history goes first (a stream created where one was).
+/// `created`: the stream is new, so the write applies only where no stream is (else only
+/// where the state is still the one `meta` was read from).
 fn stream_write(
     meta: &Meta,
     messages: Vec<(EventName, Payload)>,
-    clear: bool,
+    created: bool,
     time: u64,
 ) -> StreamWrite {
     StreamWrite {
-        clear,
+        clear: created,
         messages,
         time,
         state: Some(StreamState {
             record: meta.encode(),
             sealed: meta.closed,
+            version: 0,
         }),
+        expect: if created {
+            StreamExpect::Absent
+        } else {
+            meta.expect()
+        },
     }
 }
 

@@ -1,0 +1,385 @@
+//! `--redis` on a real Redis Cluster (3 primaries, one replica each, started by the test),
+//! and on a primary with a replica: topics spread over shards and fan out by sharded
+//! pub/sub, a topic's creation is announced to every node, a killed primary's replica takes
+//! over without losing an acknowledged publish, and `--redis-min-replicas` answers 201 only
+//! for what a replica has.
+
+#![allow(missing_docs)]
+
+mod support;
+
+use std::{collections::BTreeMap, process::Command, sync::Arc, time::Duration};
+
+use pushhub::store::{RedisMode, RedisOptions, RedisStore, Retention};
+use serde_json::{Value, json};
+use support::{Endpoint, PATIENCE, RedisCluster, RedisServer, eventually, spawn_binary};
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Publishes `data` once; the status, the id when 201, and the Retry-After when 503.
+async fn try_publish(node: &Endpoint, topic: &str, data: Value) -> (u16, Option<u64>, bool) {
+    let sent = node
+        .http
+        .post(node.url(&format!("/topics/{topic}")))
+        .timeout(Duration::from_secs(8))
+        .json(&data)
+        .send()
+        .await;
+    let Ok(response) = sent else {
+        return (0, None, false);
+    };
+    let status = response.status().as_u16();
+    let retry_after = response.headers().contains_key("retry-after");
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (status, body["id"].as_u64(), retry_after)
+}
+
+/// Topic names whose slots fall on every shard: `count` per primary.
+fn topics_on_every_shard(cluster: &RedisCluster, count: usize) -> Vec<String> {
+    let mut by_primary: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for i in 0.. {
+        let topic = format!("room{i}");
+        let primary = cluster.primary_of(&format!("pushhub:{{{topic}}}:seq"));
+        let names = by_primary.entry(primary).or_default();
+        if names.len() < count {
+            names.push(topic);
+        }
+        if by_primary.len() == 3 && by_primary.values().all(|n| n.len() == count) {
+            break;
+        }
+    }
+    by_primary.into_values().flatten().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn topics_spread_over_shards_and_fan_out_by_sharded_pub_sub() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    // One seed is enough: the node asks it, learns it is a cluster, and finds the rest.
+    let a = spawn_binary(&["--redis", &cluster.nodes[0].url()], &[]);
+    let b = spawn_binary(&["--redis", &cluster.seeds()], &[]);
+    assert!(
+        a.log.lock().unwrap().iter().any(|l| l.contains("redis")),
+        "startup names the store"
+    );
+    let (a, b) = (a.endpoint(), b.endpoint());
+    let topics = topics_on_every_shard(&cluster, 2);
+
+    // A store of the test's own, as a third node, hears of each topic as it is created.
+    let store = RedisStore::connect(
+        &RedisOptions {
+            urls: vec![cluster.nodes[1].url()],
+            mode: RedisMode::Cluster,
+            min_replicas: 0,
+            replica_timeout: Duration::from_secs(1),
+        },
+        Retention {
+            max_messages: 100,
+            max_age: None,
+        },
+    )
+    .unwrap();
+    let mut created = store.created_topics();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut sse = Vec::new();
+    let mut ws = Vec::new();
+    for topic in &topics {
+        sse.push(b.sse(&format!("/topics/{topic}/sse"), None).await);
+        ws.push(a.ws(&format!("/topics/{topic}/ws")).await);
+    }
+    for topic in &topics {
+        eventually("subscribers counted", || async {
+            b.get(&format!("/topics/{topic}")).await.1["subscribers"]["sse"] == 1
+                && a.get(&format!("/topics/{topic}")).await.1["subscribers"]["ws"] == 1
+        })
+        .await;
+    }
+    for round in 0..5u64 {
+        for (i, topic) in topics.iter().enumerate() {
+            let node = if (round as usize + i).is_multiple_of(2) {
+                &a
+            } else {
+                &b
+            };
+            let id = node.publish(topic, json!({ "round": round })).await;
+            assert_eq!(id, round + 1, "ids are per topic, assigned in Redis");
+        }
+    }
+    for (i, topic) in topics.iter().enumerate() {
+        for round in 0..5u64 {
+            let event = tokio::time::timeout(PATIENCE, sse[i].next_event())
+                .await
+                .expect("SSE event in time")
+                .expect("SSE open")
+                .json();
+            assert_eq!(
+                (event["topic"].as_str(), event["id"].as_u64()),
+                (Some(topic.as_str()), Some(round + 1))
+            );
+            let envelope = ws[i].next_envelope().await;
+            assert_eq!(envelope["id"].as_u64(), Some(round + 1));
+            assert_eq!(envelope["data"]["round"].as_u64(), Some(round));
+        }
+    }
+    let mut announced = Vec::new();
+    while announced.len() < topics.len() {
+        let topic = tokio::time::timeout(PATIENCE, created.recv())
+            .await
+            .expect("every new topic announced")
+            .unwrap();
+        announced.push(topic.as_str().to_owned());
+    }
+    announced.sort();
+    let mut expected = topics.clone();
+    expected.sort();
+    assert_eq!(
+        announced, expected,
+        "each topic announced once, on its first message"
+    );
+
+    // Sharded: each topic's channel has subscribers on its own shard's primary (both nodes
+    // follow it), and no node uses classic pub/sub for it.
+    for topic in &topics {
+        let channel = format!("pushhub:{{{topic}}}:live");
+        let primary = cluster.nodes[cluster.primary_of(&channel)].port;
+        let sharded = redis_cli(primary, &["pubsub", "shardnumsub", &channel]);
+        assert!(
+            sharded.ends_with("2\n"),
+            "{channel} on {primary}: {sharded:?}"
+        );
+        for node in &cluster.nodes {
+            let classic = redis_cli(node.port, &["pubsub", "numsub", &channel]);
+            assert!(classic.ends_with("0\n"), "{channel} classic: {classic:?}");
+        }
+    }
+}
+
+/// A killed primary: its replica is promoted; publishes meanwhile are refused (503 with
+/// Retry-After), never falsely acknowledged. With `--redis-min-replicas 1` and one replica
+/// per shard, the promoted primary has no replica until the killed one comes back as its
+/// replica: until then its publishes are refused too. Every acknowledged publish reaches
+/// the subscribers on both nodes exactly once, in order, and stays in the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_primary_fails_over_and_no_acknowledged_publish_is_lost() {
+    let Some(mut cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let seeds = cluster.seeds();
+    let args = [
+        "--redis",
+        seeds.as_str(),
+        "--redis-min-replicas",
+        "1",
+        "--redis-replica-timeout",
+        "500ms",
+    ];
+    let a = spawn_binary(&args, &[]);
+    let b = spawn_binary(&args, &[]);
+    let (a, b) = (a.endpoint(), b.endpoint());
+    let topic = "failover";
+    let mut sse = b.sse(&format!("/topics/{topic}/sse"), None).await;
+    let mut ws = a.ws(&format!("/topics/{topic}/ws")).await;
+    eventually("subscribers", || async {
+        b.get(&format!("/topics/{topic}")).await.1["subscribers"]["sse"] == 1
+            && a.get(&format!("/topics/{topic}")).await.1["subscribers"]["ws"] == 1
+    })
+    .await;
+
+    let primary = cluster.primary_of(&format!("pushhub:{{{topic}}}:seq"));
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<(u64, u64)>::new()));
+    let publisher = {
+        let (a, b, acked) = (a.clone(), b.clone(), acked.clone());
+        tokio::spawn(async move {
+            let (mut refused, mut without_retry_after) = (0, 0);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(16);
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let node = if n.is_multiple_of(2) { &a } else { &b };
+                match try_publish(node, topic, json!({ "n": n })).await {
+                    (201, Some(id), _) => acked.lock().unwrap().push((id, n)),
+                    (503, _, retry_after) => {
+                        refused += 1;
+                        without_retry_after += usize::from(!retry_after);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => panic!("publish {n}: {other:?}"),
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (refused, without_retry_after)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = acked.lock().unwrap().len();
+    cluster.nodes[primary].kill();
+    let key = format!("pushhub:{{{topic}}}:seq");
+    eventually("the replica is promoted", || async {
+        cluster.primary_of(&key) != primary
+    })
+    .await;
+    let promoted = cluster.primary_of(&key);
+    cluster.nodes[primary].restart();
+    cluster.wait_healthy();
+    let (refused, without_retry_after) = publisher.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(before > 20, "publishes flowed before the kill: {before}");
+    assert!(
+        acked.len() > before + 20,
+        "publishes flowed again after the failover: {} then {}",
+        before,
+        acked.len()
+    );
+    assert!(refused > 0, "the switch was felt (503s)");
+    assert_eq!(without_retry_after, 0, "every 503 says when to retry");
+    assert_eq!(
+        cluster.primary_of(&key),
+        promoted,
+        "the killed primary came back as a replica"
+    );
+
+    // Every acknowledged publish, once, in id order, on both nodes' subscribers; ids only
+    // grow, and an id is never reused for another message.
+    let by_id: BTreeMap<u64, u64> = acked.iter().copied().collect();
+    assert_eq!(by_id.len(), acked.len(), "no id acknowledged twice");
+    let last_acked = *by_id.keys().last().unwrap();
+    let mut seen_sse = BTreeMap::new();
+    let mut last = 0;
+    while last < last_acked {
+        let event = tokio::time::timeout(PATIENCE, sse.next_event())
+            .await
+            .expect("SSE event in time")
+            .expect("SSE open")
+            .json();
+        let id = event["id"].as_u64().unwrap();
+        assert!(id > last, "SSE ids strictly increase: {id} after {last}");
+        last = id;
+        seen_sse.insert(id, event["data"]["n"].as_u64().unwrap());
+    }
+    let mut seen_ws = BTreeMap::new();
+    let mut last = 0;
+    while last < last_acked {
+        let envelope = ws.next_envelope().await;
+        let id = envelope["id"].as_u64().unwrap();
+        assert!(
+            id > last,
+            "WebSocket ids strictly increase: {id} after {last}"
+        );
+        last = id;
+        seen_ws.insert(id, envelope["data"]["n"].as_u64().unwrap());
+    }
+    for (id, n) in &by_id {
+        assert_eq!(
+            seen_sse.get(id),
+            Some(n),
+            "SSE got acknowledged {id} as itself"
+        );
+        assert_eq!(
+            seen_ws.get(id),
+            Some(n),
+            "WebSocket got acknowledged {id} as itself"
+        );
+    }
+    let (status, history) = a
+        .get(&format!("/topics/{topic}/poll?after=0&limit=1000"))
+        .await;
+    assert_eq!(status, 200);
+    let kept: BTreeMap<u64, u64> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_u64().unwrap(), m["data"]["n"].as_u64().unwrap()))
+        .collect();
+    for (id, n) in &by_id {
+        assert_eq!(kept.get(id), Some(n), "history keeps acknowledged {id}");
+    }
+    eprintln!(
+        "failover: {} acknowledged ({before} before the kill), {refused} refused with 503",
+        acked.len()
+    );
+}
+
+/// `--redis-min-replicas 1` on a primary with one replica: 201 while the replica is there,
+/// 503 with Retry-After (after the replica timeout, not for ever) once it is gone, 201 again
+/// when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn min_replicas_answers_201_only_for_what_a_replica_has() {
+    let Some(primary) = RedisServer::start() else {
+        return;
+    };
+    let primary_port = primary.port.to_string();
+    let Some(mut replica) = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port])
+    else {
+        return;
+    };
+    support::wait_redis_says(
+        replica.port,
+        b"INFO replication\r\n",
+        "master_link_status:up",
+    );
+    let node = spawn_binary(
+        &[
+            "--redis",
+            &primary.url(),
+            "--redis-min-replicas",
+            "1",
+            "--redis-replica-timeout",
+            "300ms",
+        ],
+        &[],
+    );
+    let node = node.endpoint();
+    let mut sse = node.sse("/topics/w/sse", None).await;
+    for n in 1..=3u64 {
+        assert_eq!(node.publish("w", json!(n)).await, n);
+    }
+    for n in 1..=3u64 {
+        let event = sse.next_event().await.unwrap().json();
+        assert_eq!(event["id"].as_u64(), Some(n));
+    }
+    replica.kill();
+    eventually("the primary notices its replica is gone", || async {
+        redis_cli(primary.port, &["info", "replication"]).contains("connected_slaves:0")
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (status, id, retry_after) = try_publish(&node, "w", json!(4)).await;
+    assert_eq!((status, id, retry_after), (503, None, true));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "waited for the replica timeout: {waited:?}"
+    );
+    // Stored, not acknowledged, not delivered live: the subscriber sees nothing yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sse.next_event())
+            .await
+            .is_err(),
+        "a message no replica has is not delivered"
+    );
+    replica.restart();
+    support::wait_redis_says(
+        replica.port,
+        b"INFO replication\r\n",
+        "master_link_status:up",
+    );
+    let id = node.publish("w", json!(5)).await;
+    assert_eq!(id, 5, "the refused message kept its id; this one is next");
+    // The refused message may still appear, once, before the next one: it was stored.
+    let mut delivered = Vec::new();
+    while delivered.last() != Some(&5) {
+        let event = sse.next_event().await.unwrap().json();
+        delivered.push(event["id"].as_u64().unwrap());
+    }
+    assert_eq!(delivered, vec![4, 5]);
+}
