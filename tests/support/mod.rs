@@ -529,6 +529,13 @@ impl RedisProcess {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the server.
+    fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid])
+            .status();
+    }
+
     /// SIGKILL: an outage, not a clean stop.
     fn kill(mut self) {
         let _ = Command::new("kill").args(["-9", &self.pid]).status();
@@ -617,6 +624,20 @@ impl RedisServer {
     pub fn kill(&mut self) {
         if let Some(process) = self.process.take() {
             process.kill();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): it neither answers nor replicates until [`Self::resume`].
+    pub fn pause(&self) {
+        if let Some(process) = &self.process {
+            process.signal("STOP");
+        }
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(process) = &self.process {
+            process.signal("CONT");
         }
     }
 
@@ -716,6 +737,27 @@ impl RedisCluster {
             i += 1;
         }
         panic!("no primary for slot {slot}: {lines:?}");
+    }
+
+    /// The replica of the primary `primary`.
+    pub fn replica_of(&self, primary: usize) -> usize {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.nodes[primary].port.to_string(),
+                "info",
+                "replication",
+            ])
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&out.stdout).into_owned();
+        let port: u16 = info
+            .lines()
+            .find(|l| l.starts_with("slave0:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("port=")))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("node {primary} has no replica: {info}"));
+        self.nodes.iter().position(|n| n.port == port).unwrap()
     }
 
     /// Waits until every live node reports the cluster healthy, and every shard's replica

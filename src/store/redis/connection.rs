@@ -3,11 +3,12 @@
 //! library's). Every connection here reconnects by itself; a command sent while Redis is
 //! away fails, and the caller answers 503.
 //!
-//! A node holds three kinds of connection: `commands` (scripts and reads, multiplexed),
-//! `writes` (only with `--redis-min-replicas`: a publish's script and its `WAIT` go there,
-//! pipelined to the slot's primary, because `WAIT` blocks the connection it runs on), and
-//! the subscriber, whose pushes (messages, subscription confirmations, disconnections) the
-//! listener reads.
+//! A node holds three kinds of connection: `commands` (reads, multiplexed), `writes`
+//! (write scripts, with their `WAIT` under `--redis-min-replicas`, pipelined to the slot's
+//! primary because `WAIT` blocks the connection it runs on; in a cluster without the
+//! library's retries, since a write whose reply was lost may have run; one primary without
+//! `--redis-min-replicas` writes on `commands`), and the subscriber, whose pushes
+//! (messages, subscription confirmations, disconnections) the listener reads.
 
 use std::time::Duration;
 
@@ -133,6 +134,19 @@ impl Connection {
         }
     }
 
+    /// Makes a cluster connection look at the cluster again where `key`'s slot is concerned:
+    /// a keyed command sent through a stale slot map meets a redirect, which makes the
+    /// library refresh the map and move its subscriptions to the slots' owners. A
+    /// subscriber connection sends no keyed command of its own, so nothing else would.
+    pub(super) async fn refresh_route(&mut self, key: &str) {
+        if let Connection::Cluster(c) = self {
+            let _ = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<redis::Value>(c)
+                .await;
+        }
+    }
+
     /// Ends a [`Connection::follow`].
     pub(super) async fn unfollow(&mut self, channel: &str) -> RedisResult<()> {
         match self {
@@ -153,7 +167,7 @@ impl Connection {
 /// A node's connections to Redis, as [`connect`] opens them.
 pub(super) struct Links {
     pub(super) commands: Connection,
-    /// Only with `--redis-min-replicas`.
+    /// Always in a cluster; with one primary, only with `--redis-min-replicas`.
     pub(super) writes: Option<Connection>,
     pub(super) subscriber: Connection,
     pub(super) pushes: mpsc::UnboundedReceiver<PushInfo>,
@@ -185,10 +199,12 @@ pub(super) fn connect(options: &RedisOptions) -> Result<Links, StoreError> {
     // A write waits for its replicas on top of its own round trip.
     let write_timeout = COMMAND_TIMEOUT + options.replica_timeout;
     let links = if cluster {
-        let client = |pushes: Option<mpsc::UnboundedSender<PushInfo>>, timeout: Duration| {
+        let client = |pushes: Option<mpsc::UnboundedSender<PushInfo>>,
+                      timeout: Duration,
+                      retries: u32| {
             let mut builder = ClusterClientBuilder::new(options.urls.iter().map(String::as_str))
                 .use_protocol(ProtocolVersion::RESP3)
-                .retries(2)
+                .retries(retries)
                 .min_retry_wait(20)
                 .max_retry_wait(MAX_BACKOFF.as_millis() as u64);
             if let Some(pushes) = pushes {
@@ -203,11 +219,11 @@ pub(super) fn connect(options: &RedisOptions) -> Result<Links, StoreError> {
             ))
         };
         Links {
-            commands: client(None, COMMAND_TIMEOUT)?,
-            writes: (options.min_replicas > 0)
-                .then(|| client(None, write_timeout))
-                .transpose()?,
-            subscriber: client(Some(push_tx), COMMAND_TIMEOUT)?,
+            commands: client(None, COMMAND_TIMEOUT, 2)?,
+            // No retries by the library: after a lost reply it would send a write again,
+            // which may have run already (a primary killed after replicating it).
+            writes: Some(client(None, write_timeout, 0)?),
+            subscriber: client(Some(push_tx), COMMAND_TIMEOUT, 2)?,
             pushes,
             cluster,
         }

@@ -90,10 +90,16 @@ return out
 pub(super) const STATE_NOTICE: &[u8] = b"state";
 
 /// Reads a topic's ends and the messages after a cursor, from one moment. KEYS: seq, log,
-/// stream. ARGV: after, limit, age cutoff in ms (0: none; a stream has none). Returns
-/// {last id, first retained, members}.
+/// stream, ack. ARGV: after, limit, age cutoff in ms (0: none; a stream has none), capped
+/// (`1` with `--redis-min-replicas`: nothing above the topic's confirmed id is read, as if
+/// the counter stood there). Returns {last id (capped), first retained, members, newest id}.
 pub(super) const READ_SCRIPT: &str = r"
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local newest = last
+if ARGV[4] == '1' then
+  local ack = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if ack < last then last = ack end
+end
 local cutoff = tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 1 then cutoff = 0 end
 local first = last + 1
@@ -105,16 +111,27 @@ while true do
   if cutoff > 0 and time and time < cutoff then
     rank = rank + 1
   else
-    first = tonumber(oldest[2])
+    first = math.min(tonumber(oldest[2]), last + 1)
     break
   end
 end
 local from = math.max(tonumber(ARGV[1]) + 1, first)
 local members = {}
 if tonumber(ARGV[2]) > 0 and from <= last then
-  members = redis.call('ZRANGEBYSCORE', KEYS[2], from, '+inf', 'LIMIT', 0, ARGV[2])
+  members = redis.call('ZRANGEBYSCORE', KEYS[2], from, last, 'LIMIT', 0, ARGV[2])
 end
-return {last, first, members}
+return {last, first, members, newest}
+";
+
+/// With `--redis-min-replicas`, run once a write's `WAIT` confirmed it: raises the topic's
+/// confirmed id (what reads may see) and publishes the write's members, so that no reader
+/// or subscriber ever sees a message a failover could take back. KEYS: ack. ARGV: the
+/// write's newest id, channel, publish command, then the members to publish.
+pub(super) const CONFIRM_SCRIPT: &str = r"
+local ack = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > ack then redis.call('SET', KEYS[1], ARGV[1]) end
+for i = 4, #ARGV do redis.call(ARGV[3], ARGV[2], ARGV[i]) end
+return 1
 ";
 
 /// The topic's id counter.
@@ -129,6 +146,11 @@ pub(super) fn log_key(topic: &TopicName) -> String {
 /// The topic's stream state (a seal byte `0`/`1`, then the record), while it is a stream.
 pub(super) fn stream_key(topic: &TopicName) -> String {
     format!("pushhub:{{{topic}}}:stream")
+}
+
+/// The topic's newest id whose write replicas confirmed (with `--redis-min-replicas`).
+pub(super) fn ack_key(topic: &TopicName) -> String {
+    format!("pushhub:{{{topic}}}:ack")
 }
 
 /// How many times the topic's stream state was written: the version a compare-and-set of

@@ -29,6 +29,8 @@ use crate::message::{Message, MessageId, TopicName};
 
 /// How often lost topics are read from their logs and subscribed again.
 pub(super) const REPAIR_EVERY: Duration = Duration::from_millis(500);
+/// How long after a disconnection the listener checks that live topics really receive.
+const PROBATION: Duration = Duration::from_secs(30);
 /// Messages read per round when the listener catches a topic up from its log.
 const REPLAY_BATCH: usize = 1000;
 
@@ -86,6 +88,9 @@ struct Followed {
     /// The newest id delivered, where a replay starts.
     last_seen: MessageId,
     standing: Standing,
+    /// During probation: the log's head at the last check, when it was ahead of what was
+    /// delivered. Still ahead at the next check means the subscription is silent.
+    behind: Option<MessageId>,
 }
 
 impl Followed {
@@ -95,6 +100,7 @@ impl Followed {
             tail,
             last_seen: 0,
             standing: Standing::Subscribing,
+            behind: None,
         }
     }
 
@@ -117,6 +123,8 @@ pub(super) struct Listener {
     shared: std::sync::Weak<Shared>,
     topics: HashMap<TopicName, Followed>,
     created: broadcast::Sender<TopicName>,
+    /// Until when live topics are checked against their logs (after a disconnection).
+    probation: Option<tokio::time::Instant>,
 }
 
 impl Listener {
@@ -133,6 +141,7 @@ impl Listener {
             shared,
             topics: HashMap::new(),
             created,
+            probation: None,
         };
         tokio::spawn(listener.run(follows, pushes));
     }
@@ -251,6 +260,9 @@ impl Listener {
     }
 
     async fn on_push(&mut self, push: PushInfo) {
+        if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
+            tracing::debug!(kind = ?push.kind, data = ?push.data, "redis: push");
+        }
         let channel_of = |data: &[Value]| match data.first() {
             Some(Value::BulkString(name)) => String::from_utf8(name.clone()).ok(),
             _ => None,
@@ -292,6 +304,7 @@ impl Listener {
                 let topic = channel_of(&push.data).and_then(|name| topic_of_channel(&name));
                 if let Some(followed) = topic.and_then(|topic| self.topics.get_mut(&topic)) {
                     followed.standing = Standing::Lost;
+                    self.probation = Some(tokio::time::Instant::now() + PROBATION);
                 }
             }
             PushKind::Disconnection => self.lost_all(),
@@ -302,6 +315,7 @@ impl Listener {
     /// A connection was lost: every topic may be missing messages from now on. (A cluster's
     /// pushes do not say which node's; marking all costs one read per topic.)
     fn lost_all(&mut self) {
+        self.probation = Some(tokio::time::Instant::now() + PROBATION);
         for followed in self.topics.values_mut() {
             // What arrives while unsubscribed is not in the tails: reads go to Redis until a
             // replay has filled them again.
@@ -345,6 +359,13 @@ impl Listener {
     /// Reads every lost topic from its log and subscribes it again. Stops at the first
     /// failure: Redis is away, and the next round tries again.
     async fn repair(&mut self) {
+        if self
+            .probation
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+            && self.find_silent().await.is_err()
+        {
+            return;
+        }
         let lost: Vec<TopicName> = self
             .topics
             .iter()
@@ -358,9 +379,42 @@ impl Listener {
             let mut subscriber = self.subscriber.clone();
             // Its confirmation (a push) marks the topic live, after one more replay.
             tokio::spawn(async move {
-                let _ = within(subscriber.follow(&channel(&topic))).await;
+                let channel = channel(&topic);
+                subscriber.refresh_route(&channel).await;
+                let _ = within(subscriber.follow(&channel)).await;
             });
         }
+    }
+
+    /// After a disconnection, a subscription may be confirmed by a node that then never
+    /// delivers (a killed primary restarted as a replica accepts it before it learns it
+    /// was replaced): a live topic whose log stays ahead of what was delivered for one
+    /// whole round is silent, and counts as lost.
+    async fn find_silent(&mut self) -> Result<(), StoreError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        let live: Vec<TopicName> = self
+            .topics
+            .iter()
+            .filter(|(_, f)| f.standing == Standing::Live)
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in live {
+            let head = shared.read(&topic, MessageId::MAX, 0).await?.head.last_id;
+            let Some(followed) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            match followed.behind {
+                Some(then) if followed.last_seen < then => {
+                    tracing::warn!(%topic, "redis: subscription silent; subscribing again");
+                    followed.standing = Standing::Lost;
+                    followed.behind = None;
+                }
+                _ => followed.behind = (head > followed.last_seen).then_some(head),
+            }
+        }
+        Ok(())
     }
 
     /// Delivers what the topic's log holds after the last id delivered.
@@ -397,6 +451,10 @@ impl Listener {
                 return Ok(());
             }
             let more = read.messages.len() == REPLAY_BATCH;
+            tracing::debug!(
+                %topic, after, head = read.head.last_id, read = read.messages.len(),
+                "redis: replayed from the log"
+            );
             for message in read.messages {
                 if message.id > until {
                     return Ok(());

@@ -52,8 +52,8 @@ use crate::message::{EventName, Message, MessageId, Payload, TopicName, now_mill
 use connection::{COMMAND_TIMEOUT, Connection, not_run};
 pub use connection::{RedisMode, RedisOptions};
 use keys::{
-    PUBLISH_SCRIPT, READ_SCRIPT, STATE_NOTICE, STREAM_SCRIPT, channel, decode_member, log_key,
-    seq_key, stream_key, version_key,
+    CONFIRM_SCRIPT, PUBLISH_SCRIPT, READ_SCRIPT, STATE_NOTICE, STREAM_SCRIPT, ack_key, channel,
+    decode_member, log_key, seq_key, stream_key, version_key,
 };
 use listener::{Follow, Listener};
 use tail::{SharedTail, TAIL_CAPACITY, Tail, lock};
@@ -82,7 +82,9 @@ pub struct RedisStore {
 
 struct Shared {
     commands: Connection,
-    /// With `--redis-min-replicas`: where a write and its `WAIT` go, on the slot's primary.
+    /// Where writes go (a cluster's, with the library's retries off: a write whose reply
+    /// was lost may have run, and must not run twice), and with `--redis-min-replicas` their
+    /// `WAIT`, on the slot's primary. `None`: the command connection.
     writes: Option<Connection>,
     min_replicas: u32,
     replica_timeout_ms: u64,
@@ -92,6 +94,7 @@ struct Shared {
     publish: Script,
     read: Script,
     stream: Script,
+    confirm: Script,
     retention: Retention,
     listener: mpsc::UnboundedSender<Follow>,
 }
@@ -107,7 +110,7 @@ impl Shared {
     /// (the node publishes once `WAIT` says they have it, so no subscriber ever sees a
     /// message a failover could take back and hand its id to another).
     fn script_publishes(&self) -> &'static str {
-        if self.writes.is_some() {
+        if self.min_replicas > 0 {
             ""
         } else {
             self.publish_command
@@ -125,10 +128,12 @@ impl Shared {
         invocation
             .key(log_key(topic))
             .key(stream_key(topic))
+            .key(ack_key(topic))
             .arg(after.min(1 << 53))
             .arg(limit)
-            .arg(self.cutoff());
-        let (last_id, first_retained, members): (u64, u64, Vec<Vec<u8>>) = invocation
+            .arg(self.cutoff())
+            .arg(if self.min_replicas > 0 { "1" } else { "0" });
+        let (last_id, first_retained, members, newest): (u64, u64, Vec<Vec<u8>>, u64) = invocation
             .invoke_async(&mut commands)
             .await
             .map_err(unavailable)?;
@@ -136,6 +141,14 @@ impl Shared {
             .into_iter()
             .map(|member| decode_member(topic, Bytes::from(member)).map(Arc::new))
             .collect::<Result<_, _>>()?;
+        // A cursor between the confirmed id and the counter (a client that saw a message
+        // confirmed an instant ago, on another node) is not "ahead of the topic": the read
+        // stands at the cursor, and what comes next is delivered once confirmed.
+        let last_id = if after <= newest {
+            last_id.max(after)
+        } else {
+            last_id
+        };
         Ok(LogRead {
             messages,
             head: LogHead {
@@ -145,10 +158,15 @@ impl Shared {
         })
     }
 
-    /// Runs a write script (`cmd`, an [`evalsha`] of `script` on `key`'s slot). With
-    /// `--redis-min-replicas N` the script and a `WAIT N timeout` go pipelined to the slot's
-    /// primary, and fewer than N confirmations is a 503: the write may still be kept (and
-    /// delivered later), but no `201` is given for what a failover could lose.
+    /// Runs a write script (`cmd`, an [`evalsha`] of `script` on `key`'s slot) once.
+    ///
+    /// With `--redis-min-replicas N` the script and a `WAIT N timeout` go pipelined to the
+    /// slot's primary, and fewer than N confirmations is a 503: the write may still be kept
+    /// (and delivered later), but no `201` is given for what a failover could lose. A write
+    /// is sent again only after an answer that says it did not run (`NOSCRIPT`, `MOVED`,
+    /// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, `LOADING`); never after a lost reply,
+    /// which could mean it ran (the write connection of a cluster has the library's retries
+    /// off for this reason).
     async fn write(
         &self,
         key: &str,
@@ -156,32 +174,47 @@ impl Shared {
         code: &str,
         cmd: Cmd,
     ) -> Result<Value, StoreError> {
-        let mut commands = self.commands.clone();
+        let mut connection = self.writes.clone().unwrap_or_else(|| self.commands.clone());
         let mut loaded = false;
-        loop {
-            let outcome = match &self.writes {
-                None => commands
+        for attempt in 1.. {
+            let outcome = if self.min_replicas > 0 {
+                self.replicated(connection.clone(), key, &cmd).await?
+            } else {
+                connection
                     .req_packed_command(&cmd)
                     .await
-                    .and_then(Value::extract_error),
-                Some(writes) => self.replicated(writes.clone(), key, &cmd).await?,
+                    .and_then(Value::extract_error)
             };
             match outcome {
                 // A primary that never ran the script (new, restarted, promoted): load it
-                // there and run it again; it did not run, so it cannot run twice.
+                // there and run it again.
                 Err(error) if not_run(&error) && !loaded => {
                     loaded = true;
                     let mut load = Pipeline::new();
                     load.cmd("SCRIPT").arg("LOAD").arg(code);
-                    let hash: Vec<Value> =
-                        commands.on_primary(key, &load).await.map_err(unavailable)?;
-                    debug_assert!(
-                        matches!(hash.first(), Some(Value::BulkString(h)) if h == script.get_hash().as_bytes())
-                    );
+                    let hash = connection
+                        .on_primary(key, &load)
+                        .await
+                        .map_err(unavailable)?;
+                    debug_assert!(matches!(
+                        hash.first(),
+                        Some(Value::BulkString(h)) if h == script.get_hash().as_bytes()
+                    ));
+                }
+                // The cluster is moving the slot, or electing its primary: the write did
+                // not run; try again shortly (the library refreshes its slot map meanwhile).
+                Err(error) if refused_before_running(&error) && attempt < WRITE_ATTEMPTS => {
+                    // A redirect inside a pipeline does not make the library look at the
+                    // cluster again; a plain keyed command meeting the same redirect does.
+                    let mut probe = redis::cmd("EXISTS");
+                    probe.arg(key);
+                    let _ = connection.req_packed_command(&probe).await;
+                    tokio::time::sleep(REROUTE_PAUSE * attempt).await;
                 }
                 other => return other.map_err(unavailable),
             }
         }
+        unreachable!("the loop returns")
     }
 
     /// The script, then `WAIT`, as one pipeline on the slot's primary. The inner result is
@@ -198,11 +231,14 @@ impl Shared {
             .cmd("WAIT")
             .arg(self.min_replicas)
             .arg(self.replica_timeout_ms);
-        let mut values = writes
-            .on_primary(key, &pipeline)
-            .await
-            .map_err(unavailable)?
-            .into_iter();
+        let mut values = match writes.on_primary(key, &pipeline).await {
+            Ok(values) => values.into_iter(),
+            // Refused before running (a redirect): the caller may send it again.
+            Err(error) if refused_before_running(&error) || not_run(&error) => {
+                return Ok(Err(error));
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
         let (Some(written), Some(acked)) = (values.next(), values.next()) else {
             return Err(StoreError::Internal(
                 "redis: short answer to a write".into(),
@@ -223,31 +259,43 @@ impl Shared {
         Ok(written)
     }
 
-    /// Publishes members the script left unpublished (with `--redis-min-replicas`), once
-    /// their write is confirmed, in id order.
-    async fn publish_confirmed(
+    /// With `--redis-min-replicas`: once a write is confirmed, makes it visible to reads
+    /// (the topic's confirmed id) and publishes its members in id order. Idempotent, so the
+    /// library may retry it.
+    async fn confirm(
         &self,
         topic: &TopicName,
+        newest: MessageId,
         members: &[Vec<u8>],
     ) -> Result<(), StoreError> {
-        if self.writes.is_none() || members.is_empty() {
+        if self.min_replicas == 0 {
             return Ok(());
         }
-        let mut pipeline = Pipeline::new();
+        let mut invocation = self.confirm.key(ack_key(topic));
+        invocation
+            .arg(newest)
+            .arg(channel(topic))
+            .arg(self.publish_command);
         for member in members {
-            pipeline
-                .cmd(self.publish_command)
-                .arg(channel(topic))
-                .arg(member.as_slice())
-                .ignore();
+            invocation.arg(member.as_slice());
         }
         let mut commands = self.commands.clone();
-        commands
-            .on_primary(&channel(topic), &pipeline)
+        invocation
+            .invoke_async::<()>(&mut commands)
             .await
-            .map(drop)
             .map_err(unavailable)
     }
+}
+
+/// Tries of a write refused before it ran (the slot moving, a primary being elected).
+const WRITE_ATTEMPTS: u32 = 5;
+/// The pause before the next try, times the number of tries so far.
+const REROUTE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// An answer by which Redis refused a command without running it.
+fn refused_before_running(error: &redis::RedisError) -> bool {
+    matches!(error.kind(), redis::ErrorKind::Server(_))
+        && !matches!(error.retry_method(), redis::RetryMethod::NoRetry)
 }
 
 impl RedisStore {
@@ -272,6 +320,7 @@ impl RedisStore {
             publish: Script::new(PUBLISH_SCRIPT),
             read: Script::new(READ_SCRIPT),
             stream: Script::new(STREAM_SCRIPT),
+            confirm: Script::new(CONFIRM_SCRIPT),
             retention,
             listener,
         });
@@ -361,7 +410,7 @@ impl TopicLog for RedisLog {
         let id = u64::try_from(id).map_err(|_| StoreError::Sealed)?;
         let mut member = format!("{id}\n").into_bytes();
         member.extend_from_slice(&record);
-        shared.publish_confirmed(&self.topic, &[member]).await?;
+        shared.confirm(&self.topic, id, &[member]).await?;
         Ok(Arc::new(Message::new(
             id,
             self.topic.clone(),
@@ -465,7 +514,7 @@ impl TopicLog for RedisLog {
         if notice {
             members.push(STATE_NOTICE.to_vec());
         }
-        shared.publish_confirmed(&self.topic, &members).await?;
+        shared.confirm(&self.topic, head.last_id, &members).await?;
         let messages = ids
             .iter()
             .zip(write.messages)
