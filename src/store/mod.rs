@@ -34,7 +34,7 @@ pub use memory::MemoryStore;
 pub use redis::{RedisMode, RedisOptions, RedisStore};
 
 /// What a store failed with. How each is answered over HTTP is `error.rs`'s business.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backing service cannot be reached; the request may be retried.
     #[error("store unavailable: {0}")]

@@ -7,30 +7,37 @@ use bytes::Bytes;
 use super::super::{StoreError, record};
 use crate::message::{Message, TopicName};
 
-/// Appends, trims and publishes, atomically. KEYS: seq, log, stream. ARGV: channel, record,
-/// max messages, age cutoff in ms (0: none), age limit in ms (0: none), the publish command
-/// (`PUBLISH`, `SPUBLISH` in a cluster, empty: the node publishes once replicas have the
-/// write), the topic's name. A topic that is a stream is not trimmed; a sealed one refuses
-/// the append (returns -1). A topic's first id is announced on [`CREATED_CHANNEL`].
+/// Appends a batch of messages, trims and publishes, atomically. KEYS: seq, log, stream.
+/// ARGV: channel, max messages, age cutoff in ms (0: none), age limit in ms (0: none), the
+/// publish command (`PUBLISH`, `SPUBLISH` in a cluster, empty: the node publishes once
+/// replicas have the write), the topic's name, then one record per message. Returns the ids
+/// given, in order. A topic that is a stream is not trimmed; a sealed one refuses the whole
+/// batch (returns {-1}). A topic's first id is announced on [`CREATED_CHANNEL`].
 pub(super) const PUBLISH_SCRIPT: &str = r"
 local stream = redis.call('GET', KEYS[3])
-if stream and string.byte(stream, 1) == 49 then return -1 end
-local id = redis.call('INCR', KEYS[1])
-if id == 1 then redis.call('PUBLISH', 'pushhub:topics', ARGV[7]) end
-local member = id .. '\n' .. ARGV[2]
-redis.call('ZADD', KEYS[2], id, member)
-if ARGV[6] ~= '' then redis.call(ARGV[6], ARGV[1], member) end
-if stream then return id end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', id - tonumber(ARGV[3]))
-local cutoff = tonumber(ARGV[4])
+if stream and string.byte(stream, 1) == 49 then return {-1} end
+local count = #ARGV - 6
+local id = redis.call('INCRBY', KEYS[1], count) - count
+if id == 0 then redis.call('PUBLISH', 'pushhub:topics', ARGV[6]) end
+local ids = {}
+for i = 7, #ARGV do
+  id = id + 1
+  local member = id .. '\n' .. ARGV[i]
+  redis.call('ZADD', KEYS[2], id, member)
+  if ARGV[5] ~= '' then redis.call(ARGV[5], ARGV[1], member) end
+  ids[#ids + 1] = id
+end
+if stream then return ids end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', id - tonumber(ARGV[2]))
+local cutoff = tonumber(ARGV[3])
 while cutoff > 0 do
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
   local time = oldest[1] and tonumber(string.match(oldest[1], '^%d+\n(%d+)\n'))
   if not time or time >= cutoff then break end
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, 0)
 end
-if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
-return id
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+return ids
 ";
 
 /// The classic channel (broadcast to every node of a cluster, unlike a topic's sharded one)

@@ -26,6 +26,7 @@
 //! the script refuses a write whose version moved ([`StoreError::Conflict`]): the
 //! compare-and-set that makes producer and `Stream-Seq` checks atomic across nodes.
 
+mod batch;
 mod connection;
 mod keys;
 mod listener;
@@ -259,6 +260,53 @@ impl Shared {
         Ok(written)
     }
 
+    /// Appends `records` to the topic in one script call (see [`batch::Appends`]): their
+    /// ids, in order.
+    async fn append_batch(
+        &self,
+        topic: &TopicName,
+        records: &[&[u8]],
+    ) -> Result<Vec<MessageId>, StoreError> {
+        let retention = &self.retention;
+        let age_ms = retention.max_age.map_or(0, |age| age.as_millis() as u64);
+        let keys = [seq_key(topic), log_key(topic), stream_key(topic)];
+        let mut cmd = evalsha(&self.publish, &keys);
+        cmd.arg(channel(topic))
+            .arg(retention.max_messages.max(1))
+            .arg(self.cutoff())
+            .arg(age_ms)
+            .arg(self.script_publishes())
+            .arg(topic.as_str());
+        for record in records {
+            cmd.arg(*record);
+        }
+        let answer = self
+            .write(&keys[0], &self.publish, PUBLISH_SCRIPT, cmd)
+            .await?;
+        let ids: Vec<i64> = parse(answer)?;
+        if ids.first() == Some(&-1) {
+            return Err(StoreError::Sealed);
+        }
+        if ids.len() != records.len() {
+            return Err(StoreError::Internal("redis: bad publish answer".into()));
+        }
+        let ids: Vec<MessageId> = ids.into_iter().map(|id| id as MessageId).collect();
+        if self.min_replicas > 0 {
+            let members: Vec<Vec<u8>> = ids
+                .iter()
+                .zip(records)
+                .map(|(id, record)| {
+                    let mut member = format!("{id}\n").into_bytes();
+                    member.extend_from_slice(record);
+                    member
+                })
+                .collect();
+            self.confirm(topic, *ids.last().unwrap_or(&0), &members)
+                .await?;
+        }
+        Ok(ids)
+    }
+
     /// With `--redis-min-replicas`: once a write is confirmed, makes it visible to reads
     /// (the topic's confirmed id) and publishes its members in id order. Idempotent, so the
     /// library may retry it.
@@ -356,6 +404,7 @@ impl Store for RedisStore {
                 messages: VecDeque::new(),
                 capacity,
             })),
+            appends: batch::Appends::new(topic.clone(), self.shared.clone()),
         })
     }
 }
@@ -368,6 +417,7 @@ struct RedisLog {
     /// The topic was last seen to be a stream: its local tail applies no age cutoff.
     streaming: AtomicBool,
     tail: SharedTail,
+    appends: Arc<batch::Appends>,
 }
 
 impl Drop for RedisLog {
@@ -386,31 +436,10 @@ impl TopicLog for RedisLog {
         data: &Payload,
         time: u64,
     ) -> Result<Arc<Message>, StoreError> {
-        let shared = &self.shared;
-        let record = record::encode(time, &event, data);
-        let retention = &shared.retention;
-        let age_ms = retention.max_age.map_or(0, |age| age.as_millis() as u64);
-        let keys = [
-            seq_key(&self.topic),
-            log_key(&self.topic),
-            stream_key(&self.topic),
-        ];
-        let mut cmd = evalsha(&shared.publish, &keys);
-        cmd.arg(channel(&self.topic))
-            .arg(&record)
-            .arg(retention.max_messages.max(1))
-            .arg(shared.cutoff())
-            .arg(age_ms)
-            .arg(shared.script_publishes())
-            .arg(self.topic.as_str());
-        let answer = shared
-            .write(&keys[0], &shared.publish, PUBLISH_SCRIPT, cmd)
+        let id = self
+            .appends
+            .append(record::encode(time, &event, data))
             .await?;
-        let id: i64 = parse(answer)?;
-        let id = u64::try_from(id).map_err(|_| StoreError::Sealed)?;
-        let mut member = format!("{id}\n").into_bytes();
-        member.extend_from_slice(&record);
-        shared.confirm(&self.topic, id, &[member]).await?;
         Ok(Arc::new(Message::new(
             id,
             self.topic.clone(),
