@@ -89,7 +89,24 @@ async fn topics_spread_over_shards_and_fan_out_by_sharded_pub_sub() {
     )
     .unwrap();
     let mut created = store.created_topics();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The announcements' channel is classic: each subscriber sits on one node or another.
+    eventually(
+        "the two nodes and this store hear announcements",
+        || async {
+            let subscribers: u64 = cluster
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    redis_cli(n.port, &["pubsub", "numsub", "pushhub:topics"])
+                        .lines()
+                        .nth(1)
+                        .and_then(|count| count.trim().parse::<u64>().ok())
+                })
+                .sum();
+            subscribers >= 3
+        },
+    )
+    .await;
 
     let mut sse = Vec::new();
     let mut ws = Vec::new();
@@ -322,11 +339,12 @@ async fn min_replicas_answers_201_only_for_what_a_replica_has() {
     else {
         return;
     };
-    support::wait_redis_says(
-        replica.port,
-        b"INFO replication\r\n",
-        "master_link_status:up",
-    );
+    // The primary counts the replica as online (what `WAIT` counts), not only the replica
+    // its link.
+    let online = |primary: u16| {
+        support::wait_redis_says(primary, b"INFO replication\r\n", "state=online");
+    };
+    online(primary.port);
     let node = spawn_binary(
         &[
             "--redis",
@@ -334,14 +352,21 @@ async fn min_replicas_answers_201_only_for_what_a_replica_has() {
             "--redis-min-replicas",
             "1",
             "--redis-replica-timeout",
-            "300ms",
+            "1s",
         ],
         &[],
     );
-    let node = node.endpoint();
+    let process = node;
+    let node = process.endpoint();
     let mut sse = node.sse("/topics/w/sse", None).await;
     for n in 1..=3u64 {
-        assert_eq!(node.publish("w", json!(n)).await, n);
+        let published = try_publish(&node, "w", json!(n)).await;
+        assert_eq!(
+            published,
+            (201, Some(n), false),
+            "{:?}",
+            process.log.lock().unwrap()
+        );
     }
     for n in 1..=3u64 {
         let event = sse.next_event().await.unwrap().json();
@@ -357,7 +382,7 @@ async fn min_replicas_answers_201_only_for_what_a_replica_has() {
     assert_eq!((status, id, retry_after), (503, None, true));
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "waited for the replica timeout: {waited:?}"
     );
     // Stored, not acknowledged, not delivered live: the subscriber sees nothing yet.
@@ -368,13 +393,14 @@ async fn min_replicas_answers_201_only_for_what_a_replica_has() {
         "a message no replica has is not delivered"
     );
     replica.restart();
-    support::wait_redis_says(
-        replica.port,
-        b"INFO replication\r\n",
-        "master_link_status:up",
+    online(primary.port);
+    let published = try_publish(&node, "w", json!(5)).await;
+    assert_eq!(
+        published,
+        (201, Some(5), false),
+        "the refused message kept its id; this one is next: {:?}",
+        process.log.lock().unwrap()
     );
-    let id = node.publish("w", json!(5)).await;
-    assert_eq!(id, 5, "the refused message kept its id; this one is next");
     // The refused message may still appear, once, before the next one: it was stored.
     let mut delivered = Vec::new();
     while delivered.last() != Some(&5) {

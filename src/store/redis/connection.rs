@@ -195,13 +195,23 @@ pub(super) fn connect(options: &RedisOptions) -> Result<Links, StoreError> {
                 .into(),
         ));
     }
+    Ok(if cluster {
+        cluster_links(options)?
+    } else {
+        single_links(options)?
+    })
+}
+
+/// A write waits for its replicas on top of its own round trip.
+fn write_timeout(options: &RedisOptions) -> Duration {
+    COMMAND_TIMEOUT + options.replica_timeout
+}
+
+/// The connections to a cluster, each a redis-rs cluster connection.
+fn cluster_links(options: &RedisOptions) -> Result<Links, StoreError> {
     let (push_tx, pushes) = mpsc::unbounded_channel();
-    // A write waits for its replicas on top of its own round trip.
-    let write_timeout = COMMAND_TIMEOUT + options.replica_timeout;
-    let links = if cluster {
-        let client = |pushes: Option<mpsc::UnboundedSender<PushInfo>>,
-                      timeout: Duration,
-                      retries: u32| {
+    let client =
+        |pushes: Option<mpsc::UnboundedSender<PushInfo>>, timeout: Duration, retries: u32| {
             let mut builder = ClusterClientBuilder::new(options.urls.iter().map(String::as_str))
                 .use_protocol(ProtocolVersion::RESP3)
                 .retries(retries)
@@ -210,7 +220,7 @@ pub(super) fn connect(options: &RedisOptions) -> Result<Links, StoreError> {
             if let Some(pushes) = pushes {
                 builder = builder.push_sender(pushes);
             }
-            let client = builder.build().map_err(|e| bad_url(first, e))?;
+            let client = builder.build().map_err(|e| bad_url(&options.urls[0], e))?;
             let config = ClusterConfig::new()
                 .set_connection_timeout(COMMAND_TIMEOUT)
                 .set_response_timeout(timeout);
@@ -218,55 +228,57 @@ pub(super) fn connect(options: &RedisOptions) -> Result<Links, StoreError> {
                 client.get_pending_async_connection_with_config(config),
             ))
         };
-        Links {
-            commands: client(None, COMMAND_TIMEOUT, 2)?,
-            // No retries by the library: after a lost reply it would send a write again,
-            // which may have run already (a primary killed after replicating it).
-            writes: Some(client(None, write_timeout, 0)?),
-            subscriber: client(Some(push_tx), COMMAND_TIMEOUT, 2)?,
-            pushes,
-            cluster,
-        }
-    } else {
-        let client = Client::open(first.as_str()).map_err(|e| bad_url(first, e))?;
-        let manager = |pushes: Option<mpsc::UnboundedSender<PushInfo>>, timeout: Duration| {
-            let mut config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(MAX_BACKOFF);
-            let client = match pushes {
-                Some(pushes) => {
-                    config = config
-                        .set_push_sender(pushes)
-                        .set_automatic_resubscription();
-                    // Pushes (messages on a connection that also runs commands) need RESP3.
-                    let info = client.get_connection_info().clone();
-                    let settings = info
-                        .redis_settings()
-                        .clone()
-                        .set_protocol(ProtocolVersion::RESP3);
-                    Client::open(info.set_redis_settings(settings))
-                        .map_err(|e| bad_url(first, e))?
-                }
-                None => client.clone(),
-            };
-            client
-                .get_connection_manager_lazy(config)
-                .map(Connection::Single)
-                .map_err(|e| bad_url(first, e))
+    Ok(Links {
+        commands: client(None, COMMAND_TIMEOUT, 2)?,
+        // No retries by the library: after a lost reply it would send a write again,
+        // which may have run already (a primary killed after replicating it).
+        writes: Some(client(None, write_timeout(options), 0)?),
+        subscriber: client(Some(push_tx), COMMAND_TIMEOUT, 2)?,
+        pushes,
+        cluster: true,
+    })
+}
+
+/// The connections to one primary, each a redis-rs connection manager.
+fn single_links(options: &RedisOptions) -> Result<Links, StoreError> {
+    let url = &options.urls[0];
+    let client = Client::open(url.as_str()).map_err(|e| bad_url(url, e))?;
+    let (push_tx, pushes) = mpsc::unbounded_channel();
+    let manager = |pushes: Option<mpsc::UnboundedSender<PushInfo>>, timeout: Duration| {
+        let mut config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(MAX_BACKOFF);
+        let client = match pushes {
+            Some(pushes) => {
+                config = config
+                    .set_push_sender(pushes)
+                    .set_automatic_resubscription();
+                // Pushes (messages on a connection that also runs commands) need RESP3.
+                let info = client.get_connection_info().clone();
+                let settings = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                Client::open(info.set_redis_settings(settings)).map_err(|e| bad_url(url, e))?
+            }
+            None => client.clone(),
         };
-        Links {
-            commands: manager(None, COMMAND_TIMEOUT)?,
-            writes: (options.min_replicas > 0)
-                .then(|| manager(None, write_timeout))
-                .transpose()?,
-            subscriber: manager(Some(push_tx), COMMAND_TIMEOUT)?,
-            pushes,
-            cluster,
-        }
+        client
+            .get_connection_manager_lazy(config)
+            .map(Connection::Single)
+            .map_err(|e| bad_url(url, e))
     };
-    Ok(links)
+    Ok(Links {
+        commands: manager(None, COMMAND_TIMEOUT)?,
+        writes: (options.min_replicas > 0)
+            .then(|| manager(None, write_timeout(options)))
+            .transpose()?,
+        subscriber: manager(Some(push_tx), COMMAND_TIMEOUT)?,
+        pushes,
+        cluster: false,
+    })
 }
 
 /// Asks the seed whether it runs in cluster mode; `false` when it cannot be asked.

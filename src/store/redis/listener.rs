@@ -366,13 +366,7 @@ impl Listener {
         {
             return;
         }
-        let lost: Vec<TopicName> = self
-            .topics
-            .iter()
-            .filter(|(_, f)| f.standing == Standing::Lost)
-            .map(|(topic, _)| topic.clone())
-            .collect();
-        for topic in lost {
+        for topic in self.standing(Standing::Lost) {
             if self.replay(&topic).await.is_err() {
                 return;
             }
@@ -386,6 +380,15 @@ impl Listener {
         }
     }
 
+    /// The followed topics that stand so.
+    fn standing(&self, standing: Standing) -> Vec<TopicName> {
+        self.topics
+            .iter()
+            .filter(|(_, f)| f.standing == standing)
+            .map(|(topic, _)| topic.clone())
+            .collect()
+    }
+
     /// After a disconnection, a subscription may be confirmed by a node that then never
     /// delivers (a killed primary restarted as a replica accepts it before it learns it
     /// was replaced): a live topic whose log stays ahead of what was delivered for one
@@ -394,13 +397,7 @@ impl Listener {
         let Some(shared) = self.shared.upgrade() else {
             return Ok(());
         };
-        let live: Vec<TopicName> = self
-            .topics
-            .iter()
-            .filter(|(_, f)| f.standing == Standing::Live)
-            .map(|(topic, _)| topic.clone())
-            .collect();
-        for topic in live {
+        for topic in self.standing(Standing::Live) {
             let head = shared.read(&topic, MessageId::MAX, 0).await?.head.last_id;
             let Some(followed) = self.topics.get_mut(&topic) else {
                 continue;
