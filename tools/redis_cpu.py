@@ -4,7 +4,9 @@ when REPLICA=1), N pushhub nodes (the binary given) each following the topic wit
 reader, 20,000 publishes from 8 keep-alive client threads spread over the nodes; Redis's own
 utime+stime from /proc over the publishes, per publish.
 
-Usage: python3 tools/redis_cpu.py ./target/release/pushhub [NODES] [pushhub flags...]"""
+Usage: python3 tools/redis_cpu.py ./target/release/pushhub [NODES] [pushhub flags...]
+LATENCY=1 measures publish latency instead (2,000 sequential publishes, p50 and p99).
+REPLICA=1 attaches a replica to the Redis (for --redis-min-replicas)."""
 import os, socket, subprocess, sys, threading, time, http.client, tempfile, json
 
 import ctypes, atexit
@@ -67,6 +69,19 @@ def publisher(k):
         c.request('POST', '/topics/cpu', body=b'{"n":1}', headers={'content-type': 'application/json'})
         r = c.getresponse(); r.read()
         assert r.status == 201, r.status
+if os.environ.get('LATENCY'):
+    # Publish latency instead: 2,000 sequential publishes from one keep-alive connection.
+    c = http.client.HTTPConnection('127.0.0.1', ports[0])
+    took = []
+    for n in range(2000):
+        t = time.perf_counter()
+        c.request('POST', '/topics/cpu', body=b'{"n":1}', headers={'content-type': 'application/json'})
+        r = c.getresponse(); r.read()
+        assert r.status == 201, r.status
+        took.append((time.perf_counter() - t) * 1e6)
+    took.sort()
+    print(json.dumps({'nodes': nodes, 'extra': extra, 'replica': bool(os.environ.get('REPLICA')), 'publish_us_p50': round(took[1000]), 'publish_us_p99': round(took[1980])}))
+    sys.exit(0)
 before = cpu(redis.pid)
 t0 = time.time()
 ts = [threading.Thread(target=publisher, args=(k,)) for k in range(THREADS)]
