@@ -114,10 +114,12 @@ fn store_description(config: &pushhub::Config) -> String {
                     format!("{scheme}://{host}")
                 })
                 .collect();
+            let mode = clap::ValueEnum::to_possible_value(&config.redis_mode)
+                .map(|value| value.get_name().to_owned())
+                .unwrap_or_default();
             format!(
-                "redis at {} (--redis-mode {:?}, --redis-min-replicas {})",
+                "redis at {} (--redis-mode {mode}, --redis-min-replicas {})",
                 hosts.join(","),
-                config.redis_mode,
                 config.redis_min_replicas
             )
         }
