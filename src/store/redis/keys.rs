@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use super::super::{StoreError, record};
-use crate::message::{Message, TopicName};
+use crate::message::{Message, MessageId, TopicName};
 
 /// Appends a batch of messages, trims and publishes, atomically. KEYS: seq, log, stream.
 /// ARGV: channel, max messages, age cutoff in ms (0: none), age limit in ms (0: none), the
@@ -174,6 +174,14 @@ pub(super) fn channel(topic: &TopicName) -> String {
 pub(super) fn topic_of_channel(channel: &str) -> Option<TopicName> {
     let inner = channel.strip_prefix("pushhub:{")?.strip_suffix("}:live")?;
     TopicName::parse(inner).ok()
+}
+
+/// The sorted-set member (and channel message) `id\nrecord` of a message, as the scripts
+/// build it.
+pub(super) fn encode_member(id: MessageId, record: &[u8]) -> Vec<u8> {
+    let mut member = format!("{id}\n").into_bytes();
+    member.extend_from_slice(record);
+    member
 }
 
 /// Splits a sorted-set member `id\nrecord` into its message.

@@ -54,7 +54,7 @@ use connection::{COMMAND_TIMEOUT, Connection, not_run};
 pub use connection::{RedisMode, RedisOptions};
 use keys::{
     CONFIRM_SCRIPT, PUBLISH_SCRIPT, READ_SCRIPT, STATE_NOTICE, STREAM_SCRIPT, ack_key, channel,
-    decode_member, log_key, seq_key, stream_key, version_key,
+    decode_member, encode_member, log_key, seq_key, stream_key, version_key,
 };
 use listener::{Follow, Listener};
 use tail::{SharedTail, TAIL_CAPACITY, Tail, lock};
@@ -207,9 +207,7 @@ impl Shared {
                 Err(error) if refused_before_running(&error) && attempt < WRITE_ATTEMPTS => {
                     // A redirect inside a pipeline does not make the library look at the
                     // cluster again; a plain keyed command meeting the same redirect does.
-                    let mut probe = redis::cmd("EXISTS");
-                    probe.arg(key);
-                    let _ = connection.req_packed_command(&probe).await;
+                    connection.refresh_route(key).await;
                     tokio::time::sleep(REROUTE_PAUSE * attempt).await;
                 }
                 other => return other.map_err(unavailable),
@@ -295,11 +293,7 @@ impl Shared {
             let members: Vec<Vec<u8>> = ids
                 .iter()
                 .zip(records)
-                .map(|(id, record)| {
-                    let mut member = format!("{id}\n").into_bytes();
-                    member.extend_from_slice(record);
-                    member
-                })
+                .map(|(&id, record)| encode_member(id, record))
                 .collect();
             self.confirm(topic, *ids.last().unwrap_or(&0), &members)
                 .await?;
@@ -534,11 +528,7 @@ impl TopicLog for RedisLog {
         let mut members: Vec<Vec<u8>> = ids
             .iter()
             .zip(&records)
-            .map(|(id, record)| {
-                let mut member = format!("{id}\n").into_bytes();
-                member.extend_from_slice(record);
-                member
-            })
+            .map(|(&id, record)| encode_member(id as MessageId, record))
             .collect();
         if notice {
             members.push(STATE_NOTICE.to_vec());
