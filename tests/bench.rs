@@ -256,6 +256,82 @@ fn a_three_node_bench_spreads_subscribers_and_reports_cross_node_latency() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
+/// The Redis processes and directories a `--redis-start` bench of this test process made
+/// (their directories are named after the bench's PID, which is not ours: any bench's).
+fn bench_redis_left() -> Vec<String> {
+    let dirs = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("pushhub-bench-redis-"));
+    dirs.collect()
+}
+
+/// `--redis-start` starts the Redis the nodes share (a single primary, or a cluster of 3
+/// primaries with a replica each), reports Redis's CPU per publish and each node's CPU per
+/// delivery, publishes through every node (so deliveries cross nodes both ways), and
+/// removes every Redis process and directory afterwards.
+#[test]
+fn the_bench_starts_and_removes_the_redis_its_nodes_share() {
+    if !support::redis_installed() {
+        return;
+    }
+    for (start, nodes) in [("single", "2"), ("cluster:3", "3")] {
+        let before = bench_redis_left();
+        let (printed, out) = bench(
+            "redis-start",
+            &[
+                "--nodes",
+                nodes,
+                "--redis-start",
+                start,
+                "--transports",
+                "sse",
+                "--subscribers",
+                "6",
+                "--rate",
+                "200",
+                "--duration",
+                "500ms",
+            ],
+        );
+        let r = &printed["results"][0];
+        assert_eq!(r["nodes"].as_u64(), nodes.parse().ok(), "{start}");
+        assert_eq!(
+            r["deliveries"], 600,
+            "{start}: 6 subscribers x 100 messages"
+        );
+        assert_eq!(
+            (r["lost"].as_u64(), r["duplicates"].as_u64()),
+            (Some(0), Some(0))
+        );
+        assert!(
+            r["redis_us_per_publish"].as_f64().unwrap() > 0.0,
+            "{start}: Redis CPU measured: {r}"
+        );
+        let per_node = r["node_cpu_us_per_delivery"].as_array().unwrap();
+        assert_eq!(per_node.len().to_string(), nodes, "{start}: {r}");
+        assert!(per_node.iter().all(|us| us.as_f64().unwrap() > 0.0), "{r}");
+        // Publishes went through every node: each node's subscribers got some from others.
+        assert!(
+            r["cross_node_latency_ms"]["p50"].as_f64().unwrap() > 0.0,
+            "{start}: {r}"
+        );
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(
+            report.contains(&format!("--redis-start {start}")),
+            "{report}"
+        );
+        assert!(report.contains("Redis µs/publish"), "{report}");
+        std::fs::remove_dir_all(out).unwrap();
+        let after = bench_redis_left();
+        assert!(
+            after.iter().all(|dir| before.contains(dir)),
+            "{start}: the bench removed its Redis directories: {after:?}"
+        );
+    }
+}
+
 #[test]
 fn a_server_that_cannot_start_is_reported_with_its_own_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))

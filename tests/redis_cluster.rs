@@ -409,3 +409,186 @@ async fn min_replicas_answers_201_only_for_what_a_replica_has() {
     }
     assert_eq!(delivered, vec![4, 5]);
 }
+
+/// Moves `slot` from the primary `from` to the primary `to` the way `redis-cli --cluster
+/// reshard` does (IMPORTING and MIGRATING, `MIGRATE` of each key, then `SETSLOT NODE` on
+/// every primary), slowly: a second with the slot migrating before any key moves, a key
+/// every 300 ms (so a script meets its keys split over two nodes: `TRYAGAIN`), and a second
+/// with every key moved but the slot not yet handed over (`ASK`).
+fn move_slot(cluster: &RedisCluster, slot: u16, from: usize, to: usize) {
+    let id = |node: usize| redis_cli(cluster.nodes[node].port, &["cluster", "myid"]);
+    let (from_id, to_id) = (id(from), id(to));
+    let (from_port, to_port) = (cluster.nodes[from].port, cluster.nodes[to].port);
+    let slot = slot.to_string();
+    let ok = |answer: String, what: &str| assert!(answer.starts_with("OK"), "{what}: {answer}");
+    ok(
+        redis_cli(
+            to_port,
+            &["cluster", "setslot", &slot, "importing", from_id.trim()],
+        ),
+        "importing",
+    );
+    ok(
+        redis_cli(
+            from_port,
+            &["cluster", "setslot", &slot, "migrating", to_id.trim()],
+        ),
+        "migrating",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let keys = redis_cli(from_port, &["cluster", "getkeysinslot", &slot, "100"]);
+    assert!(
+        keys.lines().count() >= 2,
+        "the topic's keys are there: {keys:?}"
+    );
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let to_port = to_port.to_string();
+        let args = [
+            "migrate",
+            "127.0.0.1",
+            &to_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            key,
+        ];
+        ok(redis_cli(from_port, &args), "migrate");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for node in [to, from]
+        .into_iter()
+        .chain((0..cluster.nodes.len()).filter(|n| ![from, to].contains(n)))
+    {
+        // Replicas refuse SETSLOT; they learn the move from their primaries.
+        let _ = redis_cli(
+            cluster.nodes[node].port,
+            &["cluster", "setslot", &slot, "node", to_id.trim()],
+        );
+    }
+}
+
+/// A topic's slot moves to another primary while publishes flow through two nodes:
+/// publishes meanwhile are acknowledged, or refused with 503 and Retry-After, never falsely
+/// acknowledged; the nodes' sharded subscriptions follow the slot to its new primary; every
+/// acknowledged publish reaches the subscribers on both nodes once, in order, and stays in
+/// the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_moved_under_load_loses_nothing() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let seeds = cluster.seeds();
+    let a = spawn_binary(&["--redis", &seeds], &[]);
+    let b = spawn_binary(&["--redis", &seeds], &[]);
+    let (a, b) = (a.endpoint(), b.endpoint());
+    let topic = "moving";
+    let mut sse = b.sse(&format!("/topics/{topic}/sse"), None).await;
+    let mut ws = a.ws(&format!("/topics/{topic}/ws")).await;
+    eventually("subscribers", || async {
+        b.get(&format!("/topics/{topic}")).await.1["subscribers"]["sse"] == 1
+            && a.get(&format!("/topics/{topic}")).await.1["subscribers"]["ws"] == 1
+    })
+    .await;
+    let key = format!("pushhub:{{{topic}}}:seq");
+    let channel = format!("pushhub:{{{topic}}}:live");
+    let from = cluster.primary_of(&key);
+    let to = (0..cluster.nodes.len())
+        .find(|&n| n != from && redis_cli(cluster.nodes[n].port, &["role"]).starts_with("master"))
+        .expect("another primary");
+
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<(u64, u64)>::new()));
+    let publisher = {
+        let (a, b, acked) = (a.clone(), b.clone(), acked.clone());
+        tokio::spawn(async move {
+            let (mut refused, mut without_retry_after) = (0, 0);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let node = if n.is_multiple_of(2) { &a } else { &b };
+                match try_publish(node, topic, json!({ "n": n })).await {
+                    (201, Some(id), _) => acked.lock().unwrap().push((id, n)),
+                    (503, _, retry_after) => {
+                        refused += 1;
+                        without_retry_after += usize::from(!retry_after);
+                    }
+                    other => panic!("publish {n}: {other:?}"),
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (refused, without_retry_after)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = acked.lock().unwrap().len();
+    let slot = cluster.slot_of(&key);
+    // Blocking (redis-cli and pauses) on this worker; the publisher runs on the others.
+    tokio::task::block_in_place(|| move_slot(&cluster, slot, from, to));
+    assert_eq!(cluster.primary_of(&key), to, "the slot moved");
+    let (refused, without_retry_after) = publisher.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(before > 20, "publishes flowed before the move: {before}");
+    assert!(
+        acked.len() > before + 100,
+        "publishes flowed during and after the move: {before} then {}",
+        acked.len()
+    );
+    assert_eq!(without_retry_after, 0, "every 503 says when to retry");
+    eventually(
+        "both nodes follow the channel on its new primary",
+        || async {
+            redis_cli(cluster.nodes[to].port, &["pubsub", "shardnumsub", &channel]).ends_with("2\n")
+        },
+    )
+    .await;
+
+    let by_id: BTreeMap<u64, u64> = acked.iter().copied().collect();
+    assert_eq!(by_id.len(), acked.len(), "no id acknowledged twice");
+    let last_acked = *by_id.keys().last().unwrap();
+    let mut seen_sse = BTreeMap::new();
+    let mut last = 0;
+    while last < last_acked {
+        let event = tokio::time::timeout(PATIENCE, sse.next_event())
+            .await
+            .expect("SSE event in time")
+            .expect("SSE open")
+            .json();
+        let id = event["id"].as_u64().unwrap();
+        assert!(id > last, "SSE ids strictly increase: {id} after {last}");
+        last = id;
+        seen_sse.insert(id, event["data"]["n"].as_u64().unwrap());
+    }
+    let mut seen_ws = BTreeMap::new();
+    let mut last = 0;
+    while last < last_acked {
+        let envelope = ws.next_envelope().await;
+        let id = envelope["id"].as_u64().unwrap();
+        assert!(
+            id > last,
+            "WebSocket ids strictly increase: {id} after {last}"
+        );
+        last = id;
+        seen_ws.insert(id, envelope["data"]["n"].as_u64().unwrap());
+    }
+    let (status, history) = a
+        .get(&format!("/topics/{topic}/poll?after=0&limit=1000"))
+        .await;
+    assert_eq!(status, 200);
+    let kept: BTreeMap<u64, u64> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_u64().unwrap(), m["data"]["n"].as_u64().unwrap()))
+        .collect();
+    for (id, n) in &by_id {
+        assert_eq!(seen_sse.get(id), Some(n), "SSE got acknowledged {id}");
+        assert_eq!(seen_ws.get(id), Some(n), "WebSocket got acknowledged {id}");
+        assert_eq!(kept.get(id), Some(n), "history keeps acknowledged {id}");
+    }
+    eprintln!(
+        "slot move: {} acknowledged ({before} before it), {refused} refused with 503",
+        acked.len()
+    );
+}

@@ -6,7 +6,8 @@ utime+stime from /proc over the publishes, per publish.
 
 Usage: python3 tools/redis_cpu.py ./target/release/pushhub [NODES] [pushhub flags...]
 LATENCY=1 measures publish latency instead (2,000 sequential publishes, p50 and p99).
-REPLICA=1 attaches a replica to the Redis (for --redis-min-replicas)."""
+REPLICA=1 attaches a replica to the Redis (for --redis-min-replicas).
+STATS=1 prints Redis's INFO commandstats after the publishes."""
 import os, socket, subprocess, sys, threading, time, http.client, tempfile, json
 
 import ctypes, atexit
@@ -89,6 +90,10 @@ ts = [threading.Thread(target=publisher, args=(k,)) for k in range(THREADS)]
 elapsed = time.time() - t0
 after = cpu(redis.pid)
 time.sleep(0.5)
+if os.environ.get('STATS'):
+    # Which commands Redis ran, and how often: what a publish costs it, call by call.
+    stats = subprocess.run(['redis-cli', '-p', str(rport), 'info', 'commandstats'], capture_output=True, text=True).stdout
+    print(''.join(l for l in stats.splitlines(True) if l.startswith('cmdstat_')), file=sys.stderr)
 print(json.dumps({'nodes': nodes, 'extra': extra, 'redis_us_per_publish': round((after - before) / PUBLISHES * 1e6, 1), 'publishes_per_s': round(PUBLISHES / elapsed), 'delivered': received}))
 for p in procs: p.kill()
 redis.kill()

@@ -36,6 +36,9 @@ pub struct Tracker {
     pub reconnects: u64,
     /// Time from noticing a lost connection to being served again, µs.
     pub recovery: Histogram<u64>,
+    /// With several nodes: latency of the messages published through another node than
+    /// this subscriber's, µs (made at the first one: most runs have one node).
+    pub cross_node: Option<Histogram<u64>>,
     /// When the connection was lost, µs since the epoch, until it is served again.
     lost_at: Option<u64>,
     /// Where a Durable Streams reader resumes: the opaque offset its server last gave
@@ -56,6 +59,7 @@ impl Default for Tracker {
             bytes: 0,
             reconnects: 0,
             recovery: latency_histogram(),
+            cross_node: None,
             lost_at: None,
             offset: None,
         }
@@ -63,16 +67,26 @@ impl Default for Tracker {
 }
 
 impl Tracker {
-    /// Records message `id` published at `sent_us` and received at `now_us` (µs since epoch).
-    pub fn on_message(&mut self, id: u64, sent_us: u64, now_us: u64) {
+    /// Records message `id` published at `sent_us` and received at `now_us` (µs since epoch);
+    /// `false` when it is a duplicate.
+    pub fn on_message(&mut self, id: u64, sent_us: u64, now_us: u64) -> bool {
         if id <= self.last_id {
             self.duplicates += 1;
-            return;
+            return false;
         }
         self.missing += id - self.last_id - 1;
         self.last_id = id;
         self.received += 1;
         self.latency
+            .saturating_record(now_us.saturating_sub(sent_us).max(1));
+        true
+    }
+
+    /// The message just recorded was published through another node than this
+    /// subscriber's: its latency also counts as a cross-node one.
+    pub fn on_crossed(&mut self, sent_us: u64, now_us: u64) {
+        self.cross_node
+            .get_or_insert_with(latency_histogram)
             .saturating_record(now_us.saturating_sub(sent_us).max(1));
     }
 
@@ -99,6 +113,12 @@ impl Tracker {
         self.recovery
             .add(&other.recovery)
             .expect("same histogram bounds");
+        if let Some(crossed) = &other.cross_node {
+            self.cross_node
+                .get_or_insert_with(latency_histogram)
+                .add(crossed)
+                .expect("same histogram bounds");
+        }
         self.received += other.received;
         self.duplicates += other.duplicates;
         self.missing += other.missing;

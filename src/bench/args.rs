@@ -46,9 +46,16 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
     /// Without `--url`: how many server nodes to start. More than one needs the nodes to
-    /// share topics, e.g. `--server-arg=--redis=redis://127.0.0.1:6379`.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    /// share topics: `--redis-start`, or a Redis of yours with
+    /// `--server-arg=--redis=redis://127.0.0.1:6379`. Subscribers are spread over the nodes,
+    /// and each publish goes through one of them in turn.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub nodes: u16,
+    /// Start the Redis the nodes share, and remove it afterwards: `single` (one primary) or
+    /// `cluster:M` (M primaries, 3 to 16, each with one replica). The report gives Redis's
+    /// CPU per publish. Needs `redis-server` (and `redis-cli` for a cluster).
+    #[arg(long)]
+    pub redis_start: Option<crate::bench::RedisStart>,
     /// Allow a `--url` that is not a loopback address.
     #[arg(long)]
     pub allow_remote: bool,

@@ -38,6 +38,9 @@ pub fn command_line(args: &BenchArgs) -> String {
     if args.nodes > 1 {
         let _ = write!(line, " --nodes {}", args.nodes);
     }
+    if let Some(start) = args.redis_start {
+        let _ = write!(line, " --redis-start {start}");
+    }
     if !args.url.is_empty() {
         let _ = write!(line, " --url {}", args.url.join(","));
     }

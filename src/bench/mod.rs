@@ -23,6 +23,7 @@ pub mod http;
 mod phase;
 pub mod procfs;
 mod publisher;
+mod redis;
 pub mod report;
 mod result;
 mod route;
@@ -35,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{BenchArgs, CpuMode, Scenario, affinity, cpu_split};
+pub use redis::{RedisFleet, RedisStart};
 pub use result::{BenchError, PhaseResult, Run, ServerUsage};
 
 use crate::message::TransportKind;
@@ -60,11 +62,26 @@ pub async fn run(args: &BenchArgs) -> Result<Run, BenchError> {
         .build()
         .map_err(|e| BenchError::Client(e.to_string()))?;
     let floor = measure_floor(args).await;
+    // One Redis for the whole run (each phase's topics are fresh); its CPU is read per phase.
+    let redis = match args.redis_start {
+        Some(start) if args.url.is_empty() => {
+            eprintln!("bench: starting Redis ({start})");
+            Some(RedisFleet::start(start)?)
+        }
+        Some(_) => {
+            return Err(BenchError::Setup(
+                "--redis-start starts the Redis of the nodes the bench starts: not with --url"
+                    .into(),
+            ));
+        }
+        None => None,
+    };
+    let redis = redis.as_ref();
     // With `--url` every transport is measured on the same running server(s).
     let shared = if args.url.is_empty() {
         None
     } else {
-        Some(start_server(args)?)
+        Some(start_server(args, None)?)
     };
     let mut results = Vec::new();
     for link in args.links() {
@@ -78,7 +95,7 @@ pub async fn run(args: &BenchArgs) -> Result<Run, BenchError> {
             );
             let fresh = match &shared {
                 Some(_) => None,
-                None => Some(start_server(args)?),
+                None => Some(start_server(args, redis)?),
             };
             let server = shared.as_ref().or(fresh.as_ref()).expect("one of them");
             warm_up(args, server, &http, transport).await?;
@@ -172,9 +189,9 @@ fn frame_bytes(payload_bytes: usize) -> usize {
     use crate::message::{EventName, Message, Payload, TopicName};
     let topic = TopicName::parse(&format!("bench-ws-{:x}", now_micros())).expect("valid name");
     let body = format!(
-        r#"{{"t":{},"p":"{}"}}"#,
+        r#"{{"t":{},"n":0,"p":"{}"}}"#,
         now_micros(),
-        "x".repeat(payload_bytes.saturating_sub(30))
+        "x".repeat(payload_bytes.saturating_sub(36))
     );
     let payload = Payload::from_json(&body).expect("valid JSON");
     let message = Message::new(1000, topic, EventName::default_event(), 1, &payload);
@@ -203,7 +220,7 @@ async fn warm_up(
         stop: CancellationToken::new(),
     });
     if transport.is_durable() {
-        phase::create_stream(http, server.publisher_base(), &topic).await?;
+        phase::create_stream(http, server.first_base(), &topic).await?;
     }
     let mut subscribers = JoinSet::new();
     for index in 0..SUBSCRIBERS {
@@ -227,7 +244,7 @@ async fn warm_up(
     let (last_ids, _, _) = publish(
         &warm_args,
         MESSAGES as f64 * 10.0,
-        server.publisher_base(),
+        &server.bases(),
         &topics,
         transport,
     )

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     BenchArgs, BenchError, PhaseResult, Scenario, ServerUsage,
-    accounting::{Percentiles, Tracker, latency_histogram, now_micros},
+    accounting::{Percentiles, Tracker, now_micros},
     procfs::CpuTimes,
     publisher,
     route::{Route, Wire},
@@ -121,7 +121,7 @@ impl PhaseRun<'_> {
             // A Durable Streams read needs a stream: the phase's topics become JSON streams, and
             // the publisher's publishes are their appends.
             for topic in &phase.topics {
-                create_stream(self.http, self.server.publisher_base(), topic).await?;
+                create_stream(self.http, self.server.first_base(), topic).await?;
             }
         }
         Ok(phase)
@@ -173,12 +173,23 @@ impl PhaseRun<'_> {
         let counted_start = server_counts(http, &server.bases(), transport).await;
         let wire_start = self.route.wire();
         let cpu_start = server.cpu_times();
+        let (redis_start, nodes_start) = (server.redis_cpu_ns(), server.node_cpu_ns());
         show_load(self.args, progress);
         let started = Instant::now();
         let load = apply_load(self.args, self.rate, server, phase, transport).await;
         let elapsed = started.elapsed();
         let window = Window {
             cpu: cpu_start.zip(server.cpu_times()),
+            redis_cpu_ns: server
+                .redis_cpu_ns()
+                .zip(redis_start)
+                .map(|(end, start)| end.saturating_sub(start)),
+            node_cpu_ns: server.node_cpu_ns().zip(nodes_start).map(|(end, start)| {
+                end.iter()
+                    .zip(start)
+                    .map(|(end, start)| end.saturating_sub(start))
+                    .collect()
+            }),
             rss: (connected.rss_before, connected.rss, server.rss_kib()),
             counted: counted_start.zip(server_counts(http, &server.bases(), transport).await),
             connect_cpu: connected.cpu_us_per_connect,
@@ -226,8 +237,12 @@ impl PhaseRun<'_> {
             publish_errors: load.errors,
             latency_ms: Percentiles::of(&seen.total.latency),
             nodes: self.server.nodes.len(),
-            cross_node_latency_ms: (self.server.nodes.len() > 1)
-                .then(|| Percentiles::of(&seen.cross_node)),
+            cross_node_latency_ms: seen.total.cross_node.as_ref().map(Percentiles::of),
+            redis_us_per_publish: window
+                .redis_cpu_ns
+                .filter(|_| load.published > 0)
+                .map(|ns| ns as f64 / 1000.0 / load.published as f64),
+            node_cpu_us_per_delivery: window.per_node_cpu_us_per_delivery(&seen.per_node),
             deliveries_per_second: deliveries as f64 / measured.elapsed.as_secs_f64(),
             requests_per_delivery: per_delivery(seen.total.requests),
             bytes_per_delivery: per_delivery(seen.total.bytes),
@@ -393,14 +408,8 @@ async fn apply_load(
     match args.scenario {
         Scenario::Fanout | Scenario::Throughput | Scenario::Chat | Scenario::Compare => {
             let started = Instant::now();
-            let (last_ids, published, errors) = publisher::publish(
-                args,
-                rate,
-                server.publisher_base(),
-                &phase.topics,
-                transport,
-            )
-            .await;
+            let (last_ids, published, errors) =
+                publisher::publish(args, rate, &server.bases(), &phase.topics, transport).await;
             let publish_rate = published as f64 / started.elapsed().as_secs_f64();
             let drained = wait_drained(phase, &last_ids, args.drain_timeout).await;
             Load {
@@ -428,6 +437,10 @@ async fn apply_load(
 struct Window {
     /// CPU times at its start and end.
     cpu: Option<(CpuTimes, CpuTimes)>,
+    /// CPU the Redis processes the bench started used in it, ns.
+    redis_cpu_ns: Option<u64>,
+    /// CPU each node used in it, ns, in the nodes' order.
+    node_cpu_ns: Option<Vec<u64>>,
     /// RSS before connecting, once connected, at the end, KiB.
     rss: (Option<u64>, Option<u64>, Option<u64>),
     /// The server's counts at its start and end.
@@ -437,6 +450,19 @@ struct Window {
 }
 
 impl Window {
+    /// Each node's CPU over the deliveries its own subscribers received, µs (with several
+    /// nodes; a node's CPU also pays for the publishes it took and the messages it relayed).
+    fn per_node_cpu_us_per_delivery(&self, per_node: &[u64]) -> Vec<f64> {
+        match &self.node_cpu_ns {
+            Some(cpu) if cpu.len() > 1 => cpu
+                .iter()
+                .zip(per_node)
+                .map(|(&ns, &deliveries)| ns as f64 / 1000.0 / deliveries.max(1) as f64)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn usage(&self, deliveries: u64, subscribers: usize, peak_rss_kib: u64) -> Option<ServerUsage> {
         let (start, end) = self.cpu?;
         let (Some(before), Some(connected), Some(rss_end)) = self.rss else {
@@ -471,9 +497,10 @@ impl Window {
 
 /// What the subscribers saw, added up.
 struct Seen {
-    /// Every subscriber's counts and latencies together.
+    /// Every subscriber's counts and latencies together (the cross-node latencies too).
     total: Tracker,
-    cross_node: hdrhistogram::Histogram<u64>,
+    /// Deliveries received by the subscribers of each node, in the nodes' order.
+    per_node: Vec<u64>,
 }
 
 /// Joins every subscriber and adds up its counts and latencies.
@@ -484,16 +511,12 @@ async fn collect(
 ) -> Result<Seen, BenchError> {
     let mut seen = Seen {
         total: Tracker::default(),
-        cross_node: latency_histogram(),
+        per_node: vec![0; phase.bases.len()],
     };
     while let Some(joined) = subscribers.join_next().await {
         let (index, mut tracker) = joined.map_err(|e| BenchError::Client(e.to_string()))??;
         tracker.finish(last_ids[index % last_ids.len()]);
-        if phase.is_cross_node(index) {
-            seen.cross_node
-                .add(&tracker.latency)
-                .expect("same histogram bounds");
-        }
+        seen.per_node[phase.node_of(index)] += tracker.received;
         seen.total.add(&tracker);
     }
     Ok(seen)

@@ -1,5 +1,7 @@
 //! The bench's publisher: messages at a steady rate over a few keep-alive connections, each
-//! carrying its publish time for the subscribers' latency.
+//! carrying its publish time for the subscribers' latency, and the node it was published
+//! through (the connections are spread over the nodes), so that a subscriber tells a
+//! delivery that crossed nodes from one that did not.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,30 +14,32 @@ use crate::message::TransportKind;
 const PUBLISH_CONCURRENCY: usize = 16;
 
 /// Publishes `rate × duration` messages at a steady pace, over `PUBLISH_CONCURRENCY`
-/// keep-alive connections; returns the highest id per topic, how many were acknowledged,
+/// keep-alive connections spread over the nodes at `bases` (each publish takes whichever
+/// connection is free, so publishes go through every node); returns the highest id per topic, how many were acknowledged,
 /// and how many failed.
 /// For a Durable Streams transport the messages are appends (`POST /v1/stream/{t}`) and a
 /// topic's last id is how many of them were acknowledged (the topics are fresh).
 pub(super) async fn publish(
     args: &BenchArgs,
     rate: f64,
-    base: &str,
+    bases: &[String],
     topics: &[String],
     transport: TransportKind,
 ) -> (Vec<u64>, u64, u64) {
     let count = (rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
-    let padding = "x".repeat(args.payload_bytes.saturating_sub(30));
+    let padding = "x".repeat(args.payload_bytes.saturating_sub(36));
     // Idle connections wait here; a publish takes one and gives it back.
     let (give_back, pool) = tokio::sync::mpsc::unbounded_channel();
-    for _ in 0..PUBLISH_CONCURRENCY {
-        let _ = give_back.send(http::Connection::new(base));
+    for k in 0..PUBLISH_CONCURRENCY.max(bases.len()) {
+        let node = k % bases.len();
+        let _ = give_back.send((node, http::Connection::new(&bases[node])));
     }
     let pool = Arc::new(tokio::sync::Mutex::new(pool));
     let mut posts = JoinSet::new();
     let start = tokio::time::Instant::now();
     for i in 0..count {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
-        let Some(mut connection) = pool.lock().await.recv().await else {
+        let Some((node, mut connection)) = pool.lock().await.recv().await else {
             break;
         };
         let slot = i as usize % topics.len();
@@ -44,11 +48,11 @@ pub(super) async fn publish(
         } else {
             format!("/topics/{}", topics[slot])
         };
-        let body = format!(r#"{{"t":{},"p":"{padding}"}}"#, now_micros());
+        let body = format!(r#"{{"t":{},"n":{node},"p":"{padding}"}}"#, now_micros());
         let give_back = give_back.clone();
         posts.spawn(async move {
             let answer = connection.post_json(&path, body.as_bytes()).await;
-            let _ = give_back.send(connection);
+            let _ = give_back.send((node, connection));
             let answer = answer.ok()?;
             if !(200..300).contains(&answer.status) {
                 return None;

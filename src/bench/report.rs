@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{BenchArgs, PhaseResult, Run};
+use super::{BenchArgs, PhaseResult, Run, accounting::Percentiles};
 
 pub use super::command::command_line;
 
@@ -286,7 +286,10 @@ pub fn markdown(args: &BenchArgs, run: &Run) -> String {
     }
     out.push_str("Each transport runs on a fresh server after a short warm-up (20 subscribers, 20 messages), so \"RSS/sub\" is what its own connections added; \"connect µs\" is server CPU from the first connection to the server counting the last, per subscriber.\n\n");
     out.push_str(&table(results));
-    if results.iter().any(|r| r.cross_node_latency_ms.is_some()) {
+    if results
+        .iter()
+        .any(|r| r.cross_node_latency_ms.is_some() || r.redis_us_per_publish.is_some())
+    {
         out.push_str(&cross_node_table(results));
     }
     out.push_str("\n## Reading\n\n");
@@ -297,19 +300,39 @@ pub fn markdown(args: &BenchArgs, run: &Run) -> String {
     out
 }
 
-/// Latency of the subscribers on the publisher's node against those on other nodes.
+/// Latency of every delivery against those that crossed nodes, and what each node and the
+/// Redis they share spent.
 pub fn cross_node_table(results: &[PhaseResult]) -> String {
     let mut out = String::from(
-        "\n## Across nodes\n\nSubscribers were spread over the nodes round-robin; the publisher posted to the first node. Server CPU and memory above are the sum over all nodes.\n\n| transport | nodes | p50 ms (all) | p99 ms (all) | p50 ms (other nodes) | p99 ms (other nodes) |\n|---|---:|---:|---:|---:|---:|\n",
+        "\n## Across nodes\n\nSubscribers were spread over the nodes round-robin, and publishes over the nodes too (16 keep-alive connections spread over them, each publish on whichever is free). \"Other node\" latency is of the deliveries published through another node than the subscriber's. Server CPU and memory above are the sum over all nodes; \"µs/delivery per node\" is each node's own CPU over its own subscribers' deliveries (it also pays for the publishes it took). \"Redis µs/publish\" is every Redis process the bench started (primaries and replicas) over the acknowledged publishes.\n\n| transport | nodes | p50 ms (all) | p99 ms (all) | p50 ms (other node) | p99 ms (other node) | Redis µs/publish | µs/delivery per node |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in results {
-        let Some(cross) = &r.cross_node_latency_ms else {
+        if r.cross_node_latency_ms.is_none() && r.redis_us_per_publish.is_none() {
             continue;
+        }
+        let cross = |p: fn(&Percentiles) -> f64| {
+            r.cross_node_latency_ms
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |c| format!("{:.2}", p(c)))
         };
+        let redis = r
+            .redis_us_per_publish
+            .map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"));
+        let per_node = r
+            .node_cpu_us_per_delivery
+            .iter()
+            .map(|us| format!("{us:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            r.transport, r.nodes, r.latency_ms.p50, r.latency_ms.p99, cross.p50, cross.p99
+            "| {} | {} | {:.2} | {:.2} | {} | {} | {redis} | {per_node} |",
+            r.transport,
+            r.nodes,
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            cross(|c| c.p50),
+            cross(|c| c.p99)
         );
     }
     out
@@ -323,7 +346,7 @@ pub fn svg(results: &[PhaseResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{ServerUsage, accounting::Percentiles};
+    use crate::bench::ServerUsage;
 
     fn result(transport: &str, p99: f64, cpu: f64, lost: u64) -> PhaseResult {
         PhaseResult {
@@ -348,6 +371,8 @@ mod tests {
             },
             nodes: 1,
             cross_node_latency_ms: None,
+            redis_us_per_publish: None,
+            node_cpu_us_per_delivery: Vec::new(),
             deliveries_per_second: 500.0,
             requests_per_delivery: 0.01,
             bytes_per_delivery: 120.0,
@@ -412,6 +437,7 @@ mod tests {
             url: Vec::new(),
             server_pid: Vec::new(),
             nodes: 1,
+            redis_start: None,
             allow_remote: false,
             scenario: crate::bench::Scenario::Fanout,
             topics: 1,

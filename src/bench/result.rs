@@ -77,11 +77,19 @@ pub struct PhaseResult {
     pub publish_errors: u64,
     /// Delivery latency, ms.
     pub latency_ms: Percentiles,
-    /// Server nodes the subscribers were spread over (the publisher posts to the first).
+    /// Server nodes the subscribers were spread over (publishes go through each in turn).
     pub nodes: usize,
-    /// With several nodes: latency of the subscribers on the nodes the publisher did not
-    /// post to (the message went through the shared store), ms.
+    /// With several nodes: latency of the deliveries published through another node than
+    /// the subscriber's (the message went through the shared store), ms.
     pub cross_node_latency_ms: Option<Percentiles>,
+    /// Redis CPU per acknowledged publish, µs, when the bench started the Redis
+    /// (`--redis-start`): every Redis process, primaries and replicas, over the publish and
+    /// drain window.
+    pub redis_us_per_publish: Option<f64>,
+    /// With several nodes: each node's CPU per delivery its own subscribers received, µs,
+    /// in the nodes' order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub node_cpu_us_per_delivery: Vec<f64>,
     /// Deliveries per second over the publish and drain window.
     pub deliveries_per_second: f64,
     /// Requests (polls) or connections (streams) per delivery.
@@ -138,6 +146,8 @@ impl PhaseResult {
             latency_ms: Percentiles::default(),
             nodes: 1,
             cross_node_latency_ms: None,
+            redis_us_per_publish: None,
+            node_cpu_us_per_delivery: Vec::new(),
             deliveries_per_second: 0.0,
             requests_per_delivery: 0.0,
             bytes_per_delivery: 0.0,

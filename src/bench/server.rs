@@ -9,11 +9,13 @@ use std::{
     thread::JoinHandle,
 };
 
-use super::{BenchArgs, BenchError, affinity, cpu_split, procfs};
+use super::{BenchArgs, BenchError, RedisFleet, affinity, cpu_split, procfs};
 
 /// The servers measured: one node, or the nodes of a cluster.
 pub(super) struct Server {
     pub(super) nodes: Vec<Node>,
+    /// The Redis processes the nodes share, when the bench started them (`--redis-start`).
+    pub(super) redis_pids: Vec<u32>,
 }
 
 pub(super) struct Node {
@@ -32,8 +34,8 @@ impl Drop for Node {
 }
 
 impl Server {
-    /// The node the publisher posts to.
-    pub(super) fn publisher_base(&self) -> &str {
+    /// The first node: where a phase's Durable Streams are created.
+    pub(super) fn first_base(&self) -> &str {
         &self.nodes[0].base
     }
 
@@ -53,7 +55,20 @@ impl Server {
 
     /// CPU time of all nodes together, ns, from the scheduler's exact accounting.
     pub(super) fn cpu_ns(&self) -> Option<u64> {
-        self.pids()?.into_iter().map(procfs::cpu_ns).sum()
+        Some(self.node_cpu_ns()?.into_iter().sum())
+    }
+
+    /// CPU time of each node, ns, in the nodes' order.
+    pub(super) fn node_cpu_ns(&self) -> Option<Vec<u64>> {
+        self.pids()?.into_iter().map(procfs::cpu_ns).collect()
+    }
+
+    /// CPU time of the Redis processes the bench started, ns (`None` without them).
+    pub(super) fn redis_cpu_ns(&self) -> Option<u64> {
+        if self.redis_pids.is_empty() {
+            return None;
+        }
+        self.redis_pids.iter().map(|&pid| procfs::cpu_ns(pid)).sum()
     }
 
     /// CPU time of all nodes together.
@@ -71,7 +86,11 @@ pub(super) fn rss_of(pids: &[u32]) -> Option<u64> {
     pids.iter().map(|&pid| procfs::rss_kib(pid)).sum()
 }
 
-pub(super) fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
+/// Starts the nodes (or names the `--url` ones); with `redis`, every node started uses it.
+pub(super) fn start_server(
+    args: &BenchArgs,
+    redis: Option<&RedisFleet>,
+) -> Result<Server, BenchError> {
     if !args.url.is_empty() {
         let mut nodes = Vec::new();
         for (index, url) in args.url.iter().enumerate() {
@@ -95,21 +114,33 @@ pub(super) fn start_server(args: &BenchArgs) -> Result<Server, BenchError> {
                 child: None,
             });
         }
-        return Ok(Server { nodes });
+        return Ok(Server {
+            nodes,
+            redis_pids: Vec::new(),
+        });
     }
-    if args.nodes > 1 && !args.server_args.iter().any(|a| a.starts_with("--redis")) {
+    let mut server_args = args.server_args.clone();
+    if let Some(redis) = redis {
+        server_args.push(format!("--redis={}", redis.seeds()));
+    }
+    if args.nodes > 1 && !server_args.iter().any(|a| a.starts_with("--redis")) {
         return Err(BenchError::Setup(
-            "--nodes above 1 needs shared topics: add --server-arg=--redis=redis://HOST:PORT"
+            "--nodes above 1 needs shared topics: add --redis-start=single (or cluster:3), or \
+             --server-arg=--redis=redis://HOST:PORT"
                 .into(),
         ));
     }
     let nodes = (0..args.nodes)
-        .map(|_| start_node(args))
+        .map(|_| start_node(args, &server_args))
         .collect::<Result<_, _>>()?;
-    Ok(Server { nodes })
+    Ok(Server {
+        nodes,
+        redis_pids: redis.map(RedisFleet::pids).unwrap_or_default(),
+    })
 }
 
-pub(super) fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
+/// Starts one node with `server_args` (the run's, plus the Redis it was given).
+fn start_node(args: &BenchArgs, server_args: &[String]) -> Result<Node, BenchError> {
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
         None => std::env::current_exe()?,
@@ -133,7 +164,7 @@ pub(super) fn start_node(args: &BenchArgs) -> Result<Node, BenchError> {
             "--max-poll-limit",
             "1000",
         ])
-        .args(&args.server_args)
+        .args(server_args)
         .env("PUSHHUB_LOG", "pushhub=info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())

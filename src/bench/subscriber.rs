@@ -48,6 +48,9 @@ struct Envelope {
 struct Payload {
     /// Publish time, µs since the epoch, written by the bench publisher.
     t: u64,
+    /// The node it was published through (the bench's own messages say; others may not).
+    #[serde(default)]
+    n: Option<usize>,
 }
 
 /// A Durable Streams SSE control event: where the reader stands.
@@ -71,9 +74,9 @@ impl Phase {
         &self.bases[index % self.bases.len()]
     }
 
-    /// Whether subscriber `index` is on another node than the publisher.
-    pub(crate) fn is_cross_node(&self, index: usize) -> bool {
-        !index.is_multiple_of(self.bases.len())
+    /// The node subscriber `index` is on (its index in `bases`).
+    pub(crate) fn node_of(&self, index: usize) -> usize {
+        index % self.bases.len()
     }
 
     /// The topic subscriber `index` follows.
@@ -82,11 +85,15 @@ impl Phase {
     }
 
     fn record(&self, index: usize, tracker: &mut Tracker, envelope: &Envelope) {
-        self.record_at(index, tracker, envelope.id, envelope.data.t);
+        self.record_at(index, tracker, envelope.id, &envelope.data);
     }
 
-    fn record_at(&self, index: usize, tracker: &mut Tracker, id: u64, published: u64) {
-        tracker.on_message(id, published, now_micros());
+    fn record_at(&self, index: usize, tracker: &mut Tracker, id: u64, payload: &Payload) {
+        let now = now_micros();
+        let crossed = self.bases.len() > 1 && payload.n.is_some_and(|n| n != self.node_of(index));
+        if tracker.on_message(id, payload.t, now) && crossed {
+            tracker.on_crossed(payload.t, now);
+        }
         self.progress[index].store(tracker.last_id, Ordering::Relaxed);
     }
 
@@ -95,7 +102,7 @@ impl Phase {
     fn record_values(&self, index: usize, tracker: &mut Tracker, values: &[Payload]) {
         for value in values {
             let id = tracker.last_id + 1;
-            self.record_at(index, tracker, id, value.t);
+            self.record_at(index, tracker, id, value);
         }
     }
 }
