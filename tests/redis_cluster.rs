@@ -410,6 +410,54 @@ async fn min_replicas_answers_201_only_for_what_a_replica_has() {
     assert_eq!(delivered, vec![4, 5]);
 }
 
+/// With `--redis-min-replicas`, a topic's confirmed id (what reads may see) is raised by a
+/// command sent after `WAIT`, which a failover can lose while keeping the messages it
+/// confirmed (they were replicated; the raise was not yet). The promoted primary then holds
+/// acknowledged messages above its confirmed id. Reproduced here without the race: ten
+/// publishes acknowledged, then the confirmed id set back to 4 by hand. A history read from
+/// a node must still return all ten (the read finds the log ahead of the confirmed id,
+/// proves with `WAIT` that a replica has it, and raises the confirmed id), not stop at 4
+/// until the topic's next publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_messages_stay_readable_when_the_confirmed_id_fell_back() {
+    let Some(primary) = RedisServer::start() else {
+        return;
+    };
+    let primary_port = primary.port.to_string();
+    let Some(_replica) = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port])
+    else {
+        return;
+    };
+    support::wait_redis_says(primary.port, b"INFO replication\r\n", "state=online");
+    let args = ["--redis", &primary.url(), "--redis-min-replicas", "1"];
+    let writer = spawn_binary(&args, &[]);
+    let writer = writer.endpoint();
+    for n in 1..=10u64 {
+        assert_eq!(
+            try_publish(&writer, "fell", json!(n)).await,
+            (201, Some(n), false)
+        );
+    }
+    let ack = "pushhub:{fell}:ack";
+    assert_eq!(redis_cli(primary.port, &["get", ack]).trim(), "10");
+    assert_eq!(redis_cli(primary.port, &["set", ack, "4"]).trim(), "OK");
+    // A node that does not follow the topic reads it from Redis.
+    let reader = spawn_binary(&args, &[]);
+    let reader = reader.endpoint();
+    let (status, history) = reader.get("/topics/fell/poll?after=0&limit=100").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        support::ids(history["messages"].as_array().unwrap()),
+        (1..=10).collect::<Vec<u64>>(),
+        "every acknowledged message is readable: {history}"
+    );
+    assert_eq!(
+        redis_cli(primary.port, &["get", ack]).trim(),
+        "10",
+        "raised again"
+    );
+}
+
 /// Moves `slot` from the primary `from` to the primary `to` the way `redis-cli --cluster
 /// reshard` does (IMPORTING and MIGRATING, `MIGRATE` of each key, then `SETSLOT NODE` on
 /// every primary), slowly: a second with the slot migrating before any key moves, a key

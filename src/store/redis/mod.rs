@@ -118,12 +118,60 @@ impl Shared {
         }
     }
 
+    /// Reads the topic's ends and the messages after `after` (at most `limit`). With
+    /// `--redis-min-replicas`, a read that finds the log ahead of the confirmed id first
+    /// asks whether replicas have it ([`Shared::reconfirm`]), so an acknowledged message is
+    /// never hidden behind a confirmed id that a failover set back.
     async fn read(
         &self,
         topic: &TopicName,
         after: MessageId,
         limit: usize,
     ) -> Result<LogRead, StoreError> {
+        let read = self.read_once(topic, after, limit).await?;
+        if self.min_replicas == 0 || !read.capped || !self.reconfirm(topic).await {
+            return Ok(read.read);
+        }
+        Ok(self.read_once(topic, after, limit).await?.read)
+    }
+
+    /// With `--redis-min-replicas`: when the replicas have everything the topic's primary
+    /// has now, raises the topic's confirmed id to its counter; whether it did. A write's own
+    /// confirmation normally does this; this is for the one a failover lost (the messages
+    /// replicated, the raise not yet), and costs a read only while the log is ahead of the
+    /// confirmed id. `WAIT` counts the replication of its own connection's writes, so a
+    /// write that changes nothing (`INCRBY` 0, which reads the counter) goes first.
+    async fn reconfirm(&self, topic: &TopicName) -> bool {
+        let key = seq_key(topic);
+        let mut pipeline = Pipeline::new();
+        pipeline
+            .cmd("INCRBY")
+            .arg(&key)
+            .arg(0)
+            .cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(self.replica_timeout_ms.min(RECONFIRM_WAIT_MS));
+        let mut connection = self.writes.clone().unwrap_or_else(|| self.commands.clone());
+        let answer = connection.on_primary(&key, &pipeline).await;
+        let (newest, acked): (MessageId, u64) = match answer.map(|values| {
+            let mut values = values.into_iter().map(Value::extract_error);
+            (values.next(), values.next())
+        }) {
+            Ok((Some(Ok(newest)), Some(Ok(acked)))) => match (parse(newest), parse(acked)) {
+                (Ok(newest), Ok(acked)) => (newest, acked),
+                _ => return false,
+            },
+            _ => return false,
+        };
+        acked >= u64::from(self.min_replicas) && self.confirm(topic, newest, &[]).await.is_ok()
+    }
+
+    async fn read_once(
+        &self,
+        topic: &TopicName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<CappedRead, StoreError> {
         let mut commands = self.commands.clone();
         let mut invocation = self.read.key(seq_key(topic));
         invocation
@@ -134,10 +182,11 @@ impl Shared {
             .arg(limit)
             .arg(self.cutoff())
             .arg(if self.min_replicas > 0 { "1" } else { "0" });
-        let (last_id, first_retained, members, newest): (u64, u64, Vec<Vec<u8>>, u64) = invocation
-            .invoke_async(&mut commands)
-            .await
-            .map_err(unavailable)?;
+        let (capped_id, first_retained, members, newest): (u64, u64, Vec<Vec<u8>>, u64) =
+            invocation
+                .invoke_async(&mut commands)
+                .await
+                .map_err(unavailable)?;
         let messages = members
             .into_iter()
             .map(|member| decode_member(topic, Bytes::from(member)).map(Arc::new))
@@ -146,16 +195,19 @@ impl Shared {
         // confirmed an instant ago, on another node) is not "ahead of the topic": the read
         // stands at the cursor, and what comes next is delivered once confirmed.
         let last_id = if after <= newest {
-            last_id.max(after)
+            capped_id.max(after)
         } else {
-            last_id
+            capped_id
         };
-        Ok(LogRead {
-            messages,
-            head: LogHead {
-                last_id,
-                first_retained,
+        Ok(CappedRead {
+            read: LogRead {
+                messages,
+                head: LogHead {
+                    last_id,
+                    first_retained,
+                },
             },
+            capped: capped_id < newest,
         })
     }
 
@@ -328,6 +380,16 @@ impl Shared {
             .map_err(unavailable)
     }
 }
+
+/// A log read, and whether the confirmed id hid some of the log from it.
+struct CappedRead {
+    read: LogRead,
+    capped: bool,
+}
+
+/// How long a read waits for replicas to confirm what its topic's log holds beyond the
+/// confirmed id (at most `--redis-replica-timeout`): short, since a read is not a publish.
+const RECONFIRM_WAIT_MS: u64 = 100;
 
 /// Tries of a write refused before it ran (the slot moving, a primary being elected).
 const WRITE_ATTEMPTS: u32 = 5;
