@@ -24,6 +24,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// A TOML file holding any flag of `serve`, grouped by layer (docs/operations.md has a
+    /// commented example; `pushhub config` prints the effective one). Flags and `PUSHHUB_*`
+    /// variables win over it.
+    #[arg(long, env = "PUSHHUB_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     /// Flags of `serve`, the default command.
     #[command(flatten)]
     serve: Config,
@@ -33,12 +38,49 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve(Box<Config>),
+    /// Print the effective configuration of `serve` as TOML (flags, then `PUSHHUB_*`
+    /// variables, then the `--config` file, then defaults), with where each value came
+    /// from; secrets redacted.
+    Config(Box<Config>),
     /// Load-benchmark each transport and write a report.
     Bench(Box<pushhub::bench::BenchArgs>),
 }
 
+/// The subcommands that take the flags of `serve`, which the configuration file sets.
+const SERVING: &[&str] = &["serve", "config"];
+
+/// Parses the command line with its configuration file; a bad flag is clap's usage error,
+/// a bad file names the file, the line and the key (exit 2 either way).
+fn parse() -> (Cli, pushhub::config::file::Parsed) {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command();
+    let parsed =
+        match pushhub::config::file::parse(&command, std::env::args_os().collect(), SERVING) {
+            Ok(parsed) => parsed,
+            Err(pushhub::config::file::ConfigError::Flags(error)) => error.exit(),
+            Err(error) => {
+                eprintln!("error: {error}");
+                std::process::exit(2);
+            }
+        };
+    match Cli::from_arg_matches(&parsed.matches) {
+        Ok(cli) => (cli, parsed),
+        Err(error) => error.exit(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let (cli, parsed) = parse();
+    if let Some(Command::Config(_)) = &cli.command {
+        let command = <Cli as clap::CommandFactory>::command();
+        let serve = command.find_subcommand("config").expect("a subcommand");
+        let matches = parsed
+            .matches
+            .subcommand_matches("config")
+            .expect("matched");
+        print!("{}", pushhub::config::file::render(&parsed, serve, matches));
+        return Ok(());
+    }
     // The server runs one single-threaded runtime per worker: this one is worker 0, and
     // `pushhub::serve` starts the others. The bench's clients share one multi-threaded
     // runtime.
@@ -75,6 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = match cli.command {
         Some(Command::Serve(config)) => *config,
         Some(Command::Bench(args)) => return bench(*args).await,
+        Some(Command::Config(_)) => unreachable!("printed before the runtime started"),
         None => cli.serve,
     };
     // Every subscriber holds a socket: raise the soft open-file limit to the hard limit, as

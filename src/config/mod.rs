@@ -1,11 +1,13 @@
-//! Every tunable of the server in one documented [`Config`], settable by flag or `PUSHHUB_*`
-//! environment variable. Limits a client or an operator can meet (sizes, timeouts, counts) are
+//! Every tunable of the server in one documented [`Config`], settable by flag, `PUSHHUB_*`
+//! environment variable, or the configuration file ([`file`]). Limits a client or an operator can meet (sizes, timeouts, counts) are
 //! here; what stays in code are internal batch and buffer sizes (a request head's first read,
 //! how many queued frames one write takes), each named and explained where it is used.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
+
+pub mod file;
 
 use crate::{
     gate::GateSettings,
