@@ -42,6 +42,111 @@ async fn try_publish(node: &Endpoint, topic: &str, data: Value) -> (u16, Option<
     (status, body["id"].as_u64(), retry_after)
 }
 
+/// Publishes acknowledged so far, as (id, n).
+type Acked = Arc<std::sync::Mutex<Vec<(u64, u64)>>>;
+
+/// Publishes `{"n": n}` to `topic` for `duration`, alternating nodes `a` and `b`, `pace`
+/// apart (and `after_refusal` more after a 503); returns what was acknowledged as (id, n),
+/// how many were refused, and how many of those lacked a Retry-After. Any other answer
+/// fails the test.
+fn publish_for(
+    nodes: (Endpoint, Endpoint),
+    topic: &'static str,
+    duration: Duration,
+    pace: Duration,
+    after_refusal: Duration,
+) -> (Acked, tokio::task::JoinHandle<(usize, usize)>) {
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<(u64, u64)>::new()));
+    let (a, b) = nodes;
+    let publisher = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let (mut refused, mut without_retry_after) = (0, 0);
+            let deadline = tokio::time::Instant::now() + duration;
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let node = if n.is_multiple_of(2) { &a } else { &b };
+                match try_publish(node, topic, json!({ "n": n })).await {
+                    (201, Some(id), _) => acked.lock().unwrap().push((id, n)),
+                    (503, _, retry_after) => {
+                        refused += 1;
+                        without_retry_after += usize::from(!retry_after);
+                        tokio::time::sleep(after_refusal).await;
+                    }
+                    other => panic!("publish {n}: {other:?}"),
+                }
+                n += 1;
+                tokio::time::sleep(pace).await;
+            }
+            (refused, without_retry_after)
+        })
+    };
+    (acked, publisher)
+}
+
+/// Every acknowledged publish (`acked`: id, n) reached `sse` and `ws` once, as itself, in
+/// strictly increasing ids (an id is never reused for another message), and `reader`'s
+/// history of `topic` keeps it.
+async fn assert_delivered_once_and_kept(
+    acked: &[(u64, u64)],
+    sse: &mut support::SseClient,
+    ws: &mut support::WsClient,
+    reader: &Endpoint,
+    topic: &str,
+) {
+    let by_id: BTreeMap<u64, u64> = acked.iter().copied().collect();
+    assert_eq!(by_id.len(), acked.len(), "no id acknowledged twice");
+    let last_acked = *by_id.keys().last().unwrap();
+    let mut seen_sse = BTreeMap::new();
+    let mut last = 0;
+    while last < last_acked {
+        let event = tokio::time::timeout(PATIENCE, sse.next_event())
+            .await
+            .expect("SSE event in time")
+            .expect("SSE open")
+            .json();
+        let id = event["id"].as_u64().unwrap();
+        assert!(id > last, "SSE ids strictly increase: {id} after {last}");
+        last = id;
+        seen_sse.insert(id, event["data"]["n"].as_u64().unwrap());
+    }
+    let mut seen_ws = BTreeMap::new();
+    let mut last = 0;
+    while last < last_acked {
+        let envelope = ws.next_envelope().await;
+        let id = envelope["id"].as_u64().unwrap();
+        assert!(
+            id > last,
+            "WebSocket ids strictly increase: {id} after {last}"
+        );
+        last = id;
+        seen_ws.insert(id, envelope["data"]["n"].as_u64().unwrap());
+    }
+    let (status, history) = reader
+        .get(&format!("/topics/{topic}/poll?after=0&limit=1000"))
+        .await;
+    assert_eq!(status, 200);
+    let kept: BTreeMap<u64, u64> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_u64().unwrap(), m["data"]["n"].as_u64().unwrap()))
+        .collect();
+    for (id, n) in &by_id {
+        assert_eq!(
+            seen_sse.get(id),
+            Some(n),
+            "SSE got acknowledged {id} as itself"
+        );
+        assert_eq!(
+            seen_ws.get(id),
+            Some(n),
+            "WebSocket got acknowledged {id} as itself"
+        );
+        assert_eq!(kept.get(id), Some(n), "history keeps acknowledged {id}");
+    }
+}
+
 /// Topic names whose slots fall on every shard: `count` per primary.
 fn topics_on_every_shard(cluster: &RedisCluster, count: usize) -> Vec<String> {
     let mut by_primary: BTreeMap<usize, Vec<String>> = BTreeMap::new();
@@ -213,30 +318,13 @@ async fn a_killed_primary_fails_over_and_no_acknowledged_publish_is_lost() {
     .await;
 
     let primary = cluster.primary_of(&format!("pushhub:{{{topic}}}:seq"));
-    let acked = Arc::new(std::sync::Mutex::new(Vec::<(u64, u64)>::new()));
-    let publisher = {
-        let (a, b, acked) = (a.clone(), b.clone(), acked.clone());
-        tokio::spawn(async move {
-            let (mut refused, mut without_retry_after) = (0, 0);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(16);
-            let mut n = 0u64;
-            while tokio::time::Instant::now() < deadline {
-                let node = if n.is_multiple_of(2) { &a } else { &b };
-                match try_publish(node, topic, json!({ "n": n })).await {
-                    (201, Some(id), _) => acked.lock().unwrap().push((id, n)),
-                    (503, _, retry_after) => {
-                        refused += 1;
-                        without_retry_after += usize::from(!retry_after);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    other => panic!("publish {n}: {other:?}"),
-                }
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (refused, without_retry_after)
-        })
-    };
+    let (acked, publisher) = publish_for(
+        (a.clone(), b.clone()),
+        topic,
+        Duration::from_secs(16),
+        Duration::from_millis(10),
+        Duration::from_millis(50),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = acked.lock().unwrap().len();
     cluster.nodes[primary].kill();
@@ -267,59 +355,7 @@ async fn a_killed_primary_fails_over_and_no_acknowledged_publish_is_lost() {
 
     // Every acknowledged publish, once, in id order, on both nodes' subscribers; ids only
     // grow, and an id is never reused for another message.
-    let by_id: BTreeMap<u64, u64> = acked.iter().copied().collect();
-    assert_eq!(by_id.len(), acked.len(), "no id acknowledged twice");
-    let last_acked = *by_id.keys().last().unwrap();
-    let mut seen_sse = BTreeMap::new();
-    let mut last = 0;
-    while last < last_acked {
-        let event = tokio::time::timeout(PATIENCE, sse.next_event())
-            .await
-            .expect("SSE event in time")
-            .expect("SSE open")
-            .json();
-        let id = event["id"].as_u64().unwrap();
-        assert!(id > last, "SSE ids strictly increase: {id} after {last}");
-        last = id;
-        seen_sse.insert(id, event["data"]["n"].as_u64().unwrap());
-    }
-    let mut seen_ws = BTreeMap::new();
-    let mut last = 0;
-    while last < last_acked {
-        let envelope = ws.next_envelope().await;
-        let id = envelope["id"].as_u64().unwrap();
-        assert!(
-            id > last,
-            "WebSocket ids strictly increase: {id} after {last}"
-        );
-        last = id;
-        seen_ws.insert(id, envelope["data"]["n"].as_u64().unwrap());
-    }
-    for (id, n) in &by_id {
-        assert_eq!(
-            seen_sse.get(id),
-            Some(n),
-            "SSE got acknowledged {id} as itself"
-        );
-        assert_eq!(
-            seen_ws.get(id),
-            Some(n),
-            "WebSocket got acknowledged {id} as itself"
-        );
-    }
-    let (status, history) = a
-        .get(&format!("/topics/{topic}/poll?after=0&limit=1000"))
-        .await;
-    assert_eq!(status, 200);
-    let kept: BTreeMap<u64, u64> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["id"].as_u64().unwrap(), m["data"]["n"].as_u64().unwrap()))
-        .collect();
-    for (id, n) in &by_id {
-        assert_eq!(kept.get(id), Some(n), "history keeps acknowledged {id}");
-    }
+    assert_delivered_once_and_kept(&acked, &mut sse, &mut ws, &a, topic).await;
     eprintln!(
         "failover: {} acknowledged ({before} before the kill), {refused} refused with 503",
         acked.len()
@@ -546,29 +582,13 @@ async fn a_slot_moved_under_load_loses_nothing() {
         .find(|&n| n != from && redis_cli(cluster.nodes[n].port, &["role"]).starts_with("master"))
         .expect("another primary");
 
-    let acked = Arc::new(std::sync::Mutex::new(Vec::<(u64, u64)>::new()));
-    let publisher = {
-        let (a, b, acked) = (a.clone(), b.clone(), acked.clone());
-        tokio::spawn(async move {
-            let (mut refused, mut without_retry_after) = (0, 0);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
-            let mut n = 0u64;
-            while tokio::time::Instant::now() < deadline {
-                let node = if n.is_multiple_of(2) { &a } else { &b };
-                match try_publish(node, topic, json!({ "n": n })).await {
-                    (201, Some(id), _) => acked.lock().unwrap().push((id, n)),
-                    (503, _, retry_after) => {
-                        refused += 1;
-                        without_retry_after += usize::from(!retry_after);
-                    }
-                    other => panic!("publish {n}: {other:?}"),
-                }
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            (refused, without_retry_after)
-        })
-    };
+    let (acked, publisher) = publish_for(
+        (a.clone(), b.clone()),
+        topic,
+        Duration::from_secs(8),
+        Duration::from_millis(5),
+        Duration::ZERO,
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = acked.lock().unwrap().len();
     let slot = cluster.slot_of(&key);
@@ -592,49 +612,7 @@ async fn a_slot_moved_under_load_loses_nothing() {
     )
     .await;
 
-    let by_id: BTreeMap<u64, u64> = acked.iter().copied().collect();
-    assert_eq!(by_id.len(), acked.len(), "no id acknowledged twice");
-    let last_acked = *by_id.keys().last().unwrap();
-    let mut seen_sse = BTreeMap::new();
-    let mut last = 0;
-    while last < last_acked {
-        let event = tokio::time::timeout(PATIENCE, sse.next_event())
-            .await
-            .expect("SSE event in time")
-            .expect("SSE open")
-            .json();
-        let id = event["id"].as_u64().unwrap();
-        assert!(id > last, "SSE ids strictly increase: {id} after {last}");
-        last = id;
-        seen_sse.insert(id, event["data"]["n"].as_u64().unwrap());
-    }
-    let mut seen_ws = BTreeMap::new();
-    let mut last = 0;
-    while last < last_acked {
-        let envelope = ws.next_envelope().await;
-        let id = envelope["id"].as_u64().unwrap();
-        assert!(
-            id > last,
-            "WebSocket ids strictly increase: {id} after {last}"
-        );
-        last = id;
-        seen_ws.insert(id, envelope["data"]["n"].as_u64().unwrap());
-    }
-    let (status, history) = a
-        .get(&format!("/topics/{topic}/poll?after=0&limit=1000"))
-        .await;
-    assert_eq!(status, 200);
-    let kept: BTreeMap<u64, u64> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["id"].as_u64().unwrap(), m["data"]["n"].as_u64().unwrap()))
-        .collect();
-    for (id, n) in &by_id {
-        assert_eq!(seen_sse.get(id), Some(n), "SSE got acknowledged {id}");
-        assert_eq!(seen_ws.get(id), Some(n), "WebSocket got acknowledged {id}");
-        assert_eq!(kept.get(id), Some(n), "history keeps acknowledged {id}");
-    }
+    assert_delivered_once_and_kept(&acked, &mut sse, &mut ws, &a, topic).await;
     eprintln!(
         "slot move: {} acknowledged ({before} before it), {refused} refused with 503",
         acked.len()

@@ -248,35 +248,44 @@ pub fn parse(
     let matches = command
         .clone()
         .try_get_matches_from(argv)
-        .map_err(|error| {
-            let refused = error.get(ContextKind::InvalidArg).map(ToString::to_string);
-            let from = values.iter().find(|v| {
-                from_file.contains(v.arg.get_id().as_str())
-                    && v.arg.get_long().is_some_and(|long| {
-                        refused.as_deref().is_some_and(|r| {
-                            r.split([' ', '=']).next() == Some(&format!("--{long}"))
-                        })
-                    })
-            });
-            match from {
-                Some(v) => ConfigError::Key {
-                    path: path.clone(),
-                    line: v.line,
-                    message: format!(
-                        "`{}` = {:?}: {}",
-                        v.arg.get_id(),
-                        v.value,
-                        first_line(&error)
-                    ),
-                },
-                None => ConfigError::Flags(error),
-            }
-        })?;
+        .map_err(|error| refusal(error, &values, &from_file, path))?;
     Ok(Parsed {
         matches,
         file,
         from_file,
     })
+}
+
+/// A refusal of the command line with the file's values added: the file's error, with
+/// the line of the value refused, when the value came from the file.
+fn refusal(
+    error: clap::Error,
+    values: &[FileValue],
+    from_file: &BTreeSet<String>,
+    path: &Path,
+) -> ConfigError {
+    let refused = error.get(ContextKind::InvalidArg).map(ToString::to_string);
+    let flag = refused
+        .as_deref()
+        .and_then(|r| r.split([' ', '=']).next())
+        .map(str::to_owned);
+    let from = values.iter().find(|v| {
+        from_file.contains(v.arg.get_id().as_str())
+            && v.arg.get_long().map(|long| format!("--{long}")) == flag
+    });
+    match from {
+        Some(v) => ConfigError::Key {
+            path: path.to_owned(),
+            line: v.line,
+            message: format!(
+                "`{}` = {:?}: {}",
+                v.arg.get_id(),
+                v.value,
+                first_line(&error)
+            ),
+        },
+        None => ConfigError::Flags(error),
+    }
 }
 
 /// A clap error's first line, without its `error: ` prefix.
