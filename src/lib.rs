@@ -76,6 +76,7 @@
 pub mod access;
 pub mod app;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod gate;

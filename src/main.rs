@@ -44,6 +44,12 @@ enum Command {
     Config(Box<Config>),
     /// Load-benchmark each transport and write a report.
     Bench(Box<pushhub::bench::BenchArgs>),
+    /// Follow a topic: one envelope per line (NDJSON) on stdout, on any transport,
+    /// reconnecting by itself; on exit, the `--after` that resumes it goes to stderr.
+    Sub(pushhub::client::SubArgs),
+    /// Publish DATA to a topic, or one message per line of stdin; prints each
+    /// acknowledgement. Exit 2 when the token is refused.
+    Pub(pushhub::client::PubArgs),
 }
 
 /// The subcommands that take the flags of `serve`, which the configuration file sets.
@@ -117,6 +123,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = match cli.command {
         Some(Command::Serve(config)) => *config,
         Some(Command::Bench(args)) => return bench(*args).await,
+        Some(Command::Sub(args)) => return client(pushhub::client::subscribe(args).await),
+        Some(Command::Pub(args)) => return client(pushhub::client::publish(args).await),
         Some(Command::Config(_)) => unreachable!("printed before the runtime started"),
         None => cli.serve,
     };
@@ -216,4 +224,14 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutdown signal received");
+}
+
+/// Ends `pushhub sub` or `pub`: an error on stderr and its exit code (2 for a refused
+/// token, 1 otherwise).
+fn client(outcome: Result<(), pushhub::client::ClientError>) -> anyhow::Result<()> {
+    if let Err(error) = outcome {
+        eprintln!("pushhub: {error}");
+        std::process::exit(error.exit_code());
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! A small HTTP/1.1 client for the bench's hot loops: pollers, SSE readers and the publisher.
+//! A small HTTP/1.1 client for the bench's hot loops (pollers, SSE readers and the
+//! publisher) and for `pushhub sub` and `pub`.
 //!
 //! The bench shares the machine with the server it measures, so its clients must cost as
 //! little as possible: a general client (reqwest) spent 15-30 µs of the bench's CPU per
@@ -7,7 +8,13 @@
 //! and parses the answer with `httparse`: `Content-Length` and chunked bodies, keep-alive and
 //! `Connection: close`. Everything else (setup, `/stats`) still uses reqwest.
 
-use std::io;
+use std::{io, time::Duration};
+
+/// The first wait before a client connects again after losing its connection; it doubles
+/// while attempts fail, up to [`RETRY_MOST`].
+pub const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two attempts to connect again.
+pub const RETRY_MOST: Duration = Duration::from_secs(2);
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -23,6 +30,8 @@ pub struct Connection {
     buf: Vec<u8>,
     /// How the body of the stream opened last is delimited.
     streaming: Framing,
+    /// Header lines sent with every request (`authorization: Bearer ...\r\n`).
+    extra: String,
 }
 
 /// A complete answer.
@@ -69,7 +78,15 @@ impl Connection {
             stream: None,
             buf: Vec::with_capacity(4096),
             streaming: Framing::Close,
+            extra: String::new(),
         }
+    }
+
+    /// Sends `header` (`name: value`) with every request.
+    pub fn with_header(mut self, header: &str) -> Self {
+        self.extra.push_str(header);
+        self.extra.push_str("\r\n");
+        self
     }
 
     async fn stream(&mut self) -> io::Result<&mut TcpStream> {
@@ -85,8 +102,8 @@ impl Connection {
     /// `GET path`, and its whole answer.
     pub async fn get(&mut self, path: &str) -> io::Result<Response> {
         let request = format!(
-            "GET {path} HTTP/1.1\r\nhost: {}\r\naccept: */*\r\n\r\n",
-            self.addr
+            "GET {path} HTTP/1.1\r\nhost: {}\r\naccept: */*\r\n{}\r\n",
+            self.addr, self.extra
         );
         self.exchange(request.as_bytes()).await
     }
@@ -94,9 +111,10 @@ impl Connection {
     /// `POST path` with a JSON body, and its whole answer.
     pub async fn post_json(&mut self, path: &str, body: &[u8]) -> io::Result<Response> {
         let mut request = format!(
-            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
             self.addr,
-            body.len()
+            body.len(),
+            self.extra
         )
         .into_bytes();
         request.extend_from_slice(body);
@@ -141,9 +159,13 @@ impl Connection {
     }
 
     /// Sends `GET path` with `headers` (each `name: value`) and reads the head of a streamed
-    /// answer; its body then comes from [`Connection::next_data`].
+    /// answer; its body then comes from [`Connection::next_data`] (also a refusal's, which
+    /// has a length).
     pub async fn open_stream(&mut self, path: &str, headers: &[&str]) -> io::Result<u16> {
-        let mut request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.addr);
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\n{}",
+            self.addr, self.extra
+        );
         for header in headers {
             request.push_str(header);
             request.push_str("\r\n");
@@ -151,11 +173,6 @@ impl Connection {
         request.push_str("\r\n");
         self.stream().await?.write_all(request.as_bytes()).await?;
         let head = self.read_head().await?;
-        if let Framing::Length(_) = head.framing {
-            return Err(invalid(
-                "a stream must be chunked or end with the connection",
-            ));
-        }
         self.streaming = head.framing;
         Ok(head.status)
     }
@@ -165,6 +182,18 @@ impl Connection {
     pub async fn next_data(&mut self, out: &mut Vec<u8>) -> io::Result<bool> {
         if self.streaming == Framing::Chunked {
             return self.read_chunk(out).await;
+        }
+        if let Framing::Length(left) = self.streaming {
+            if left == 0 {
+                return Ok(false);
+            }
+            if self.buf.is_empty() {
+                self.fill().await?;
+            }
+            let take = left.min(self.buf.len());
+            out.extend(self.buf.drain(..take));
+            self.streaming = Framing::Length(left - take);
+            return Ok(true);
         }
         if self.buf.is_empty() {
             match self.fill().await {
@@ -259,6 +288,65 @@ impl Connection {
         self.buf.drain(..line + size + 2);
         Ok(size > 0)
     }
+}
+
+/// A streamed body split into items at a delimiter (a blank line between SSE events, a
+/// newline between NDJSON lines), whatever the reads' boundaries.
+#[derive(Debug)]
+pub struct Items {
+    delimiter: &'static [u8],
+    buffer: Vec<u8>,
+    /// Where the search for the end of the next item resumes.
+    scanned: usize,
+}
+
+impl Items {
+    /// Items ended by `delimiter`.
+    pub fn new(delimiter: &'static [u8]) -> Self {
+        Self {
+            delimiter,
+            buffer: Vec::new(),
+            scanned: 0,
+        }
+    }
+
+    /// Reads the stream's next data from `connection`: how many bytes, or `None` at its end.
+    pub async fn read(&mut self, connection: &mut Connection) -> io::Result<Option<usize>> {
+        let before = self.buffer.len();
+        let more = connection.next_data(&mut self.buffer).await?;
+        Ok(more.then(|| self.buffer.len() - before))
+    }
+
+    /// Hands each complete item read so far to `each`, in order, and keeps the rest.
+    pub fn drain(&mut self, mut each: impl FnMut(&[u8])) {
+        let delimiter = self.delimiter;
+        let mut start = 0;
+        while let Some(end) = self.buffer[self.scanned.max(start)..]
+            .windows(delimiter.len())
+            .position(|w| w == delimiter)
+            .map(|at| self.scanned.max(start) + at)
+        {
+            each(&self.buffer[start..end]);
+            start = end + delimiter.len();
+        }
+        self.buffer.drain(..start);
+        // The end of an item may straddle two reads: look again from its possible start.
+        self.scanned = self.buffer.len().saturating_sub(delimiter.len() - 1);
+    }
+}
+
+/// An SSE event's `event:` name (`message` when it has none) and its `data:` (one line).
+pub fn sse_event(block: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let mut event: &[u8] = b"message";
+    let mut data = None;
+    for line in block.split(|&b| b == b'\n') {
+        if let Some(name) = line.strip_prefix(b"event: ") {
+            event = name;
+        } else if let Some(value) = line.strip_prefix(b"data: ") {
+            data = Some(value);
+        }
+    }
+    (event, data)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::message::TransportKind;
 use super::{
     BenchError,
     accounting::{Tracker, now_micros},
-    http::Connection,
+    http::{Connection, Items, RETRY_FIRST, RETRY_MOST, sse_event},
 };
 
 /// What every subscriber of a phase shares.
@@ -122,10 +122,6 @@ pub(crate) enum Ended {
     /// The connection failed at the network level: refused, reset, cut.
     Failed(String),
 }
-
-/// The first wait before connecting again after a loss; it doubles while attempts fail.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_MOST: Duration = Duration::from_secs(2);
 
 /// Runs subscriber `index` of `transport` until the phase stops. A connection the network
 /// loses is opened again from the last id seen when the phase resumes; an answer the server
@@ -278,12 +274,8 @@ const SSE: BodyItems = BodyItems {
     accept: "accept: text/event-stream",
     delimiter: b"\n\n",
     record: |phase, index, tracker, block| {
-        let is_signal = block
-            .split(|&b| b == b'\n')
-            .any(|l| l == b"event: truncated" || l == b"event: reset");
-        let data = block
-            .split(|&b| b == b'\n')
-            .find_map(|l| l.strip_prefix(b"data: "));
+        let (event, data) = sse_event(block);
+        let is_signal = event == b"truncated" || event == b"reset";
         if let Some(data) = data.filter(|_| !is_signal) {
             record_envelope(phase, index, tracker, data);
         }
@@ -354,34 +346,18 @@ async fn body_stream(
         )));
     }
     served(phase, index, tracker);
-    let delimiter = items.delimiter;
-    let mut buffer: Vec<u8> = Vec::new();
-    // Where the search for the end of the next item resumes.
-    let mut scanned = 0;
+    let mut split = Items::new(items.delimiter);
     loop {
-        let before = buffer.len();
         let more = tokio::select! {
-            more = connection.next_data(&mut buffer) => more,
+            more = split.read(&mut connection) => more,
             () = phase.stop.cancelled() => return Ok(Ended::Stopped),
         };
         match more {
-            Ok(true) => {}
-            Ok(false) => return Ok(Ended::Closed),
+            Ok(Some(read)) => tracker.bytes += read as u64,
+            Ok(None) => return Ok(Ended::Closed),
             Err(e) => return Ok(Ended::Failed(format!("{}: {e}", items.name))),
         }
-        tracker.bytes += (buffer.len() - before) as u64;
-        let mut start = 0;
-        while let Some(end) = buffer[scanned.max(start)..]
-            .windows(delimiter.len())
-            .position(|w| w == delimiter)
-            .map(|at| scanned.max(start) + at)
-        {
-            (items.record)(phase, index, tracker, &buffer[start..end]);
-            start = end + delimiter.len();
-        }
-        buffer.drain(..start);
-        // The end of an item may straddle two reads: look again from its possible start.
-        scanned = buffer.len().saturating_sub(delimiter.len() - 1);
+        split.drain(|item| (items.record)(phase, index, tracker, item));
     }
 }
 

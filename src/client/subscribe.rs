@@ -1,0 +1,268 @@
+//! `pushhub sub TOPIC`: one envelope per line on stdout, from any transport, reconnecting
+//! by itself from the last id printed. When it ends (stdout closed, as by `| head`, or
+//! Ctrl-C) it prints on stderr the `--after` that resumes it.
+
+use std::io::Write as _;
+
+use futures::StreamExt;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, client::IntoClientRequest};
+
+use super::{ClientError, SubArgs};
+use crate::{
+    bench::http::{Items, RETRY_FIRST, RETRY_MOST, sse_event},
+    message::TransportKind,
+};
+
+/// Why one connection ended.
+enum Ended {
+    /// Nothing more is wanted: stdout is closed.
+    Done,
+    /// The connection was lost (or never made): connect again.
+    Lost(String),
+}
+
+/// What `sub` has printed: where it resumes.
+struct Printed {
+    /// The newest id printed (or the `--after` given); `None`: nothing yet, from now.
+    last: Option<u64>,
+    /// Envelopes still wanted (`--count`).
+    left: Option<u64>,
+}
+
+impl Printed {
+    /// Prints one item (an envelope or a signal, as JSON) and moves the cursor past it;
+    /// `false` once stdout is closed or `--count` envelopes are printed.
+    fn item(&mut self, json: &[u8]) -> bool {
+        if self.left == Some(0) {
+            return false;
+        }
+        let mut envelope = false;
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(json) {
+            match value["type"].as_str() {
+                // The NDJSON stream's heartbeat: nothing to print.
+                Some("keepalive") => return true,
+                // Ids started again: everything from the new topic's start is next.
+                Some("reset") => self.last = Some(0),
+                Some(_) => {}
+                None => {
+                    envelope = true;
+                    self.last = value["id"].as_u64().or(self.last);
+                }
+            }
+        }
+        let mut stdout = std::io::stdout().lock();
+        let written = stdout.write_all(json).is_ok()
+            && stdout.write_all(b"\n").is_ok()
+            && stdout.flush().is_ok();
+        if envelope && let Some(left) = &mut self.left {
+            *left -= 1;
+        }
+        written && self.left != Some(0)
+    }
+
+    /// `?after=N`, or nothing (from now).
+    fn query(&self) -> String {
+        self.last
+            .map_or_else(String::new, |after| format!("after={after}"))
+    }
+}
+
+/// Follows `args.topic` until stdout closes or Ctrl-C; a refusal ends it with the error.
+pub async fn subscribe(args: SubArgs) -> Result<(), ClientError> {
+    let mut printed = Printed {
+        last: args.after,
+        left: args.count,
+    };
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    let mut retry = RETRY_FIRST;
+    let outcome = loop {
+        let before = printed.last;
+        let ended = tokio::select! {
+            ended = connect(&args, &mut printed) => ended,
+            _ = tokio::signal::ctrl_c() => Ok(Ended::Done),
+            () = stdout_closed() => Ok(Ended::Done),
+        };
+        match ended {
+            Ok(Ended::Done) => break Ok(()),
+            Err(error) => break Err(error),
+            Ok(Ended::Lost(reason)) => {
+                if printed.last != before {
+                    retry = RETRY_FIRST;
+                }
+                eprintln!("pushhub sub: {reason}; connecting again in {retry:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => {}
+                    _ = tokio::signal::ctrl_c() => break Ok(()),
+                }
+                retry = (retry * 2).min(RETRY_MOST);
+            }
+        }
+    };
+    if let Some(last) = printed.last {
+        eprintln!("pushhub sub: resume with --after {last}");
+    }
+    outcome
+}
+
+/// Ends once nothing reads stdout any more (`| head` has what it wanted), so that a quiet
+/// topic does not keep the pipeline waiting for a next message to fail writing. Looks
+/// every 200 ms: a pipe whose reader is gone polls as an error.
+async fn stdout_closed() {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let stdout = std::io::stdout();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut fds = [PollFd::new(&stdout, PollFlags::empty())];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if poll(&mut fds, Some(&now)).is_ok()
+            && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
+        {
+            return;
+        }
+    }
+}
+
+/// One connection of `args.transport`, until it ends.
+async fn connect(args: &SubArgs, printed: &mut Printed) -> Result<Ended, ClientError> {
+    match args.transport {
+        TransportKind::Ws => websocket(args, printed).await,
+        TransportKind::Sse => stream(args, printed, "sse", b"\n\n").await,
+        TransportKind::Stream => stream(args, printed, "stream", b"\n").await,
+        _ => polling(args, printed).await,
+    }
+}
+
+async fn websocket(args: &SubArgs, printed: &mut Printed) -> Result<Ended, ClientError> {
+    let url = format!(
+        "{}/topics/{}/ws?{}",
+        args.server
+            .url
+            .trim_end_matches('/')
+            .replacen("http", "ws", 1),
+        args.topic,
+        printed.query()
+    );
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ClientError::Failed(format!("{url}: {e}")))?;
+    if let Some(token) = &args.server.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Failed("the token is not a valid header value".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let mut socket = match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => socket,
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            return Err(ClientError::answered(response.status().as_u16(), &body));
+        }
+        Err(e) => return Ok(Ended::Lost(format!("WebSocket: {e}"))),
+    };
+    loop {
+        match socket.next().await {
+            Some(Ok(WsMessage::Text(text))) => {
+                if !printed.item(text.as_bytes()) {
+                    return Ok(Ended::Done);
+                }
+            }
+            Some(Ok(WsMessage::Close(frame))) => {
+                return Ok(Ended::Lost(format!("closed by the server: {frame:?}")));
+            }
+            None => return Ok(Ended::Lost("closed by the server".into())),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Ok(Ended::Lost(format!("WebSocket: {e}"))),
+        }
+    }
+}
+
+/// SSE or NDJSON: the bench's stream reader and item splitter.
+async fn stream(
+    args: &SubArgs,
+    printed: &mut Printed,
+    endpoint: &str,
+    delimiter: &'static [u8],
+) -> Result<Ended, ClientError> {
+    let mut connection = args.server.connection();
+    let path = format!("/topics/{}/{endpoint}?{}", args.topic, printed.query());
+    let status = match connection.open_stream(&path, &[]).await {
+        Ok(status) => status,
+        Err(e) => return Ok(Ended::Lost(format!("{}: {e}", args.server.url))),
+    };
+    if status != 200 {
+        // The refusal's body: a JSON error, read whole.
+        let mut body = Vec::new();
+        while let Ok(true) = connection.next_data(&mut body).await {}
+        return Err(ClientError::answered(status, &body));
+    }
+    let mut items = Items::new(delimiter);
+    loop {
+        match items.read(&mut connection).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(Ended::Lost("the stream ended".into())),
+            Err(e) => return Ok(Ended::Lost(format!("{endpoint}: {e}"))),
+        }
+        let mut open = true;
+        items.drain(|item| {
+            let json = if delimiter == b"\n\n" {
+                sse_event(item).1
+            } else {
+                Some(item).filter(|line| !line.is_empty())
+            };
+            if let Some(json) = json.filter(|_| open) {
+                open = printed.item(json);
+            }
+        });
+        if !open {
+            return Ok(Ended::Done);
+        }
+    }
+}
+
+/// Long polls (or polls every `--interval`), printing what each answer carries.
+async fn polling(args: &SubArgs, printed: &mut Printed) -> Result<Ended, ClientError> {
+    let mut connection = args.server.connection();
+    let endpoint = if args.transport == TransportKind::Longpoll {
+        "longpoll"
+    } else {
+        "poll"
+    };
+    loop {
+        let path = format!("/topics/{}/{endpoint}?{}", args.topic, printed.query());
+        let answer = match connection.get(&path).await {
+            Ok(answer) => answer,
+            Err(e) => return Ok(Ended::Lost(format!("{}: {e}", args.server.url))),
+        };
+        if answer.status != 200 {
+            return Err(ClientError::answered(answer.status, &answer.body));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&answer.body)
+            .map_err(|e| ClientError::Failed(format!("{endpoint} answer: {e}")))?;
+        let topic = &args.topic;
+        let signal = if answer["reset"] == true {
+            Some(serde_json::json!({"type": "reset", "topic": topic}))
+        } else if answer["truncated"] == true {
+            Some(
+                serde_json::json!({"type": "truncated", "topic": topic, "oldest_id": answer["oldest_id"]}),
+            )
+        } else {
+            None
+        };
+        let messages = answer["messages"].as_array().cloned().unwrap_or_default();
+        for item in signal.iter().chain(&messages) {
+            if !printed.item(item.to_string().as_bytes()) {
+                return Ok(Ended::Done);
+            }
+        }
+        printed.last = answer["next_after"].as_u64().or(printed.last);
+        if endpoint == "poll" && answer["more"] != true {
+            tokio::time::sleep(args.interval).await;
+        }
+    }
+}
