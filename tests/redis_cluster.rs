@@ -497,8 +497,11 @@ async fn acknowledged_messages_stay_readable_when_the_confirmed_id_fell_back() {
 /// Moves `slot` from the primary `from` to the primary `to` the way `redis-cli --cluster
 /// reshard` does (IMPORTING and MIGRATING, `MIGRATE` of each key, then `SETSLOT NODE` on
 /// every primary), slowly: a second with the slot migrating before any key moves, a key
-/// every 300 ms (so a script meets its keys split over two nodes: `TRYAGAIN`), and a second
-/// with every key moved but the slot not yet handed over (`ASK`).
+/// every 300 ms, and a second with every key moved but the slot not yet handed over. The
+/// publish script names the topic's stream key, which a plain topic never has, so on a
+/// migrating slot Redis answers it `TRYAGAIN` (a key missing) for the whole move: its
+/// publishes are refused (503 after the write path's retries), not lost, until the slot
+/// is handed over.
 fn move_slot(cluster: &RedisCluster, slot: u16, from: usize, to: usize) {
     let id = |node: usize| redis_cli(cluster.nodes[node].port, &["cluster", "myid"]);
     let (from_id, to_id) = (id(from), id(to));

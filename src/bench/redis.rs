@@ -8,12 +8,13 @@
 use std::{
     io::{BufRead, BufReader},
     net::TcpListener,
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
     str::FromStr,
     time::{Duration, Instant},
 };
 
-use super::{BenchError, procfs};
+use super::BenchError;
 
 /// What `--redis-start` starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +67,8 @@ struct Process {
 #[derive(Debug)]
 pub struct RedisFleet {
     processes: Vec<Process>,
-    /// The primaries (every process of a cluster is a seed; replicas are found by the
-    /// client itself).
+    /// How many of the processes, first in order, are given as seeds (a cluster's client
+    /// finds the rest itself).
     primaries: usize,
 }
 
@@ -132,16 +133,14 @@ impl RedisFleet {
         self.processes.iter().map(|p| p.pid).collect()
     }
 
-    /// CPU time of every Redis process together, ns (exact: the scheduler's accounting).
-    pub fn cpu_ns(&self) -> Option<u64> {
-        self.pids().into_iter().map(procfs::cpu_ns).sum()
-    }
-
     fn spawn(&mut self, extra: &[&str]) -> Result<(), BenchError> {
         let port = free_port()?;
         let dir =
             std::env::temp_dir().join(format!("pushhub-bench-redis-{}-{port}", std::process::id()));
         let mut watchdog = Command::new("sh")
+            // Its own process group: a Ctrl-C or hang-up meant for the bench does not kill
+            // the shell before it cleans up; the bench's end of its stdin closing does.
+            .process_group(0)
             .args(["-c", WATCHDOG, "redis-watchdog"])
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
@@ -218,7 +217,7 @@ impl RedisFleet {
         let deadline = Instant::now() + Duration::from_secs(30);
         for process in &mut self.processes {
             loop {
-                if !std::path::Path::new(&format!("/proc/{}", process.pid)).exists() {
+                if exited(process.pid) {
                     return Err(BenchError::Setup(format!(
                         "--redis-start: redis-server on port {} exited (is redis-server installed? Debian: apt-get install redis-server redis-tools)",
                         process.port
@@ -239,6 +238,18 @@ impl RedisFleet {
         }
         Ok(())
     }
+}
+
+/// Whether the process is gone, or a zombie its shell has not reaped yet (the shell waits
+/// in `read`, so a redis-server that failed to start stays one).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 /// Asks the Redis on `port` one command, as text.

@@ -213,7 +213,7 @@ impl Listener {
             let outcome = within(subscriber.follow(&channel(&topic))).await;
             // Where replays start; the subscriber reads its own history after this.
             let head = match (&outcome, shared.upgrade()) {
-                (Ok(()), Some(shared)) => shared.read(&topic, MessageId::MAX, 0).await.ok(),
+                (Ok(()), Some(shared)) => shared.read_log(&topic, MessageId::MAX, 0).await.ok(),
                 _ => None,
             };
             let _ = confirmed.send(Confirmed {
@@ -398,7 +398,11 @@ impl Listener {
             return Ok(());
         };
         for topic in self.standing(Standing::Live) {
-            let head = shared.read(&topic, MessageId::MAX, 0).await?.head.last_id;
+            let head = shared
+                .read_log(&topic, MessageId::MAX, 0)
+                .await?
+                .head
+                .last_id;
             let Some(followed) = self.topics.get_mut(&topic) else {
                 continue;
             };
@@ -432,7 +436,7 @@ impl Listener {
             let Some(after) = self.topics.get(topic).map(|f| f.last_seen) else {
                 return Ok(());
             };
-            let read = shared.read(topic, after, REPLAY_BATCH).await?;
+            let read = shared.read_log(topic, after, REPLAY_BATCH).await?;
             let Some(followed) = self.topics.get_mut(topic) else {
                 return Ok(());
             };

@@ -166,6 +166,17 @@ impl Shared {
         acked >= u64::from(self.min_replicas) && self.confirm(topic, newest, &[]).await.is_ok()
     }
 
+    /// A read as it stands (capped at the confirmed id, no `WAIT`): the listener's, whose
+    /// loop delivers every topic of the node and must never wait on replicas.
+    async fn read_log(
+        &self,
+        topic: &TopicName,
+        after: MessageId,
+        limit: usize,
+    ) -> Result<LogRead, StoreError> {
+        Ok(self.read_once(topic, after, limit).await?.read)
+    }
+
     async fn read_once(
         &self,
         topic: &TopicName,
