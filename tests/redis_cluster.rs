@@ -42,6 +42,23 @@ async fn try_publish(node: &Endpoint, topic: &str, data: Value) -> (u16, Option<
     (status, body["id"].as_u64(), retry_after)
 }
 
+/// An SSE subscriber of `topic` on `b` and a WebSocket one on `a`, once both nodes count
+/// them.
+async fn follow_on_both(
+    a: &Endpoint,
+    b: &Endpoint,
+    topic: &str,
+) -> (support::SseClient, support::WsClient) {
+    let sse = b.sse(&format!("/topics/{topic}/sse"), None).await;
+    let ws = a.ws(&format!("/topics/{topic}/ws")).await;
+    eventually("subscribers", || async {
+        b.get(&format!("/topics/{topic}")).await.1["subscribers"]["sse"] == 1
+            && a.get(&format!("/topics/{topic}")).await.1["subscribers"]["ws"] == 1
+    })
+    .await;
+    (sse, ws)
+}
+
 /// Publishes acknowledged so far, as (id, n).
 type Acked = Arc<std::sync::Mutex<Vec<(u64, u64)>>>;
 
@@ -309,13 +326,7 @@ async fn a_killed_primary_fails_over_and_no_acknowledged_publish_is_lost() {
     let b = spawn_binary(&args, &[]);
     let (a, b) = (a.endpoint(), b.endpoint());
     let topic = "failover";
-    let mut sse = b.sse(&format!("/topics/{topic}/sse"), None).await;
-    let mut ws = a.ws(&format!("/topics/{topic}/ws")).await;
-    eventually("subscribers", || async {
-        b.get(&format!("/topics/{topic}")).await.1["subscribers"]["sse"] == 1
-            && a.get(&format!("/topics/{topic}")).await.1["subscribers"]["ws"] == 1
-    })
-    .await;
+    let (mut sse, mut ws) = follow_on_both(&a, &b, topic).await;
 
     let primary = cluster.primary_of(&format!("pushhub:{{{topic}}}:seq"));
     let (acked, publisher) = publish_for(
@@ -571,13 +582,7 @@ async fn a_slot_moved_under_load_loses_nothing() {
     let b = spawn_binary(&["--redis", &seeds], &[]);
     let (a, b) = (a.endpoint(), b.endpoint());
     let topic = "moving";
-    let mut sse = b.sse(&format!("/topics/{topic}/sse"), None).await;
-    let mut ws = a.ws(&format!("/topics/{topic}/ws")).await;
-    eventually("subscribers", || async {
-        b.get(&format!("/topics/{topic}")).await.1["subscribers"]["sse"] == 1
-            && a.get(&format!("/topics/{topic}")).await.1["subscribers"]["ws"] == 1
-    })
-    .await;
+    let (mut sse, mut ws) = follow_on_both(&a, &b, topic).await;
     let key = format!("pushhub:{{{topic}}}:seq");
     let channel = format!("pushhub:{{{topic}}}:live");
     let from = cluster.primary_of(&key);

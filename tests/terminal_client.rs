@@ -202,6 +202,16 @@ fn a_refused_token_is_exit_2_with_the_servers_message() {
     assert_eq!(code, 1);
 }
 
+/// `pushhub ARGS` running, its stdout and stderr piped.
+fn spawn_sub(args: &[&str]) -> Child {
+    Command::new(BINARY)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A server on `port` keeping history in `dir`, and its startup waited for.
 fn server_on(port: u16, dir: &std::path::Path) -> Child {
     let mut child = Command::new(BINARY)
@@ -230,23 +240,18 @@ fn sub_reconnects_across_a_restart_and_misses_nothing() {
     for transport in ["stream", "ws"] {
         let topic = format!("restart-{transport}");
         let mut server = server_on(port, dir.path());
-        let sub = Command::new(BINARY)
-            .args([
-                "sub",
-                &topic,
-                "--transport",
-                transport,
-                "--after",
-                "0",
-                "--count",
-                "4",
-                "--url",
-                &url,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let sub = spawn_sub(&[
+            "sub",
+            &topic,
+            "--transport",
+            transport,
+            "--after",
+            "0",
+            "--count",
+            "4",
+            "--url",
+            &url,
+        ]);
         pushhub(&["pub", &topic, "--url", &url], "1\n2\n");
         std::thread::sleep(Duration::from_millis(300));
         server.kill().unwrap();
@@ -284,21 +289,16 @@ fn heartbeats_are_not_printed() {
     let url = format!("http://{}", server.addr);
     for transport in ["stream", "sse"] {
         let topic = format!("quiet-{transport}");
-        let sub = Command::new(BINARY)
-            .args([
-                "sub",
-                &topic,
-                "--transport",
-                transport,
-                "--count",
-                "1",
-                "--url",
-                &url,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let sub = spawn_sub(&[
+            "sub",
+            &topic,
+            "--transport",
+            transport,
+            "--count",
+            "1",
+            "--url",
+            &url,
+        ]);
         // Several heartbeats go by before the one message.
         std::thread::sleep(Duration::from_millis(600));
         pushhub(&["pub", &topic, "--url", &url], "only\n");
