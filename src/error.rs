@@ -74,6 +74,33 @@ pub enum Error {
     /// The token does not grant this action on this topic.
     #[error("the token does not allow this on this topic")]
     Forbidden,
+    /// The token does not allow following one entry of a topic list (named).
+    #[error("the token does not allow subscribing to {0}")]
+    ForbiddenTopic(String),
+    /// A topic list longer than `--max-subscriptions-per-connection`.
+    #[error("{0}")]
+    TooManyTopics(String),
+    /// A topic list that is not one (an entry twice).
+    #[error("{0}")]
+    InvalidTopicList(String),
+    /// A pattern of the list matches more topics than a connection may follow.
+    #[error(
+        "{pattern} matches {matched} topics; at most {limit} may be followed on one connection"
+    )]
+    PatternTooBroad {
+        /// The pattern.
+        pattern: String,
+        /// Topics it matches, with the rest of the list.
+        matched: usize,
+        /// The most allowed.
+        limit: usize,
+    },
+    /// A cursor string that is not one this server writes.
+    #[error("{0}")]
+    InvalidCursor(String),
+    /// A cursor naming a topic outside the request's list.
+    #[error("{0}")]
+    CursorMismatch(String),
     /// A WebSocket `Origin` outside the allowlist (cross-site WebSocket hijacking).
     #[error("origin not allowed")]
     OriginNotAllowed,
@@ -135,10 +162,22 @@ impl From<crate::message::Invalid> for Error {
     }
 }
 
+impl From<crate::message::pattern::ListError> for Error {
+    fn from(error: crate::message::pattern::ListError) -> Self {
+        use crate::message::pattern::ListError;
+        match error {
+            ListError::Invalid(invalid) => invalid.into(),
+            too_many @ ListError::TooMany { .. } => Error::TooManyTopics(too_many.to_string()),
+            repeated @ ListError::Repeated(_) => Error::InvalidTopicList(repeated.to_string()),
+        }
+    }
+}
+
 impl From<HubError> for Error {
     fn from(error: HubError) -> Self {
         match error {
             HubError::Store(store) => Error::Store(store),
+            too_many @ HubError::TooManyTopics { .. } => Error::TooManyTopics(too_many.to_string()),
         }
     }
 }
@@ -154,7 +193,12 @@ impl Error {
             | Error::InvalidUtf8
             | Error::InvalidBody(_)
             | Error::InvalidMessage(_)
-            | Error::UnknownType(_) => StatusCode::BAD_REQUEST,
+            | Error::UnknownType(_)
+            | Error::TooManyTopics(_)
+            | Error::InvalidTopicList(_)
+            | Error::PatternTooBroad { .. }
+            | Error::InvalidCursor(_)
+            | Error::CursorMismatch(_) => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Error::NotFound => StatusCode::NOT_FOUND,
@@ -163,7 +207,9 @@ impl Error {
             Error::Unauthorized | Error::InvalidToken | Error::TokenExpired => {
                 StatusCode::UNAUTHORIZED
             }
-            Error::Forbidden | Error::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Error::Forbidden | Error::ForbiddenTopic(_) | Error::OriginNotAllowed => {
+                StatusCode::FORBIDDEN
+            }
             Error::TooManyRequests { .. } | Error::TooManySubscriptions { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -194,7 +240,12 @@ impl Error {
             Error::Unauthorized => "unauthorized",
             Error::InvalidToken => "invalid_token",
             Error::TokenExpired => "token_expired",
-            Error::Forbidden => "forbidden",
+            Error::Forbidden | Error::ForbiddenTopic(_) => "forbidden",
+            Error::TooManyTopics(_) => "too_many_topics",
+            Error::InvalidTopicList(_) => "invalid_topic_list",
+            Error::PatternTooBroad { .. } => "pattern_too_broad",
+            Error::InvalidCursor(_) => "invalid_cursor",
+            Error::CursorMismatch(_) => "cursor_mismatch",
             Error::OriginNotAllowed => "origin_not_allowed",
             Error::TooManyRequests { .. } => "rate_limited",
             Error::AtCapacity(_) => "at_capacity",

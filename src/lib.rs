@@ -130,6 +130,7 @@ pub async fn serve(
             .clone()
             .run_sweeper(state.config.sweep_interval, stop.clone()),
     );
+    tokio::spawn(state.transport.hub.clone().run_directory(stop.clone()));
     if state.transport.settings.durable.path.is_some() {
         tokio::spawn(
             state

@@ -160,7 +160,8 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_MAX_PARKED_LONGPOLLS", default_value_t = 50_000)]
     pub max_parked_longpolls: usize,
 
-    /// Topics one multiplexed WebSocket connection may follow at once.
+    /// Topics one connection may follow at once: a multiplexed WebSocket's subscriptions, or
+    /// a request's topic list (`/topics/a,b,news.*/sse`) with the topics its patterns match.
     #[arg(
         long,
         env = "PUSHHUB_MAX_SUBSCRIPTIONS_PER_CONNECTION",
@@ -530,6 +531,7 @@ impl Config {
                 ping_interval: self.ws_ping_interval,
                 pong_timeout: self.ws_pong_timeout,
             },
+            max_topics_per_connection: self.max_subscriptions_per_connection.max(1),
         }
     }
 }

@@ -12,7 +12,9 @@ mod cursor;
 mod error;
 mod fanout;
 mod format;
+mod multi;
 mod outlet;
+mod patterns;
 mod presence;
 mod stats;
 mod tally;
@@ -39,7 +41,9 @@ pub use cursor::{Batch, Signal};
 pub use error::HubError;
 pub use fanout::{FanoutSettings, default_shards};
 pub use format::{Format, Framer, Native};
+pub use multi::Key;
 pub use outlet::{Action, CatchUp, End, Outlet, OutletGuard, SubId};
+pub use patterns::Watching;
 pub use presence::Subscribers;
 pub use stats::{HubStats, TransportCounts};
 pub use waiter::{AnswerCache, Respond, Responded};
@@ -74,6 +78,8 @@ pub struct HubSettings {
     pub slow_consumer: SlowConsumerPolicy,
     /// Writers, write delay, heartbeats and pings.
     pub fanout: FanoutSettings,
+    /// The most topics one connection follows through a topic list and its patterns.
+    pub max_topics_per_connection: usize,
 }
 
 impl Default for HubSettings {
@@ -84,6 +90,7 @@ impl Default for HubSettings {
             poller_window: Duration::from_secs(30),
             slow_consumer: SlowConsumerPolicy::Resync,
             fanout: FanoutSettings::default(),
+            max_topics_per_connection: 100,
         }
     }
 }
@@ -203,6 +210,11 @@ pub struct Hub {
     settings: HubSettings,
     counters: Arc<Counters>,
     fanout: Arc<Fanout>,
+    /// Connections following a pattern, which topics created from now on must join.
+    patterns: Arc<patterns::Patterns>,
+    /// Topics whose first message was published here, for [`Hub::run_directory`].
+    created: tokio::sync::mpsc::UnboundedSender<TopicName>,
+    created_here: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<TopicName>>>,
 }
 
 /// One active topic: its log and its live followers.
@@ -272,7 +284,11 @@ impl Hub {
     /// A hub over `store`.
     pub fn new(store: Arc<dyn Store>, settings: HubSettings) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
+        let (created, created_here) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
+            patterns: Arc::default(),
+            created,
+            created_here: Mutex::new(Some(created_here)),
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(HashMap::with_hasher(Hasher::default())))
                 .collect(),
@@ -321,6 +337,10 @@ impl Hub {
     ) -> Result<Arc<Message>, HubError> {
         let topic = self.topic(topic);
         let message = topic.log.append(event, data, now_millis()).await?;
+        if message.id == 1 && !self.patterns.is_empty() {
+            // A new topic: the connections whose patterns select it join it.
+            let _ = self.created.send(topic.name.clone());
+        }
         self.counters
             .publishes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -511,10 +531,218 @@ impl Hub {
         after: Option<MessageId>,
         outlet: &Arc<Outlet>,
     ) -> Result<SubId, HubError> {
+        self.subscribe_as(topic, after, outlet, None).await
+    }
+
+    /// A new streaming connection that follows a request's topic list
+    /// ([`Hub::subscribe_as`]): every cursor it writes names all its topics, and carries
+    /// `carried` (the client's cursor entries for topics it does not follow now).
+    pub fn listed_outlet(
+        &self,
+        socket: Option<Arc<TcpStream>>,
+        native: Native,
+        carried: Vec<(u64, MessageId)>,
+    ) -> OutletGuard {
+        let outlet = self.outlet(socket, native);
+        outlet.keep_book(carried, self.settings.max_topics_per_connection);
+        outlet
+    }
+
+    /// Makes a running connection's outlet keep a cursor over the topics it follows by key,
+    /// as [`Hub::listed_outlet`]'s does (a multiplexed WebSocket subscribing to a pattern).
+    pub fn keep_cursor(&self, outlet: &Arc<Outlet>) {
+        outlet.keep_book(Vec::new(), self.settings.max_topics_per_connection);
+    }
+
+    /// Stops `outlet` following pattern `prefix*` and the topics only it picked up; whether
+    /// it followed it.
+    pub fn unwatch_prefix(&self, outlet: &Arc<Outlet>, prefix: &str) -> bool {
+        outlet.unwatch_prefix(prefix)
+    }
+
+    /// Makes `outlet` (from [`Hub::listed_outlet`]) join every topic starting with `prefix`
+    /// whose first message is published from now on, here or on another node sharing the
+    /// store, from that topic's start. Call it before listing the topics that exist
+    /// ([`Hub::topics_with_prefix`]): a topic created in between is then joined once, not
+    /// missed.
+    pub fn watch_prefix(&self, outlet: &Arc<Outlet>, prefix: &str) {
+        let watcher = patterns::Watcher::Outlet(Arc::downgrade(outlet));
+        let slot = self.patterns.add(prefix, watcher);
+        let patterns = self.patterns.clone();
+        if outlet
+            .with_book(|book| book.watch(patterns, slot, prefix))
+            .is_none()
+        {
+            // No book (or the connection ended): nothing would ever leave the entry.
+            self.patterns.remove(slot);
+        }
+    }
+
+    /// The topics whose name starts with `prefix` and that hold or held a message: at most
+    /// `limit + 1` of them (so a caller can tell that there are more than `limit`).
+    pub async fn topics_with_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<TopicName>, HubError> {
+        if let Some(listed) = self.store.topics(prefix, limit + 1).await? {
+            return Ok(listed);
+        }
+        // A store without a directory of its own (memory): its topics are the open ones.
+        let open: Vec<Arc<Topic>> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                shard
+                    .values()
+                    .filter(|t| t.name.as_str().starts_with(prefix))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut listed = Vec::new();
+        for topic in open {
+            if topic.log.head().await?.last_id > 0 {
+                listed.push(topic.name.clone());
+                if listed.len() > limit {
+                    break;
+                }
+            }
+        }
+        Ok(listed)
+    }
+
+    /// Joins the topics created from now on to the connections whose patterns select them:
+    /// topics whose first message is published here, and (a store shared by several nodes)
+    /// elsewhere. Runs until `shutdown`; started once, with the sweeper.
+    pub async fn run_directory(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(mut here) = self
+            .created_here
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let mut elsewhere = self.store.created_topics();
+        loop {
+            let created = tokio::select! {
+                Some(topic) = here.recv() => Some(topic),
+                topic = async {
+                    match elsewhere.as_mut() {
+                        Some(feed) => feed.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match topic {
+                    Ok(topic) => Some(topic),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "missed topic creations: looking again");
+                        None
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        elsewhere = None;
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+            };
+            match created {
+                Some(topic) => self.join_created(&topic).await,
+                None => self.rejoin_all().await,
+            }
+        }
+    }
+
+    /// Joins a created topic to the connections whose patterns select it, and wakes the
+    /// long polls whose patterns do.
+    async fn join_created(&self, topic: &TopicName) {
+        for watcher in self.patterns.selecting(topic.as_str()) {
+            match watcher {
+                patterns::Live::Outlet(outlet) => self.join(topic, &outlet).await,
+                patterns::Live::Waiting(notify) => notify.notify_one(),
+            }
+        }
+    }
+
+    /// Wakes `notify` whenever a topic is created that one of `prefixes` selects (a long
+    /// poll of a topic list with patterns, parked on the topics that exist), until the
+    /// returned guard is dropped.
+    pub fn watch_prefixes<'a>(
+        &self,
+        prefixes: impl IntoIterator<Item = &'a str>,
+        notify: &Arc<tokio::sync::Notify>,
+    ) -> Watching {
+        let mut watching = Watching::new(self.patterns.clone());
+        for prefix in prefixes {
+            watching.add(prefix, notify);
+        }
+        watching
+    }
+
+    /// Joins every topic each pattern selects now to its connection (creations were
+    /// missed): topics a connection follows already are left as they are.
+    async fn rejoin_all(&self) {
+        let limit = self.settings.max_topics_per_connection;
+        for (prefix, watcher) in self.patterns.all() {
+            let outlet = match watcher {
+                patterns::Live::Outlet(outlet) => outlet,
+                patterns::Live::Waiting(notify) => {
+                    notify.notify_one();
+                    continue;
+                }
+            };
+            match self.topics_with_prefix(&prefix, limit).await {
+                Ok(topics) => {
+                    for topic in topics {
+                        self.join(&topic, &outlet).await;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, prefix, "could not list a pattern's topics"),
+            }
+        }
+    }
+
+    /// Makes `outlet` follow `topic` from its start, unless it does already; ends it when
+    /// that would exceed its limit.
+    async fn join(&self, topic: &TopicName, outlet: &Arc<Outlet>) {
+        match self
+            .subscribe_as(topic, Some(0), outlet, Some(Key::hashed(topic)))
+            .await
+        {
+            Ok(_) => {}
+            Err(HubError::TooManyTopics { .. }) => outlet.end(End::TooManyTopics),
+            Err(error) => {
+                // The catch-up that follows a reconnect to the store finds it: the sub
+                // exists only once subscribed, so end the connection rather than miss it.
+                tracing::warn!(%error, %topic, "could not join a pattern's new topic");
+                outlet.end(End::Gone);
+            }
+        }
+    }
+
+    /// [`Hub::subscribe`], naming the topic `key` in the cursor of an outlet made by
+    /// [`Hub::listed_outlet`]. Once every listed topic is subscribed, the caller queues the
+    /// first cursor ([`Outlet::open_cursor`]).
+    pub async fn subscribe_as(
+        &self,
+        topic: &TopicName,
+        after: Option<MessageId>,
+        outlet: &Arc<Outlet>,
+        key: Option<Key>,
+    ) -> Result<SubId, HubError> {
         let topic = self.topic(topic);
         topic.follow().await;
         let gauge = topic.presence.stream(outlet.transport());
-        let sub = outlet.add_sub(topic.clone(), gauge);
+        let sub = match outlet.add_sub(topic.clone(), gauge, key) {
+            Ok(sub) => sub,
+            Err(outlet::Refused::Following(sub)) => return Ok(sub),
+            Err(outlet::Refused::Full) => {
+                return Err(HubError::TooManyTopics {
+                    limit: self.settings.max_topics_per_connection,
+                });
+            }
+        };
         // Follow before reading the cursor: whatever is appended from here on is offered to
         // the sub (and, while it catches up, noted), so nothing falls between.
         let slot = topic.live.add(

@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use super::{
     Topic,
     format::{Format, Frames},
+    multi::{self, Book, Key},
     presence::Gauge,
     tally::Tally,
 };
@@ -53,6 +54,17 @@ pub enum End {
     /// What it follows has ended (a closed or deleted Durable Stream): everything up to the
     /// end was written, then its last bytes ([`Outlet::finish_after`]).
     Finished,
+    /// A pattern it follows picked up a topic beyond `--max-subscriptions-per-connection`.
+    TooManyTopics,
+}
+
+/// Why [`Outlet::add_sub`] added no sub.
+#[derive(Debug)]
+pub(super) enum Refused {
+    /// The connection follows the topic already, with this sub.
+    Following(SubId),
+    /// The connection follows as many topics as it may.
+    Full,
 }
 
 /// What a connection's task must do next.
@@ -111,6 +123,13 @@ pub(super) struct Sub {
     _gauge: Gauge,
 }
 
+impl Sub {
+    /// The id of the last message written or queued to it (or its starting cursor).
+    pub(super) fn cursor(&self) -> MessageId {
+        self.sent
+    }
+}
+
 /// Everything the writers and the connection's task share, behind one lock.
 #[derive(Default)]
 struct State {
@@ -133,6 +152,8 @@ struct State {
     unanswered_ping: u32,
     /// Bytes to end with once a sub has been sent a given message ([`Outlet::finish_after`]).
     finale: Option<Finale>,
+    /// A connection that follows a request's topic list: how its cursor names each sub.
+    book: Option<Box<Book>>,
 }
 
 /// The end of an outlet that waits for a sub to reach a message.
@@ -200,6 +221,8 @@ impl ListId {
 /// What [`Outlet::take`] took of an offer: the sub's cursor before and after, and whether a
 /// message was missing.
 struct Taken {
+    /// Messages accepted.
+    count: usize,
     first_sent: MessageId,
     last_sent: MessageId,
     gap: bool,
@@ -299,8 +322,102 @@ impl Outlet {
         self.transport
     }
 
-    /// Adds a topic to follow from `sent` (lost until its first catch-up). Called by the hub.
-    pub(super) fn add_sub(&self, topic: Arc<Topic>, gauge: Gauge) -> SubId {
+    /// Makes this the outlet of a connection that follows a request's topic list: its
+    /// cursor names each sub by the key it is added with, and carries `carried` (the
+    /// client's entries for topics not followed now). Called before any sub is added.
+    pub(super) fn keep_book(&self, carried: Vec<(u64, MessageId)>, limit: usize) {
+        self.lock()
+            .book
+            .get_or_insert_with(|| Box::new(Book::new(carried, limit)));
+    }
+
+    /// The cursor over every topic the outlet follows by key (a connection with a book).
+    pub fn list_cursor(&self) -> Option<String> {
+        let state = self.lock();
+        Some(state.book.as_ref()?.cursor(sents(&state.subs)).encode())
+    }
+
+    /// Stops following a pattern: leaves its registry entry, and stops following the topics
+    /// it picked up that no other watched pattern selects. Whether it was followed.
+    pub(super) fn unwatch_prefix(&self, prefix: &str) -> bool {
+        let dropped: Vec<SubId> = {
+            let mut state = self.lock();
+            let state = &mut *state;
+            let Some(book) = state.book.as_mut() else {
+                return false;
+            };
+            if !book.unwatch_prefix(prefix) {
+                return false;
+            }
+            state
+                .subs
+                .iter()
+                .enumerate()
+                .filter_map(|(index, sub)| {
+                    let sub = sub.as_ref()?;
+                    book.only_by(index, sub.topic.name.as_str(), prefix)
+                        .then_some(SubId(index))
+                })
+                .collect()
+        };
+        for sub in dropped {
+            self.unsubscribe(sub);
+        }
+        true
+    }
+
+    /// Runs `f` on the outlet's book: `None` when it has none or has ended.
+    pub(super) fn with_book<R>(&self, f: impl FnOnce(&mut Book) -> R) -> Option<R> {
+        let mut state = self.lock();
+        if state.end.is_some() {
+            return None;
+        }
+        state.book.as_deref_mut().map(f)
+    }
+
+    /// Queues what a connection with a book sends once every listed topic is followed: its
+    /// first cursor ([`Book::opening`]).
+    pub fn open_cursor(&self) {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.sealed {
+            return;
+        }
+        let Some(book) = state.book.as_mut() else {
+            return;
+        };
+        if let Some(bytes) = book.opening(sents(&state.subs), self.format) {
+            state.pending.push_back(bytes);
+            state.busy = true;
+            state.active = true;
+        }
+    }
+
+    /// Adds a topic to follow from `sent` (lost until its first catch-up), named `key` in
+    /// the cursor of a connection with a book. Called by the hub.
+    /// A connection with a book follows each topic once, and at most its limit: else
+    /// nothing is added ([`Refused`]).
+    pub(super) fn add_sub(
+        &self,
+        topic: Arc<Topic>,
+        gauge: Gauge,
+        key: Option<Key>,
+    ) -> Result<SubId, Refused> {
+        let mut state = self.lock();
+        if let Some(book) = &state.book {
+            let mut count = 0;
+            for (index, sub) in state.subs.iter().enumerate() {
+                if let Some(sub) = sub {
+                    if sub.topic.name == topic.name {
+                        return Err(Refused::Following(SubId(index)));
+                    }
+                    count += 1;
+                }
+            }
+            if count >= book.limit {
+                return Err(Refused::Full);
+            }
+        }
         let sub = Sub {
             topic,
             slot: None,
@@ -310,7 +427,6 @@ impl Outlet {
             from_client: false,
             _gauge: gauge,
         };
-        let mut state = self.lock();
         let index = match state.subs.iter().position(Option::is_none) {
             Some(free) => free,
             None => {
@@ -319,7 +435,10 @@ impl Outlet {
             }
         };
         state.subs[index] = Some(sub);
-        SubId(index)
+        if let (Some(book), Some(key)) = (state.book.as_mut(), key) {
+            book.name(index, key);
+        }
+        Ok(SubId(index))
     }
 
     /// Records where the sub sits in its topic's follower list, so that it is removed from
@@ -346,8 +465,13 @@ impl Outlet {
             }
             _ => return false,
         }
+        // A sub added to a running connection (a pattern's new topic) is read by its task:
+        // wake it, as a message offered to a sub that is still lost does not.
+        Self::wake(&mut state);
         // Queued under the same lock as the cursor is set: before any message of the sub.
-        if let Some(line) = self.format.start(sent)
+        // (A connection with a book sends one cursor for all its subs: `open_cursor`.)
+        if state.book.is_none()
+            && let Some(line) = self.format.start(sent)
             && !state.sealed
         {
             state.pending.push_back(line);
@@ -367,6 +491,9 @@ impl Outlet {
     pub fn unsubscribe(&self, sub: SubId) -> bool {
         let removed = {
             let mut state = self.lock();
+            if let Some(book) = state.book.as_mut() {
+                book.forget(sub.0);
+            }
             state.subs.get_mut(sub.0).and_then(Option::take)
         };
         match removed {
@@ -387,6 +514,9 @@ impl Outlet {
             let mut state = self.lock();
             state.end.get_or_insert(End::Gone);
             state.waker = None;
+            if let Some(book) = state.book.as_mut() {
+                book.unwatch();
+            }
             std::mem::take(&mut state.subs)
         };
         for sub in subs.into_iter().flatten() {
@@ -427,7 +557,12 @@ impl Outlet {
             entry.seen = entry.seen.max(newest);
             return;
         }
-        let taken = self.take(entry, messages, stop, newest, frames);
+        let taken = match state.book.as_mut() {
+            Some(book) if multi::writes_ids(self.format) => {
+                Self::take_with_ids(&mut state.subs, book, sub, messages, stop, newest, frames)
+            }
+            _ => self.take(entry, messages, stop, newest, frames),
+        };
         if frames.is_empty() {
             if taken.gap {
                 Self::wake(state);
@@ -435,8 +570,10 @@ impl Outlet {
             return;
         }
         let finished = Self::finale_due(&mut state.finale, sub, taken.last_sent);
-        let accepted = frames.len();
-        if self.format == Format::SseChunked && accepted > 1 {
+        let accepted = taken.count;
+        if state.book.is_some() && multi::writes_ids(self.format) {
+            multi::chunk_pieces(self.format, frames, 0);
+        } else if self.format == Format::SseChunked && accepted > 1 {
             one_chunk(messages, &taken, frames);
         }
         if let Some(last) = finished {
@@ -498,8 +635,57 @@ impl Outlet {
             entry.seen = entry.seen.max(newest);
         }
         Taken {
+            count: frames.len(),
             first_sent,
             last_sent: entry.sent,
+            gap,
+        }
+    }
+
+    /// [`Outlet::take`] for an SSE connection with a book: each message is its shared
+    /// fields and this connection's `id:` line, the cursor right after it.
+    fn take_with_ids(
+        subs: &mut [Option<Sub>],
+        book: &mut Book,
+        sub: usize,
+        messages: &[Arc<Message>],
+        stop: MessageId,
+        newest: MessageId,
+        frames: &mut Vec<Bytes>,
+    ) -> Taken {
+        frames.clear();
+        let Some(first_sent) = subs[sub].as_ref().map(|s| s.sent) else {
+            return Taken {
+                count: 0,
+                first_sent: 0,
+                last_sent: 0,
+                gap: false,
+            };
+        };
+        let (mut count, mut gap) = (0, false);
+        for message in messages {
+            let entry = subs[sub].as_mut().expect("checked");
+            if message.id <= entry.sent {
+                continue;
+            }
+            if message.id > stop {
+                break;
+            }
+            if message.id != entry.sent + 1 {
+                gap = true;
+                entry.lost = true;
+                entry.seen = entry.seen.max(newest);
+                break;
+            }
+            entry.sent = message.id;
+            frames.push(multi::sse_fields(message));
+            frames.push(book.id_line(sents(subs)));
+            count += 1;
+        }
+        Taken {
+            count,
+            first_sent,
+            last_sent: subs[sub].as_ref().map_or(first_sent, |s| s.sent),
             gap,
         }
     }
@@ -793,27 +979,21 @@ impl Outlet {
         }
         let batch = batch?;
         entry.from_client = false;
-        if let Some(signal) = &batch.signal {
-            if let Some(bytes) = self.format.signal(&topic.name, signal) {
-                state.pending.push_back(bytes);
-            }
-            entry.sent = signal.resume_after();
-        }
-        let mut delivered = 0u64;
-        let mut bytes = 0u64;
-        for message in &batch.messages {
-            if message.id <= entry.sent {
-                continue;
-            }
-            if message.id > stop {
-                break;
-            }
-            let frame = self.frame(message);
-            bytes += frame.len() as u64;
-            delivered += 1;
-            state.pending.push_back(frame);
-            entry.sent = message.id;
-        }
+        let (delivered, bytes) = match state.book.as_mut() {
+            Some(book) if multi::writes_ids(self.format) => Self::queue_with_ids(
+                &mut state.subs,
+                book,
+                self.format,
+                sub,
+                &batch,
+                stop,
+                &mut state.pending,
+            ),
+            _ => self.queue_batch(entry, &batch, stop, &mut state.pending),
+        };
+        let Some(Some(entry)) = state.subs.get_mut(sub) else {
+            return Ok(());
+        };
         if batch.messages.is_empty() {
             // Nothing retained after the cursor: resume from the newest id, so that a
             // truncation or reset is signalled once, not again at the next read.
@@ -832,6 +1012,79 @@ impl Outlet {
         }
         topic.live.fanout().record(self.transport, delivered, bytes);
         Ok(())
+    }
+
+    /// Queues a catch-up's batch for sub `entry` (signal first, then messages up to
+    /// `stop`); returns the messages and bytes queued.
+    fn queue_batch(
+        &self,
+        entry: &mut Sub,
+        batch: &super::Batch,
+        stop: MessageId,
+        pending: &mut VecDeque<Bytes>,
+    ) -> (u64, u64) {
+        let topic = &entry.topic.name;
+        if let Some(signal) = &batch.signal {
+            if let Some(bytes) = self.format.signal(topic, signal) {
+                pending.push_back(bytes);
+            }
+            entry.sent = signal.resume_after();
+        }
+        let (mut delivered, mut bytes) = (0u64, 0u64);
+        for message in &batch.messages {
+            if message.id <= entry.sent {
+                continue;
+            }
+            if message.id > stop {
+                break;
+            }
+            let frame = self.frame(message);
+            bytes += frame.len() as u64;
+            delivered += 1;
+            pending.push_back(frame);
+            entry.sent = message.id;
+        }
+        (delivered, bytes)
+    }
+
+    /// [`Outlet::queue_batch`] for an SSE connection with a book: each event is its shared
+    /// fields and this connection's `id:` line, all in one chunk when the body is chunked.
+    fn queue_with_ids(
+        subs: &mut [Option<Sub>],
+        book: &mut Book,
+        format: Format,
+        sub: usize,
+        batch: &super::Batch,
+        stop: MessageId,
+        pending: &mut VecDeque<Bytes>,
+    ) -> (u64, u64) {
+        let mut pieces = Vec::new();
+        let Some(entry) = subs[sub].as_mut() else {
+            return (0, 0);
+        };
+        if let Some(signal) = &batch.signal {
+            pieces.push(multi::signal_fields(signal, &entry.topic.name));
+            entry.sent = signal.resume_after();
+            pieces.push(book.id_line(sents(subs)));
+        }
+        let mut delivered = 0u64;
+        for message in &batch.messages {
+            let entry = subs[sub].as_mut().expect("checked");
+            if message.id <= entry.sent {
+                continue;
+            }
+            if message.id > stop {
+                break;
+            }
+            entry.sent = message.id;
+            pieces.push(multi::sse_fields(message));
+            pieces.push(book.id_line(sents(subs)));
+            delivered += 1;
+        }
+        multi::chunk_pieces(format, &mut pieces, 0);
+        let bytes = pieces.iter().map(|p| p.len() as u64).sum();
+        pending.extend(pieces);
+        (delivered, bytes)
     }
 
     /// Drops one sub whose catch-up failed; the caller tells the client.
@@ -897,6 +1150,11 @@ impl Outlet {
         }
         Self::wake(&mut state);
     }
+}
+
+/// Where each sub stands, by index, for a book's cursor.
+fn sents(subs: &[Option<Sub>]) -> impl Iterator<Item = Option<MessageId>> + '_ {
+    subs.iter().map(|sub| sub.as_ref().map(Sub::cursor))
 }
 
 /// Writes as much of `frames` as the socket takes now, in one system call.

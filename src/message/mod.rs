@@ -5,6 +5,8 @@
 //! the complete Server-Sent Events frame, also as an HTTP/1.1 chunk. Every subscriber then
 //! shares those `Bytes`, so fan-out never serializes, frames or copies per subscriber.
 
+pub mod cursor;
+pub mod pattern;
 pub mod transport;
 pub mod wire;
 

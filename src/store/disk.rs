@@ -27,6 +27,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
+use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use super::{
@@ -227,6 +228,33 @@ impl Store for DiskStore {
             topic: topic.clone(),
             shared: self.shared.clone(),
             live,
+        })
+    }
+
+    /// The topics with a head (every topic that was ever published to and not emptied by
+    /// age), by a prefix scan of the `heads` keyspace: one ordered key range.
+    fn topics<'a>(
+        &'a self,
+        prefix: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<TopicName>>, StoreError>> {
+        Box::pin(async move {
+            let snapshot = self.shared.db.snapshot();
+            let mut topics = Vec::new();
+            for entry in snapshot.prefix(&self.shared.heads, prefix.as_bytes()) {
+                if topics.len() >= limit {
+                    break;
+                }
+                let (key, value) = entry.into_inner().map_err(io_error)?;
+                let name = std::str::from_utf8(&key)
+                    .ok()
+                    .and_then(|name| TopicName::parse(name).ok())
+                    .ok_or_else(|| StoreError::Internal("corrupt topic head".into()))?;
+                if Head::decode(&value).is_some_and(|head| head.last_id > 0) {
+                    topics.push(name);
+                }
+            }
+            Ok(Some(topics))
         })
     }
 }

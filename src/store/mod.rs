@@ -26,6 +26,8 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::broadcast;
 
 use crate::message::{EventName, Message, MessageId, Payload, TopicName};
 
@@ -158,6 +160,24 @@ pub trait Store: Send + Sync + 'static {
     /// The log of `topic`, created empty if the store has none, delivering into `live`.
     /// Cheap: called when a topic becomes active in this process.
     fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog>;
+
+    /// The topics whose name starts with `prefix` that hold or held a message, at most
+    /// `limit`, for a subscriber's pattern. `None`: the store keeps no directory apart from
+    /// its open logs (memory), and the caller lists those.
+    fn topics<'a>(
+        &'a self,
+        prefix: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<TopicName>>, StoreError>> {
+        let _ = (prefix, limit);
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Names of topics as their first message is stored by another process sharing the
+    /// store (`None`: nothing else shares it).
+    fn created_topics(&self) -> Option<broadcast::Receiver<TopicName>> {
+        None
+    }
 }
 
 /// One topic's history and id counter.

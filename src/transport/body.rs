@@ -23,13 +23,14 @@ use super::{
     Then, TransportState,
     call::{Call, Next as CallNext, finish, keep_alive},
     io::Io,
+    listed::{self, Start},
     response::{self, Length, Meta},
     stream::{self, Driver, Finish, Next, Peer},
 };
 use crate::{
     error::Error,
     hub::{End, Format, Native, Outlet, OutletGuard},
-    message::{MessageId, TopicName, wire},
+    message::{MessageId, TopicName, pattern::Selection, wire},
 };
 
 /// How one body-streaming transport frames its stream.
@@ -47,6 +48,9 @@ pub struct Framing {
     /// Sent when the store cannot serve the stream's catch-up (Redis is down), just before
     /// the stream ends.
     pub unavailable: &'static [u8],
+    /// Sent when a pattern picked up more topics than the connection may follow, just before
+    /// the stream ends (reconnecting is refused with `pattern_too_broad`).
+    pub too_many_topics: &'static [u8],
     /// Whether a subscribe the store cannot serve yet is answered with a stream that tells
     /// the client to come back (`200` and an SSE `retry:`: a browser's EventSource gives up
     /// for good on any other answer) instead of `503`.
@@ -104,13 +108,21 @@ impl<F> Wire<F> {
     }
 }
 
+/// What a body stream follows.
+#[derive(Debug, Clone, Copy)]
+pub enum Follow<'a> {
+    /// One topic, from a message id (or now).
+    One(&'a TopicName, Option<MessageId>),
+    /// A topic list, from its start ([`listed`]).
+    Listed(&'a Selection, &'a Start),
+}
+
 /// Creates the stream's outlet on `wire`, queues its head and `hello`, and subscribes it to
-/// `topic` from `after` (or now) until `expires`. The request was checked by the transport
-/// (permission, cursor) before.
+/// what it follows until `expires`. The request was checked by the transport (permission,
+/// cursor) before.
 pub async fn open(
     app: &TransportState,
-    topic: &TopicName,
-    after: Option<MessageId>,
+    follow: Follow<'_>,
     wire: Wire,
     hello: Option<&[u8]>,
     expires: Option<Instant>,
@@ -120,14 +132,26 @@ pub async fn open(
         format,
         head,
     } = wire;
-    let outlet = app.hub.outlet(socket, format);
+    let outlet = match follow {
+        Follow::One(..) => app.hub.outlet(socket, format),
+        Follow::Listed(_, start) => app
+            .hub
+            .listed_outlet(socket, format, listed::carried(start)),
+    };
     if let Some(head) = head {
         outlet.push(Bytes::from(head));
     }
     if let Some(hello) = hello {
         outlet.push(Format::from(format).body(hello));
     }
-    app.hub.subscribe(topic, after, &outlet).await?;
+    match follow {
+        Follow::One(topic, after) => {
+            app.hub.subscribe(topic, after, &outlet).await?;
+        }
+        Follow::Listed(selection, start) => {
+            listed::open_listed(app, selection, start, &outlet).await?;
+        }
+    }
     app.hub.record_request(Format::from(format).transport());
     Ok(Opened {
         outlet,
@@ -244,6 +268,9 @@ pub fn tail(framing: &Framing, format: Format, finish: Finish) -> Option<Vec<u8>
     match finish {
         Finish::Expired => tail.extend_from_slice(&format.body(framing.expired)),
         Finish::Unavailable => tail.extend_from_slice(&format.body(framing.unavailable)),
+        Finish::Ended(End::TooManyTopics) => {
+            tail.extend_from_slice(&format.body(framing.too_many_topics))
+        }
         Finish::Ended(End::Drained | End::SlowConsumer | End::Finished) | Finish::Closed => {}
         Finish::Ended(End::Gone | End::Unresponsive) | Finish::PeerGone | Finish::Stalled => {
             return None;

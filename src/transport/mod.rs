@@ -21,6 +21,7 @@ pub mod call;
 pub mod durable;
 pub mod head;
 pub mod io;
+pub mod listed;
 pub mod longpoll;
 pub mod ndjson;
 pub mod poll;

@@ -16,9 +16,10 @@ use axum::{
 
 use super::{
     Params, TransportState,
-    body::{self, Framing, Opened, Wire},
+    body::{self, Follow, Framing, Opened, Wire},
     call::{Call, Next},
     io::Io,
+    listed::{self, Start},
 };
 use crate::{
     access::Access,
@@ -47,6 +48,7 @@ pub static FRAMING: Framing = Framing {
     body: Format::Ndjson,
     expired: EXPIRED,
     unavailable: UNAVAILABLE,
+    too_many_topics: b"{\"type\":\"error\",\"code\":\"pattern_too_broad\"}\n",
     // A `fetch()` reader sees the status: `503` with `Retry-After` tells it to come back.
     answers_unavailable: false,
 };
@@ -72,11 +74,18 @@ pub async fn open(
     params: &Params<'_>,
     wire: Wire,
 ) -> Result<Opened, Error> {
+    let expires = access.expires_at();
+    if listed::is_list(topic) {
+        let (selection, start) = listed::check(app, access, topic, |limit| {
+            Start::from_params(params, limit)
+        })?;
+        let follow = Follow::Listed(&selection, &start);
+        return body::open(app, follow, wire, None, expires).await;
+    }
     let topic = super::topic(topic)?;
     access.check_subscribe(&topic)?;
     let after = params.after()?;
-    let expires = access.expires_at();
-    body::open(app, &topic, after, wire, None, expires).await
+    body::open(app, Follow::One(&topic, after), wire, None, expires).await
 }
 
 /// The stream through axum (HTTP/2, or a connection hyper serves).

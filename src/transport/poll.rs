@@ -92,6 +92,9 @@ pub async fn answer(
     topic: &str,
     params: &Params<'_>,
 ) -> Result<Vec<u8>, Error> {
+    if super::listed::is_list(topic) {
+        return super::listed::poll(app, access, topic, params).await;
+    }
     let request = PollRequest::parse(topic, params, &app.settings.poll)?;
     access.check_subscribe(&request.topic)?;
     let batch = app
@@ -134,24 +137,8 @@ pub fn encode_batch(app: &TransportState, transport: TransportKind, batch: &Batc
         batch.signal,
         0,
     );
-    count_answer(app, transport, &batch.messages, body.len());
+    app.count_answer(transport, &batch.messages, body.len());
     body
-}
-
-/// Counts an answer of `messages` in `bytes` (and the lag of its first message, for long
-/// polls, which wait for it).
-pub fn count_answer(
-    app: &TransportState,
-    transport: TransportKind,
-    messages: &[std::sync::Arc<crate::message::Message>],
-    bytes: usize,
-) {
-    app.hub.record_request(transport);
-    if let (TransportKind::Longpoll, Some(first)) = (transport, messages.first()) {
-        crate::telemetry::delivery_lag(transport, first.time);
-    }
-    app.hub
-        .record_delivery(transport, messages.len() as u64, bytes as u64);
 }
 
 /// The body of a poll answer, after `room` bytes left free at its start.

@@ -16,9 +16,10 @@ use axum::{
 
 use super::{
     Params, TransportState,
-    body::{self, Framing, Opened, Wire},
+    body::{self, Follow, Framing, Opened, Wire},
     call::{Call, Next},
     io::Io,
+    listed::{self, Start},
 };
 use crate::{
     access::{Access, HeaderSource},
@@ -51,6 +52,7 @@ pub static FRAMING: Framing = Framing {
     body: Format::Sse,
     expired: EXPIRED,
     unavailable: UNAVAILABLE,
+    too_many_topics: b"event: error\ndata: {\"type\":\"error\",\"code\":\"pattern_too_broad\"}\n\n",
     answers_unavailable: true,
 };
 
@@ -84,14 +86,22 @@ pub async fn open(
     headers: &dyn HeaderSource,
     wire: Wire,
 ) -> Result<Opened, Error> {
+    let hello = format!("retry: {}\n\n", app.settings.stream.sse_retry.as_millis());
+    let hello = Some(hello.as_bytes());
+    let expires = access.expires_at();
+    if listed::is_list(topic) {
+        let (selection, start) = listed::check(app, access, topic, |limit| {
+            Start::from_sse(headers, params, limit)
+        })?;
+        let follow = Follow::Listed(&selection, &start);
+        return body::open(app, follow, wire, hello, expires).await;
+    }
     let topic = super::topic(topic)?;
     access.check_subscribe(&topic)?;
     // A browser reconnecting sends the URL it first used plus the id it last saw: the
     // header is the newer of the two.
     let after = super::sse_cursor(headers, params)?;
-    let hello = format!("retry: {}\n\n", app.settings.stream.sse_retry.as_millis());
-    let expires = access.expires_at();
-    body::open(app, &topic, after, wire, Some(hello.as_bytes()), expires).await
+    body::open(app, Follow::One(&topic, after), wire, hello, expires).await
 }
 
 /// The stream through axum (HTTP/2, or a connection hyper serves).

@@ -89,6 +89,22 @@ impl TransportState {
 }
 
 impl Transports {
+    /// Counts a poll or long-poll answer of `messages` in `bytes` (and the lag of its first
+    /// message, for long polls, which wait for it).
+    pub fn count_answer(
+        &self,
+        transport: message::TransportKind,
+        messages: &[Arc<message::Message>],
+        bytes: usize,
+    ) {
+        self.hub.record_request(transport);
+        if let (message::TransportKind::Longpoll, Some(first)) = (transport, messages.first()) {
+            crate::telemetry::delivery_lag(transport, first.time);
+        }
+        self.hub
+            .record_delivery(transport, messages.len() as u64, bytes as u64);
+    }
+
     /// Publishes, unless the server is stopping (503 `shutting_down`): a publish is either
     /// refused or appended before any stream drains for the stop, so an acknowledged message
     /// reaches every subscriber still connected.

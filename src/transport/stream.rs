@@ -421,7 +421,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(buffer);
         let start = Start {
             access,
-            home: Some((topic(), None)),
+            home: Some(crate::transport::ws::Home::One(topic(), None)),
             peer: None,
             socket: None,
             head: Bytes::new(),
@@ -500,7 +500,7 @@ mod tests {
     ) -> (tokio::task::JoinHandle<Finish>, DuplexStream) {
         let (client, server) = tokio::io::duplex(buffer);
         let wire = Wire::hyper(Native::Sse);
-        let mut opened = body::open(state, &topic(), None, wire, None, None)
+        let mut opened = body::open(state, body::Follow::One(&topic(), None), wire, None, None)
             .await
             .unwrap();
         let stream = tokio::spawn(async move {
@@ -597,7 +597,7 @@ mod tests {
             format: Native::Sse,
             head: None,
         };
-        let opened = body::open(&state, &topic(), None, wire, None, None)
+        let opened = body::open(&state, body::Follow::One(&topic(), None), wire, None, None)
             .await
             .unwrap();
         // The connection's task does what its outlet asks (its start, the opening `id:`

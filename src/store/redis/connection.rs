@@ -18,7 +18,9 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
-    cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr},
+    cluster_routing::{
+        MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+    },
 };
 use tokio::sync::mpsc;
 
@@ -124,6 +126,64 @@ impl Connection {
                 c.route_pipeline(pipeline.clone(), 0, count, route).await
             }
         }
+    }
+
+    /// Keys matching `pattern`, at least `limit` of them if there are (a `SCAN` of the
+    /// primary, or of every primary of a cluster: each holds its own slots' keys).
+    pub(super) async fn scan(&mut self, pattern: &str, limit: usize) -> RedisResult<Vec<Vec<u8>>> {
+        let scan = |cursor: u64| {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            cmd
+        };
+        let mut keys = Vec::new();
+        match self {
+            Connection::Single(c) => {
+                let mut cursor = 0;
+                loop {
+                    let (next, page): (u64, Vec<Vec<u8>>) = scan(cursor).query_async(c).await?;
+                    keys.extend(page);
+                    if next == 0 || keys.len() >= limit {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            Connection::Cluster(c) => {
+                // Without a response policy, a command routed to every primary answers a map
+                // of each primary's address to its reply.
+                let every = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                let Value::Map(pages) = c.route_command(scan(0), every).await? else {
+                    return Err(RedisError::from((ErrorKind::Client, "SCAN: not a map")));
+                };
+                for (address, page) in pages {
+                    let address: String = redis::from_redis_value(address)?;
+                    let (mut next, page): (u64, Vec<Vec<u8>>) = redis::from_redis_value(page)?;
+                    keys.extend(page);
+                    let (host, port) = address
+                        .rsplit_once(':')
+                        .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)))
+                        .ok_or_else(|| RedisError::from((ErrorKind::Client, "SCAN: an address")))?;
+                    while next != 0 && keys.len() < limit {
+                        let node = SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port,
+                        };
+                        let reply = c
+                            .route_command(scan(next), RoutingInfo::SingleNode(node))
+                            .await?;
+                        let (after, page): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)?;
+                        keys.extend(page);
+                        next = after;
+                    }
+                }
+            }
+        }
+        Ok(keys)
     }
 
     /// Subscribes to a topic's channel: sharded in a cluster.

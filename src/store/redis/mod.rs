@@ -42,6 +42,7 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use redis::{Cmd, Pipeline, Script, Value, aio::ConnectionLike};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -459,6 +460,39 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
+    /// The topics with a counter (`pushhub:{t}:seq`), by `SCAN` with a pattern: every
+    /// primary's keys are walked, so its cost grows with the keyspace (see scaling.md).
+    fn topics<'a>(
+        &'a self,
+        prefix: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<TopicName>>, StoreError>> {
+        Box::pin(async move {
+            // Topic names hold no glob character (`*?[]\\`), so the prefix needs no escape.
+            let pattern = format!("pushhub:{{{prefix}*}}:seq");
+            let mut commands = self.shared.commands.clone();
+            let keys = tokio::time::timeout(COMMAND_TIMEOUT * 4, commands.scan(&pattern, limit))
+                .await
+                .map_err(|_| StoreError::Unavailable("redis: SCAN timed out".into()))?
+                .map_err(unavailable)?;
+            let mut topics: Vec<TopicName> = keys
+                .iter()
+                .filter_map(|key| {
+                    let key = std::str::from_utf8(key).ok()?;
+                    TopicName::parse(key.strip_prefix("pushhub:{")?.strip_suffix("}:seq")?).ok()
+                })
+                .collect();
+            topics.sort();
+            topics.dedup();
+            topics.truncate(limit);
+            Ok(Some(topics))
+        })
+    }
+
+    fn created_topics(&self) -> Option<broadcast::Receiver<TopicName>> {
+        Some(self.created.subscribe())
+    }
+
     fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog> {
         let capacity = self.shared.retention.max_messages.clamp(1, TAIL_CAPACITY);
         Arc::new(RedisLog {

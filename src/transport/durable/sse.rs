@@ -17,6 +17,8 @@ pub static FRAMING: Framing = Framing {
     // Never sent (a live read has no token expiry); comments, which SSE parsers skip.
     expired: b": token expired\n\n",
     unavailable: b": message store unavailable; come back with your offset\n\n",
+    // Never sent: a live read follows one stream.
+    too_many_topics: b": too many topics\n\n",
     answers_unavailable: false,
 };
 

@@ -14,10 +14,7 @@ use tokio::net::TcpStream;
 use crate::{
     hub::{AnswerCache, Respond, Responded},
     message::{Message, MessageId, TransportKind, wire},
-    transport::{
-        TransportState,
-        poll::{count_answer, encode_body},
-    },
+    transport::{TransportState, poll::encode_body},
 };
 
 /// Answers a long poll parked on a plain TCP socket from the fan-out: the writer that has the
@@ -117,7 +114,8 @@ impl Respond for DirectAnswer {
             Err(_) => return Responded::No,
         };
         let body_len = tail.len() - tail.iter().position(|&b| b == b'{').unwrap_or(0);
-        count_answer(&self.app, TransportKind::Longpoll, messages, body_len);
+        self.app
+            .count_answer(TransportKind::Longpoll, messages, body_len);
         let total = self.head.len() + tail.len();
         self.app
             .hub

@@ -31,6 +31,9 @@ pub struct Park {
 
 /// Checks and admits a long poll, which then waits in a future of its own ([`run_park`]).
 pub async fn serve(call: Call<'_>, io: &mut Io) -> Next {
+    if crate::transport::listed::is_list(call.topic()) {
+        return boxed(|| serve_listed(call, io)).await;
+    }
     match prepare(call.state, &call.access, call.topic(), &call.params()) {
         Ok(prepared) => Next::Then(Box::new(Then::Park(Park {
             prepared,
@@ -40,6 +43,43 @@ pub async fn serve(call: Call<'_>, io: &mut Io) -> Next {
         }))),
         Err(error) => call.refuse(io, &error).await,
     }
+}
+
+/// A long poll of a topic list on the raw socket: it waits in the call, on every topic
+/// (the fan-out wakes it; it reads and answers itself), watching its socket meanwhile: a
+/// client that leaves ends the wait, and a pipelined request is kept for later.
+async fn serve_listed(call: Call<'_>, io: &mut Io) -> Next {
+    let params = call.params();
+    let limit = call.state.settings.connection.max_pending_input;
+    let mut rest = Vec::new();
+    let gone = async {
+        loop {
+            match io.read_into(&mut rest, 512).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if rest.len() > limit => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let answer =
+        crate::transport::listed::longpoll(call.state, &call.access, call.topic(), &params, gone)
+            .await;
+    drop(params);
+    let response = match &answer {
+        Ok(Some(body)) => response::full(StatusCode::OK, &poll::HEADERS, &call.meta, body),
+        Ok(None) => return Next::Close,
+        Err(error) => response::error(error, &call.meta),
+    };
+    call.heads(
+        response.len()
+            - answer
+                .as_ref()
+                .map_or(0, |b| b.as_ref().map_or(0, Vec::len)),
+    );
+    let (stall, close) = (call.stall(), call.close);
+    let mut pipelined = call.head.into_rest();
+    pipelined.extend_from_slice(&rest);
+    keep_alive(finish(io, response, close, stall).await, pipelined)
 }
 
 /// Waits for a long poll's answer and writes it (or lets the fan-out write it).

@@ -21,6 +21,8 @@ pub mod close_code {
     pub const SIZE: u16 = 1009;
     /// Try again later: the client fell too far behind.
     pub const AGAIN: u16 = 1013;
+    /// Policy violation: a pattern picked up more topics than a connection may follow.
+    pub const POLICY: u16 = 1008;
     /// The client's token expired (application range 4000-4999).
     pub const TOKEN_EXPIRED: u16 = 4001;
 }

@@ -33,6 +33,7 @@ use super::{
     Params, Then,
     call::{Call, Next as CallNext},
     io::Io,
+    listed,
     response::{self, Length},
     stream,
 };
@@ -40,7 +41,7 @@ use crate::{
     access::{Access, HeaderSource, origin::WebSocketOrigin},
     error::Error,
     hub::{Native, OutletGuard},
-    message::{TopicName, TransportKind},
+    message::{TopicName, TransportKind, pattern::Selection},
     transport::TransportState,
 };
 
@@ -88,23 +89,36 @@ pub struct Opened {
     pub expires: Option<tokio::time::Instant>,
 }
 
-/// The topic a per-topic connection follows, and the cursor it starts from.
-pub type Home = (TopicName, Option<crate::message::MessageId>);
+/// What a per-topic connection follows from the start, and where it starts.
+#[derive(Debug)]
+pub enum Home {
+    /// One topic, from a message id (or now); `publish` goes there when it names none.
+    One(TopicName, Option<crate::message::MessageId>),
+    /// A topic list ([`listed`]); `publish` must name its topic.
+    Listed(Selection, listed::Start),
+}
 
-/// Checks a handshake for `topic` (per-topic) or none (multiplexed), in the order clients
-/// are answered: topic, permission, cursor, then the handshake itself (the `Origin` was
-/// checked at admission, before). Returns the accept key, and the topic and cursor.
+/// Checks a handshake for `topic` (per-topic: a name or a list) or none (multiplexed), in
+/// the order clients are answered: topic, permission, cursor, then the handshake itself (the
+/// `Origin` was checked at admission, before). Returns the accept key, and what it follows.
 pub fn check(
+    app: &TransportState,
     access: &Access,
     topic: Option<&str>,
     params: &Params,
     headers: &dyn HeaderSource,
 ) -> Result<(String, Option<Home>), Error> {
     let home = match topic {
+        Some(list) if listed::is_list(list) => {
+            let (selection, start) = listed::check(app, access, list, |limit| {
+                listed::Start::from_params(params, limit)
+            })?;
+            Some(Home::Listed(selection, start))
+        }
         Some(topic) => {
             let topic = super::topic(topic)?;
             access.check_subscribe(&topic)?;
-            Some((topic, params.after()?))
+            Some(Home::One(topic, params.after()?))
         }
         None => None,
     };
@@ -137,20 +151,33 @@ pub async fn open(app: &TransportState, start: Start) -> Result<Opened, Error> {
         socket,
         head,
     } = start;
-    let outlet = app.hub.outlet(socket, Native::Ws);
+    let outlet = match &home {
+        Some(Home::Listed(_, start)) => {
+            app.hub
+                .listed_outlet(socket, Native::Ws, listed::carried(start))
+        }
+        _ => app.hub.outlet(socket, Native::Ws),
+    };
     if !head.is_empty() {
         outlet.push(head);
     }
     let expires = access.expires_at();
-    let mut session = Session::new(
-        app.clone(),
-        access,
-        peer,
-        home.as_ref().map(|(t, _)| t.clone()),
-    );
-    if let Some((topic, after)) = home {
-        let sub = app.hub.subscribe(&topic, after, &outlet).await?;
-        session.followed(topic, sub);
+    let default_topic = match &home {
+        Some(Home::One(topic, _)) => Some(topic.clone()),
+        _ => None,
+    };
+    let mut session = Session::new(app.clone(), access, peer, default_topic);
+    match home {
+        Some(Home::One(topic, after)) => {
+            let sub = app.hub.subscribe(&topic, after, &outlet).await?;
+            session.followed(topic, sub);
+        }
+        Some(Home::Listed(selection, start)) => {
+            for (topic, sub) in listed::open_listed(app, &selection, &start, &outlet).await? {
+                session.followed(topic, sub);
+            }
+        }
+        None => {}
     }
     app.hub.record_request(TransportKind::Ws);
     Ok(Opened {
@@ -164,7 +191,7 @@ pub async fn open(app: &TransportState, start: Start) -> Result<Opened, Error> {
 /// `101` answer queued first, and hands it to the connection ([`run`]).
 pub async fn serve(call: Call<'_>, io: &mut Io) -> CallNext {
     let topic = (!call.topic().is_empty()).then_some(call.topic());
-    let checked = check(&call.access, topic, &call.params(), &call.head);
+    let checked = check(call.state, &call.access, topic, &call.params(), &call.head);
     let (accept, home) = match checked {
         Ok(checked) => checked,
         Err(error) => return call.refuse(io, &error).await,
@@ -313,7 +340,7 @@ async fn upgrade(
     mut request: Request,
 ) -> Result<Response, Error> {
     let headers: &HeaderMap = request.headers();
-    let (accept, home) = check(&access, topic, &params, headers)?;
+    let (accept, home) = check(&app, &access, topic, &params, headers)?;
     let on_upgrade = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -324,11 +351,18 @@ async fn upgrade(
     // A store that cannot say where "now" is (Redis is down) does not refuse the handshake:
     // the session closes with 1013 (try again later) instead, which a client can act on.
     let home = match home {
-        Some((topic, None)) => match app.hub.last_id(&topic).await.map_err(Error::from) {
-            Ok(now) => Ok(Some((topic, Some(now)))),
+        Some(Home::One(topic, None)) => match app.hub.last_id(&topic).await.map_err(Error::from) {
+            Ok(now) => Ok(Some(Home::One(topic, Some(now)))),
             Err(error) if error.is_store_unavailable() => Err(error),
             Err(error) => return Err(error),
         },
+        Some(Home::Listed(selection, listed::Start::Now)) => {
+            match listed::now(&app, &selection).await {
+                Ok(now) => Ok(Some(Home::Listed(selection, now))),
+                Err(error) if error.is_store_unavailable() => Err(error),
+                Err(error) => return Err(error),
+            }
+        }
         home => Ok(home),
     };
     let peer = params.peer_ip();

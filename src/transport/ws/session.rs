@@ -18,9 +18,14 @@ use crate::{
     access::Access,
     error::Error,
     hub::{Outlet, SubId},
-    message::{MessageId, Payload, TopicName, wire},
+    message::{
+        MessageId, Payload, TopicName,
+        pattern::{Selection, Selector},
+        wire,
+    },
     transport::TransportState,
     transport::{
+        listed::{self, Start},
         publish::{Published, publish_as},
         stream::{Finish, Peer},
     },
@@ -131,7 +136,11 @@ impl Session {
                 Ok(ack)
             }
             "subscribe" => {
-                let topic = TopicName::parse(&command.required_string("topic")?)?;
+                let name = command.required_string("topic")?;
+                if name.ends_with('*') {
+                    return self.subscribe_pattern(&name, &command, outlet).await;
+                }
+                let topic = TopicName::parse(&name)?;
                 self.access.check_subscribe(&topic)?;
                 let limit = self.app.settings.stream.max_subscriptions;
                 let following = self.subs.iter().any(|(t, _)| *t == topic);
@@ -150,7 +159,15 @@ impl Session {
                 Ok(json!({"type": "subscribed", "topic": topic, "after": cursor}))
             }
             "unsubscribe" => {
-                let topic = TopicName::parse(&command.required_string("topic")?)?;
+                let name = command.required_string("topic")?;
+                if let Some(prefix) = name.strip_suffix('*') {
+                    Selector::parse(&name)?;
+                    let was_subscribed = self.app.hub.unwatch_prefix(outlet, prefix);
+                    return Ok(
+                        json!({"type": "unsubscribed", "topic": name, "was_subscribed": was_subscribed}),
+                    );
+                }
+                let topic = TopicName::parse(&name)?;
                 let was_subscribed = match self.forget(&topic) {
                     Some(sub) => outlet.unsubscribe(sub),
                     None => false,
@@ -162,6 +179,38 @@ impl Session {
             "ping" => Ok(json!({"type": "pong"})),
             other => Err(Error::UnknownType(other.chars().take(64).collect())),
         }
+    }
+}
+
+impl Session {
+    /// `{"type":"subscribe","topic":"news.*","after":...}`: every topic the pattern
+    /// matches, and those created later, on this connection. `after` is absent (from now),
+    /// `0` (every topic from its start) or a cursor string (the `cursor` of an earlier
+    /// `subscribed` reply, or one the client kept); the reply carries the cursor over every
+    /// topic the connection follows through patterns.
+    async fn subscribe_pattern(
+        &mut self,
+        name: &str,
+        command: &Command<'_>,
+        outlet: &Arc<Outlet>,
+    ) -> Result<Value, Error> {
+        let limit = self.app.settings.stream.max_subscriptions.max(1);
+        let selection = Selection::parse(name, 1)?;
+        self.access.check_selection(&selection)?;
+        let start = match command.fields.get("after") {
+            None => Start::Now,
+            Some(raw) => {
+                let text = serde_json::from_str::<String>(raw.get())
+                    .unwrap_or_else(|_| raw.get().to_owned());
+                Start::parse("after", text.as_bytes(), limit)?
+            }
+        };
+        if let Start::At(cursor) = &start {
+            listed::fits(&selection, cursor)?;
+        }
+        self.app.hub.keep_cursor(outlet);
+        listed::follow(&self.app, &selection, &start, outlet).await?;
+        Ok(json!({"type": "subscribed", "topic": name, "cursor": outlet.list_cursor()}))
     }
 }
 
@@ -228,6 +277,7 @@ pub fn close_frame(finish: Finish) -> Option<Bytes> {
         Finish::Ended(End::SlowConsumer) => (close_code::AGAIN, "subscriber fell too far behind"),
         Finish::Expired => (close_code::TOKEN_EXPIRED, "token expired"),
         Finish::Unavailable => (close_code::AGAIN, "store_unavailable"),
+        Finish::Ended(End::TooManyTopics) => (close_code::POLICY, "pattern_too_broad"),
         // A WebSocket follows no source that ends.
         Finish::Ended(End::Gone | End::Unresponsive | End::Finished)
         | Finish::PeerGone

@@ -1,0 +1,319 @@
+//! The cursor of a request that follows several topics: one compact, versioned string that
+//! resumes every topic it follows, on any transport.
+//!
+//! A single topic's cursor is a message id (`after=41`). Several topics need one id each, in
+//! a string short enough for a URL and an SSE `id:` line, so the names are not spelled out
+//! (topic names can be 128 characters):
+//! - a topic the request lists by name is named by its **position** in the list (the list is
+//!   stable: an `EventSource` reconnects to the URL it first used);
+//! - a topic a pattern picked up is named by a 64-bit **hash** of its name
+//!   ([`topic_hash`], FNV-1a, which a browser computes in a few lines).
+//!
+//! Bytes, then base64url without padding (no NUL, CR or LF, which an `EventSource` would
+//! refuse in an id):
+//!
+//! ```text
+//! 0x01                                   version
+//! varint n,  n × (varint position, varint id)     listed topics
+//! varint m,  m × (u64 hash big-endian, varint id) topics picked up by a pattern
+//! ```
+//!
+//! Varints are LEB128 (7 bits a byte, low first). An id is the last message the reader has
+//! (0: none yet, so from the topic's oldest retained). At 100 topics whose ids are below
+//! 2^42 the string is at most 1,871 characters.
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+
+use super::{MessageId, pattern::Selection};
+
+/// The format's version: the first byte.
+const VERSION: u8 = 1;
+
+/// Where each followed topic stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Listed topics: (position in the request's list, last id).
+    pub listed: Vec<(u32, MessageId)>,
+    /// Topics a pattern picked up: ([`topic_hash`] of the name, last id).
+    pub hashed: Vec<(u64, MessageId)>,
+}
+
+/// Why a cursor string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a cursor of this server: {0}")]
+pub struct Malformed(pub &'static str);
+
+/// FNV-1a, 64 bits, of a topic's name: how a cursor names a topic a pattern picked up.
+pub fn topic_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Reads bytes in order, refusing anything past the end.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn varint(&mut self) -> Result<u64, Malformed> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = self.0.split_first().ok_or(Malformed("cut short"))?;
+            self.0 = rest;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(Malformed("a number overflows 64 bits"));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(Malformed("a number overflows 64 bits"))
+    }
+
+    fn u64(&mut self) -> Result<u64, Malformed> {
+        let (bytes, rest) = self
+            .0
+            .split_first_chunk::<8>()
+            .ok_or(Malformed("cut short"))?;
+        self.0 = rest;
+        Ok(u64::from_be_bytes(*bytes))
+    }
+
+    fn count(&mut self, limit: usize) -> Result<usize, Malformed> {
+        usize::try_from(self.varint()?)
+            .ok()
+            .filter(|&n| n <= limit)
+            .ok_or(Malformed("names more topics than a connection may follow"))
+    }
+}
+
+impl Cursor {
+    /// The cursor as its string.
+    pub fn encode(&self) -> String {
+        let mut bytes = Vec::with_capacity(3 + self.listed.len() * 5 + self.hashed.len() * 13);
+        self.encode_bytes(&mut bytes);
+        URL_SAFE_NO_PAD.encode(&bytes)
+    }
+
+    /// Appends the cursor's string to `out` (an SSE `id:` line being built).
+    pub fn encode_into(&self, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+        scratch.clear();
+        self.encode_bytes(scratch);
+        let start = out.len();
+        out.resize(
+            start + base64::encoded_len(scratch.len(), false).unwrap_or(0),
+            0,
+        );
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(&*scratch, &mut out[start..])
+            .expect("sized above");
+        out.truncate(start + written);
+    }
+
+    fn encode_bytes(&self, bytes: &mut Vec<u8>) {
+        bytes.push(VERSION);
+        push_varint(bytes, self.listed.len() as u64);
+        for &(position, id) in &self.listed {
+            push_varint(bytes, u64::from(position));
+            push_varint(bytes, id);
+        }
+        push_varint(bytes, self.hashed.len() as u64);
+        for &(hash, id) in &self.hashed {
+            bytes.extend_from_slice(&hash.to_be_bytes());
+            push_varint(bytes, id);
+        }
+    }
+
+    /// Reads a cursor string naming at most `limit` topics, each once.
+    pub fn decode(text: &str, limit: usize) -> Result<Self, Malformed> {
+        // The longest string `limit` topics can make; anything longer is refused unread.
+        let most = 4 * (3 + limit * 19).div_ceil(3);
+        if text.len() > most {
+            return Err(Malformed("longer than any cursor of this many topics"));
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|_| Malformed("not base64url"))?;
+        let mut reader = Reader(&bytes);
+        match reader.0.split_first() {
+            Some((&VERSION, rest)) => reader.0 = rest,
+            Some(_) => return Err(Malformed("unknown version")),
+            None => return Err(Malformed("empty")),
+        }
+        let mut cursor = Cursor::default();
+        let listed = reader.count(limit)?;
+        for _ in 0..listed {
+            let position = u32::try_from(reader.varint()?)
+                .map_err(|_| Malformed("a position out of range"))?;
+            if cursor.listed.iter().any(|&(p, _)| p == position) {
+                return Err(Malformed("a position named twice"));
+            }
+            cursor.listed.push((position, reader.varint()?));
+        }
+        let hashed = reader.count(limit - listed.min(limit))?;
+        for _ in 0..hashed {
+            let hash = reader.u64()?;
+            if cursor.hashed.iter().any(|&(h, _)| h == hash) {
+                return Err(Malformed("a topic named twice"));
+            }
+            cursor.hashed.push((hash, reader.varint()?));
+        }
+        if !reader.0.is_empty() {
+            return Err(Malformed("bytes after the end"));
+        }
+        Ok(cursor)
+    }
+
+    /// The id held for listed position `position`.
+    pub fn listed(&self, position: usize) -> Option<MessageId> {
+        self.listed
+            .iter()
+            .find(|&&(p, _)| p as usize == position)
+            .map(|&(_, id)| id)
+    }
+
+    /// The id held for the topic whose hash is `hash`.
+    pub fn hashed(&self, hash: u64) -> Option<MessageId> {
+        self.hashed
+            .iter()
+            .find(|&&(h, _)| h == hash)
+            .map(|&(_, id)| id)
+    }
+
+    /// Sets the id of a listed position, adding it if new.
+    pub fn set_listed(&mut self, position: u32, id: MessageId) {
+        match self.listed.iter_mut().find(|(p, _)| *p == position) {
+            Some(entry) => entry.1 = id,
+            None => self.listed.push((position, id)),
+        }
+    }
+
+    /// Sets the id of a hashed topic, adding it if new.
+    pub fn set_hashed(&mut self, hash: u64, id: MessageId) {
+        match self.hashed.iter_mut().find(|(h, _)| *h == hash) {
+            Some(entry) => entry.1 = id,
+            None => self.hashed.push((hash, id)),
+        }
+    }
+}
+
+/// A client's cursor over a topic list, kept from what it receives: the stream's opening
+/// cursor, then each envelope's `topic` and `id` and each `truncated` or `reset` signal.
+/// What `pushhub sub` keeps (and what pushhub.js does in the browser).
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    list: Selection,
+    cursor: Cursor,
+}
+
+impl Tracker {
+    /// A tracker for `list`, starting from `cursor` (a cursor string it was given).
+    pub fn new(list: Selection, cursor: Cursor) -> Self {
+        Self { list, cursor }
+    }
+
+    /// Adopts the cursor a stream opened with (`{"type":"cursor"}`) or a poll answered
+    /// (`next_after`).
+    pub fn reset_to(&mut self, cursor: Cursor) {
+        self.cursor = cursor;
+    }
+
+    /// `topic` now stands at `id` (a message received; or a signal's resume point).
+    pub fn saw(&mut self, topic: &str, id: MessageId) {
+        match self.list.position(topic) {
+            Some(position) => self.cursor.set_listed(position as u32, id),
+            None => self.cursor.set_hashed(topic_hash(topic), id),
+        }
+    }
+
+    /// The cursor as it stands.
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+}
+
+/// Whether `text` is a cursor string rather than a plain message id: cursors start with the
+/// version byte's first character, `A`, which no number does.
+pub fn looks_like_cursor(text: &[u8]) -> bool {
+    text.first() == Some(&b'A')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_reads_back_and_stays_within_its_bound() {
+        let cursor = Cursor {
+            listed: vec![(0, 7), (2, 0), (1, u64::MAX)],
+            hashed: vec![(topic_hash("news.sport"), 12), (u64::MAX, 1)],
+        };
+        let text = cursor.encode();
+        assert!(looks_like_cursor(text.as_bytes()));
+        assert!(
+            text.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_eq!(Cursor::decode(&text, 5).unwrap(), cursor);
+        let (mut scratch, mut line) = (Vec::new(), b"id: ".to_vec());
+        cursor.encode_into(&mut scratch, &mut line);
+        assert_eq!(&line[4..], text.as_bytes());
+
+        // 100 topics, all picked up by a pattern, ids just under 2^42: under 2 KiB.
+        let big = Cursor {
+            listed: Vec::new(),
+            hashed: (0..100)
+                .map(|i| (topic_hash(&format!("{i:0128}")), (1 << 42) - 1))
+                .collect(),
+        };
+        assert!(big.encode().len() <= 1871, "{}", big.encode().len());
+        assert_eq!(Cursor::decode(&big.encode(), 100).unwrap(), big);
+    }
+
+    #[test]
+    fn fnv1a_matches_its_reference_values() {
+        // From the FNV reference test suite.
+        assert_eq!(topic_hash(""), 0xcbf29ce484222325);
+        assert_eq!(topic_hash("a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(topic_hash("foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn what_is_not_a_cursor_is_refused() {
+        let two = Cursor {
+            listed: vec![(0, 1), (1, 2)],
+            hashed: vec![],
+        };
+        let good = URL_SAFE_NO_PAD.decode(two.encode()).unwrap();
+        let cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![2, 0, 0],
+            good[..good.len() - 1].to_vec(),
+            [good.clone(), vec![0]].concat(),
+            vec![1, 2, 0, 1, 0, 2, 0],
+            vec![
+                1, 0, 2, 1, 2, 3, 4, 5, 6, 7, 8, 1, 1, 2, 3, 4, 5, 6, 7, 8, 1,
+            ],
+            vec![
+                1, 1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0,
+            ],
+        ];
+        for bytes in cases {
+            let text = URL_SAFE_NO_PAD.encode(&bytes);
+            assert!(Cursor::decode(&text, 5).is_err(), "{bytes:?} accepted");
+        }
+        assert!(Cursor::decode(&two.encode(), 1).is_err(), "over the limit");
+        for text in ["", "A", "A$", "AQ==", "0"] {
+            assert!(Cursor::decode(text, 5).is_err(), "{text:?} accepted");
+        }
+    }
+}
