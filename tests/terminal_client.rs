@@ -311,3 +311,64 @@ fn heartbeats_are_not_printed() {
         assert_eq!(json_lines(&lines)[0]["data"], "only", "{transport}");
     }
 }
+
+#[test]
+fn sub_follows_a_topic_list_and_resumes_it_from_the_cursor_it_prints() {
+    let server = spawn_binary(&[], &[]);
+    let url = format!("http://{}", server.addr);
+    for (topic, data) in [
+        ("room.a", "1"),
+        ("room.b", "2"),
+        ("other", "3"),
+        ("room.a", "4"),
+    ] {
+        let (code, _, stderr) = pushhub(&["pub", topic, data, "--url", &url], "");
+        assert_eq!(code, 0, "{stderr}");
+    }
+    for transport in ["sse", "stream", "ws", "longpoll", "poll"] {
+        let sub = |after: &str, count: &str| {
+            let args = [
+                "sub",
+                "other,room.*",
+                "--transport",
+                transport,
+                "--url",
+                &url,
+            ];
+            pushhub(
+                &[&args[..], &["--after", after, "--count", count]].concat(),
+                "",
+            )
+        };
+        let (code, lines, stderr) = sub("0", "2");
+        assert_eq!(code, 0, "{transport}: {stderr}");
+        let after = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("pushhub sub: resume with --after "))
+            .unwrap_or_else(|| panic!("{transport}: no cursor in {stderr:?}"))
+            .to_owned();
+        let (code, rest, stderr) = sub(&after, "2");
+        assert_eq!(code, 0, "{transport}: {stderr}");
+        let mut seen: Vec<(String, u64)> = json_lines(&lines)
+            .iter()
+            .chain(&json_lines(&rest))
+            .map(|e| {
+                (
+                    e["topic"].as_str().unwrap().to_owned(),
+                    e["id"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("other".into(), 1),
+                ("room.a".into(), 1),
+                ("room.a".into(), 2),
+                ("room.b".into(), 1)
+            ],
+            "{transport}: every message of the list once, across two runs"
+        );
+    }
+}

@@ -618,3 +618,49 @@ async fn the_multiplexed_websocket_subscribes_to_a_pattern_and_resumes_it() {
     let refused = ws.next_json().await.unwrap();
     assert_eq!(refused["code"], "invalid_cursor", "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_stream_is_counted_on_each_topic_and_drained_on_shutdown() {
+    use pushhub::message::TransportKind;
+    let server = start().await;
+    let mut sse = server.sse("/topics/s1,s2/sse?after=0", None).await;
+    let mut ndjson = server.stream("/topics/s1,s2/stream?after=0").await;
+    for topic in ["s1", "s2"] {
+        let subscribers = server.subscribers(topic).await;
+        assert_eq!(
+            (
+                subscribers[TransportKind::Sse],
+                subscribers[TransportKind::Stream]
+            ),
+            (1, 1),
+            "{topic}"
+        );
+    }
+    for _ in 0..3 {
+        server.publish("s1", json!({})).await;
+        server.publish("s2", json!({})).await;
+    }
+    // Everything published before the stop reaches both streams, then they end.
+    let stopping = tokio::spawn(server.stop());
+    let mut got = Vec::new();
+    while let Some(event) = sse.next_event().await {
+        got.push(event.json());
+    }
+    assert_once_in_order(
+        &got,
+        &expected(&[("s1", 1..=3), ("s2", 1..=3)]),
+        "SSE drained",
+    );
+    let mut lines = Vec::new();
+    while let Some(line) = ndjson.next_json().await {
+        if line.get("type").is_none() {
+            lines.push(line);
+        }
+    }
+    assert_once_in_order(
+        &lines,
+        &expected(&[("s1", 1..=3), ("s2", 1..=3)]),
+        "NDJSON drained",
+    );
+    stopping.await.unwrap();
+}

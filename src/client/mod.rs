@@ -45,15 +45,17 @@ impl Server {
 /// Flags of `pushhub sub`.
 #[derive(Args, Debug, Clone)]
 pub struct SubArgs {
-    /// The topic to follow.
+    /// The topic to follow, or a list of topics and patterns (`chat.lobby,news.*`) followed
+    /// on one connection.
     pub topic: String,
     /// How: `ws`, `sse`, `stream` (NDJSON), `longpoll` or `poll`.
     #[arg(long, default_value = "sse", value_parser = parse_transport)]
     pub transport: TransportKind,
-    /// Start after this cursor (the id a previous run printed on exit; `0`: from the
-    /// start of the history). Without it: from now.
+    /// Start after this cursor (what a previous run printed on exit: a message id, or a
+    /// topic list's cursor string; `0`: from the start of the history). Without it: from
+    /// now.
     #[arg(long)]
-    pub after: Option<u64>,
+    pub after: Option<String>,
     /// Stop after this many envelopes (signals not counted). Then the `--after` printed on
     /// exit is exact; a reader that stops reading early (`| head`) may leave lines written
     /// but unread, which that cursor counts as seen.

@@ -1,6 +1,7 @@
-//! `pushhub sub TOPIC`: one envelope per line on stdout, from any transport, reconnecting
-//! by itself from the last id printed. When it ends (stdout closed, as by `| head`, or
-//! Ctrl-C) it prints on stderr the `--after` that resumes it.
+//! `pushhub sub TOPIC[,TOPIC|PATTERN...]`: one envelope per line on stdout, from any
+//! transport, reconnecting by itself from its cursor (the last id printed; for a topic
+//! list, the list's cursor string, kept as the server documents it). When it ends (stdout
+//! closed, as by `| head`, or Ctrl-C) it prints on stderr the `--after` that resumes it.
 
 use std::io::Write as _;
 
@@ -10,7 +11,11 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage, client::IntoCli
 use super::{ClientError, SubArgs};
 use crate::{
     bench::http::{Items, RETRY_FIRST, RETRY_MOST, sse_event},
-    message::TransportKind,
+    message::{
+        TransportKind,
+        cursor::{Cursor, Tracker},
+        pattern::Selection,
+    },
 };
 
 /// Why one connection ended.
@@ -21,10 +26,81 @@ enum Ended {
     Lost(String),
 }
 
+/// Where `sub` resumes.
+enum Resume {
+    /// One topic: the newest id printed (or the `--after` given); `None`: from now.
+    One(Option<u64>),
+    /// A topic list: its cursor, once known (`--after`, the stream's first cursor, a poll's
+    /// `next_after`); `None`: from now.
+    List {
+        list: Selection,
+        tracker: Option<Tracker>,
+    },
+}
+
+impl Resume {
+    /// From the topic argument and `--after`.
+    fn new(topic: &str, after: Option<&str>) -> Result<Self, ClientError> {
+        let bad = |what: String| {
+            ClientError::Failed(format!("--after {}: {what}", after.unwrap_or_default()))
+        };
+        if !crate::transport::listed::is_list(topic) {
+            let after = after
+                .map(|text| text.parse::<u64>().map_err(|_| bad("a message id".into())))
+                .transpose()?;
+            return Ok(Resume::One(after));
+        }
+        let list = Selection::parse(topic, usize::MAX)
+            .map_err(|e| ClientError::Failed(format!("{topic}: {e}")))?;
+        let tracker = match after {
+            None => None,
+            // An empty cursor reads every topic from its start, as `after=0` does.
+            Some("0") => Some(Tracker::new(list.clone(), Cursor::default())),
+            Some(text) => Some(Tracker::new(
+                list.clone(),
+                Cursor::decode(text, usize::MAX / 32).map_err(|e| bad(e.to_string()))?,
+            )),
+        };
+        Ok(Resume::List { list, tracker })
+    }
+
+    /// Takes a cursor string the server gave (an SSE id, a poll's `next_after`, a
+    /// stream's opening cursor).
+    fn adopt(&mut self, text: &str) {
+        match self {
+            Resume::One(last) => *last = text.parse().ok().or(*last),
+            Resume::List { list, tracker } => {
+                if let Ok(cursor) = Cursor::decode(text, usize::MAX / 32) {
+                    *tracker = Some(Tracker::new(list.clone(), cursor));
+                }
+            }
+        }
+    }
+
+    /// `topic` now stands at `id`.
+    fn saw(&mut self, topic: &str, id: u64) {
+        match self {
+            Resume::One(last) => *last = Some(id),
+            Resume::List { tracker, .. } => {
+                if let Some(tracker) = tracker {
+                    tracker.saw(topic, id);
+                }
+            }
+        }
+    }
+
+    /// The cursor as `--after` takes it; `None`: nothing known yet.
+    fn text(&self) -> Option<String> {
+        match self {
+            Resume::One(last) => last.map(|id| id.to_string()),
+            Resume::List { tracker, .. } => tracker.as_ref().map(|t| t.cursor().encode()),
+        }
+    }
+}
+
 /// What `sub` has printed: where it resumes.
 struct Printed {
-    /// The newest id printed (or the `--after` given); `None`: nothing yet, from now.
-    last: Option<u64>,
+    resume: Resume,
     /// Envelopes still wanted (`--count`).
     left: Option<u64>,
 }
@@ -38,15 +114,28 @@ impl Printed {
         }
         let mut envelope = false;
         if let Ok(value) = serde_json::from_slice::<serde_json::Value>(json) {
+            let topic = value["topic"].as_str().unwrap_or_default();
             match value["type"].as_str() {
                 // The NDJSON stream's heartbeat: nothing to print.
                 Some("keepalive") => return true,
+                // A topic list's stream opens with its cursor: bookkeeping, not printed.
+                Some("cursor") => {
+                    self.resume
+                        .adopt(value["cursor"].as_str().unwrap_or_default());
+                    return true;
+                }
                 // Ids started again: everything from the new topic's start is next.
-                Some("reset") => self.last = Some(0),
+                Some("reset") => self.resume.saw(topic, 0),
+                Some("truncated") => {
+                    let oldest = value["oldest_id"].as_u64().unwrap_or(1);
+                    self.resume.saw(topic, oldest.saturating_sub(1));
+                }
                 Some(_) => {}
                 None => {
                     envelope = true;
-                    self.last = value["id"].as_u64().or(self.last);
+                    if let Some(id) = value["id"].as_u64() {
+                        self.resume.saw(topic, id);
+                    }
                 }
             }
         }
@@ -60,9 +149,10 @@ impl Printed {
         written && self.left != Some(0)
     }
 
-    /// `?after=N`, or nothing (from now).
+    /// `?after=N` (or a list's cursor), or nothing (from now).
     fn query(&self) -> String {
-        self.last
+        self.resume
+            .text()
             .map_or_else(String::new, |after| format!("after={after}"))
     }
 }
@@ -70,7 +160,7 @@ impl Printed {
 /// Follows `args.topic` until stdout closes or Ctrl-C; a refusal ends it with the error.
 pub async fn subscribe(args: SubArgs) -> Result<(), ClientError> {
     let mut printed = Printed {
-        last: args.after,
+        resume: Resume::new(&args.topic, args.after.as_deref())?,
         left: args.count,
     };
     if args.count == Some(0) {
@@ -78,7 +168,7 @@ pub async fn subscribe(args: SubArgs) -> Result<(), ClientError> {
     }
     let mut retry = RETRY_FIRST;
     let outcome = loop {
-        let before = printed.last;
+        let before = printed.resume.text();
         let ended = tokio::select! {
             ended = connect(&args, &mut printed) => ended,
             _ = tokio::signal::ctrl_c() => Ok(Ended::Done),
@@ -88,7 +178,7 @@ pub async fn subscribe(args: SubArgs) -> Result<(), ClientError> {
             Ok(Ended::Done) => break Ok(()),
             Err(error) => break Err(error),
             Ok(Ended::Lost(reason)) => {
-                if printed.last != before {
+                if printed.resume.text() != before {
                     retry = RETRY_FIRST;
                 }
                 eprintln!("pushhub sub: {reason}; connecting again in {retry:?}");
@@ -100,8 +190,8 @@ pub async fn subscribe(args: SubArgs) -> Result<(), ClientError> {
             }
         }
     };
-    if let Some(last) = printed.last {
-        eprintln!("pushhub sub: resume with --after {last}");
+    if let Some(after) = printed.resume.text() {
+        eprintln!("pushhub sub: resume with --after {after}");
     }
     outcome
 }
@@ -211,6 +301,10 @@ async fn stream(
         let mut open = true;
         items.drain(|item| {
             let json = if delimiter == b"\n\n" {
+                // On a topic list each event's id is the list's cursor.
+                if let Some(id) = sse_id(item).filter(|_| open) {
+                    printed.resume.adopt(id);
+                }
                 sse_event(item).1
             } else {
                 Some(item).filter(|line| !line.is_empty())
@@ -244,25 +338,39 @@ async fn polling(args: &SubArgs, printed: &mut Printed) -> Result<Ended, ClientE
         }
         let answer: serde_json::Value = serde_json::from_slice(&answer.body)
             .map_err(|e| ClientError::Failed(format!("{endpoint} answer: {e}")))?;
-        let topic = &args.topic;
-        let signal = if answer["reset"] == true {
-            Some(serde_json::json!({"type": "reset", "topic": topic}))
-        } else if answer["truncated"] == true {
-            Some(
-                serde_json::json!({"type": "truncated", "topic": topic, "oldest_id": answer["oldest_id"]}),
-            )
-        } else {
-            None
-        };
+        // A topic list's answer has each topic's signals under `topics`; one topic's at the
+        // top.
+        let single = serde_json::json!({ &args.topic: answer });
+        let topics = answer["topics"].as_object().or(single.as_object());
+        let signals = topics.into_iter().flatten().filter_map(|(topic, fields)| {
+            if fields["reset"] == true {
+                Some(serde_json::json!({"type": "reset", "topic": topic}))
+            } else if fields["truncated"] == true {
+                Some(serde_json::json!({"type": "truncated", "topic": topic, "oldest_id": fields["oldest_id"]}))
+            } else {
+                None
+            }
+        });
         let messages = answer["messages"].as_array().cloned().unwrap_or_default();
-        for item in signal.iter().chain(&messages) {
+        for item in signals.collect::<Vec<_>>().iter().chain(&messages) {
             if !printed.item(item.to_string().as_bytes()) {
                 return Ok(Ended::Done);
             }
         }
-        printed.last = answer["next_after"].as_u64().or(printed.last);
+        match &answer["next_after"] {
+            serde_json::Value::String(cursor) => printed.resume.adopt(cursor),
+            next => printed.resume.adopt(&next.to_string()),
+        }
         if endpoint == "poll" && answer["more"] != true {
             tokio::time::sleep(args.interval).await;
         }
     }
+}
+
+/// The `id:` field of an SSE block, if it has one.
+fn sse_id(block: &[u8]) -> Option<&str> {
+    block
+        .split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"id: "))
+        .and_then(|id| std::str::from_utf8(id).ok())
 }
