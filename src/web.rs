@@ -25,6 +25,16 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../web/pushhub.js"),
     ),
     (
+        "/rooms.html",
+        "text/html; charset=utf-8",
+        include_bytes!("../web/rooms.html"),
+    ),
+    (
+        "/rooms.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../web/rooms.js"),
+    ),
+    (
         "/style.css",
         "text/css; charset=utf-8",
         include_bytes!("../web/style.css"),

@@ -9,6 +9,15 @@
 //
 // Every transport resumes from `cursor`, the id of the last message delivered, so switching
 // transport and reconnecting never lose or repeat a message. See docs/client.md.
+//
+// Several topics on one connection, on every transport:
+//
+//   import { subscribe } from "/pushhub.js";
+//   const rooms = subscribe(["room.1", "room.2"], { transport: "sse" });   // or "room.*"
+//   rooms.on("message", (envelope) => console.log(envelope.topic, envelope.id));
+//
+// `cursor` is then a ListCursor: one id per topic, sent as the list's cursor string
+// (docs/api.md, "The cursor of a list").
 
 /** Fallback order of `transport: "auto"`. */
 export const TRANSPORTS = ["ws", "sse", "stream", "longpoll", "poll"];
@@ -53,11 +62,111 @@ export function connect(options) {
   return new Subscription(options);
 }
 
+/**
+ * Follows several topics, or a pattern (`"chat.*"`), on one connection of any transport.
+ * @param {string[]|string} topics  names and `prefix*` patterns, or one pattern
+ * @param {object} [options]  as {@link Subscription}'s, without `topic`
+ */
+export function subscribe(topics, options = {}) {
+  return new Subscription({ ...options, topic: topics });
+}
+
+/** Whether a topic argument is a list (several entries, or a pattern). */
+function isList(topic) {
+  return Array.isArray(topic) || topic.includes(",") || topic.endsWith("*");
+}
+
+const FNV_OFFSET = 0xcbf29ce484222325n;
+const FNV_PRIME = 0x100000001b3n;
+const U64 = (1n << 64n) - 1n;
+
+/** FNV-1a, 64 bits, of a topic name's UTF-8 bytes: how a list's cursor names a pattern's topic. */
+export function topicHash(name) {
+  let hash = FNV_OFFSET;
+  for (const byte of new TextEncoder().encode(name)) hash = ((hash ^ BigInt(byte)) * FNV_PRIME) & U64;
+  return hash;
+}
+
+function pushVarint(bytes, value) {
+  let v = BigInt(value);
+  while (v >= 0x80n) { bytes.push(Number(v & 0x7fn) | 0x80); v >>= 7n; }
+  bytes.push(Number(v));
+}
+
+/**
+ * Where each topic of a list stands: listed topics by their position in the list, topics a
+ * pattern picked up by {@link topicHash}. Encodes to (and decodes from) the server's cursor
+ * string: version 1, then varint n and n × (varint position, varint id), then varint m and
+ * m × (u64 hash big-endian, varint id), in base64url without padding.
+ */
+export class ListCursor {
+  /** @param {string[]} list  the request's entries, in order */
+  constructor(list) {
+    this.list = list;
+    /** position → last id */
+    this.listed = new Map();
+    /** hash (BigInt) → last id */
+    this.hashed = new Map();
+  }
+
+  /** Reads a cursor string the server gave (a stream's `cursor`, an SSE id, `next_after`). */
+  static decode(list, text) {
+    const binary = atob(text.replace(/-/g, "+").replace(/_/g, "/"));
+    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
+    let at = 0;
+    const varint = () => {
+      let value = 0n;
+      for (let shift = 0n; ; shift += 7n) {
+        if (at >= bytes.length) throw new Error("pushhub: cursor cut short");
+        const byte = bytes[at++];
+        value |= BigInt(byte & 0x7f) << shift;
+        if (!(byte & 0x80)) return value;
+      }
+    };
+    if (bytes[at++] !== 1) throw new Error("pushhub: unknown cursor version");
+    const cursor = new ListCursor(list);
+    for (let n = Number(varint()); n > 0; n--) cursor.listed.set(Number(varint()), Number(varint()));
+    for (let m = Number(varint()); m > 0; m--) {
+      let hash = 0n;
+      for (let i = 0; i < 8; i++) hash = (hash << 8n) | BigInt(bytes[at++]);
+      cursor.hashed.set(hash, Number(varint()));
+    }
+    return cursor;
+  }
+
+  /** The cursor string. */
+  encode() {
+    const bytes = [1];
+    pushVarint(bytes, this.listed.size);
+    for (const [position, id] of this.listed) { pushVarint(bytes, position); pushVarint(bytes, id); }
+    pushVarint(bytes, this.hashed.size);
+    for (const [hash, id] of this.hashed) {
+      for (let shift = 56n; shift >= 0n; shift -= 8n) bytes.push(Number((hash >> shift) & 0xffn));
+      pushVarint(bytes, id);
+    }
+    return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  /** The last id of `topic` known, or undefined. */
+  idOf(topic) {
+    const position = this.list.indexOf(topic);
+    return position >= 0 ? this.listed.get(position) : this.hashed.get(topicHash(topic));
+  }
+
+  /** `topic` now stands at `id`. */
+  saw(topic, id) {
+    const position = this.list.indexOf(topic);
+    if (position >= 0) this.listed.set(position, id);
+    else this.hashed.set(topicHash(topic), id);
+  }
+}
+
 export class Subscription {
   /**
    * @param {object} o
    * @param {string} [o.base]  server origin, e.g. "http://127.0.0.1:8080"; "" = this page's
-   * @param {string} o.topic
+   * @param {string|string[]} o.topic  a topic, or a list of topics and `prefix*` patterns
+   *   (`"a,b"`, `["a", "news.*"]`, `"news.*"`) followed on one connection
    * @param {"ws"|"sse"|"stream"|"longpoll"|"poll"|"auto"} [o.transport="auto"]
    * @param {number} [o.after]  resume after this id; default: from now
    * @param {number} [o.pollInterval=1000]  ms between short polls
@@ -83,14 +192,18 @@ export class Subscription {
       location: env.location ?? g.location,
     };
     this.base = base.replace(/\/$/, "");
-    this.topic = topic;
+    /** The list's entries (several topics or a pattern), or null for one topic. */
+    this.list = isList(topic) ? (Array.isArray(topic) ? [...topic] : topic.split(",")) : null;
+    this.topic = this.list ? this.list.join(",") : topic;
     this.pollInterval = pollInterval;
     this.longPollTimeout = longPollTimeout;
     this.events = events;
     this.backoff = backoff;
     this.client = client ?? `c${Math.floor(this.env.random() * 1e12).toString(36)}`;
-    /** Id of the last message delivered; null until known. */
-    this.cursor = after ?? null;
+    /** Id of the last message delivered (a ListCursor for a list); null until known. */
+    this.cursor = after === undefined || after === null ? null
+      : this.list ? (after === 0 || after === "0" ? new ListCursor(this.list) : ListCursor.decode(this.list, after))
+        : after;
     this.auto = transport === "auto";
     /** The transport in use. */
     this.transport = this.auto ? TRANSPORTS[0] : transport;
@@ -148,15 +261,17 @@ export class Subscription {
     this.emit("status", { state: "connecting", transport: this.transport, attempt: this.attempt });
     if (this.cursor === null) {
       // Learn where "now" is first, so that every transport, and every later switch, starts
-      // from a known id.
+      // from a known id (for a list: a poll without a cursor answers every topic's).
       try {
         this.stats.requests++;
-        const response = await this.env.fetch(this.url(`/topics/${this.topic}`), { cache: "no-store" });
+        const now = this.list ? `/topics/${this.topic}/poll` : `/topics/${this.topic}`;
+        const response = await this.env.fetch(this.url(now), { cache: "no-store" });
         const text = await response.text();
         this.stats.bytes += utf8Length(text);
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
         if (generation !== this.generation) return;
-        this.cursor = JSON.parse(text).last_id;
+        const body = JSON.parse(text);
+        this.cursor = this.list ? ListCursor.decode(this.list, body.next_after) : body.last_id;
       } catch (error) {
         if (generation === this.generation) this.failed(generation, error.message, false);
         return;
@@ -173,15 +288,28 @@ export class Subscription {
     return `${this.base}${path}`;
   }
 
+  /** The cursor as `?after=` takes it. */
+  after() {
+    return this.list ? this.cursor.encode() : `${this.cursor}`;
+  }
+
+  /** Takes the cursor a list's stream opened with, or a poll of a list answered. */
+  adopt(text, generation) {
+    if (generation !== this.generation || !this.list || typeof text !== "string") return;
+    this.cursor = ListCursor.decode(this.list, text);
+  }
+
   // Called by the transports; `generation` drops callbacks of a transport already stopped.
 
   deliver(envelope, generation) {
     if (generation !== this.generation) return;
-    if (this.cursor !== null && envelope.id <= this.cursor) {
+    const known = this.list ? this.cursor?.idOf(envelope.topic) : this.cursor;
+    if (known !== null && known !== undefined && envelope.id <= known) {
       this.stats.duplicates++;
       return;
     }
-    this.cursor = envelope.id;
+    if (this.list) this.cursor.saw(envelope.topic, envelope.id);
+    else this.cursor = envelope.id;
     this.stats.messages++;
     const latencies = this.stats.latencies;
     if (latencies.length >= LATENCY_SAMPLES) latencies.shift();
@@ -192,14 +320,16 @@ export class Subscription {
   signal(signal, generation) {
     if (generation !== this.generation) return;
     this.stats.signals++;
-    this.cursor = signal.type === "reset" ? 0 : signal.oldest_id - 1;
+    const at = signal.type === "reset" ? 0 : signal.oldest_id - 1;
+    if (this.list) this.cursor.saw(signal.topic, at);
+    else this.cursor = at;
     this.emit("signal", signal);
   }
 
   opened(generation) {
     if (generation !== this.generation) return;
     this.attempt = 0;
-    this.emit("status", { state: "open", transport: this.transport, after: this.cursor });
+    this.emit("status", { state: "open", transport: this.transport, after: this.list ? this.after() : this.cursor });
   }
 
   failed(generation, reason, wasOpen) {
@@ -236,7 +366,7 @@ function isSignal(frame) {
 }
 
 function openWebSocket(sub, generation) {
-  const socket = new sub.env.WebSocket(webSocketUrl(sub, `/topics/${sub.topic}/ws?after=${sub.cursor}`));
+  const socket = new sub.env.WebSocket(webSocketUrl(sub, `/topics/${sub.topic}/ws?after=${sub.after()}`));
   sub.stats.requests++;
   let open = false;
   socket.onopen = () => { open = true; sub.opened(generation); };
@@ -246,6 +376,7 @@ function openWebSocket(sub, generation) {
     const frame = JSON.parse(text);
     if (frame.type === undefined) sub.deliver(frame, generation);
     else if (isSignal(frame)) sub.signal(frame, generation);
+    else if (frame.type === "cursor") sub.adopt(frame.cursor, generation);
   };
   socket.onclose = (event) => sub.failed(generation, `closed (${event?.code ?? "?"})`, open);
   return () => {
@@ -256,7 +387,7 @@ function openWebSocket(sub, generation) {
 }
 
 function openEventSource(sub, generation) {
-  const source = new sub.env.EventSource(sub.url(`/topics/${sub.topic}/sse?after=${sub.cursor}`));
+  const source = new sub.env.EventSource(sub.url(`/topics/${sub.topic}/sse?after=${sub.after()}`));
   sub.stats.requests++;
   let open = false;
   const frameBytes = (event) => utf8Length(`id: ${event.lastEventId}\nevent: ${event.type}\ndata: ${event.data}\n\n`);
@@ -292,7 +423,7 @@ function openStream(sub, generation) {
     let open = false;
     try {
       sub.stats.requests++;
-      const response = await sub.env.fetch(sub.url(`/topics/${sub.topic}/stream?after=${sub.cursor}`), {
+      const response = await sub.env.fetch(sub.url(`/topics/${sub.topic}/stream?after=${sub.after()}`), {
         cache: "no-store", signal: controller?.signal,
       });
       if (!live()) return;
@@ -319,6 +450,7 @@ function openStream(sub, generation) {
           const frame = JSON.parse(line);
           if (frame.type === undefined) sub.deliver(frame, generation);
           else if (isSignal(frame)) sub.signal(frame, generation);
+          else if (frame.type === "cursor") sub.adopt(frame.cursor, generation);
           if (!live()) return;
         }
       }
@@ -346,8 +478,8 @@ function openPolling(sub, generation) {
       // The first long poll of a connection is answered at once (timeout=0): it proves the
       // transport works, so "open" is reported now and not after the first hold.
       const query = kind === "longpoll"
-        ? `after=${sub.cursor}&timeout=${open ? sub.longPollTimeout : 0}&client=${sub.client}`
-        : `after=${sub.cursor}&client=${sub.client}`;
+        ? `after=${sub.after()}&timeout=${open ? sub.longPollTimeout : 0}&client=${sub.client}`
+        : `after=${sub.after()}&client=${sub.client}`;
       let response;
       let text;
       try {
@@ -368,11 +500,16 @@ function openPolling(sub, generation) {
       }
       if (!open) { open = true; sub.opened(generation); }
       const body = JSON.parse(text);
-      if (body.reset) sub.signal({ type: "reset", topic: sub.topic, last_id: body.last_id }, generation);
-      if (body.truncated) sub.signal({ type: "truncated", topic: sub.topic, oldest_id: body.oldest_id }, generation);
+      // One topic's signals are on the answer; a list's, per topic under `topics`.
+      const topics = sub.list ? Object.entries(body.topics ?? {}) : [[sub.topic, body]];
+      for (const [topic, fields] of topics) {
+        if (fields.reset) sub.signal({ type: "reset", topic, last_id: fields.last_id }, generation);
+        if (fields.truncated) sub.signal({ type: "truncated", topic, oldest_id: fields.oldest_id }, generation);
+      }
       for (const message of body.messages) sub.deliver(message, generation);
       if (!live()) return;
-      sub.cursor = body.next_after;
+      if (sub.list) sub.adopt(body.next_after, generation);
+      else sub.cursor = body.next_after;
       // A full page means more is waiting: ask again at once, whatever the interval.
       if (kind === "poll" && !body.more) await wait(sub.pollInterval);
     }

@@ -1,56 +1,13 @@
 // The lab page in real headless Chromium, against the real pushhub binary.
 // Run: npm ci && npm test   (needs Debian's chromium at /usr/bin/chromium and a built binary)
-import { test, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { createInterface } from "node:readline";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
-
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const BIN = process.env.PUSHHUB_BIN ?? path.join(root, "target/debug/pushhub");
-const CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
-// Chrome reports refused connections as console errors; they are expected while the server
-// is down, and only then.
-const NETWORK_NOISE = /ERR_CONNECTION_REFUSED|WebSocket connection|Failed to load resource|net::ERR/;
-
-const servers = new Set();
-after(() => { for (const s of servers) s.proc.kill("SIGKILL"); });
-
-function startServer(listen = "127.0.0.1:0", extra = []) {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(BIN, ["--listen", listen, ...extra], {
-      env: { ...process.env, PUSHHUB_LOG: "pushhub=info", NO_COLOR: "1" },
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    const server = { proc, addr: null };
-    servers.add(server);
-    createInterface({ input: proc.stdout }).on("line", (line) => {
-      const match = /listening on http:\/\/([^/]+)\//.exec(line);
-      if (match && !server.addr) { server.addr = match[1]; resolve(server); }
-    });
-    proc.on("exit", (code) => { servers.delete(server); if (!server.addr) reject(new Error(`pushhub exited: ${code}`)); });
-  });
-}
-
-async function stopServer(server) {
-  server.proc.kill("SIGTERM");
-  await once(server.proc, "exit");
-}
-
-async function openBrowser() {
-  const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: CHROMIUM_ARGS });
-  const page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
-  const errors = [];
-  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
-  page.on("pageerror", (e) => errors.push(e.message));
-  return { browser, page, errors };
-}
+import { NETWORK_NOISE, openBrowser, root, startServer, stopServer } from "./support.mjs";
 
 /** The figures as the page shows them. */
 const lanes = (page) => page.evaluate(() => [...document.querySelectorAll(".lane")].map((el) => {

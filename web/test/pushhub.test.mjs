@@ -2,7 +2,7 @@
 // Run: node --test web/test/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { connect, backoffDelay, linkBase, utf8Length, TRANSPORTS } from "../pushhub.js";
+import { connect, subscribe, backoffDelay, linkBase, utf8Length, topicHash, ListCursor, TRANSPORTS } from "../pushhub.js";
 
 /** A controllable world: fake WebSocket, EventSource, fetch and timers. */
 function world({ topicLastId = 0, pollAnswers = [] } = {}) {
@@ -46,7 +46,7 @@ function world({ topicLastId = 0, pollAnswers = [] } = {}) {
       return { ok: true, status: 200, body: { getReader: () => reader }, headers: { get: () => null } };
     }
     if (/\/topics\/[^/]+$/.test(url)) body = { last_id: topicLastId };
-    else body = pollAnswers.shift() ?? { messages: [], last_id: 0, next_after: Number(/after=(\d+)/.exec(url)[1]) };
+    else body = pollAnswers.shift() ?? { messages: [], last_id: 0, next_after: Number(/after=(\d+)/.exec(url)?.[1]) };
     if (body instanceof Error) throw body;
     const text = JSON.stringify(body);
     return { ok: true, status: 200, text: async () => text, headers: { get: () => null } };
@@ -250,4 +250,56 @@ test("linkBase names the emulated link's host, on this page's port", () => {
   assert.equal(linkBase("3g", "none", page), "http://3g.localhost:8080");
   assert.equal(linkBase("flaky", "buffering-proxy", page), "http://flaky--buffering-proxy.localhost:8080");
   assert.equal(linkBase("direct", "no-websocket", { protocol: "http:", port: "" }), "http://lan--no-websocket.localhost");
+});
+
+test("a list's cursor encodes as the server's: positions, FNV-1a hashes, varints, base64url", () => {
+  // Vectors the Rust server wrote: a,b at 1 and 1; x.* with x.one at 1.
+  const two = new ListCursor(["a", "b"]);
+  two.saw("a", 1);
+  two.saw("b", 1);
+  assert.equal(two.encode(), "AQIAAQEBAA");
+  const pattern = new ListCursor(["x.*"]);
+  pattern.saw("x.one", 1);
+  assert.equal(pattern.encode(), "AQABw_p-QH1PBrkB");
+  assert.equal(topicHash("foobar"), 0x85944171f73967e8n, "the FNV-1a reference value");
+  // Round trip, with an id past 32 bits and a long name.
+  const wide = new ListCursor(["a", "n.*"]);
+  wide.saw("a", 2 ** 42);
+  wide.saw(`n.${"x".repeat(126)}`, 300);
+  const back = ListCursor.decode(["a", "n.*"], wide.encode());
+  assert.equal(back.idOf("a"), 2 ** 42);
+  assert.equal(back.idOf(`n.${"x".repeat(126)}`), 300);
+  assert.equal(back.idOf("n.other"), undefined);
+  assert.throws(() => ListCursor.decode(["a"], "Ag"), /version/);
+});
+
+test("subscribe() follows a list on one connection, per-topic duplicates dropped, and resumes it", async () => {
+  const now = new ListCursor(["a", "b"]);
+  now.saw("a", 4);
+  now.saw("b", 0);
+  const w = world({ pollAnswers: [{ messages: [], next_after: now.encode(), topics: {} }] });
+  const sub = subscribe(["a", "b"], { transport: "ws", env: w.env });
+  const got = [];
+  sub.on("message", (m) => got.push(`${m.topic}${m.id}`));
+  await settle();
+  assert.equal(w.requests[0], "/topics/a,b/poll", "from now: a poll of the list says where now is");
+  const socket = w.sockets[0];
+  assert.equal(socket.url, `ws://h:1/topics/a,b/ws?after=${now.encode()}`);
+  socket.open();
+  socket.frame({ type: "cursor", cursor: now.encode() });
+  for (const [topic, id] of [["a", 5], ["b", 1], ["a", 5], ["b", 1], ["a", 4], ["b", 2]]) {
+    socket.frame({ id, topic, event: "message", data: id, time: 999_990 });
+  }
+  assert.deepEqual(got, ["a5", "b1", "b2"]);
+  assert.equal(sub.stats.duplicates, 3);
+  socket.frame({ type: "truncated", topic: "b", oldest_id: 9 });
+  sub.switchTo("sse");
+  const resumed = ListCursor.decode(["a", "b"], decodeURIComponent(w.sources[0].url.split("after=")[1]));
+  assert.equal(resumed.idOf("a"), 5);
+  assert.equal(resumed.idOf("b"), 8, "a truncated signal moves its topic's cursor");
+  const pattern = subscribe("room.*", { transport: "poll", after: 0, env: w.env });
+  await settle();
+  assert.match(w.requests.at(-1), /\/topics\/room\.\*\/poll\?after=AQAA&/, "after 0: an empty cursor");
+  pattern.close();
+  sub.close();
 });
