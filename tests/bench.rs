@@ -465,3 +465,36 @@ fn subscribers_behind_a_flaky_link_reconnect_and_resume_without_loss_or_repeats(
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn subscribers_following_many_topics_on_one_connection_lose_nothing() {
+    for pattern in [false, true] {
+        let mut args = vec![
+            "--subscribers",
+            "10",
+            "--rate",
+            "100",
+            "--duration",
+            "300ms",
+            "--topics-per-subscriber",
+            "10",
+            "--pattern-watchers",
+            "5",
+        ];
+        if pattern {
+            args.push("--topic-pattern");
+        }
+        let (printed, out) = bench(if pattern { "pattern" } else { "list" }, &args);
+        let command = printed["command"].as_str().unwrap();
+        assert!(command.contains("--topics-per-subscriber 10"), "{command}");
+        assert_eq!(command.contains("--topic-pattern"), pattern, "{command}");
+        for r in printed["results"].as_array().unwrap() {
+            let t = r["transport"].as_str().unwrap();
+            assert_eq!(r["published"], 30, "{t}");
+            // Only the published topic counts: the others' messages are left out.
+            assert_eq!(r["deliveries"], 300, "{t} (pattern: {pattern})");
+            assert_eq!((r["lost"].as_u64(), r["duplicates"].as_u64()), (Some(0), Some(0)), "{t}");
+        }
+        let _ = std::fs::remove_dir_all(out);
+    }
+}

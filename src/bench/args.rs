@@ -88,6 +88,20 @@ pub struct BenchArgs {
     /// Subscribers per transport.
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
+    /// Topics each subscriber follows on its one connection: its topic (the one published
+    /// to) and K - 1 more, as a topic list `/topics/t,t.f1,.../...`. The others hold one
+    /// message each, made before the subscribers connect, and get no more.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub topics_per_subscriber: u16,
+    /// With `--topics-per-subscriber K`: follow a pattern (`t*`) instead of a list; the bench
+    /// first makes the K - 1 other topics (one message each) for it to match.
+    #[arg(long)]
+    pub topic_pattern: bool,
+    /// Idle SSE connections, each following a pattern that matches no topic, held open
+    /// through each phase: what pattern subscribers cost the publishes that none of them
+    /// follow (a new topic is checked against every pattern once, when created).
+    #[arg(long, default_value_t = 0)]
+    pub pattern_watchers: usize,
     /// Messages published per second.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,

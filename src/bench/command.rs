@@ -27,6 +27,18 @@ pub fn command_line(args: &BenchArgs) -> String {
         args.payload_bytes,
         args.poll_interval.as_millis()
     );
+    if args.scenario == super::Scenario::Chat {
+        let _ = write!(line, " --topics {}", args.topics);
+    }
+    if args.topics_per_subscriber > 1 {
+        let _ = write!(line, " --topics-per-subscriber {}", args.topics_per_subscriber);
+        if args.topic_pattern {
+            line.push_str(" --topic-pattern");
+        }
+    }
+    if args.pattern_watchers > 0 {
+        let _ = write!(line, " --pattern-watchers {}", args.pattern_watchers);
+    }
     if !args.link.is_empty() {
         let names: Vec<&str> = args.link.iter().map(|p| p.name).collect();
         let _ = write!(line, " --link {}", names.join(","));

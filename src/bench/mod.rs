@@ -213,6 +213,7 @@ async fn warm_up(
     let phase = Arc::new(Phase {
         bases: server.bases(),
         topics: vec![topic.clone()],
+        listing: subscriber::Listing::One,
         poll_interval: args.poll_interval.min(Duration::from_millis(100)),
         resume: false,
         progress: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),

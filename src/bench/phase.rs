@@ -21,7 +21,7 @@ use super::{
     publisher,
     route::{Route, Wire},
     server::{Server, rss_of},
-    subscriber::{self, Phase},
+    subscriber::{self, Listing, Phase},
 };
 use crate::message::TransportKind;
 
@@ -104,9 +104,16 @@ impl PhaseRun<'_> {
     /// The phase's shared state: fresh topics, and a progress and a served flag per
     /// subscriber. For Durable Streams, its topics are also created as streams.
     async fn prepare(&self) -> Result<Arc<Phase>, BenchError> {
+        let k = usize::from(self.args.topics_per_subscriber);
+        let listing = match (k, self.args.topic_pattern) {
+            (1, _) => Listing::One,
+            (k, false) => Listing::List(k),
+            (k, true) => Listing::Pattern(k),
+        };
         let phase = Arc::new(Phase {
             bases: self.route.bases(),
             topics: topics(self.args, self.transport),
+            listing,
             poll_interval: self.args.poll_interval,
             resume: self.route.link.is_some(),
             progress: (0..self.args.subscribers)
@@ -123,6 +130,33 @@ impl PhaseRun<'_> {
             for topic in &phase.topics {
                 create_stream(self.http, self.server.first_base(), topic).await?;
             }
+        }
+        if let Listing::List(k) | Listing::Pattern(k) = phase.listing {
+            // The other topics hold a message each before the subscribers connect, as rooms
+            // with history do (a pattern picks up only topics that exist), so that each
+            // subscriber's cursor names every one of them.
+            for topic in &phase.topics {
+                for filler in Listing::fillers(topic, k) {
+                    let url = format!("{}/topics/{filler}", self.server.first_base());
+                    // A payload the subscribers' parser reads (their accounting leaves it
+                    // out by topic).
+                    let sent = self
+                        .http
+                        .post(url)
+                        .header("content-type", "application/json")
+                        .body(r#"{"t":0}"#)
+                        .send()
+                        .await;
+                    if !sent.is_ok_and(|r| r.status().is_success()) {
+                        return Err(BenchError::Client(format!("could not make topic {filler}")));
+                    }
+                }
+            }
+        }
+        for i in 0..self.args.pattern_watchers {
+            let path = format!("/topics/{}-nomatch-{i}.*/sse", phase.topics[0]);
+            let base = phase.base_of(i).to_owned();
+            tokio::spawn(subscriber::watch(base, path, phase.stop.clone()));
         }
         Ok(phase)
     }
@@ -568,7 +602,12 @@ pub(super) async fn wait_subscribed(
     expected: usize,
     subscribers: &mut JoinSet<Result<(usize, Tracker), BenchError>>,
 ) -> Result<(), BenchError> {
-    let topics = &phase.topics;
+    // A pattern picks its topic up at the topic's first message, published later: its
+    // subscribers are counted on a topic it picked up already.
+    let topics: Vec<String> = match phase.listing {
+        Listing::Pattern(_) => phase.topics.iter().map(|t| format!("{t}.f1")).collect(),
+        _ => phase.topics.clone(),
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         // A subscriber that ended already could not connect.

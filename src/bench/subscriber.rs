@@ -25,6 +25,9 @@ pub(crate) struct Phase {
     pub(crate) bases: Vec<String>,
     /// Topics of the phase; subscriber `i` follows `topics[i % topics.len()]`.
     pub(crate) topics: Vec<String>,
+    /// How each subscriber follows its topic: alone, or with more on one connection
+    /// (`--topics-per-subscriber`).
+    pub(crate) listing: Listing,
     pub(crate) poll_interval: Duration,
     /// Whether a subscriber whose connection is lost connects again and resumes from the
     /// last id it saw, as a real client does (behind an emulated link that cuts); without
@@ -38,9 +41,65 @@ pub(crate) struct Phase {
     pub(crate) stop: CancellationToken,
 }
 
+/// How a subscriber follows its topic (`--topics-per-subscriber K`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Listing {
+    /// The topic alone.
+    One,
+    /// A list: the topic first, then `K - 1` topics that hold one message each (made before
+    /// the subscribers connect; received, and left out of the accounting) and get no more.
+    List(usize),
+    /// A pattern (`topic*`) matching the topic and `K - 1` topics made before it connects
+    /// (one message each, which the subscriber receives and the accounting leaves out).
+    Pattern(usize),
+}
+
+impl Listing {
+    /// What a subscriber of `topic` asks for in the path.
+    pub(crate) fn path(&self, topic: &str) -> String {
+        match self {
+            Listing::One => topic.to_owned(),
+            Listing::List(k) => std::iter::once(topic.to_owned())
+                .chain(Listing::fillers(topic, *k))
+                .collect::<Vec<_>>()
+                .join(","),
+            Listing::Pattern(_) => format!("{topic}*"),
+        }
+    }
+
+    /// The topics that follow `topic` in a list of `k`, or that its pattern picks up.
+    pub(crate) fn fillers(topic: &str, k: usize) -> impl Iterator<Item = String> + '_ {
+        (1..k).map(move |i| format!("{topic}.f{i}"))
+    }
+
+    /// `after` for a subscriber of `topic` that has ids up to `last_id` of it: a list's
+    /// cursor names only that topic (the others have no message; one a pattern picked up is
+    /// read from its start, and its message left out).
+    fn after(&self, topic: &str, last_id: u64) -> String {
+        use crate::message::cursor::{Cursor, topic_hash};
+        match self {
+            Listing::One => last_id.to_string(),
+            _ if last_id == 0 => "0".to_owned(),
+            Listing::List(_) => Cursor {
+                listed: vec![(0, last_id)],
+                hashed: Vec::new(),
+            }
+            .encode(),
+            Listing::Pattern(_) => Cursor {
+                listed: Vec::new(),
+                hashed: vec![(topic_hash(topic), last_id)],
+            }
+            .encode(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
-struct Envelope {
+struct Envelope<'a> {
     id: u64,
+    /// Checked when a subscriber follows more than its topic.
+    #[serde(borrow, default)]
+    topic: &'a str,
     data: Payload,
 }
 
@@ -61,9 +120,11 @@ struct Control {
 }
 
 #[derive(Deserialize)]
-struct PollAnswer {
-    messages: Vec<Envelope>,
-    next_after: u64,
+struct PollAnswer<'a> {
+    #[serde(borrow)]
+    messages: Vec<Envelope<'a>>,
+    /// A message id, or a topic list's cursor string.
+    next_after: serde_json::Value,
     #[serde(default)]
     more: bool,
 }
@@ -84,7 +145,20 @@ impl Phase {
         &self.topics[index % self.topics.len()]
     }
 
+    /// Where subscriber `index` resumes after `last_id`.
+    fn after_of(&self, index: usize, last_id: u64) -> String {
+        self.listing.after(self.topic_of(index), last_id)
+    }
+
+    /// The path segment subscriber `index` asks for.
+    fn path_of(&self, index: usize) -> String {
+        self.listing.path(self.topic_of(index))
+    }
+
     fn record(&self, index: usize, tracker: &mut Tracker, envelope: &Envelope) {
+        if self.listing != Listing::One && envelope.topic != self.topic_of(index) {
+            return;
+        }
         self.record_at(index, tracker, envelope.id, &envelope.data);
     }
 
@@ -104,6 +178,27 @@ impl Phase {
             let id = tracker.last_id + 1;
             self.record_at(index, tracker, id, value);
         }
+    }
+}
+
+/// Holds a stream open and reads it until `stop` (a pattern watcher, `--pattern-watchers`).
+pub(crate) async fn watch(base: String, path: String, stop: CancellationToken) {
+    let mut connection = Connection::new(&base);
+    let opened = tokio::select! {
+        opened = connection.open_stream(&path, &["accept: text/event-stream"]) => opened,
+        () = stop.cancelled() => return,
+    };
+    if !matches!(opened, Ok(200)) {
+        tracing::warn!(path, "a pattern watcher was refused: {opened:?}");
+        return;
+    }
+    let mut items = Items::new(b"\n\n");
+    loop {
+        tokio::select! {
+            more = items.read(&mut connection) => if !matches!(more, Ok(Some(_))) { return },
+            () = stop.cancelled() => return,
+        }
+        items.drain(|_| {});
     }
 }
 
@@ -189,8 +284,8 @@ async fn websocket(
     let url = format!(
         "{}/topics/{}/ws?after={}",
         phase.base_of(index).replacen("http", "ws", 1),
-        phase.topic_of(index),
-        tracker.last_id
+        phase.path_of(index),
+        phase.after_of(index, tracker.last_id)
     );
     // A small read buffer: tungstenite zeroes the unused part of it on every read, and its
     // 128 KiB default made that zeroing most of the bench's own CPU, which then limited what
@@ -247,7 +342,11 @@ struct BodyItems {
 
 /// The path of one of pushhub's own streaming endpoints.
 fn native_path(phase: &Phase, index: usize, endpoint: &str, after: u64) -> String {
-    format!("/topics/{}/{endpoint}?after={after}", phase.topic_of(index))
+    format!(
+        "/topics/{}/{endpoint}?after={}",
+        phase.path_of(index),
+        phase.after_of(index, after)
+    )
 }
 
 /// Records an item that is a whole envelope.
@@ -368,7 +467,7 @@ async fn polling(
     tracker: &mut Tracker,
 ) -> Result<Ended, BenchError> {
     let mut connection = Connection::new(phase.base_of(index));
-    let mut after = tracker.last_id;
+    let mut after = phase.after_of(index, tracker.last_id);
     // A Durable Streams reader catches up first (answered at once), then long-polls.
     let mut caught_up = kind != TransportKind::DsLongpoll;
     while !phase.stop.is_cancelled() {
@@ -380,7 +479,7 @@ async fn polling(
             ),
             TransportKind::Longpoll => format!(
                 "/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
-                phase.topic_of(index)
+                phase.path_of(index)
             ),
             TransportKind::DsLongpoll => format!(
                 "/v1/stream/{}?offset={}&live=long-poll",
@@ -389,7 +488,7 @@ async fn polling(
             ),
             _ => format!(
                 "/topics/{}/poll?after={after}&limit=1000&client=bench-{index}",
-                phase.topic_of(index)
+                phase.path_of(index)
             ),
         };
         let answer = tokio::select! {
@@ -428,7 +527,10 @@ async fn polling(
         for envelope in &answer.messages {
             phase.record(index, tracker, envelope);
         }
-        after = answer.next_after;
+        after = match answer.next_after {
+            serde_json::Value::String(cursor) => cursor,
+            next => next.to_string(),
+        };
         if kind == TransportKind::Poll && !answer.more {
             tokio::select! {
                 () = tokio::time::sleep(phase.poll_interval) => {}

@@ -46,6 +46,8 @@ pub(super) struct Book {
     keys: SmallVec<[Option<Key>; 4]>,
     carried: Vec<(u64, MessageId)>,
     scratch: Vec<u8>,
+    /// The cursor being written, kept to reuse its room (one is written per SSE event).
+    work: Cursor,
     /// The most topics the connection may follow.
     pub(super) limit: usize,
     /// Its entries in the hub's pattern registry (slot, prefix), removed when it ends.
@@ -123,28 +125,33 @@ impl Book {
 
     /// The cursor where every sub stands: `subs` gives, by sub index, the id each one
     /// stands at (`None`: no sub there).
-    pub(super) fn cursor(&self, subs: impl Iterator<Item = Option<MessageId>>) -> Cursor {
-        let mut cursor = Cursor {
-            listed: Vec::with_capacity(self.keys.len()),
-            hashed: self.carried.clone(),
-        };
+    pub(super) fn cursor(&mut self, subs: impl Iterator<Item = Option<MessageId>>) -> &Cursor {
+        let Cursor { listed, hashed } = &mut self.work;
+        listed.clear();
+        hashed.clear();
+        // A topic at 0 is left out: a topic the cursor does not name is read from its start,
+        // which is what 0 says (so idle topics cost a cursor nothing).
+        hashed.extend(self.carried.iter().filter(|(_, id)| *id > 0));
         for (sent, key) in subs.zip(&self.keys) {
             match (sent, key) {
-                (Some(sent), Some(Key::Listed(position))) => cursor.listed.push((*position, sent)),
-                (Some(sent), Some(Key::Hashed(hash))) => cursor.hashed.push((*hash, sent)),
+                (Some(sent), Some(Key::Listed(position))) if sent > 0 => {
+                    listed.push((*position, sent))
+                }
+                (Some(sent), Some(Key::Hashed(hash))) if sent > 0 => hashed.push((*hash, sent)),
                 _ => {}
             }
         }
-        cursor
+        &self.work
     }
 
     /// An SSE `id:` line (and the blank line that ends the event) with the cursor where
     /// every sub stands.
     pub(super) fn id_line(&mut self, subs: impl Iterator<Item = Option<MessageId>>) -> Bytes {
-        let cursor = self.cursor(subs);
+        self.cursor(subs);
+        let (cursor, scratch) = (&self.work, &mut self.scratch);
         let mut line = Vec::with_capacity(8 + cursor.listed.len() * 6 + cursor.hashed.len() * 18);
         line.extend_from_slice(b"id: ");
-        cursor.encode_into(&mut self.scratch, &mut line);
+        cursor.encode_into(scratch, &mut line);
         line.extend_from_slice(b"\n\n");
         Bytes::from(line)
     }

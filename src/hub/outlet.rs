@@ -333,8 +333,9 @@ impl Outlet {
 
     /// The cursor over every topic the outlet follows by key (a connection with a book).
     pub fn list_cursor(&self) -> Option<String> {
-        let state = self.lock();
-        Some(state.book.as_ref()?.cursor(sents(&state.subs)).encode())
+        let mut state = self.lock();
+        let state = &mut *state;
+        Some(state.book.as_mut()?.cursor(sents(&state.subs)).encode())
     }
 
     /// Stops following a pattern: leaves its registry entry, and stops following the topics

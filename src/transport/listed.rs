@@ -399,7 +399,8 @@ pub async fn longpoll(
 }
 
 /// The answer to a poll of a list, counted:
-/// `{"messages":[...],"next_after":"<cursor>","topics":{"a":{"last_id":N,...}},"more":true}`.
+/// `{"messages":[...],"next_after":"<cursor>","topics":{"a":{"last_id":N,...}},"more":true}`,
+/// where `topics` names the topics with messages in the answer or a signal.
 /// At most `limit` messages in all, the oldest first; each topic's cursor stops at the
 /// last of its messages the answer holds, so nothing left out is skipped.
 fn answer(
@@ -440,7 +441,12 @@ fn answer(
             Key::Listed(position) => cursor.set_listed(position, next),
             Key::Hashed(hash) => cursor.set_hashed(hash, next),
         }
-        if i > 0 {
+        // Only the topics with something to say: at 100 topics the rest would outweigh
+        // the messages (the cursor holds where each stands).
+        if kept.is_none() && batch.signal.is_none() {
+            continue;
+        }
+        if topics.len() > 1 {
             topics.push(b',');
         }
         topics.extend_from_slice(b"\"");
