@@ -493,7 +493,11 @@ fn subscribers_following_many_topics_on_one_connection_lose_nothing() {
             assert_eq!(r["published"], 30, "{t}");
             // Only the published topic counts: the others' messages are left out.
             assert_eq!(r["deliveries"], 300, "{t} (pattern: {pattern})");
-            assert_eq!((r["lost"].as_u64(), r["duplicates"].as_u64()), (Some(0), Some(0)), "{t}");
+            assert_eq!(
+                (r["lost"].as_u64(), r["duplicates"].as_u64()),
+                (Some(0), Some(0)),
+                "{t}"
+            );
         }
         let _ = std::fs::remove_dir_all(out);
     }

@@ -31,7 +31,11 @@ pub fn command_line(args: &BenchArgs) -> String {
         let _ = write!(line, " --topics {}", args.topics);
     }
     if args.topics_per_subscriber > 1 {
-        let _ = write!(line, " --topics-per-subscriber {}", args.topics_per_subscriber);
+        let _ = write!(
+            line,
+            " --topics-per-subscriber {}",
+            args.topics_per_subscriber
+        );
         if args.topic_pattern {
             line.push_str(" --topic-pattern");
         }
