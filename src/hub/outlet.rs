@@ -558,11 +558,29 @@ impl Outlet {
             entry.seen = entry.seen.max(newest);
             return;
         }
-        let taken = match state.book.as_mut() {
-            Some(book) if multi::writes_ids(self.format) => {
-                Self::take_with_ids(&mut state.subs, book, sub, messages, stop, newest, frames)
-            }
-            _ => self.take(entry, messages, stop, newest, frames),
+        let bounds = (stop, newest);
+        let taken = match state.book.as_deref_mut() {
+            Some(book) if multi::writes_ids(self.format) => Self::take(
+                &mut state.subs,
+                sub,
+                messages,
+                bounds,
+                frames,
+                |subs, m, frames| {
+                    frames.push(multi::sse_fields(m));
+                    frames.push(book.id_line(sents(subs)));
+                },
+            ),
+            _ => Self::take(
+                &mut state.subs,
+                sub,
+                messages,
+                bounds,
+                frames,
+                |_, m, frames| {
+                    frames.push(self.frame(m));
+                },
+            ),
         };
         if frames.is_empty() {
             if taken.gap {
@@ -602,21 +620,26 @@ impl Outlet {
         }
     }
 
-    /// Takes from `messages` the successors of the sub's cursor, up to `stop`, framed into
+    /// Takes from `messages` the successors of sub `sub`'s cursor, up to `stop`, framed into
     /// `frames`, and moves the cursor; a message missing in between marks the sub lost (the
-    /// log has it).
+    /// log has it). `frame` frames one message, after the cursor moved past it (it sees
+    /// every sub: an SSE connection with a book writes the cursor of all of them); generic,
+    /// so that the single-topic path is compiled without the book's branch.
     fn take(
-        &self,
-        entry: &mut Sub,
+        subs: &mut [Option<Sub>],
+        sub: usize,
         messages: &[Arc<Message>],
-        stop: MessageId,
-        newest: MessageId,
+        (stop, newest): (MessageId, MessageId),
         frames: &mut Vec<Bytes>,
+        mut frame: impl FnMut(&[Option<Sub>], &Arc<Message>, &mut Vec<Bytes>),
     ) -> Taken {
-        let first_sent = entry.sent;
         frames.clear();
-        let mut gap = false;
+        let first_sent = subs[sub].as_ref().map_or(0, |s| s.sent);
+        let (mut count, mut gap) = (0, false);
         for message in messages {
+            let Some(entry) = subs[sub].as_mut() else {
+                break;
+            };
             if message.id <= entry.sent {
                 continue;
             }
@@ -626,61 +649,12 @@ impl Outlet {
             if message.id != entry.sent + 1 {
                 // Delivered out of order, or never offered.
                 gap = true;
-                break;
-            }
-            frames.push(self.frame(message));
-            entry.sent = message.id;
-        }
-        if gap {
-            entry.lost = true;
-            entry.seen = entry.seen.max(newest);
-        }
-        Taken {
-            count: frames.len(),
-            first_sent,
-            last_sent: entry.sent,
-            gap,
-        }
-    }
-
-    /// [`Outlet::take`] for an SSE connection with a book: each message is its shared
-    /// fields and this connection's `id:` line, the cursor right after it.
-    fn take_with_ids(
-        subs: &mut [Option<Sub>],
-        book: &mut Book,
-        sub: usize,
-        messages: &[Arc<Message>],
-        stop: MessageId,
-        newest: MessageId,
-        frames: &mut Vec<Bytes>,
-    ) -> Taken {
-        frames.clear();
-        let Some(first_sent) = subs[sub].as_ref().map(|s| s.sent) else {
-            return Taken {
-                count: 0,
-                first_sent: 0,
-                last_sent: 0,
-                gap: false,
-            };
-        };
-        let (mut count, mut gap) = (0, false);
-        for message in messages {
-            let entry = subs[sub].as_mut().expect("checked");
-            if message.id <= entry.sent {
-                continue;
-            }
-            if message.id > stop {
-                break;
-            }
-            if message.id != entry.sent + 1 {
-                gap = true;
                 entry.lost = true;
                 entry.seen = entry.seen.max(newest);
                 break;
             }
             entry.sent = message.id;
-            frames.push(multi::sse_fields(message));
-            frames.push(book.id_line(sents(subs)));
+            frame(subs, message, frames);
             count += 1;
         }
         Taken {
@@ -980,18 +954,12 @@ impl Outlet {
         }
         let batch = batch?;
         entry.from_client = false;
-        let (delivered, bytes) = match state.book.as_mut() {
-            Some(book) if multi::writes_ids(self.format) => Self::queue_with_ids(
-                &mut state.subs,
-                book,
-                self.format,
-                sub,
-                &batch,
-                stop,
-                &mut state.pending,
-            ),
-            _ => self.queue_batch(entry, &batch, stop, &mut state.pending),
-        };
+        let ids = state
+            .book
+            .as_deref_mut()
+            .filter(|_| multi::writes_ids(self.format));
+        let (delivered, bytes) =
+            self.queue_batch(&mut state.subs, ids, sub, &batch, stop, &mut state.pending);
         let Some(Some(entry)) = state.subs.get_mut(sub) else {
             return Ok(());
         };
@@ -1015,45 +983,14 @@ impl Outlet {
         Ok(())
     }
 
-    /// Queues a catch-up's batch for sub `entry` (signal first, then messages up to
-    /// `stop`); returns the messages and bytes queued.
+    /// Queues a catch-up's batch for sub `sub` (signal first, then messages up to `stop`);
+    /// returns the messages and bytes queued. With `ids` (an SSE connection with a book) each
+    /// event is its shared fields and the connection's own `id:` line, all in one chunk when
+    /// the body is chunked.
     fn queue_batch(
         &self,
-        entry: &mut Sub,
-        batch: &super::Batch,
-        stop: MessageId,
-        pending: &mut VecDeque<Bytes>,
-    ) -> (u64, u64) {
-        let topic = &entry.topic.name;
-        if let Some(signal) = &batch.signal {
-            if let Some(bytes) = self.format.signal(topic, signal) {
-                pending.push_back(bytes);
-            }
-            entry.sent = signal.resume_after();
-        }
-        let (mut delivered, mut bytes) = (0u64, 0u64);
-        for message in &batch.messages {
-            if message.id <= entry.sent {
-                continue;
-            }
-            if message.id > stop {
-                break;
-            }
-            let frame = self.frame(message);
-            bytes += frame.len() as u64;
-            delivered += 1;
-            pending.push_back(frame);
-            entry.sent = message.id;
-        }
-        (delivered, bytes)
-    }
-
-    /// [`Outlet::queue_batch`] for an SSE connection with a book: each event is its shared
-    /// fields and this connection's `id:` line, all in one chunk when the body is chunked.
-    fn queue_with_ids(
         subs: &mut [Option<Sub>],
-        book: &mut Book,
-        format: Format,
+        mut ids: Option<&mut Book>,
         sub: usize,
         batch: &super::Batch,
         stop: MessageId,
@@ -1064,11 +1001,17 @@ impl Outlet {
             return (0, 0);
         };
         if let Some(signal) = &batch.signal {
-            pieces.push(multi::signal_fields(signal, &entry.topic.name));
             entry.sent = signal.resume_after();
-            pieces.push(book.id_line(sents(subs)));
+            match ids.as_deref_mut() {
+                Some(book) => {
+                    pieces.push(multi::signal_fields(signal, &entry.topic.name));
+                    pieces.push(book.id_line(sents(subs)));
+                }
+                None => pieces.extend(self.format.signal(&entry.topic.name, signal)),
+            }
         }
-        let mut delivered = 0u64;
+        // Messages and their bytes, as delivered (the signal and chunk framing are not).
+        let (mut delivered, mut bytes) = (0u64, 0u64);
         for message in &batch.messages {
             let entry = subs[sub].as_mut().expect("checked");
             if message.id <= entry.sent {
@@ -1078,12 +1021,20 @@ impl Outlet {
                 break;
             }
             entry.sent = message.id;
-            pieces.push(multi::sse_fields(message));
-            pieces.push(book.id_line(sents(subs)));
+            let before = pieces.len();
+            match ids.as_deref_mut() {
+                Some(book) => {
+                    pieces.push(multi::sse_fields(message));
+                    pieces.push(book.id_line(sents(subs)));
+                }
+                None => pieces.push(self.frame(message)),
+            }
+            bytes += pieces[before..].iter().map(|p| p.len() as u64).sum::<u64>();
             delivered += 1;
         }
-        multi::chunk_pieces(format, &mut pieces, 0);
-        let bytes = pieces.iter().map(|p| p.len() as u64).sum();
+        if ids.is_some() {
+            multi::chunk_pieces(self.format, &mut pieces, 0);
+        }
         pending.extend(pieces);
         (delivered, bytes)
     }

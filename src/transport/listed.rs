@@ -321,34 +321,9 @@ pub async fn longpoll(
     });
     let _watching = app.hub.watch_prefixes(prefixes, &created);
     let mut planned = plan(app, &selection, &start, None).await?;
-    // Park on each topic (each reads once, and again once followed); any answer now ends
-    // the parking: the others are read as they stand.
-    let mut parked: Vec<Option<ParkedPoll>> = Vec::with_capacity(planned.len());
-    let mut batches: Vec<Option<Batch>> = Vec::with_capacity(planned.len());
-    let mut ready = false;
-    for topic in &planned {
-        let query = PollQuery {
-            topic: &topic.topic,
-            after: topic.after,
-            limit,
-            client: &client,
-            transport: TransportKind::Longpoll,
-        };
-        match app.hub.park(query, None).await? {
-            Parking::Ready(batch) => {
-                ready = true;
-                batches.push(Some(batch));
-                parked.push(None);
-            }
-            Parking::Parked(poll) => {
-                batches.push(None);
-                parked.push(Some(poll));
-            }
-            Parking::Answered => unreachable!("no responder was given"),
-        }
-    }
+    let (parked, batches) = park_all(app, &planned, limit, &client).await?;
     let mut picked_up = false;
-    if !ready {
+    if batches.iter().all(Option::is_none) {
         let news = std::future::poll_fn(|cx| {
             for poll in parked.iter().flatten() {
                 if poll.poll_news(cx).is_ready() {
@@ -365,17 +340,7 @@ pub async fn longpoll(
             () = gone => return Ok(None),
         }
     }
-    let mut answered = Vec::with_capacity(planned.len());
-    for (poll, batch) in parked.into_iter().zip(batches) {
-        answered.push(match (poll, batch) {
-            (_, Some(batch)) => batch,
-            (Some(poll), None) => match app.hub.unpark(poll, &client).await? {
-                Waited::Batch(batch) => batch,
-                Waited::Answered => unreachable!("no responder was given"),
-            },
-            (None, None) => Batch::default(),
-        });
-    }
+    let mut answered = unpark_all(app, parked, batches, &client).await?;
     if picked_up {
         // Topics a pattern picked up while the poll waited: read from their start (or from
         // where the cursor has them).
@@ -398,30 +363,68 @@ pub async fn longpoll(
     )))
 }
 
-/// The answer to a poll of a list, counted:
-/// `{"messages":[...],"next_after":"<cursor>","topics":{"a":{"last_id":N,...}},"more":true}`,
-/// where `topics` names the topics with messages in the answer or a signal.
-/// At most `limit` messages in all, the oldest first; each topic's cursor stops at the
-/// last of its messages the answer holds, so nothing left out is skipped.
-fn answer(
+/// Parks a long poll on each planned topic (each reads once, and again once followed): a
+/// topic with something to say now has its batch instead of a parked poll.
+async fn park_all(
     app: &TransportState,
-    transport: TransportKind,
+    planned: &[Planned],
+    limit: usize,
+    client: &str,
+) -> Result<(Vec<Option<ParkedPoll>>, Vec<Option<Batch>>), Error> {
+    let mut parked = Vec::with_capacity(planned.len());
+    let mut batches = Vec::with_capacity(planned.len());
+    for topic in planned {
+        let query = PollQuery {
+            topic: &topic.topic,
+            after: topic.after,
+            limit,
+            client,
+            transport: TransportKind::Longpoll,
+        };
+        match app.hub.park(query, None).await? {
+            Parking::Ready(batch) => {
+                batches.push(Some(batch));
+                parked.push(None);
+            }
+            Parking::Parked(poll) => {
+                batches.push(None);
+                parked.push(Some(poll));
+            }
+            Parking::Answered => unreachable!("no responder was given"),
+        }
+    }
+    Ok((parked, batches))
+}
+
+/// Each topic's batch: the one read at once, or what its parked poll reads now.
+async fn unpark_all(
+    app: &TransportState,
+    parked: Vec<Option<ParkedPoll>>,
+    batches: Vec<Option<Batch>>,
+    client: &str,
+) -> Result<Vec<Batch>, Error> {
+    let mut answered = Vec::with_capacity(batches.len());
+    for (poll, batch) in parked.into_iter().zip(batches) {
+        answered.push(match (poll, batch) {
+            (_, Some(batch)) => batch,
+            (Some(poll), None) => match app.hub.unpark(poll, client).await? {
+                Waited::Batch(batch) => batch,
+                Waited::Answered => unreachable!("no responder was given"),
+            },
+            (None, None) => Batch::default(),
+        });
+    }
+    Ok(answered)
+}
+
+/// Where each topic of a poll's answer stands (the cursor), and the `topics` object: the
+/// topics with messages in the answer (`all`, after the limit) or a signal.
+fn cursor_and_topics(
     planned: &[Planned],
     batches: &[Batch],
+    all: &[(usize, &Arc<Message>)],
     start: &Start,
-    limit: usize,
-) -> Vec<u8> {
-    let mut all: Vec<(usize, &Arc<Message>)> = batches
-        .iter()
-        .enumerate()
-        .flat_map(|(i, batch)| batch.messages.iter().map(move |m| (i, m)))
-        .collect();
-    let trimmed = all.len() > limit;
-    if trimmed {
-        all.sort_by_key(|(i, m)| (m.time, *i, m.id));
-        all.truncate(limit);
-        all.sort_by_key(|(i, m)| (*i, m.id));
-    }
+) -> (Cursor, Vec<u8>) {
     // The client's entries for topics a pattern picked up that are gone stay in the cursor
     // (as on streams), so such a topic resumes where it was if it comes back.
     let mut cursor = Cursor {
@@ -459,6 +462,37 @@ fn answer(
         topics.push(b'}');
     }
     topics.push(b'}');
+    // As on streams, a topic at 0 is left out (not named: from its start).
+    cursor.listed.retain(|&(_, id)| id > 0);
+    cursor.hashed.retain(|&(_, id)| id > 0);
+    (cursor, topics)
+}
+
+/// The answer to a poll of a list, counted:
+/// `{"messages":[...],"next_after":"<cursor>","topics":{"a":{"last_id":N,...}},"more":true}`,
+/// where `topics` names the topics with messages in the answer or a signal.
+/// At most `limit` messages in all, the oldest first; each topic's cursor stops at the
+/// last of its messages the answer holds, so nothing left out is skipped.
+fn answer(
+    app: &TransportState,
+    transport: TransportKind,
+    planned: &[Planned],
+    batches: &[Batch],
+    start: &Start,
+    limit: usize,
+) -> Vec<u8> {
+    let mut all: Vec<(usize, &Arc<Message>)> = batches
+        .iter()
+        .enumerate()
+        .flat_map(|(i, batch)| batch.messages.iter().map(move |m| (i, m)))
+        .collect();
+    let trimmed = all.len() > limit;
+    if trimmed {
+        all.sort_by_key(|(i, m)| (m.time, *i, m.id));
+        all.truncate(limit);
+        all.sort_by_key(|(i, m)| (*i, m.id));
+    }
+    let (cursor, topics) = cursor_and_topics(planned, batches, &all, start);
     let more = trimmed || batches.iter().any(|b| b.more);
     let mut body = Vec::with_capacity(
         96 + topics.len()

@@ -135,47 +135,8 @@ impl Session {
                 ack["type"] = json!("ack");
                 Ok(ack)
             }
-            "subscribe" => {
-                let name = command.required_string("topic")?;
-                if name.ends_with('*') {
-                    return self.subscribe_pattern(&name, &command, outlet).await;
-                }
-                let topic = TopicName::parse(&name)?;
-                self.access.check_subscribe(&topic)?;
-                let limit = self.app.settings.stream.max_subscriptions;
-                let following = self.subs.iter().any(|(t, _)| *t == topic);
-                if !following && self.subs.len() >= limit {
-                    return Err(Error::TooManySubscriptions { limit });
-                }
-                let after = command.cursor("after")?;
-                if let Some(previous) = self.forget(&topic) {
-                    outlet.unsubscribe(previous);
-                }
-                // The reply is queued before the sub reads anything: it precedes the topic's
-                // messages.
-                let sub = self.app.hub.subscribe(&topic, after, outlet).await?;
-                let cursor = outlet.cursor(sub).unwrap_or_default();
-                self.subs.push((topic.clone(), sub));
-                Ok(json!({"type": "subscribed", "topic": topic, "after": cursor}))
-            }
-            "unsubscribe" => {
-                let name = command.required_string("topic")?;
-                if let Some(prefix) = name.strip_suffix('*') {
-                    Selector::parse(&name)?;
-                    let was_subscribed = self.app.hub.unwatch_prefix(outlet, prefix);
-                    return Ok(
-                        json!({"type": "unsubscribed", "topic": name, "was_subscribed": was_subscribed}),
-                    );
-                }
-                let topic = TopicName::parse(&name)?;
-                let was_subscribed = match self.forget(&topic) {
-                    Some(sub) => outlet.unsubscribe(sub),
-                    None => false,
-                };
-                Ok(
-                    json!({"type": "unsubscribed", "topic": topic, "was_subscribed": was_subscribed}),
-                )
-            }
+            "subscribe" => self.subscribe(&command, outlet).await,
+            "unsubscribe" => self.unsubscribe(&command, outlet),
             "ping" => Ok(json!({"type": "pong"})),
             other => Err(Error::UnknownType(other.chars().take(64).collect())),
         }
@@ -183,6 +144,53 @@ impl Session {
 }
 
 impl Session {
+    /// `{"type":"subscribe","topic":"t","after":N}` (or a pattern: [`Session::subscribe_pattern`]).
+    async fn subscribe(
+        &mut self,
+        command: &Command<'_>,
+        outlet: &Arc<Outlet>,
+    ) -> Result<Value, Error> {
+        let name = command.required_string("topic")?;
+        if name.ends_with('*') {
+            return self.subscribe_pattern(&name, command, outlet).await;
+        }
+        let topic = TopicName::parse(&name)?;
+        self.access.check_subscribe(&topic)?;
+        let limit = self.app.settings.stream.max_subscriptions;
+        let following = self.subs.iter().any(|(t, _)| *t == topic);
+        if !following && self.subs.len() >= limit {
+            return Err(Error::TooManySubscriptions { limit });
+        }
+        let after = command.cursor("after")?;
+        if let Some(previous) = self.forget(&topic) {
+            outlet.unsubscribe(previous);
+        }
+        // The reply is queued before the sub reads anything: it precedes the topic's
+        // messages.
+        let sub = self.app.hub.subscribe(&topic, after, outlet).await?;
+        let cursor = outlet.cursor(sub).unwrap_or_default();
+        self.subs.push((topic.clone(), sub));
+        Ok(json!({"type": "subscribed", "topic": topic, "after": cursor}))
+    }
+
+    /// `{"type":"unsubscribe","topic":"t"}`, or a pattern (`news.*`): that pattern and the
+    /// topics only it picked up.
+    fn unsubscribe(&mut self, command: &Command<'_>, outlet: &Arc<Outlet>) -> Result<Value, Error> {
+        let name = command.required_string("topic")?;
+        let was_subscribed = match name.strip_suffix('*') {
+            Some(prefix) => {
+                Selector::parse(&name)?;
+                self.app.hub.unwatch_prefix(outlet, prefix)
+            }
+            None => {
+                let topic = TopicName::parse(&name)?;
+                self.forget(&topic)
+                    .is_some_and(|sub| outlet.unsubscribe(sub))
+            }
+        };
+        Ok(json!({"type": "unsubscribed", "topic": name, "was_subscribed": was_subscribed}))
+    }
+
     /// `{"type":"subscribe","topic":"news.*","after":...}`: every topic the pattern
     /// matches, and those created later, on this connection. `after` is absent (from now),
     /// `0` (every topic from its start) or a cursor string (the `cursor` of an earlier
