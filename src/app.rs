@@ -174,7 +174,8 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/topics/{topic}",
             get(topic_info).post(transport::publish::publish),
-        );
+        )
+        .route("/topics/{topic}/presence", get(presence));
     // A transport switched off is simply not routed: its URLs answer 404 like any unknown
     // path, and a client library falls back to the next transport.
     for kind in config.transports.iter().copied() {
@@ -309,6 +310,44 @@ async fn topic_info(
     let topic = transport::topic(&topic)?;
     access.check_subscribe(&topic)?;
     Ok(Json(app.transport.hub.info(&topic).await?))
+}
+
+/// Most members a presence list names when `limit` does not say.
+const PRESENCE_LIMIT: usize = 1000;
+/// Most members a presence list may be asked to name.
+const MAX_PRESENCE_LIMIT: usize = 10_000;
+
+/// `GET /topics/{topic}/presence`: the topic's named members on every node, oldest first, at
+/// most `limit` (`count` says how many there are).
+async fn presence(
+    State(app): State<AppState>,
+    access: Access,
+    Path(topic): Path<String>,
+    params: transport::Params<'static>,
+) -> Result<Json<serde_json::Value>, Error> {
+    let topic = transport::topic(&topic)?;
+    access.check_subscribe(&topic)?;
+    let limit = match params.get("limit") {
+        None => PRESENCE_LIMIT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=MAX_PRESENCE_LIMIT).contains(limit))
+            .ok_or_else(|| {
+                Error::param(
+                    "limit",
+                    format!("must be between 1 and {MAX_PRESENCE_LIMIT}"),
+                )
+            })?,
+    };
+    let mut members = app.transport.hub.presence(&topic).await?;
+    let count = members.len();
+    members.truncate(limit);
+    Ok(Json(serde_json::json!({
+        "topic": topic,
+        "count": count,
+        "members": members,
+    })))
 }
 
 impl std::fmt::Debug for App {

@@ -131,6 +131,7 @@ pub async fn serve(
             .run_sweeper(state.config.sweep_interval, stop.clone()),
     );
     tokio::spawn(state.transport.hub.clone().run_directory(stop.clone()));
+    tokio::spawn(state.transport.hub.clone().run_presence(stop.clone()));
     if state.transport.settings.durable.path.is_some() {
         tokio::spawn(
             state
@@ -158,5 +159,9 @@ pub async fn serve(
             });
         }
     };
-    server::serve_workers(listener, gate, tls, stopping).await
+    let hub = state.transport.hub.clone();
+    let served = server::serve_workers(listener, gate, tls, stopping).await;
+    // Bounded: a Redis that does not answer must not hold the exit.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), hub.leave_all()).await;
+    served
 }

@@ -148,6 +148,7 @@ const SECTIONS: &[(&str, &[Key])] = &[
             text("redis_mode"),
             int("redis_min_replicas"),
             text("redis_replica_timeout"),
+            text("node_name"),
         ],
     ),
 ];

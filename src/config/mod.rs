@@ -250,6 +250,11 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_REDIS_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub redis_replica_timeout: Duration,
 
+    /// This node's name in presence lists (`GET /topics/{t}/presence`): the host name and the
+    /// listen port when not given.
+    #[arg(long, env = "PUSHHUB_NODE_NAME", value_parser = parse_node_name)]
+    pub node_name: Option<String>,
+
     /// How long open streams get to close after a shutdown signal before the process exits.
     #[arg(long, env = "PUSHHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -347,6 +352,7 @@ impl Default for Config {
             fsync_window: Duration::ZERO,
             redis: None,
             redis_mode: RedisMode::Auto,
+            node_name: None,
             redis_min_replicas: 0,
             redis_replica_timeout: Duration::from_secs(1),
             ds_path: "/v1/stream".into(),
@@ -532,7 +538,29 @@ impl Config {
                 pong_timeout: self.ws_pong_timeout,
             },
             max_topics_per_connection: self.max_subscriptions_per_connection.max(1),
+            node_name: self.node_name(),
         }
+    }
+
+    /// `--node-name`, or the host's name and the listen port.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| crate::message::valid_name(name))
+                .unwrap_or_else(|| "pushhub".into());
+            format!("{host}:{}", self.listen.port())
+        })
+    }
+}
+
+/// A node name: the characters of a topic name (it is part of member ids, which `/` ends).
+fn parse_node_name(text: &str) -> Result<String, String> {
+    if crate::message::valid_name(text) {
+        Ok(text.to_owned())
+    } else {
+        Err("use 1-128 characters of A-Z a-z 0-9 . _ : -".into())
     }
 }
 

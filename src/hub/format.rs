@@ -65,6 +65,30 @@ impl Format {
         }
     }
 
+    /// A `presence` envelope (see [`crate::message::presence`]) in this format: an SSE event
+    /// named `presence` with no `id:` (it is not in the topic's history, so it leaves the
+    /// client's cursor where it is), an NDJSON line, a WebSocket text frame. `None` for
+    /// Durable Streams, whose protocol has no such event.
+    pub(super) fn presence(self, envelope: &[u8]) -> Option<Bytes> {
+        match self {
+            Format::Ws => Some(wire::ws_frame(wire::opcode::TEXT, envelope)),
+            Format::Sse | Format::SseChunked => {
+                let mut event = Vec::with_capacity(envelope.len() + 24);
+                event.extend_from_slice(b"event: presence\ndata: ");
+                event.extend_from_slice(envelope);
+                event.extend_from_slice(b"\n\n");
+                Some(self.body(&event))
+            }
+            Format::Ndjson => {
+                let mut line = Vec::with_capacity(envelope.len() + 1);
+                line.extend_from_slice(envelope);
+                line.push(b'\n');
+                Some(Bytes::from(line))
+            }
+            Format::DsSse | Format::DsSseChunked => None,
+        }
+    }
+
     /// What a stream sends once it knows where it starts, before any message: on SSE an
     /// `id:` line alone, which sets the browser's `EventSource.lastEventId` to the cursor
     /// without dispatching an event, so that a browser whose first connection drops before

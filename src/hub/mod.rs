@@ -16,6 +16,7 @@ mod multi;
 mod outlet;
 mod patterns;
 mod presence;
+mod roster;
 mod stats;
 mod tally;
 mod ticker;
@@ -45,6 +46,7 @@ pub use multi::Key;
 pub use outlet::{Action, CatchUp, End, Outlet, OutletGuard, SubId};
 pub use patterns::Watching;
 pub use presence::Subscribers;
+pub use roster::{FLUSH_EVERY, PollerHold, Presenter};
 pub use stats::{HubStats, TransportCounts};
 pub use waiter::{AnswerCache, Respond, Responded};
 
@@ -80,6 +82,8 @@ pub struct HubSettings {
     pub fanout: FanoutSettings,
     /// The most topics one connection follows through a topic list and its patterns.
     pub max_topics_per_connection: usize,
+    /// This node's name in presence lists.
+    pub node_name: String,
 }
 
 impl Default for HubSettings {
@@ -91,6 +95,7 @@ impl Default for HubSettings {
             slow_consumer: SlowConsumerPolicy::Resync,
             fanout: FanoutSettings::default(),
             max_topics_per_connection: 100,
+            node_name: "pushhub".into(),
         }
     }
 }
@@ -128,6 +133,8 @@ pub struct ParkedPoll {
     since: std::time::Instant,
     /// Who parked it: a long poll, or a Durable Streams read waiting.
     transport: TransportKind,
+    /// A named poller stays present while it is parked.
+    _held: Option<PollerHold>,
 }
 
 impl std::fmt::Debug for ParkedPoll {
@@ -198,6 +205,8 @@ pub struct PollQuery<'a> {
     pub limit: usize,
     /// Who is polling.
     pub client: &'a str,
+    /// The name it gave for presence (`client=` or its token's subject), if any.
+    pub name: Option<&'a str>,
     /// Through which transport.
     pub transport: TransportKind,
 }
@@ -215,6 +224,9 @@ pub struct Hub {
     /// Topics whose first message was published here, for [`Hub::run_directory`].
     created: tokio::sync::mpsc::UnboundedSender<TopicName>,
     created_here: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<TopicName>>>,
+    /// Named subscribers and presence watchers, per topic, and what is shared with other
+    /// nodes.
+    rolls: Arc<roster::Rolls>,
 }
 
 /// One active topic: its log and its live followers.
@@ -285,7 +297,13 @@ impl Hub {
     pub fn new(store: Arc<dyn Store>, settings: HubSettings) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
         let (created, created_here) = tokio::sync::mpsc::unbounded_channel();
+        let rolls = Arc::new(roster::Rolls::new(
+            &settings.node_name,
+            settings.poller_window,
+            |key| store.presence_board(key),
+        ));
         Arc::new(Self {
+            rolls,
             patterns: Arc::default(),
             created,
             created_here: Mutex::new(Some(created_here)),
@@ -355,11 +373,19 @@ impl Hub {
         after: Option<MessageId>,
         limit: usize,
         client: &str,
+        name: Option<&str>,
     ) -> Result<Batch, HubError> {
         let topic = self.topic(topic);
         topic
             .presence
             .touch(TransportKind::Poll, client, self.settings.poller_window);
+        if let Some(name) = name {
+            topic.presence.roster(&self.rolls, &topic.name).polled(
+                name,
+                TransportKind::Poll,
+                false,
+            );
+        }
         // A shared log answers reads near the head from what its subscription received; a
         // polled topic is followed like a streamed one.
         topic.follow().await;
@@ -392,12 +418,20 @@ impl Hub {
             after,
             limit,
             client,
+            name,
             transport,
         } = query;
         let topic = self.topic(topic);
         topic
             .presence
             .touch(transport, client, self.settings.poller_window);
+        // Held until the poll is answered: a long poller is not seen to leave while parked.
+        let held = name.and_then(|name| {
+            topic
+                .presence
+                .roster(&self.rolls, &topic.name)
+                .polled(name, transport, true)
+        });
         topic.follow().await;
         let (after, from_client) = match after {
             Some(after) => (after, true),
@@ -422,6 +456,7 @@ impl Hub {
             from_client,
             since: std::time::Instant::now(),
             transport,
+            _held: held,
         };
         let batch = parked.topic.read_batch(after, limit, from_client).await;
         // A writer may have answered the poll during that read (the fan-out answers parked
@@ -733,7 +768,17 @@ impl Hub {
     ) -> Result<SubId, HubError> {
         let topic = self.topic(topic);
         topic.follow().await;
-        let gauge = topic.presence.stream(outlet.transport());
+        let ticket = outlet.presenter().map(|presenter| {
+            topic.presence.roster(&self.rolls, &topic.name).enter(
+                &presenter,
+                outlet.transport(),
+                outlet,
+            )
+        });
+        let gauge = topic
+            .presence
+            .stream(outlet.transport())
+            .with_ticket(ticket);
         let sub = match outlet.add_sub(topic.clone(), gauge, key) {
             Ok(sub) => sub,
             Err(outlet::Refused::Following(sub)) => return Ok(sub),

@@ -154,6 +154,8 @@ struct State {
     finale: Option<Finale>,
     /// A connection that follows a request's topic list: how its cursor names each sub.
     book: Option<Box<Book>>,
+    /// Who the connection says it is, for presence ([`Outlet::present_as`]).
+    presenter: Option<Arc<super::Presenter>>,
 }
 
 /// The end of an outlet that waits for a sub to reach a message.
@@ -728,6 +730,17 @@ impl Outlet {
             state.busy = true;
             Self::wake(state);
         }
+    }
+
+    /// Names the connection for presence: the topics it subscribes to from now on list it
+    /// (when named) and send it their `presence` envelopes (when it asked for them).
+    pub fn present_as(&self, presenter: super::Presenter) {
+        self.lock().presenter = presenter.is_some().then(|| Arc::new(presenter));
+    }
+
+    /// Who the connection says it is, if it said.
+    pub(super) fn presenter(&self) -> Option<Arc<super::Presenter>> {
+        self.lock().presenter.clone()
     }
 
     /// Sends bytes that are not a message (a reply, a heartbeat, a handshake): written at

@@ -14,7 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::message::{PerTransport, TransportKind};
+use super::roster::{Rolls, Roster, Ticket};
+use crate::message::{PerTransport, TopicName, TransportKind};
 
 /// Subscriber counts of one topic, per transport: distinct short pollers seen within the
 /// poller window; distinct long pollers seen within the window, or parked now if more (also
@@ -38,6 +39,8 @@ pub(crate) struct Presence {
     ds_sse: Arc<AtomicUsize>,
     ds_parked: Arc<AtomicUsize>,
     ds_longpoll: PollerSet,
+    /// Named members and presence watchers, once the topic has one.
+    roster: std::sync::OnceLock<Arc<Roster>>,
 }
 
 #[derive(Default)]
@@ -77,14 +80,23 @@ impl PollerSet {
 
 /// Decrements a gauge when dropped, so a subscriber is uncounted however its task ends. A
 /// gauge without a counter counts nothing (a short poll held open, which no endpoint does).
+///
+/// A named subscriber's gauge also holds its [`Ticket`]: its place in the topic's roster,
+/// left when the gauge is dropped.
 #[derive(Debug)]
-pub(crate) struct Gauge(Option<Arc<AtomicUsize>>, TransportKind);
+pub(crate) struct Gauge(Option<Arc<AtomicUsize>>, TransportKind, Option<Box<Ticket>>);
 
 impl Gauge {
     fn hold(counter: &Arc<AtomicUsize>, transport: TransportKind) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         crate::telemetry::stream(transport, true);
-        Self(Some(counter.clone()), transport)
+        Self(Some(counter.clone()), transport, None)
+    }
+
+    /// The gauge, holding `ticket` too.
+    pub(crate) fn with_ticket(mut self, ticket: Option<Ticket>) -> Self {
+        self.2 = ticket.map(Box::new);
+        self
     }
 }
 
@@ -108,7 +120,7 @@ impl Presence {
             TransportKind::DsSse => Gauge::hold(&self.ds_sse, transport),
             TransportKind::DsLongpoll => Gauge::hold(&self.ds_parked, transport),
             // `Hub::outlet` takes any transport; a short poll held open is not counted.
-            TransportKind::Poll => Gauge(None, transport),
+            TransportKind::Poll => Gauge(None, transport, None),
         }
     }
 
@@ -145,8 +157,21 @@ impl Presence {
         })
     }
 
+    /// The topic's roster, made on first use.
+    pub(crate) fn roster(&self, rolls: &Arc<Rolls>, topic: &TopicName) -> &Arc<Roster> {
+        self.roster.get_or_init(|| rolls.roster(topic))
+    }
+
+    /// The topic's roster, if it has one.
+    pub(crate) fn roster_if_any(&self) -> Option<&Arc<Roster>> {
+        self.roster.get()
+    }
+
     /// No subscriber of any kind: the topic may be dropped once its history is gone.
     pub(crate) fn is_idle(&self, window: Duration) -> bool {
+        if self.roster.get().is_some_and(|roster| !roster.is_idle()) {
+            return false;
+        }
         let now = Instant::now();
         self.poll.prune(now, window);
         self.longpoll.prune(now, window);

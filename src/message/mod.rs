@@ -7,6 +7,7 @@
 
 pub mod cursor;
 pub mod pattern;
+pub mod presence;
 pub mod transport;
 pub mod wire;
 

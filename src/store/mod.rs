@@ -29,7 +29,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::broadcast;
 
-use crate::message::{EventName, Message, MessageId, Payload, TopicName};
+use crate::message::{EventName, Message, MessageId, Payload, TopicName, presence::Member};
 
 pub use disk::{DiskStore, FsyncPolicy};
 pub use memory::MemoryStore;
@@ -178,6 +178,77 @@ pub trait Store: Send + Sync + 'static {
     fn created_topics(&self) -> Option<broadcast::Receiver<TopicName>> {
         None
     }
+
+    /// The board on which the process with node key `node` shares presence with the other
+    /// processes of the store (`None`: nothing else shares it, presence stays local).
+    fn presence_board(&self, node: &str) -> Option<Arc<dyn PresenceBoard>> {
+        let _ = node;
+        None
+    }
+}
+
+/// What one node tells the board of one topic's presence after a flush.
+#[derive(Clone, Copy, Debug)]
+pub struct PresenceChange<'a> {
+    /// Members that joined here.
+    pub joins: &'a [Member],
+    /// Members that left here.
+    pub leaves: &'a [Member],
+    /// The `presence` envelope for the other nodes' watchers (`None`: tell nobody).
+    pub envelope: Option<&'a [u8]>,
+    /// No member of the topic is left on this node.
+    pub emptied: bool,
+}
+
+/// A `presence` envelope another node sent about a topic.
+#[derive(Clone, Debug)]
+pub struct RemotePresence {
+    /// The topic.
+    pub topic: TopicName,
+    /// The key of the node whose members it is about (a reaped node's, when a survivor
+    /// tells of its members' leaving).
+    pub origin: String,
+    /// The envelope, as its watchers receive it.
+    pub envelope: Bytes,
+}
+
+/// Presence shared by every node of a store: each node's members, which nodes are alive, and
+/// the envelopes the nodes send each other. A node that stops beating for
+/// [`PresenceBoard::NODE_TIMEOUT`] is declared dead by the first survivor to notice, which
+/// removes its members and tells their leaving.
+pub trait PresenceBoard: Send + Sync + 'static {
+    /// Records one topic's changes on this node and sends the envelope to the other nodes.
+    fn write<'a>(
+        &'a self,
+        topic: &'a TopicName,
+        change: PresenceChange<'a>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Replaces everything recorded for this node with `members` (per topic), after writes
+    /// were lost (the store was away, or declared this node dead while it stalled).
+    fn resync<'a>(
+        &'a self,
+        members: &'a [(TopicName, Vec<Member>)],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The members of `topic` on every live node.
+    fn list<'a>(&'a self, topic: &'a TopicName) -> BoxFuture<'a, Result<Vec<Member>, StoreError>>;
+
+    /// Says this node is alive, and reaps the nodes that stopped. `Ok(true)`: the board did
+    /// not know this node (its first beat, or it was declared dead): what it holds must be
+    /// [`PresenceBoard::resync`]ed.
+    fn beat(&self) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Envelopes from the other nodes, for topics followed here.
+    fn remote(&self) -> broadcast::Receiver<RemotePresence>;
+}
+
+impl dyn PresenceBoard {
+    /// How often a node beats.
+    pub const BEAT_EVERY: Duration = Duration::from_secs(1);
+    /// How long a node may go without beating before it is declared dead: its members leave
+    /// within this plus one beat.
+    pub const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 }
 
 /// One topic's history and id counter.

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     error::Error,
-    hub::{End, Format, Native, Outlet, OutletGuard},
+    hub::{End, Format, Native, Outlet, OutletGuard, Presenter},
     message::{MessageId, TopicName, pattern::Selection, wire},
 };
 
@@ -118,14 +118,14 @@ pub enum Follow<'a> {
 }
 
 /// Creates the stream's outlet on `wire`, queues its head and `hello`, and subscribes it to
-/// what it follows until `expires`. The request was checked by the transport (permission,
-/// cursor) before.
+/// what it follows until `expires`, as `presenter` says who it is. The request was checked
+/// by the transport (permission, cursor) before.
 pub async fn open(
     app: &TransportState,
     follow: Follow<'_>,
     wire: Wire,
     hello: Option<&[u8]>,
-    expires: Option<Instant>,
+    (expires, presenter): (Option<Instant>, Presenter),
 ) -> Result<Opened, Error> {
     let Wire {
         socket,
@@ -138,6 +138,7 @@ pub async fn open(
             .hub
             .listed_outlet(socket, format, listed::carried(start)),
     };
+    outlet.present_as(presenter);
     if let Some(head) = head {
         outlet.push(Bytes::from(head));
     }

@@ -271,12 +271,13 @@ pub async fn poll(
     })?;
     let limit = params.limit(&app.settings.poll)?;
     let client = params.client()?;
+    let name = params.presenter(access)?.client;
     let planned = plan(app, &selection, &start, None).await?;
     let mut batches = Vec::with_capacity(planned.len());
     for topic in &planned {
         let batch = app
             .hub
-            .poll(&topic.topic, topic.after, limit, &client)
+            .poll(&topic.topic, topic.after, limit, &client, name.as_deref())
             .await?;
         batches.push(batch);
     }
@@ -307,6 +308,7 @@ pub async fn longpoll(
     let limit = params.limit(&app.settings.poll)?;
     let timeout = params.timeout(&app.settings.poll)?;
     let client = params.client()?.into_owned();
+    let name = params.presenter(access)?.client;
     let _place = app
         .parked_longpolls
         .clone()
@@ -321,7 +323,7 @@ pub async fn longpoll(
     });
     let _watching = app.hub.watch_prefixes(prefixes, &created);
     let mut planned = plan(app, &selection, &start, None).await?;
-    let (parked, batches) = park_all(app, &planned, limit, &client).await?;
+    let (parked, batches) = park_all(app, &planned, limit, (&client, name.as_deref())).await?;
     let mut picked_up = false;
     if batches.iter().all(Option::is_none) {
         let news = std::future::poll_fn(|cx| {
@@ -349,7 +351,11 @@ pub async fn longpoll(
                 continue;
             }
             let after = topic.after.or(Some(0));
-            answered.push(app.hub.poll(&topic.topic, after, limit, &client).await?);
+            answered.push(
+                app.hub
+                    .poll(&topic.topic, after, limit, &client, name.as_deref())
+                    .await?,
+            );
             planned.push(Planned { after, ..topic });
         }
     }
@@ -369,7 +375,7 @@ async fn park_all(
     app: &TransportState,
     planned: &[Planned],
     limit: usize,
-    client: &str,
+    (client, name): (&str, Option<&str>),
 ) -> Result<(Vec<Option<ParkedPoll>>, Vec<Option<Batch>>), Error> {
     let mut parked = Vec::with_capacity(planned.len());
     let mut batches = Vec::with_capacity(planned.len());
@@ -379,6 +385,7 @@ async fn park_all(
             after: topic.after,
             limit,
             client,
+            name,
             transport: TransportKind::Longpoll,
         };
         match app.hub.park(query, None).await? {

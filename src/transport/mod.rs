@@ -49,6 +49,8 @@ use crate::{
 };
 use settings::PollSettings;
 
+use crate::hub::Presenter;
+
 /// What a call started, to run once the request's future is gone: all such a connection
 /// holds while it lasts.
 #[derive(Debug)]
@@ -267,6 +269,31 @@ impl<'a> Params<'a> {
             ));
         }
         Ok(timeout)
+    }
+
+    /// Who the client says it is, for presence: its token's subject, else `client=` (without
+    /// a token a client names itself), and whether it asked for its topics' `presence`
+    /// envelopes (`presence=1`).
+    pub fn presenter(&self, access: &crate::access::Access) -> Result<Presenter, Error> {
+        let client = match access.subject() {
+            Some(subject) => Some(subject.into()),
+            None => match self.get("client") {
+                Some(id) if crate::message::valid_name(&id) => Some(id.as_ref().into()),
+                Some(_) => {
+                    return Err(Error::param(
+                        "client",
+                        "use 1-128 characters of A-Z a-z 0-9 . _ : -",
+                    ));
+                }
+                None => None,
+            },
+        };
+        let events = match self.get("presence").as_deref() {
+            None | Some("0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(_) => return Err(Error::param("presence", "must be 1 or 0")),
+        };
+        Ok(Presenter { client, events })
     }
 
     /// Who is polling, for subscriber counts: the `client` parameter when given (a client

@@ -75,17 +75,25 @@ pub async fn open(
     wire: Wire,
 ) -> Result<Opened, Error> {
     let expires = access.expires_at();
+    let presenter = params.presenter(access)?;
     if listed::is_list(topic) {
         let (selection, start) = listed::check(app, access, topic, |limit| {
             Start::from_params(params, limit)
         })?;
         let follow = Follow::Listed(&selection, &start);
-        return body::open(app, follow, wire, None, expires).await;
+        return body::open(app, follow, wire, None, (expires, presenter)).await;
     }
     let topic = super::topic(topic)?;
     access.check_subscribe(&topic)?;
     let after = params.after()?;
-    body::open(app, Follow::One(&topic, after), wire, None, expires).await
+    body::open(
+        app,
+        Follow::One(&topic, after),
+        wire,
+        None,
+        (expires, presenter),
+    )
+    .await
 }
 
 /// The stream through axum (HTTP/2, or a connection hyper serves).

@@ -39,6 +39,8 @@ pub struct PollRequest {
     pub limit: usize,
     /// Who is polling, for subscriber counts.
     pub client: String,
+    /// The name it gave for presence, if any.
+    pub name: Option<Box<str>>,
 }
 
 impl PollRequest {
@@ -49,17 +51,24 @@ impl PollRequest {
             after: self.after,
             limit: self.limit,
             client: &self.client,
+            name: self.name.as_deref(),
             transport,
         }
     }
 
     /// Validates the path and the shared query parameters.
-    pub fn parse(topic: &str, params: &Params, settings: &PollSettings) -> Result<Self, Error> {
+    pub fn parse(
+        topic: &str,
+        params: &Params,
+        settings: &PollSettings,
+        access: &Access,
+    ) -> Result<Self, Error> {
         Ok(Self {
             topic: super::topic(topic)?,
             after: params.after()?,
             limit: params.limit(settings)?,
             client: params.client()?.into_owned(),
+            name: params.presenter(access)?.client,
         })
     }
 }
@@ -95,7 +104,7 @@ pub async fn answer(
     if super::listed::is_list(topic) {
         return super::listed::poll(app, access, topic, params).await;
     }
-    let request = PollRequest::parse(topic, params, &app.settings.poll)?;
+    let request = PollRequest::parse(topic, params, &app.settings.poll, access)?;
     access.check_subscribe(&request.topic)?;
     let batch = app
         .hub
@@ -104,6 +113,7 @@ pub async fn answer(
             request.after,
             request.limit,
             &request.client,
+            request.name.as_deref(),
         )
         .await?;
     Ok(encode_batch(app, TransportKind::Poll, &batch))

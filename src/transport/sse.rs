@@ -89,19 +89,27 @@ pub async fn open(
     let hello = format!("retry: {}\n\n", app.settings.stream.sse_retry.as_millis());
     let hello = Some(hello.as_bytes());
     let expires = access.expires_at();
+    let presenter = params.presenter(access)?;
     if listed::is_list(topic) {
         let (selection, start) = listed::check(app, access, topic, |limit| {
             Start::from_sse(headers, params, limit)
         })?;
         let follow = Follow::Listed(&selection, &start);
-        return body::open(app, follow, wire, hello, expires).await;
+        return body::open(app, follow, wire, hello, (expires, presenter)).await;
     }
     let topic = super::topic(topic)?;
     access.check_subscribe(&topic)?;
     // A browser reconnecting sends the URL it first used plus the id it last saw: the
     // header is the newer of the two.
     let after = super::sse_cursor(headers, params)?;
-    body::open(app, Follow::One(&topic, after), wire, hello, expires).await
+    body::open(
+        app,
+        Follow::One(&topic, after),
+        wire,
+        hello,
+        (expires, presenter),
+    )
+    .await
 }
 
 /// The stream through axum (HTTP/2, or a connection hyper serves).

@@ -425,6 +425,7 @@ mod tests {
             peer: None,
             socket: None,
             head: Bytes::new(),
+            presenter: Default::default(),
         };
         let opened = ws::open(state, start).await.unwrap();
         let state = state.clone();
@@ -500,9 +501,15 @@ mod tests {
     ) -> (tokio::task::JoinHandle<Finish>, DuplexStream) {
         let (client, server) = tokio::io::duplex(buffer);
         let wire = Wire::hyper(Native::Sse);
-        let mut opened = body::open(state, body::Follow::One(&topic(), None), wire, None, None)
-            .await
-            .unwrap();
+        let mut opened = body::open(
+            state,
+            body::Follow::One(&topic(), None),
+            wire,
+            None,
+            (None, Default::default()),
+        )
+        .await
+        .unwrap();
         let stream = tokio::spawn(async move {
             let mut io = Io::Other(Box::new(server));
             let settings = Settings {
@@ -597,9 +604,15 @@ mod tests {
             format: Native::Sse,
             head: None,
         };
-        let opened = body::open(&state, body::Follow::One(&topic(), None), wire, None, None)
-            .await
-            .unwrap();
+        let opened = body::open(
+            &state,
+            body::Follow::One(&topic(), None),
+            wire,
+            None,
+            (None, Default::default()),
+        )
+        .await
+        .unwrap();
         // The connection's task does what its outlet asks (its start, the opening `id:`
         // line) until nothing is left, as its loop does; from then on no task of the
         // connection runs.

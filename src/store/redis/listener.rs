@@ -18,7 +18,7 @@ use bytes::Bytes;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::super::{Live, StoreError};
+use super::super::{Live, RemotePresence, StoreError};
 use super::{
     COMMAND_TIMEOUT, Shared,
     connection::Connection,
@@ -53,6 +53,14 @@ struct Confirmed {
     /// The topic's newest id once subscribed: where a replay after a loss starts.
     head: MessageId,
     subscribed: oneshot::Sender<()>,
+}
+
+/// Where the listener sends what is not a topic's message.
+pub(super) struct Feeds {
+    /// Names of topics created on any node.
+    pub(super) created: broadcast::Sender<TopicName>,
+    /// Presence envelopes from other nodes.
+    pub(super) presence: broadcast::Sender<RemotePresence>,
 }
 
 /// A change to what the listener follows.
@@ -123,6 +131,8 @@ pub(super) struct Listener {
     shared: std::sync::Weak<Shared>,
     topics: HashMap<TopicName, Followed>,
     created: broadcast::Sender<TopicName>,
+    /// Where presence envelopes from other nodes go.
+    presence: broadcast::Sender<RemotePresence>,
     /// Until when live topics are checked against their logs (after a disconnection).
     probation: Option<tokio::time::Instant>,
 }
@@ -134,13 +144,14 @@ impl Listener {
         pushes: mpsc::UnboundedReceiver<PushInfo>,
         shared: std::sync::Weak<Shared>,
         follows: mpsc::UnboundedReceiver<Follow>,
-        created: broadcast::Sender<TopicName>,
+        feeds: Feeds,
     ) {
         let listener = Listener {
             subscriber,
             shared,
             topics: HashMap::new(),
-            created,
+            created: feeds.created,
+            presence: feeds.presence,
             probation: None,
         };
         tokio::spawn(listener.run(follows, pushes));
@@ -336,6 +347,10 @@ impl Listener {
         };
         if payload == STATE_NOTICE {
             followed.live.state_changed();
+            return;
+        }
+        if let Some(remote) = super::presence::parse_payload(&topic, payload) {
+            let _ = self.presence.send(remote);
             return;
         }
         let message = match decode_member(&topic, Bytes::copy_from_slice(payload)) {

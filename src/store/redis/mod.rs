@@ -30,6 +30,7 @@ mod batch;
 mod connection;
 mod keys;
 mod listener;
+mod presence;
 mod tail;
 
 use std::{
@@ -80,6 +81,8 @@ fn evalsha(script: &Script, keys: &[String]) -> Cmd {
 pub struct RedisStore {
     shared: Arc<Shared>,
     created: broadcast::Sender<TopicName>,
+    /// Presence envelopes other nodes sent, for the board.
+    presence: broadcast::Sender<super::RemotePresence>,
 }
 
 struct Shared {
@@ -441,14 +444,22 @@ impl RedisStore {
             listener,
         });
         let (created, _) = broadcast::channel(1024);
+        let (presence, _) = broadcast::channel(1024);
         Listener::spawn(
             links.subscriber,
             links.pushes,
             Arc::downgrade(&shared),
             follows,
-            created.clone(),
+            listener::Feeds {
+                created: created.clone(),
+                presence: presence.clone(),
+            },
         );
-        Ok(Self { shared, created })
+        Ok(Self {
+            shared,
+            created,
+            presence,
+        })
     }
 
     /// Names of topics as their first message is stored, by any node: how a node learns of
@@ -491,6 +502,14 @@ impl Store for RedisStore {
 
     fn created_topics(&self) -> Option<broadcast::Receiver<TopicName>> {
         Some(self.created.subscribe())
+    }
+
+    fn presence_board(&self, node: &str) -> Option<Arc<dyn super::PresenceBoard>> {
+        Some(Arc::new(presence::RedisBoard {
+            shared: self.shared.clone(),
+            node: node.to_owned(),
+            feed: self.presence.clone(),
+        }))
     }
 
     fn open(&self, topic: &TopicName, live: Arc<dyn Live>) -> Arc<dyn TopicLog> {

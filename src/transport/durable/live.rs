@@ -246,6 +246,7 @@ async fn wait(
         after: Some(after),
         limit: 1,
         client,
+        name: None,
         transport: TransportKind::DsLongpoll,
     };
     let parked = match app.hub.park(query, None).await? {

@@ -72,7 +72,7 @@ pub fn prepare(
     topic: &str,
     params: &Params<'_>,
 ) -> Result<Prepared, Error> {
-    let request = PollRequest::parse(topic, params, &app.settings.poll)?;
+    let request = PollRequest::parse(topic, params, &app.settings.poll, access)?;
     access.check_subscribe(&request.topic)?;
     let timeout = params.timeout(&app.settings.poll)?;
     let place = app

@@ -40,7 +40,7 @@ use super::{
 use crate::{
     access::{Access, HeaderSource, origin::WebSocketOrigin},
     error::Error,
-    hub::{Native, OutletGuard},
+    hub::{Native, OutletGuard, Presenter},
     message::{TopicName, TransportKind, pattern::Selection},
     transport::TransportState,
 };
@@ -107,7 +107,7 @@ pub fn check(
     topic: Option<&str>,
     params: &Params,
     headers: &dyn HeaderSource,
-) -> Result<(String, Option<Home>), Error> {
+) -> Result<(String, Option<Home>, Presenter), Error> {
     let home = match topic {
         Some(list) if listed::is_list(list) => {
             let (selection, start) = listed::check(app, access, list, |limit| {
@@ -122,7 +122,8 @@ pub fn check(
         }
         None => None,
     };
-    Ok((accept_key(headers)?, home))
+    let presenter = params.presenter(access)?;
+    Ok((accept_key(headers)?, home, presenter))
 }
 
 /// What a checked handshake opens a session with.
@@ -138,6 +139,8 @@ pub struct Start {
     pub socket: Option<Arc<TcpStream>>,
     /// The `101` answer, when this server writes it (raw path); empty otherwise.
     pub head: Bytes,
+    /// Who the client says it is, for presence.
+    pub presenter: Presenter,
 }
 
 /// Opens the session of a checked handshake: the outlet (with the `101` answer queued
@@ -150,6 +153,7 @@ pub async fn open(app: &TransportState, start: Start) -> Result<Opened, Error> {
         peer,
         socket,
         head,
+        presenter,
     } = start;
     let outlet = match &home {
         Some(Home::Listed(_, start)) => {
@@ -158,6 +162,7 @@ pub async fn open(app: &TransportState, start: Start) -> Result<Opened, Error> {
         }
         _ => app.hub.outlet(socket, Native::Ws),
     };
+    outlet.present_as(presenter);
     if !head.is_empty() {
         outlet.push(head);
     }
@@ -192,7 +197,7 @@ pub async fn open(app: &TransportState, start: Start) -> Result<Opened, Error> {
 pub async fn serve(call: Call<'_>, io: &mut Io) -> CallNext {
     let topic = (!call.topic().is_empty()).then_some(call.topic());
     let checked = check(call.state, &call.access, topic, &call.params(), &call.head);
-    let (accept, home) = match checked {
+    let (accept, home, presenter) = match checked {
         Ok(checked) => checked,
         Err(error) => return call.refuse(io, &error).await,
     };
@@ -211,6 +216,7 @@ pub async fn serve(call: Call<'_>, io: &mut Io) -> CallNext {
         peer: Some(call.peer.ip()),
         socket: io.shared_socket(),
         head: Bytes::from(switching),
+        presenter,
     };
     match open(call.state, session).await {
         Ok(opened) => {
@@ -340,7 +346,7 @@ async fn upgrade(
     mut request: Request,
 ) -> Result<Response, Error> {
     let headers: &HeaderMap = request.headers();
-    let (accept, home) = check(&app, &access, topic, &params, headers)?;
+    let (accept, home, presenter) = check(&app, &access, topic, &params, headers)?;
     let on_upgrade = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
@@ -380,6 +386,7 @@ async fn upgrade(
                     peer,
                     socket,
                     head: Bytes::new(),
+                    presenter,
                 };
                 open(&app, start).await
             }
