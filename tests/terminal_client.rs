@@ -372,3 +372,58 @@ fn sub_follows_a_topic_list_and_resumes_it_from_the_cursor_it_prints() {
         );
     }
 }
+
+#[test]
+fn sub_names_itself_and_prints_who_joins_with_presence() {
+    let server = spawn_binary(&[], &[]);
+    let url = format!("http://{}", server.addr);
+    let mut watcher = spawn_sub(&[
+        "sub",
+        "lobby",
+        "--transport",
+        "stream",
+        "--client",
+        "tess",
+        "--presence",
+        "--url",
+        &url,
+    ]);
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let mut next =
+        || -> Value { serde_json::from_str(&lines.next().expect("sub ended").unwrap()).unwrap() };
+    // Its own join first, then another named subscriber's.
+    let own = next();
+    assert_eq!(
+        (own["type"].as_str(), own["joins"][0]["client"].as_str()),
+        (Some("presence"), Some("tess"))
+    );
+    let (status, list) = {
+        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+        write!(
+            stream,
+            "GET /topics/lobby/presence HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_owned(), body.to_owned())
+    };
+    assert!(status.contains("200"), "{status}");
+    assert!(list.contains(r#""client":"tess""#), "{list}");
+    let mut other = spawn_sub(&["sub", "lobby", "--client", "uma", "--url", &url]);
+    let joined = next();
+    assert_eq!(joined["joins"][0]["client"], "uma");
+    assert_eq!(joined["joins"][0]["transport"], "sse");
+    other.kill().unwrap();
+    other.wait().unwrap();
+    let left = next();
+    assert_eq!(left["leaves"][0]["client"], "uma");
+    let (code, _, stderr) = pushhub(
+        &["sub", "lobby", "--client", "no spaces", "--url", &url],
+        "",
+    );
+    assert_eq!(code, 2, "{stderr}");
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+}

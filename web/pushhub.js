@@ -18,6 +18,12 @@
 //
 // `cursor` is then a ListCursor: one id per topic, sent as the list's cursor string
 // (docs/api.md, "The cursor of a list").
+//
+// Presence: name the subscriber and listen for who joins and leaves (streams; docs/api.md,
+// "Presence"):
+//
+//   const room = connect({ topic: "room", transport: "sse", client: "ann", presence: true });
+//   room.on("presence", (diff) => console.log(diff.joins, diff.leaves));
 
 /** Fallback order of `transport: "auto"`. */
 export const TRANSPORTS = ["ws", "sse", "stream", "longpoll", "poll"];
@@ -173,11 +179,14 @@ export class Subscription {
    * @param {number} [o.longPollTimeout=25]  seconds a long poll may be held
    * @param {string[]} [o.events=["message"]]  SSE event names to listen for
    * @param {{initial:number,max:number}} [o.backoff]  reconnect delays in ms
+   * @param {string} [o.client]  the name to be listed under in the topic's presence (a
+   *   token's subject wins); without it the subscriber is anonymous (counted, not listed)
+   * @param {boolean} [o.presence=false]  receive the topics' presence envelopes (streams)
    * @param {object} [o.env]  fetch, WebSocket, EventSource, setTimeout, clearTimeout, now, random
    */
   constructor({
     base = "", topic, transport = "auto", after, pollInterval = 1000, longPollTimeout = 25,
-    events = ["message"], backoff = { initial: 500, max: 10000 }, client, env = {},
+    events = ["message"], backoff = { initial: 500, max: 10000 }, client, presence = false, env = {},
   }) {
     if (!topic) throw new Error("pushhub: topic is required");
     const g = globalThis;
@@ -199,7 +208,9 @@ export class Subscription {
     this.longPollTimeout = longPollTimeout;
     this.events = events;
     this.backoff = backoff;
-    this.client = client ?? `c${Math.floor(this.env.random() * 1e12).toString(36)}`;
+    /** The presence name, or null (anonymous). */
+    this.client = client ?? null;
+    this.presence = presence;
     /** Id of the last message delivered (a ListCursor for a list); null until known. */
     this.cursor = after === undefined || after === null ? null
       : this.list ? (after === 0 || after === "0" ? new ListCursor(this.list) : ListCursor.decode(this.list, after))
@@ -209,7 +220,7 @@ export class Subscription {
     this.transport = this.auto ? TRANSPORTS[0] : transport;
     /** Counters: messages, duplicates dropped, requests, bytes received, latency samples. */
     this.stats = { messages: 0, duplicates: 0, requests: 0, bytes: 0, signals: 0, latencies: [] };
-    this.listeners = { message: [], status: [], signal: [] };
+    this.listeners = { message: [], status: [], signal: [], presence: [] };
     this.attempt = 0;
     this.generation = 0;
     this.closed = false;
@@ -219,7 +230,8 @@ export class Subscription {
     Promise.resolve().then(() => this.start());
   }
 
-  /** Adds a listener for "message" (envelope), "status" ({state, transport, ...}) or "signal". */
+  /** Adds a listener for "message" (envelope), "status" ({state, transport, ...}), "signal",
+   * or "presence" ({topic, joins, leaves[, overflow]}). */
   on(event, listener) {
     if (!this.listeners[event]) throw new Error(`pushhub: unknown event ${event}`);
     this.listeners[event].push(listener);
@@ -288,9 +300,11 @@ export class Subscription {
     return `${this.base}${path}`;
   }
 
-  /** The cursor as `?after=` takes it. */
+  /** The cursor as `?after=` takes it, with the presence parameters. */
   after() {
-    return this.list ? this.cursor.encode() : `${this.cursor}`;
+    const cursor = this.list ? this.cursor.encode() : `${this.cursor}`;
+    const name = this.client === null ? "" : `&client=${encodeURIComponent(this.client)}`;
+    return `${cursor}${name}${this.presence ? "&presence=1" : ""}`;
   }
 
   /** Takes the cursor a list's stream opened with, or a poll of a list answered. */
@@ -377,6 +391,7 @@ function openWebSocket(sub, generation) {
     if (frame.type === undefined) sub.deliver(frame, generation);
     else if (isSignal(frame)) sub.signal(frame, generation);
     else if (frame.type === "cursor") sub.adopt(frame.cursor, generation);
+    else if (frame.type === "presence") sub.emit("presence", frame);
   };
   socket.onclose = (event) => sub.failed(generation, `closed (${event?.code ?? "?"})`, open);
   return () => {
@@ -402,6 +417,10 @@ function openEventSource(sub, generation) {
   for (const name of sub.events) source.addEventListener(name, onMessage);
   source.addEventListener("truncated", onSignal);
   source.addEventListener("reset", onSignal);
+  source.addEventListener("presence", (event) => {
+    sub.stats.bytes += frameBytes(event);
+    sub.emit("presence", JSON.parse(event.data));
+  });
   source.onopen = () => { open = true; sub.opened(generation); };
   // EventSource would reconnect by itself with Last-Event-ID; we close it and reconnect with
   // ?after=cursor instead, so that backoff, fallback and switchTo all follow one cursor.
@@ -451,6 +470,7 @@ function openStream(sub, generation) {
           if (frame.type === undefined) sub.deliver(frame, generation);
           else if (isSignal(frame)) sub.signal(frame, generation);
           else if (frame.type === "cursor") sub.adopt(frame.cursor, generation);
+          else if (frame.type === "presence") sub.emit("presence", frame);
           if (!live()) return;
         }
       }
@@ -478,8 +498,8 @@ function openPolling(sub, generation) {
       // The first long poll of a connection is answered at once (timeout=0): it proves the
       // transport works, so "open" is reported now and not after the first hold.
       const query = kind === "longpoll"
-        ? `after=${sub.after()}&timeout=${open ? sub.longPollTimeout : 0}&client=${sub.client}`
-        : `after=${sub.after()}&client=${sub.client}`;
+        ? `after=${sub.after()}&timeout=${open ? sub.longPollTimeout : 0}`
+        : `after=${sub.after()}`;
       let response;
       let text;
       try {

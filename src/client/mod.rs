@@ -64,6 +64,12 @@ pub struct SubArgs {
     /// How often `--transport poll` asks.
     #[arg(long, default_value = "1s", value_parser = crate::config::parse_duration)]
     pub interval: std::time::Duration,
+    /// The name to appear under in the topics' presence lists (a token's subject wins).
+    #[arg(long, value_parser = crate::config::parse_name)]
+    pub client: Option<String>,
+    /// Also print the topics' `presence` envelopes (who joins and leaves; streams only).
+    #[arg(long)]
+    pub presence: bool,
     /// The server, and the token.
     #[command(flatten)]
     pub server: Server,

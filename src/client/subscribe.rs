@@ -103,6 +103,8 @@ struct Printed {
     resume: Resume,
     /// Envelopes still wanted (`--count`).
     left: Option<u64>,
+    /// The presence parameters every request carries (`client=`, `presence=1`).
+    presence: String,
 }
 
 impl Printed {
@@ -151,10 +153,28 @@ impl Printed {
 
     /// `?after=N` (or a list's cursor), or nothing (from now).
     fn query(&self) -> String {
-        self.resume
+        let after = self
+            .resume
             .text()
-            .map_or_else(String::new, |after| format!("after={after}"))
+            .map_or_else(String::new, |after| format!("after={after}"));
+        match (after.is_empty(), self.presence.is_empty()) {
+            (_, true) => after,
+            (true, false) => self.presence.clone(),
+            (false, false) => format!("{after}&{}", self.presence),
+        }
     }
+}
+
+/// `client=NAME&presence=1`, as `--client` and `--presence` ask.
+fn presence_query(args: &SubArgs) -> String {
+    let mut query = Vec::new();
+    if let Some(client) = &args.client {
+        query.push(format!("client={client}"));
+    }
+    if args.presence {
+        query.push("presence=1".to_owned());
+    }
+    query.join("&")
 }
 
 /// Follows `args.topic` until stdout closes or Ctrl-C; a refusal ends it with the error.
@@ -162,6 +182,7 @@ pub async fn subscribe(args: SubArgs) -> Result<(), ClientError> {
     let mut printed = Printed {
         resume: Resume::new(&args.topic, args.after.as_deref())?,
         left: args.count,
+        presence: presence_query(&args),
     };
     if args.count == Some(0) {
         return Ok(());

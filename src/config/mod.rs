@@ -252,7 +252,7 @@ pub struct Config {
 
     /// This node's name in presence lists (`GET /topics/{t}/presence`): the host name and the
     /// listen port when not given.
-    #[arg(long, env = "PUSHHUB_NODE_NAME", value_parser = parse_node_name)]
+    #[arg(long, env = "PUSHHUB_NODE_NAME", value_parser = parse_name)]
     pub node_name: Option<String>,
 
     /// How long open streams get to close after a shutdown signal before the process exits.
@@ -555,8 +555,9 @@ impl Config {
     }
 }
 
-/// A node name: the characters of a topic name (it is part of member ids, which `/` ends).
-fn parse_node_name(text: &str) -> Result<String, String> {
+/// A node's or a client's name: the characters of a topic name (a node's is part of member
+/// ids, which `/` ends).
+pub fn parse_name(text: &str) -> Result<String, String> {
     if crate::message::valid_name(text) {
         Ok(text.to_owned())
     } else {

@@ -133,8 +133,6 @@ pub struct ParkedPoll {
     since: std::time::Instant,
     /// Who parked it: a long poll, or a Durable Streams read waiting.
     transport: TransportKind,
-    /// A named poller stays present while it is parked.
-    _held: Option<PollerHold>,
 }
 
 impl std::fmt::Debug for ParkedPoll {
@@ -456,7 +454,6 @@ impl Hub {
             from_client,
             since: std::time::Instant::now(),
             transport,
-            _held: held,
         };
         let batch = parked.topic.read_batch(after, limit, from_client).await;
         // A writer may have answered the poll during that read (the fan-out answers parked
@@ -468,7 +465,12 @@ impl Hub {
                 Outcome::Waiting | Outcome::News => batch.map(Parking::Ready),
             };
         }
-        parked.waiter.count(parked.topic.presence.stream(transport));
+        // The gauge holds the named poller's hold from here (the waiter is on the heap; the
+        // parked poll's size is per connection).
+        let gauge = parked.topic.presence.stream(transport);
+        parked
+            .waiter
+            .count(gauge.with_pass(held.map(roster::Pass::Poller)));
         Ok(Parking::Parked(parked))
     }
 
@@ -778,7 +780,7 @@ impl Hub {
         let gauge = topic
             .presence
             .stream(outlet.transport())
-            .with_ticket(ticket);
+            .with_pass(ticket.map(roster::Pass::Member));
         let sub = match outlet.add_sub(topic.clone(), gauge, key) {
             Ok(sub) => sub,
             Err(outlet::Refused::Following(sub)) => return Ok(sub),

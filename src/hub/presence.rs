@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::roster::{Rolls, Roster, Ticket};
+use super::roster::{Pass, Rolls, Roster};
 use crate::message::{PerTransport, TopicName, TransportKind};
 
 /// Subscriber counts of one topic, per transport: distinct short pollers seen within the
@@ -81,31 +81,55 @@ impl PollerSet {
 /// Decrements a gauge when dropped, so a subscriber is uncounted however its task ends. A
 /// gauge without a counter counts nothing (a short poll held open, which no endpoint does).
 ///
-/// A named subscriber's gauge also holds its [`Ticket`]: its place in the topic's roster,
-/// left when the gauge is dropped.
+/// A named subscriber's gauge also holds its [`Pass`] (its place in the topic's roster, left
+/// when the gauge is dropped), and a named long poller's the hold that keeps it present while
+/// parked. It is boxed, so that every other subscription's gauge stays two words (a
+/// connection holds one per topic it follows).
 #[derive(Debug)]
-pub(crate) struct Gauge(Option<Arc<AtomicUsize>>, TransportKind, Option<Box<Ticket>>);
+pub(crate) struct Gauge(Held);
+
+#[derive(Debug)]
+enum Held {
+    Nothing,
+    Counter(Arc<AtomicUsize>, TransportKind),
+    Ticketed(Box<(Arc<AtomicUsize>, TransportKind, Pass)>),
+}
 
 impl Gauge {
     fn hold(counter: &Arc<AtomicUsize>, transport: TransportKind) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         crate::telemetry::stream(transport, true);
-        Self(Some(counter.clone()), transport, None)
+        Self(Held::Counter(counter.clone(), transport))
     }
 
-    /// The gauge, holding `ticket` too.
-    pub(crate) fn with_ticket(mut self, ticket: Option<Ticket>) -> Self {
-        self.2 = ticket.map(Box::new);
+    /// The gauge, holding `pass` too.
+    pub(crate) fn with_pass(mut self, pass: Option<Pass>) -> Self {
+        if let Some(ticket) = pass {
+            self.0 = match std::mem::replace(&mut self.0, Held::Nothing) {
+                Held::Counter(counter, transport) => {
+                    Held::Ticketed(Box::new((counter, transport, ticket)))
+                }
+                // Not counted: the ticket alone is held (and left on drop).
+                Held::Nothing => {
+                    drop(ticket);
+                    Held::Nothing
+                }
+                ticketed @ Held::Ticketed(_) => ticketed,
+            };
+        }
         self
     }
 }
 
 impl Drop for Gauge {
     fn drop(&mut self) {
-        if let Some(counter) = &self.0 {
-            counter.fetch_sub(1, Ordering::Relaxed);
-            crate::telemetry::stream(self.1, false);
-        }
+        let (counter, transport) = match &self.0 {
+            Held::Nothing => return,
+            Held::Counter(counter, transport) => (counter, *transport),
+            Held::Ticketed(held) => (&held.0, held.1),
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
+        crate::telemetry::stream(transport, false);
     }
 }
 
@@ -120,7 +144,7 @@ impl Presence {
             TransportKind::DsSse => Gauge::hold(&self.ds_sse, transport),
             TransportKind::DsLongpoll => Gauge::hold(&self.ds_parked, transport),
             // `Hub::outlet` takes any transport; a short poll held open is not counted.
-            TransportKind::Poll => Gauge(None, transport, None),
+            TransportKind::Poll => Gauge(Held::Nothing),
         }
     }
 
@@ -207,5 +231,11 @@ mod tests {
         let held_poll = presence.stream(TransportKind::Poll);
         assert!(presence.is_idle(Duration::ZERO));
         drop(held_poll);
+    }
+
+    #[test]
+    fn a_gauge_stays_two_words() {
+        // One per topic a connection follows: presence's ticket must not grow it.
+        assert_eq!(std::mem::size_of::<Gauge>(), 16);
     }
 }

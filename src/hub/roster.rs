@@ -24,6 +24,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use super::{Format, Outlet};
 use crate::{
@@ -148,16 +149,19 @@ impl Rolls {
         polled.retain(|roster| {
             let mut state = roster.lock();
             let window = self.window;
-            let expired: Vec<(TransportKind, Box<str>)> = state
-                .pollers
-                .iter()
-                .filter(|(_, p)| p.held == 0 && now.duration_since(p.seen) >= window)
-                .map(|(key, _)| key.clone())
-                .collect();
-            for key in expired {
-                if let Some(poller) = state.pollers.remove(&key) {
-                    roster.left(&mut state, &poller.id);
-                }
+            let mut gone = Vec::new();
+            state.pollers.retain(|_, pollers| {
+                pollers.retain(|p| {
+                    let expired = p.held == 0 && now.duration_since(p.seen) >= window;
+                    if expired {
+                        gone.push(p.id.clone());
+                    }
+                    !expired
+                });
+                !pollers.is_empty()
+            });
+            for id in gone {
+                roster.left(&mut state, &id);
             }
             !state.pollers.is_empty()
         });
@@ -212,7 +216,9 @@ pub(crate) struct Roster {
 #[derive(Default)]
 struct RosterState {
     members: HashMap<String, Member, super::Hasher>,
-    pollers: HashMap<(TransportKind, Box<str>), Poller, super::Hasher>,
+    /// Named pollers by name (a name shared with their holds), then by transport: a
+    /// request finds its poller without allocating.
+    pollers: HashMap<Arc<str>, SmallVec<[Poller; 1]>, super::Hasher>,
     /// Connections that receive the presence envelopes (a free slot is `None`).
     watchers: Vec<Option<Weak<Outlet>>>,
     joins: Vec<Member>,
@@ -222,6 +228,7 @@ struct RosterState {
 }
 
 struct Poller {
+    transport: TransportKind,
     id: String,
     seen: Instant,
     /// Long polls of its parked now.
@@ -312,29 +319,34 @@ impl Roster {
         hold: bool,
     ) -> Option<PollerHold> {
         let mut state = self.lock();
-        let key = (transport, Box::<str>::from(client));
+        let state = &mut *state;
         let first = state.pollers.is_empty();
-        if let Some(poller) = state.pollers.get_mut(&key) {
-            poller.seen = Instant::now();
+        let now = Instant::now();
+        let name = match state.pollers.get_key_value(client) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(client),
+        };
+        let pollers = state.pollers.entry(name.clone()).or_default();
+        if let Some(poller) = pollers.iter_mut().find(|p| p.transport == transport) {
+            poller.seen = now;
             poller.held += usize::from(hold);
         } else {
             let id = format!("{}/{}:{client}", self.rolls.key, transport.name());
-            self.joined(&mut state, self.rolls.member(id.clone(), client, transport));
-            state.pollers.insert(
-                key.clone(),
-                Poller {
-                    id,
-                    seen: Instant::now(),
-                    held: usize::from(hold),
-                },
-            );
+            pollers.push(Poller {
+                transport,
+                id: id.clone(),
+                seen: now,
+                held: usize::from(hold),
+            });
+            self.joined(state, self.rolls.member(id, client, transport));
             if first {
                 lock(&self.rolls.polled).push(self.clone());
             }
         }
         hold.then(|| PollerHold {
             roster: self.clone(),
-            key,
+            name,
+            transport,
         })
     }
 
@@ -376,6 +388,16 @@ impl Roster {
     }
 }
 
+/// What a gauge holds for presence (see `presence.rs`'s `Gauge`): held for its drop.
+#[derive(Debug)]
+#[expect(dead_code, reason = "held for what its drop does, never read")]
+pub(crate) enum Pass {
+    /// A subscription's place in a roster.
+    Member(Ticket),
+    /// A named long poller's parked poll.
+    Poller(PollerHold),
+}
+
 /// A subscription's place in a roster: its member and its watcher slot, removed on drop.
 pub(crate) struct Ticket {
     roster: Arc<Roster>,
@@ -409,19 +431,24 @@ impl Drop for Ticket {
 /// seen again when it is dropped.
 pub struct PollerHold {
     roster: Arc<Roster>,
-    key: (TransportKind, Box<str>),
+    name: Arc<str>,
+    transport: TransportKind,
 }
 
 impl std::fmt::Debug for PollerHold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("PollerHold").field(&self.key).finish()
+        f.debug_tuple("PollerHold").field(&self.name).finish()
     }
 }
 
 impl Drop for PollerHold {
     fn drop(&mut self) {
         let mut state = self.roster.lock();
-        if let Some(poller) = state.pollers.get_mut(&self.key) {
+        let poller = state
+            .pollers
+            .get_mut(&self.name)
+            .and_then(|pollers| pollers.iter_mut().find(|p| p.transport == self.transport));
+        if let Some(poller) = poller {
             poller.held = poller.held.saturating_sub(1);
             poller.seen = Instant::now();
         }

@@ -37,10 +37,10 @@ pub struct PollRequest {
     pub after: Option<MessageId>,
     /// Messages per answer at most.
     pub limit: usize,
-    /// Who is polling, for subscriber counts.
+    /// Who is polling, for subscriber counts: its presence name when it gave one.
     pub client: String,
-    /// The name it gave for presence, if any.
-    pub name: Option<Box<str>>,
+    /// `client` is the name it gave for presence (`client=` or its token's subject).
+    pub named: bool,
 }
 
 impl PollRequest {
@@ -51,7 +51,7 @@ impl PollRequest {
             after: self.after,
             limit: self.limit,
             client: &self.client,
-            name: self.name.as_deref(),
+            name: self.named.then_some(self.client.as_str()),
             transport,
         }
     }
@@ -63,12 +63,16 @@ impl PollRequest {
         settings: &PollSettings,
         access: &Access,
     ) -> Result<Self, Error> {
+        let name = params.presenter(access)?.client;
         Ok(Self {
             topic: super::topic(topic)?,
             after: params.after()?,
             limit: params.limit(settings)?,
-            client: params.client()?.into_owned(),
-            name: params.presenter(access)?.client,
+            named: name.is_some(),
+            client: match name {
+                Some(name) => name.into(),
+                None => params.client()?.into_owned(),
+            },
         })
     }
 }
@@ -113,7 +117,7 @@ pub async fn answer(
             request.after,
             request.limit,
             &request.client,
-            request.name.as_deref(),
+            request.named.then_some(request.client.as_str()),
         )
         .await?;
     Ok(encode_batch(app, TransportKind::Poll, &batch))

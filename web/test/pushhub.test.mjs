@@ -106,8 +106,8 @@ test("switchTo resumes the new transport from the cursor and ignores the old one
   socket.frame(envelope(7)); // a late frame from the old transport is not delivered
   await settle();
   const longPolls = w.requests.filter((u) => u.includes("/longpoll"));
-  assert.match(longPolls[0], /\/topics\/t\/longpoll\?after=6&timeout=0&/, "the first long poll checks the way");
-  assert.match(longPolls[1], /\/topics\/t\/longpoll\?after=6&timeout=25&/, "then it parks");
+  assert.match(longPolls[0], /\/topics\/t\/longpoll\?after=6&timeout=0$/, "the first long poll checks the way");
+  assert.match(longPolls[1], /\/topics\/t\/longpoll\?after=6&timeout=25$/, "then it parks");
   sub.switchTo("sse");
   assert.equal(w.sources[0].url, "/topics/t/sse?after=6");
   w.sources[0].emit("message", envelope(7), "7");
@@ -299,7 +299,37 @@ test("subscribe() follows a list on one connection, per-topic duplicates dropped
   assert.equal(resumed.idOf("b"), 8, "a truncated signal moves its topic's cursor");
   const pattern = subscribe("room.*", { transport: "poll", after: 0, env: w.env });
   await settle();
-  assert.match(w.requests.at(-1), /\/topics\/room\.\*\/poll\?after=AQAA&/, "after 0: an empty cursor");
+  assert.match(w.requests.at(-1), /\/topics\/room\.\*\/poll\?after=AQAA$/, "after 0: an empty cursor");
   pattern.close();
   sub.close();
+});
+
+test("presence: names the subscriber on every transport, passes envelopes on, keeps the cursor", async () => {
+  const w = world();
+  const diff = { type: "presence", topic: "t", joins: [{ id: "n~1/0", client: "bo" }], leaves: [] };
+  const heard = [];
+  const got = [];
+  const sse = connect({ topic: "t", transport: "sse", after: 3, client: "ann", presence: true, env: w.env });
+  sse.on("presence", (d) => heard.push(["sse", d.joins[0].client]));
+  sse.on("message", (m) => got.push(m.id));
+  const ws = connect({ topic: "t", transport: "ws", after: 3, client: "ann", presence: true, env: w.env });
+  ws.on("presence", (d) => heard.push(["ws", d.joins[0].client]));
+  const stream = connect({ topic: "t", transport: "stream", after: 3, presence: true, env: w.env });
+  stream.on("presence", (d) => heard.push(["stream", d.joins[0].client]));
+  const poll = connect({ topic: "t", transport: "poll", after: 3, client: "a b", env: w.env });
+  await settle();
+  assert.equal(w.sources[0].url, "/topics/t/sse?after=3&client=ann&presence=1");
+  assert.equal(w.sockets[0].url, "ws://h:1/topics/t/ws?after=3&client=ann&presence=1");
+  assert.equal(w.streams[0].url, "/topics/t/stream?after=3&presence=1", "anonymous: no client=");
+  assert.ok(w.requests.some((u) => u === "/topics/t/poll?after=3&client=a%20b"), w.requests.join());
+  w.sources[0].emit("presence", diff);
+  w.sources[0].emit("message", envelope(4), "4");
+  w.sockets[0].frame(diff);
+  w.streams[0].send(JSON.stringify(diff) + "\n");
+  await settle();
+  assert.deepEqual(heard, [["sse", "bo"], ["ws", "bo"], ["stream", "bo"]]);
+  assert.deepEqual(got, [4]);
+  assert.equal(sse.cursor, 4, "a presence envelope is not a message: the cursor is the message's");
+  assert.equal(ws.stats.messages, 0);
+  for (const sub of [sse, ws, stream, poll]) sub.close();
 });
