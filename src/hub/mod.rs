@@ -133,6 +133,8 @@ pub struct ParkedPoll {
     since: std::time::Instant,
     /// Who parked it: a long poll, or a Durable Streams read waiting.
     transport: TransportKind,
+    /// A named poller (counted by its roster entry, which its hold refreshes).
+    named: bool,
 }
 
 impl std::fmt::Debug for ParkedPoll {
@@ -374,15 +376,18 @@ impl Hub {
         name: Option<&str>,
     ) -> Result<Batch, HubError> {
         let topic = self.topic(topic);
-        topic
-            .presence
-            .touch(TransportKind::Poll, client, self.settings.poller_window);
-        if let Some(name) = name {
-            topic.presence.roster(&self.rolls, &topic.name).polled(
-                name,
-                TransportKind::Poll,
-                false,
-            );
+        // A named poller is counted by its roster entry; an anonymous one by its id.
+        match name {
+            Some(name) => {
+                topic.presence.roster(&self.rolls, &topic.name).polled(
+                    name,
+                    TransportKind::Poll,
+                    false,
+                );
+            }
+            None => topic
+                .presence
+                .touch(TransportKind::Poll, client, self.settings.poller_window),
         }
         // A shared log answers reads near the head from what its subscription received; a
         // polled topic is followed like a streamed one.
@@ -420,16 +425,20 @@ impl Hub {
             transport,
         } = query;
         let topic = self.topic(topic);
-        topic
-            .presence
-            .touch(transport, client, self.settings.poller_window);
-        // Held until the poll is answered: a long poller is not seen to leave while parked.
-        let held = name.and_then(|name| {
-            topic
+        // A named poller is counted by its roster entry, held until the poll is answered (a
+        // long poller is not seen to leave while parked); an anonymous one by its id.
+        let held = match name {
+            Some(name) => topic
                 .presence
                 .roster(&self.rolls, &topic.name)
-                .polled(name, transport, true)
-        });
+                .polled(name, transport, true),
+            None => {
+                topic
+                    .presence
+                    .touch(transport, client, self.settings.poller_window);
+                None
+            }
+        };
         topic.follow().await;
         let (after, from_client) = match after {
             Some(after) => (after, true),
@@ -454,6 +463,7 @@ impl Hub {
             from_client,
             since: std::time::Instant::now(),
             transport,
+            named: name.is_some(),
         };
         let batch = parked.topic.read_batch(after, limit, from_client).await;
         // A writer may have answered the poll during that read (the fan-out answers parked
@@ -483,7 +493,7 @@ impl Hub {
         // A long wait would let the poller's last-seen time age out of the window before its
         // next request; a short one leaves it fresh enough.
         let window = self.settings.poller_window;
-        if parked.since.elapsed() > window / 2 {
+        if parked.since.elapsed() > window / 2 && !parked.named {
             parked
                 .topic
                 .presence

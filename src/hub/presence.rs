@@ -164,11 +164,15 @@ impl Presence {
 
     pub(crate) fn counts(&self, window: Duration) -> Subscribers {
         let now = Instant::now();
+        // Named pollers are kept by the roster alone (see `Hub::park`).
+        let named = |transport| {
+            self.roster
+                .get()
+                .map_or(0, |roster| roster.pollers(transport, window))
+        };
         PerTransport::from_fn(|transport| match transport {
-            TransportKind::Poll => self.poll.count(now, window),
-            TransportKind::Longpoll => self
-                .longpoll
-                .count(now, window)
+            TransportKind::Poll => self.poll.count(now, window) + named(transport),
+            TransportKind::Longpoll => (self.longpoll.count(now, window) + named(transport))
                 .max(self.parked.load(Ordering::Relaxed)),
             TransportKind::Sse => self.sse.load(Ordering::Relaxed),
             TransportKind::Ws => self.ws.load(Ordering::Relaxed),

@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -66,10 +66,14 @@ pub(crate) struct Rolls {
     serial: AtomicU64,
     /// Rosters with gathered changes.
     dirty: Mutex<Vec<Arc<Roster>>>,
+    /// Notified when `dirty` stops being empty.
+    changed: tokio::sync::Notify,
     /// Rosters with named pollers, whose expiry is checked every second.
     polled: Mutex<Vec<Arc<Roster>>>,
     /// How long a poller stays after its last request.
     window: Duration,
+    /// What pollers' last-seen times count from.
+    epoch: Instant,
     pub(crate) board: Option<Arc<dyn PresenceBoard>>,
 }
 
@@ -86,9 +90,16 @@ impl Rolls {
             key: key.into(),
             serial: AtomicU64::new(0),
             dirty: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
             polled: Mutex::default(),
             window,
+            epoch: Instant::now(),
         }
+    }
+
+    /// `now` in milliseconds since the epoch of pollers' times.
+    fn clock(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// A new roster for `topic`.
@@ -150,9 +161,10 @@ impl Rolls {
             let mut state = roster.lock();
             let window = self.window;
             let mut gone = Vec::new();
+            let now = self.clock(now);
             state.pollers.retain(|_, pollers| {
                 pollers.retain(|p| {
-                    let expired = p.held == 0 && now.duration_since(p.seen) >= window;
+                    let expired = p.slot.expired(now, window);
                     if expired {
                         gone.push(p.id.clone());
                     }
@@ -216,9 +228,9 @@ pub(crate) struct Roster {
 #[derive(Default)]
 struct RosterState {
     members: HashMap<String, Member, super::Hasher>,
-    /// Named pollers by name (a name shared with their holds), then by transport: a
-    /// request finds its poller without allocating.
-    pollers: HashMap<Arc<str>, SmallVec<[Poller; 1]>, super::Hasher>,
+    /// Named pollers by name, then by transport: a request finds its poller without
+    /// allocating, and its parked poll's hold touches only the poller's slot.
+    pollers: HashMap<Box<str>, SmallVec<[Poller; 1]>, super::Hasher>,
     /// Connections that receive the presence envelopes (a free slot is `None`).
     watchers: Vec<Option<Weak<Outlet>>>,
     joins: Vec<Member>,
@@ -230,9 +242,23 @@ struct RosterState {
 struct Poller {
     transport: TransportKind,
     id: String,
-    seen: Instant,
-    /// Long polls of its parked now.
-    held: usize,
+    slot: Arc<Slot>,
+}
+
+/// When a named poller was last seen, and how many long polls of its are parked: shared
+/// with those polls' holds, which update it without the roster's lock.
+#[derive(Debug, Default)]
+struct Slot {
+    held: AtomicUsize,
+    /// Milliseconds since the rolls' epoch.
+    seen: AtomicU64,
+}
+
+impl Slot {
+    fn expired(&self, now: u64, window: Duration) -> bool {
+        self.held.load(Ordering::Acquire) == 0
+            && now.saturating_sub(self.seen.load(Ordering::Relaxed)) >= window.as_millis() as u64
+    }
 }
 
 impl RosterState {
@@ -318,36 +344,68 @@ impl Roster {
         transport: TransportKind,
         hold: bool,
     ) -> Option<PollerHold> {
+        // A held poller cannot expire, and its hold's drop sets when it was last seen: the
+        // clock is read once per long poll, there.
+        let now = (!hold).then(|| self.rolls.clock(Instant::now()));
         let mut state = self.lock();
-        let state = &mut *state;
-        let first = state.pollers.is_empty();
-        let now = Instant::now();
-        let name = match state.pollers.get_key_value(client) {
-            Some((name, _)) => name.clone(),
-            None => Arc::from(client),
+        let known = state
+            .pollers
+            .get(client)
+            .and_then(|pollers| pollers.iter().find(|p| p.transport == transport))
+            .map(|p| p.slot.clone());
+        let slot = match known {
+            Some(slot) => slot,
+            None => self.new_poller(&mut state, client, transport),
         };
-        let pollers = state.pollers.entry(name.clone()).or_default();
-        if let Some(poller) = pollers.iter_mut().find(|p| p.transport == transport) {
-            poller.seen = now;
-            poller.held += usize::from(hold);
-        } else {
-            let id = format!("{}/{}:{client}", self.rolls.key, transport.name());
-            pollers.push(Poller {
-                transport,
-                id: id.clone(),
-                seen: now,
-                held: usize::from(hold),
-            });
-            self.joined(state, self.rolls.member(id, client, transport));
-            if first {
-                lock(&self.rolls.polled).push(self.clone());
+        // Under the lock, so that the expiry cannot take the poller in between.
+        match now {
+            Some(now) => slot.seen.store(now, Ordering::Relaxed),
+            None => {
+                slot.held.fetch_add(1, Ordering::AcqRel);
             }
         }
+        drop(state);
         hold.then(|| PollerHold {
-            roster: self.clone(),
-            name,
-            transport,
+            slot,
+            epoch: self.rolls.epoch,
         })
+    }
+
+    fn new_poller(
+        self: &Arc<Self>,
+        state: &mut RosterState,
+        client: &str,
+        transport: TransportKind,
+    ) -> Arc<Slot> {
+        let first = state.pollers.is_empty();
+        let id = format!("{}/{}:{client}", self.rolls.key, transport.name());
+        let slot = Arc::new(Slot::default());
+        state
+            .pollers
+            .entry(client.into())
+            .or_default()
+            .push(Poller {
+                transport,
+                id: id.clone(),
+                slot: slot.clone(),
+            });
+        self.joined(state, self.rolls.member(id, client, transport));
+        if first {
+            lock(&self.rolls.polled).push(self.clone());
+        }
+        slot
+    }
+
+    /// Named pollers through `transport` seen within `window` or parked now.
+    pub(crate) fn pollers(&self, transport: TransportKind, window: Duration) -> usize {
+        let now = self.rolls.clock(Instant::now());
+        let state = self.lock();
+        state
+            .pollers
+            .values()
+            .flatten()
+            .filter(|p| p.transport == transport && !p.slot.expired(now, window))
+            .count()
     }
 
     /// The named members here.
@@ -383,7 +441,12 @@ impl Roster {
     fn mark(self: &Arc<Self>, state: &mut RosterState) {
         if !state.dirty {
             state.dirty = true;
-            lock(&self.rolls.dirty).push(self.clone());
+            let mut dirty = lock(&self.rolls.dirty);
+            if dirty.is_empty() {
+                // The flush task sleeps until there is something to flush.
+                self.rolls.changed.notify_one();
+            }
+            dirty.push(self.clone());
         }
     }
 }
@@ -430,28 +493,21 @@ impl Drop for Ticket {
 /// A parked long poll of a named poller: the poller cannot expire while it is held, and is
 /// seen again when it is dropped.
 pub struct PollerHold {
-    roster: Arc<Roster>,
-    name: Arc<str>,
-    transport: TransportKind,
+    slot: Arc<Slot>,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for PollerHold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("PollerHold").field(&self.name).finish()
+        f.debug_tuple("PollerHold").field(&self.slot).finish()
     }
 }
 
 impl Drop for PollerHold {
     fn drop(&mut self) {
-        let mut state = self.roster.lock();
-        let poller = state
-            .pollers
-            .get_mut(&self.name)
-            .and_then(|pollers| pollers.iter_mut().find(|p| p.transport == self.transport));
-        if let Some(poller) = poller {
-            poller.held = poller.held.saturating_sub(1);
-            poller.seen = Instant::now();
-        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.slot.seen.store(now, Ordering::Relaxed);
+        self.slot.held.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -490,21 +546,29 @@ impl super::Hub {
         rosters
     }
 
-    /// Tells what changed, every [`FLUSH_EVERY`]; beats on the board and passes on other
-    /// nodes' envelopes. Runs until `shutdown`; started once, with the sweeper. After the
-    /// connections have ended, [`super::Hub::leave_all`] tells their leaving.
+    /// Tells what changed, at most every [`FLUSH_EVERY`]; beats on the board and passes on
+    /// other nodes' envelopes. Runs until `shutdown`; started once, with the sweeper. After
+    /// the connections have ended, [`super::Hub::leave_all`] tells their leaving.
+    ///
+    /// Idle, it does not wake: it flushes when a change was gathered (no sooner than
+    /// [`FLUSH_EVERY`] after the last flush), and ticks every second only while there is a
+    /// board to beat on or a named poller to expire.
     pub async fn run_presence(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut flush = tokio::time::interval(FLUSH_EVERY);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beat = tokio::time::interval(<dyn PresenceBoard>::BEAT_EVERY);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut remote = self.rolls.board.as_ref().map(|board| board.remote());
+        let mut last_flush = tokio::time::Instant::now();
         // Set when the board may have missed a write: everything is written again.
         let mut resync = false;
         loop {
+            let ticking = self.rolls.board.is_some() || !lock(&self.rolls.polled).is_empty();
             tokio::select! {
-                _ = flush.tick() => resync |= !self.flush_presence().await,
-                _ = beat.tick() => {
+                () = self.rolls.changed.notified() => {
+                    tokio::time::sleep_until(last_flush + FLUSH_EVERY).await;
+                    last_flush = tokio::time::Instant::now();
+                    resync |= !self.flush_presence().await;
+                }
+                _ = beat.tick(), if ticking => {
                     self.rolls.expire_pollers();
                     resync = self.beat(resync).await;
                 }

@@ -275,39 +275,51 @@ impl<'a> Params<'a> {
     /// a token a client names itself), and whether it asked for its topics' `presence`
     /// envelopes (`presence=1`).
     pub fn presenter(&self, access: &crate::access::Access) -> Result<Presenter, Error> {
-        let client = match access.subject() {
-            Some(subject) => Some(subject.into()),
-            None => match self.get("client") {
-                Some(id) if crate::message::valid_name(&id) => Some(id.as_ref().into()),
-                Some(_) => {
-                    return Err(Error::param(
-                        "client",
-                        "use 1-128 characters of A-Z a-z 0-9 . _ : -",
-                    ));
-                }
-                None => None,
-            },
-        };
         let events = match self.get("presence").as_deref() {
             None | Some("0" | "false") => false,
             Some("1" | "true") => true,
             Some(_) => return Err(Error::param("presence", "must be 1 or 0")),
         };
-        Ok(Presenter { client, events })
+        let (client, named) = self.poller(access)?;
+        Ok(Presenter {
+            client: named.then(|| client.as_ref().into()),
+            events,
+        })
+    }
+
+    /// Who is polling, and whether that is a name for presence: the token's subject or
+    /// `client=` (named), else the peer's IP address (anonymous, counted by address).
+    pub fn poller<'s>(
+        &'s self,
+        access: &'s crate::access::Access,
+    ) -> Result<(Cow<'s, str>, bool), Error> {
+        Ok(match (access.subject(), self.given_client()?) {
+            (Some(subject), _) => (Cow::Borrowed(subject), true),
+            (None, Some(id)) => (id, true),
+            (None, None) => (self.peer_id(), false),
+        })
     }
 
     /// Who is polling, for subscriber counts: the `client` parameter when given (a client
     /// library sends a random id), else the peer's IP address.
     pub fn client(&self) -> Result<Cow<'_, str>, Error> {
+        Ok(self.given_client()?.unwrap_or_else(|| self.peer_id()))
+    }
+
+    /// The peer's IP address, which tells anonymous pollers apart.
+    fn peer_id(&self) -> Cow<'static, str> {
+        Cow::Owned(self.peer.map_or_else(String::new, |p| p.ip().to_string()))
+    }
+
+    /// `client=`, checked, if given.
+    fn given_client(&self) -> Result<Option<Cow<'_, str>>, Error> {
         match self.get("client") {
-            Some(id) if crate::message::valid_name(&id) => Ok(id),
+            Some(id) if crate::message::valid_name(&id) => Ok(Some(id)),
             Some(_) => Err(Error::param(
                 "client",
                 "use 1-128 characters of A-Z a-z 0-9 . _ : -",
             )),
-            None => Ok(Cow::Owned(
-                self.peer.map_or_else(String::new, |p| p.ip().to_string()),
-            )),
+            None => Ok(None),
         }
     }
 }

@@ -63,16 +63,13 @@ impl PollRequest {
         settings: &PollSettings,
         access: &Access,
     ) -> Result<Self, Error> {
-        let name = params.presenter(access)?.client;
+        let (client, named) = params.poller(access)?;
         Ok(Self {
             topic: super::topic(topic)?,
             after: params.after()?,
             limit: params.limit(settings)?,
-            named: name.is_some(),
-            client: match name {
-                Some(name) => name.into(),
-                None => params.client()?.into_owned(),
-            },
+            named,
+            client: client.into_owned(),
         })
     }
 }
