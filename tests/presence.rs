@@ -260,6 +260,9 @@ async fn a_long_poller_stays_while_parked_and_between_requests_then_leaves_after
         set(&["carol"]),
         "parked for 1.5 s"
     );
+    // Named pollers are counted by their roster entry.
+    let counts = server.subscribers("room").await;
+    assert_eq!(counts[pushhub::message::TransportKind::Longpoll], 1);
     let (status, _) = poll.await.unwrap();
     assert_eq!(status, 200);
     let answered = Instant::now();
@@ -286,6 +289,10 @@ async fn a_long_poller_stays_while_parked_and_between_requests_then_leaves_after
     server.get("/topics/room/poll?client=pat").await;
     heard.until(&mut watcher, |h| h.joins.len() == 2).await;
     assert_eq!(heard.joins[1], "pat");
+    assert_eq!(
+        server.subscribers("room").await[pushhub::message::TransportKind::Poll],
+        1
+    );
     heard.until(&mut watcher, |h| h.leaves.len() == 2).await;
     server.stop().await;
 }

@@ -478,7 +478,7 @@ async fn polling(
                 ds_offset(tracker)
             ),
             TransportKind::Longpoll => format!(
-                "/topics/{}/longpoll?after={after}&timeout=10&limit=1000&client=bench-{index}",
+                "/topics/{}/longpoll?after={after}&timeout=10&limit=1000",
                 phase.path_of(index)
             ),
             TransportKind::DsLongpoll => format!(
@@ -487,7 +487,7 @@ async fn polling(
                 ds_offset(tracker)
             ),
             _ => format!(
-                "/topics/{}/poll?after={after}&limit=1000&client=bench-{index}",
+                "/topics/{}/poll?after={after}&limit=1000",
                 phase.path_of(index)
             ),
         };
