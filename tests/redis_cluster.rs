@@ -301,6 +301,37 @@ async fn topics_spread_over_shards_and_fan_out_by_sharded_pub_sub() {
             assert!(classic.ends_with("0\n"), "{channel} classic: {classic:?}");
         }
     }
+
+    // Presence on a cluster: members in each topic's slot, envelopes on its sharded
+    // channel, the nodes' beats in their own slot. A watcher on one node hears a member
+    // joining on the other, on topics of every shard, and both nodes list it.
+    for topic in &topics {
+        let mut watcher = b
+            .stream(&format!("/topics/{topic}/stream?client=watcher&presence=1"))
+            .await;
+        let _member = a
+            .sse(&format!("/topics/{topic}/sse?client=ada"), None)
+            .await;
+        let joined = loop {
+            let line = watcher.next_json().await.expect("watcher open");
+            let joins = &line["joins"];
+            if line["type"] == "presence"
+                && joins
+                    .as_array()
+                    .is_some_and(|j| j.iter().any(|m| m["client"] == "ada"))
+            {
+                break line;
+            }
+        };
+        assert_eq!(joined["topic"].as_str(), Some(topic.as_str()));
+        for node in [&a, &b] {
+            eventually("both nodes list both members", || async {
+                let (_, body) = node.get(&format!("/topics/{topic}/presence")).await;
+                body["count"] == 2
+            })
+            .await;
+        }
+    }
 }
 
 /// A killed primary: its replica is promoted; publishes meanwhile are refused (503 with

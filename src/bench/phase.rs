@@ -623,8 +623,11 @@ pub(super) async fn wait_subscribed(
         let all_served = phase.served.iter().all(|s| s.load(Ordering::Relaxed));
         // A Durable Streams reader resumes by offset, so once served (its SSE response open,
         // its first catch-up read answered) it misses nothing; and the server may not be
-        // pushhub (the Node reference server has no /topics).
-        if transport.is_durable() && all_served {
+        // pushhub (the Node reference server has no /topics). A short poller likewise holds
+        // its cursor once its first poll is answered: the bench's pollers are anonymous (a
+        // `client=` would name them in presence), so the server tells them apart only by
+        // address, which they share.
+        if (transport.is_durable() || transport == TransportKind::Poll) && all_served {
             return Ok(());
         }
         let mut counted = 0;

@@ -93,8 +93,9 @@ pub(super) enum Follower {
     Stream {
         /// The connection.
         outlet: Arc<Outlet>,
-        /// Which of its subs follows this topic.
-        sub: usize,
+        /// Which of its subs follows this topic (4 bytes: a follower is per connection and
+        /// topic, and a connection's subs are bounded by its limit).
+        sub: u32,
     },
     /// A parked long poll.
     Waiter(Arc<Waiter>),
@@ -508,7 +509,8 @@ async fn write_loop(
                     match follower {
                         Follower::Stream { outlet, sub } => {
                             let list = ListId::of(&topic);
-                            outlet.deliver(*sub, list, &messages, &mut frames, &mut tally);
+                            let sub = *sub as usize;
+                            outlet.deliver(sub, list, &messages, &mut frames, &mut tally);
                         }
                         Follower::Waiter(waiter) => waiter.offer(&messages, &mut answers),
                     }
@@ -528,5 +530,14 @@ async fn write_loop(
         frames.clear();
         answers.clear();
         tally.flush(&counters);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_follower_is_two_words() {
+        // One per connection and topic in the topic's slab.
+        assert_eq!(std::mem::size_of::<Option<super::Follower>>(), 16);
     }
 }

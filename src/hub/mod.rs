@@ -802,11 +802,17 @@ impl Hub {
         };
         // Follow before reading the cursor: whatever is appended from here on is offered to
         // the sub (and, while it catches up, noted), so nothing falls between.
+        let Ok(index) = u32::try_from(sub.index()) else {
+            outlet.unsubscribe(sub);
+            return Err(HubError::TooManyTopics {
+                limit: self.settings.max_topics_per_connection,
+            });
+        };
         let slot = topic.live.add(
             outlet.shard,
             Follower::Stream {
                 outlet: outlet.clone(),
-                sub: sub.index(),
+                sub: index,
             },
         );
         // The slot is recorded before anything is awaited: if this call is dropped (its

@@ -66,6 +66,12 @@ impl Book {
         }
     }
 
+    /// Makes room for the keys of `subs` subs.
+    pub(super) fn reserve(&mut self, subs: usize) {
+        self.keys
+            .reserve_exact(subs.saturating_sub(self.keys.len()));
+    }
+
     /// Records an entry of the hub's pattern registry, to leave when the connection ends.
     pub(super) fn watch(&mut self, patterns: Arc<Patterns>, slot: usize, prefix: &str) {
         self.patterns = Some(patterns);

@@ -229,6 +229,7 @@ pub async fn follow(
     outlet: &Arc<Outlet>,
 ) -> Result<Vec<(TopicName, crate::hub::SubId)>, Error> {
     let planned = plan(app, selection, start, Some(outlet)).await?;
+    outlet.reserve(planned.len());
     let mut followed = Vec::with_capacity(planned.len());
     for Planned { topic, key, after } in planned {
         let sub = app
