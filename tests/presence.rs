@@ -397,6 +397,7 @@ async fn across_redis_nodes_a_killed_node_s_members_leave_within_the_node_timeou
         .expect("the dead node's members leave");
     heard.take(&envelope);
     let took = killed.elapsed();
+    eprintln!("the killed node's members left {took:?} after the kill");
     assert_eq!(
         heard.leaves.iter().cloned().collect::<BTreeSet<_>>(),
         set(&["alice", "amy"]),
