@@ -251,7 +251,7 @@ pub struct Config {
     pub redis_replica_timeout: Duration,
 
     /// This node's name in presence lists (`GET /topics/{t}/presence`): the host name and the
-    /// listen port when not given.
+    /// listen port when not given (the process id when the port is 0).
     #[arg(long, env = "PUSHHUB_NODE_NAME", value_parser = parse_name)]
     pub node_name: Option<String>,
 
@@ -550,7 +550,12 @@ impl Config {
                 .map(|name| name.trim().to_owned())
                 .filter(|name| crate::message::valid_name(name))
                 .unwrap_or_else(|| "pushhub".into());
-            format!("{host}:{}", self.listen.port())
+            match self.listen.port() {
+                // The system picks the port after this is read: the process id tells such
+                // nodes apart instead.
+                0 => format!("{host}:pid{}", std::process::id()),
+                port => format!("{host}:{port}"),
+            }
         })
     }
 }
