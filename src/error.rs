@@ -178,6 +178,8 @@ impl From<HubError> for Error {
         match error {
             HubError::Store(store) => Error::Store(store),
             too_many @ HubError::TooManyTopics { .. } => Error::TooManyTopics(too_many.to_string()),
+            // The connection is ending: whatever is answered, nobody reads it.
+            HubError::Ended => Error::ShuttingDown,
         }
     }
 }

@@ -434,6 +434,72 @@ async fn each_refusal_has_its_code_and_loses_nothing() {
     );
 }
 
+#[tokio::test]
+async fn a_refused_websocket_pattern_follows_nothing_and_patterns_are_bounded() {
+    let server = start_with(Config {
+        max_subscriptions_per_connection: 3,
+        ..Config::default()
+    })
+    .await;
+    for i in 0..4 {
+        server.publish(&format!("wide.{i}"), json!({})).await;
+    }
+    let mut ws = server.ws("/ws").await;
+    ws.send_json(json!({"type": "subscribe", "topic": "wide.*", "after": 0}))
+        .await;
+    let reply = ws.next_json().await.unwrap();
+    assert_eq!(reply["code"], "pattern_too_broad", "{reply}");
+    // Refused: not watched. A new topic under it must not end the connection (1008 for the
+    // limit) nor reach it.
+    server.publish("wide.new", json!({})).await;
+    ws.send_json(json!({"type": "subscribe", "topic": "calm", "after": 0}))
+        .await;
+    let reply = ws.next_json().await.unwrap();
+    assert_eq!(
+        (reply["type"].as_str(), reply["topic"].as_str()),
+        (Some("subscribed"), Some("calm")),
+        "{reply}"
+    );
+    // Patterns count against the limit, and one watched twice is entered once.
+    for prefix in ["p1.*", "p2.*", "p2.*", "p3.*"] {
+        ws.send_json(json!({"type": "subscribe", "topic": prefix}))
+            .await;
+        let reply = ws.next_json().await.unwrap();
+        assert_eq!(reply["type"], "subscribed", "{prefix}: {reply}");
+    }
+    ws.send_json(json!({"type": "subscribe", "topic": "p4.*"}))
+        .await;
+    let reply = ws.next_json().await.unwrap();
+    assert_eq!(reply["code"], "too_many_topics", "{reply}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_pattern_picks_up_a_durable_stream_created_after_it() {
+    let server = start().await;
+    let mut follower = server.stream("/topics/ds.*/stream?after=0").await;
+    let opening = follower.next_json().await.unwrap();
+    assert_eq!(opening["type"], "cursor");
+    // A Durable Stream created with content: its topic's first message is written by the
+    // stream layer, not a publish, and must be announced all the same.
+    let created = server
+        .http
+        .put(server.url("/v1/stream/ds.made"))
+        .header("content-type", "application/json")
+        .body(r#"[{"n":1}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let envelope = follower.next_json().await.unwrap();
+    assert_eq!(
+        (envelope["topic"].as_str(), envelope["id"].as_u64()),
+        (Some("ds.made"), Some(1)),
+        "{envelope}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_must_cover_every_listed_name_and_each_pattern_itself() {
     use jsonwebtoken::{EncodingKey, Header, encode};

@@ -1,7 +1,8 @@
 //! What the hub fails with. The hub has no policy of its own to refuse on (limits, auth and
-//! the stop signal sit in front of it), so it fails with its store, or when a connection's patterns pick up more topics than
-//! the connection may follow; a subscriber that
-//! falls behind or is drained is not a failure but the end of its delivery ([`super::End`]).
+//! the stop signal sit in front of it), so it fails with its store, when a connection's
+//! patterns pick up more topics than the connection may follow, or when the connection has
+//! ended; a subscriber that falls behind or is drained is not a failure but the end of its
+//! delivery ([`super::End`]).
 
 use crate::store::StoreError;
 
@@ -17,4 +18,8 @@ pub enum HubError {
         /// The limit.
         limit: usize,
     },
+    /// The connection ended (its client left, or it was ended) before it could follow the
+    /// topic.
+    #[error("the connection has ended")]
+    Ended,
 }

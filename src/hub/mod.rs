@@ -612,7 +612,21 @@ impl Hub {
     /// store, from that topic's start. Call it before listing the topics that exist
     /// ([`Hub::topics_with_prefix`]): a topic created in between is then joined once, not
     /// missed.
-    pub fn watch_prefix(&self, outlet: &Arc<Outlet>, prefix: &str) {
+    ///
+    /// A pattern the connection watches already is not entered twice, and a connection
+    /// watches at most as many patterns as it may follow topics: else
+    /// [`HubError::TooManyTopics`] (a client repeating subscribes must not grow the registry
+    /// every creation walks).
+    pub fn watch_prefix(&self, outlet: &Arc<Outlet>, prefix: &str) -> Result<(), HubError> {
+        match outlet.with_book(|book| (book.watching(prefix), book.watches.len() >= book.limit)) {
+            Some((true, _)) | None => return Ok(()),
+            Some((false, true)) => {
+                return Err(HubError::TooManyTopics {
+                    limit: self.settings.max_topics_per_connection,
+                });
+            }
+            Some((false, false)) => {}
+        }
         let watcher = patterns::Watcher::Outlet(Arc::downgrade(outlet));
         let slot = self.patterns.add(prefix, watcher);
         let patterns = self.patterns.clone();
@@ -623,6 +637,14 @@ impl Hub {
             // No book (or the connection ended): nothing would ever leave the entry.
             self.patterns.remove(slot);
         }
+        Ok(())
+    }
+
+    /// Whether `outlet` watches pattern `prefix*`.
+    pub fn watches_prefix(&self, outlet: &Arc<Outlet>, prefix: &str) -> bool {
+        outlet
+            .with_book(|book| book.watching(prefix))
+            .unwrap_or(false)
     }
 
     /// The topics whose name starts with `prefix` and that hold or held a message: at most
@@ -753,15 +775,25 @@ impl Hub {
     /// Makes `outlet` follow `topic` from its start, unless it does already; ends it when
     /// that would exceed its limit.
     async fn join(&self, topic: &TopicName, outlet: &Arc<Outlet>) {
+        let key = Key::hashed(topic);
+        // From where the client's cursor has it, if it does (a reconnecting client whose
+        // own plan has not subscribed it yet), else from its start.
+        let after = outlet
+            .with_book(|book| book.carried_of(key))
+            .flatten()
+            .unwrap_or(0);
         match self
-            .subscribe_as(topic, Some(0), outlet, Some(Key::hashed(topic)))
+            .subscribe_as(topic, Some(after), outlet, Some(key))
             .await
         {
             Ok(_) => {}
             Err(HubError::TooManyTopics { .. }) => outlet.end(End::TooManyTopics),
+            // The client left meanwhile: nothing to join.
+            Err(HubError::Ended) => {}
             Err(error) => {
-                // The catch-up that follows a reconnect to the store finds it: the sub
-                // exists only once subscribed, so end the connection rather than miss it.
+                // Nothing would join it later (the sub exists only once subscribed): end the
+                // connection, whose client reconnects with its cursor and lists the pattern's
+                // topics again, rather than miss the topic.
                 tracing::warn!(%error, %topic, "could not join a pattern's new topic");
                 outlet.end(End::Gone);
             }
@@ -799,6 +831,7 @@ impl Hub {
                     limit: self.settings.max_topics_per_connection,
                 });
             }
+            Err(outlet::Refused::Ended) => return Err(HubError::Ended),
         };
         // Follow before reading the cursor: whatever is appended from here on is offered to
         // the sub (and, while it catches up, noted), so nothing falls between.
@@ -860,6 +893,10 @@ impl Hub {
     ) -> Result<StreamWritten, HubError> {
         let topic = self.topic(topic);
         let written = topic.log.write_stream(write).await?;
+        if written.messages.first().is_some_and(|m| m.id == 1) && !self.patterns.is_empty() {
+            // A new topic, as on a publish: the connections whose patterns select it join.
+            let _ = self.created.send(topic.name.clone());
+        }
         self.counters.publishes.fetch_add(
             written.messages.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
@@ -1337,6 +1374,18 @@ mod tests {
             written_until_end(&outlet).await,
             ("end".to_owned(), End::Finished)
         );
+    }
+
+    #[tokio::test]
+    async fn an_ended_connection_follows_nothing_more() {
+        // A pattern's join that awaited the store while the client left must not add a sub
+        // that nothing would remove (it would keep the outlet and the topic alive).
+        let hub = hub(5, 2);
+        let outlet = hub.outlet(None, Native::Sse);
+        outlet.detach();
+        let refused = hub.subscribe(&name(), Some(0), &outlet).await;
+        assert!(matches!(refused, Err(HubError::Ended)), "{refused:?}");
+        assert_eq!(hub.topic(&name()).live.len(), 0, "no follower left behind");
     }
 
     #[tokio::test]

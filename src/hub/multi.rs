@@ -78,6 +78,20 @@ impl Book {
         self.watches.push((slot, Box::from(prefix)));
     }
 
+    /// The id the client's cursor holds for the topic `key` names, if it carries one.
+    pub(super) fn carried_of(&self, key: Key) -> Option<MessageId> {
+        let Key::Hashed(hash) = key else { return None };
+        self.carried
+            .iter()
+            .find(|&&(h, _)| h == hash)
+            .map(|&(_, id)| id)
+    }
+
+    /// Whether the connection watches pattern `prefix*` already.
+    pub(super) fn watching(&self, prefix: &str) -> bool {
+        self.watches.iter().any(|(_, p)| &**p == prefix)
+    }
+
     /// Leaves the pattern registry (the connection ended).
     pub(super) fn unwatch(&mut self) {
         if let Some(patterns) = &self.patterns {
@@ -138,6 +152,7 @@ impl Book {
         // A topic at 0 is left out: a topic the cursor does not name is read from its start,
         // which is what 0 says (so idle topics cost a cursor nothing).
         hashed.extend(self.carried.iter().filter(|(_, id)| *id > 0));
+        let carried = hashed.len();
         for (sent, key) in subs.zip(&self.keys) {
             match (sent, key) {
                 (Some(sent), Some(Key::Listed(position))) if sent > 0 => {
@@ -147,6 +162,10 @@ impl Book {
                 _ => {}
             }
         }
+        // A cursor naming more than the limit would be refused when it comes back: the
+        // carried entries (topics gone since) give way first.
+        let excess = (listed.len() + hashed.len()).saturating_sub(self.limit);
+        hashed.drain(..excess.min(carried));
         &self.work
     }
 
@@ -225,4 +244,25 @@ pub(super) fn chunk_pieces(format: Format, pieces: &mut Vec<Bytes>, from: usize)
     wire::push_chunk_start(&mut header, len);
     pieces.insert(from, Bytes::from(header));
     pieces.push(Bytes::from_static(b"\r\n"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carried_entries_give_way_at_the_limit() {
+        // 100 topics a pattern picked up once and that are gone, carried from the client's
+        // cursor, and 3 followed now: a cursor over 100 entries would be refused back.
+        let carried: Vec<(u64, MessageId)> = (1..=100).map(|h| (h, 7)).collect();
+        let mut book = Book::new(carried, 100);
+        for (index, hash) in [1000u64, 1001, 1002].into_iter().enumerate() {
+            book.name(index, Key::Hashed(hash));
+        }
+        let cursor = book.cursor([Some(9), Some(9), Some(9)].into_iter());
+        assert_eq!(cursor.listed.len() + cursor.hashed.len(), 100);
+        for hash in [1000, 1001, 1002] {
+            assert!(cursor.hashed.contains(&(hash, 9)), "followed topics stay");
+        }
+    }
 }

@@ -65,6 +65,8 @@ pub(super) enum Refused {
     Following(SubId),
     /// The connection follows as many topics as it may.
     Full,
+    /// The connection has ended.
+    Ended,
 }
 
 /// What a connection's task must do next.
@@ -411,11 +413,24 @@ impl Outlet {
         key: Option<Key>,
     ) -> Result<SubId, Refused> {
         let mut state = self.lock();
-        if let Some(book) = &state.book {
+        let state = &mut *state;
+        if state.end.is_some() {
+            // Detached (or ending): a sub added now would never be removed, and would keep
+            // the outlet, its socket and the topic alive (a pattern's join that awaited the
+            // store while the client left).
+            return Err(Refused::Ended);
+        }
+        if let Some(book) = &mut state.book {
             let mut count = 0;
             for (index, sub) in state.subs.iter().enumerate() {
                 if let Some(sub) = sub {
                     if sub.topic.name == topic.name {
+                        // A topic the list names, joined first by a pattern: the list's
+                        // position is what its cursor must name it by (a reconnect to the
+                        // same URL looks it up there).
+                        if let Some(key @ Key::Listed(_)) = key {
+                            book.name(index, key);
+                        }
                         return Err(Refused::Following(SubId(index)));
                     }
                     count += 1;

@@ -171,7 +171,7 @@ pub async fn plan(
             continue;
         };
         if let Some(outlet) = outlet {
-            app.hub.watch_prefix(outlet, prefix);
+            app.hub.watch_prefix(outlet, prefix)?;
         }
         for topic in app.hub.topics_with_prefix(prefix, limit).await? {
             if !topics.iter().any(|(t, _)| *t == topic) {
@@ -425,13 +425,32 @@ async fn unpark_all(
     Ok(answered)
 }
 
+/// The `limit` oldest messages of `batches`, each topic's taken in id order from its first:
+/// a merge on each topic's next message's time, so a topic's kept messages are always a
+/// prefix of its batch (its cursor then skips nothing), even where publish times within a
+/// topic go backwards (two publishers, or nodes' clocks). By topic, then id.
+fn oldest_first(batches: &[Batch], limit: usize) -> Vec<(usize, &Arc<Message>)> {
+    let mut next = vec![0usize; batches.len()];
+    let mut kept = Vec::with_capacity(limit);
+    while kept.len() < limit {
+        let pick = (0..batches.len())
+            .filter(|&i| next[i] < batches[i].messages.len())
+            .min_by_key(|&i| (batches[i].messages[next[i]].time, i));
+        let Some(i) = pick else { break };
+        kept.push((i, &batches[i].messages[next[i]]));
+        next[i] += 1;
+    }
+    kept.sort_by_key(|(i, m)| (*i, m.id));
+    kept
+}
+
 /// Where each topic of a poll's answer stands (the cursor), and the `topics` object: the
 /// topics with messages in the answer (`all`, after the limit) or a signal.
 fn cursor_and_topics(
     planned: &[Planned],
     batches: &[Batch],
     all: &[(usize, &Arc<Message>)],
-    start: &Start,
+    (start, limit): (&Start, usize),
 ) -> (Cursor, Vec<u8>) {
     // The client's entries for topics a pattern picked up that are gone stay in the cursor
     // (as on streams), so such a topic resumes where it was if it comes back.
@@ -473,6 +492,15 @@ fn cursor_and_topics(
     // As on streams, a topic at 0 is left out (not named: from its start).
     cursor.listed.retain(|&(_, id)| id > 0);
     cursor.hashed.retain(|&(_, id)| id > 0);
+    // And as on streams, past the limit the carried entries (topics gone) give way, or the
+    // cursor would be refused when it comes back.
+    let mut excess = (cursor.listed.len() + cursor.hashed.len()).saturating_sub(limit);
+    cursor.hashed.retain(|&(hash, _)| {
+        let carried = !planned.iter().any(|p| p.key == Key::Hashed(hash));
+        let drop = carried && excess > 0;
+        excess -= usize::from(drop);
+        !drop
+    });
     (cursor, topics)
 }
 
@@ -496,11 +524,10 @@ fn answer(
         .collect();
     let trimmed = all.len() > limit;
     if trimmed {
-        all.sort_by_key(|(i, m)| (m.time, *i, m.id));
-        all.truncate(limit);
-        all.sort_by_key(|(i, m)| (*i, m.id));
+        all = oldest_first(batches, limit);
     }
-    let (cursor, topics) = cursor_and_topics(planned, batches, &all, start);
+    let most = app.settings.stream.max_subscriptions.max(1);
+    let (cursor, topics) = cursor_and_topics(planned, batches, &all, (start, most));
     let more = trimmed || batches.iter().any(|b| b.more);
     let mut body = Vec::with_capacity(
         96 + topics.len()
@@ -527,4 +554,49 @@ fn answer(
     let messages: Vec<Arc<Message>> = all.iter().map(|(_, m)| Arc::clone(m)).collect();
     app.count_answer(transport, &messages, body.len());
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{EventName, Payload};
+
+    fn batch(topic: &str, messages: &[(MessageId, u64)]) -> Batch {
+        let topic = TopicName::parse(topic).unwrap();
+        Batch {
+            messages: messages
+                .iter()
+                .map(|&(id, time)| {
+                    Arc::new(Message::new(
+                        id,
+                        topic.clone(),
+                        EventName::default_event(),
+                        time,
+                        &Payload::from_text("x"),
+                    ))
+                })
+                .collect(),
+            ..Batch::default()
+        }
+    }
+
+    #[test]
+    fn a_trimmed_list_poll_keeps_a_prefix_of_each_topic() {
+        // Topic a's id 6 was stamped before its id 5 (two publishers): keeping the oldest
+        // by time alone would keep a6 and skip a5 for good.
+        let batches = [
+            batch("a", &[(5, 1002), (6, 1000)]),
+            batch("b", &[(1, 1001)]),
+        ];
+        let kept: Vec<(usize, MessageId)> = oldest_first(&batches, 2)
+            .iter()
+            .map(|(i, m)| (*i, m.id))
+            .collect();
+        assert_eq!(kept, [(0, 5), (1, 1)]);
+        let all: Vec<(usize, MessageId)> = oldest_first(&batches, 10)
+            .iter()
+            .map(|(i, m)| (*i, m.id))
+            .collect();
+        assert_eq!(all, [(0, 5), (0, 6), (1, 1)]);
+    }
 }

@@ -217,7 +217,16 @@ impl Session {
             listed::fits(&selection, cursor)?;
         }
         self.app.hub.keep_cursor(outlet);
-        listed::follow(&self.app, &selection, &start, outlet).await?;
+        let prefix = name.strip_suffix('*').unwrap_or(name);
+        let watched = self.app.hub.watches_prefix(outlet, prefix);
+        if let Err(error) = listed::follow(&self.app, &selection, &start, outlet).await {
+            // Refused (too broad, too many topics) or failed partway: follow nothing of it,
+            // or its next topic would end the whole connection for the limit.
+            if !watched {
+                self.app.hub.unwatch_prefix(outlet, prefix);
+            }
+            return Err(error);
+        }
         Ok(json!({"type": "subscribed", "topic": name, "cursor": outlet.list_cursor()}))
     }
 }
