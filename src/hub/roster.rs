@@ -30,7 +30,7 @@ use super::{Format, Outlet};
 use crate::{
     message::{
         TopicName, TransportKind, now_millis,
-        presence::{Diff, Member, coalesce},
+        presence::{Diff, Member, coalesce, oldest_first},
     },
     store::{PresenceBoard, PresenceChange, RemotePresence},
 };
@@ -523,13 +523,19 @@ impl super::Hub {
         if let Some(board) = &self.rolls.board {
             return Ok(board.list(topic).await?);
         }
-        let roster = self
-            .shard(topic)
-            .get(topic)
-            .and_then(|topic| topic.presence.roster_if_any().cloned());
-        let mut members = roster.map(|roster| roster.members()).unwrap_or_default();
-        members.sort_by(|a, b| (a.since, &a.id).cmp(&(b.since, &b.id)));
+        let mut members = self
+            .roster_of(topic)
+            .map(|roster| roster.members())
+            .unwrap_or_default();
+        oldest_first(&mut members);
         Ok(members)
+    }
+
+    /// The roster of `topic` on this node, if the topic is open and has one.
+    fn roster_of(&self, topic: &TopicName) -> Option<Arc<Roster>> {
+        self.shard(topic)
+            .get(topic)
+            .and_then(|topic| topic.presence.roster_if_any().cloned())
     }
 
     /// Every roster of this node.
@@ -635,11 +641,7 @@ impl super::Hub {
         if envelope.origin == *self.rolls.key {
             return;
         }
-        let roster = self
-            .shard(&envelope.topic)
-            .get(&envelope.topic)
-            .and_then(|topic| topic.presence.roster_if_any().cloned());
-        if let Some(roster) = roster {
+        if let Some(roster) = self.roster_of(&envelope.topic) {
             roster.tell(&envelope.envelope);
         }
     }

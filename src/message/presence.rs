@@ -31,6 +31,12 @@ pub struct Member {
     pub since: u64,
 }
 
+/// Sorts a presence list as it is answered: oldest member first (then by id, so the order is
+/// the same on every node).
+pub fn oldest_first(members: &mut [Member]) {
+    members.sort_by(|a, b| (a.since, &a.id).cmp(&(b.since, &b.id)));
+}
+
 /// Counts of the changes an envelope over [`MAX_CHANGES`] left out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Overflow {

@@ -271,14 +271,14 @@ pub async fn poll(
         Start::from_params(params, limit)
     })?;
     let limit = params.limit(&app.settings.poll)?;
-    let client = params.client()?;
-    let name = params.presenter(access)?.client;
+    let (client, named) = params.poller(access)?;
+    let name = named.then_some(&*client);
     let planned = plan(app, &selection, &start, None).await?;
     let mut batches = Vec::with_capacity(planned.len());
     for topic in &planned {
         let batch = app
             .hub
-            .poll(&topic.topic, topic.after, limit, &client, name.as_deref())
+            .poll(&topic.topic, topic.after, limit, &client, name)
             .await?;
         batches.push(batch);
     }
@@ -308,8 +308,9 @@ pub async fn longpoll(
     })?;
     let limit = params.limit(&app.settings.poll)?;
     let timeout = params.timeout(&app.settings.poll)?;
-    let client = params.client()?.into_owned();
-    let name = params.presenter(access)?.client;
+    let (client, named) = params.poller(access)?;
+    let client = client.into_owned();
+    let name = named.then_some(client.as_str());
     let _place = app
         .parked_longpolls
         .clone()
@@ -324,7 +325,7 @@ pub async fn longpoll(
     });
     let _watching = app.hub.watch_prefixes(prefixes, &created);
     let mut planned = plan(app, &selection, &start, None).await?;
-    let (parked, batches) = park_all(app, &planned, limit, (&client, name.as_deref())).await?;
+    let (parked, batches) = park_all(app, &planned, limit, (&client, name)).await?;
     let mut picked_up = false;
     if batches.iter().all(Option::is_none) {
         let news = std::future::poll_fn(|cx| {
@@ -354,7 +355,7 @@ pub async fn longpoll(
             let after = topic.after.or(Some(0));
             answered.push(
                 app.hub
-                    .poll(&topic.topic, after, limit, &client, name.as_deref())
+                    .poll(&topic.topic, after, limit, &client, name)
                     .await?,
             );
             planned.push(Planned { after, ..topic });

@@ -300,12 +300,6 @@ impl<'a> Params<'a> {
         })
     }
 
-    /// Who is polling, for subscriber counts: the `client` parameter when given (a client
-    /// library sends a random id), else the peer's IP address.
-    pub fn client(&self) -> Result<Cow<'_, str>, Error> {
-        Ok(self.given_client()?.unwrap_or_else(|| self.peer_id()))
-    }
-
     /// The peer's IP address, which tells anonymous pollers apart.
     fn peer_id(&self) -> Cow<'static, str> {
         Cow::Owned(self.peer.map_or_else(String::new, |p| p.ip().to_string()))

@@ -27,7 +27,7 @@ use super::{COMMAND_TIMEOUT, Shared, keys::channel, unavailable};
 use crate::{
     message::{
         TopicName,
-        presence::{Diff, Member},
+        presence::{Diff, Member, oldest_first},
     },
     store::{PresenceBoard, PresenceChange, RemotePresence, StoreError},
 };
@@ -155,6 +155,13 @@ impl RedisBoard {
         self.run::<Value>(&cmd).await.map(drop)
     }
 
+    /// Takes `topic` out of this node's set of topics with members (it has none left there).
+    async fn unlist(&self, topic: &TopicName) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SREM");
+        cmd.arg(node_topics_key(&self.node)).arg(topic.as_str());
+        self.run::<Value>(&cmd).await.map(drop)
+    }
+
     /// Removes a dead node's members and tells of their leaving on its behalf.
     async fn reap(&self, dead: &str) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("SMEMBERS");
@@ -200,9 +207,7 @@ impl PresenceBoard for RedisBoard {
             let ids: Vec<&str> = change.leaves.iter().map(|m| m.id.as_str()).collect();
             self.delete(topic, &ids).await?;
             if change.emptied {
-                let mut cmd = redis::cmd("SREM");
-                cmd.arg(node_topics_key(&self.node)).arg(topic.as_str());
-                self.run::<Value>(&cmd).await?;
+                self.unlist(topic).await?;
             }
             if let Some(envelope) = change.envelope {
                 self.publish(topic, &self.node, envelope).await?;
@@ -238,9 +243,7 @@ impl PresenceBoard for RedisBoard {
                 self.delete(topic, &stale).await?;
                 self.record(topic, here).await?;
                 if here.is_empty() {
-                    let mut cmd = redis::cmd("SREM");
-                    cmd.arg(node_topics_key(&self.node)).arg(topic.as_str());
-                    self.run::<Value>(&cmd).await?;
+                    self.unlist(topic).await?;
                 }
             }
             Ok(())
@@ -262,7 +265,7 @@ impl PresenceBoard for RedisBoard {
                 .filter(|(id, _)| live.contains(node_of(id)))
                 .map(|(_, member)| member)
                 .collect();
-            members.sort_by(|a, b| (a.since, &a.id).cmp(&(b.since, &b.id)));
+            oldest_first(&mut members);
             Ok(members)
         })
     }
