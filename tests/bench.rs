@@ -3,18 +3,38 @@
 
 mod support;
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use serde_json::Value;
 
+/// A bench run's report directory, removed when dropped (a failed assertion included).
+struct OutDir(PathBuf);
+
+impl std::ops::Deref for OutDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs `pushhub bench ARGS --json --out DIR` and returns what it printed and the directory.
-fn bench(name: &str, args: &[&str]) -> (Value, PathBuf) {
-    let out = std::env::temp_dir().join(format!("pushhub-{name}-{}", std::process::id()));
+fn bench(name: &str, args: &[&str]) -> (Value, OutDir) {
+    let out = OutDir(std::env::temp_dir().join(format!("pushhub-{name}-{}", std::process::id())));
     let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
         .arg("bench")
         .args(args)
         .args(["--json", "--out"])
-        .arg(&out)
+        .arg(&*out)
         .output()
         .expect("run pushhub bench");
     assert!(
@@ -97,7 +117,6 @@ fn a_small_bench_run_loses_nothing_and_writes_a_complete_report() {
             .unwrap()
             .contains("</svg>")
     );
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
@@ -177,12 +196,11 @@ fn the_idle_scenario_holds_connections_without_publishing() {
         !report.contains("p99 latency"),
         "an idle run compares no latency: {report}"
     );
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
 fn the_chat_scenario_spreads_messages_over_topics_and_loses_none() {
-    let (printed, out) = bench(
+    let (printed, _out) = bench(
         "chat",
         &[
             "--scenario",
@@ -208,7 +226,6 @@ fn the_chat_scenario_spreads_messages_over_topics_and_loses_none() {
         assert_eq!(r["lost"], 0, "{t}");
         assert_eq!(r["duplicates"], 0, "{t}");
     }
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
@@ -253,7 +270,6 @@ fn a_three_node_bench_spreads_subscribers_and_reports_cross_node_latency() {
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("## Across nodes"), "{report}");
     assert!(report.contains("--nodes 3"), "{report}");
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 /// The Redis processes and directories a `--redis-start` bench of this test process made
@@ -323,7 +339,6 @@ fn the_bench_starts_and_removes_the_redis_its_nodes_share() {
             "{report}"
         );
         assert!(report.contains("Redis µs/publish"), "{report}");
-        std::fs::remove_dir_all(out).unwrap();
         let after = bench_redis_left();
         assert!(
             after.iter().all(|dir| before.contains(dir)),
@@ -431,12 +446,11 @@ fn the_compare_scenario_gives_each_cell_a_verdict_its_link_explains() {
     assert!(md.contains("| 3g | ws | **works** |"), "{md}");
     let svg = std::fs::read_to_string(out.join("comparison.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains(">3g+no-websocket<"));
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
 fn subscribers_behind_a_flaky_link_reconnect_and_resume_without_loss_or_repeats() {
-    let (printed, out) = bench(
+    let (printed, _out) = bench(
         "flaky",
         &[
             "--transports",
@@ -463,7 +477,6 @@ fn subscribers_behind_a_flaky_link_reconnect_and_resume_without_loss_or_repeats(
         assert_eq!(r["duplicates"], 0, "{r}");
         assert_eq!(r["deliveries"], r["expected_deliveries"], "{r}");
     }
-    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]
@@ -484,7 +497,7 @@ fn subscribers_following_many_topics_on_one_connection_lose_nothing() {
         if pattern {
             args.push("--topic-pattern");
         }
-        let (printed, out) = bench(if pattern { "pattern" } else { "list" }, &args);
+        let (printed, _out) = bench(if pattern { "pattern" } else { "list" }, &args);
         let command = printed["command"].as_str().unwrap();
         assert!(command.contains("--topics-per-subscriber 10"), "{command}");
         assert_eq!(command.contains("--topic-pattern"), pattern, "{command}");
@@ -499,6 +512,5 @@ fn subscribers_following_many_topics_on_one_connection_lose_nothing() {
                 "{t}"
             );
         }
-        let _ = std::fs::remove_dir_all(out);
     }
 }

@@ -6,16 +6,36 @@
 
 mod support;
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use serde_json::json;
 use support::{ids, spawn_binary};
 
+/// A file the test wrote, removed when dropped (a failed assertion included).
+struct TempFile(PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Writes `text` to a fresh file named after `name`.
-fn file(name: &str, text: &str) -> PathBuf {
+fn file(name: &str, text: &str) -> TempFile {
     let path = std::env::temp_dir().join(format!("pushhub-{name}-{}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    path
+    TempFile(path)
 }
 
 /// Runs `pushhub ARGS` with only `envs` in its environment: (exit code, stdout, stderr).
@@ -81,7 +101,6 @@ async fn the_server_runs_with_what_the_file_sets() {
     }
     let (_, history) = node.get("/topics/kept/poll?after=0").await;
     assert_eq!(ids(history["messages"].as_array().unwrap()), [2, 3, 4]);
-    std::fs::remove_file(path).unwrap();
 }
 
 #[test]
@@ -121,7 +140,6 @@ fn flags_win_over_the_environment_which_wins_over_the_file() {
         "history_size = 11 # file"
     );
     assert_eq!(setting(&printed, "workers"), "workers = 3 # file");
-    std::fs::remove_file(path).unwrap();
 }
 
 #[test]
@@ -148,7 +166,6 @@ fn secrets_are_redacted_in_what_config_prints() {
         setting(&printed, "public_topics"),
         "public_topics = [\"news.*\", \"lobby\"] # file"
     );
-    std::fs::remove_file(path).unwrap();
 }
 
 #[test]
@@ -202,7 +219,6 @@ fn a_bad_file_stops_the_start_naming_the_key_and_its_line() {
                 && stderr.contains(expected),
             "{text:?}: expected {expected:?} in {stderr:?}"
         );
-        std::fs::remove_file(path).unwrap();
     }
     let (code, _, stderr) = pushhub(&["--config", "/nonexistent/pushhub.toml"], &[]);
     assert_eq!(code, 2);
@@ -228,5 +244,4 @@ fn the_documented_example_is_what_config_prints_for_the_defaults() {
     let (code, again, stderr) = pushhub(&["config", "--config", path.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(again.replace(" # file\n", " # default\n"), printed);
-    std::fs::remove_file(path).unwrap();
 }

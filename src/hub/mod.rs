@@ -238,6 +238,8 @@ pub struct Topic {
     presence: Presence,
     /// Set once the log follows the topic (a shared log subscribes to it, once).
     followed: tokio::sync::OnceCell<()>,
+    /// How a cursor names the topic when a pattern picked it up (`topic_hash` of its name).
+    hash: u64,
 }
 
 /// A handle on a topic's stream-state notices ([`Hub::state_notices`]).
@@ -340,6 +342,7 @@ impl Hub {
             live,
             presence: Presence::default(),
             followed: tokio::sync::OnceCell::new(),
+            hash: crate::message::cursor::topic_hash(name.as_str()),
         });
         shard.insert(name.clone(), topic.clone());
         topic
@@ -819,11 +822,7 @@ impl Hub {
                 outlet,
             )
         });
-        let gauge = topic
-            .presence
-            .stream(outlet.transport())
-            .with_pass(ticket.map(roster::Pass::Member));
-        let sub = match outlet.add_sub(topic.clone(), gauge, key) {
+        let sub = match outlet.add_sub(topic.clone(), ticket.map(roster::Pass::Member), key) {
             Ok(sub) => sub,
             Err(outlet::Refused::Following(sub)) => return Ok(sub),
             Err(outlet::Refused::Full) => {

@@ -34,8 +34,8 @@ use tokio::net::TcpStream;
 use super::{
     Topic,
     format::{Format, Frames},
-    multi::{self, Book, Key},
-    presence::Gauge,
+    multi::{self, Book, Key, Standing},
+    roster::Pass,
     tally::Tally,
 };
 use crate::message::{Message, MessageId, TopicName, TransportKind, wire};
@@ -111,7 +111,8 @@ impl SubId {
 /// A sub not placed in its topic's follower list yet.
 const NO_SLOT: u32 = u32::MAX;
 
-/// One topic an outlet follows.
+/// One topic an outlet follows: 32 bytes (a unit test holds it), as a connection holds one
+/// per topic it follows.
 pub(super) struct Sub {
     pub(super) topic: Arc<Topic>,
     /// Where the outlet sits in the topic's list of followers ([`NO_SLOT`] until placed):
@@ -126,13 +127,19 @@ pub(super) struct Sub {
     lost: bool,
     /// `sent` is still the client's own cursor, where 0 means "from the oldest retained".
     from_client: bool,
-    _gauge: Gauge,
+    /// What its connection counts as in its topic's subscribers, until the sub is dropped.
+    transport: TransportKind,
 }
 
-impl Sub {
-    /// The id of the last message written or queued to it (or its starting cursor).
-    pub(super) fn cursor(&self) -> MessageId {
-        self.sent
+impl Drop for Sub {
+    fn drop(&mut self) {
+        self.topic.presence.leave(self.transport);
+    }
+}
+
+impl Standing for Option<Sub> {
+    fn standing(&self) -> Option<(u64, MessageId)> {
+        self.as_ref().map(|sub| (sub.topic.hash, sub.sent))
     }
 }
 
@@ -161,7 +168,23 @@ struct State {
     /// A connection that follows a request's topic list: how its cursor names each sub.
     book: Option<Box<Book>>,
     /// Who the connection says it is, for presence ([`Outlet::present_as`]).
-    presenter: Option<Arc<super::Presenter>>,
+    named: Option<Box<Named>>,
+}
+
+/// A connection that takes part in presence: who it says it is, and by sub index the place
+/// in its topic's roster each sub holds (left when the sub goes).
+struct Named {
+    presenter: Arc<super::Presenter>,
+    passes: Vec<(usize, Pass)>,
+}
+
+impl State {
+    /// Takes the roster place sub `index` holds, if any (to drop outside the lock).
+    fn take_pass(&mut self, index: usize) -> Option<Pass> {
+        let passes = &mut self.named.as_mut()?.passes;
+        let at = passes.iter().position(|&(sub, _)| sub == index)?;
+        Some(passes.swap_remove(at).1)
+    }
 }
 
 /// The end of an outlet that waits for a sub to reach a message.
@@ -343,7 +366,7 @@ impl Outlet {
     pub fn list_cursor(&self) -> Option<String> {
         let mut state = self.lock();
         let state = &mut *state;
-        Some(state.book.as_mut()?.cursor(sents(&state.subs)).encode())
+        Some(state.book.as_ref()?.cursor(&state.subs).encode())
     }
 
     /// Stops following a pattern: leaves its registry entry, and stops following the topics
@@ -395,7 +418,7 @@ impl Outlet {
         let Some(book) = state.book.as_mut() else {
             return;
         };
-        if let Some(bytes) = book.opening(sents(&state.subs), self.format) {
+        if let Some(bytes) = book.opening(&state.subs, self.format) {
             state.pending.push_back(bytes);
             state.busy = true;
             state.active = true;
@@ -406,10 +429,11 @@ impl Outlet {
     /// the cursor of a connection with a book. Called by the hub.
     /// A connection with a book follows each topic once, and at most its limit: else
     /// nothing is added ([`Refused`]).
+    /// `pass` is the sub's place in its topic's roster (a named connection's).
     pub(super) fn add_sub(
         &self,
         topic: Arc<Topic>,
-        gauge: Gauge,
+        pass: Option<Pass>,
         key: Option<Key>,
     ) -> Result<SubId, Refused> {
         let mut state = self.lock();
@@ -440,6 +464,7 @@ impl Outlet {
                 return Err(Refused::Full);
             }
         }
+        topic.presence.join(self.transport);
         let sub = Sub {
             topic,
             slot: NO_SLOT,
@@ -447,7 +472,7 @@ impl Outlet {
             seen: 0,
             lost: true,
             from_client: false,
-            _gauge: gauge,
+            transport: self.transport,
         };
         let index = match state.subs.iter().position(Option::is_none) {
             Some(free) => free,
@@ -457,8 +482,14 @@ impl Outlet {
             }
         };
         state.subs[index] = Some(sub);
-        if let (Some(book), Some(key)) = (state.book.as_mut(), key) {
-            book.name(index, key);
+        if let (Some(named), Some(pass)) = (state.named.as_mut(), pass) {
+            named.passes.push((index, pass));
+        }
+        if let Some(book) = state.book.as_mut() {
+            match key {
+                Some(key) => book.name(index, key),
+                None => book.stale(),
+            }
         }
         Ok(SubId(index))
     }
@@ -490,6 +521,9 @@ impl Outlet {
             }
             _ => return false,
         }
+        if let Some(book) = state.book.as_mut() {
+            book.stale();
+        }
         // A sub added to a running connection (a pattern's new topic) is read by its task:
         // wake it, as a message offered to a sub that is still lost does not.
         Self::wake(&mut state);
@@ -512,14 +546,36 @@ impl Outlet {
         state.subs.get(sub.0)?.as_ref().map(|s| s.sent)
     }
 
+    /// The sub that follows `topic`, if one does (a walk of the subs: a connection follows
+    /// at most `--max-subscriptions-per-connection` topics, and this is asked per command,
+    /// not per message).
+    /// `true` with it when the connection's cursor names the sub (a topic of the request's
+    /// list, or one a pattern picked up).
+    pub fn sub_of(&self, topic: &TopicName) -> Option<(SubId, bool)> {
+        let state = self.lock();
+        let index = state
+            .subs
+            .iter()
+            .position(|sub| sub.as_ref().is_some_and(|sub| sub.topic.name == *topic))?;
+        let named = state.book.as_ref().is_some_and(|book| book.names(index));
+        Some((SubId(index), named))
+    }
+
+    /// How many topics the outlet follows.
+    pub fn sub_count(&self) -> usize {
+        self.lock().subs.iter().flatten().count()
+    }
+
     /// Stops following one topic; returns whether the sub existed.
     pub fn unsubscribe(&self, sub: SubId) -> bool {
-        let removed = {
+        // Dropped outside the lock, with the roster place it held.
+        let (removed, _pass) = {
             let mut state = self.lock();
             if let Some(book) = state.book.as_mut() {
                 book.forget(sub.0);
             }
-            state.subs.get_mut(sub.0).and_then(Option::take)
+            let pass = state.take_pass(sub.0);
+            (state.subs.get_mut(sub.0).and_then(Option::take), pass)
         };
         match removed {
             Some(sub) => {
@@ -535,14 +591,14 @@ impl Outlet {
     /// Stops following every topic and leaves the registry: called when the connection ends
     /// (by [`OutletGuard`]), so that no writer keeps the outlet alive.
     pub fn detach(&self) {
-        let subs: SmallVec<[Option<Sub>; 1]> = {
+        let (subs, _named) = {
             let mut state = self.lock();
             state.end.get_or_insert(End::Gone);
             state.waker = None;
             if let Some(book) = state.book.as_mut() {
                 book.unwatch();
             }
-            std::mem::take(&mut state.subs)
+            (std::mem::take(&mut state.subs), state.named.take())
         };
         for sub in subs.into_iter().flatten() {
             if sub.slot != NO_SLOT {
@@ -592,7 +648,7 @@ impl Outlet {
                 frames,
                 |subs, m, frames| {
                     frames.push(multi::sse_fields(m));
-                    frames.push(book.id_line(sents(subs)));
+                    frames.push(book.id_line(subs, Some(sub)));
                 },
             ),
             _ => Self::take(
@@ -740,6 +796,10 @@ impl Outlet {
                 };
                 entry.sent = offer.taken.first_sent;
                 entry.lost = true;
+                if let Some(book) = state.book.as_mut() {
+                    // The lines written for the offer are not sent.
+                    book.stale();
+                }
                 entry.seen = entry.seen.max(offer.newest);
             }
             Self::wake(state);
@@ -771,12 +831,17 @@ impl Outlet {
     /// Names the connection for presence: the topics it subscribes to from now on list it
     /// (when named) and send it their `presence` envelopes (when it asked for them).
     pub fn present_as(&self, presenter: super::Presenter) {
-        self.lock().presenter = presenter.is_some().then(|| Arc::new(presenter));
+        self.lock().named = presenter.is_some().then(|| {
+            Box::new(Named {
+                presenter: Arc::new(presenter),
+                passes: Vec::new(),
+            })
+        });
     }
 
     /// Who the connection says it is, if it said.
     pub(super) fn presenter(&self) -> Option<Arc<super::Presenter>> {
-        self.lock().presenter.clone()
+        Some(self.lock().named.as_ref()?.presenter.clone())
     }
 
     /// Sends bytes that are not a message (a reply, a heartbeat, a handshake): written at
@@ -1016,6 +1081,9 @@ impl Outlet {
             // Nothing retained after the cursor: resume from the newest id, so that a
             // truncation or reset is signalled once, not again at the next read.
             entry.sent = entry.sent.max(batch.last_id);
+            if let Some(book) = state.book.as_mut() {
+                book.stale();
+            }
         }
         // `seen` holds only what was offered since the read began (see `poll_action`): one
         // that the read may not have found. (Were older offers kept, an id from before ids
@@ -1054,7 +1122,7 @@ impl Outlet {
             match ids.as_deref_mut() {
                 Some(book) => {
                     pieces.push(multi::signal_fields(signal, &entry.topic.name));
-                    pieces.push(book.id_line(sents(subs)));
+                    pieces.push(book.id_line(subs, Some(sub)));
                 }
                 None => pieces.extend(self.format.signal(&entry.topic.name, signal)),
             }
@@ -1074,7 +1142,7 @@ impl Outlet {
             match ids.as_deref_mut() {
                 Some(book) => {
                     pieces.push(multi::sse_fields(message));
-                    pieces.push(book.id_line(sents(subs)));
+                    pieces.push(book.id_line(subs, Some(sub)));
                 }
                 None => pieces.push(self.frame(message)),
             }
@@ -1153,11 +1221,6 @@ impl Outlet {
     }
 }
 
-/// Where each sub stands, by index, for a book's cursor.
-fn sents(subs: &[Option<Sub>]) -> impl Iterator<Item = Option<MessageId>> + '_ {
-    subs.iter().map(|sub| sub.as_ref().map(Sub::cursor))
-}
-
 /// Writes as much of `frames` as the socket takes now, in one system call.
 fn write_now(socket: &TcpStream, frames: &[Bytes]) -> io::Result<usize> {
     let result = if let [frame] = frames {
@@ -1219,10 +1282,9 @@ mod tests {
     }
 
     #[test]
-    fn a_sub_stays_within_48_bytes() {
+    fn a_sub_stays_within_32_bytes() {
         // One per topic a connection follows: the idle cost of following many topics.
-        eprintln!("Option<Sub>: {} bytes", std::mem::size_of::<Option<Sub>>());
-        assert!(std::mem::size_of::<Option<Sub>>() <= 48);
+        assert_eq!(std::mem::size_of::<Option<Sub>>(), 32);
     }
 
     #[test]

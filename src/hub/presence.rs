@@ -134,17 +134,43 @@ impl Drop for Gauge {
 }
 
 impl Presence {
+    /// The counter of streaming subscribers (or parked polls) on `transport`; `None` for a
+    /// short poll held open (`Hub::outlet` takes any transport), which is not counted.
+    fn counter(&self, transport: TransportKind) -> Option<&Arc<AtomicUsize>> {
+        match transport {
+            TransportKind::Sse => Some(&self.sse),
+            TransportKind::Ws => Some(&self.ws),
+            TransportKind::Stream => Some(&self.stream),
+            TransportKind::Longpoll => Some(&self.parked),
+            TransportKind::DsSse => Some(&self.ds_sse),
+            TransportKind::DsLongpoll => Some(&self.ds_parked),
+            TransportKind::Poll => None,
+        }
+    }
+
     /// Counts a streaming subscriber until the returned gauge is dropped.
     pub(crate) fn stream(&self, transport: TransportKind) -> Gauge {
-        match transport {
-            TransportKind::Sse => Gauge::hold(&self.sse, transport),
-            TransportKind::Ws => Gauge::hold(&self.ws, transport),
-            TransportKind::Stream => Gauge::hold(&self.stream, transport),
-            TransportKind::Longpoll => Gauge::hold(&self.parked, transport),
-            TransportKind::DsSse => Gauge::hold(&self.ds_sse, transport),
-            TransportKind::DsLongpoll => Gauge::hold(&self.ds_parked, transport),
-            // `Hub::outlet` takes any transport; a short poll held open is not counted.
-            TransportKind::Poll => Gauge(Held::Nothing),
+        match self.counter(transport) {
+            Some(counter) => Gauge::hold(counter, transport),
+            None => Gauge(Held::Nothing),
+        }
+    }
+
+    /// Counts one topic an outlet follows, until [`Presence::leave`]: an outlet's sub, which
+    /// knows its topic and transport, uncounts itself when dropped. (Not a [`Gauge`]: that
+    /// would cost every followed topic of every connection two words.)
+    pub(crate) fn join(&self, transport: TransportKind) {
+        if let Some(counter) = self.counter(transport) {
+            counter.fetch_add(1, Ordering::Relaxed);
+            crate::telemetry::stream(transport, true);
+        }
+    }
+
+    /// Uncounts what [`Presence::join`] counted.
+    pub(crate) fn leave(&self, transport: TransportKind) {
+        if let Some(counter) = self.counter(transport) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            crate::telemetry::stream(transport, false);
         }
     }
 

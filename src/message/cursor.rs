@@ -100,35 +100,25 @@ impl Cursor {
     /// The cursor as its string.
     pub fn encode(&self) -> String {
         let mut bytes = Vec::with_capacity(3 + self.listed.len() * 5 + self.hashed.len() * 13);
-        self.encode_bytes(&mut bytes);
+        self.encode_bytes(&mut bytes, |_| {});
         URL_SAFE_NO_PAD.encode(&bytes)
     }
 
-    /// Appends the cursor's string to `out` (an SSE `id:` line being built).
-    pub fn encode_into(&self, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
-        scratch.clear();
-        self.encode_bytes(scratch);
-        let start = out.len();
-        out.resize(
-            start + base64::encoded_len(scratch.len(), false).unwrap_or(0),
-            0,
-        );
-        let written = URL_SAFE_NO_PAD
-            .encode_slice(&*scratch, &mut out[start..])
-            .expect("sized above");
-        out.truncate(start + written);
-    }
-
-    fn encode_bytes(&self, bytes: &mut Vec<u8>) {
+    /// Appends the cursor's bytes (before base64url) to `bytes`, telling `at` where each
+    /// entry's id starts, in order: the listed entries, then the hashed ones. (An SSE
+    /// connection's `id:` line rewrites one id in place from there.)
+    pub fn encode_bytes(&self, bytes: &mut Vec<u8>, mut at: impl FnMut(usize)) {
         bytes.push(VERSION);
         push_varint(bytes, self.listed.len() as u64);
         for &(position, id) in &self.listed {
             push_varint(bytes, u64::from(position));
+            at(bytes.len());
             push_varint(bytes, id);
         }
         push_varint(bytes, self.hashed.len() as u64);
         for &(hash, id) in &self.hashed {
             bytes.extend_from_slice(&hash.to_be_bytes());
+            at(bytes.len());
             push_varint(bytes, id);
         }
     }
@@ -264,9 +254,13 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         );
         assert_eq!(Cursor::decode(&text, 5).unwrap(), cursor);
-        let (mut scratch, mut line) = (Vec::new(), b"id: ".to_vec());
-        cursor.encode_into(&mut scratch, &mut line);
-        assert_eq!(&line[4..], text.as_bytes());
+        // Where each entry's id starts in the bytes, in order: listed, then hashed.
+        let (mut bytes, mut ats) = (Vec::new(), Vec::new());
+        cursor.encode_bytes(&mut bytes, |at| ats.push(at));
+        assert_eq!(URL_SAFE_NO_PAD.encode(&bytes), text);
+        assert_eq!(ats.len(), 5);
+        assert_eq!(bytes[ats[0]], 7, "the first listed id");
+        assert_eq!(bytes[ats[4]], 1, "the last hashed id");
 
         // 100 topics, all picked up by a pattern, ids just under 2^42: under 2 KiB.
         let big = Cursor {

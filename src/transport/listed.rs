@@ -214,10 +214,10 @@ pub async fn open_listed(
     selection: &Selection,
     start: &Start,
     outlet: &Arc<Outlet>,
-) -> Result<Vec<(TopicName, crate::hub::SubId)>, Error> {
-    let followed = follow(app, selection, start, outlet).await?;
+) -> Result<(), Error> {
+    follow(app, selection, start, outlet).await?;
     outlet.open_cursor();
-    Ok(followed)
+    Ok(())
 }
 
 /// [`open_listed`] without the opening cursor: for a running multiplexed WebSocket, whose
@@ -227,18 +227,15 @@ pub async fn follow(
     selection: &Selection,
     start: &Start,
     outlet: &Arc<Outlet>,
-) -> Result<Vec<(TopicName, crate::hub::SubId)>, Error> {
+) -> Result<(), Error> {
     let planned = plan(app, selection, start, Some(outlet)).await?;
     outlet.reserve(planned.len());
-    let mut followed = Vec::with_capacity(planned.len());
     for Planned { topic, key, after } in planned {
-        let sub = app
-            .hub
+        app.hub
             .subscribe_as(&topic, after, outlet, Some(key))
             .await?;
-        followed.push((topic, sub));
     }
-    Ok(followed)
+    Ok(())
 }
 
 /// Where "now" is for every topic a list follows: a cursor at each topic's newest id (a

@@ -171,16 +171,13 @@ pub async fn open(app: &TransportState, start: Start) -> Result<Opened, Error> {
         Some(Home::One(topic, _)) => Some(topic.clone()),
         _ => None,
     };
-    let mut session = Session::new(app.clone(), access, peer, default_topic);
+    let session = Session::new(app.clone(), access, peer, default_topic);
     match home {
         Some(Home::One(topic, after)) => {
-            let sub = app.hub.subscribe(&topic, after, &outlet).await?;
-            session.followed(topic, sub);
+            app.hub.subscribe(&topic, after, &outlet).await?;
         }
         Some(Home::Listed(selection, start)) => {
-            for (topic, sub) in listed::open_listed(app, &selection, &start, &outlet).await? {
-                session.followed(topic, sub);
-            }
+            listed::open_listed(app, &selection, &start, &outlet).await?;
         }
         None => {}
     }

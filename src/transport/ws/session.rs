@@ -8,8 +8,6 @@
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use smallvec::SmallVec;
-
 use bytes::Bytes;
 use serde_json::{Value, json, value::RawValue};
 
@@ -17,7 +15,7 @@ use super::frame::{Event, FrameReader, close_code};
 use crate::{
     access::Access,
     error::Error,
-    hub::{Outlet, SubId},
+    hub::Outlet,
     message::{
         MessageId, Payload, TopicName,
         pattern::{Selection, Selector},
@@ -38,10 +36,9 @@ pub struct Session {
     access: Access,
     peer: Option<IpAddr>,
     /// The topic of a per-topic connection: where `publish` goes when it names none.
+    /// (What the connection follows is its outlet's: a second list here would cost every
+    /// followed topic a name and a handle.)
     home: Option<TopicName>,
-    /// The topics followed, and their subs on the outlet (a short list: most connections
-    /// follow one topic, and at most `--max-subscriptions-per-connection`).
-    subs: SmallVec<[(TopicName, SubId); 1]>,
     frames: FrameReader,
 }
 
@@ -59,20 +56,8 @@ impl Session {
             access,
             peer,
             home,
-            subs: SmallVec::new(),
             frames,
         }
-    }
-
-    /// Records a sub made before the session started (the per-topic endpoint's).
-    pub fn followed(&mut self, topic: TopicName, sub: SubId) {
-        self.subs.push((topic, sub));
-    }
-
-    /// Stops following `topic` here; its sub, if it was followed.
-    fn forget(&mut self, topic: &TopicName) -> Option<SubId> {
-        let index = self.subs.iter().position(|(t, _)| t == topic)?;
-        Some(self.subs.swap_remove(index).1)
     }
 
     /// Executes one client command and returns the reply.
@@ -157,19 +142,21 @@ impl Session {
         let topic = TopicName::parse(&name)?;
         self.access.check_subscribe(&topic)?;
         let limit = self.app.settings.stream.max_subscriptions;
-        let following = self.subs.iter().any(|(t, _)| *t == topic);
-        if !following && self.subs.len() >= limit {
+        let following = outlet.sub_of(&topic);
+        if following.is_none() && outlet.sub_count() >= limit {
             return Err(Error::TooManySubscriptions { limit });
         }
         let after = command.cursor("after")?;
-        if let Some(previous) = self.forget(&topic) {
+        // Subscribing again starts the topic over from `after`; but a topic the
+        // connection's cursor names (its URL's list, or a pattern's) stays as it is, named
+        // there: the reply says where it stands.
+        if let Some((previous, false)) = following {
             outlet.unsubscribe(previous);
         }
         // The reply is queued before the sub reads anything: it precedes the topic's
         // messages.
         let sub = self.app.hub.subscribe(&topic, after, outlet).await?;
         let cursor = outlet.cursor(sub).unwrap_or_default();
-        self.subs.push((topic.clone(), sub));
         Ok(json!({"type": "subscribed", "topic": topic, "after": cursor}))
     }
 
@@ -184,8 +171,9 @@ impl Session {
             }
             None => {
                 let topic = TopicName::parse(&name)?;
-                self.forget(&topic)
-                    .is_some_and(|sub| outlet.unsubscribe(sub))
+                outlet
+                    .sub_of(&topic)
+                    .is_some_and(|(sub, _)| outlet.unsubscribe(sub))
             }
         };
         Ok(json!({"type": "unsubscribed", "topic": name, "was_subscribed": was_subscribed}))
@@ -277,8 +265,8 @@ impl Peer for Session {
         topic: &TopicName,
         error: &Error,
     ) -> Result<(), Finish> {
+        // The outlet has dropped the sub.
         tracing::warn!(%error, %topic, "WebSocket subscription failed");
-        self.forget(topic);
         let mut reply = error_reply(error, None);
         reply["topic"] = json!(topic);
         outlet.push(text_frame(&reply));
