@@ -448,7 +448,8 @@ impl Outlet {
             let mut count = 0;
             for (index, sub) in state.subs.iter().enumerate() {
                 if let Some(sub) = sub {
-                    if sub.topic.name == topic.name {
+                    // The hashes first: a list's subs are compared with every one before.
+                    if sub.topic.hash == topic.hash && sub.topic.name == topic.name {
                         // A topic the list names, joined first by a pattern: the list's
                         // position is what its cursor must name it by (a reconnect to the
                         // same URL looks it up there).
@@ -647,8 +648,7 @@ impl Outlet {
                 bounds,
                 frames,
                 |subs, m, frames| {
-                    frames.push(multi::sse_fields(m));
-                    frames.push(book.id_line(subs, Some(sub)));
+                    book.event(subs, sub, multi::sse_fields(m), self.format, frames);
                 },
             ),
             _ => Self::take(
@@ -670,9 +670,7 @@ impl Outlet {
         }
         let finished = Self::finale_due(&mut state.finale, sub, taken.last_sent);
         let accepted = taken.count;
-        if state.book.is_some() && multi::writes_ids(self.format) {
-            multi::chunk_pieces(self.format, frames, 0);
-        } else if self.format == Format::SseChunked && accepted > 1 {
+        if self.format == Format::SseChunked && accepted > 1 && state.book.is_none() {
             one_chunk(messages, &taken, frames);
         }
         if let Some(last) = finished {
@@ -1121,8 +1119,8 @@ impl Outlet {
             entry.sent = signal.resume_after();
             match ids.as_deref_mut() {
                 Some(book) => {
-                    pieces.push(multi::signal_fields(signal, &entry.topic.name));
-                    pieces.push(book.id_line(subs, Some(sub)));
+                    let fields = multi::signal_fields(signal, &entry.topic.name);
+                    book.event(subs, sub, fields, self.format, &mut pieces);
                 }
                 None => pieces.extend(self.format.signal(&entry.topic.name, signal)),
             }
@@ -1141,16 +1139,18 @@ impl Outlet {
             let before = pieces.len();
             match ids.as_deref_mut() {
                 Some(book) => {
-                    pieces.push(multi::sse_fields(message));
-                    pieces.push(book.id_line(subs, Some(sub)));
+                    book.event(
+                        subs,
+                        sub,
+                        multi::sse_fields(message),
+                        self.format,
+                        &mut pieces,
+                    );
                 }
                 None => pieces.push(self.frame(message)),
             }
             bytes += pieces[before..].iter().map(|p| p.len() as u64).sum::<u64>();
             delivered += 1;
-        }
-        if ids.is_some() {
-            multi::chunk_pieces(self.format, &mut pieces, 0);
         }
         pending.extend(pieces);
         (delivered, bytes)

@@ -58,6 +58,42 @@ fn push_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
+/// Writes a cursor's bytes (before base64url) entry by entry, without a [`Cursor`] first:
+/// an SSE connection builds its `id:` line from its subs this way, noting where each id is
+/// to rewrite it in place later. The caller gives the counts before the entries.
+#[derive(Debug)]
+pub struct Encoder<'a>(&'a mut Vec<u8>);
+
+impl<'a> Encoder<'a> {
+    /// Starts a cursor, in `bytes`, whose `listed` listed entries come next.
+    pub fn new(bytes: &'a mut Vec<u8>, listed: usize) -> Self {
+        bytes.push(VERSION);
+        push_varint(bytes, listed as u64);
+        Self(bytes)
+    }
+
+    /// A listed entry; returns where its id starts.
+    pub fn listed(&mut self, position: u32, id: MessageId) -> usize {
+        push_varint(self.0, u64::from(position));
+        let at = self.0.len();
+        push_varint(self.0, id);
+        at
+    }
+
+    /// Ends the listed entries: `hashed` hashed entries come next.
+    pub fn hashed_count(&mut self, hashed: usize) {
+        push_varint(self.0, hashed as u64);
+    }
+
+    /// A hashed entry; returns where its id starts.
+    pub fn hashed(&mut self, hash: u64, id: MessageId) -> usize {
+        self.0.extend_from_slice(&hash.to_be_bytes());
+        let at = self.0.len();
+        push_varint(self.0, id);
+        at
+    }
+}
+
 /// Reads bytes in order, refusing anything past the end.
 struct Reader<'a>(&'a [u8]);
 
@@ -100,26 +136,18 @@ impl Cursor {
     /// The cursor as its string.
     pub fn encode(&self) -> String {
         let mut bytes = Vec::with_capacity(3 + self.listed.len() * 5 + self.hashed.len() * 13);
-        self.encode_bytes(&mut bytes, |_| {});
+        self.encode_bytes(&mut bytes);
         URL_SAFE_NO_PAD.encode(&bytes)
     }
 
-    /// Appends the cursor's bytes (before base64url) to `bytes`, telling `at` where each
-    /// entry's id starts, in order: the listed entries, then the hashed ones. (An SSE
-    /// connection's `id:` line rewrites one id in place from there.)
-    pub fn encode_bytes(&self, bytes: &mut Vec<u8>, mut at: impl FnMut(usize)) {
-        bytes.push(VERSION);
-        push_varint(bytes, self.listed.len() as u64);
+    fn encode_bytes(&self, bytes: &mut Vec<u8>) {
+        let mut encoder = Encoder::new(bytes, self.listed.len());
         for &(position, id) in &self.listed {
-            push_varint(bytes, u64::from(position));
-            at(bytes.len());
-            push_varint(bytes, id);
+            encoder.listed(position, id);
         }
-        push_varint(bytes, self.hashed.len() as u64);
+        encoder.hashed_count(self.hashed.len());
         for &(hash, id) in &self.hashed {
-            bytes.extend_from_slice(&hash.to_be_bytes());
-            at(bytes.len());
-            push_varint(bytes, id);
+            encoder.hashed(hash, id);
         }
     }
 
@@ -254,11 +282,22 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         );
         assert_eq!(Cursor::decode(&text, 5).unwrap(), cursor);
-        // Where each entry's id starts in the bytes, in order: listed, then hashed.
-        let (mut bytes, mut ats) = (Vec::new(), Vec::new());
-        cursor.encode_bytes(&mut bytes, |at| ats.push(at));
+        // Entry by entry, noting where each id starts.
+        let mut bytes = Vec::new();
+        let mut encoder = Encoder::new(&mut bytes, cursor.listed.len());
+        let mut ats: Vec<usize> = cursor
+            .listed
+            .iter()
+            .map(|&(position, id)| encoder.listed(position, id))
+            .collect();
+        encoder.hashed_count(cursor.hashed.len());
+        ats.extend(
+            cursor
+                .hashed
+                .iter()
+                .map(|&(hash, id)| encoder.hashed(hash, id)),
+        );
         assert_eq!(URL_SAFE_NO_PAD.encode(&bytes), text);
-        assert_eq!(ats.len(), 5);
         assert_eq!(bytes[ats[0]], 7, "the first listed id");
         assert_eq!(bytes[ats[4]], 1, "the last hashed id");
 
