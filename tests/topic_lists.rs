@@ -621,6 +621,64 @@ async fn a_pattern_on_one_redis_node_picks_up_a_topic_created_on_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_picks_up_a_topic_created_while_its_node_was_cut_from_redis_pub_sub() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (one, two) = (
+        spawn_binary(&["--redis", &redis.url()], &[]),
+        spawn_binary(&["--redis", &redis.url()], &[]),
+    );
+    let (one, two) = (one.endpoint(), two.endpoint());
+    two.publish("cut.old", json!({})).await;
+    let reader = {
+        let one = one.clone();
+        tokio::spawn(async move { read(&one, Kind::Sse, "cut.*", Some("0"), 2).await })
+    };
+    // Node one follows the pattern (it has read `cut.old`'s history) ...
+    eventually_subscribed(&one, "cut.old").await;
+    // ... when every pub/sub connection to Redis is cut, again and again for 1.5 s, and
+    // node two creates `cut.new` in the middle (with its command connection, which stays):
+    // node one's announcement of it is lost. It must list the pattern again once its
+    // subscription is back. (Without that listing this failed in 3 of 7 runs: the
+    // announcement sometimes slips through while a connection is back between two cuts.)
+    let port = redis.port;
+    let cutter = std::thread::spawn(move || {
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        while std::time::Instant::now() < until {
+            support::wait_redis_says(port, b"CLIENT KILL TYPE pubsub\r\n", ":");
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    two.publish("cut.new", json!({})).await;
+    tokio::task::spawn_blocking(move || cutter.join().unwrap())
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(support::PATIENCE, reader)
+        .await
+        .expect("the topic created during the cut reaches the pattern's subscriber")
+        .unwrap();
+    assert_once_in_order(
+        &read.messages,
+        &expected(&[("cut.old", 1..=1), ("cut.new", 1..=1)]),
+        "node one",
+    );
+}
+
+/// Waits until `node` counts an SSE subscriber of `topic`.
+async fn eventually_subscribed(node: &Endpoint, topic: &str) {
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    loop {
+        let (_, body) = node.get(&format!("/topics/{topic}")).await;
+        if body["subscribers"]["sse"].as_u64() == Some(1) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_multiplexed_websocket_subscribes_to_a_pattern_and_resumes_it() {
     let server = start().await;
     server.publish("w.one", json!({})).await;

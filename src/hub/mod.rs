@@ -52,7 +52,7 @@ pub use waiter::{AnswerCache, Respond, Responded};
 
 use crate::{
     message::{EventName, Message, MessageId, Payload, TopicName, TransportKind, now_millis},
-    store::{LogRead, Store, StreamState, StreamWrite, StreamWritten, TopicLog},
+    store::{Created, LogRead, Store, StreamState, StreamWrite, StreamWritten, TopicLog},
 };
 use fanout::{Fanout, Follower, TopicLive};
 use outlet::Shards as _;
@@ -707,7 +707,11 @@ impl Hub {
                         None => std::future::pending().await,
                     }
                 } => match topic {
-                    Ok(topic) => Some(topic),
+                    Ok(Created::Topic(topic)) => Some(topic),
+                    Ok(Created::Missed) => {
+                        tracing::warn!("topic creations elsewhere may have been missed: looking again");
+                        None
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "missed topic creations: looking again");
                         None

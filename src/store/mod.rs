@@ -32,6 +32,16 @@ use tokio::sync::broadcast;
 use crate::message::{EventName, Message, MessageId, Payload, TopicName, presence::Member};
 
 pub use disk::{DiskStore, FsyncPolicy};
+
+/// What a shared store tells of topics created by other processes ([`Store::created_topics`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// A topic's first message was stored.
+    Topic(TopicName),
+    /// Announcements may have been lost (the store's subscription to them dropped and is
+    /// back): whoever needs them lists what exists now.
+    Missed,
+}
 pub use memory::MemoryStore;
 pub use redis::{RedisMode, RedisOptions, RedisStore};
 
@@ -174,8 +184,8 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Names of topics as their first message is stored by another process sharing the
-    /// store (`None`: nothing else shares it).
-    fn created_topics(&self) -> Option<broadcast::Receiver<TopicName>> {
+    /// store, and word when some may have been missed (`None`: nothing else shares it).
+    fn created_topics(&self) -> Option<broadcast::Receiver<Created>> {
         None
     }
 

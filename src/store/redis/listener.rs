@@ -18,7 +18,7 @@ use bytes::Bytes;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::super::{Live, RemotePresence, StoreError};
+use super::super::{Created, Live, RemotePresence, StoreError};
 use super::{
     COMMAND_TIMEOUT, Shared,
     connection::Connection,
@@ -58,7 +58,7 @@ struct Confirmed {
 /// Where the listener sends what is not a topic's message.
 pub(super) struct Feeds {
     /// Names of topics created on any node.
-    pub(super) created: broadcast::Sender<TopicName>,
+    pub(super) created: broadcast::Sender<Created>,
     /// Presence envelopes from other nodes.
     pub(super) presence: broadcast::Sender<RemotePresence>,
 }
@@ -130,7 +130,10 @@ pub(super) struct Listener {
     /// Weak, so that the listener ends when the store is dropped.
     shared: std::sync::Weak<Shared>,
     topics: HashMap<TopicName, Followed>,
-    created: broadcast::Sender<TopicName>,
+    created: broadcast::Sender<Created>,
+    /// A connection dropped since the announcements' channel was last confirmed subscribed:
+    /// topics created meanwhile were announced to nobody here.
+    announcements_lost: bool,
     /// Where presence envelopes from other nodes go.
     presence: broadcast::Sender<RemotePresence>,
     /// Until when live topics are checked against their logs (after a disconnection).
@@ -151,6 +154,7 @@ impl Listener {
             shared,
             topics: HashMap::new(),
             created: feeds.created,
+            announcements_lost: false,
             presence: feeds.presence,
             probation: None,
         };
@@ -287,14 +291,21 @@ impl Listener {
                 };
                 if name == CREATED_CHANNEL {
                     if let Ok(topic) = TopicName::parse(&String::from_utf8_lossy(payload)) {
-                        let _ = self.created.send(topic);
+                        let _ = self.created.send(Created::Topic(topic));
                     }
                     return;
                 }
                 self.deliver(&name, payload).await;
             }
             PushKind::Subscribe | PushKind::SSubscribe => {
-                let topic = channel_of(&push.data).and_then(|name| topic_of_channel(&name));
+                let name = channel_of(&push.data);
+                if name.as_deref() == Some(CREATED_CHANNEL) && self.announcements_lost {
+                    // Subscribed again: what is created from here on is announced; what was
+                    // created while it was down is listed by whoever follows patterns.
+                    self.announcements_lost = false;
+                    let _ = self.created.send(Created::Missed);
+                }
+                let topic = name.and_then(|name| topic_of_channel(&name));
                 if let Some(topic) = topic
                     && self
                         .topics
@@ -327,6 +338,7 @@ impl Listener {
     /// pushes do not say which node's; marking all costs one read per topic.)
     fn lost_all(&mut self) {
         self.probation = Some(tokio::time::Instant::now() + PROBATION);
+        self.announcements_lost = true;
         for followed in self.topics.values_mut() {
             // What arrives while unsubscribed is not in the tails: reads go to Redis until a
             // replay has filled them again.

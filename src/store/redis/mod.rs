@@ -48,8 +48,8 @@ use redis::{Cmd, Pipeline, Script, Value, aio::ConnectionLike};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Live, LogHead, LogRead, Retention, Store, StoreError, StreamExpect, StreamState, StreamWrite,
-    StreamWritten, TopicLog, record,
+    Created, Live, LogHead, LogRead, Retention, Store, StoreError, StreamExpect, StreamState,
+    StreamWrite, StreamWritten, TopicLog, record,
 };
 use crate::message::{EventName, Message, MessageId, Payload, TopicName, now_millis};
 use connection::{COMMAND_TIMEOUT, Connection, not_run};
@@ -80,7 +80,7 @@ fn evalsha(script: &Script, keys: &[String]) -> Cmd {
 /// Topics in Redis (one primary or a cluster), shared by every node pointed at it.
 pub struct RedisStore {
     shared: Arc<Shared>,
-    created: broadcast::Sender<TopicName>,
+    created: broadcast::Sender<Created>,
     /// Presence envelopes other nodes sent, for the board.
     presence: broadcast::Sender<super::RemotePresence>,
 }
@@ -465,7 +465,7 @@ impl RedisStore {
     /// Names of topics as their first message is stored, by any node: how a node learns of
     /// topics created elsewhere (a topic's own channel is sharded, and sharded pub/sub has no
     /// pattern subscribe).
-    pub fn created_topics(&self) -> broadcast::Receiver<TopicName> {
+    pub fn created_topics(&self) -> broadcast::Receiver<Created> {
         self.created.subscribe()
     }
 }
@@ -500,7 +500,7 @@ impl Store for RedisStore {
         })
     }
 
-    fn created_topics(&self) -> Option<broadcast::Receiver<TopicName>> {
+    fn created_topics(&self) -> Option<broadcast::Receiver<Created>> {
         Some(self.created.subscribe())
     }
 
