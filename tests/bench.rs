@@ -3,33 +3,15 @@
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::process::Command;
 
 use serde_json::Value;
 
-/// A bench run's report directory, removed when dropped (a failed assertion included).
-struct OutDir(PathBuf);
-
-impl std::ops::Deref for OutDir {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for OutDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs `pushhub bench ARGS --json --out DIR` and returns what it printed and the directory.
-fn bench(name: &str, args: &[&str]) -> (Value, OutDir) {
-    let out = OutDir(std::env::temp_dir().join(format!("pushhub-{name}-{}", std::process::id())));
+fn bench(name: &str, args: &[&str]) -> (Value, support::Removed) {
+    let out = support::Removed(
+        std::env::temp_dir().join(format!("pushhub-{name}-{}", std::process::id())),
+    );
     let output = Command::new(env!("CARGO_BIN_EXE_pushhub"))
         .arg("bench")
         .args(args)

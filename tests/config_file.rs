@@ -6,36 +6,16 @@
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use serde_json::json;
 use support::{ids, spawn_binary};
 
-/// A file the test wrote, removed when dropped (a failed assertion included).
-struct TempFile(PathBuf);
-
-impl std::ops::Deref for TempFile {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Writes `text` to a fresh file named after `name`.
-fn file(name: &str, text: &str) -> TempFile {
+fn file(name: &str, text: &str) -> support::Removed {
     let path = std::env::temp_dir().join(format!("pushhub-{name}-{}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    TempFile(path)
+    support::Removed(path)
 }
 
 /// Runs `pushhub ARGS` with only `envs` in its environment: (exit code, stdout, stderr).

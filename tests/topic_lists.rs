@@ -16,7 +16,7 @@ use pushhub::{
     },
 };
 use serde_json::{Value, json};
-use support::{Endpoint, RedisServer, spawn_binary, start, start_with};
+use support::{Endpoint, RedisServer, ServerProcess, spawn_binary, start, start_with};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -583,16 +583,20 @@ fn tempdir() -> String {
     dir.to_string_lossy().into_owned()
 }
 
+/// A Redis and two nodes on it (kept running while the processes are held), with their
+/// endpoints; `None` when Redis cannot run here.
+fn two_redis_nodes() -> Option<(RedisServer, [ServerProcess; 2], Endpoint, Endpoint)> {
+    let redis = RedisServer::start()?;
+    let nodes = [(); 2].map(|()| spawn_binary(&["--redis", &redis.url()], &[]));
+    let (one, two) = (nodes[0].endpoint(), nodes[1].endpoint());
+    Some((redis, nodes, one, two))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pattern_on_one_redis_node_picks_up_a_topic_created_on_another() {
-    let Some(redis) = RedisServer::start() else {
+    let Some((_redis, _nodes, one, two)) = two_redis_nodes() else {
         return;
     };
-    let (one, two) = (
-        spawn_binary(&["--redis", &redis.url()], &[]),
-        spawn_binary(&["--redis", &redis.url()], &[]),
-    );
-    let (one, two) = (one.endpoint(), two.endpoint());
     two.publish("r.old", json!({})).await;
     let publisher = {
         let two = two.clone();
@@ -622,14 +626,9 @@ async fn a_pattern_on_one_redis_node_picks_up_a_topic_created_on_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pattern_picks_up_a_topic_created_while_its_node_was_cut_from_redis_pub_sub() {
-    let Some(redis) = RedisServer::start() else {
+    let Some((redis, _nodes, one, two)) = two_redis_nodes() else {
         return;
     };
-    let (one, two) = (
-        spawn_binary(&["--redis", &redis.url()], &[]),
-        spawn_binary(&["--redis", &redis.url()], &[]),
-    );
-    let (one, two) = (one.endpoint(), two.endpoint());
     two.publish("cut.old", json!({})).await;
     let reader = {
         let one = one.clone();

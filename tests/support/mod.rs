@@ -18,6 +18,26 @@ use tokio_util::sync::CancellationToken;
 /// How long a test waits for something that should happen promptly before failing.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// A file or directory a test made under the temporary directory, removed when dropped (a
+/// failed assertion included), so that no run leaves one behind.
+pub struct Removed(pub std::path::PathBuf);
+
+impl std::ops::Deref for Removed {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        if std::fs::remove_dir_all(&self.0).is_err() {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub state: AppState,
