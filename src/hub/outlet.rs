@@ -547,11 +547,10 @@ impl Outlet {
         state.subs.get(sub.0)?.as_ref().map(|s| s.sent)
     }
 
-    /// The sub that follows `topic`, if one does (a walk of the subs: a connection follows
-    /// at most `--max-subscriptions-per-connection` topics, and this is asked per command,
-    /// not per message).
-    /// `true` with it when the connection's cursor names the sub (a topic of the request's
-    /// list, or one a pattern picked up).
+    /// The sub that follows `topic`, if one does, and whether the connection's cursor names
+    /// it (a topic of the request's list, or one a pattern picked up). A walk of the subs: a
+    /// connection follows at most `--max-subscriptions-per-connection` topics, and this is
+    /// asked per command, not per message.
     pub fn sub_of(&self, topic: &TopicName) -> Option<(SubId, bool)> {
         let state = self.lock();
         let index = state
