@@ -398,11 +398,20 @@ impl Book {
     ) {
         let chunked = format.chunked();
         let line = self.id_line(subs, Some(moved));
-        let mut head = Vec::with_capacity(line.len() + if chunked { 12 } else { 0 });
+        let body = line.len() + fields.len();
+        // Exactly sized: a `Vec` with room to spare becomes a `Bytes` through a second
+        // allocation (its shared header).
+        let header = if chunked {
+            (usize::BITS - (body | 1).leading_zeros()).div_ceil(4) as usize + 2
+        } else {
+            0
+        };
+        let mut head = Vec::with_capacity(header + line.len());
         if chunked {
-            wire::push_chunk_start(&mut head, line.len() + fields.len());
+            wire::push_chunk_start(&mut head, body);
         }
         head.extend_from_slice(line);
+        debug_assert_eq!(head.len(), head.capacity());
         out.push(Bytes::from(head));
         out.push(fields);
         if chunked {
