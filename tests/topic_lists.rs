@@ -16,7 +16,7 @@ use pushhub::{
     },
 };
 use serde_json::{Value, json};
-use support::{Endpoint, RedisServer, ServerProcess, spawn_binary, start, start_with};
+use support::{Endpoint, RedisServer, ServerProcess, TestServer, spawn_binary, start, start_with};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
@@ -377,8 +377,8 @@ async fn refused(node: &Endpoint, path: &str) -> (u16, String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_refusal_has_its_code_and_loses_nothing() {
+/// A server that lets a connection follow 3 topics, holding 4 that `wide.*` matches.
+async fn narrow_server() -> TestServer {
     let server = start_with(Config {
         max_subscriptions_per_connection: 3,
         ..Config::default()
@@ -387,6 +387,12 @@ async fn each_refusal_has_its_code_and_loses_nothing() {
     for i in 0..4 {
         server.publish(&format!("wide.{i}"), json!({})).await;
     }
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_refusal_has_its_code_and_loses_nothing() {
+    let server = narrow_server().await;
     server.publish("a", json!({})).await;
     // A subscriber of the same topics is served throughout.
     let mut watcher = server.sse("/topics/a,b/sse?after=0", None).await;
@@ -436,14 +442,7 @@ async fn each_refusal_has_its_code_and_loses_nothing() {
 
 #[tokio::test]
 async fn a_refused_websocket_pattern_follows_nothing_and_patterns_are_bounded() {
-    let server = start_with(Config {
-        max_subscriptions_per_connection: 3,
-        ..Config::default()
-    })
-    .await;
-    for i in 0..4 {
-        server.publish(&format!("wide.{i}"), json!({})).await;
-    }
+    let server = narrow_server().await;
     let mut ws = server.ws("/ws").await;
     ws.send_json(json!({"type": "subscribe", "topic": "wide.*", "after": 0}))
         .await;
