@@ -386,8 +386,9 @@ impl Book {
 
     /// Queues one SSE event to `out`, sub `moved` having just moved to it: the connection's
     /// own head (the chunk's header when the body is chunked, and the `id:` line), in one
-    /// allocation; then `fields`, shared with every connection ([`sse_fields`]); then the
-    /// chunk's end. The message is still framed once.
+    /// allocation; then `fields`, shared with every connection and ending with the chunk's end
+    /// when chunked ([`sse_fields`]). The message is still framed once, and an event is two
+    /// pieces (one `iovec` fewer than a separate chunk end).
     pub(super) fn event(
         &mut self,
         subs: &[impl Standing],
@@ -398,25 +399,26 @@ impl Book {
     ) {
         let chunked = format.chunked();
         let line = self.id_line(subs, Some(moved));
-        let body = line.len() + fields.len();
-        // Exactly sized: a `Vec` with room to spare becomes a `Bytes` through a second
-        // allocation (its shared header).
         let header = if chunked {
+            debug_assert!(
+                fields.ends_with(b"\r\n"),
+                "the chunk's end comes with the fields"
+            );
+            let body = line.len() + fields.len() - CHUNK_END.len();
+            // Exactly sized: a `Vec` with room to spare becomes a `Bytes` through a second
+            // allocation (its shared header).
             (usize::BITS - (body | 1).leading_zeros()).div_ceil(4) as usize + 2
         } else {
             0
         };
         let mut head = Vec::with_capacity(header + line.len());
         if chunked {
-            wire::push_chunk_start(&mut head, body);
+            wire::push_chunk_start(&mut head, line.len() + fields.len() - CHUNK_END.len());
         }
         head.extend_from_slice(line);
         debug_assert_eq!(head.len(), head.capacity());
         out.push(Bytes::from(head));
         out.push(fields);
-        if chunked {
-            out.push(Bytes::from_static(b"\r\n"));
-        }
     }
 
     /// Builds the `id:` line whole, recording where each sub's id is (as
@@ -502,25 +504,40 @@ pub(super) fn writes_ids(format: Format) -> bool {
     matches!(format, Format::Sse | Format::SseChunked)
 }
 
+/// The end of an HTTP/1.1 chunk.
+const CHUNK_END: &[u8] = b"\r\n";
+
 /// A message's SSE event without its `id:` line: `event:`, `data:` and the blank line that
-/// ends it, a slice of the frame encoded at publish (no copy). (An event's fields may come in
-/// any order: the connection's own `id:` line goes first.)
-pub(super) fn sse_fields(message: &Message) -> Bytes {
+/// ends it, and the chunk's end when `format` is chunked: a slice of the frame (or chunk)
+/// encoded at publish (no copy). (An event's fields may come in any order: the
+/// connection's own `id:` line goes first.)
+pub(super) fn sse_fields(message: &Message, format: Format) -> Bytes {
     let frame = message.sse_frame();
-    let start = frame
+    let id_line = frame
         .iter()
         .position(|&b| b == b'\n')
         .map_or(0, |at| at + 1);
-    frame.slice(start..)
+    if format.chunked() {
+        // The chunk is its header, the frame, then the chunk's end.
+        let chunk = message.sse_chunk();
+        let header = chunk.len() - frame.len() - CHUNK_END.len();
+        chunk.slice(header + id_line..)
+    } else {
+        frame.slice(id_line..)
+    }
 }
 
-/// A signal's SSE event without an `id:` line.
-pub(super) fn signal_fields(signal: &Signal, topic: &TopicName) -> Bytes {
+/// A signal's SSE event without an `id:` line (and with the chunk's end when `format` is
+/// chunked, as [`sse_fields`]).
+pub(super) fn signal_fields(signal: &Signal, topic: &TopicName, format: Format) -> Bytes {
     let mut fields = b"event: ".to_vec();
     fields.extend_from_slice(signal.event_name().as_bytes());
     fields.extend_from_slice(b"\ndata: ");
     fields.extend_from_slice(signal.to_json(topic).as_bytes());
     fields.extend_from_slice(b"\n\n");
+    if format.chunked() {
+        fields.extend_from_slice(CHUNK_END);
+    }
     Bytes::from(fields)
 }
 
@@ -615,5 +632,37 @@ mod tests {
         // leaving 0, 53 varints growing past 127, a removal and a set-back).
         let rebuilt = book.line.as_ref().map_or(0, |line| line.builds);
         assert!(rebuilt < 100, "{rebuilt} of 2,000 lines were rebuilt");
+    }
+
+    #[test]
+    fn a_chunked_event_is_one_chunk_of_the_line_and_the_shared_fields() {
+        // Two pieces: this connection's chunk header and `id:` line, then the message's
+        // fields with the chunk's end, sliced from the chunk framed at publish.
+        use crate::message::{EventName, Payload};
+        let topic = TopicName::parse("room.1").expect("valid");
+        let payload = Payload::from_json(r#"{"text":"hello"}"#).expect("valid");
+        let message = Message::new(42, topic, EventName::default_event(), 7, &payload);
+        let mut book = Book::new(Vec::new(), 10);
+        book.name(0, Key::Listed(0));
+        let subs = [Some((0, 42))];
+        for format in [Format::SseChunked, Format::Sse] {
+            let mut out = Vec::new();
+            book.event(&subs, 0, sse_fields(&message, format), format, &mut out);
+            assert_eq!(out.len(), 2, "{format:?}: head and shared fields");
+            let wire: Vec<u8> = out.concat();
+            let frame = message.sse_frame();
+            let fields = &frame[frame.iter().position(|&b| b == b'\n').expect("id line") + 1..];
+            let event = [whole(&book, &subs).as_bytes(), fields].concat();
+            let expected = if format == Format::SseChunked {
+                [format!("{:x}\r\n", event.len()).as_bytes(), &event, b"\r\n"].concat()
+            } else {
+                event
+            };
+            assert_eq!(
+                String::from_utf8_lossy(&wire),
+                String::from_utf8_lossy(&expected),
+                "{format:?}"
+            );
+        }
     }
 }

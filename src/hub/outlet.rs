@@ -647,7 +647,13 @@ impl Outlet {
                 bounds,
                 frames,
                 |subs, m, frames| {
-                    book.event(subs, sub, multi::sse_fields(m), self.format, frames);
+                    book.event(
+                        subs,
+                        sub,
+                        multi::sse_fields(m, self.format),
+                        self.format,
+                        frames,
+                    );
                 },
             ),
             _ => Self::take(
@@ -1118,7 +1124,7 @@ impl Outlet {
             entry.sent = signal.resume_after();
             match ids.as_deref_mut() {
                 Some(book) => {
-                    let fields = multi::signal_fields(signal, &entry.topic.name);
+                    let fields = multi::signal_fields(signal, &entry.topic.name, self.format);
                     book.event(subs, sub, fields, self.format, &mut pieces);
                 }
                 None => pieces.extend(self.format.signal(&entry.topic.name, signal)),
@@ -1141,7 +1147,7 @@ impl Outlet {
                     book.event(
                         subs,
                         sub,
-                        multi::sse_fields(message),
+                        multi::sse_fields(message, self.format),
                         self.format,
                         &mut pieces,
                     );
