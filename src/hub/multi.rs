@@ -421,6 +421,19 @@ impl Book {
         out.push(fields);
     }
 
+    /// Queues `message`'s SSE event to `out`, sub `moved` having just moved to it
+    /// ([`Book::event`] with the message's shared fields).
+    pub(super) fn message_event(
+        &mut self,
+        subs: &[impl Standing],
+        moved: usize,
+        message: &Message,
+        format: Format,
+        out: &mut Vec<Bytes>,
+    ) {
+        self.event(subs, moved, sse_fields(message, format), format, out);
+    }
+
     /// Builds the `id:` line whole, recording where each sub's id is (as
     /// [`Book::cursor`] orders the entries, without building one).
     fn rebuild(&mut self, subs: &[impl Standing]) {
@@ -511,7 +524,7 @@ const CHUNK_END: &[u8] = b"\r\n";
 /// ends it, and the chunk's end when `format` is chunked: a slice of the frame (or chunk)
 /// encoded at publish (no copy). (An event's fields may come in any order: the
 /// connection's own `id:` line goes first.)
-pub(super) fn sse_fields(message: &Message, format: Format) -> Bytes {
+fn sse_fields(message: &Message, format: Format) -> Bytes {
     let frame = message.sse_frame();
     let id_line = frame
         .iter()

@@ -646,15 +646,7 @@ impl Outlet {
                 messages,
                 bounds,
                 frames,
-                |subs, m, frames| {
-                    book.event(
-                        subs,
-                        sub,
-                        multi::sse_fields(m, self.format),
-                        self.format,
-                        frames,
-                    );
-                },
+                |subs, m, frames| book.message_event(subs, sub, m, self.format, frames),
             ),
             _ => Self::take(
                 &mut state.subs,
@@ -662,9 +654,7 @@ impl Outlet {
                 messages,
                 bounds,
                 frames,
-                |_, m, frames| {
-                    frames.push(self.frame(m));
-                },
+                |_, m, frames| frames.push(self.frame(m)),
             ),
         };
         if frames.is_empty() {
@@ -1144,13 +1134,7 @@ impl Outlet {
             let before = pieces.len();
             match ids.as_deref_mut() {
                 Some(book) => {
-                    book.event(
-                        subs,
-                        sub,
-                        multi::sse_fields(message, self.format),
-                        self.format,
-                        &mut pieces,
-                    );
+                    book.message_event(subs, sub, message, self.format, &mut pieces);
                 }
                 None => pieces.push(self.frame(message)),
             }
