@@ -397,23 +397,24 @@ impl Book {
         format: Format,
         out: &mut Vec<Bytes>,
     ) {
-        let chunked = format.chunked();
         let line = self.id_line(subs, Some(moved));
-        let header = if chunked {
+        // The chunk's data when chunked: the line and the fields, less the chunk's end that
+        // comes with the fields.
+        let chunk = format.chunked().then(|| {
             debug_assert!(
-                fields.ends_with(b"\r\n"),
+                fields.ends_with(wire::CHUNK_END),
                 "the chunk's end comes with the fields"
             );
-            let body = line.len() + fields.len() - CHUNK_END.len();
-            // Exactly sized: a `Vec` with room to spare becomes a `Bytes` through a second
-            // allocation (its shared header).
-            (usize::BITS - (body | 1).leading_zeros()).div_ceil(4) as usize + 2
-        } else {
-            0
-        };
+            line.len() + fields.len() - wire::CHUNK_END.len()
+        });
+        // Exactly sized: a `Vec` with room to spare becomes a `Bytes` through a second
+        // allocation (its shared header).
+        let header = chunk.map_or(0, |len| {
+            (usize::BITS - (len | 1).leading_zeros()).div_ceil(4) as usize + 2
+        });
         let mut head = Vec::with_capacity(header + line.len());
-        if chunked {
-            wire::push_chunk_start(&mut head, line.len() + fields.len() - CHUNK_END.len());
+        if let Some(len) = chunk {
+            wire::push_chunk_start(&mut head, len);
         }
         head.extend_from_slice(line);
         debug_assert_eq!(head.len(), head.capacity());
@@ -517,9 +518,6 @@ pub(super) fn writes_ids(format: Format) -> bool {
     matches!(format, Format::Sse | Format::SseChunked)
 }
 
-/// The end of an HTTP/1.1 chunk.
-const CHUNK_END: &[u8] = b"\r\n";
-
 /// A message's SSE event without its `id:` line: `event:`, `data:` and the blank line that
 /// ends it, and the chunk's end when `format` is chunked: a slice of the frame (or chunk)
 /// encoded at publish (no copy). (An event's fields may come in any order: the
@@ -533,7 +531,7 @@ fn sse_fields(message: &Message, format: Format) -> Bytes {
     if format.chunked() {
         // The chunk is its header, the frame, then the chunk's end.
         let chunk = message.sse_chunk();
-        let header = chunk.len() - frame.len() - CHUNK_END.len();
+        let header = chunk.len() - frame.len() - wire::CHUNK_END.len();
         chunk.slice(header + id_line..)
     } else {
         frame.slice(id_line..)
@@ -549,7 +547,7 @@ pub(super) fn signal_fields(signal: &Signal, topic: &TopicName, format: Format) 
     fields.extend_from_slice(signal.to_json(topic).as_bytes());
     fields.extend_from_slice(b"\n\n");
     if format.chunked() {
-        fields.extend_from_slice(CHUNK_END);
+        fields.extend_from_slice(wire::CHUNK_END);
     }
     Bytes::from(fields)
 }

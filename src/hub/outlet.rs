@@ -288,7 +288,7 @@ fn one_chunk(messages: &[Arc<Message>], taken: &Taken, frames: &mut Vec<Bytes>) 
     let mut header = Vec::with_capacity(12);
     wire::push_chunk_start(&mut header, len);
     frames.insert(0, Bytes::from(header));
-    frames.push(Bytes::from_static(b"\r\n"));
+    frames.push(Bytes::from_static(wire::CHUNK_END));
 }
 
 /// The most bytes one [`Action::Write`] hands out: a bound on one `writev`.

@@ -124,9 +124,12 @@ pub fn chunk(data: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(data.len() + 12);
     push_chunk_start(&mut out, data.len());
     out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(CHUNK_END);
     Bytes::from(out)
 }
+
+/// What ends every HTTP/1.1 chunk, after its data.
+pub const CHUNK_END: &[u8] = b"\r\n";
 
 /// The chunk that ends a chunked HTTP/1.1 body.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
