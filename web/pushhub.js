@@ -102,8 +102,10 @@ function pushVarint(bytes, value) {
 /**
  * Where each topic of a list stands: listed topics by their position in the list, topics a
  * pattern picked up by {@link topicHash}. Encodes to (and decodes from) the server's cursor
- * string: version 1, then varint n and n × (varint position, varint id), then varint m and
- * m × (u64 hash big-endian, varint id), in base64url without padding.
+ * string: version 2, then varint n, a shape byte (0: the positions are 0, 1, ..., n - 1 in
+ * order; 1: n varint positions follow) and n varint ids, then varint m and m × (u64 hash
+ * big-endian, varint id), in base64url without padding. Version 1 (n × (varint position,
+ * varint id) after n) is still read.
  */
 export class ListCursor {
   /** @param {string[]} list  the request's entries, in order */
@@ -129,9 +131,19 @@ export class ListCursor {
         if (!(byte & 0x80)) return value;
       }
     };
-    if (bytes[at++] !== 1) throw new Error("pushhub: unknown cursor version");
+    const version = bytes[at++];
+    if (version !== 1 && version !== 2) throw new Error("pushhub: unknown cursor version");
     const cursor = new ListCursor(list);
-    for (let n = Number(varint()); n > 0; n--) cursor.listed.set(Number(varint()), Number(varint()));
+    const n = Number(varint());
+    if (version === 1) {
+      for (let i = 0; i < n; i++) cursor.listed.set(Number(varint()), Number(varint()));
+    } else {
+      const shape = bytes[at++];
+      if (shape !== 0 && shape !== 1) throw new Error("pushhub: unknown cursor shape");
+      const positions = [];
+      for (let i = 0; i < n; i++) positions.push(shape === 0 ? i : Number(varint()));
+      for (const position of positions) cursor.listed.set(position, Number(varint()));
+    }
     for (let m = Number(varint()); m > 0; m--) {
       let hash = 0n;
       for (let i = 0; i < 8; i++) hash = (hash << 8n) | BigInt(bytes[at++]);
@@ -142,9 +154,13 @@ export class ListCursor {
 
   /** The cursor string. */
   encode() {
-    const bytes = [1];
+    const bytes = [2];
     pushVarint(bytes, this.listed.size);
-    for (const [position, id] of this.listed) { pushVarint(bytes, position); pushVarint(bytes, id); }
+    const positions = [...this.listed.keys()];
+    const inOrder = positions.every((position, i) => position === i);
+    bytes.push(inOrder ? 0 : 1);
+    if (!inOrder) for (const position of positions) pushVarint(bytes, position);
+    for (const id of this.listed.values()) pushVarint(bytes, id);
     pushVarint(bytes, this.hashed.size);
     for (const [hash, id] of this.hashed) {
       for (let shift = 56n; shift >= 0n; shift -= 8n) bytes.push(Number((hash >> shift) & 0xffn));

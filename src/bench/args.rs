@@ -97,6 +97,12 @@ pub struct BenchArgs {
     /// first makes the K - 1 other topics (one message each) for it to match.
     #[arg(long)]
     pub topic_pattern: bool,
+    /// With `--topics-per-subscriber K`: subscriber `i` lists its topic at position `i mod K`
+    /// instead of first, so that connections next to each other hold different cursors.
+    /// The server shares one SSE `id:` line between connections whose cursors are equal;
+    /// this measures the case where it cannot.
+    #[arg(long, conflicts_with = "topic_pattern")]
+    pub distinct_lists: bool,
     /// Idle SSE connections, each following a pattern that matches no topic, held open
     /// through each phase: what pattern subscribers cost the publishes that none of them
     /// follow (a new topic is checked against every pattern once, when created).

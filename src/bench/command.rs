@@ -39,6 +39,9 @@ pub fn command_line(args: &BenchArgs) -> String {
         if args.topic_pattern {
             line.push_str(" --topic-pattern");
         }
+        if args.distinct_lists {
+            line.push_str(" --distinct-lists");
+        }
     }
     if args.pattern_watchers > 0 {
         let _ = write!(line, " --pattern-watchers {}", args.pattern_watchers);

@@ -107,6 +107,7 @@ impl PhaseRun<'_> {
         let k = usize::from(self.args.topics_per_subscriber);
         let listing = match (k, self.args.topic_pattern) {
             (1, _) => Listing::One,
+            (k, false) if self.args.distinct_lists => Listing::Spread(k),
             (k, false) => Listing::List(k),
             (k, true) => Listing::Pattern(k),
         };
@@ -131,7 +132,7 @@ impl PhaseRun<'_> {
                 create_stream(self.http, self.server.first_base(), topic).await?;
             }
         }
-        if let Listing::List(k) | Listing::Pattern(k) = phase.listing {
+        if let Listing::List(k) | Listing::Spread(k) | Listing::Pattern(k) = phase.listing {
             // The other topics hold a message each before the subscribers connect, as rooms
             // with history do (a pattern picks up only topics that exist), so that each
             // subscriber's cursor names every one of them.

@@ -448,6 +448,7 @@ mod tests {
             subscribers: 10,
             topics_per_subscriber: 1,
             topic_pattern: false,
+            distinct_lists: false,
             pattern_watchers: 0,
             rate: 50.0,
             duration: std::time::Duration::from_secs(2),

@@ -49,21 +49,32 @@ pub(crate) enum Listing {
     /// A list: the topic first, then `K - 1` topics that hold one message each (made before
     /// the subscribers connect; received, and left out of the accounting) and get no more.
     List(usize),
+    /// A list of the same topics, subscriber `i`'s at position `i mod K` (`--distinct-lists`).
+    Spread(usize),
     /// A pattern (`topic*`) matching the topic and `K - 1` topics made before it connects
     /// (one message each, which the subscriber receives and the accounting leaves out).
     Pattern(usize),
 }
 
 impl Listing {
-    /// What a subscriber of `topic` asks for in the path.
-    pub(crate) fn path(&self, topic: &str) -> String {
+    /// What subscriber `index`, of `topic`, asks for in the path.
+    pub(crate) fn path(&self, topic: &str, index: usize) -> String {
         match self {
             Listing::One => topic.to_owned(),
-            Listing::List(k) => std::iter::once(topic.to_owned())
-                .chain(Listing::fillers(topic, *k))
-                .collect::<Vec<_>>()
-                .join(","),
+            Listing::List(k) | Listing::Spread(k) => {
+                let mut list: Vec<String> = Listing::fillers(topic, *k).collect();
+                list.insert(self.position(index), topic.to_owned());
+                list.join(",")
+            }
             Listing::Pattern(_) => format!("{topic}*"),
+        }
+    }
+
+    /// Where subscriber `index` lists its topic.
+    fn position(&self, index: usize) -> usize {
+        match self {
+            Listing::Spread(k) => index % k,
+            _ => 0,
         }
     }
 
@@ -75,13 +86,13 @@ impl Listing {
     /// `after` for a subscriber of `topic` that has ids up to `last_id` of it: a list's
     /// cursor names only that topic (the others have no message; one a pattern picked up is
     /// read from its start, and its message left out).
-    fn after(&self, topic: &str, last_id: u64) -> String {
+    fn after(&self, topic: &str, index: usize, last_id: u64) -> String {
         use crate::message::cursor::{Cursor, topic_hash};
         match self {
             Listing::One => last_id.to_string(),
             _ if last_id == 0 => "0".to_owned(),
-            Listing::List(_) => Cursor {
-                listed: vec![(0, last_id)],
+            Listing::List(_) | Listing::Spread(_) => Cursor {
+                listed: vec![(self.position(index) as u32, last_id)],
                 hashed: Vec::new(),
             }
             .encode(),
@@ -147,12 +158,12 @@ impl Phase {
 
     /// Where subscriber `index` resumes after `last_id`.
     fn after_of(&self, index: usize, last_id: u64) -> String {
-        self.listing.after(self.topic_of(index), last_id)
+        self.listing.after(self.topic_of(index), index, last_id)
     }
 
     /// The path segment subscriber `index` asks for.
     fn path_of(&self, index: usize) -> String {
-        self.listing.path(self.topic_of(index))
+        self.listing.path(self.topic_of(index), index)
     }
 
     fn record(&self, index: usize, tracker: &mut Tracker, envelope: &Envelope) {

@@ -35,6 +35,7 @@ use std::{
 use smallvec::SmallVec;
 
 use super::{
+    multi::SharedLines,
     outlet::{ListId, Outlet, Shards},
     stats::Counters,
     tally::Tally,
@@ -472,6 +473,7 @@ async fn write_loop(
     let mut frames = Vec::new();
     let mut tally = Tally::default();
     let mut answers = AnswerCache::default();
+    let mut lines = SharedLines::default();
     loop {
         if !poll_fn(|cx| shard.poll_take(cx, &mut batch)).await {
             return;
@@ -492,6 +494,9 @@ async fn write_loop(
                     .iter()
                     .take_while(|(t, _)| Arc::ptr_eq(t, &topic))
                     .count();
+            // The lines of the last walk name its messages by address: forgotten before the
+            // writer lets go of them.
+            lines.clear();
             messages.clear();
             messages.extend(batch[start..end].iter().map(|(_, m)| m.clone()));
             start = end;
@@ -510,7 +515,14 @@ async fn write_loop(
                         Follower::Stream { outlet, sub } => {
                             let list = ListId::of(&topic);
                             let sub = *sub as usize;
-                            outlet.deliver(sub, list, &messages, &mut frames, &mut tally);
+                            outlet.deliver(
+                                sub,
+                                list,
+                                &messages,
+                                &mut frames,
+                                &mut tally,
+                                &mut lines,
+                            );
                         }
                         Follower::Waiter(waiter) => waiter.offer(&messages, &mut answers),
                     }
@@ -525,6 +537,7 @@ async fn write_loop(
                 }
             }
         }
+        lines.clear();
         batch.clear();
         messages.clear();
         frames.clear();

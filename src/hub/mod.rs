@@ -621,7 +621,7 @@ impl Hub {
     /// [`HubError::TooManyTopics`] (a client repeating subscribes must not grow the registry
     /// every creation walks).
     pub fn watch_prefix(&self, outlet: &Arc<Outlet>, prefix: &str) -> Result<(), HubError> {
-        match outlet.with_book(|book| (book.watching(prefix), book.watches.len() >= book.limit)) {
+        match outlet.with_book(|book| (book.watching(prefix), book.watches.len() >= book.limit())) {
             Some((true, _)) | None => return Ok(()),
             Some((false, true)) => {
                 return Err(HubError::TooManyTopics {
@@ -1156,6 +1156,7 @@ mod tests {
             &third,
             &mut frames,
             &mut tally,
+            &mut Default::default(),
         );
         assert_eq!(take(&outlet, 2).await, ["2", "3"]);
         publish(&hub, 1).await;
@@ -1206,6 +1207,7 @@ mod tests {
             &[Arc::new(early)],
             &mut Vec::new(),
             &mut tally,
+            &mut Default::default(),
         );
         outlet.catch_up(catch_up).await.unwrap();
         assert!(
@@ -1238,6 +1240,7 @@ mod tests {
             &batch,
             &mut Vec::new(),
             &mut tally,
+            &mut Default::default(),
         );
         let Poll::Ready(Action::Write(frames)) = action_now(&outlet) else {
             panic!("the batch is queued");

@@ -57,10 +57,21 @@ pub(super) struct Book {
     /// sixteen: a connection holds one per topic it follows.
     names: Vec<u32>,
     carried: Vec<(u64, MessageId)>,
-    /// The SSE `id:` line, kept from event to event (SSE connections only).
-    line: Option<Box<Line>>,
-    /// The most topics the connection may follow.
-    pub(super) limit: usize,
+    /// The SSE `id:` line, kept from event to event (SSE connections only), and shared with
+    /// every other connection whose cursor is the same ([`SharedLines`]): copied before it is
+    /// changed, when shared.
+    line: Option<Arc<Line>>,
+    /// The most topics the connection may follow (a `u32`, so that with `fresh` the book
+    /// stays in its allocator size class).
+    limit: u32,
+    /// `line` says where every sub stands (but for the one an [`Book::id_line`] call names,
+    /// which it patches).
+    fresh: bool,
+    /// How many times the line was built whole, and taken from another connection.
+    #[cfg(test)]
+    builds: usize,
+    #[cfg(test)]
+    taken: usize,
     /// Its entries in the hub's pattern registry (slot, prefix), removed when it ends.
     pub(super) watches: Vec<(usize, Box<str>)>,
     pub(super) patterns: Option<Arc<Patterns>>,
@@ -74,21 +85,31 @@ pub(super) struct Book {
 /// encoding the whole cursor per event. The line is built whole again when its shape
 /// changes: a topic joins or leaves the cursor (a first message), an id's varint grows a
 /// byte, a sub is added or removed, or a cursor is set back ([`Book::stale`]). It holds the
-/// text alone (and 2 bytes a topic), as an idle connection keeps it.
-#[derive(Default)]
-struct Line {
+/// text alone (and 2 bytes a topic), as an idle connection keeps it: boxed slices, not
+/// `Vec`s, so that behind an `Arc` it takes the 64-byte size class a boxed `Line` of `Vec`s
+/// took.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(super) struct Line {
     /// `id: `, the cursor's bytes in base64url, and the blank line that ends the event.
-    text: Vec<u8>,
-    /// The length of the cursor's bytes.
-    bytes: usize,
+    text: Box<[u8]>,
     /// By sub index: where its id's varint starts in the cursor's bytes, or [`ABSENT`].
-    at: Vec<u16>,
-    /// `text` and `at` are those of the subs as they stand (but for the one a
-    /// [`Book::id_line`] call names, which it patches).
-    fresh: bool,
-    /// How many times it was built whole.
-    #[cfg(test)]
-    builds: usize,
+    at: Box<[u16]>,
+    /// The length of the cursor's bytes.
+    bytes: u32,
+}
+
+/// What [`Line::patch`] does to a line.
+enum Patch {
+    /// Nothing: the id is already there, or the sub is left out and stays so.
+    Same,
+    /// The line's shape changes: build it whole.
+    Rebuild,
+    /// Write `chars` over the text from `from`.
+    Write {
+        from: usize,
+        chars: [u8; 16],
+        len: usize,
+    },
 }
 
 const ID_PREFIX: &[u8] = b"id: ";
@@ -100,39 +121,45 @@ pub(super) trait Standing {
 }
 
 impl Line {
-    /// Rewrites sub `moved`'s id in place; `false` when the line must be built again.
-    fn patch(&mut self, moved: usize, sent: MessageId) -> bool {
+    /// What rewriting sub `moved`'s id as `sent` takes: read only, so that a shared line
+    /// is copied only when its text does change.
+    fn patch(&self, moved: usize, sent: MessageId) -> Patch {
         let Some(&at) = self.at.get(moved) else {
-            return false;
+            return Patch::Rebuild;
         };
         if at == ABSENT {
             // Left out: unchanged while still at 0.
-            return sent == 0;
+            return if sent == 0 {
+                Patch::Same
+            } else {
+                Patch::Rebuild
+            };
         }
         let at = usize::from(at);
         // The base64 groups (3 bytes, 4 characters) over the varint: it is at most 10
         // bytes, so 4 groups from the one it starts in.
         let first = at / 3 * 3;
-        let end = (first + 12).min(self.bytes);
+        let end = (first + 12).min(self.bytes as usize);
         let from = ID_PREFIX.len() + first / 3 * 4;
-        let chars = base64::encoded_len(end - first, false).unwrap_or(0);
+        let len = base64::encoded_len(end - first, false).unwrap_or(0);
         let mut groups = [0u8; 12];
         let groups = &mut groups[..end - first];
-        decode_groups(&self.text[from..from + chars], groups);
-        let (old, len) = read_varint(&groups[at - first..]);
+        decode_groups(&self.text[from..from + len], groups);
+        let (old, varint) = read_varint(&groups[at - first..]);
         if old == sent {
-            return true;
+            return Patch::Same;
         }
-        if sent == 0 || varint_len(sent) != len {
-            return false;
+        if sent == 0 || varint_len(sent) != varint {
+            return Patch::Rebuild;
         }
         let mut value = sent;
-        for byte in &mut groups[at - first..at - first + len] {
+        for byte in &mut groups[at - first..at - first + varint] {
             *byte = (value as u8 & 0x7f) | if value >= 0x80 { 0x80 } else { 0 };
             value >>= 7;
         }
-        encode_groups(groups, &mut self.text[from..from + chars]);
-        true
+        let mut chars = [0u8; 16];
+        encode_groups(groups, &mut chars[..len]);
+        Patch::Write { from, chars, len }
     }
 }
 
@@ -208,9 +235,14 @@ impl Book {
     pub(super) fn new(carried: Vec<(u64, MessageId)>, limit: usize) -> Self {
         Self {
             carried,
-            limit,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
             ..Self::default()
         }
+    }
+
+    /// The most topics the connection may follow.
+    pub(super) fn limit(&self) -> usize {
+        self.limit as usize
     }
 
     /// Makes room for the names of `subs` subs.
@@ -304,9 +336,7 @@ impl Book {
     /// A sub's cursor moved other than by the event being written (set, set back, caught
     /// up in bulk): the next `id:` line is built whole.
     pub(super) fn stale(&mut self) {
-        if let Some(line) = &mut self.line {
-            line.fresh = false;
-        }
+        self.fresh = false;
     }
 
     /// What the cursor names, by sub: its list position, or [`HASHED`] with its topic's
@@ -316,7 +346,7 @@ impl Book {
     fn named<'s, S: Standing>(
         &'s self,
         subs: &'s [S],
-    ) -> impl Iterator<Item = (usize, u32, u64, MessageId)> + 's {
+    ) -> impl Iterator<Item = (usize, u32, u64, MessageId)> + Clone + 's {
         subs.iter()
             .zip(&self.names)
             .enumerate()
@@ -331,7 +361,7 @@ impl Book {
     /// refused when it comes back, so they give way first.
     fn carried_named(&self, named: usize) -> impl Iterator<Item = &(u64, MessageId)> {
         let carried = self.carried.iter().filter(|(_, id)| *id > 0);
-        let excess = (carried.clone().count() + named).saturating_sub(self.limit);
+        let excess = (carried.clone().count() + named).saturating_sub(self.limit());
         carried.skip(excess)
     }
 
@@ -353,35 +383,39 @@ impl Book {
 
     /// The SSE `id:` line (`id: ` and the cursor where every sub stands, then a newline),
     /// sub `moved` (if any) having just moved: patched in place when only its id's digits
-    /// changed ([`Line`]).
+    /// changed ([`Line`]), after a copy if the line is shared.
     fn id_line(&mut self, subs: &[impl Standing], moved: Option<usize>) -> &[u8] {
         let patched = match (&mut self.line, moved) {
-            (Some(line), Some(moved)) if line.fresh => {
+            (Some(line), Some(moved)) if self.fresh => {
                 let sent = subs
                     .get(moved)
                     .and_then(Standing::standing)
                     .map(|(_, sent)| sent);
                 match sent {
                     Some(sent) if self.names.get(moved).is_some_and(|&n| n != UNNAMED) => {
-                        line.patch(moved, sent)
+                        match line.patch(moved, sent) {
+                            Patch::Same => true,
+                            Patch::Rebuild => false,
+                            Patch::Write { from, chars, len } => {
+                                Arc::make_mut(line).text[from..from + len]
+                                    .copy_from_slice(&chars[..len]);
+                                true
+                            }
+                        }
                     }
                     // Not in the cursor: nothing to change.
                     _ => true,
                 }
             }
-            (Some(line), None) => line.fresh,
+            (Some(_), None) => self.fresh,
             _ => false,
         };
         if !patched {
             self.rebuild(subs);
         }
-        let line = self.line.as_ref().expect("built above");
-        debug_assert_eq!(
-            std::str::from_utf8(&line.text[ID_PREFIX.len()..line.text.len() - 1]),
-            Ok(self.cursor(subs).encode().as_str()),
-            "a patched id line says what a new one would"
-        );
-        &line.text
+        #[cfg(debug_assertions)]
+        self.check(subs);
+        &self.line.as_ref().expect("built above").text
     }
 
     /// Queues one SSE event to `out`, sub `moved` having just moved to it: the connection's
@@ -398,27 +432,7 @@ impl Book {
         out: &mut Vec<Bytes>,
     ) {
         let line = self.id_line(subs, Some(moved));
-        // The chunk's data when chunked: the line and the fields, less the chunk's end that
-        // comes with the fields.
-        let chunk = format.chunked().then(|| {
-            debug_assert!(
-                fields.ends_with(wire::CHUNK_END),
-                "the chunk's end comes with the fields"
-            );
-            line.len() + fields.len() - wire::CHUNK_END.len()
-        });
-        // Exactly sized: a `Vec` with room to spare becomes a `Bytes` through a second
-        // allocation (its shared header).
-        let header = chunk.map_or(0, |len| {
-            (usize::BITS - (len | 1).leading_zeros()).div_ceil(4) as usize + 2
-        });
-        let mut head = Vec::with_capacity(header + line.len());
-        if let Some(len) = chunk {
-            wire::push_chunk_start(&mut head, len);
-        }
-        head.extend_from_slice(line);
-        debug_assert_eq!(head.len(), head.capacity());
-        out.push(Bytes::from(head));
+        out.push(head(line, &fields, format));
         out.push(fields);
     }
 
@@ -435,6 +449,102 @@ impl Book {
         self.event(subs, moved, sse_fields(message, format), format, out);
     }
 
+    /// [`Book::message_event`] in a fan-out writer's walk, which delivers one message to
+    /// every follower of its topic: a connection whose line is the one another connection
+    /// had before the same event takes the line that one has after it, and the same head,
+    /// instead of copying, patching and framing its own ([`SharedLines`]). Otherwise it
+    /// writes its own, and takes another's if the result is the same (connections that
+    /// follow the same list and were sent the same messages converge on one line).
+    pub(super) fn shared_event(
+        &mut self,
+        subs: &[impl Standing],
+        moved: usize,
+        message: &Arc<Message>,
+        format: Format,
+        out: &mut Vec<Bytes>,
+        shared: &mut SharedLines,
+    ) {
+        let name = match self.names.get(moved) {
+            Some(&name)
+                if name != UNNAMED
+                    && self.carried.is_empty()
+                    && self.fresh
+                    && shared.worth_trying() =>
+            {
+                name
+            }
+            // Not in the cursor (its line does not change), a cursor that carries entries
+            // (what the line becomes depends on them and on the limit), a stale line, or a
+            // walk where cursors seldom match.
+            _ => return self.message_event(subs, moved, message, format, out),
+        };
+        shared.tried += 1;
+        let key = EventKey {
+            message: Arc::as_ptr(message) as usize,
+            moved,
+            name,
+            chunked: format.chunked(),
+        };
+        let before = self.line.as_ref();
+        if let Some(seen) = before.and_then(|line| shared.after(&key, line)) {
+            self.line = Some(seen.after.clone());
+            out.push(seen.head.clone());
+            out.push(seen.fields.clone());
+            shared.took += 1;
+            #[cfg(test)]
+            {
+                self.taken += 1;
+            }
+            #[cfg(debug_assertions)]
+            self.check(subs);
+            return;
+        }
+        // Kept as the entry's key only when others may hold it too (a line this
+        // connection alone holds is patched in place).
+        let before = before.filter(|line| Arc::strong_count(line) > 1).cloned();
+        let fields = sse_fields(message, format);
+        let line = self.id_line(subs, Some(moved));
+        let head = head(line, &fields, format);
+        let line = self.line.as_ref().expect("built by id_line");
+        match shared.same(&key, line) {
+            Some(seen) => {
+                if seen.before.is_none() {
+                    seen.before = before;
+                }
+                self.line = Some(seen.after.clone());
+                out.push(seen.head.clone());
+                shared.took += 1;
+                #[cfg(test)]
+                {
+                    self.taken += 1;
+                }
+            }
+            None => {
+                if shared.has_room() {
+                    shared.lines.push(SharedLine {
+                        key,
+                        before,
+                        after: line.clone(),
+                        head: head.clone(),
+                        fields: fields.clone(),
+                    });
+                }
+                out.push(head);
+            }
+        }
+        out.push(fields);
+    }
+
+    /// Checks (in debug builds) that the line says where every sub stands.
+    #[cfg(debug_assertions)]
+    fn check(&self, subs: &[impl Standing]) {
+        let line = self.line.as_ref().expect("checked with a line");
+        debug_assert_eq!(
+            std::str::from_utf8(&line.text[ID_PREFIX.len()..line.text.len() - 1]),
+            Ok(self.cursor(subs).encode().as_str()),
+            "a patched or shared id line says what a new one would"
+        );
+    }
     /// Builds the `id:` line whole, recording where each sub's id is (as
     /// [`Book::cursor`] orders the entries, without building one).
     fn rebuild(&mut self, subs: &[impl Standing]) {
@@ -446,15 +556,17 @@ impl Book {
             }
         }
         let carried = self.carried_named(listed + hashed).count();
-        let mut at = std::mem::take(&mut self.line.get_or_insert_with(Box::default).at);
-        at.clear();
-        at.resize(subs.len(), ABSENT);
+        let mut at = vec![ABSENT; subs.len()];
         let offset = |at: usize| u16::try_from(at).unwrap_or(ABSENT);
         let mut bytes = Vec::with_capacity(3 + listed * 4 + (carried + hashed) * 11);
-        let mut encoder = Encoder::new(&mut bytes, listed);
+        let positions = self
+            .named(subs)
+            .filter(|&(_, name, _, _)| name != HASHED)
+            .map(|(_, name, _, _)| name);
+        let mut encoder = Encoder::new(&mut bytes, listed, positions);
         for (index, name, _, sent) in self.named(subs) {
             if name != HASHED {
-                at[index] = offset(encoder.listed(name, sent));
+                at[index] = offset(encoder.listed(sent));
             }
         }
         encoder.hashed_count(carried + hashed);
@@ -466,23 +578,30 @@ impl Book {
                 at[index] = offset(encoder.hashed(hash, sent));
             }
         }
-        let line = self.line.as_mut().expect("made above");
-        line.at = at;
-        line.bytes = bytes.len();
         let chars = base64::encoded_len(bytes.len(), false).unwrap_or(0);
-        // Kept for the connection's life: room for this line, and no slack when first built.
-        line.text.clear();
-        line.text.reserve_exact(ID_PREFIX.len() + chars + 1);
-        line.text.extend_from_slice(ID_PREFIX);
-        line.text.resize(ID_PREFIX.len() + chars, 0);
+        // Exactly sized (a boxed slice): kept for the connection's life.
+        let mut text = Vec::with_capacity(ID_PREFIX.len() + chars + 1);
+        text.extend_from_slice(ID_PREFIX);
+        text.resize(ID_PREFIX.len() + chars, 0);
         URL_SAFE_NO_PAD
-            .encode_slice(&bytes, &mut line.text[ID_PREFIX.len()..])
+            .encode_slice(&bytes, &mut text[ID_PREFIX.len()..])
             .expect("sized above");
-        line.text.push(b'\n');
-        line.fresh = true;
+        text.push(b'\n');
+        let built = Line {
+            text: text.into_boxed_slice(),
+            at: at.into_boxed_slice(),
+            bytes: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+        };
+        // In place when this connection alone holds its line; a shared one stays as the
+        // others hold it.
+        match self.line.as_mut().and_then(Arc::get_mut) {
+            Some(line) => *line = built,
+            None => self.line = Some(Arc::new(built)),
+        }
+        self.fresh = true;
         #[cfg(test)]
         {
-            line.builds += 1;
+            self.builds += 1;
         }
     }
 
@@ -516,6 +635,112 @@ impl Book {
 /// Whether an outlet in `format` with a book writes a per-connection `id:` line per event.
 pub(super) fn writes_ids(format: Format) -> bool {
     matches!(format, Format::Sse | Format::SseChunked)
+}
+
+/// An SSE event's own head: the chunk's header when `format` is chunked (sized for the
+/// line and `fields`, which end with the chunk's end), then the `id:` line, in one
+/// allocation.
+fn head(line: &[u8], fields: &Bytes, format: Format) -> Bytes {
+    // The chunk's data when chunked: the line and the fields, less the chunk's end that
+    // comes with the fields.
+    let chunk = format.chunked().then(|| {
+        debug_assert!(
+            fields.ends_with(wire::CHUNK_END),
+            "the chunk's end comes with the fields"
+        );
+        line.len() + fields.len() - wire::CHUNK_END.len()
+    });
+    // Exactly sized: a `Vec` with room to spare becomes a `Bytes` through a second
+    // allocation (its shared header).
+    let header = chunk.map_or(0, |len| {
+        (usize::BITS - (len | 1).leading_zeros()).div_ceil(4) as usize + 2
+    });
+    let mut head = Vec::with_capacity(header + line.len());
+    if let Some(len) = chunk {
+        wire::push_chunk_start(&mut head, len);
+    }
+    head.extend_from_slice(line);
+    debug_assert_eq!(head.len(), head.capacity());
+    Bytes::from(head)
+}
+
+/// Which event of a fan-out walk a [`SharedLine`] is: a message (by address: the writer
+/// holds it for the walk, and the lines are forgotten before it lets go), the sub that moved
+/// to it and how the cursor names that sub, and whether the body is chunked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct EventKey {
+    message: usize,
+    moved: usize,
+    name: u32,
+    chunked: bool,
+}
+
+/// An `id:` line a connection wrote for one event of a walk.
+struct SharedLine {
+    key: EventKey,
+    /// The line before the event, when other connections held it too.
+    before: Option<Arc<Line>>,
+    after: Arc<Line>,
+    /// The event's head ([`head`]) and fields.
+    head: Bytes,
+    fields: Bytes,
+}
+
+/// The `id:` lines a fan-out writer wrote in the walk over one topic's followers, so that
+/// connections with the same cursor share one line and one head: those following the same
+/// list that were sent the same messages (the common case: many clients of one page). A
+/// connection whose line is another's `before` takes its `after` for the same event (a
+/// line's next state depends on its text, the sub that moved, how it is named and the new
+/// id, as the book holds no carried entries), at the cost of a lookup instead of a patch,
+/// a copy and an allocation. The writer forgets them after each topic.
+#[derive(Default)]
+pub(super) struct SharedLines {
+    lines: Vec<SharedLine>,
+    /// Connections of this walk that looked for a line, and those that took one.
+    tried: u32,
+    took: u32,
+}
+
+/// How many connections of a walk look for a line before the writer judges whether that
+/// pays: where fewer than one in four takes one, the rest of the walk writes its own lines
+/// without looking (two scans of the kept lines cost about a quarter of writing one).
+const SHARED_TRIAL: u32 = 16;
+
+/// How many lines a writer keeps per walk: a few cursors shared by many connections pay;
+/// connections whose cursors all differ pay a comparison per line kept.
+const SHARED_LINES: usize = 8;
+
+impl SharedLines {
+    /// Forgets every line (the walk is over).
+    pub(super) fn clear(&mut self) {
+        self.lines.clear();
+        (self.tried, self.took) = (0, 0);
+    }
+
+    /// Whether looking for a line still pays in this walk.
+    fn worth_trying(&self) -> bool {
+        self.tried < SHARED_TRIAL || self.took * 4 >= self.tried
+    }
+
+    /// The line written for event `key` by a connection whose line was `before`.
+    fn after(&self, key: &EventKey, before: &Arc<Line>) -> Option<&SharedLine> {
+        self.lines.iter().find(|seen| {
+            seen.key == *key && seen.before.as_ref().is_some_and(|b| Arc::ptr_eq(b, before))
+        })
+    }
+
+    /// A line written for event `key` that says what `line` says.
+    fn same(&mut self, key: &EventKey, line: &Arc<Line>) -> Option<&mut SharedLine> {
+        self.lines.iter_mut().find(|seen| {
+            seen.key == *key && (Arc::ptr_eq(&seen.after, line) || seen.after == *line)
+        })
+    }
+
+    /// Whether another line may be kept (checked first: keeping one costs a clone of its
+    /// head and fields, which connections whose cursors all differ would pay for nothing).
+    fn has_room(&self) -> bool {
+        self.lines.len() < SHARED_LINES
+    }
 }
 
 /// A message's SSE event without its `id:` line: `event:`, `data:` and the blank line that
@@ -641,8 +866,148 @@ mod tests {
         }
         // Most lines are patches: rebuilds come from the shape changes alone (27 topics
         // leaving 0, 53 varints growing past 127, a removal and a set-back).
-        let rebuilt = book.line.as_ref().map_or(0, |line| line.builds);
+        let rebuilt = book.builds;
         assert!(rebuilt < 100, "{rebuilt} of 2,000 lines were rebuilt");
+    }
+
+    /// A connection of `connections_with_the_same_cursor_share_one_line`: its book, its
+    /// subs, and by topic the sub that follows it.
+    struct Conn {
+        book: Book,
+        subs: Vec<Option<(u64, MessageId)>>,
+        sub_of: Vec<usize>,
+    }
+
+    #[test]
+    fn connections_with_the_same_cursor_share_one_line() {
+        // 40 connections follow the same 30 topics in the same order, 8 follow them in
+        // another order (so their cursors differ), and 2 carry an entry from their client's
+        // cursor (never shared). One writer's walks deliver 400 messages, one topic's at a
+        // time; one of the 40 is set back halfway. Every event is the whole cursor's line
+        // and the message's fields, and the 40 end on one line per format, which the others
+        // do not share.
+        use crate::message::{EventName, Payload};
+        const TOPICS: usize = 30;
+        let payload = Payload::from_json(r#"{"n":1}"#).expect("valid");
+        let mut conns: Vec<Conn> = (0..50)
+            .map(|c| {
+                let carried = if c >= 48 { vec![(77, 5)] } else { Vec::new() };
+                let mut book = Book::new(carried, 100);
+                let mut sub_of = vec![0; TOPICS];
+                for (index, topic) in sub_of.iter_mut().enumerate() {
+                    // The other order: the list reversed, so position `index` is topic
+                    // `TOPICS - 1 - index`.
+                    *topic = if (40..48).contains(&c) {
+                        TOPICS - 1 - index
+                    } else {
+                        index
+                    };
+                }
+                for (topic, &index) in sub_of.iter().enumerate() {
+                    book.name(index, Key::Listed(topic as u32));
+                }
+                let subs = vec![Some((0, 0)); TOPICS];
+                Conn { book, subs, sub_of }
+            })
+            .collect();
+        for conn in &mut conns {
+            conn.book.id_line(&conn.subs, None);
+        }
+        let mut shared = SharedLines::default();
+        let mut ids = [0u64; TOPICS];
+        for step in 0..400usize {
+            let topic = (step * 7 + step / 30) % TOPICS;
+            ids[topic] += 1;
+            let name = TopicName::parse(&format!("room.{topic}")).expect("valid");
+            let message = Arc::new(Message::new(
+                ids[topic],
+                name,
+                EventName::default_event(),
+                0,
+                &payload,
+            ));
+            shared.clear();
+            for (c, conn) in conns.iter_mut().enumerate() {
+                if step == 200 && c == 3 {
+                    conn.subs[conn.sub_of[5]] = Some((0, 1));
+                    conn.book.stale();
+                }
+                let moved = conn.sub_of[topic];
+                conn.subs[moved] = Some((0, ids[topic]));
+                let format = if c % 2 == 0 {
+                    Format::SseChunked
+                } else {
+                    Format::Sse
+                };
+                let mut out = Vec::new();
+                conn.book
+                    .shared_event(&conn.subs, moved, &message, format, &mut out, &mut shared);
+                let fields = sse_fields(&message, format);
+                let line = whole(&conn.book, &conn.subs);
+                let expected = [head(line.as_bytes(), &fields, format), fields].concat();
+                assert_eq!(out.concat(), expected, "step {step}, connection {c}");
+            }
+            if step == 200 {
+                let line = |c: usize| conns[c].book.line.clone().expect("a line");
+                assert!(!Arc::ptr_eq(&line(3), &line(1)), "set back, it has its own");
+            }
+        }
+        let line = |c: usize| conns[c].book.line.clone().expect("a line");
+        // One line per format (the head differs): the 20 chunked on one, the 20 plain on
+        // another (the one set back among them again, once its topic moved on).
+        let same = |first: usize| {
+            (0..40)
+                .filter(|&c| Arc::ptr_eq(&line(c), &line(first)))
+                .count()
+        };
+        assert_eq!((same(0), same(1)), (20, 20), "connections on one line");
+        for c in 40..50 {
+            assert!(
+                !Arc::ptr_eq(&line(c), &line(0)) && !Arc::ptr_eq(&line(c), &line(1)),
+                "connection {c} shares"
+            );
+        }
+        assert!(
+            Arc::ptr_eq(&line(41), &line(43)),
+            "the other order is shared too"
+        );
+        // Without sharing each of the 40 writes its own line for each of the 400 events.
+        // Shared, the first of each format writes it and the others take it.
+        let taken: usize = conns[..40].iter().map(|conn| conn.book.taken).sum();
+        assert!(taken >= 400 * 38 - 200, "{taken} of 16,000 lines taken");
+        assert!(conns[48..].iter().all(|conn| conn.book.taken == 0));
+    }
+
+    #[test]
+    fn a_walk_of_distinct_cursors_stops_looking_for_shared_lines() {
+        // 40 connections, each naming the moved topic at its own list position, so no two
+        // cursors match: the first 16 look for a line and keep theirs, the rest do not
+        // look. Every event is still right.
+        use crate::message::{EventName, Payload};
+        let payload = Payload::from_json(r#"{"n":1}"#).expect("valid");
+        let name = TopicName::parse("room.0").expect("valid");
+        let message = Arc::new(Message::new(
+            1,
+            name,
+            EventName::default_event(),
+            0,
+            &payload,
+        ));
+        let mut shared = SharedLines::default();
+        for c in 0..40u32 {
+            let mut book = Book::new(Vec::new(), 100);
+            book.name(0, Key::Listed(c));
+            let mut subs = vec![Some((0, 0))];
+            book.id_line(&subs, None);
+            subs[0] = Some((0, 1));
+            let mut out = Vec::new();
+            book.shared_event(&subs, 0, &message, Format::Sse, &mut out, &mut shared);
+            let fields = sse_fields(&message, Format::Sse);
+            let line = whole(&book, &subs);
+            assert_eq!(out.concat(), [line.as_bytes(), &fields].concat(), "{c}");
+        }
+        assert_eq!((shared.tried, shared.took), (SHARED_TRIAL, 0));
+        assert_eq!(shared.lines.len(), SHARED_LINES);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use super::{
     Topic,
     format::{Format, Frames},
-    multi::{self, Book, Key, Standing},
+    multi::{self, Book, Key, SharedLines, Standing},
     roster::Pass,
     tally::Tally,
 };
@@ -461,7 +461,7 @@ impl Outlet {
                     count += 1;
                 }
             }
-            if count >= book.limit {
+            if count >= book.limit() {
                 return Err(Refused::Full);
             }
         }
@@ -619,6 +619,7 @@ impl Outlet {
         messages: &[Arc<Message>],
         frames: &mut Vec<Bytes>,
         tally: &mut Tally,
+        lines: &mut SharedLines,
     ) {
         let mut state = self.lock();
         let state = &mut *state;
@@ -646,7 +647,7 @@ impl Outlet {
                 messages,
                 bounds,
                 frames,
-                |subs, m, frames| book.message_event(subs, sub, m, self.format, frames),
+                |subs, m, frames| book.shared_event(subs, sub, m, self.format, frames, lines),
             ),
             _ => Self::take(
                 &mut state.subs,

@@ -257,10 +257,10 @@ test("a list's cursor encodes as the server's: positions, FNV-1a hashes, varints
   const two = new ListCursor(["a", "b"]);
   two.saw("a", 1);
   two.saw("b", 1);
-  assert.equal(two.encode(), "AQIAAQEBAA");
+  assert.equal(two.encode(), "AgIAAQEA", "version 2: positions in order are left out");
   const pattern = new ListCursor(["x.*"]);
   pattern.saw("x.one", 1);
-  assert.equal(pattern.encode(), "AQABw_p-QH1PBrkB");
+  assert.equal(pattern.encode(), "AgAAAcP6fkB9Twa5AQ");
   assert.equal(topicHash("foobar"), 0x85944171f73967e8n, "the FNV-1a reference value");
   // Round trip, with an id past 32 bits and a long name.
   const wide = new ListCursor(["a", "n.*"]);
@@ -270,7 +270,17 @@ test("a list's cursor encodes as the server's: positions, FNV-1a hashes, varints
   assert.equal(back.idOf("a"), 2 ** 42);
   assert.equal(back.idOf(`n.${"x".repeat(126)}`), 300);
   assert.equal(back.idOf("n.other"), undefined);
-  assert.throws(() => ListCursor.decode(["a"], "Ag"), /version/);
+  assert.throws(() => ListCursor.decode(["a"], "Aw"), /version/);
+  // Version 1, as servers before version 2 wrote it, is still read: a at 1, b at 1.
+  const v1 = ListCursor.decode(["a", "b"], "AQIAAQEBAA");
+  assert.equal(v1.idOf("a"), 1);
+  assert.equal(v1.idOf("b"), 1);
+  // Out of order, the positions are given, and read back.
+  const shuffled = new ListCursor(["a", "b", "c"]);
+  shuffled.saw("c", 5);
+  shuffled.saw("a", 7);
+  const again = ListCursor.decode(["a", "b", "c"], shuffled.encode());
+  assert.deepEqual([again.idOf("a"), again.idOf("b"), again.idOf("c")], [7, undefined, 5]);
 });
 
 test("subscribe() follows a list on one connection, per-topic duplicates dropped, and resumes it", async () => {
@@ -299,7 +309,7 @@ test("subscribe() follows a list on one connection, per-topic duplicates dropped
   assert.equal(resumed.idOf("b"), 8, "a truncated signal moves its topic's cursor");
   const pattern = subscribe("room.*", { transport: "poll", after: 0, env: w.env });
   await settle();
-  assert.match(w.requests.at(-1), /\/topics\/room\.\*\/poll\?after=AQAA$/, "after 0: an empty cursor");
+  assert.match(w.requests.at(-1), /\/topics\/room\.\*\/poll\?after=AgAAAA$/, "after 0: an empty cursor");
   pattern.close();
   sub.close();
 });
