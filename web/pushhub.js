@@ -103,9 +103,10 @@ function pushVarint(bytes, value) {
  * Where each topic of a list stands: listed topics by their position in the list, topics a
  * pattern picked up by {@link topicHash}. Encodes to (and decodes from) the server's cursor
  * string: version 2, then varint n, a shape byte (0: the positions are 0, 1, ..., n - 1 in
- * order; 1: n varint positions follow) and n varint ids, then varint m and m × (u64 hash
- * big-endian, varint id), in base64url without padding. Version 1 (n × (varint position,
- * varint id) after n) is still read.
+ * order; 1: n varint positions follow; 2: varint k and a k-byte bitmap of n ascending
+ * positions, bit p of byte p / 8, low bit first) and n varint ids, then varint m and m ×
+ * (u64 hash big-endian, varint id), in base64url without padding. Version 1 (n × (varint
+ * position, varint id) after n) is still read.
  */
 export class ListCursor {
   /** @param {string[]} list  the request's entries, in order */
@@ -139,9 +140,16 @@ export class ListCursor {
       for (let i = 0; i < n; i++) cursor.listed.set(Number(varint()), Number(varint()));
     } else {
       const shape = bytes[at++];
-      if (shape !== 0 && shape !== 1) throw new Error("pushhub: unknown cursor shape");
       const positions = [];
-      for (let i = 0; i < n; i++) positions.push(shape === 0 ? i : Number(varint()));
+      if (shape === 0) for (let i = 0; i < n; i++) positions.push(i);
+      else if (shape === 1) for (let i = 0; i < n; i++) positions.push(Number(varint()));
+      else if (shape === 2) {
+        const k = Number(varint());
+        if (at + k > bytes.length) throw new Error("pushhub: cursor cut short");
+        for (let p = 0; p < k * 8; p++) if (bytes[at + (p >> 3)] & (1 << (p & 7))) positions.push(p);
+        at += k;
+        if (positions.length !== n) throw new Error("pushhub: cursor bitmap names another number of topics");
+      } else throw new Error("pushhub: unknown cursor shape");
       for (const position of positions) cursor.listed.set(position, Number(varint()));
     }
     for (let m = Number(varint()); m > 0; m--) {
@@ -156,10 +164,21 @@ export class ListCursor {
   encode() {
     const bytes = [2];
     pushVarint(bytes, this.listed.size);
+    // The shortest shape of the positions, as the server picks it.
     const positions = [...this.listed.keys()];
-    const inOrder = positions.every((position, i) => position === i);
-    bytes.push(inOrder ? 0 : 1);
-    if (!inOrder) for (const position of positions) pushVarint(bytes, position);
+    const given = [];
+    for (const position of positions) pushVarint(given, position);
+    const bitmap = positions.length ? Math.floor(positions.at(-1) / 8) + 1 : 0;
+    const ascending = positions.every((position, i) => i === 0 || positions[i - 1] < position);
+    const sized = [];
+    pushVarint(sized, bitmap);
+    if (positions.every((position, i) => position === i)) bytes.push(0);
+    else if (ascending && bitmap + sized.length < given.length) {
+      bytes.push(2, ...sized);
+      const bits = new Array(bitmap).fill(0);
+      for (const position of positions) bits[position >> 3] |= 1 << (position & 7);
+      bytes.push(...bits);
+    } else bytes.push(1, ...given);
     for (const id of this.listed.values()) pushVarint(bytes, id);
     pushVarint(bytes, this.hashed.size);
     for (const [hash, id] of this.hashed) {

@@ -18,7 +18,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use super::{Signal, format::Format, patterns::Patterns};
 use crate::message::{
     Message, MessageId, TopicName,
-    cursor::{Cursor, Encoder, topic_hash},
+    cursor::{Cursor, Encoder, topic_hash, varint_len},
     wire,
 };
 
@@ -223,10 +223,6 @@ fn read_varint(bytes: &[u8]) -> (u64, usize) {
         }
     }
     (value, bytes.len())
-}
-
-fn varint_len(value: u64) -> usize {
-    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 impl Book {

@@ -275,6 +275,16 @@ test("a list's cursor encodes as the server's: positions, FNV-1a hashes, varints
   const v1 = ListCursor.decode(["a", "b"], "AQIAAQEBAA");
   assert.equal(v1.idOf("a"), 1);
   assert.equal(v1.idOf("b"), 1);
+  // Ascending with gaps (topics at 0 left out): a bitmap, the same bytes as the server's
+  // (the Rust test listed_positions_in_order_are_left_out checks the same cursor).
+  const names = Array.from({ length: 100 }, (_, i) => `t${i}`);
+  const sparse = new ListCursor(names);
+  for (let i = 1; i < 100; i++) sparse.saw(`t${i}`, 1);
+  const sparseBytes = Uint8Array.from(atob(sparse.encode().replace(/-/g, "+").replace(/_/g, "/")), (c) => c.charCodeAt(0));
+  assert.deepEqual([...sparseBytes.slice(0, 4)], [2, 99, 2, 13]);
+  assert.equal(sparseBytes.length, 4 + 13 + 99 + 1);
+  const sparseBack = ListCursor.decode(names, sparse.encode());
+  assert.deepEqual([sparseBack.idOf("t0"), sparseBack.idOf("t1"), sparseBack.idOf("t99")], [undefined, 1, 1]);
   // Out of order, the positions are given, and read back.
   const shuffled = new ListCursor(["a", "b", "c"]);
   shuffled.saw("c", 5);
