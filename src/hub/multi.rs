@@ -544,32 +544,32 @@ impl Book {
     /// Builds the `id:` line whole, recording where each sub's id is (as
     /// [`Book::cursor`] orders the entries, without building one).
     fn rebuild(&mut self, subs: &[impl Standing]) {
-        let (mut listed, mut hashed) = (0, 0);
-        for (_, name, _, _) in self.named(subs) {
-            match name {
-                HASHED => hashed += 1,
-                _ => listed += 1,
-            }
-        }
-        let carried = self.carried_named(listed + hashed).count();
+        // One walk of the subs (the encoder reads the listed positions twice more).
+        let named: Vec<(usize, u32, u64, MessageId)> = self.named(subs).collect();
+        let hashed = named
+            .iter()
+            .filter(|&&(_, name, ..)| name == HASHED)
+            .count();
+        let listed = named.len() - hashed;
+        let carried = self.carried_named(named.len()).count();
         let mut at = vec![ABSENT; subs.len()];
         let offset = |at: usize| u16::try_from(at).unwrap_or(ABSENT);
         let mut bytes = Vec::with_capacity(3 + listed * 4 + (carried + hashed) * 11);
-        let positions = self
-            .named(subs)
-            .filter(|&(_, name, _, _)| name != HASHED)
-            .map(|(_, name, _, _)| name);
+        let positions = named
+            .iter()
+            .filter(|&&(_, name, ..)| name != HASHED)
+            .map(|&(_, name, ..)| name);
         let mut encoder = Encoder::new(&mut bytes, listed, positions);
-        for (index, name, _, sent) in self.named(subs) {
+        for &(index, name, _, sent) in &named {
             if name != HASHED {
                 at[index] = offset(encoder.listed(sent));
             }
         }
         encoder.hashed_count(carried + hashed);
-        for &(hash, id) in self.carried_named(listed + hashed) {
+        for &(hash, id) in self.carried_named(named.len()) {
             encoder.hashed(hash, id);
         }
-        for (index, name, hash, sent) in self.named(subs) {
+        for &(index, name, hash, sent) in &named {
             if name == HASHED {
                 at[index] = offset(encoder.hashed(hash, sent));
             }

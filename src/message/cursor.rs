@@ -96,16 +96,17 @@ impl<'a> Encoder<'a> {
     ) -> Self {
         bytes.push(VERSION);
         push_varint(bytes, listed as u64);
-        let given: usize = positions.clone().map(|p| varint_len(p.into())).sum();
-        let ascending = positions
-            .clone()
-            .zip(positions.clone().skip(1))
-            .all(|(a, b)| a < b);
-        let bitmap = positions
-            .clone()
-            .last()
-            .map_or(0, |last| last as usize / 8 + 1);
-        if positions.clone().enumerate().all(|(i, p)| p as usize == i) {
+        // One walk for the shape (the caller's positions may come from a walk of its subs).
+        let (mut in_order, mut ascending, mut given) = (true, true, 0);
+        let mut last: Option<u32> = None;
+        for (index, position) in positions.clone().enumerate() {
+            in_order &= position as usize == index;
+            ascending &= last.is_none_or(|last| last < position);
+            given += varint_len(position.into());
+            last = Some(position);
+        }
+        let bitmap = last.map_or(0, |last| last as usize / 8 + 1);
+        if in_order {
             bytes.push(IN_ORDER);
         } else if ascending && bitmap + varint_len(bitmap as u64) < given {
             bytes.push(BITMAP);
