@@ -35,10 +35,8 @@ use std::{
 use smallvec::SmallVec;
 
 use super::{
-    multi::SharedLines,
-    outlet::{ListId, Outlet, Shards},
+    outlet::{ListId, Outlet, Scratch, Shards},
     stats::Counters,
-    tally::Tally,
     ticker::{self, Intervals},
     waiter::{AnswerCache, Waiter},
 };
@@ -470,10 +468,8 @@ async fn write_loop(
 ) {
     let mut batch = Vec::new();
     let mut messages: Vec<Arc<Message>> = Vec::new();
-    let mut frames = Vec::new();
-    let mut tally = Tally::default();
+    let mut scratch = Scratch::default();
     let mut answers = AnswerCache::default();
-    let mut lines = SharedLines::default();
     loop {
         if !poll_fn(|cx| shard.poll_take(cx, &mut batch)).await {
             return;
@@ -484,7 +480,7 @@ async fn write_loop(
         }
         // Group by topic, keeping each topic's messages in the order its log gave them.
         batch.sort_by_key(|(topic, _)| Arc::as_ptr(topic) as usize);
-        tally.now_ms = now_millis();
+        scratch.tally.now_ms = now_millis();
         let mut delivered = 0;
         let mut start = 0;
         while start < batch.len() {
@@ -496,7 +492,7 @@ async fn write_loop(
                     .count();
             // The lines of the last walk name its messages by address: forgotten before the
             // writer lets go of them.
-            lines.clear();
+            scratch.lines.clear();
             messages.clear();
             messages.extend(batch[start..end].iter().map(|(_, m)| m.clone()));
             start = end;
@@ -515,14 +511,7 @@ async fn write_loop(
                         Follower::Stream { outlet, sub } => {
                             let list = ListId::of(&topic);
                             let sub = *sub as usize;
-                            outlet.deliver(
-                                sub,
-                                list,
-                                &messages,
-                                &mut frames,
-                                &mut tally,
-                                &mut lines,
-                            );
+                            outlet.deliver(sub, list, &messages, &mut scratch);
                         }
                         Follower::Waiter(waiter) => waiter.offer(&messages, &mut answers),
                     }
@@ -531,18 +520,18 @@ async fn write_loop(
                 drop(chunk);
                 if delivered >= YIELD_EVERY {
                     delivered = 0;
-                    tally.flush(&counters);
-                    tally.now_ms = now_millis();
+                    scratch.tally.flush(&counters);
+                    scratch.tally.now_ms = now_millis();
                     tokio::task::yield_now().await;
                 }
             }
         }
-        lines.clear();
+        scratch.lines.clear();
+        scratch.frames.clear();
         batch.clear();
         messages.clear();
-        frames.clear();
         answers.clear();
-        tally.flush(&counters);
+        scratch.tally.flush(&counters);
     }
 }
 

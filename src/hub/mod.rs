@@ -1148,14 +1148,10 @@ mod tests {
         let topic = hub.topic(&name());
         let third = topic.log.read(2, 1).await.unwrap().messages;
         assert_eq!(third[0].id, 3);
-        let mut frames = Vec::new();
-        let mut tally = tally::Tally::default();
         outlet.deliver(
             sub.index(),
             outlet::ListId::of(&topic.live),
             &third,
-            &mut frames,
-            &mut tally,
             &mut Default::default(),
         );
         assert_eq!(take(&outlet, 2).await, ["2", "3"]);
@@ -1200,13 +1196,10 @@ mod tests {
             0,
             &Payload::from_text("x"),
         );
-        let mut tally = tally::Tally::default();
         outlet.deliver(
             sub.index(),
             outlet::ListId::of(&topic.live),
             &[Arc::new(early)],
-            &mut Vec::new(),
-            &mut tally,
             &mut Default::default(),
         );
         outlet.catch_up(catch_up).await.unwrap();
@@ -1233,13 +1226,10 @@ mod tests {
         let topic = hub.topic(&name());
         let two = topic.log.read(0, 2).await.unwrap().messages;
         let batch = [two.clone(), two].concat();
-        let mut tally = tally::Tally::default();
         outlet.deliver(
             sub.index(),
             outlet::ListId::of(&topic.live),
             &batch,
-            &mut Vec::new(),
-            &mut tally,
             &mut Default::default(),
         );
         let Poll::Ready(Action::Write(frames)) = action_now(&outlet) else {

@@ -291,6 +291,15 @@ fn one_chunk(messages: &[Arc<Message>], taken: &Taken, frames: &mut Vec<Bytes>) 
     frames.push(Bytes::from_static(wire::CHUNK_END));
 }
 
+/// What a fan-out writer reuses from one delivery to the next in its walks: the frames of
+/// one offer, what it counts, and the SSE `id:` lines it wrote for the walk's messages.
+#[derive(Default)]
+pub(super) struct Scratch {
+    pub(super) frames: Vec<Bytes>,
+    pub(super) tally: Tally,
+    pub(super) lines: SharedLines,
+}
+
 /// The most bytes one [`Action::Write`] hands out: a bound on one `writev`.
 const WRITE_BATCH: usize = 64;
 
@@ -608,7 +617,8 @@ impl Outlet {
         self.fanout.unregister(self.shard, self.registry_slot);
     }
 
-    /// Called by a fan-out writer: offers `messages` (one topic's, in id order) to sub `sub`.
+    /// Called by a fan-out writer: offers `messages` (one topic's, in id order) to sub `sub`,
+    /// with the writer's `scratch` for its walk over the topic's followers.
     /// In steps: take the successors of the sub's cursor ([`Outlet::take`]), join several
     /// SSE chunks into one ([`one_chunk`]), seal after a finale, then write them straight to
     /// the socket ([`Outlet::write_direct`]) or queue them ([`Outlet::enqueue`]).
@@ -617,10 +627,13 @@ impl Outlet {
         sub: usize,
         live: ListId,
         messages: &[Arc<Message>],
-        frames: &mut Vec<Bytes>,
-        tally: &mut Tally,
-        lines: &mut SharedLines,
+        scratch: &mut Scratch,
     ) {
+        let Scratch {
+            frames,
+            tally,
+            lines,
+        } = scratch;
         let mut state = self.lock();
         let state = &mut *state;
         if state.end.is_some() || state.sealed {
@@ -670,14 +683,7 @@ impl Outlet {
             one_chunk(messages, &taken, frames);
         }
         if let Some(last) = finished {
-            // The message the outlet was to end after: its last bytes follow in the same
-            // write, and nothing else is accepted.
-            if !last.is_empty() {
-                frames.push(last);
-            }
-            state.sealed = true;
-            state.end.get_or_insert(End::Finished);
-            Self::wake(state);
+            Self::seal_with(state, last, frames);
         }
         let offer = Offer {
             sub,
@@ -692,6 +698,17 @@ impl Outlet {
             }
             _ => self.enqueue(state, frames, &offer, tally),
         }
+    }
+
+    /// The write holds the message the outlet was to end after: its `last` bytes follow in
+    /// the same write, and nothing else is accepted.
+    fn seal_with(state: &mut State, last: Bytes, frames: &mut Vec<Bytes>) {
+        if !last.is_empty() {
+            frames.push(last);
+        }
+        state.sealed = true;
+        state.end.get_or_insert(End::Finished);
+        Self::wake(state);
     }
 
     /// Takes from `messages` the successors of sub `sub`'s cursor, up to `stop`, framed into
