@@ -89,7 +89,7 @@ pub(super) struct Book {
 /// `Vec`s, so that behind an `Arc` it takes the 64-byte size class a boxed `Line` of `Vec`s
 /// took.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub(super) struct Line {
+struct Line {
     /// `id: `, the cursor's bytes in base64url, and the blank line that ends the event.
     text: Box<[u8]>,
     /// By sub index: where its id's varint starts in the cursor's bytes, or [`ABSENT`].
@@ -483,14 +483,9 @@ impl Book {
         };
         let before = self.line.as_ref();
         if let Some(seen) = before.and_then(|line| shared.after(&key, line)) {
-            self.line = Some(seen.after.clone());
-            out.push(seen.head.clone());
+            self.adopt(seen, out);
             out.push(seen.fields.clone());
             shared.took += 1;
-            #[cfg(test)]
-            {
-                self.taken += 1;
-            }
             #[cfg(debug_assertions)]
             self.check(subs);
             return;
@@ -499,36 +494,40 @@ impl Book {
         // connection alone holds is patched in place).
         let before = before.filter(|line| Arc::strong_count(line) > 1).cloned();
         let fields = sse_fields(message, format);
-        let line = self.id_line(subs, Some(moved));
-        let head = head(line, &fields, format);
+        self.id_line(subs, Some(moved));
         let line = self.line.as_ref().expect("built by id_line");
-        match shared.same(&key, line) {
-            Some(seen) => {
-                if seen.before.is_none() {
-                    seen.before = before;
-                }
-                self.line = Some(seen.after.clone());
-                out.push(seen.head.clone());
-                shared.took += 1;
-                #[cfg(test)]
-                {
-                    self.taken += 1;
-                }
+        if let Some(seen) = shared.same(&key, line) {
+            // The same line as another's: its head too (none is built for this one).
+            if seen.before.is_none() {
+                seen.before = before;
             }
-            None => {
-                if shared.has_room() {
-                    shared.lines.push(SharedLine {
-                        key,
-                        before,
-                        after: line.clone(),
-                        head: head.clone(),
-                        fields: fields.clone(),
-                    });
-                }
-                out.push(head);
+            self.adopt(seen, out);
+            shared.took += 1;
+        } else {
+            let head = head(&line.text, &fields, format);
+            if shared.has_room() {
+                shared.lines.push(SharedLine {
+                    key,
+                    before,
+                    after: line.clone(),
+                    head: head.clone(),
+                    fields: fields.clone(),
+                });
             }
+            out.push(head);
         }
         out.push(fields);
+    }
+
+    /// Takes the line and head another connection wrote for the same event.
+    #[inline]
+    fn adopt(&mut self, seen: &SharedLine, out: &mut Vec<Bytes>) {
+        self.line = Some(seen.after.clone());
+        out.push(seen.head.clone());
+        #[cfg(test)]
+        {
+            self.taken += 1;
+        }
     }
 
     /// Checks (in debug builds) that the line says where every sub stands.
