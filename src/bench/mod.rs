@@ -218,6 +218,7 @@ async fn warm_up(
         resume: false,
         progress: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
         served: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
+        others: (0..SUBSCRIBERS).map(|_| Default::default()).collect(),
         stop: CancellationToken::new(),
     });
     if transport.is_durable() {

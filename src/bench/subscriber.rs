@@ -38,6 +38,9 @@ pub(crate) struct Phase {
     /// Subscribers served at least once (a stream opened, a poll answered): behind a link
     /// that cuts, "all connected at once" may never be seen, so the phase waits for this.
     pub(crate) served: Vec<std::sync::atomic::AtomicBool>,
+    /// Messages of its other topics each subscriber received: the catch-up it is sent when
+    /// it opens (`--topics-per-subscriber`), which the measured window must not include.
+    pub(crate) others: Vec<AtomicU64>,
     pub(crate) stop: CancellationToken,
 }
 
@@ -67,6 +70,15 @@ impl Listing {
                 list.join(",")
             }
             Listing::Pattern(_) => format!("{topic}*"),
+        }
+    }
+
+    /// How many messages of other topics a subscriber receives when it opens: one from each
+    /// topic made for it to follow besides its own.
+    pub(crate) fn others(&self) -> u64 {
+        match self {
+            Listing::One => 0,
+            Listing::List(k) | Listing::Spread(k) | Listing::Pattern(k) => *k as u64 - 1,
         }
     }
 
@@ -151,6 +163,15 @@ impl Phase {
         index % self.bases.len()
     }
 
+    /// Whether every subscriber has received the messages of its other topics (its
+    /// catch-up at open).
+    pub(crate) fn caught_up_on_others(&self) -> bool {
+        let others = self.listing.others();
+        self.others
+            .iter()
+            .all(|got| got.load(Ordering::Relaxed) >= others)
+    }
+
     /// The topic subscriber `index` follows.
     pub(crate) fn topic_of(&self, index: usize) -> &str {
         &self.topics[index % self.topics.len()]
@@ -168,6 +189,7 @@ impl Phase {
 
     fn record(&self, index: usize, tracker: &mut Tracker, envelope: &Envelope) {
         if self.listing != Listing::One && envelope.topic != self.topic_of(index) {
+            self.others[index].fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.record_at(index, tracker, envelope.id, &envelope.data);
@@ -550,4 +572,51 @@ async fn polling(
         }
     }
     Ok(Ended::Stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(listing: Listing, subscribers: usize) -> Phase {
+        Phase {
+            bases: vec!["http://127.0.0.1:1".into()],
+            topics: vec!["t".into()],
+            listing,
+            poll_interval: Duration::from_millis(100),
+            resume: false,
+            progress: (0..subscribers).map(|_| Default::default()).collect(),
+            served: (0..subscribers).map(|_| Default::default()).collect(),
+            others: (0..subscribers).map(|_| Default::default()).collect(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    fn envelope<'a>(topic: &'a str, id: u64) -> Envelope<'a> {
+        Envelope {
+            id,
+            topic,
+            data: Payload { t: 1, n: None },
+        }
+    }
+
+    /// The measured window waits for every subscriber's catch-up on its other topics: a
+    /// subscriber counted by the server may still be receiving it.
+    #[test]
+    fn subscribers_are_caught_up_once_each_has_its_other_topics() {
+        let phase = phase(Listing::List(3), 2);
+        let mut trackers = [Tracker::default(), Tracker::default()];
+        assert!(!phase.caught_up_on_others());
+        phase.record(0, &mut trackers[0], &envelope("t.f1", 1));
+        phase.record(0, &mut trackers[0], &envelope("t.f2", 1));
+        // Its own topic's messages are deliveries, not the catch-up.
+        phase.record(1, &mut trackers[1], &envelope("t", 1));
+        phase.record(1, &mut trackers[1], &envelope("t.f1", 1));
+        assert!(!phase.caught_up_on_others(), "subscriber 1 lacks t.f2");
+        assert_eq!(trackers[1].received, 1);
+        phase.record(1, &mut trackers[1], &envelope("t.f2", 1));
+        assert!(phase.caught_up_on_others());
+        // One topic alone has nothing to catch up on.
+        assert!(self::phase(Listing::One, 2).caught_up_on_others());
+    }
 }
