@@ -22,7 +22,11 @@ use crate::{
     access::{Access, Auth, OriginPolicy, RateLimiter},
     config::Config,
     error::Error,
-    gate::{Gate, limits::ConnectionLimits, server::StartError},
+    gate::{
+        Gate,
+        limits::{Capacity, ConnectionLimits},
+        server::StartError,
+    },
     hub::{self, Hub, TopicInfo},
     link::Lanes,
     message::{self, TransportKind},
@@ -55,6 +59,8 @@ pub struct App {
     pub transport: TransportState,
     /// Open connections, in total and per IP.
     pub connections: Arc<ConnectionLimits>,
+    /// How many connections the node takes: `--max-connections` within the open-file limit.
+    pub capacity: Capacity,
     /// The emulated links clients reach through `<link>.localhost` (`--link-hosts`).
     pub lanes: Option<Arc<Lanes>>,
 }
@@ -70,6 +76,18 @@ impl AppState {
             &config.public_topics,
         )?);
         telemetry::install();
+        let capacity = Capacity::of_process(config.max_connections, config.file_reserve);
+        if capacity.file_limited() {
+            tracing::warn!(
+                max_connections = capacity.configured,
+                open_file_limit = capacity.open_file_limit,
+                file_reserve = capacity.file_reserve,
+                "--max-connections is above what the open-file limit leaves: taking at most {} \
+                 connections (the limit less --file-reserve); raise the open-file limit \
+                 (`ulimit -n`, systemd's LimitNOFILE=) to take more",
+                capacity.max
+            );
+        }
         let hub = Hub::new(store, config.hub_settings());
         let shutdown = CancellationToken::new();
         let origins = Arc::new(OriginPolicy::new(&config.allowed_origins, config.listen));
@@ -84,10 +102,8 @@ impl AppState {
         });
         Ok(Self(Arc::new(App {
             transport,
-            connections: ConnectionLimits::new(
-                config.max_connections,
-                config.max_connections_per_ip,
-            ),
+            connections: ConnectionLimits::for_capacity(&capacity, config.max_connections_per_ip),
+            capacity,
             lanes: config.serves_link_hosts().then(|| Arc::new(Lanes::new())),
             config: Arc::new(config),
         })))
@@ -259,8 +275,30 @@ async fn metrics_text(State(app): State<AppState>) -> impl axum::response::IntoR
     )
 }
 
-async fn stats(State(app): State<AppState>) -> Json<hub::HubStats> {
-    Json(app.transport.hub.stats())
+/// `GET /stats`: the hub's counters and subscriber totals, and the node's connections.
+#[derive(serde::Serialize)]
+struct Stats {
+    #[serde(flatten)]
+    hub: hub::HubStats,
+    connections: Connections,
+}
+
+/// Open connections against the node's capacity.
+#[derive(serde::Serialize)]
+struct Connections {
+    open: usize,
+    #[serde(flatten)]
+    capacity: Capacity,
+}
+
+async fn stats(State(app): State<AppState>) -> Json<Stats> {
+    Json(Stats {
+        hub: app.transport.hub.stats(),
+        connections: Connections {
+            open: app.connections.open(),
+            capacity: app.capacity,
+        },
+    })
 }
 
 /// `GET /links`: the emulated links this server serves through `<link>.localhost` host names

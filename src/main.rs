@@ -134,8 +134,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = pushhub::gate::server::listen(config.listen, config.listen_backlog)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let scheme = if config.tls_cert.is_some() {

@@ -65,6 +65,7 @@ const SECTIONS: &[(&str, &[Key])] = &[
         "server",
         &[
             text("listen"),
+            int("listen_backlog"),
             int("workers"),
             text("tls_cert"),
             text("tls_key"),
@@ -79,6 +80,7 @@ const SECTIONS: &[(&str, &[Key])] = &[
         &[
             int("max_connections"),
             int("max_connections_per_ip"),
+            int("file_reserve"),
             int("publish_rate"),
             int("max_body"),
             int("max_parked_longpolls"),

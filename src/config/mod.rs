@@ -146,6 +146,18 @@ pub struct Config {
     #[arg(long, env = "PUSHHUB_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Open files kept back from connections, for the listener, the store, Redis and the
+    /// answers that refuse connections over the limit: `--max-connections` is lowered to the
+    /// open-file limit less this many, and said so at startup. Default: 100 and 1% of the limit.
+    #[arg(long, env = "PUSHHUB_FILE_RESERVE")]
+    pub file_reserve: Option<usize>,
+
+    /// Connections the kernel queues until they are accepted (the listen backlog; Linux caps
+    /// it at `net.core.somaxconn`). Clients reconnecting all at once wait here, instead of
+    /// being dropped and retrying after a second.
+    #[arg(long, env = "PUSHHUB_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: u32,
+
     /// Open connections per client IP at most (429); `0`: no per-IP limit. Behind a proxy
     /// every client shares its IP: leave it off there and limit at the proxy.
     #[arg(long, env = "PUSHHUB_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
@@ -334,6 +346,8 @@ impl Default for Config {
             link_hosts: LinkHosts::Auto,
             max_connections: 100_000,
             max_connections_per_ip: 0,
+            file_reserve: None,
+            listen_backlog: 4096,
             publish_rate: 0,
             max_parked_longpolls: 50_000,
             max_subscriptions_per_connection: 100,

@@ -5,17 +5,36 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use crate::error::Error;
 
-/// Counts open connections, in total and per client IP.
+/// Counts open connections, in total and per client IP, and the refusals being answered.
 #[derive(Debug)]
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    /// Refusals being answered at most: each holds a file while it reads the request and
+    /// answers, out of the reserve; past this a connection over the limit is closed unanswered.
+    max_refusing: usize,
+    refusing: AtomicUsize,
+}
+
+/// One refusal being answered; dropping it frees its place.
+#[derive(Debug)]
+pub struct RefusalPermit {
+    limits: Arc<ConnectionLimits>,
+}
+
+impl Drop for RefusalPermit {
+    fn drop(&mut self) {
+        self.limits.refusing.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One admitted connection; dropping it frees its place.
@@ -28,11 +47,35 @@ pub struct ConnectionPermit {
 impl ConnectionLimits {
     /// Limits of `max_total` connections, and `max_per_ip` per IP (`0`: no per-IP limit).
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Self::build(max_total, max_per_ip, 64)
+    }
+
+    /// Limits of `capacity` connections, and `max_per_ip` per IP, answering at most half the
+    /// file reserve's worth of refusals at once.
+    pub fn for_capacity(capacity: &Capacity, max_per_ip: usize) -> Arc<Self> {
+        Self::build(capacity.max, max_per_ip, (capacity.file_reserve / 2).max(8))
+    }
+
+    fn build(max_total: usize, max_per_ip: usize, max_refusing: usize) -> Arc<Self> {
         Arc::new(Self {
             max_total,
             max_per_ip,
             open: Mutex::new((0, HashMap::new())),
+            max_refusing,
+            refusing: AtomicUsize::new(0),
         })
+    }
+
+    /// A place to answer a refusal in, or `None` when enough are being answered already.
+    pub fn refusal(self: &Arc<Self>) -> Option<RefusalPermit> {
+        self.refusing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_refusing).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| RefusalPermit {
+                limits: self.clone(),
+            })
     }
 
     /// Admits a connection from `ip`, or names the limit it hits.
@@ -81,9 +124,76 @@ impl Drop for ConnectionPermit {
     }
 }
 
+/// How many connections a node takes: `--max-connections`, lowered to what the open-file
+/// limit leaves once a reserve is kept back. Every connection holds a file (its socket), and
+/// so do the listener, the store's files, Redis and the answer that refuses a connection over
+/// the limit: a node out of files can no longer refuse anyone (its clients wait in the
+/// backlog with no answer), so it stops taking connections while files are left to say no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    /// Connections taken at most (the 503 past it).
+    pub max: usize,
+    /// `--max-connections` as configured.
+    pub configured: usize,
+    /// The process's open-file limit (the soft one, raised to the hard one at startup), when
+    /// known.
+    pub open_file_limit: Option<u64>,
+    /// Files kept back from connections.
+    pub file_reserve: usize,
+}
+
+impl Capacity {
+    /// The capacity for `configured` connections with `open_file_limit` files, keeping
+    /// `reserve` of them back (by default 100 and 1% of the limit).
+    pub fn new(configured: usize, reserve: Option<usize>, open_file_limit: Option<u64>) -> Self {
+        let limit = open_file_limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+        let file_reserve = reserve.unwrap_or_else(|| 100 + limit.unwrap_or(0) / 100);
+        let max = match limit {
+            Some(limit) => configured.min(limit.saturating_sub(file_reserve)),
+            None => configured,
+        };
+        Self {
+            max,
+            configured,
+            open_file_limit,
+            file_reserve,
+        }
+    }
+
+    /// The capacity of this process: its open-file limit read now.
+    pub fn of_process(configured: usize, reserve: Option<usize>) -> Self {
+        let limit = rlimit::getrlimit(rlimit::Resource::NOFILE)
+            .ok()
+            .map(|(soft, _hard)| soft)
+            .filter(|&soft| soft != rlimit::INFINITY);
+        Self::new(configured, reserve, limit)
+    }
+
+    /// Whether the open-file limit lowered `--max-connections`.
+    pub fn file_limited(&self) -> bool {
+        self.max < self.configured
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_file_limit_lowers_max_connections_and_keeps_a_reserve() {
+        // 20,000 files: 300 kept back (100 and 1%), 19,700 connections.
+        let capacity = Capacity::new(100_000, None, Some(20_000));
+        assert_eq!((capacity.max, capacity.file_reserve), (19_700, 300));
+        assert!(capacity.file_limited());
+        // Below the file limit, the configured value holds.
+        let capacity = Capacity::new(5_000, None, Some(20_000));
+        assert_eq!(capacity.max, 5_000);
+        assert!(!capacity.file_limited());
+        // A reserve given, a limit smaller than the reserve, and no known limit.
+        assert_eq!(Capacity::new(100_000, Some(0), Some(1_000)).max, 1_000);
+        assert_eq!(Capacity::new(100_000, None, Some(50)).max, 0);
+        assert_eq!(Capacity::new(100_000, None, None).max, 100_000);
+    }
 
     #[test]
     fn limits_count_in_total_and_per_ip_and_free_on_drop() {
@@ -103,6 +213,16 @@ mod tests {
         assert_eq!(limits.open(), 2);
         assert!(limits.admit(a).is_ok(), "a place freed by a dropped permit");
         assert_eq!(limits.open(), 2, "the temporary permit was dropped again");
+    }
+
+    #[test]
+    fn refusals_answered_at_once_are_bounded() {
+        let limits = ConnectionLimits::for_capacity(&Capacity::new(10, Some(4), Some(100)), 0);
+        // Half the reserve, at least 8.
+        let held: Vec<_> = (0..8).map(|_| limits.refusal().unwrap()).collect();
+        assert!(limits.refusal().is_none());
+        drop(held);
+        assert!(limits.refusal().is_some());
     }
 
     #[test]

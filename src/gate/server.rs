@@ -5,7 +5,9 @@
 //! total and per client IP, answered with a JSON 503/429 before any work is done; TLS on the
 //! same loop; and the choice, per request, of who serves it ([`crate::gate`]).
 
-use std::{future::Future, io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    future::Future, io, net::SocketAddr, os::fd::OwnedFd, path::Path, sync::Arc, time::Duration,
+};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -56,6 +58,22 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, StartError> 
     .map_err(|e| StartError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Listens on `addr` with a backlog of `backlog` pending connections (tokio's own `bind`
+/// takes 1,024, which a reconnect storm of a few thousand clients overflows: the clients
+/// left out retry after a second or more).
+pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's and tokio's `bind` do: a restarted node binds again while connections of
+    // the one before are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Serves `gate` on `listener` until `stop` fires, with `--workers` workers: this task's
@@ -147,14 +165,26 @@ async fn accept(
     stop: impl Future<Output = ()>,
 ) {
     let mut next = 0usize;
+    let spare = Spare::open();
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                Err(error) if out_of_files(&error) => {
+                    // Files ran out below the connection limit (the store's, Redis's,
+                    // the reserve set too low): the spare file makes room to answer one
+                    // waiting client, instead of leaving them all in the backlog. While
+                    // it is out answering, the others wait.
+                    match spare.take() {
+                        Some(file) => refuse_out_of_files(listener, limits, here, &spare, file),
+                        None => tracing::debug!(%error, "accept failed: out of files"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 Err(error) => {
-                    // Out of file descriptors, or a connection reset before accept: keep
-                    // serving the connections already open.
+                    // A connection reset before accept: keep serving those open.
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -165,12 +195,8 @@ async fn accept(
         let _ = stream.set_nodelay(true);
         let permit = match limits.admit(peer.ip()) {
             Ok(permit) => permit,
-            Err(refusal) if here.tls.is_some() => {
-                here.connections.spawn(refuse_tls(stream, refusal));
-                continue;
-            }
             Err(refusal) => {
-                here.connections.spawn(refuse(stream, refusal));
+                here.refuse(limits, stream, refusal, None);
                 continue;
             }
         };
@@ -180,6 +206,69 @@ async fn accept(
             here.spawn(stream, peer, permit);
         } else {
             hand_over(here, &others[target - 1], stream, peer, permit);
+        }
+    }
+}
+
+/// Whether accept failed for want of a file (the process's limit, or the system's).
+fn out_of_files(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
+}
+
+/// A file held open so that a node out of files can still refuse a client: closed to accept
+/// one, which is answered 503, and whose socket, shut down, becomes the spare in turn (never
+/// closed and opened again, which would let the accept loop take the file in between).
+#[derive(Clone)]
+struct Spare(Arc<std::sync::Mutex<Option<OwnedFd>>>);
+
+impl Spare {
+    fn open() -> Self {
+        let file = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
+        Self(Arc::new(std::sync::Mutex::new(file)))
+    }
+
+    /// Takes the spare file out (its drop closes it), if it is held.
+    fn take(&self) -> Option<OwnedFd> {
+        self.lock().take()
+    }
+
+    /// Keeps `fd` as the spare.
+    fn keep(&self, fd: OwnedFd) {
+        self.lock().get_or_insert(fd);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OwnedFd>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Closes the spare file, accepts the client waiting and refuses it: `503`, "out of files".
+/// Its socket is the next spare.
+fn refuse_out_of_files(
+    listener: &TcpListener,
+    limits: &Arc<ConnectionLimits>,
+    here: &Worker,
+    spare: &Spare,
+    file: OwnedFd,
+) {
+    drop(file);
+    use futures::FutureExt;
+    match listener.accept().now_or_never() {
+        Some(Ok((stream, peer))) => {
+            tracing::warn!(%peer, "out of files: refused a connection");
+            let refusal = Error::AtCapacity("out of files: the open-file limit is reached");
+            here.refuse(limits, stream, refusal, Some(spare.clone()));
+        }
+        _ => {
+            if let Ok(file) = std::fs::File::open("/dev/null") {
+                spare.keep(file.into());
+            }
         }
     }
 }
@@ -241,6 +330,38 @@ impl Worker {
     /// Serves one admitted connection on this worker, holding its place until it ends. Each
     /// kind of connection is its own task type, so a plain connection's task carries no room
     /// for a TLS handshake.
+    /// Answers a connection over a limit (`refusal`, as JSON, or a TLS alert), then closes
+    /// it, or keeps its socket as the `spare` file when it took the spare's place. Refusals
+    /// answered at once are bounded: past the bound the connection is closed at once,
+    /// unanswered, so that a flood of refused clients cannot take the files kept back for
+    /// the store and the listener.
+    fn refuse(
+        &self,
+        limits: &Arc<ConnectionLimits>,
+        stream: TcpStream,
+        refusal: Error,
+        spare: Option<Spare>,
+    ) {
+        let place = limits.refusal();
+        if place.is_none() && spare.is_none() {
+            crate::telemetry::rejected(refusal.code());
+            return;
+        }
+        let tls = self.tls.is_some();
+        self.connections.spawn(async move {
+            let mut stream = stream;
+            if tls {
+                refuse_tls(&mut stream, refusal).await;
+            } else {
+                refuse(&mut stream, refusal).await;
+            }
+            drop(place);
+            if let (Some(spare), Ok(stream)) = (spare, stream.into_std()) {
+                spare.keep(stream.into());
+            }
+        });
+    }
+
     fn spawn(&self, stream: TcpStream, peer: SocketAddr, permit: ConnectionPermit) {
         let connection = Connection {
             shared: self.shared.clone(),

@@ -438,7 +438,24 @@ impl Drop for ServerProcess {
 /// Starts the binary with `args` (plus `--listen 127.0.0.1:0`) and environment `envs`, and
 /// waits for its startup line.
 pub fn spawn_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pushhub"))
+    spawn_command(Command::new(env!("CARGO_BIN_EXE_pushhub")), args, envs)
+}
+
+/// [`spawn_binary`] in a process that may open `files` files at most (its soft and hard
+/// limits: the server cannot raise them).
+pub fn spawn_binary_with_files(args: &[&str], files: u64) -> ServerProcess {
+    // The shell lowers both limits, then becomes the server.
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        &format!("ulimit -Sn {files} && ulimit -Hn {files} && exec \"$0\" \"$@\""),
+        env!("CARGO_BIN_EXE_pushhub"),
+    ]);
+    spawn_command(command, args, &[])
+}
+
+fn spawn_command(mut command: Command, args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
+    let mut child = command
         .args(args)
         .args(["--listen", "127.0.0.1:0"])
         .env("PUSHHUB_LOG", "pushhub=info")
