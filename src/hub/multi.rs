@@ -67,6 +67,8 @@ pub(super) struct Book {
     /// `line` says where every sub stands (but for the one an [`Book::id_line`] call names,
     /// which it patches).
     fresh: bool,
+    /// `names` are `0, 1, 2, ...`: each sub is named by its own index ([`Book::name_of`]).
+    in_order: bool,
     /// How many times the line was built whole, and taken from another connection.
     #[cfg(test)]
     builds: usize,
@@ -278,6 +280,9 @@ impl Book {
 
     /// Names sub `index` by `key`; a carried entry for the same topic is now the sub's.
     pub(super) fn name(&mut self, index: usize, key: Key) {
+        // Appending to names in order keeps them so (checked in one step, as a list's
+        // subs are named one after another); anything else checks them all.
+        let appended = self.names.len() == index && (index == 0 || self.in_order);
         if self.names.len() <= index {
             self.names.resize(index + 1, UNNAMED);
         }
@@ -288,6 +293,11 @@ impl Book {
                 self.carried.retain(|&(h, _)| h != hash);
                 HASHED
             }
+        };
+        self.in_order = if appended {
+            self.names[index] as usize == index
+        } else {
+            self.names.iter().enumerate().all(|(i, &n)| n as usize == i)
         };
         self.stale();
     }
@@ -318,13 +328,26 @@ impl Book {
 
     /// Whether the cursor names sub `index`.
     pub(super) fn names(&self, index: usize) -> bool {
-        self.names.get(index).is_some_and(|&name| name != UNNAMED)
+        self.name_of(index) != UNNAMED
+    }
+
+    /// How the cursor names sub `index` ([`UNNAMED`] past the names). Where the names are
+    /// the list's positions in order (a list, as most are), the names are not read: a
+    /// delivery would pay a cache line of each connection's for them.
+    #[inline]
+    fn name_of(&self, index: usize) -> u32 {
+        match self.names.len() {
+            len if index >= len => UNNAMED,
+            _ if self.in_order => index as u32,
+            _ => self.names[index],
+        }
     }
 
     /// Forgets sub `index` (it was unsubscribed).
     pub(super) fn forget(&mut self, index: usize) {
         if let Some(name) = self.names.get_mut(index) {
             *name = UNNAMED;
+            self.in_order = false;
         }
         self.stale();
     }
@@ -381,6 +404,7 @@ impl Book {
     /// sub `moved` (if any) having just moved: patched in place when only its id's digits
     /// changed ([`Line`]), after a copy if the line is shared.
     fn id_line(&mut self, subs: &[impl Standing], moved: Option<usize>) -> &[u8] {
+        let moved_named = moved.is_some_and(|moved| self.name_of(moved) != UNNAMED);
         let patched = match (&mut self.line, moved) {
             (Some(line), Some(moved)) if self.fresh => {
                 let sent = subs
@@ -388,17 +412,15 @@ impl Book {
                     .and_then(Standing::standing)
                     .map(|(_, sent)| sent);
                 match sent {
-                    Some(sent) if self.names.get(moved).is_some_and(|&n| n != UNNAMED) => {
-                        match line.patch(moved, sent) {
-                            Patch::Same => true,
-                            Patch::Rebuild => false,
-                            Patch::Write { from, chars, len } => {
-                                Arc::make_mut(line).text[from..from + len]
-                                    .copy_from_slice(&chars[..len]);
-                                true
-                            }
+                    Some(sent) if moved_named => match line.patch(moved, sent) {
+                        Patch::Same => true,
+                        Patch::Rebuild => false,
+                        Patch::Write { from, chars, len } => {
+                            Arc::make_mut(line).text[from..from + len]
+                                .copy_from_slice(&chars[..len]);
+                            true
                         }
-                    }
+                    },
                     // Not in the cursor: nothing to change.
                     _ => true,
                 }
@@ -460,12 +482,11 @@ impl Book {
         out: &mut Vec<Bytes>,
         shared: &mut SharedLines,
     ) {
-        let name = match self.names.get(moved) {
-            Some(&name)
-                if name != UNNAMED
-                    && self.carried.is_empty()
-                    && self.fresh
-                    && shared.worth_trying() =>
+        let name = match self.name_of(moved) {
+            name if name != UNNAMED
+                && self.carried.is_empty()
+                && self.fresh
+                && shared.worth_trying() =>
             {
                 name
             }
@@ -780,6 +801,30 @@ mod tests {
         fn standing(&self) -> Option<(u64, MessageId)> {
             *self
         }
+    }
+
+    /// Names read through the in-order shortcut are the names kept.
+    #[test]
+    fn names_in_order_are_read_without_the_names() {
+        let mut book = Book::new(Vec::new(), 100);
+        let kept = |book: &Book| -> Vec<u32> { (0..6).map(|i| book.name_of(i)).collect() };
+        for index in 0..4 {
+            book.name(index, Key::Listed(index as u32));
+        }
+        assert!(book.in_order);
+        assert_eq!(kept(&book), [0, 1, 2, 3, UNNAMED, UNNAMED]);
+        // A position out of order, a gap, a pattern's topic, a sub forgotten: read them.
+        book.name(4, Key::Listed(7));
+        assert!(!book.in_order);
+        assert_eq!(kept(&book), [0, 1, 2, 3, 7, UNNAMED]);
+        book.name(4, Key::Listed(4));
+        assert!(book.in_order, "in order again");
+        book.name(5, Key::Hashed(9));
+        assert_eq!(kept(&book), [0, 1, 2, 3, 4, HASHED]);
+        book.name(5, Key::Listed(5));
+        book.forget(1);
+        assert_eq!(kept(&book), [0, UNNAMED, 2, 3, 4, 5]);
+        assert!(!book.names(1) && book.names(2));
     }
 
     #[test]
