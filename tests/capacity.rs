@@ -75,10 +75,8 @@ impl Raw {
         String::from_utf8(rest).unwrap()
     }
 
-    /// Publishes `data` to `topic` over this (kept-alive) connection.
-    async fn publish(&mut self, topic: &str, data: &str) {
-        let (status, head) = self.request(&format!("POST /topics/{topic}"), data).await;
-        assert_eq!(status, 201, "{head}");
+    /// Reads the body of an answer whose head is `head` (by its `content-length`).
+    async fn body(&mut self, head: &str) -> Vec<u8> {
         let length: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length: "))
@@ -87,11 +85,19 @@ impl Raw {
             .parse()
             .unwrap();
         while self.buffer.len() < length {
-            let mut chunk = [0u8; 1024];
+            let mut chunk = [0u8; 4096];
             let read = self.stream.read(&mut chunk).await.unwrap();
+            assert!(read > 0, "closed within a body");
             self.buffer.extend_from_slice(&chunk[..read]);
         }
-        self.buffer.drain(..length);
+        self.buffer.drain(..length).collect()
+    }
+
+    /// Publishes `data` to `topic` over this (kept-alive) connection.
+    async fn publish(&mut self, topic: &str, data: &str) {
+        let (status, head) = self.request(&format!("POST /topics/{topic}"), data).await;
+        assert_eq!(status, 201, "{head}");
+        self.body(&head).await;
     }
 }
 
@@ -111,19 +117,7 @@ async fn stats(addr: &str) -> Value {
     let mut raw = Raw::open(addr).await;
     let (status, head) = raw.request("GET /stats", "").await;
     assert_eq!(status, 200, "{head}");
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    while raw.buffer.len() < length {
-        let mut chunk = [0u8; 4096];
-        let read = raw.stream.read(&mut chunk).await.unwrap();
-        raw.buffer.extend_from_slice(&chunk[..read]);
-    }
-    serde_json::from_slice(&raw.buffer[..length]).unwrap()
+    serde_json::from_slice(&raw.body(&head).await).unwrap()
 }
 
 /// Every open stream receives the event carrying `marker`.
