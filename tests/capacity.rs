@@ -240,3 +240,44 @@ async fn a_node_out_of_files_below_its_limit_still_answers_503() {
     publisher.publish("files", r#"{"after":"files"}"#).await;
     all_receive(&mut streams, r#""after":"files""#).await;
 }
+
+/// A storm of clients far over `--max-connections` on a node with files to spare: every
+/// one of them is answered (200 or 503), none closed unanswered. The connections are all
+/// established (in the kernel's backlog) before any request is sent, so the server accepts
+/// them in a burst and answers hundreds of refusals at once.
+#[tokio::test]
+async fn a_storm_over_max_connections_is_answered_whole() {
+    const CLIENTS: usize = 600;
+    let server = support::spawn_binary(&["--max-connections", "20"], &[]);
+    let addr = server.addr.clone();
+    let mut sockets = Vec::new();
+    for _ in 0..CLIENTS {
+        sockets.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    let request = "GET /topics/storm/sse HTTP/1.1\r\nhost: test\r\n\r\n";
+    let mut answers = tokio::task::JoinSet::new();
+    for mut socket in sockets {
+        answers.spawn(async move {
+            socket.write_all(request.as_bytes()).await.unwrap();
+            let mut head = [0u8; 12];
+            // An answer's status line, or nothing (the connection closed unanswered).
+            match tokio::time::timeout(Duration::from_secs(10), socket.read_exact(&mut head))
+                .await
+                .expect("an answer or a close within 10 s")
+            {
+                Ok(_) => (String::from_utf8_lossy(&head[9..12]).into_owned(), socket),
+                Err(_) => ("closed".to_owned(), socket),
+            }
+        });
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    let mut held = Vec::new();
+    while let Some(answer) = answers.join_next().await {
+        let (status, socket) = answer.unwrap();
+        *counts.entry(status).or_insert(0) += 1;
+        held.push(socket);
+    }
+    let expected: std::collections::BTreeMap<String, usize> =
+        [("200".to_owned(), 20), ("503".to_owned(), CLIENTS - 20)].into();
+    assert_eq!(counts, expected);
+}

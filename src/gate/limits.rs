@@ -19,9 +19,12 @@ pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
-    /// Refusals being answered at most: each holds a file while it reads the request and
-    /// answers, out of the reserve; past this a connection over the limit is closed unanswered.
+    /// Refusals answered at once out of the reserve: each holds a file while it reads the
+    /// request and answers. More are answered while open connections leave files unused
+    /// (`file_room`, the files connections may take); past both, a connection over a limit
+    /// is closed unanswered.
     max_refusing: usize,
+    file_room: usize,
     refusing: AtomicUsize,
 }
 
@@ -47,30 +50,45 @@ pub struct ConnectionPermit {
 impl ConnectionLimits {
     /// Limits of `max_total` connections, and `max_per_ip` per IP (`0`: no per-IP limit).
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
-        Self::build(max_total, max_per_ip, 64)
+        Self::build(max_total, max_per_ip, 64, usize::MAX)
     }
 
-    /// Limits of `capacity` connections, and `max_per_ip` per IP, answering at most half the
-    /// file reserve's worth of refusals at once.
+    /// Limits of `capacity` connections, and `max_per_ip` per IP, answering at once half
+    /// the file reserve's worth of refusals, and more while connections leave files unused.
     pub fn for_capacity(capacity: &Capacity, max_per_ip: usize) -> Arc<Self> {
-        Self::build(capacity.max, max_per_ip, (capacity.file_reserve / 2).max(8))
+        Self::build(
+            capacity.max,
+            max_per_ip,
+            (capacity.file_reserve / 2).max(8),
+            capacity.file_room(),
+        )
     }
 
-    fn build(max_total: usize, max_per_ip: usize, max_refusing: usize) -> Arc<Self> {
+    fn build(
+        max_total: usize,
+        max_per_ip: usize,
+        max_refusing: usize,
+        file_room: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             max_total,
             max_per_ip,
             open: Mutex::new((0, HashMap::new())),
             max_refusing,
+            file_room,
             refusing: AtomicUsize::new(0),
         })
     }
 
-    /// A place to answer a refusal in, or `None` when enough are being answered already.
+    /// A place to answer a refusal in, or `None` when as many are being answered as files
+    /// allow: half the reserve, or more while the open connections leave files unused (a
+    /// storm of clients over `--max-connections` far below the file limit is answered
+    /// whole).
     pub fn refusal(self: &Arc<Self>) -> Option<RefusalPermit> {
+        let open = self.open();
         self.refusing
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < self.max_refusing).then_some(n + 1)
+                (n < self.max_refusing || open.saturating_add(n) < self.file_room).then_some(n + 1)
             })
             .ok()
             .map(|_| RefusalPermit {
@@ -169,6 +187,16 @@ impl Capacity {
         Self::new(configured, reserve, limit)
     }
 
+    /// The files connections may hold: the open-file limit less the reserve (unbounded
+    /// where the limit is unknown).
+    pub fn file_room(&self) -> usize {
+        self.open_file_limit.map_or(usize::MAX, |limit| {
+            usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(self.file_reserve)
+        })
+    }
+
     /// Whether the open-file limit lowered `--max-connections`.
     pub fn file_limited(&self) -> bool {
         self.max < self.configured
@@ -216,13 +244,25 @@ mod tests {
     }
 
     #[test]
-    fn refusals_answered_at_once_are_bounded() {
-        let limits = ConnectionLimits::for_capacity(&Capacity::new(10, Some(4), Some(100)), 0);
-        // Half the reserve, at least 8.
-        let held: Vec<_> = (0..8).map(|_| limits.refusal().unwrap()).collect();
-        assert!(limits.refusal().is_none());
+    fn refusals_answered_at_once_are_bounded_by_the_files_left() {
+        // 100 files, 4 kept back, 10 connections at most: 96 files for connections and
+        // refusals, so with 10 open, 86 refusals are answered at once.
+        let capacity = Capacity::new(10, Some(4), Some(100));
+        let limits = ConnectionLimits::for_capacity(&capacity, 0);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let open: Vec<_> = (0..10).map(|_| limits.admit(ip).unwrap()).collect();
+        let held: Vec<_> = (0..86).map(|_| limits.refusal().unwrap()).collect();
+        assert!(limits.refusal().is_none(), "no file left but the reserve's");
         drop(held);
         assert!(limits.refusal().is_some());
+        // At the file limit itself (all 96 files held by connections), half the reserve,
+        // at least 8, is still answered.
+        let capacity = Capacity::new(100_000, Some(4), Some(100));
+        let limits = ConnectionLimits::for_capacity(&capacity, 0);
+        let full: Vec<_> = (0..96).map(|_| limits.admit(ip).unwrap()).collect();
+        let held: Vec<_> = (0..8).map(|_| limits.refusal().unwrap()).collect();
+        assert!(limits.refusal().is_none());
+        drop((open, full, held));
     }
 
     #[test]
