@@ -8,7 +8,11 @@
 //! and parses the answer with `httparse`: `Content-Length` and chunked bodies, keep-alive and
 //! `Connection: close`. Everything else (setup, `/stats`) still uses reqwest.
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 /// The first wait before a client connects again after losing its connection; it doubles
 /// while attempts fail, up to [`RETRY_MOST`].
@@ -32,6 +36,44 @@ pub struct Connection {
     streaming: Framing,
     /// Header lines sent with every request (`authorization: Bearer ...\r\n`).
     extra: String,
+    /// The local address to connect from ([`source_address`]), or the system's choice.
+    source: Option<IpAddr>,
+}
+
+/// How many loopback source addresses the bench's subscribers are spread over.
+const SOURCE_ADDRESSES: usize = 250;
+
+/// The address subscriber `index` connects from when the server is on 127.0.0.1: one of
+/// 127.0.0.2 to 127.0.0.251. From one address, connections to one server port share about
+/// 28,000 ephemeral ports, and each one closed holds its port for a minute in TIME_WAIT: two
+/// runs of 15,000 and 19,000 subscribers in a row ran out. Spread, each address holds a
+/// few hundred at most. `None` (the system's choice) for any other server.
+pub fn source_address(base: &str, index: usize) -> Option<IpAddr> {
+    let host = base
+        .trim_start_matches("http://")
+        .trim_start_matches("ws://");
+    let loopback = host.starts_with("127.0.0.1:") || host.starts_with("localhost:");
+    loopback.then(|| IpAddr::from([127, 0, 0, 2 + (index % SOURCE_ADDRESSES) as u8]))
+}
+
+/// Connects to `addr` (`host:port`) from `source`, when given.
+pub async fn connect_from(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
+    for target in tokio::net::lookup_host(addr).await? {
+        let socket = match target {
+            SocketAddr::V4(_) if source.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
+            _ => continue,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = error,
+        }
+    }
+    Err(last)
 }
 
 /// A complete answer.
@@ -79,7 +121,14 @@ impl Connection {
             buf: Vec::with_capacity(4096),
             streaming: Framing::Close,
             extra: String::new(),
+            source: None,
         }
+    }
+
+    /// Connects from `source` (see [`source_address`]).
+    pub fn from_source(mut self, source: Option<IpAddr>) -> Self {
+        self.source = source;
+        self
     }
 
     /// Sends `header` (`name: value`) with every request.
@@ -91,7 +140,7 @@ impl Connection {
 
     async fn stream(&mut self) -> io::Result<&mut TcpStream> {
         if self.stream.is_none() {
-            let stream = TcpStream::connect(&self.addr).await?;
+            let stream = connect_from(&self.addr, self.source).await?;
             stream.set_nodelay(true)?;
             self.stream = Some(stream);
             self.buf.clear();
@@ -354,6 +403,25 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// Subscribers of a loopback server connect from 127.0.0.2 upward, and arrive from
+    /// there: the server sees the address each was given.
+    #[tokio::test]
+    async fn subscribers_connect_from_spread_loopback_addresses() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        assert_eq!(source_address(&base, 0), Some([127, 0, 0, 2].into()));
+        assert_eq!(source_address(&base, 249), Some([127, 0, 0, 251].into()));
+        assert_eq!(source_address(&base, 250), Some([127, 0, 0, 2].into()));
+        assert_eq!(source_address("http://10.1.2.3:80", 7), None);
+        for index in [0, 3, 249] {
+            let source = source_address(&base, index);
+            let addr = base.trim_start_matches("http://");
+            let _client = connect_from(addr, source).await.unwrap();
+            let (_, peer) = listener.accept().await.unwrap();
+            assert_eq!(Some(peer.ip()), source);
+        }
+    }
 
     #[tokio::test]
     async fn lengths_chunks_and_closes_are_read_exactly() {

@@ -158,6 +158,13 @@ impl Phase {
         &self.bases[index % self.bases.len()]
     }
 
+    /// A connection for subscriber `index` to its node, from its own source address where
+    /// the node is on loopback ([`super::http::source_address`]).
+    fn connection(&self, index: usize) -> Connection {
+        let base = self.base_of(index);
+        Connection::new(base).from_source(super::http::source_address(base, index))
+    }
+
     /// The node subscriber `index` is on (its index in `bases`).
     pub(crate) fn node_of(&self, index: usize) -> usize {
         index % self.bases.len()
@@ -326,8 +333,15 @@ async fn websocket(
     let config =
         tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
     use tokio_tungstenite::tungstenite::Error;
+    let base = phase.base_of(index);
+    let source = super::http::source_address(base, index);
+    let stream = match super::http::connect_from(base.trim_start_matches("http://"), source).await {
+        Ok(stream) => stream,
+        Err(e) => return Ok(Ended::Failed(format!("WebSocket connect: {e}"))),
+    };
+    let _ = stream.set_nodelay(true);
     let mut socket =
-        match tokio_tungstenite::connect_async_with_config(&url, Some(config), false).await {
+        match tokio_tungstenite::client_async_with_config(&url, stream, Some(config)).await {
             Ok((socket, _)) => socket,
             Err(Error::Http(response)) => {
                 return Err(BenchError::Client(format!(
@@ -461,7 +475,7 @@ async fn body_stream(
     tracker: &mut Tracker,
 ) -> Result<Ended, BenchError> {
     let path = (items.path)(phase, index, tracker);
-    let mut connection = Connection::new(phase.base_of(index));
+    let mut connection = phase.connection(index);
     let headers = [items.accept];
     let opened = tokio::select! {
         opened = connection.open_stream(&path, &headers) => opened,
@@ -499,7 +513,7 @@ async fn polling(
     index: usize,
     tracker: &mut Tracker,
 ) -> Result<Ended, BenchError> {
-    let mut connection = Connection::new(phase.base_of(index));
+    let mut connection = phase.connection(index);
     let mut after = phase.after_of(index, tracker.last_id);
     // A Durable Streams reader catches up first (answered at once), then long-polls.
     let mut caught_up = kind != TransportKind::DsLongpoll;
