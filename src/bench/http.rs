@@ -49,11 +49,14 @@ const SOURCE_ADDRESSES: usize = 250;
 /// runs of 15,000 and 19,000 subscribers in a row ran out. Spread, each address holds a
 /// few hundred at most. `None` (the system's choice) for any other server.
 pub fn source_address(base: &str, index: usize) -> Option<IpAddr> {
-    let host = base
-        .trim_start_matches("http://")
-        .trim_start_matches("ws://");
+    let host = authority(base);
     let loopback = host.starts_with("127.0.0.1:") || host.starts_with("localhost:");
     loopback.then(|| IpAddr::from([127, 0, 0, 2 + (index % SOURCE_ADDRESSES) as u8]))
+}
+
+/// The `host:port` of `base` (`http://host:port`).
+pub fn authority(base: &str) -> &str {
+    base.trim_start_matches("http://").trim_end_matches('/')
 }
 
 /// Connects to `addr` (`host:port`) from `source`, when given.
@@ -111,10 +114,7 @@ fn invalid(what: &str) -> io::Error {
 impl Connection {
     /// A client of `base` (`http://host:port`); it connects on first use.
     pub fn new(base: &str) -> Self {
-        let addr = base
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_owned();
+        let addr = authority(base).to_owned();
         Self {
             addr,
             stream: None,

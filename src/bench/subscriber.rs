@@ -335,7 +335,7 @@ async fn websocket(
     use tokio_tungstenite::tungstenite::Error;
     let base = phase.base_of(index);
     let source = super::http::source_address(base, index);
-    let stream = match super::http::connect_from(base.trim_start_matches("http://"), source).await {
+    let stream = match super::http::connect_from(super::http::authority(base), source).await {
         Ok(stream) => stream,
         Err(e) => return Ok(Ended::Failed(format!("WebSocket connect: {e}"))),
     };

@@ -227,8 +227,16 @@ struct Spare(Arc<std::sync::Mutex<Option<OwnedFd>>>);
 
 impl Spare {
     fn open() -> Self {
-        let file = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
-        Self(Arc::new(std::sync::Mutex::new(file)))
+        let spare = Self(Arc::default());
+        spare.reopen();
+        spare
+    }
+
+    /// Holds a newly opened file as the spare (where one is free to open).
+    fn reopen(&self) {
+        if let Ok(file) = std::fs::File::open("/dev/null") {
+            self.keep(file.into());
+        }
     }
 
     /// Takes the spare file out (its drop closes it), if it is held.
@@ -265,11 +273,7 @@ fn refuse_out_of_files(
             let refusal = Error::AtCapacity("out of files: the open-file limit is reached");
             here.refuse(limits, stream, refusal, Some(spare.clone()));
         }
-        _ => {
-            if let Ok(file) = std::fs::File::open("/dev/null") {
-                spare.keep(file.into());
-            }
-        }
+        _ => spare.reopen(),
     }
 }
 
@@ -356,8 +360,12 @@ impl Worker {
                 refuse(&mut stream, refusal).await;
             }
             drop(place);
-            if let (Some(spare), Ok(stream)) = (spare, stream.into_std()) {
-                spare.keep(stream.into());
+            if let Some(spare) = spare {
+                match stream.into_std() {
+                    Ok(stream) => spare.keep(stream.into()),
+                    // Closed with its registration: its file is free to open again.
+                    Err(_) => spare.reopen(),
+                }
             }
         });
     }
